@@ -1,0 +1,1 @@
+"""epserve serving process: Hydra entry point, gRPC service, engine and model."""

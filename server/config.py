@@ -1,0 +1,171 @@
+"""Frozen, validated configuration below the Hydra entry point.
+
+Hydra composes `conf/`; `AppConfig.from_dict` turns the resolved tree into plain frozen
+dataclasses once, at start-up, and every impossible setting raises ConfigError naming the
+key(s). Worker processes receive these objects, never Hydra state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Mapping
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed setting; the message names the key(s)."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Frozen mapping/tuple tree -> plain dict/list (for JSON, kwargs, HF configs)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+def _build(cls: type, section: str, data: Mapping[str, Any] | None) -> Any:
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; known: {sorted(known)}")
+    return cls(**{k: _freeze(v) for k, v in data.items()})
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to serve. `path` null means the embedded `tiny` model, or a random-weight
+    model built from `shape` (a config.json-style mapping) for benchmarks at real sizes."""
+
+    name: str = "tiny"
+    path: str | None = None
+    shape: Mapping[str, Any] | None = None
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        _require(isinstance(self.max_model_len, int) and self.max_model_len > 0,
+                 f"model.max_model_len must be a positive integer, got {self.max_model_len!r}")
+        _require(not (self.path and self.shape), "model.path and model.shape are exclusive: a checkpoint has its own shape")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """`name` picks a registered policy; every other key is a parameter of that policy."""
+
+    name: str = "natural"
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "RoutingConfig":
+        data = dict(data or {})
+        name = data.pop("name", "natural")
+        _require(isinstance(name, str) and name, "routing.name must be a non-empty string")
+        return cls(name=name, params=_freeze(data))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ep_size: int = 1
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    device: str = "auto"  # auto: cuda when available
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: pick a free port when spawning ranks ourselves
+
+    def validate(self) -> None:
+        _require(isinstance(self.ep_size, int) and self.ep_size >= 1, f"parallel.ep_size must be an integer >= 1, got {self.ep_size!r}")
+        _require(self.backend in BACKENDS, f"parallel.backend={self.backend!r} is not one of {BACKENDS}")
+        _require(self.device in DEVICES, f"parallel.device={self.device!r} is not one of {DEVICES}")
+        _require(not (self.backend == "nccl" and self.device == "cpu"), "parallel.backend=nccl needs parallel.device=cuda (or auto)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler and KV-cache limits: admission control queues, then refuses, never crashes."""
+
+    max_num_seqs: int = 64  # running sequences per EP rank
+    max_num_batched_tokens: int = 4096  # prefill token budget per step per rank
+    kv_block_size: int = 16
+    kv_cache_tokens: int = 65536  # KV capacity per rank, in tokens
+    max_queue: int = 256  # waiting requests before RESOURCE_EXHAUSTED
+
+    def validate(self) -> None:
+        for key in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "kv_cache_tokens", "max_queue"):
+            value = getattr(self, key)
+            _require(isinstance(value, int) and value > 0, f"engine.{key} must be a positive integer, got {value!r}")
+        _require(self.kv_cache_tokens >= self.kv_block_size, "engine.kv_cache_tokens must hold at least one engine.kv_block_size block")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    allow_remote: bool = False  # binding a non-loopback host needs this explicitly
+    max_concurrent_streams: int = 512
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_period_s: float = 10.0
+    auth_token: str | None = None  # bearer token; null disables auth
+    auth_token_env: str | None = None  # or read it from this environment variable
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int = 0  # 0 disables the Prometheus endpoint
+    metrics_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        _require(isinstance(self.port, int) and 0 <= self.port < 65536, f"server.port must be in [0, 65535], got {self.port!r}")
+        _require(isinstance(self.metrics_port, int) and 0 <= self.metrics_port < 65536, f"server.metrics_port must be in [0, 65535], got {self.metrics_port!r}")
+        _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key must be set together")
+        _require(self.max_message_bytes >= 1024, "server.max_message_bytes must be at least 1024")
+        _require(self.grace_period_s >= 0, "server.grace_period_s must be >= 0")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        _require(loopback or self.allow_remote,
+                 f"server.host={self.host!r} is not a loopback address; set server.allow_remote=true to serve beyond this machine")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AppConfig":
+        """Plain dict (e.g. OmegaConf.to_container(cfg, resolve=True)) -> validated AppConfig."""
+        data = dict(data)
+        sections = {"model", "routing", "parallel", "engine", "server"}
+        unknown = sorted(set(data) - sections)
+        if unknown:
+            raise ConfigError(f"unknown top-level config key(s) {unknown}; known: {sorted(sections)}")
+        cfg = cls(
+            model=_build(ModelConfig, "model", data.get("model")),
+            routing=RoutingConfig.from_dict(data.get("routing")),
+            parallel=_build(ParallelConfig, "parallel", data.get("parallel")),
+            engine=_build(EngineConfig, "engine", data.get("engine")),
+            server=_build(ServerConfig, "server", data.get("server")),
+        )
+        for section in (cfg.model, cfg.parallel, cfg.engine, cfg.server):
+            section.validate()
+        return cfg

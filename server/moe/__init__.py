@@ -1,0 +1,1 @@
+"""MoE layer pieces: routing policies, load accounting, dispatch/combine, expert kernels."""

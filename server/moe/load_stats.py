@@ -1,0 +1,113 @@
+"""Per-layer, per-expert token counters kept on the device.
+
+Updated inside the forward with scatter-adds only (no host sync, CUDA-graph safe), read and
+reduced across EP ranks only when someone asks (GetExpertLoad, metrics, the benchmark).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ExpertLoadSnapshot:
+    """Counts since the last reset, summed over EP ranks (host-side plain data)."""
+
+    expert_tokens: list[list[int]]  # [layer][expert] (token, expert) assignments
+    tokens: list[int]  # [layer] tokens routed
+    ranks_touched: list[int]  # [layer] sum over tokens of distinct EP ranks its experts live on
+    ep_size: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.expert_tokens)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_tokens[0]) if self.expert_tokens else 0
+
+    def rank_tokens(self) -> list[list[int]]:
+        """[layer][rank] assignments landing on each rank's block of experts."""
+        per = self.num_experts // self.ep_size
+        return [[sum(row[r * per:(r + 1) * per]) for r in range(self.ep_size)] for row in self.expert_tokens]
+
+    def expert_max_over_mean(self) -> list[float]:
+        return [_max_over_mean(row) for row in self.expert_tokens]
+
+    def rank_max_over_mean(self) -> list[float]:
+        return [_max_over_mean(row) for row in self.rank_tokens()]
+
+    def mean_ranks_per_token(self) -> list[float]:
+        return [r / t if t else 0.0 for r, t in zip(self.ranks_touched, self.tokens)]
+
+    def summary(self) -> dict[str, float]:
+        """Whole-model figures: the mean over layers of each per-layer ratio."""
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else 0.0
+
+        return {
+            "expert_max_over_mean": mean(self.expert_max_over_mean()),
+            "rank_max_over_mean": mean(self.rank_max_over_mean()),
+            "mean_ranks_per_token": mean(self.mean_ranks_per_token()),
+            "tokens": float(sum(self.tokens) / max(self.num_layers, 1)),
+        }
+
+
+def _max_over_mean(row: list[int]) -> float:
+    total = sum(row)
+    return max(row) * len(row) / total if total else 0.0
+
+
+class ExpertLoadCounters:
+    """Device-side counters: expert_tokens[L, E], tokens[L], ranks_touched[L] (int64)."""
+
+    def __init__(self, num_layers: int, num_experts: int, ep_size: int = 1, device: torch.device | str = "cpu") -> None:
+        if num_experts % ep_size:
+            raise ValueError(f"ep_size={ep_size} must divide num_experts={num_experts}")
+        self.num_layers, self.num_experts, self.ep_size = num_layers, num_experts, ep_size
+        self.experts_per_rank = num_experts // ep_size
+        self.device = torch.device(device)
+        self.expert_tokens = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
+        self.tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
+        self.ranks_touched = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
+
+    def record(self, layer: int, topk_ids: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Count one layer's routed ids [N, k]; `valid` [N] bool masks padding rows (graphs)."""
+        n, k = topk_ids.shape
+        ids = topk_ids.long()  # [N, k]
+        weight = torch.ones_like(ids) if valid is None else valid.long()[:, None].expand(n, k)  # [N, k]
+        self.expert_tokens[layer].index_add_(0, ids.reshape(-1), weight.reshape(-1))
+        owner = ids // self.experts_per_rank  # [N, k] rank holding each chosen expert
+        touched = torch.zeros(n, self.ep_size, dtype=torch.int64, device=ids.device)  # [N, ep]
+        touched.scatter_(1, owner, 1)
+        per_token = touched.sum(1)  # [N]
+        if valid is None:
+            self.ranks_touched[layer] += per_token.sum()
+            self.tokens[layer] += n
+        else:
+            self.ranks_touched[layer] += (per_token * valid).sum()
+            self.tokens[layer] += valid.sum()
+
+    def reset(self) -> None:
+        self.expert_tokens.zero_()
+        self.tokens.zero_()
+        self.ranks_touched.zero_()
+
+    def snapshot(self, group: dist.ProcessGroup | None = None, reset: bool = False) -> ExpertLoadSnapshot:
+        """Sum over the EP group (a collective: every rank must call it) and copy to the host."""
+        packed = torch.cat([self.expert_tokens.reshape(-1), self.tokens, self.ranks_touched])
+        if group is not None and dist.get_world_size(group) > 1:
+            packed = packed.clone()
+            dist.all_reduce(packed, group=group)
+        if reset:
+            self.reset()
+        flat = packed.cpu().tolist()
+        L, E = self.num_layers, self.num_experts
+        return ExpertLoadSnapshot(
+            expert_tokens=[flat[l * E:(l + 1) * E] for l in range(L)],
+            tokens=flat[L * E:L * E + L],
+            ranks_touched=flat[L * E + L:],
+            ep_size=self.ep_size,
+        )

@@ -1,0 +1,36 @@
+"""Routing policies: rewrite the router's top-k expert choice before dispatch.
+
+Public names for plugin authors and tools:
+  register_policy   class decorator registering a RoutingPolicy under a name (and aliases)
+  build_policy      build_policy(name, **params) -> policy(topk_ids, topk_weights, router_logits, ctx)
+  RoutingContext    frozen dataclass: layer, num_experts, top_k, ep_rank, ep_size, token_offset, seed
+  RoutingPolicy     base class to subclass (implement `route`)
+"""
+from .base import PolicyConfigError, RoutingPolicy, WEIGHT_MODES
+from .context import RoutingContext
+from .registry import (
+    ENTRY_POINT_GROUP,
+    UnknownPolicyError,
+    available_policies,
+    build_policy,
+    canonical_name,
+    get_policy_class,
+    register_policy,
+)
+
+# Built-in policies register themselves on import.
+from . import natural, round_robin, greedy, uniform_random, skewed  # noqa: E402,F401
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PolicyConfigError",
+    "RoutingContext",
+    "RoutingPolicy",
+    "UnknownPolicyError",
+    "WEIGHT_MODES",
+    "available_policies",
+    "build_policy",
+    "canonical_name",
+    "get_policy_class",
+    "register_policy",
+]

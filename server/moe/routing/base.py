@@ -1,0 +1,82 @@
+"""The routing-policy contract and the shared `weights` option.
+
+A policy rewrites the router's top-k choice before tokens are dispatched:
+
+    policy(topk_ids[N,k] int32, topk_weights[N,k], router_logits[N,E], ctx) -> (ids[N,k] int32, weights[N,k])
+
+Every policy, on every device: k distinct experts in [0, E) per token; N = 0 works; output is
+deterministic for a given seed, layer and EP rank; no host synchronisation and no cache that
+grows with the number of distinct N seen, so a call can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .context import RoutingContext
+
+WEIGHT_MODES = ("keep", "uniform")
+
+
+class PolicyConfigError(ValueError):
+    """A policy was asked for with parameters it cannot honour (raised at start-up)."""
+
+
+class RoutingPolicy:
+    """Base class for routing policies.
+
+    Subclasses implement `route` (new ids only); the base class applies the `weights` option:
+    `keep` passes the router's weights through by slot position (what the seed does) and
+    `uniform` gives every selected expert 1/k.
+    """
+
+    name: ClassVar[str] = ""
+    #: What this policy guarantees about balance, shown in GetModelInfo and the README table.
+    guarantee: ClassVar[str] = ""
+
+    def __init__(self, weights: str = "keep", seed: int = 0) -> None:
+        if weights not in WEIGHT_MODES:
+            raise PolicyConfigError(f"routing.weights must be one of {WEIGHT_MODES}, got {weights!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise PolicyConfigError(f"routing.seed must be an integer, got {seed!r}")
+        self.weights = weights
+        self.seed = seed
+
+    def __call__(
+        self,
+        topk_ids: torch.Tensor,  # [N, k] int32 (any integer dtype accepted)
+        topk_weights: torch.Tensor,  # [N, k] float
+        router_logits: torch.Tensor,  # [N, E] float
+        ctx: RoutingContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.route(topk_ids, topk_weights, router_logits, ctx)  # [N, k] int32
+        if self.weights == "uniform":
+            weights = torch.full_like(topk_weights, 1.0 / ctx.top_k)
+        else:
+            weights = topk_weights
+        return ids, weights
+
+    def route(
+        self,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        router_logits: torch.Tensor,
+        ctx: RoutingContext,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self, num_experts: int, top_k: int, ep_size: int) -> None:
+        """Raise PolicyConfigError if this policy cannot serve a model of this shape.
+
+        Called once at start-up, so an impossible combination stops the server with a message
+        naming the keys instead of failing inside the first forward pass.
+        """
+
+    def params(self) -> dict[str, Any]:
+        """The parameters this policy was built with (for GetModelInfo and logs)."""
+        return {"weights": self.weights, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({args})"

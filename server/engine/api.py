@@ -1,0 +1,130 @@
+"""The engine's public surface, as seen by the gRPC layer (rank 0 only).
+
+Plain frozen dataclasses, no protobuf: the gRPC service converts to and from these, and the
+Python client mirrors them. Errors are typed so the service can map each class to one gRPC
+status code.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping, Protocol
+
+
+class EngineError(Exception):
+    """Base class of errors the engine raises to callers."""
+
+
+class InvalidRequestError(EngineError):
+    """Bad request (-> INVALID_ARGUMENT). `field` names the offending request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ResourceExhaustedError(EngineError):
+    """Queue, KV cache or concurrency limit reached (-> RESOURCE_EXHAUSTED)."""
+
+
+class EngineUnavailableError(EngineError):
+    """Engine loading, draining, or a rank died (-> UNAVAILABLE)."""
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens or max_model_len reached
+    STOP = "stop"  # EOS, a stop token id, or a stop string
+    CANCELLED = "cancelled"  # the caller went away / cancelled
+    ERROR = "error"  # the engine failed this request (logged with context)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None  # None: the engine draws one; results are reproducible per seed
+
+
+@dataclass(frozen=True)
+class StopParams:
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()  # stop strings; the matched string is not included in the output text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stops: StopParams = field(default_factory=StopParams)
+    logprobs: bool = False  # return the log-probability of each sampled token
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float  # from admission (submit) to the first generated token
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """New tokens since the previous chunk. The last chunk has finish_reason and usage set."""
+
+    token_ids: tuple[int, ...]
+    text: str  # text delta (may be empty while a multi-byte character or a possible stop string is held back)
+    logprobs: tuple[float, ...] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    architecture: str
+    num_layers: int
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    dtype: str
+    device: str
+    ep_size: int
+    routing_policy: str  # canonical registered name
+    routing_params: Mapping[str, Any]
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # sequences in the running batch (all ranks)
+    waiting: int  # admitted, waiting for KV space or a batch slot
+    kv_blocks_used: int
+    kv_blocks_total: int
+    steps: int  # engine steps executed since start
+
+
+class Engine(Protocol):
+    """What the gRPC service needs from the engine (implemented by server.engine.engine)."""
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
+
+    def model_info(self) -> ModelInfo: ...
+    def stats(self) -> EngineStats: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Admit the request and stream its chunks. Raises InvalidRequestError /
+        ResourceExhaustedError / EngineUnavailableError before the first chunk. Closing or
+        cancelling the iterator frees the sequence (and its KV blocks) at once."""
+        ...
+
+    async def expert_load(self, reset: bool = False) -> "ExpertLoadSnapshot": ...  # noqa: F821

@@ -1,0 +1,1 @@
+"""Model code: MoE families that read Hugging Face checkpoints, sharded for EP."""

@@ -21,6 +21,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"epserve: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if app.dry_run:
+        from .dry_run import dry_run
+
+        sys.exit(dry_run(app))
     from .launch import launch
 
     sys.exit(launch(app))

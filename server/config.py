@@ -150,12 +150,13 @@ class AppConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    dry_run: bool = False  # validate everything against the model's shape, print the plan, exit
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AppConfig":
         """Plain dict (e.g. OmegaConf.to_container(cfg, resolve=True)) -> validated AppConfig."""
         data = dict(data)
-        sections = {"model", "routing", "parallel", "engine", "server"}
+        sections = {"model", "routing", "parallel", "engine", "server", "dry_run"}
         unknown = sorted(set(data) - sections)
         if unknown:
             raise ConfigError(f"unknown top-level config key(s) {unknown}; known: {sorted(sections)}")
@@ -165,6 +166,7 @@ class AppConfig:
             parallel=_build(ParallelConfig, "parallel", data.get("parallel")),
             engine=_build(EngineConfig, "engine", data.get("engine")),
             server=_build(ServerConfig, "server", data.get("server")),
+            dry_run=bool(data.get("dry_run", False)),
         )
         for section in (cfg.model, cfg.parallel, cfg.engine, cfg.server):
             section.validate()

@@ -1,0 +1,54 @@
+"""Paged KV-cache bookkeeping for one EP rank (the block ids, not the tensors).
+
+Rank 0 keeps one BlockManager per rank: the scheduler decides which blocks every rank's
+sequences use, and ships the block tables in the step plan. The cache tensors themselves
+live on each rank (model.allocate_kv_cache), `num_blocks` x `block_size` token slots.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"need positive num_blocks and block_size, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` free blocks; raises if there are fewer (callers check can_allocate first)."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
+        out = [self._free.popleft() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise RuntimeError(f"KV block {b} freed twice or never allocated")
+            self._used.remove(b)
+            self._free.append(b)

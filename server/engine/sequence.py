@@ -1,0 +1,71 @@
+"""One request as the scheduler sees it: its tokens, how many are in the KV cache, where.
+
+A Sequence lives only on rank 0 (the scheduler's process). Worker ranks never see it: the
+step plan carries everything a rank needs for one step (tokens, positions, block table,
+sampling parameters), so workers hold no per-request state and preemption or cancellation
+needs no message to them.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .api import GenerationRequest
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # in the queue: no rank, no KV blocks
+    RUNNING = "running"  # owns a rank and KV blocks on it
+    FINISHED = "finished"  # done or cancelled; blocks returned
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    seed: int  # the request's seed, or one drawn on rank 0 at admission
+    max_total_len: int  # prompt + generated tokens can never exceed this (max_new_tokens, max_model_len)
+    arrival_time: float  # time.monotonic() at submission
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
+    num_prompt_tokens: int = 0
+    num_computed: int = 0  # leading tokens whose K/V are in this sequence's blocks
+    rank: int = -1  # EP rank owning the sequence's attention and KV cache (-1: none)
+    block_table: list[int] = field(default_factory=list)  # KV block ids on `rank`
+    status: SeqStatus = SeqStatus.WAITING
+    admit_order: int = -1  # increasing per admission; preemption picks the newest
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @classmethod
+    def create(cls, seq_id: int, request: GenerationRequest, seed: int, max_total_len: int, now: float) -> "Sequence":
+        return cls(
+            seq_id=seq_id,
+            request=request,
+            seed=seed,
+            max_total_len=max_total_len,
+            arrival_time=now,
+            token_ids=list(request.prompt_token_ids),
+            num_prompt_tokens=len(request.prompt_token_ids),
+        )
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        """One token to run (the last sampled one, or a one-token prompt): a decode step,
+        which does not draw on the per-step prefill token budget."""
+        return self.num_uncomputed == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

@@ -1,0 +1,93 @@
+"""Hydra composition, frozen validated config, start-up errors (issue #2, section 5)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from server.config import AppConfig, ConfigError
+from server.routing_setup import build_routing_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_fake_balance_composes_like_greedy_balanced() -> None:
+    assert composed("routing=fake_balance") == composed("routing=greedy_balanced")
+    assert composed("routing=fake_balance")["routing"]["name"] == "greedy_balanced"
+
+
+@pytest.mark.parametrize("routing", ["natural", "greedy_balanced", "fake_balance", "round_robin_balanced", "uniform_random", "skewed"])
+@pytest.mark.parametrize("parallel", ["single", "ep2", "ep4", "ep8"])
+def test_every_group_option_validates(routing: str, parallel: str) -> None:
+    app = AppConfig.from_dict(composed(f"routing={routing}", f"parallel={parallel}"))
+    policy = build_routing_policy(app.routing, num_experts=64, top_k=4, ep_size=app.parallel.ep_size)
+    assert policy.name == ("greedy_balanced" if routing == "fake_balance" else routing)
+
+
+def test_config_is_frozen() -> None:
+    app = AppConfig.from_dict(composed())
+    with pytest.raises(Exception):
+        app.parallel.ep_size = 4  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        app.routing.params["weights"] = "uniform"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "overrides,expect",
+    [
+        (["model.dtype=float64"], "model.dtype"),
+        (["parallel.ep_size=0"], "parallel.ep_size"),
+        (["parallel.backend=mpi"], "parallel.backend"),
+        (["server.host=0.0.0.0"], "server.allow_remote"),
+        (["server.tls_cert=/x.pem"], "server.tls_key"),
+        (["engine.max_num_seqs=0"], "engine.max_num_seqs"),
+        (["+model.bogus=1"], "model.bogus"),
+    ],
+)
+def test_impossible_settings_name_the_key(overrides: list[str], expect: str) -> None:
+    with pytest.raises(ConfigError, match=expect.replace(".", r"\.")):
+        AppConfig.from_dict(composed(*overrides))
+
+
+def test_model_shape_checks_name_the_keys() -> None:
+    app = AppConfig.from_dict(composed("parallel.ep_size=3"))
+    with pytest.raises(ConfigError, match="parallel.ep_size=3"):
+        build_routing_policy(app.routing, num_experts=64, top_k=4, ep_size=3)
+    with pytest.raises(ConfigError, match="top-k"):
+        build_routing_policy(app.routing, num_experts=4, top_k=8, ep_size=1)
+    skewed = AppConfig.from_dict(composed("routing=skewed", "routing.target=20"))
+    with pytest.raises(ConfigError, match="routing.target"):
+        build_routing_policy(skewed.routing, num_experts=64, top_k=8, ep_size=1)
+
+
+def test_cfg_job_prints_greedy_for_fake_balance(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "--cfg", "job", "routing=fake_balance"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert OmegaConf.create(out.stdout).routing.name == "greedy_balanced"
+    assert list(tmp_path.iterdir()) == [], "Hydra must not write outputs/ or change directory"
+
+
+def test_bad_setting_exits_with_one_paragraph(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "model.dtype=float64"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2
+    assert "model.dtype" in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,105 @@
+"""Paged attention, plain torch path (a GPU kernel can replace `paged_attention` later).
+
+KV cache per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A
+sequence's token j lives at slot block_tables[s, j // block_size] * block_size + j % block_size.
+Each step writes the new tokens' K/V at `slot_mapping`, then every sequence attends over its
+whole context: the new tokens are the last `query_len` of `context_len`, causal among
+themselves and over everything cached before them (prefill, chunked prefill and decode alike).
+Sequences are looped over on the host; that is fine on CPU and for tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .forward_batch import ForwardBatch
+
+
+@dataclass
+class SeqSlice:
+    q_start: int  # first row of this sequence's new tokens in the step's [T] rows
+    q_len: int
+    ctx_len: int
+    kv_slots: torch.Tensor  # [ctx_len] int64 flat cache slots of tokens 0..ctx_len-1
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Per-step bookkeeping shared by every layer (built once per forward)."""
+
+    seqs: list[SeqSlice]
+    slot_mapping: torch.Tensor  # [T] int64
+    _masks: dict = field(default_factory=dict)  # (seq index, window) -> [q_len, ctx_len] bool
+
+    @classmethod
+    def build(cls, batch: ForwardBatch, block_size: int) -> "PagedAttentionMetadata":
+        if len(batch.query_lens) != len(batch.context_lens):
+            raise ValueError(f"query_lens ({len(batch.query_lens)}) and context_lens ({len(batch.context_lens)}) differ in length")
+        seqs, start = [], 0
+        device = batch.slot_mapping.device
+        offsets = torch.arange(block_size, device=device, dtype=torch.int64)  # [B]
+        for s, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+            if not 0 < q_len <= ctx_len:
+                raise ValueError(f"sequence {s}: need 0 < query_len ({q_len}) <= context_len ({ctx_len})")
+            n_blocks = -(-ctx_len // block_size)
+            blocks = batch.block_tables[s, :n_blocks].to(torch.int64)  # [n_blocks]
+            slots = (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)[:ctx_len]  # [ctx]
+            seqs.append(SeqSlice(start, q_len, ctx_len, slots))
+            start += q_len
+        if start != batch.num_tokens:
+            raise ValueError(f"query_lens sum to {start} but the batch has {batch.num_tokens} tokens")
+        return cls(seqs, batch.slot_mapping)
+
+    def mask(self, index: int, window: int | None) -> torch.Tensor:
+        """[q_len, ctx_len] bool, True where query i may attend to key j (transformers' rule:
+        j <= i, and with a sliding window also j > i - window, in sequence positions)."""
+        key = (index, window)
+        m = self._masks.get(key)
+        if m is None:
+            seq = self.seqs[index]
+            device = seq.kv_slots.device
+            q_pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=device)  # [q]
+            k_pos = torch.arange(seq.ctx_len, device=device)  # [ctx]
+            m = k_pos[None, :] <= q_pos[:, None]
+            if window:
+                m &= k_pos[None, :] > q_pos[:, None] - window
+            self._masks[key] = m
+        return m
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] -> cache slots `slot_mapping` [T]."""
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, hkv, d)[slot_mapping] = k
+    v_cache.view(-1, hkv, d)[slot_mapping] = v
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D] (RoPE applied)
+    k: torch.Tensor,  # [T, Hkv, D] (RoPE applied)
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    meta: PagedAttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. Returns [T, Hq, D]."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    num_heads, hkv, d = q.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = num_heads // hkv
+    flat_k = k_cache.view(-1, hkv, d)
+    flat_v = v_cache.view(-1, hkv, d)
+    out = torch.empty_like(q)
+    for i, seq in enumerate(meta.seqs):
+        qs = q[seq.q_start:seq.q_start + seq.q_len]  # [q, Hq, D]
+        qs = qs.view(seq.q_len, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, q, D]
+        ks = flat_k[seq.kv_slots].permute(1, 0, 2)[:, None]  # [Hkv, 1, ctx, D]
+        vs = flat_v[seq.kv_slots].permute(1, 0, 2)[:, None]  # [Hkv, 1, ctx, D]
+        scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # [Hkv, G, q, ctx]
+        scores = scores.masked_fill(~meta.mask(i, window), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [Hkv, G, q, ctx]
+        o = torch.matmul(probs, vs)  # [Hkv, G, q, D]
+        out[seq.q_start:seq.q_start + seq.q_len] = o.permute(2, 0, 1, 3).reshape(seq.q_len, num_heads, d)
+    return out

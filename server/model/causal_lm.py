@@ -1,0 +1,105 @@
+"""MoECausalLM: the served model on one EP rank (attention data-parallel, experts sharded).
+
+Module names mirror transformers' (model.embed_tokens, model.layers.{i}.self_attn.q_proj,
+model.layers.{i}.mlp.experts.gate_up_proj, lm_head, ...) so checkpoint names map directly;
+a rank's `experts` hold only its E/ep_size experts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..moe.dispatch import make_dispatcher
+from ..moe.layer import MoERuntime
+from ..moe.load_stats import ExpertLoadCounters
+from ..moe.routing import RoutingPolicy
+from .attention import PagedAttentionMetadata
+from .decoder import DecoderLayer
+from .families import get_family
+from .forward_batch import ForwardBatch
+from .layers import RMSNorm
+from .rope import RotaryEmbedding
+from .spec import ModelSpec
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, spec: ModelSpec, runtime: MoERuntime, dtype=None, device=None) -> None:
+        super().__init__()
+        family = get_family(spec.architecture)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, family, i, runtime, dtype=dtype, device=device) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype, device=device)
+
+
+class MoECausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
+                 ep_group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        """Parameters are allocated uninitialised on `device` (built on the meta device, then
+        `to_empty`: no init kernels for weights that are overwritten anyway); the loader or the
+        random-weight builder fills every one of them."""
+        super().__init__()
+        spec.check_ep_size(ep_size)
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank={ep_rank} outside [0, ep_size={ep_size})")
+        self.spec = spec
+        self.ep_rank, self.ep_size, self.ep_group = ep_rank, ep_size, ep_group
+        self.dtype = dtype
+        self.load_counters = ExpertLoadCounters(spec.num_moe_layers, spec.num_experts, ep_size, device=device)
+        self.runtime = MoERuntime(policy, self.load_counters, make_dispatcher(ep_rank, ep_size, spec.num_experts, ep_group),
+                                  ep_rank, ep_size)
+        self.model = DecoderStack(spec, self.runtime, dtype=dtype, device="meta").to_empty(device=device)
+        self.lm_head = None  # tied: the embedding matrix is the output projection
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device="meta")
+            self.lm_head.to_empty(device=device)
+        self._rope: RotaryEmbedding | None = None
+        #: bytes of expert weights read from the checkpoint by this rank (set by the loader)
+        self.expert_bytes_read: int | None = None
+
+    # ---- engine-facing API ----
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.runtime.policy
+
+    @policy.setter
+    def policy(self, policy: RoutingPolicy) -> None:
+        self.runtime.policy = policy
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def expert_bytes_loaded(self) -> int:
+        """Bytes of routed-expert weights this rank holds (E/ep_size of the model's experts)."""
+        return sum(layer.mlp.experts.num_bytes for layer in self.model.layers if layer.is_moe)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"need positive num_blocks and block_size, got {num_blocks}, {block_size}")
+        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.spec.num_layers)]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """-> [S, V] float32 logits of each sequence's last new token (batch.logits_indices).
+
+        Every EP rank must call this in every step, even with an empty batch: each MoE layer
+        runs collectives."""
+        if len(kv_caches) != self.spec.num_layers:
+            raise ValueError(f"expected {self.spec.num_layers} KV caches (one per layer), got {len(kv_caches)}")
+        if self._rope is None:
+            s = self.spec
+            self._rope = RotaryEmbedding(s.head_dim, s.rope_theta, s.rope_type, s.rope_factor, device=self.device)
+        meta = PagedAttentionMetadata.build(batch, block_size=kv_caches[0][0].shape[1])
+        cos_sin = self._rope.cos_sin(batch.positions, self.dtype)  # [T, D] x2
+        x = self.model.embed_tokens(batch.input_ids)  # [T, H]
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos_sin, kv, meta, batch.token_offset)
+        last = self.model.norm(x[batch.logits_indices])  # [S, H]
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(last, head).float()  # [S, V]

@@ -1,0 +1,37 @@
+"""One decoder layer: pre-norm attention and pre-norm MLP (MoE or dense), each with a residual."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..moe.layer import MoELayer, MoERuntime
+from .attention import PagedAttentionMetadata
+from .families import MoEFamily
+from .layers import GatedMLP, RMSNorm
+from .self_attention import SelfAttention
+from .spec import ModelSpec
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, family: MoEFamily, layer: int, runtime: MoERuntime, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.self_attn = SelfAttention(spec, layer, **kw)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
+        self.is_moe = spec.is_moe_layer(layer)
+        if self.is_moe:
+            self.mlp = MoELayer(
+                moe_index=spec.moe_index(layer), hidden=spec.hidden_size, num_experts=spec.num_experts,
+                top_k=spec.top_k, intermediate=spec.moe_intermediate_size, act=spec.hidden_act, runtime=runtime,
+                renormalize=spec.norm_topk_prob, float32_router_weights=family.router_float32_weights,
+                shared_intermediate=spec.shared_expert_intermediate_size, **kw,
+            )
+        else:
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, **kw)
+
+    def forward(self, x: torch.Tensor, cos_sin, kv_cache, meta: PagedAttentionMetadata, token_offset) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)  # [T, H]
+        h = self.post_attention_layernorm(x)
+        h = self.mlp(h, token_offset) if self.is_moe else self.mlp(h)
+        return x + h

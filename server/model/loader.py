@@ -1,0 +1,134 @@
+"""Public entry points: model spec, model and tokenizer from a ModelConfig.
+
+Where the weights come from:
+  model.path set           a local Hugging Face folder (config.json + safetensors + tokenizer)
+  model.shape set          random weights of that config.json-style shape (benchmarks), seeded by model.seed
+  neither, name == "tiny"  the embedded tiny Qwen3-MoE model in server/assets/tiny (scripts/build_tiny.py)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ModelConfig, thaw
+from ..moe.routing import RoutingPolicy
+from .causal_lm import MoECausalLM
+from .checkpoint import CheckpointReader
+from .families import get_family
+from .random_weights import init_random_weights
+from .spec import ModelLoadError, ModelSpec
+from .weights import load_checkpoint_weights
+
+log = logging.getLogger(__name__)
+TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def model_folder(model_cfg: ModelConfig) -> Path | None:
+    """The HF folder to read, or None for a random-weight `shape` model."""
+    if model_cfg.path:
+        folder = Path(model_cfg.path).expanduser()
+        if not folder.exists():
+            raise ModelLoadError(f"model.path={model_cfg.path!r}: folder does not exist")
+        if not folder.is_dir():
+            raise ModelLoadError(f"model.path={model_cfg.path!r} is not a folder (expected a Hugging Face model folder)")
+        return folder
+    if model_cfg.shape is not None:
+        return None
+    if model_cfg.name == "tiny":
+        if not (TINY_MODEL_DIR / "config.json").is_file():
+            raise ModelLoadError(f"the embedded tiny model is missing from {TINY_MODEL_DIR}; run scripts/build_tiny.py")
+        return TINY_MODEL_DIR
+    raise ModelLoadError(
+        f"model.name={model_cfg.name!r} has no model.path: set model.path to a local Hugging Face folder, "
+        "model.shape to a config.json-style mapping (random weights), or use model.name=tiny"
+    )
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelLoadError(f"{path.parent}: {what} {path.name} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _generation_eos(folder: Path) -> tuple[int, ...]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return ()
+    value = _read_json(path, "generation config").get("eos_token_id")
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def spec_from_config(cfg: Mapping[str, Any], *, dtype: str = "auto", source: str = "config.json",
+                     extra_eos: tuple[int, ...] = ()) -> ModelSpec:
+    archs = cfg.get("architectures")
+    if not archs or not isinstance(archs, (list, tuple)) or not isinstance(archs[0], str):
+        raise ModelLoadError(f"{source}: 'architectures' must name the model class, e.g. [\"Qwen3MoeForCausalLM\"]")
+    family = get_family(archs[0])
+    return family.parse(cfg, architecture=archs[0], dtype=dtype, source=source, extra_eos=extra_eos)
+
+
+def read_model_spec(model_cfg: ModelConfig) -> ModelSpec:
+    """The model's shape from config.json (or model.shape) alone: cheap, no weights read."""
+    folder = model_folder(model_cfg)
+    if folder is None:
+        shape = thaw(model_cfg.shape)
+        if not isinstance(shape, dict):
+            raise ModelLoadError(f"model.shape must be a mapping (config.json-style), got {type(shape).__name__}")
+        dtype = model_cfg.dtype
+        if dtype == "auto" and not (shape.get("dtype") or shape.get("torch_dtype")):
+            dtype = "bfloat16"  # what real checkpoints of these families ship in
+        return spec_from_config(shape, dtype=dtype, source="model.shape")
+    cfg = _read_json(folder / "config.json", "model config")
+    return spec_from_config(cfg, dtype=model_cfg.dtype, source=str(folder / "config.json"),
+                            extra_eos=_generation_eos(folder))
+
+
+def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
+               ep_group=None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> MoECausalLM:
+    """Build this rank's shard: all non-expert weights, experts [r*E/ep, (r+1)*E/ep).
+
+    `dtype` overrides model.dtype. With ep_size > 1, `ep_group` is the EP process group
+    (None: the default group, as under torchrun)."""
+    spec = read_model_spec(model_cfg)
+    if dtype is not None:
+        if dtype not in _DTYPE_NAMES:
+            raise ModelLoadError(f"dtype {dtype} cannot be served; use one of {list(_DTYPE_NAMES)}")
+        spec = replace(spec, dtype=_DTYPE_NAMES[dtype])
+    spec.check_ep_size(ep_size)
+    torch_dtype = getattr(torch, spec.dtype)
+    model = MoECausalLM(spec, policy=policy, ep_rank=ep_rank, ep_size=ep_size, ep_group=ep_group,
+                        dtype=torch_dtype, device=device)
+    folder = model_folder(model_cfg)
+    if folder is None:
+        init_random_weights(model, model_cfg.seed)
+    else:
+        with CheckpointReader(folder) as reader:
+            load_checkpoint_weights(model, reader, progress=ep_rank == 0)
+    return model.eval()
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The HF tokenizer of the model folder (a `shape` model borrows the embedded byte-level one)."""
+    from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
+
+    folder = model_folder(model_cfg) or TINY_MODEL_DIR
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelLoadError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer: {exc}") from exc

@@ -1,0 +1,75 @@
+"""ModelSpec: everything the model code needs to know about a checkpoint's shape.
+
+A family (server/model/families/) parses an HF config.json into one of these, so the model,
+the loader, the random-weight builder and the engine all read the same normalised fields and
+never the raw, family-specific config keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder, config or checkpoint that cannot be served; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str  # HF `architectures[0]`, e.g. "Qwen3MoeForCausalLM"
+    model_type: str  # the family's HF model_type, e.g. "qwen3_moe"
+    num_layers: int
+    moe_layer_indices: tuple[int, ...]  # decoder layers that are MoE; MoE-layer index = position here
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int  # per routed expert
+    intermediate_size: int  # dense MLP layers (mlp_only_layers / decoder_sparse_step)
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    norm_topk_prob: bool  # renormalise the top-k router probabilities to sum to one
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    dtype: str  # serving dtype: "float32" | "bfloat16" | "float16"
+    rms_norm_eps: float
+    hidden_act: str
+    rope_type: str  # "default" | "linear"
+    rope_theta: float
+    rope_factor: float  # linear scaling factor (1.0 for default rope)
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: str  # "none" | "per_head" (Qwen3: RMSNorm over head_dim) | "full" (OLMoE: over all heads)
+    clip_qkv: float | None
+    sliding_windows: tuple[int | None, ...]  # per decoder layer; None = full causal attention
+    initializer_range: float = 0.02
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_indices)
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.shared_expert_intermediate_size > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layer_indices
+
+    def moe_index(self, layer: int) -> int:
+        """Decoder-layer index -> MoE-layer index (what load counters and RoutingContext use)."""
+        return self.moe_layer_indices.index(layer)
+
+    def expert_param_count(self) -> int:
+        """Parameters of all routed experts of all MoE layers (gate, up and down projections)."""
+        return self.num_moe_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
+    def check_ep_size(self, ep_size: int) -> None:
+        if ep_size < 1 or self.num_experts % ep_size:
+            divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
+            raise ModelLoadError(
+                f"ep_size={ep_size} does not divide the model's {self.num_experts} experts (choose one of {divisors})"
+            )

@@ -1,0 +1,91 @@
+"""Fill an MoECausalLM from a checkpoint: every non-expert tensor by name, and only this rank's
+experts, from either expert layout transformers uses:
+
+  per-expert  {moe}.experts.{e}.{gate,up,down}_proj.weight   ([I, H], [I, H], [H, I]; Mixtral: w1, w3, w2)
+  fused       {moe}.experts.gate_up_proj [E, 2I, H] and {moe}.experts.down_proj [E, H, I]
+              (rows [e0, e1) are read with get_slice, nothing else of the tensor)
+
+`{moe}` is the family's MoE module name (`mlp`; Mixtral checkpoints say `block_sparse_moe`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from ..moe.experts import LocalExperts
+from .causal_lm import MoECausalLM
+from .checkpoint import CheckpointReader
+from .families import get_family
+from .spec import ModelLoadError
+
+log = logging.getLogger(__name__)
+_EXPERT_PARAMS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+
+
+def checkpoint_candidates(name: str, moe_module_names: tuple[str, ...]) -> list[str]:
+    """Our parameter name -> checkpoint names to try, the family's preferred spelling first."""
+    if ".mlp." not in name:
+        return [name]
+    return list(dict.fromkeys(name.replace(".mlp.", f".{m}.", 1) for m in moe_module_names))
+
+
+def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, progress: bool = True) -> None:
+    family = get_family(model.spec.architecture)
+    params = dict(model.named_parameters())
+    plain = [n for n in params if not n.endswith(_EXPERT_PARAMS)]
+    moe_layers = [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers) if layer.is_moe]
+    bar = tqdm(total=len(plain) + len(moe_layers), desc=f"loading weights (rank {model.ep_rank})",
+               unit="tensor", disable=not progress, leave=False)
+    with torch.no_grad():
+        for name in plain:
+            param = params[name]
+            source = reader.find(checkpoint_candidates(name, family.moe_module_names))
+            param.copy_(reader.read(source, expected=tuple(param.shape)))
+            bar.update()
+        for i, experts in moe_layers:
+            _load_experts(reader, experts, i, family.moe_module_names, family.expert_proj_names, model.spec.num_experts)
+            bar.update()
+    bar.close()
+    model.expert_bytes_read = reader.bytes_read["expert"]
+    _warn_unused(reader, model)
+
+
+def _load_experts(reader: CheckpointReader, experts: LocalExperts, layer: int, moe_names: tuple[str, ...],
+                  proj_names: tuple[str, str, str], num_experts: int) -> None:
+    e0, e1 = experts.first_expert, experts.first_expert + experts.num_local
+    hidden, inter = experts.hidden, experts.intermediate
+    prefixes = [f"model.layers.{layer}.{m}.experts" for m in moe_names]
+    fused = next((p for p in prefixes if reader.has(f"{p}.gate_up_proj")), None)
+    if fused is not None:
+        down = reader.find([f"{fused}.down_proj"])
+        experts.gate_up_proj.copy_(reader.read_rows(f"{fused}.gate_up_proj", e0, e1, (2 * inter, hidden), num_experts))
+        experts.down_proj.copy_(reader.read_rows(down, e0, e1, (hidden, inter), num_experts))
+        return
+    gate_name, up_name, down_name = proj_names
+    prefix = next((p for p in prefixes if reader.has(f"{p}.{e0}.{gate_name}.weight")), None)
+    if prefix is None:
+        raise ModelLoadError(
+            f"checkpoint {reader.folder} has no experts for layer {layer}: looked for "
+            f"{prefixes[0]}.gate_up_proj (fused) and {prefixes[0]}.{e0}.{gate_name}.weight (per expert)"
+        )
+    for local, e in enumerate(range(e0, e1)):
+        names = [f"{prefix}.{e}.{p}.weight" for p in proj_names]
+        gate, up, down = (reader.find([n]) for n in names)
+        experts.gate_up_proj[local, :inter].copy_(reader.read(gate, (inter, hidden), category="expert"))
+        experts.gate_up_proj[local, inter:].copy_(reader.read(up, (inter, hidden), category="expert"))
+        experts.down_proj[local].copy_(reader.read(down, (hidden, inter), category="expert"))
+
+
+def _warn_unused(reader: CheckpointReader, model: MoECausalLM) -> None:
+    """Tensors nobody read, other than other ranks' experts, are reported (never silently dropped)."""
+    ignorable = ("rotary_emb.inv_freq",)
+    unused = sorted(
+        n for n in reader.names - reader.consumed
+        if ".experts." not in n and not n.endswith(ignorable)
+        and not (n == "lm_head.weight" and model.spec.tie_word_embeddings)
+    )
+    if unused:
+        log.warning("checkpoint %s has %d tensor(s) this model does not use: %s%s", reader.folder, len(unused),
+                    ", ".join(unused[:8]), " ..." if len(unused) > 8 else "")

@@ -1,0 +1,57 @@
+"""Tiny random transformers models of every supported family, saved in HF format (the oracle).
+
+Shapes are tiny (CPU CI on shared cores) but cover each family's features: Qwen3 with a
+dense layer (mlp_only_layers) and renormalised top-k, Qwen2 with the shared expert and
+decoder_sparse_step, Mixtral with a sliding window, OLMoE with clip_qkv and its full q/k norm.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(COMMON, num_hidden_layers=3, head_dim=8, intermediate_size=40,
+                                          moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                                          norm_topk_prob=True, mlp_only_layers=[1], rope_theta=10000.0)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(COMMON, num_hidden_layers=4, intermediate_size=40, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                                          decoder_sparse_step=2, norm_topk_prob=False)),
+    "mixtral": ("MixtralConfig", dict(COMMON, num_hidden_layers=2, intermediate_size=16, num_local_experts=8,
+                                       num_experts_per_tok=2, sliding_window=6)),
+    "olmoe": ("OlmoeConfig", dict(COMMON, num_hidden_layers=2, intermediate_size=16, num_experts=8,
+                                   num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=3.0,
+                                   pad_token_id=0, eos_token_id=1)),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def hf_config(family: str, **overrides):
+    import transformers
+
+    cls_name, kwargs = FAMILY_CONFIGS[family]
+    return getattr(transformers, cls_name)(**{**kwargs, **overrides})
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    """A random transformers model of `family` (eager attention and experts: the plainest oracle)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
+    return model.eval()
+
+
+def save_hf_model(model, folder: Path, **save_kwargs) -> Path:
+    model.save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+@torch.no_grad()
+def hf_sequence_logits(model, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V] float32 logits of a plain full-sequence forward."""
+    return model(torch.tensor([tokens])).logits[0].float()

@@ -1,0 +1,44 @@
+"""Incremental detokenization: turn a growing token list into text deltas.
+
+Decoding token by token breaks multi-byte characters (byte-level BPE) and word-boundary
+spaces (SentencePiece). So each step decodes a short window — a few tokens already emitted
+plus the new ones — and emits only what the window adds beyond the already-emitted part; a
+delta ending in U+FFFD (an incomplete UTF-8 sequence) is held back until the next token
+completes it, or released by `flush()` when the sequence ends.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+REPLACEMENT = "\ufffd"
+_CONTEXT_TOKENS = 5  # tokens of already-emitted text decoded again for context
+
+
+class IncrementalDetokenizer:
+    def __init__(self, decode: Callable[[list[int]], str], prompt_token_ids: list[int] | tuple[int, ...]) -> None:
+        self._decode = decode
+        self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0  # window start: decode(ids[prefix:read]) is text already emitted
+        self._read = len(self._ids)  # tokens up to here are emitted
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the new text that is safe to emit now (may be '')."""
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Release held-back text (an incomplete character stays as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full_text = self._decode(self._ids[self._prefix:])
+        if not final and (len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT)):
+            return ""
+        delta = full_text[len(prefix_text):]
+        # The emitted window becomes the next call's context; older ids are no longer needed.
+        del self._ids[:self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        return delta

@@ -1,0 +1,89 @@
+"""Token sampling that does not depend on how requests are batched.
+
+Greedy (temperature 0) is argmax. Otherwise: scale by 1/temperature, cut to top-k and
+top-p, then Gumbel-max with noise that is a counter-based hash of (seed, position, token
+id) — no torch.Generator, no state. A request's draw at a position is therefore the same
+whichever other requests share its step, on whichever rank it runs, and after a preemption
+recomputes it. (Results can still differ where the model's logits themselves differ across
+batch shapes, e.g. GPU GEMM tilings, and only at near-ties.)
+
+Logprobs are those of the model's raw distribution (log_softmax of the logits), before
+temperature, top-k and top-p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..moe.routing.hashing import mix32, stream_key
+from .step_plan import SampleSpec
+
+_SAMPLER_STREAM = 0x53414D50  # "SAMP": keeps these draws apart from the routing policies'
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters for the rows of a logits tensor."""
+
+    temperature: torch.Tensor  # [S] float32, 0 = greedy
+    top_p: torch.Tensor  # [S] float32 in (0, 1]
+    top_k: torch.Tensor  # [S] int64, 0 = no cut
+    keys: torch.Tensor  # [S] int64: 32-bit hash of (seed, position)
+    want_logprobs: bool
+
+    @classmethod
+    def from_specs(cls, specs: list[SampleSpec], positions: list[int], device: torch.device | str) -> "SamplingBatch":
+        """`positions[i]`: index in its sequence of the token row i will produce."""
+        return cls(
+            temperature=torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=device),
+            top_p=torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device),
+            top_k=torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=device),
+            keys=torch.tensor([sample_key(s.seed, p) for s, p in zip(specs, positions)], dtype=torch.int64, device=device),
+            want_logprobs=any(s.logprobs for s in specs),
+        )
+
+
+def sample_key(seed: int, position: int) -> int:
+    return stream_key(_SAMPLER_STREAM, seed, position)
+
+
+def hashed_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, V] float32 uniforms in (0, 1), a pure function of (key, token id)."""
+    token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)  # [V]
+    h = mix32(keys[:, None] ^ mix32(token * 0x9E3779B1 + 0x632BE5AB)[None, :])  # [S, V] 32-bit
+    # 24 high bits -> exactly representable float32, never 0 or 1.
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus top-p to -inf. [S, V] -> [S, V]."""
+    s, v = logits.shape
+    sorted_logits, order = logits.sort(dim=1, descending=True)  # [S, V]
+    rank = torch.arange(v, device=logits.device)[None, :]  # [1, V]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])  # [S, V]
+    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=1)  # [S, V]
+    mass_before = probs.cumsum(dim=1) - probs  # [S, V] mass of strictly better tokens
+    keep &= mass_before < top_p[:, None]  # the first token always stays
+    masked_sorted = sorted_logits.masked_fill(~keep, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, masked_sorted)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [S, V] float32 -> (tokens [S] int64, logprobs [S] float32 or None)."""
+    logits = logits.float()
+    greedy = batch.temperature <= 0  # [S]
+    tokens = logits.argmax(dim=1)  # [S]
+    if not bool(greedy.all()):
+        temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)  # [S]
+        scaled = logits / temp[:, None]  # [S, V]
+        if bool(((batch.top_k > 0) | (batch.top_p < 1)).any()):
+            scaled = top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
+        u = hashed_uniform(batch.keys, logits.shape[1])  # [S, V]
+        gumbel = -torch.log(-torch.log(u))  # [S, V]
+        drawn = (scaled + gumbel).argmax(dim=1)  # [S]
+        tokens = torch.where(greedy, tokens, drawn)
+    logprobs = None
+    if batch.want_logprobs:
+        logprobs = logits.log_softmax(dim=1).gather(1, tokens[:, None])[:, 0]  # [S]
+    return tokens, logprobs

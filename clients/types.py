@@ -1,0 +1,132 @@
+"""Plain, typed results of the epserve client (no protobuf types leave the client)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_new_tokens or max_model_len reached
+    STOP = "stop"  # end-of-sequence token, a stop token id or a stop string
+    CANCELLED = "cancelled"  # cancelled on the server (e.g. drained at shutdown)
+
+
+class ServingState(str, enum.Enum):
+    UNKNOWN = "unknown"
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    total_time_s: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed message: tokens new in it and their text. The last one has
+    finish_reason and usage set."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[float, ...] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation (from generate(), or collected from a stream)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: tuple[float, ...] | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class RoutingPolicyInfo:
+    name: str
+    params: Mapping[str, Any]
+    guarantee: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    architecture: str
+    num_layers: int
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    dtype: str
+    device: str
+    ep_size: int
+    routing: RoutingPolicyInfo
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerExpertLoad:
+    layer: int
+    expert_tokens: tuple[int, ...]  # [num_experts]
+    rank_tokens: tuple[int, ...]  # [ep_size]
+    tokens: int
+    expert_max_over_mean: float
+    rank_max_over_mean: float
+    mean_ranks_per_token: float
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """Counts since the last reset, summed over EP ranks."""
+
+    num_layers: int
+    num_experts: int
+    ep_size: int
+    layers: tuple[LayerExpertLoad, ...]
+    rank_totals: tuple[int, ...]  # [ep_size], summed over layers
+    expert_max_over_mean: float  # means over layers
+    rank_max_over_mean: float
+    mean_ranks_per_token: float
+    tokens_per_layer: float
+    seconds_since_reset: float
+    reset: bool
+
+    def matrix(self) -> list[list[int]]:
+        """[layer][expert] token counts (for tables and heatmaps)."""
+        return [list(layer.expert_tokens) for layer in self.layers]
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    active_calls: int
+    running_sequences: int
+    waiting_sequences: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    engine_steps: int
+    requests_by_code: Mapping[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    uptime_s: float
+    state: ServingState
+    config: Mapping[str, Any]
+    stats: ServerStats

@@ -1,0 +1,12 @@
+"""The gRPC front end: service, request validation, auth, health, metrics and shutdown.
+
+Module guide:
+  received.py     raw bytes -> GenerateRequest, noticing what protobuf would hide (both prompt kinds)
+  validation.py   GenerateRequest -> engine GenerationRequest, or InvalidRequestError naming the field
+  to_proto.py     engine dataclasses -> protobuf replies
+  state.py        LOADING / SERVING / DRAINING / FAILED, mirrored into grpc.health.v1
+  service.py      the GenerationService servicer (status mapping, limits, cancellation)
+  auth.py         bearer-token interceptor
+  metrics.py      Prometheus metrics and their HTTP endpoint
+  app.py          builds the grpc.aio server, serves, drains on SIGTERM/SIGINT
+"""

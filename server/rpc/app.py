@@ -1,0 +1,180 @@
+"""Build the grpc.aio server, load the engine behind it, serve, and shut down cleanly.
+
+Order of events: the port opens first with health NOT_SERVING (so a bad port fails fast and
+probes see the server loading), then the engine loads in a worker thread, then health turns
+SERVING. SIGTERM/SIGINT drains: health NOT_SERVING, new generation calls get UNAVAILABLE,
+calls in flight get server.grace_period_s to finish and are then cancelled (UNAVAILABLE);
+exit code 0. A second signal skips the rest of the grace period. If the engine dies, health
+turns NOT_SERVING, calls fail with UNAVAILABLE and the process exits with code 1 so a
+supervisor restarts it.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health as health_v1
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clients.pb import service_pb2  # noqa: F401  (registers the service descriptor for reflection)
+from server.config import AppConfig, ConfigError
+from server.engine.api import Engine
+
+from .auth import BearerTokenInterceptor, resolve_token
+from .metrics import ServerMetrics
+from .service import GenerationService
+from .state import SERVICE_NAME, Phase, ServingState
+
+log = logging.getLogger("epserve.server")
+EXIT_OK, EXIT_ENGINE_FAILED = 0, 1
+EngineFactory = Callable[[AppConfig], Engine]
+
+
+def _read(path: str, key: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r} ({exc.strerror or exc})") from None
+
+
+def server_credentials(app: AppConfig) -> grpc.ServerCredentials | None:
+    cfg = app.server
+    if not cfg.tls_cert:
+        return None
+    pair = (_read(cfg.tls_key, "server.tls_key"), _read(cfg.tls_cert, "server.tls_cert"))
+    return grpc.ssl_server_credentials([pair])
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Server:
+    """One serving process: gRPC server + engine + lifecycle."""
+
+    def __init__(self, app: AppConfig, start_engine: EngineFactory) -> None:
+        cfg = app.server
+        self.app, self._start_engine = app, start_engine
+        token = resolve_token(cfg)
+        self._credentials = server_credentials(app)
+        if cfg.metrics_port and not (_is_loopback(cfg.metrics_host) or cfg.allow_remote):
+            raise ConfigError(f"server.metrics_host={cfg.metrics_host!r} is not a loopback address; "
+                              "set server.allow_remote=true to expose metrics beyond this machine")
+        self.state = ServingState()
+        self.metrics = ServerMetrics()
+        self.service = GenerationService(app, self.state, self.metrics, self._engine_unavailable,
+                                         tls=self._credentials is not None, auth=token is not None)
+        self.grpc = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(token)] if token else [],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port already in use is an error, not a shared port
+            ],
+        )
+        self.grpc.add_generic_rpc_handlers((self.service.rpc_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.state.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_v1.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.engine: Engine | None = None
+        self.exit_code = EXIT_OK
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._stop_metrics: Callable[[], None] | None = None
+
+    async def run(self) -> int:
+        cfg = self.app.server
+        await self.state.start()
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        address = f"{host}:{cfg.port}"
+        bound = (self.grpc.add_secure_port(address, self._credentials) if self._credentials
+                 else self.grpc.add_insecure_port(address))
+        if not bound:
+            raise ConfigError(f"server.port: cannot listen on {address} (in use, or not an address of this machine)")
+        await self.grpc.start()
+        log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self._credentials is not None,
+                 self.service._auth)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        if cfg.metrics_port:
+            self._stop_metrics = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port, loop,
+                                                         self.service.sample_for_metrics)
+        try:
+            if await self._load_engine():
+                await self._stop.wait()
+            await self._shut_down()
+        except BaseException:
+            await self.grpc.stop(None)
+            raise
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return self.exit_code
+
+    async def _load_engine(self) -> bool:
+        """Start the engine off the event loop (health stays answerable); False if stopped first."""
+        load = asyncio.ensure_future(asyncio.to_thread(self._start_engine, self.app))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not load.done():  # a signal while loading: let the load finish, then shut it down
+            log.info("signal received while loading; stopping once the engine is up")
+        self.engine = await load  # ConfigError and friends propagate to launch()
+        self.service.attach(self.engine)
+        if self._stop.is_set():
+            return False
+        await self.state.set(Phase.SERVING)
+        info = self.engine.model_info()
+        log.info("serving model %s (%s, %d experts, top-%d) with routing %s at ep_size=%d",
+                 info.model_name, info.architecture, info.num_experts, info.top_k, info.routing_policy, info.ep_size)
+        return True
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: draining (grace period %.1fs)", sig.name, self.app.server.grace_period_s)
+            self._stop.set()
+        else:
+            n = self.service.calls.cancel_all("the server was stopped before this call finished")
+            log.warning("%s again: cancelling %d call(s) now", sig.name, n)
+
+    def _engine_unavailable(self, exc: Exception) -> None:
+        """An EngineUnavailableError while serving means the engine died: fail and exit."""
+        if self.state.phase is Phase.SERVING:
+            log.error("engine unavailable while serving: %s", exc)
+            asyncio.get_running_loop().create_task(self.fail(str(exc) or type(exc).__name__))
+
+    async def fail(self, reason: str) -> None:
+        await self.state.set(Phase.FAILED, reason)
+        self.exit_code = EXIT_ENGINE_FAILED
+        self.service.calls.cancel_all(f"the engine failed ({reason}); the server is exiting")
+        self._stop.set()
+
+    async def _shut_down(self) -> None:
+        grace = self.app.server.grace_period_s
+        if self.state.phase is not Phase.FAILED:
+            await self.state.set(Phase.DRAINING)
+            if not await self.service.calls.wait_idle(grace):
+                n = self.service.calls.cancel_all(
+                    f"the server shut down before this call finished (grace period {grace:g}s)")
+                log.warning("grace period over: cancelled %d call(s)", n)
+        await self.service.calls.wait_idle(5.0)
+        await self.grpc.stop(1.0)  # ends health watches and anything left
+        if self.engine is not None:
+            try:
+                result = self.engine.shutdown()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("engine shutdown failed")
+                self.exit_code = self.exit_code or EXIT_ENGINE_FAILED
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+        log.info("epserve stopped (exit code %d)", self.exit_code)

@@ -1,0 +1,156 @@
+"""One Generate / GenerateStream call, from admission to its last message.
+
+Shared by the unary and streaming methods: `emit` either writes each message to the stream
+or collects them into one reply. Every way a call can end is mapped to one status code and
+counted once: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, CANCELLED,
+DEADLINE_EXCEEDED, INTERNAL (logged with the request's context) or OK.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from typing import Awaitable, Callable
+
+import grpc
+
+from clients.pb import generation_pb2 as gen_pb
+from server.engine.api import (
+    EngineUnavailableError, FinishReason, GenerationChunk, InvalidRequestError, ResourceExhaustedError,
+)
+
+from .received import ReceivedRequest
+from .to_proto import FINISH_REASONS, usage_to_pb
+from .validation import validate_request
+
+log = logging.getLogger(__name__)
+Emit = Callable[[gen_pb.GenerateResponse], Awaitable[None]]
+
+
+class CallAborted(Exception):
+    """Ends a call with a status code; raised inside, turned into context.abort at the edge."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class GenerationFailed(Exception):
+    """The engine reported FinishReason.ERROR for this request."""
+
+
+async def run_generation(service, received: ReceivedRequest, context: grpc.aio.ServicerContext,
+                         method: str, emit: Emit) -> None:
+    """Admit, validate, generate and emit; abort the call with the right status on failure."""
+    arrival = time.perf_counter()
+    task = asyncio.current_task()
+    code = grpc.StatusCode.OK
+    request_id = received.message.request_id or "-"
+    admitted = False
+    try:
+        if not service.state.serving:
+            raise CallAborted(grpc.StatusCode.UNAVAILABLE, service.state.unavailable_reason())
+        if service.calls.full():
+            raise CallAborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many concurrent generation calls (server.max_concurrent_streams="
+                              f"{service.calls.limit}); retry later")
+        service.calls.add(task)
+        admitted = True
+        service.metrics.active_calls.inc()
+        valid = validate_request(received, service.limits, service.engine.encode)
+        request = valid.engine_request
+        request_id = request.request_id
+        service.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        await _stream_chunks(service, request, valid.text_output, arrival, emit)
+    except CallAborted as exc:
+        code = exc.code
+        await context.abort(exc.code, exc.details)
+    except InvalidRequestError as exc:
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        await context.abort(code, str(exc))
+    except ResourceExhaustedError as exc:
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        await context.abort(code, str(exc) or "the engine's queue or KV cache is full; retry later")
+    except EngineUnavailableError as exc:
+        code = grpc.StatusCode.UNAVAILABLE
+        service.engine_unavailable(exc)
+        await context.abort(code, str(exc) or "the engine is unavailable")
+    except asyncio.CancelledError:
+        if task in service.calls.cut:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, service.calls.cut[task])
+        remaining = context.time_remaining()
+        code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED)
+        raise
+    except GenerationFailed as exc:
+        code = grpc.StatusCode.INTERNAL
+        log.error("%s request %s: %s", method, request_id, exc)
+        await context.abort(code, f"generation failed for request {request_id}; see the server log")
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s request %s from %s failed unexpectedly (prompt kind %s)", method, request_id,
+                      context.peer(), received.message.WhichOneof("prompt"))
+        await context.abort(code, f"internal error while serving request {request_id}; see the server log")
+    finally:
+        if admitted:
+            service.calls.remove(task)
+            service.metrics.active_calls.dec()
+        service.metrics.requests.labels(method, code.name).inc()
+        service.metrics.duration.labels(method).observe(time.perf_counter() - arrival)
+
+
+async def _stream_chunks(service, request, text_output: bool, arrival: float, emit: Emit) -> None:
+    metrics = service.metrics
+    last_token_at: float | None = None
+    async with aclosing(service.engine.generate(request)) as chunks:
+        async for chunk in chunks:
+            now = time.perf_counter()
+            n = len(chunk.token_ids)
+            if n:
+                if last_token_at is None:
+                    metrics.ttft.observe(now - arrival)
+                    for _ in range(n - 1):
+                        metrics.itl.observe(0.0)
+                else:
+                    for _ in range(n):
+                        metrics.itl.observe((now - last_token_at) / n)
+                last_token_at = now
+                metrics.generation_tokens.inc(n)
+            if chunk.finish_reason is FinishReason.ERROR:
+                raise GenerationFailed(f"engine reported an error after {chunk.usage.completion_tokens if chunk.usage else '?'} tokens")
+            msg = _to_message(chunk, request.request_id, text_output, now - arrival)
+            if chunk.finish_reason is not None:
+                await emit(msg)
+                return
+            if n or msg.text:
+                await emit(msg)
+    raise RuntimeError("the engine's stream ended without a final chunk")
+
+
+def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elapsed: float) -> gen_pb.GenerateResponse:
+    msg = gen_pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text if text_output else "")
+    if chunk.logprobs is not None:
+        msg.logprobs.extend(chunk.logprobs)
+    if chunk.finish_reason is not None:
+        msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
+        msg.request_id = request_id
+        if chunk.usage is not None:
+            msg.usage.CopyFrom(usage_to_pb(chunk.usage, elapsed))
+    return msg
+
+
+def merge_messages(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateResponse:
+    """A whole stream -> the single reply of Generate."""
+    out = gen_pb.GenerateResponse()
+    for m in messages:
+        out.token_ids.extend(m.token_ids)
+        out.logprobs.extend(m.logprobs)
+    out.text = "".join(m.text for m in messages)
+    if messages:
+        last = messages[-1]
+        out.finish_reason, out.request_id = last.finish_reason, last.request_id
+        if last.HasField("usage"):
+            out.usage.CopyFrom(last.usage)
+    return out

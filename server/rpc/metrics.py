@@ -1,0 +1,128 @@
+"""Prometheus metrics: call outcomes, tokens, latencies (pushed by the service as calls run)
+and engine gauges plus per-layer expert load (pulled from the engine at scrape time).
+
+Labels are bounded: method x status code for calls, the MoE layer index for expert load (one
+series per layer, never per expert or per request). The registry is private to the server, so
+tests can build several servers in one process.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine.api import EngineStats
+from server.moe.load_stats import ExpertLoadSnapshot
+
+log = logging.getLogger(__name__)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SCRAPE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    stats: EngineStats | None
+    load: ExpertLoadSnapshot | None
+    phase: str
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("epserve_requests", "Generation calls finished, by method and gRPC status code.",
+                                ["method", "code"], registry=r)
+        self.prompt_tokens = Counter("epserve_prompt_tokens", "Prompt tokens of admitted calls.", registry=r)
+        self.generation_tokens = Counter("epserve_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("epserve_time_to_first_token_seconds",
+                              "From a call's arrival to its first generated token.", buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("epserve_inter_token_latency_seconds",
+                             "Time between successive generated tokens of one call.", buckets=ITL_BUCKETS, registry=r)
+        self.duration = Histogram("epserve_request_duration_seconds", "Generation call duration.",
+                                  ["method"], buckets=DURATION_BUCKETS, registry=r)
+        self.active_calls = Gauge("epserve_active_calls", "Generation calls in progress.", registry=r)
+
+    def requests_by_code(self) -> dict[str, int]:
+        """Calls finished so far, by status code, over both generation methods."""
+        out: dict[str, int] = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    code = sample.labels["code"]
+                    out[code] = out.get(code, 0) + int(sample.value)
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        """(prompt tokens, generated tokens) so far."""
+        def value(counter: Counter) -> int:
+            return int(next(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))
+
+        return value(self.prompt_tokens), value(self.generation_tokens)
+
+    def serve_http(self, host: str, port: int, loop: asyncio.AbstractEventLoop,
+                   sample: Callable[[], Awaitable[EngineSample]]) -> Callable[[], None]:
+        """Start the endpoint (a daemon thread); returns a function that stops it."""
+        self.registry.register(EngineCollector(loop, sample))
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+
+        def stop() -> None:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+
+        return stop
+
+
+class EngineCollector(Collector):
+    """Reads engine stats and expert load on the server's event loop when scraped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sample: Callable[[], Awaitable[EngineSample]]) -> None:
+        self._loop, self._sample = loop, sample
+
+    def describe(self) -> list:
+        return []  # names are dynamic; never sample the engine at registration time
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            s = asyncio.run_coroutine_threadsafe(self._sample(), self._loop).result(SCRAPE_TIMEOUT_S)
+        except Exception as exc:  # a scrape must not fail because the engine is busy or gone
+            log.warning("metrics scrape could not read the engine: %r", exc)
+            return
+        state = GaugeMetricFamily("epserve_serving_state", "1 for the server's current state.", labels=["state"])
+        for phase in ("LOADING", "SERVING", "DRAINING", "FAILED"):
+            state.add_metric([phase.lower()], 1.0 if s.phase == phase else 0.0)
+        yield state
+        if s.stats is not None:
+            st = s.stats
+            yield GaugeMetricFamily("epserve_queue_depth", "Requests admitted and waiting.", value=st.waiting)
+            yield GaugeMetricFamily("epserve_running_sequences", "Sequences in the running batch (all ranks).", value=st.running)
+            yield GaugeMetricFamily("epserve_kv_blocks_used", "KV-cache blocks in use (all ranks).", value=st.kv_blocks_used)
+            yield GaugeMetricFamily("epserve_kv_blocks_total", "KV-cache blocks (all ranks).", value=st.kv_blocks_total)
+            yield CounterMetricFamily("epserve_engine_steps", "Engine steps executed.", value=st.steps)
+        if s.load is not None and s.load.num_layers:
+            yield from _expert_load_families(s.load)
+
+
+def _expert_load_families(load: ExpertLoadSnapshot) -> Iterator[GaugeMetricFamily]:
+    names = {
+        "max": ("epserve_expert_load_max", "Tokens routed to the busiest expert of each MoE layer since the last reset."),
+        "mean": ("epserve_expert_load_mean", "Mean tokens per expert of each MoE layer since the last reset."),
+        "ratio": ("epserve_expert_load_max_over_mean", "Busiest expert / mean expert per MoE layer (1 = balanced)."),
+        "rank": ("epserve_rank_load_max_over_mean", "Busiest EP rank / mean rank per MoE layer (1 = balanced)."),
+    }
+    fams = {k: GaugeMetricFamily(n, h, labels=["layer"]) for k, (n, h) in names.items()}
+    expert_ratio, rank_ratio = load.expert_max_over_mean(), load.rank_max_over_mean()
+    for i, row in enumerate(load.expert_tokens):
+        label = [str(i)]
+        fams["max"].add_metric(label, max(row) if row else 0)
+        fams["mean"].add_metric(label, sum(row) / len(row) if row else 0.0)
+        fams["ratio"].add_metric(label, expert_ratio[i])
+        fams["rank"].add_metric(label, rank_ratio[i])
+    yield from fams.values()

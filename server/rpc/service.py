@@ -1,0 +1,148 @@
+"""The epserve.v1.GenerationService servicer (grpc.aio)."""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from clients.pb import generation_pb2 as gen_pb
+from clients.pb import info_pb2 as info_pb
+from server.config import AppConfig
+from server.engine.api import Engine, EngineUnavailableError
+from server.moe.routing import get_policy_class
+
+from .active_calls import ActiveCalls
+from .generation_call import merge_messages, run_generation
+from .metrics import EngineSample, ServerMetrics
+from .received import ReceivedRequest, parse_generate_request
+from .state import SERVICE_NAME, ServingState
+from .to_proto import expert_load_to_pb, model_info_to_pb
+from .validation import RequestLimits
+
+log = logging.getLogger(__name__)
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("epserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class GenerationService:
+    """Holds what every call needs; the engine is attached once it is warm."""
+
+    def __init__(self, app: AppConfig, state: ServingState, metrics: ServerMetrics,
+                 on_engine_unavailable: Callable[[Exception], None], tls: bool, auth: bool) -> None:
+        self.app, self.state, self.metrics = app, state, metrics
+        self.engine: Engine | None = None
+        self.limits: RequestLimits | None = None
+        self.calls = ActiveCalls(app.server.max_concurrent_streams)
+        self._on_engine_unavailable = on_engine_unavailable
+        self._model_info: info_pb.ModelInfo | None = None
+        self._tls, self._auth = tls, auth
+        self._started = self._load_window_start = time.monotonic()
+
+    def attach(self, engine: Engine) -> None:
+        info = engine.model_info()
+        self.engine = engine
+        self.limits = RequestLimits(vocab_size=engine.vocab_size, max_model_len=info.max_model_len)
+        guarantee = get_policy_class(info.routing_policy).guarantee
+        self._model_info = model_info_to_pb(info, guarantee)
+        self._load_window_start = time.monotonic()
+
+    def engine_unavailable(self, exc: Exception) -> None:
+        self._on_engine_unavailable(exc)
+
+    # -- generation ------------------------------------------------------------------------
+    async def Generate(self, received: ReceivedRequest, context: grpc.aio.ServicerContext) -> gen_pb.GenerateResponse:
+        messages: list[gen_pb.GenerateResponse] = []
+
+        async def collect(msg: gen_pb.GenerateResponse) -> None:
+            messages.append(msg)
+
+        await run_generation(self, received, context, "Generate", collect)
+        return merge_messages(messages)
+
+    async def GenerateStream(self, received: ReceivedRequest, context: grpc.aio.ServicerContext) -> None:
+        await run_generation(self, received, context, "GenerateStream", context.write)
+
+    # -- inspection ------------------------------------------------------------------------
+    async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.engine is None or self.state.phase.name in ("LOADING", "FAILED"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.unavailable_reason())
+        return self.engine  # type: ignore[return-value]
+
+    async def GetModelInfo(self, request: info_pb.GetModelInfoRequest, context) -> info_pb.ModelInfo:
+        await self._require_engine(context)
+        return self._model_info
+
+    async def GetExpertLoad(self, request: info_pb.GetExpertLoadRequest, context) -> info_pb.ExpertLoad:
+        engine = await self._require_engine(context)
+        try:
+            snap = await engine.expert_load(reset=request.reset)
+        except EngineUnavailableError as exc:
+            self.engine_unavailable(exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc) or "the engine is unavailable")
+        except Exception:
+            log.exception("GetExpertLoad(reset=%s) failed", request.reset)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error reading expert load; see the server log")
+        now = time.monotonic()
+        reply = expert_load_to_pb(snap, now - self._load_window_start, request.reset)
+        if request.reset:
+            self._load_window_start = now
+        return reply
+
+    async def GetServerInfo(self, request: info_pb.GetServerInfoRequest, context) -> info_pb.ServerInfo:
+        cfg, stats = self.app.server, None
+        if self.engine is not None and self.state.phase.name != "FAILED":
+            try:
+                stats = self.engine.stats()
+            except Exception:
+                log.exception("engine.stats() failed")
+        prompt_tokens, completion_tokens = self.metrics.totals()
+        info = info_pb.ServerInfo(
+            version=server_version(), uptime_s=time.monotonic() - self._started, state=self.state.phase.value,
+            config=info_pb.ServerConfigSummary(
+                address=f"{cfg.host}:{cfg.port}", tls=self._tls, auth=self._auth, metrics_port=cfg.metrics_port,
+                max_concurrent_streams=cfg.max_concurrent_streams, max_message_bytes=cfg.max_message_bytes,
+                grace_period_s=cfg.grace_period_s, max_num_seqs=self.app.engine.max_num_seqs,
+                max_queue=self.app.engine.max_queue, kv_cache_tokens=self.app.engine.kv_cache_tokens,
+                routing_policy=self._model_info.routing.name if self._model_info else self.app.routing.name,
+                ep_size=self.app.parallel.ep_size, model_name=self.app.model.name,
+            ),
+            stats=info_pb.ServerStats(
+                active_calls=len(self.calls), requests_by_code=self.metrics.requests_by_code(),
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            ),
+        )
+        if stats is not None:
+            info.stats.running_sequences, info.stats.waiting_sequences = stats.running, stats.waiting
+            info.stats.kv_blocks_used, info.stats.kv_blocks_total = stats.kv_blocks_used, stats.kv_blocks_total
+            info.stats.engine_steps = stats.steps
+        return info
+
+    async def sample_for_metrics(self) -> EngineSample:
+        """Engine gauges for a Prometheus scrape (runs on the server's event loop)."""
+        if self.engine is None or self.state.phase.name == "FAILED":
+            return EngineSample(None, None, self.state.phase.name)
+        return EngineSample(self.engine.stats(), await self.engine.expert_load(reset=False), self.state.phase.name)
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn, request_cls):
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=request_cls.FromString, response_serializer=lambda m: m.SerializeToString())
+
+        serialize = gen_pb.GenerateResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                self.Generate, request_deserializer=parse_generate_request, response_serializer=serialize),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                self.GenerateStream, request_deserializer=parse_generate_request, response_serializer=serialize),
+            "GetModelInfo": unary(self.GetModelInfo, info_pb.GetModelInfoRequest),
+            "GetExpertLoad": unary(self.GetExpertLoad, info_pb.GetExpertLoadRequest),
+            "GetServerInfo": unary(self.GetServerInfo, info_pb.GetServerInfoRequest),
+        })

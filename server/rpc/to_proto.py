@@ -1,0 +1,70 @@
+"""Engine-side dataclasses -> protobuf replies (the only place the two meet)."""
+from __future__ import annotations
+
+import enum
+from typing import Any, Mapping
+
+from clients.pb import generation_pb2 as gen_pb
+from clients.pb import info_pb2 as info_pb
+from server.engine.api import FinishReason, ModelInfo, Usage
+from server.moe.load_stats import ExpertLoadSnapshot
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: gen_pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: gen_pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: gen_pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _json_value(value: Any) -> Any:
+    """Policy parameters -> what google.protobuf.Struct can hold."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return _json_value(value.value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def usage_to_pb(usage: Usage, total_time_s: float) -> gen_pb.Usage:
+    return gen_pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                        time_to_first_token_s=usage.time_to_first_token_s, total_time_s=total_time_s)
+
+
+def model_info_to_pb(info: ModelInfo, guarantee: str) -> info_pb.ModelInfo:
+    msg = info_pb.ModelInfo(
+        model_name=info.model_name, architecture=info.architecture, num_layers=info.num_layers,
+        num_moe_layers=info.num_moe_layers, num_experts=info.num_experts, top_k=info.top_k,
+        hidden_size=info.hidden_size, vocab_size=info.vocab_size, max_model_len=info.max_model_len,
+        dtype=info.dtype, device=info.device, ep_size=info.ep_size, eos_token_ids=list(info.eos_token_ids),
+    )
+    msg.routing.name = info.routing_policy
+    msg.routing.guarantee = guarantee
+    msg.routing.params.update(_json_value(dict(info.routing_params)))
+    return msg
+
+
+def expert_load_to_pb(snap: ExpertLoadSnapshot, seconds_since_reset: float, reset: bool) -> info_pb.ExpertLoad:
+    rank_rows = snap.rank_tokens()  # [layer][rank]
+    expert_mm, rank_mm, ranks_per_token = snap.expert_max_over_mean(), snap.rank_max_over_mean(), snap.mean_ranks_per_token()
+    layers = [
+        info_pb.LayerExpertLoad(
+            layer=i, expert_tokens=row, rank_tokens=rank_rows[i], tokens=snap.tokens[i],
+            expert_max_over_mean=expert_mm[i], rank_max_over_mean=rank_mm[i],
+            mean_ranks_per_token=ranks_per_token[i],
+        )
+        for i, row in enumerate(snap.expert_tokens)
+    ]
+    summary = snap.summary()
+    return info_pb.ExpertLoad(
+        num_layers=snap.num_layers, num_experts=snap.num_experts, ep_size=snap.ep_size, layers=layers,
+        rank_totals=[sum(col) for col in zip(*rank_rows)] if rank_rows else [0] * snap.ep_size,
+        summary=info_pb.ExpertLoadSummary(
+            expert_max_over_mean=summary["expert_max_over_mean"], rank_max_over_mean=summary["rank_max_over_mean"],
+            mean_ranks_per_token=summary["mean_ranks_per_token"], tokens_per_layer=summary["tokens"],
+        ),
+        seconds_since_reset=seconds_since_reset, reset=reset,
+    )

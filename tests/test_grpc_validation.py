@@ -1,0 +1,69 @@
+"""Request validation without a server: each bad request names its field; defaults are right."""
+from __future__ import annotations
+
+import pytest
+
+from clients.pb import generation_pb2 as g
+from server.engine.api import InvalidRequestError
+from server.rpc.received import parse_generate_request, top_level_fields
+from server.rpc.validation import DEFAULT_MAX_NEW_TOKENS, RequestLimits, validate_request
+from tests.helpers.bad_requests import BAD_REQUESTS, Limits, good
+
+LIMITS = RequestLimits(vocab_size=100, max_model_len=32)
+
+
+def utf8_bytes(text: str) -> list[int]:
+    """A byte-level encoder (each UTF-8 byte one token): validation needs some tokenizer."""
+    return list(text.encode("utf-8"))
+
+
+def validate(data: bytes):
+    return validate_request(parse_generate_request(data), LIMITS, utf8_bytes)
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=lambda c: c.name)
+def test_bad_request_names_the_field(case):
+    with pytest.raises(InvalidRequestError) as err:
+        validate(case.build(Limits(LIMITS.vocab_size, LIMITS.max_model_len)))
+    assert err.value.field == case.field, str(err.value)
+    assert str(err.value).startswith(f"{case.field}: ")
+
+
+def test_defaults_for_unset_fields():
+    req = g.GenerateRequest(text="hi")
+    valid = validate(req.SerializeToString())
+    e = valid.engine_request
+    assert e.prompt_token_ids == tuple(b"hi")
+    assert e.stops.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert (e.sampling.temperature, e.sampling.top_p, e.sampling.top_k, e.sampling.seed) == (0.0, 1.0, 0, None)
+    assert e.stops.stop == () and e.stops.stop_token_ids == () and not e.stops.ignore_eos and not e.logprobs
+    assert len(e.request_id) == 32 and valid.text_output
+
+
+def test_set_fields_pass_through():
+    req = good(max_new_tokens=31, sampling=dict(temperature=0.7, top_p=0.9, top_k=5, seed=2**64 - 1),
+               stop=["\n", "é" * 128], stop_token_ids=[0, 99], ignore_eos=True, logprobs=True,
+               request_id="req-1", output_format=g.OUTPUT_FORMAT_TOKEN_IDS)
+    valid = validate(req.SerializeToString())
+    e = valid.engine_request
+    assert e.prompt_token_ids == (1, 2, 3) and e.stops.max_new_tokens == 31
+    assert e.sampling.temperature == pytest.approx(0.7) and e.sampling.top_p == pytest.approx(0.9)
+    assert e.sampling.top_k == 5 and e.sampling.seed == 2**64 - 1
+    assert e.stops.stop == ("\n", "é" * 128) and e.stops.stop_token_ids == (0, 99)
+    assert e.stops.ignore_eos and e.logprobs and e.request_id == "req-1" and not valid.text_output
+
+
+def test_top_k_at_or_above_vocab_means_no_cut():
+    valid = validate(good(sampling=dict(top_k=LIMITS.vocab_size)).SerializeToString())
+    assert valid.engine_request.sampling.top_k == 0
+
+
+def test_longest_prompt_that_fits():
+    ids = [1] * (LIMITS.max_model_len - 1)
+    assert validate(good(token_ids=g.TokenIds(ids=ids)).SerializeToString()).engine_request.prompt_token_ids == tuple(ids)
+
+
+def test_wire_scanner_sees_every_top_level_field():
+    req = good(sampling=dict(temperature=1.0, seed=3), stop=["a", "b"], logprobs=True)
+    numbers = top_level_fields(req.SerializeToString())
+    assert numbers == [2, 3, 4, 5, 5, 8]

@@ -36,8 +36,9 @@ def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, pro
     params = dict(model.named_parameters())
     plain = [n for n in params if not n.endswith(_EXPERT_PARAMS)]
     moe_layers = [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers) if layer.is_moe]
+    quiet = {} if progress else {"disable": True}  # else tqdm's own rules (TQDM_DISABLE=1 silences it)
     bar = tqdm(total=len(plain) + len(moe_layers), desc=f"loading weights (rank {model.ep_rank})",
-               unit="tensor", disable=not progress, leave=False)
+               unit="tensor", leave=False, **quiet)
     with torch.no_grad():
         for name in plain:
             param = params[name]

@@ -21,7 +21,7 @@ from .experts import LocalExperts
 def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """pair_out [N*k, H] in (token, slot) order, weights [N, k] -> [N, H]: sum_j w[i,j] * out[i,j]."""
     n, k = weights.shape
-    acc = pair_out.view(n, k, -1).float() * weights.float()[..., None]  # [N, k, H]
+    acc = pair_out.view(n, k, pair_out.shape[-1]).float() * weights.float()[..., None]  # [N, k, H]
     return acc.sum(dim=1).to(dtype)
 
 

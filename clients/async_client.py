@@ -31,7 +31,8 @@ class AsyncGenerationStream:
                  logprobs: bool) -> None:
         self._start, self._deadline, self._retry = start, deadline, retry
         self._state = StreamState(logprobs)
-        self._call: Any = None
+        self._call: Any = start(deadline.remaining())  # sent now: the server admits it at once
+        self._received = False
         self._closed = False
 
     def __aiter__(self) -> "AsyncGenerationStream":
@@ -41,7 +42,7 @@ class AsyncGenerationStream:
         if self._closed:
             raise StopAsyncIteration
         try:
-            msg = await (self._first() if self._call is None else self._call.read())
+            msg = await (self._call.read() if self._received else self._first())
         except grpc.RpcError as exc:
             self._closed = True
             raise from_rpc_error(exc) from None
@@ -49,12 +50,13 @@ class AsyncGenerationStream:
             self._closed = True
             self._state.check_finished()
             raise StopAsyncIteration
+        self._received = True
         return self._state.add(msg)
 
     async def _first(self) -> gen_pb.GenerateResponse:
+        """Read the first message; on UNAVAILABLE start the call again (nothing was generated)."""
         delays = self._retry.delays()
         while True:
-            self._call = self._start(self._deadline.remaining())
             try:
                 return await self._call.read()
             except grpc.RpcError as exc:
@@ -62,15 +64,20 @@ class AsyncGenerationStream:
                 if not is_retryable(exc) or delay is None or not self._deadline.allows_sleep(delay):
                     raise
                 await asyncio.sleep(delay)
+                self._call = self._start(self._deadline.remaining())
 
     @property
     def completion(self) -> Completion:
         return self._state.completion()
 
     async def aclose(self) -> None:
-        if not self._closed and self._call is not None:
+        if not self._closed:
             self._call.cancel()
         self._closed = True
+
+    def __del__(self) -> None:  # a stream dropped unfinished must not keep generating
+        if not getattr(self, "_closed", True):
+            self._call.cancel()
 
     async def __aenter__(self) -> "AsyncGenerationStream":
         return self

@@ -31,7 +31,8 @@ class GenerationStream:
                  logprobs: bool) -> None:
         self._start, self._deadline, self._retry = start, deadline, retry
         self._state = StreamState(logprobs)
-        self._call: Any = None
+        self._call: Any = start(deadline.remaining())  # sent now: the server admits it at once
+        self._received = False
         self._closed = False
 
     def __iter__(self) -> "GenerationStream":
@@ -41,7 +42,7 @@ class GenerationStream:
         if self._closed:
             raise StopIteration
         try:
-            msg = self._first() if self._call is None else next(self._call)
+            msg = next(self._call) if self._received else self._first()
         except StopIteration:
             self._closed = True
             self._state.check_finished()
@@ -49,13 +50,13 @@ class GenerationStream:
         except grpc.RpcError as exc:
             self._closed = True
             raise from_rpc_error(exc) from None
+        self._received = True
         return self._state.add(msg)
 
     def _first(self) -> gen_pb.GenerateResponse:
-        """Start the call and read its first message, retrying UNAVAILABLE until then."""
+        """Read the first message; on UNAVAILABLE start the call again (nothing was generated)."""
         delays = self._retry.delays()
         while True:
-            self._call = self._start(self._deadline.remaining())
             try:
                 return next(self._call)
             except grpc.RpcError as exc:
@@ -63,15 +64,20 @@ class GenerationStream:
                 if not is_retryable(exc) or delay is None or not self._deadline.allows_sleep(delay):
                     raise
                 time.sleep(delay)
+                self._call = self._start(self._deadline.remaining())
 
     @property
     def completion(self) -> Completion:
         return self._state.completion()
 
     def close(self) -> None:
-        if not self._closed and self._call is not None:
+        if not self._closed:
             self._call.cancel()
         self._closed = True
+
+    def __del__(self) -> None:  # a stream dropped unfinished must not keep generating
+        if not getattr(self, "_closed", True):
+            self._call.cancel()
 
     def __enter__(self) -> "GenerationStream":
         return self

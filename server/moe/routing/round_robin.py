@@ -10,6 +10,11 @@ floor(S/E) or one more (S = total slots in the step), whatever the per-rank toke
 loads differ by at most one, and no rank idles even when ep_size > k or a step has fewer
 tokens than ranks. Within a rank the local experts follow a seeded affine permutation, and
 the cycle starts at a seeded offset per layer, so layers do not all favour the same experts.
+
+Cost: with an int token_offset the ids are a slice of a cached periodic table (the order
+repeated), copied out: one memcpy per call, no index arithmetic. The table grows
+geometrically up to the largest N seen (bounded, never keyed by N). A 0-d tensor offset
+(CUDA-graph replay reads its current value) takes the arithmetic path instead.
 """
 from __future__ import annotations
 
@@ -42,8 +47,10 @@ class RoundRobinBalancedPolicy(RoutingPolicy):
 
     def __init__(self, weights: str = "keep", seed: int = 0) -> None:
         super().__init__(weights=weights, seed=seed)
-        # (layer, E, ep, device) -> order[E] int32. Bounded by the model's shape, not by N.
+        # (layer, E, ep, seed, device) -> order[E] int32 and the order repeated (periodic
+        # table). Bounded by the model's shape; tables grow only to the largest N seen.
         self._orders: dict[tuple, torch.Tensor] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def _order(self, ctx: RoutingContext, device: torch.device) -> tuple[torch.Tensor, int]:
         key = stream_key(self.seed, ctx.seed, ctx.layer)
@@ -57,10 +64,22 @@ class RoundRobinBalancedPolicy(RoutingPolicy):
         start = (key >> 20) % ctx.num_experts
         return order, start
 
+    def _table(self, ctx: RoutingContext, order: torch.Tensor, slots: int) -> torch.Tensor:
+        cache_key = (ctx.layer, ctx.num_experts, ctx.ep_size, ctx.seed, order.device)
+        table = self._tables.get(cache_key)
+        if table is None or table.numel() < slots + ctx.num_experts:
+            reps = -(-(2 * slots + ctx.num_experts) // ctx.num_experts)
+            table = order.repeat(reps)  # [reps * E] int32: order, order, order, ...
+            self._tables[cache_key] = table
+        return table
+
     def route(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext) -> torch.Tensor:
         n, k = topk_ids.shape[0], ctx.top_k
         order, start = self._order(ctx, topk_ids.device)  # order: [E] int32
         base = ctx.token_offset * k + start  # int, or 0-d tensor under CUDA graphs
+        if isinstance(base, int):
+            first = base % ctx.num_experts
+            return self._table(ctx, order, n * k)[first:first + n * k].view(n, k).clone()  # [N, k] int32
         slots = torch.arange(n * k, device=topk_ids.device, dtype=torch.int64)  # [N*k]
         slots = (slots + base) % ctx.num_experts
         return order[slots].view(n, k)  # [N, k] int32

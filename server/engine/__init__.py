@@ -1,1 +1,30 @@
-"""The engine: scheduler, KV cache, sampler, stops, and the EP rank orchestration."""
+"""The engine: scheduler, KV cache, sampler, stops, and the EP rank orchestration.
+
+Module guide (one job per file):
+  api.py           the public surface the gRPC layer uses (dataclasses, errors, Engine protocol)
+  launcher.py      start_engine(AppConfig) -> ServingEngine; spawns or joins EP ranks (torchrun)
+  engine.py        ServingEngine: asyncio front (generate, expert_load, stats) + the step-loop thread
+  scheduler.py     rank 0's single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption
+  block_manager.py paged KV-cache block ids of one rank
+  sequence.py      one request as the scheduler sees it
+  step_plan.py     what rank 0 sends each rank per step, and what comes back
+  executor.py      running a step plan: in-process (ep 1) or scatter/gather over a gloo group
+  rank_worker.py   an EP rank's start-up and plan loop
+  model_runner.py  plan -> ForwardBatch -> model.forward -> sampled tokens, on one rank
+  distributed.py   process groups, devices, backends, torchrun environment
+  sampler.py       greedy / temperature / top-k / top-p, reproducible per (seed, position)
+  stops.py         token-level stops and stop strings
+  detokenizer.py   incremental text deltas (no broken UTF-8)
+  output.py        sampled tokens -> GenerationChunk per request
+  stream.py        engine thread -> asyncio hand-off of chunks
+"""
+__all__ = ["EngineStartError", "run_worker_rank", "start_engine", "torchrun_rank"]
+
+
+def __getattr__(name: str):
+    """Lazy: `import server.engine.api` must stay light (no torch.distributed, no model code)."""
+    if name in __all__:
+        from . import launcher
+
+        return getattr(launcher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,89 @@
+"""Process-group plumbing for EP ranks: who am I, which device, which backend, which groups.
+
+Two groups: the model's EP group (NCCL on GPUs, gloo on CPU) carries the MoE all-to-alls
+and the expert-load reduction; a gloo control group carries the scheduler's step plans and
+the sampled tokens as pickled Python objects, on the CPU, whatever the EP backend.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, ParallelConfig
+
+# Collectives may legitimately wait this long (a huge first prefill, warm-up). Idle engines
+# send a heartbeat plan every few seconds, so a waiting worker never hits it while healthy.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """RANK/WORLD_SIZE/LOCAL_RANK when launched by torchrun (or any env:// launcher)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return TorchrunEnv(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def resolve_device(parallel: ParallelConfig, local_rank: int) -> torch.device:
+    want = parallel.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("parallel.device=cuda but no CUDA device is available")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"EP rank with local rank {local_rank} needs a GPU, but this node has {count} (parallel.ep_size)")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_backend(parallel: ParallelConfig, device: torch.device) -> str:
+    if parallel.backend != "auto":
+        return parallel.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RankGroups:
+    rank: int
+    world_size: int
+    ep_group: dist.ProcessGroup  # the model's collectives
+    ctrl_group: dist.ProcessGroup  # gloo: plans and results
+
+
+def init_rank_groups(rank: int, world_size: int, backend: str, device: torch.device, init_method: str | None) -> RankGroups:
+    """init_process_group + a gloo control group. `init_method` None means env:// (torchrun)."""
+    kwargs = dict(backend=backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    if init_method is not None:
+        kwargs["init_method"] = init_method
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+    ep_group = dist.group.WORLD
+    ctrl_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return RankGroups(rank, world_size, ep_group, ctrl_group)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

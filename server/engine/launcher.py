@@ -1,0 +1,185 @@
+"""Start the engine from an AppConfig: check, spawn or join the EP ranks, load, serve.
+
+  * ep_size 1: everything in this process, no process group.
+  * ep_size N: epserve spawns ranks 1..N-1 (torch.multiprocessing, spawn) on a free port;
+    this process is rank 0 and serves.
+  * under torchrun (RANK / WORLD_SIZE set): every process runs `python -m server`; rank 0
+    calls start_engine, the others `run_worker_rank` (server.launch dispatches on
+    `torchrun_rank()`).
+
+Everything that can be checked without loading weights — model shape, routing policy,
+ep_size, devices — is checked before any process is spawned, and raises ConfigError.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable
+
+from ..config import AppConfig, ConfigError, RoutingConfig, thaw
+from ..routing_setup import build_routing_policy
+from .distributed import free_port, resolve_device, torchrun_env
+from .engine import ServingEngine
+from .executor import DistributedExecutor, LocalExecutor
+from .rank_worker import build_runner, run_worker, spawned_worker_main, start_rank
+
+log = logging.getLogger(__name__)
+
+
+class EngineStartError(RuntimeError):
+    """A rank could not start (model load failed, a worker died during start-up)."""
+
+
+def app_to_dict(app: AppConfig) -> dict[str, Any]:
+    """AppConfig -> the plain dict AppConfig.from_dict accepts (picklable: for spawned ranks)."""
+    out: dict[str, Any] = {}
+    for f in fields(app):
+        value = getattr(app, f.name)
+        if isinstance(value, RoutingConfig):
+            out[f.name] = {"name": value.name, **thaw(value.params)}
+        elif is_dataclass(value):
+            out[f.name] = {g.name: thaw(getattr(value, g.name)) for g in fields(value)}
+        else:
+            out[f.name] = thaw(value)
+    return out
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank when launched by torchrun, else None."""
+    env = torchrun_env()
+    return env.rank if env is not None else None
+
+
+def _world_size(app: AppConfig) -> int:
+    env = torchrun_env()
+    if env is None:
+        return app.parallel.ep_size
+    if app.parallel.ep_size not in (1, env.world_size):
+        raise ConfigError(f"parallel.ep_size={app.parallel.ep_size} but torchrun started {env.world_size} processes (WORLD_SIZE)")
+    return env.world_size
+
+
+def _model_setup(app: AppConfig, world_size: int):
+    """(spec, routing policy, effective max_model_len), or ConfigError. Loads no weights."""
+    from ..model.loader import read_model_spec
+
+    try:
+        spec = read_model_spec(app.model)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model: {exc}") from exc
+    policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size)
+    max_model_len = app.model.max_model_len
+    if spec.max_position_embeddings and max_model_len > spec.max_position_embeddings:
+        log.warning("model.max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
+                    max_model_len, spec.max_position_embeddings, spec.max_position_embeddings)
+        max_model_len = spec.max_position_embeddings
+    cache_tokens = app.engine.kv_cache_tokens
+    if max_model_len > cache_tokens:
+        log.warning("max_model_len=%d exceeds one rank's KV cache (engine.kv_cache_tokens=%d): requests needing "
+                    "more than the cache will be refused", max_model_len, cache_tokens)
+    return spec, policy, max_model_len
+
+
+def start_engine(app: AppConfig) -> ServingEngine:
+    """Build and start the engine on rank 0. Raises ConfigError (bad setting, before anything
+    is spawned) or EngineStartError (a rank failed to come up)."""
+    from ..model.loader import load_tokenizer
+
+    env = torchrun_env()
+    if env is not None and env.rank != 0:
+        raise ConfigError(f"start_engine runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
+    world = _world_size(app)
+    spec, policy, max_model_len = _model_setup(app, world)
+    local_rank = env.local_rank if env is not None else 0
+    device = resolve_device(app.parallel, local_rank)
+    if device.type == "cuda" and env is None:
+        import torch
+
+        if world > torch.cuda.device_count():
+            raise ConfigError(f"parallel.ep_size={world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
+    tokenizer = load_tokenizer(app.model)
+    if world == 1:
+        executor = LocalExecutor(build_runner(app, policy, 0, 1, device, None))
+    else:
+        executor = _start_distributed(app, policy, world, local_rank, spawn=env is None)
+    engine = ServingEngine(app=app, spec=spec, policy=policy, executor=executor, tokenizer=tokenizer,
+                           device=str(device), max_model_len=max_model_len)
+    return engine.start()
+
+
+def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spawn: bool) -> DistributedExecutor:
+    procs: list = []
+    init_method = None
+    if spawn:
+        import torch.multiprocessing as mp
+
+        addr = app.parallel.master_addr
+        port = app.parallel.master_port or free_port(addr)
+        init_method = f"tcp://{addr}:{port}"
+        ctx = mp.get_context("spawn")
+        app_dict = app_to_dict(app)
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        for rank in range(1, world):
+            proc = ctx.Process(target=spawned_worker_main, name=f"epserve-rank{rank}", daemon=True,
+                               args=(rank, world, init_method, app_dict, policy, os.getpid(), level))
+            proc.start()
+            procs.append(proc)
+    try:
+        runner, groups, reports = _watching(procs, lambda: start_rank(app, policy, 0, world, local_rank, init_method))
+    except BaseException:
+        _kill(procs)
+        raise
+    errors = [r for r in reports if r.error]
+    if errors:
+        _kill(procs)
+        from .distributed import destroy
+
+        destroy()
+        raise EngineStartError("; ".join(f"EP rank {r.rank} failed to start: {r.error.strip().splitlines()[-1]}" for r in errors))
+    log.info("EP ranks up: %s", ", ".join(f"{r.rank}@{r.device}" for r in reports))
+    return DistributedExecutor(runner, groups, procs)
+
+
+def _watching(procs: list, fn: Callable[[], Any], poll_s: float = 0.2) -> Any:
+    """Run fn() (start-up collectives) while watching spawned ranks: if one dies first,
+    raise EngineStartError instead of waiting for a rendezvous that cannot happen."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="epserve-rank0-start", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_s)
+        for rank, proc in enumerate(procs, start=1):
+            if proc.exitcode is not None and thread.is_alive():
+                raise EngineStartError(f"EP rank {rank} exited during start-up (exit code {proc.exitcode}); see its log")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _kill(procs: list) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+
+
+def run_worker_rank(app: AppConfig) -> int:
+    """Entry for torchrun ranks != 0: serve rank 0's plans until told to stop. Exit code."""
+    env = torchrun_env()
+    if env is None or env.rank == 0:
+        raise ConfigError("run_worker_rank is for torchrun ranks other than 0")
+    world = _world_size(app)
+    _, policy, _ = _model_setup(app, world)
+    return run_worker(app, policy, env.rank, world, env.local_rank, init_method=None)

@@ -1,0 +1,78 @@
+"""One rank's side of a step: plan -> ForwardBatch -> model.forward -> sampled tokens.
+
+Identical on every rank, rank 0 included. The rank owns its KV-cache tensors; the block ids
+in the plan say where each sequence's keys and values live in them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.forward_batch import ForwardBatch
+from .sampler import SamplingBatch, sample
+from .step_plan import RankPlan, RankResult, SeqWork
+
+
+def build_forward_batch(work: list[SeqWork], token_offset: int, block_size: int, device: torch.device) -> ForwardBatch:
+    """Flatten the rank's sequences into the model's batch layout (built on CPU, then moved)."""
+    if not work:
+        batch = ForwardBatch.empty(device)
+        batch.token_offset = token_offset
+        return batch
+    query_lens = [w.num_tokens for w in work]
+    context_lens = [w.context_len for w in work]
+    input_ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.int64)  # [T]
+    positions = torch.cat([torch.arange(w.start_pos, w.context_len, dtype=torch.int64) for w in work])  # [T]
+    max_blocks = max(len(w.block_table) for w in work)
+    block_tables = torch.full((len(work), max_blocks), -1, dtype=torch.int32)  # [S, max_blocks]
+    for i, w in enumerate(work):
+        block_tables[i, :len(w.block_table)] = torch.tensor(w.block_table, dtype=torch.int32)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(query_lens))  # [T]
+    block_of_token = block_tables[seq_of_token, positions // block_size].to(torch.int64)  # [T]
+    slot_mapping = block_of_token * block_size + positions % block_size  # [T]
+    logits_indices = torch.tensor(query_lens, dtype=torch.int64).cumsum(0) - 1  # [S]
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=move(input_ids),
+        positions=move(positions),
+        query_lens=query_lens,
+        context_lens=context_lens,
+        block_tables=move(block_tables),
+        slot_mapping=move(slot_mapping),
+        logits_indices=move(logits_indices),
+        token_offset=token_offset,
+    )
+
+
+class ModelRunner:
+    """Holds the model and this rank's KV cache; runs the rank's part of each step."""
+
+    def __init__(self, model, *, rank: int, num_blocks: int, block_size: int, device: torch.device, ep_group=None) -> None:
+        self.model = model
+        self.rank = rank
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.ep_group = ep_group
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+
+    @torch.inference_mode()
+    def run(self, plan: RankPlan) -> RankResult:
+        result = RankResult(step=plan.step, rank=self.rank)
+        if plan.run_forward:
+            batch = build_forward_batch(plan.work, plan.token_offset, self.block_size, self.device)
+            logits = self.model.forward(batch, self.kv_caches)  # [S, V] float32
+            rows = [i for i, w in enumerate(plan.work) if w.sample is not None]
+            if rows:
+                picked = [plan.work[i] for i in rows]
+                params = SamplingBatch.from_specs([w.sample for w in picked], [w.context_len for w in picked], self.device)
+                tokens, logprobs = sample(logits[torch.tensor(rows, device=logits.device)], params)  # [R], [R]
+                tokens_l = tokens.tolist()
+                lps = logprobs.tolist() if logprobs is not None else [None] * len(rows)
+                result.sampled = [
+                    (w.seq_id, tok, lp if w.sample.logprobs else None) for w, tok, lp in zip(picked, tokens_l, lps)
+                ]
+        if plan.load_snapshot is not None:
+            result.load = self.model.load_counters.snapshot(self.ep_group, reset=plan.load_snapshot)
+        return result

@@ -1,0 +1,110 @@
+"""An EP rank: load this rank's part of the model, then execute rank 0's step plans.
+
+Rank 0 runs the same `build_runner` and start-up handshake in its own process (launcher);
+ranks 1.. run `run_worker` — in a process epserve spawned, or under torchrun. A worker keeps
+no per-request state: each plan says everything about the step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import AppConfig
+from .distributed import RankGroups, destroy, init_rank_groups, resolve_backend, resolve_device
+from .model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadyReport:
+    rank: int
+    device: str
+    error: str | None = None
+
+
+def build_runner(app: AppConfig, policy, rank: int, world_size: int, device: torch.device, groups: RankGroups | None) -> ModelRunner:
+    """Load this rank's shard (its experts only) and allocate its KV cache."""
+    from ..model.loader import load_model
+
+    ep_group = groups.ep_group if groups is not None else None
+    model = load_model(app.model, policy=policy, ep_rank=rank, ep_size=world_size, ep_group=ep_group, device=device, dtype=None)
+    eng = app.engine
+    return ModelRunner(model, rank=rank, num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
+                       block_size=eng.kv_block_size, device=device, ep_group=ep_group)
+
+
+def start_rank(app: AppConfig, policy, rank: int, world_size: int, local_rank: int, init_method: str | None) -> tuple[ModelRunner | None, RankGroups, list[ReadyReport]]:
+    """Join the process group, load the model, and learn whether every rank did too.
+
+    Every rank reports (all_gather_object), so a load failure on any rank stops all of them
+    cleanly instead of leaving the others waiting for a first plan.
+    """
+    device = resolve_device(app.parallel, local_rank)
+    backend = resolve_backend(app.parallel, device)
+    groups = init_rank_groups(rank, world_size, backend, device, init_method)
+    runner, error = None, None
+    try:
+        runner = build_runner(app, policy, rank, world_size, device, groups)
+    except Exception:
+        error = traceback.format_exc()
+        log.error("EP rank %d failed to load the model:\n%s", rank, error)
+    reports: list[ReadyReport | None] = [None] * world_size
+    dist.all_gather_object(reports, ReadyReport(rank, str(device), error), group=groups.ctrl_group)
+    return runner, groups, reports  # type: ignore[return-value]
+
+
+def serve_plans(runner: ModelRunner, groups: RankGroups) -> None:
+    """Worker loop: receive a plan, run it, send the result; until a stop plan."""
+    while True:
+        box = [None]
+        dist.scatter_object_list(box, None, src=0, group=groups.ctrl_group)
+        plan = box[0]
+        if plan.stop:
+            return
+        result = runner.run(plan)
+        dist.gather_object(result, None, dst=0, group=groups.ctrl_group)
+
+
+def run_worker(app: AppConfig, policy, rank: int, world_size: int, local_rank: int, init_method: str | None) -> int:
+    """A rank >= 1 from start to exit; returns the process exit code."""
+    if resolve_device(app.parallel, local_rank).type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    runner, groups, reports = start_rank(app, policy, rank, world_size, local_rank, init_method)
+    if runner is None or any(r.error for r in reports):
+        destroy()
+        return 1
+    try:
+        serve_plans(runner, groups)
+    except Exception:
+        # A failed step leaves peers inside collectives: exit hard so our sockets close and
+        # they (and rank 0's watchdog) notice now rather than at a timeout.
+        log.error("EP rank %d failed:\n%s", rank, traceback.format_exc())
+        logging.shutdown()
+        os._exit(1)
+    destroy()
+    return 0
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(1.0)
+
+
+def spawned_worker_main(rank: int, world_size: int, init_method: str, app_dict: dict, policy, parent_pid: int, log_level: str) -> None:
+    """Entry point of a worker process spawned by epserve (multiprocessing, spawn)."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    app = AppConfig.from_dict(app_dict)
+    code = run_worker(app, policy, rank, world_size, local_rank=rank, init_method=init_method)
+    if code:
+        os._exit(code)

@@ -1,0 +1,28 @@
+"""Small @triton.jit helpers shared by the kernels here.
+
+INTERP_BF16 is a constexpr that is True only under Triton's CPU interpreter with bf16 data
+(availability.dot_mode). The interpreter has two bf16 gaps, both closed here so interpreter
+tests measure the same rounding as the GPU: tl.dot multiplies bf16 bit patterns as integers
+(operands are widened to fp32 first: bf16 products are exact in fp32), and fp32 -> bf16
+casts truncate instead of rounding to nearest even (rounded by hand below). On the GPU the
+flag is False and both helpers compile to the plain operations.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_operand(x, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def cast_rtne(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """x (fp32) -> dtype with round-to-nearest-even, also under the interpreter."""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

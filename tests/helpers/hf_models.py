@@ -55,3 +55,15 @@ def save_hf_model(model, folder: Path, **save_kwargs) -> Path:
 def hf_sequence_logits(model, tokens: list[int]) -> torch.Tensor:
     """[len(tokens), V] float32 logits of a plain full-sequence forward."""
     return model(torch.tensor([tokens])).logits[0].float()
+
+
+def save_fused_layout(model, folder: Path) -> Path:
+    """Write the checkpoint with transformers' in-memory (fused) expert tensors:
+    mlp.experts.gate_up_proj [E, 2I, H] and mlp.experts.down_proj [E, H, I] per layer."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

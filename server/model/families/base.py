@@ -31,11 +31,14 @@ class ConfigReader:
         return default
 
     def first(self, *keys: str) -> Any:
-        """The first of several alias keys present in config.json, else the first one's default."""
+        """The first of several alias keys present in config.json, else the first default among them."""
         for key in keys:
             if key in self.cfg and self.cfg[key] is not None:
                 return self.cfg[key]
-        return self.get(keys[0])
+        for key in keys:
+            if key in self.defaults:
+                return self.defaults[key]
+        raise ModelLoadError(f"{self.source}: required key {' / '.join(map(repr, keys))} is missing")
 
     def positive_int(self, *keys: str) -> int:
         value = self.first(*keys)

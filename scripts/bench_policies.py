@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Cost per call of each routing policy vs the seed's generator (issue #2, section 7).
+
+    python scripts/bench_policies.py --device cpu
+    python scripts/bench_policies.py --device cuda --out $OUT/policies.json
+
+Times one policy call on router outputs of N tokens (E experts, top-k): eager (a loop of calls
+between two device events, so launch overhead counts) and, on CUDA, CUDA-graph replay of one
+captured call. The seed's generator (tests/helpers/seed_rule.py) is timed once per N: it is
+the baseline the >= 10,000x target refers to. Prints a markdown table; --out writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.moe.routing import RoutingContext, build_policy  # noqa: E402
+from tests.helpers.seed_rule import seed_generator_torch  # noqa: E402
+
+POLICIES = ["natural", "round_robin_balanced", "greedy_balanced", "uniform_random", "skewed"]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_eager(fn, device: str, iters: int) -> float:
+    """Median over 5 batches of the mean seconds per call (launch overhead included)."""
+    fn()
+    sync(device)
+    samples = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) / iters)
+    return statistics.median(samples)
+
+
+def time_graph(fn, iters: int) -> float:
+    """Seconds per replay of a CUDA graph holding one call (median of 5 batches)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(samples)
+
+
+def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: int, iters: int, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for n in ns:
+        logits = torch.randn(n, num_experts, device=device).to(dtype)  # [N, E] router logits
+        weights, ids = logits.softmax(-1).topk(top_k)  # [N, k]
+        ids = ids.to(torch.int32)
+        ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k)
+        seed_s = None
+        if n <= seed_max_n:
+            sync(device)
+            t0 = time.perf_counter()
+            seed_generator_torch(n, num_experts, top_k, device=device)
+            sync(device)
+            seed_s = time.perf_counter() - t0
+            rows.append({"policy": "seed generator (LightLLM)", "n": n, "eager_us": seed_s * 1e6, "graph_us": None, "speedup_vs_seed": 1.0})
+        for name in POLICIES:
+            policy = build_policy(name)
+            fn = lambda: policy(ids, weights, logits, ctx)  # noqa: E731
+            eager = time_eager(fn, device, iters)
+            graph = time_graph(fn, iters) if device.startswith("cuda") else None
+            rows.append({
+                "policy": name, "n": n, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
+                "speedup_vs_seed": None if seed_s is None else seed_s / min(x for x in (eager, graph) if x is not None),
+            })
+        if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
+            from server.moe.routing.greedy import greedy_balanced_torch
+            eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
+            rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_seed": None})
+            from server.moe.kernels.greedy_route import greedy_balanced_triton
+            for score_dtype in (torch.float32, torch.bfloat16):
+                scores = logits.to(score_dtype)
+                for rb in (1, 2):
+                    for warps in (2, 4, 8):
+                        f = lambda: greedy_balanced_triton(scores, top_k, rounds_per_program=rb, num_warps=warps)  # noqa: E731
+                        rows.append({"policy": f"greedy kernel {str(score_dtype)[6:]} rb={rb} warps={warps}", "n": n,
+                                     "eager_us": time_eager(f, device, iters) * 1e6, "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(x):
+        return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
+    lines = ["| policy | N | eager µs/call | graph replay µs/call | speed-up vs seed |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = "-" if r["speedup_vs_seed"] is None else f"{r['speedup_vs_seed']:,.0f}x"
+        lines.append(f"| {r['policy']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | {sp} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n", type=int, nargs="+", default=[128, 8192])
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--seed-max-n", type=int, default=8192, help="time the seed's generator only up to this N")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="router logits dtype")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = bench(args.device, args.n, args.experts, args.top_k, args.seed_max_n, args.iters, getattr(torch, args.dtype))
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    header = f"device: {name}; torch {torch.__version__}; E={args.experts}, k={args.top_k}; router logits {args.dtype}"
+    print(header)
+    print(table(rows))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "experts": args.experts, "top_k": args.top_k, "logits_dtype": args.dtype, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Start-up after the config is validated: open the gRPC port, load the engine, serve until
 SIGTERM/SIGINT. Start-up errors (unknown policy, impossible parallel setting, missing
-checkpoint, unreadable TLS files, port in use) print one paragraph and return exit code 2."""
+checkpoint, unreadable TLS files, port in use) print one paragraph and return exit code 2.
+Under torchrun, ranks other than 0 run the engine's worker loop and serve no gRPC."""
 from __future__ import annotations
 
 import asyncio
@@ -10,36 +11,39 @@ import sys
 from .config import AppConfig, ConfigError
 
 log = logging.getLogger("epserve.server")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _start_engine(app: AppConfig):
-    from .engine.engine import start_engine
-
-    return start_engine(app)
+def _configure_logging(level: str) -> None:
+    """Hydra's `job_logging: disabled` removes the root handlers and disables every logger that
+    existed when it ran; serving needs its log (the address, state changes, errors) on stderr."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in ("server", "epserve", "clients"):
+            logger.disabled = False
 
 
 def launch(app: AppConfig) -> int:
     """Serve until stopped; returns the process exit code (0 after a clean drain)."""
     try:
-        logging.getLogger().setLevel(str(app.server.log_level).upper())
+        _configure_logging(str(app.server.log_level).upper())
     except ValueError:
         print(f"epserve: configuration error: server.log_level={app.server.log_level!r} is not one of "
               "DEBUG, INFO, WARNING, ERROR, CRITICAL", file=sys.stderr)
         return 2
+    from .engine.launcher import EngineStartError, run_worker_rank, start_engine, torchrun_rank
+    from .rpc.app import serve
+
     try:
-        return asyncio.run(_serve(app))
+        if torchrun_rank() not in (None, 0):
+            return run_worker_rank(app)
+        return asyncio.run(serve(app, start_engine))
     except ConfigError as exc:
         print(f"epserve: configuration error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (EngineStartError, FileNotFoundError) as exc:
         print(f"epserve: start-up failed: {exc}", file=sys.stderr)
         return 2
     except Exception:
         log.exception("epserve: start-up failed")
         return 1
-
-
-async def _serve(app: AppConfig) -> int:
-    from .rpc.app import Server
-
-    return await Server(app, _start_engine).run()

@@ -93,10 +93,14 @@ class Server:
         await self.state.start()
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         address = f"{host}:{cfg.port}"
-        bound = (self.grpc.add_secure_port(address, self._credentials) if self._credentials
-                 else self.grpc.add_insecure_port(address))
+        try:
+            bound = (self.grpc.add_secure_port(address, self._credentials) if self._credentials
+                     else self.grpc.add_insecure_port(address))
+        except RuntimeError:
+            bound = 0
         if not bound:
-            raise ConfigError(f"server.port: cannot listen on {address} (in use, or not an address of this machine)")
+            raise ConfigError(f"server.host/server.port: cannot listen on {address} "
+                              "(the port is in use, or the host is not an address of this machine)")
         await self.grpc.start()
         log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self._credentials is not None,
                  self.service._auth)
@@ -128,6 +132,9 @@ class Server:
             log.info("signal received while loading; stopping once the engine is up")
         self.engine = await load  # ConfigError and friends propagate to launch()
         self.service.attach(self.engine)
+        loop = asyncio.get_running_loop()
+        if hasattr(self.engine, "add_failure_callback"):  # runs on an engine thread when a rank dies
+            self.engine.add_failure_callback(lambda reason: loop.call_soon_threadsafe(self._schedule_fail, reason))
         if self._stop.is_set():
             return False
         await self.state.set(Phase.SERVING)
@@ -146,12 +153,19 @@ class Server:
             log.warning("%s again: cancelling %d call(s) now", sig.name, n)
 
     def _engine_unavailable(self, exc: Exception) -> None:
-        """An EngineUnavailableError while serving means the engine died: fail and exit."""
-        if self.state.phase is Phase.SERVING:
-            log.error("engine unavailable while serving: %s", exc)
-            asyncio.get_running_loop().create_task(self.fail(str(exc) or type(exc).__name__))
+        """An EngineUnavailableError while serving: fail unless the engine says it is alive."""
+        if self.state.phase is Phase.SERVING and getattr(self.engine, "is_alive", False) is not True:
+            self._schedule_fail(str(exc) or type(exc).__name__)
+
+    def _schedule_fail(self, reason: str) -> None:
+        if self.state.phase is not Phase.FAILED:
+            asyncio.get_running_loop().create_task(self.fail(reason))
 
     async def fail(self, reason: str) -> None:
+        """The engine died: health NOT_SERVING, every call UNAVAILABLE, exit code 1."""
+        if self.state.phase is Phase.FAILED:
+            return
+        log.error("engine failed: %s; shutting down with exit code %d", reason, EXIT_ENGINE_FAILED)
         await self.state.set(Phase.FAILED, reason)
         self.exit_code = EXIT_ENGINE_FAILED
         self.service.calls.cancel_all(f"the engine failed ({reason}); the server is exiting")
@@ -169,7 +183,7 @@ class Server:
         await self.grpc.stop(1.0)  # ends health watches and anything left
         if self.engine is not None:
             try:
-                result = self.engine.shutdown()
+                result = await asyncio.to_thread(self.engine.shutdown)  # joins engine threads and ranks
                 if inspect.isawaitable(result):
                     await result
             except Exception:
@@ -178,3 +192,8 @@ class Server:
         if self._stop_metrics is not None:
             self._stop_metrics()
         log.info("epserve stopped (exit code %d)", self.exit_code)
+
+
+async def serve(app: AppConfig, start_engine: EngineFactory) -> int:
+    """Build the server inside the running loop (grpc.aio binds to it) and serve; exit code."""
+    return await Server(app, start_engine).run()

@@ -1,0 +1,153 @@
+"""The Python client library (sync and asyncio) and the `epserve-client` CLI against a real
+server subprocess."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clients import (
+    AsyncClient, Chunk, Client, Completion, ExpertLoad, FinishReason, ModelInfo, NO_RETRY, RetryPolicy, ServerInfo,
+    errors,
+)
+from tests.helpers.server_process import ROOT, ServerProcess, free_port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("client")) as srv:
+        yield srv
+
+
+def wait_idle(client: Client, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while (s := client.server_info().stats).running_sequences or s.active_calls or s.kv_blocks_used:
+        assert time.monotonic() < end, f"not idle: {s}"
+        time.sleep(0.05)
+
+
+def test_sync_client_methods_return_plain_types(server):
+    with Client(server.target) as c:
+        out = c.generate("Hello there", max_new_tokens=4, ignore_eos=True)
+        assert isinstance(out, Completion) and isinstance(out.finish_reason, FinishReason)
+        assert isinstance(out.token_ids, tuple) and all(type(t) is int for t in out.token_ids)
+        with c.stream("Hello there", max_new_tokens=4, ignore_eos=True) as s:
+            chunks = list(s)
+        assert all(isinstance(ch, Chunk) for ch in chunks) and s.completion.token_ids == out.token_ids
+        assert isinstance(c.info(), ModelInfo) and isinstance(c.server_info(), ServerInfo)
+        assert isinstance(c.expert_load(), ExpertLoad)
+
+
+def test_async_client_matches_sync(server):
+    async def run():
+        async with AsyncClient(server.target) as c:
+            out = await c.generate([7, 8, 9], max_new_tokens=5, ignore_eos=True)
+            async with c.stream([7, 8, 9], max_new_tokens=5, ignore_eos=True) as s:
+                chunks = [ch async for ch in s]
+            info, load, sinfo = await c.info(), await c.expert_load(), await c.server_info()
+            assert await c.health() == "SERVING"
+            return out, chunks, s.completion, info, load, sinfo
+
+    out, chunks, completion, info, load, sinfo = asyncio.run(run())
+    with Client(server.target) as c:
+        assert c.generate([7, 8, 9], max_new_tokens=5, ignore_eos=True).token_ids == out.token_ids
+        assert info == c.info()
+    assert [t for ch in chunks for t in ch.token_ids] == list(out.token_ids) == list(completion.token_ids)
+    assert load.num_experts == info.num_experts and sinfo.state.value == "serving"
+
+
+def test_async_stream_close_cancels_on_the_server(server):
+    async def run():
+        async with AsyncClient(server.target) as c:
+            n = (await c.info()).max_model_len - 8
+            stream = c.stream([1, 2, 3], max_new_tokens=n, ignore_eos=True)
+            async with stream:
+                async for i, _ in _enumerate(stream):
+                    if i == 3:
+                        break
+            with pytest.raises(errors.DeadlineExceededError):
+                await c.generate([1, 2, 3], max_new_tokens=n, ignore_eos=True, timeout=0.3)
+
+    asyncio.run(run())
+    with Client(server.target) as c:
+        wait_idle(c)
+
+
+async def _enumerate(aiter):
+    i = 0
+    async for item in aiter:
+        yield i, item
+        i += 1
+
+
+def test_many_concurrent_async_streams(server):
+    async def one(c: AsyncClient, i: int) -> int:
+        async with c.stream([1 + i % 50, 2, 3], max_new_tokens=6, ignore_eos=True) as s:
+            return sum([len(ch.token_ids) async for ch in s])
+
+    async def run():
+        async with AsyncClient(server.target) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(16)))
+
+    assert asyncio.run(run()) == [6] * 16
+
+
+def test_invalid_request_is_not_retried(server):
+    with Client(server.target, retry=RetryPolicy(max_attempts=5, initial_backoff_s=1.0)) as c:
+        start = time.monotonic()
+        with pytest.raises(errors.InvalidRequestError, match="sampling.top_p"):
+            c.generate("hi", top_p=1.5)
+        assert time.monotonic() - start < 0.9
+
+
+def test_unavailable_is_retried_with_backoff_then_raised():
+    port = free_port()  # nothing listens there
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.2, max_backoff_s=0.2, jitter=0.0)
+    with Client(f"127.0.0.1:{port}", retry=policy, timeout=10) as c:
+        start = time.monotonic()
+        with pytest.raises(errors.UnavailableError):
+            c.info()
+        assert time.monotonic() - start >= 0.4  # two backoff sleeps
+    with Client(f"127.0.0.1:{port}", retry=NO_RETRY, timeout=10) as c:
+        with pytest.raises(errors.UnavailableError):
+            with c.stream("hi") as s:
+                next(s)
+
+
+def _cli(server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clients", "--target", server.target, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generate_info_and_expert_load(server, tmp_path):
+    run = _cli(server, "generate", "--ids", "1,2,3", "--max-new-tokens", "4", "--ignore-eos", "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert len(doc["token_ids"]) == 4 and doc["finish_reason"] == "length"
+
+    run = _cli(server, "generate", "Hello", "--max-new-tokens", "3", "--ignore-eos", "--stream")
+    assert run.returncode == 0 and "3 generated tokens" in run.stderr, run.stderr
+
+    run = _cli(server, "info")
+    assert run.returncode == 0 and "experts" in run.stdout and "routing" in run.stdout, run.stderr
+
+    run = _cli(server, "expert-load", "--json")
+    load = json.loads(run.stdout)
+    assert run.returncode == 0 and len(load["layers"]) == load["num_layers"] >= 1
+
+    png = tmp_path / "load.png"
+    run = _cli(server, "expert-load", "--plot", str(png))
+    assert run.returncode == 0, run.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run = _cli(server, "expert-load")
+    assert run.returncode == 0 and "max/mean" in run.stdout
+
+
+def test_cli_reports_errors_with_the_status(server):
+    run = _cli(server, "generate", "hi", "--temperature", "-1")
+    assert run.returncode == 1 and "INVALID_ARGUMENT: sampling.temperature" in run.stderr

@@ -1,1 +1,17 @@
-"""Model code: MoE families that read Hugging Face checkpoints, sharded for EP."""
+"""Model code: MoE families that read Hugging Face checkpoints, sharded for EP.
+
+Module guide (public entry points in loader.py: load_model, load_tokenizer, read_model_spec):
+  spec.py            ModelSpec (normalised shape of a checkpoint), ModelLoadError
+  families/          architecture registry: config.json parsing, checkpoint names, router rule per family
+  loader.py          ModelConfig -> folder / tiny assets / random shape -> MoECausalLM, tokenizer
+  checkpoint.py      safetensors reader (single file or index + shards, row slices, byte accounting)
+  weights.py         checkpoint -> parameters (per-expert and fused expert layouts, this rank's experts only)
+  random_weights.py  seeded random weights for `model.shape` benchmarks
+  causal_lm.py       MoECausalLM: forward(ForwardBatch, kv_caches) -> [S, V] logits, allocate_kv_cache
+  decoder.py         one decoder layer (attention + MoE or dense MLP)
+  self_attention.py  projections, q/k norm, RoPE, then paged attention
+  attention.py       paged KV cache write + attention (torch path; a kernel can replace it)
+  rope.py, layers.py RoPE; RMSNorm, activations, gated MLP
+  forward_batch.py   ForwardBatch: the engine <-> model contract
+The MoE block itself (router, policy, counters, dispatch, experts) lives in server/moe/.
+"""

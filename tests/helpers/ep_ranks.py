@@ -1,4 +1,4 @@
-"""Run a function on `ep_size` CPU ranks (torch.multiprocessing spawn + gloo on a free port).
+"""Run a function on `ep_size` ranks (torch.multiprocessing spawn; gloo on CPU or NCCL, free port).
 
 The rank function gets (rank, ep_size, *args), runs with the default process group set up,
 and returns a picklable result; `run_on_ranks` returns the list of results by rank. This
@@ -23,10 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, ep_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, ep_size: int, port: int, out_dir: str, args: tuple, backend: str) -> None:
     torch.set_num_threads(1)  # ranks share two cores
     os.environ.setdefault("TQDM_DISABLE", "1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ep_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ep_size)
     try:
         result = fn(rank, ep_size, *args)
         dist.barrier()
@@ -35,7 +37,8 @@ def _entry(rank: int, fn: Callable, ep_size: int, port: int, out_dir: str, args:
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def run_on_ranks(fn: Callable, ep_size: int, *args: Any) -> list[Any]:
+def run_on_ranks(fn: Callable, ep_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
+    """Results of fn(rank, ep_size, *args) by rank; `backend` nccl puts rank r on cuda:r."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(fn, ep_size, free_port(), out_dir, args), nprocs=ep_size, join=True)
+        mp.spawn(_entry, args=(fn, ep_size, free_port(), out_dir, args, backend), nprocs=ep_size, join=True)
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(ep_size)]

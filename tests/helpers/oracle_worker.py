@@ -11,11 +11,14 @@ from server.moe.routing import build_policy
 from .scenario import make_scenario, run_scenario
 
 
-def oracle_rank(rank: int, ep_size: int, cases: list[tuple[str, str, str, int]]) -> dict:
-    """cases: (key, checkpoint folder, policy name, vocab size) -> {key: (logits dict, expert_tokens, bytes)}"""
+def oracle_rank(rank: int, ep_size: int, cases: list[tuple[str, str, str, int]], device: str = "cpu") -> dict:
+    """cases: (key, checkpoint folder, policy name, vocab size) -> {key: (logits, expert_tokens, bytes held, bytes read)}.
+    device "cuda" puts rank r on cuda:r (NCCL runs)."""
     out = {}
+    dev = f"cuda:{rank}" if device == "cuda" else device
     for key, folder, policy, vocab in cases:
-        model = load_model(ModelConfig(path=folder), policy=build_policy(policy), ep_rank=rank, ep_size=ep_size)
+        model = load_model(ModelConfig(path=folder), policy=build_policy(policy), ep_rank=rank, ep_size=ep_size,
+                           device=dev)
         logits = run_scenario(model, make_scenario(vocab), ep_size, rank)
         snapshot = model.load_counters.snapshot(group=dist.group.WORLD)  # a collective: every rank calls it
         out[key] = (logits, snapshot.expert_tokens, model.expert_bytes_loaded, model.expert_bytes_read)

@@ -243,3 +243,26 @@ def test_read_model_spec_needs_only_config_json(qwen3, tmp_path):
     shutil.copy(qwen3[1] / "config.json", folder / "config.json")
     spec = read_model_spec(ModelConfig(path=str(folder)))
     assert (spec.num_experts, spec.top_k, spec.moe_layer_indices) == (8, 2, (0, 2))
+
+
+def test_tied_embeddings_checkpoint(tmp_path):
+    """tie_word_embeddings: transformers saves no lm_head.weight; the embedding is the output projection."""
+    hf = build_hf_model("olmoe", seed=2, tie_word_embeddings=True)
+    folder = save_hf_model(hf, tmp_path / "tied")
+    with CheckpointReader(folder) as r:
+        assert not r.has("lm_head.weight")
+    model = _load(folder)
+    assert model.lm_head is None
+    tokens = PROMPTS[0][1]
+    with torch.no_grad():
+        want = hf(torch.tensor([tokens])).logits[0, -1]
+    assert (PagedDriver(model).step([(0, tokens)])[0] - want).abs().max() < 1e-4
+
+
+def test_block_table_too_narrow_is_a_clear_error(qwen3):
+    model = _load(qwen3[1])
+    driver = PagedDriver(model, block_size=4)
+    batch = driver.build_batch([(0, list(range(9)))])  # 9 tokens: 3 blocks
+    batch.block_tables = batch.block_tables[:, :2]
+    with pytest.raises(ValueError, match="needs 3 KV blocks of 4, but block_tables has 2 columns"):
+        model(batch, driver.kv)

@@ -43,6 +43,9 @@ class PagedAttentionMetadata:
             if not 0 < q_len <= ctx_len:
                 raise ValueError(f"sequence {s}: need 0 < query_len ({q_len}) <= context_len ({ctx_len})")
             n_blocks = -(-ctx_len // block_size)
+            if batch.block_tables.shape[1] < n_blocks:
+                raise ValueError(f"sequence {s}: context_len {ctx_len} needs {n_blocks} KV blocks of {block_size}, "
+                                 f"but block_tables has {batch.block_tables.shape[1]} columns")
             blocks = batch.block_tables[s, :n_blocks].to(torch.int64)  # [n_blocks]
             slots = (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)[:ctx_len]  # [ctx]
             seqs.append(SeqSlice(start, q_len, ctx_len, slots))

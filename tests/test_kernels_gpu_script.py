@@ -30,3 +30,15 @@ def test_gpu_kernels_check_smoke(tmp_path: Path) -> None:
     assert {"moe", "moe-parts", "ep4", "decode", "prefill"} <= sections
     assert all(r["ok"] for r in result["rows"] if r["ok"] is not None)
     assert "failed checks" in proc.stdout.splitlines()[-1]
+
+
+def test_tune_moe_smoke(tmp_path: Path) -> None:
+    proc = run_script(["scripts/tune_moe.py", "--smoke-cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "cpu_smoke_E4_H64_I32.json").read_text())
+    assert data["meta"]["top_k"] == 2 and set(data) == {"meta", "3", "40"}
+    from server.moe.kernels.moe_config import MoEConfig
+
+    for key in ("3", "40"):
+        MoEConfig.from_json(data[key])  # loadable by the runtime
+    assert not list((ROOT / "server/moe/kernels/configs").glob("cpu_smoke*"))  # smoke never writes the repo

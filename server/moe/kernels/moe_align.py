@@ -10,7 +10,7 @@ so nothing waits for the GPU, and the same code runs inside CUDA-graph capture. 
 inside an expert is the slot order (stable), so results are reproducible run to run.
 
 Two kernels for fused_moe: per-chunk expert histograms, then a scatter in which every chunk
-recomputes the (tiny) global prefix itself. A single chunk (decode sizes) skips the first.
+recomputes the (tiny) global prefix itself. A single chunk (<= 256 slots) skips the first.
 """
 from __future__ import annotations
 
@@ -121,7 +121,13 @@ def _scatter_slots_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num
         tl.store(num_padded_ptr, tl.sum(padded, axis=0))
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, chunk: int = 1024) -> Alignment:
+def default_chunk(num_slots: int) -> int:
+    """Slots per program: 256 up to 16K slots (several programs even at decode sizes, since a
+    single program walks its chunk serially), growing to 1024 so the chunk count stays <= 64."""
+    return min(1024, max(256, triton.next_power_of_2(triton.cdiv(num_slots, 64))))
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, chunk: int | None = None) -> Alignment:
     """Group the T*k slots of topk_ids [T, k] by local expert, padded per expert to block_m.
 
     Slots whose id is outside [0, num_experts) (-1: expert on another rank) are left out.
@@ -129,6 +135,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     """
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [T, k], got {tuple(topk_ids.shape)}")
+    chunk = default_chunk(topk_ids.numel()) if chunk is None else chunk
     if chunk % COUNT_SUB or chunk <= 0:
         raise ValueError(f"chunk must be a positive multiple of {COUNT_SUB}, got {chunk}")
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()  # [N]

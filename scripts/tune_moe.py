@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Tune the fused-MoE block sizes on this GPU and write server/moe/kernels/configs/<device>_E_H_I.json.
+
+    OUT=./gpu_out python scripts/tune_moe.py                       # Qwen3-30B-A3B, ep_size 1
+    python scripts/tune_moe.py --experts 32 --tokens 128 8192       # EP4 local experts
+    python scripts/tune_moe.py --budget-s 300                       # stop exploring after 300 s
+
+For each token bucket T (random top-k routing), for each BLOCK_M candidate: align once, then
+time every gate_up candidate and every down candidate on that alignment (the two GEMMs are
+independent given BLOCK_M), and keep the BLOCK_M whose align + best gate_up + best down is
+fastest. The chosen config's output is checked against the default config's, and the whole
+pipeline is timed with both. Candidates are ordered most-likely-first, so a budget cut keeps
+a sensible answer (marked partial in meta). Timings: triton.testing.do_bench median, L2
+flushed between runs. The JSON is written to the configs dir (unless --no-write) and to $OUT;
+copy the $OUT file into server/moe/kernels/configs/ to keep it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SMOKE = "--smoke-cpu" in sys.argv
+if SMOKE:
+    from server.moe.kernels.interpret import enable_interpreter
+
+    enable_interpreter()
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from server.moe.kernels.checks import make_moe_routing, make_moe_weights, rel_err  # noqa: E402
+from server.moe.kernels.fused_moe import fused_moe_triton  # noqa: E402
+from server.moe.kernels.moe_align import moe_align_block_size  # noqa: E402
+from server.moe.kernels.moe_config import (  # noqa: E402
+    GemmConfig, MoEConfig, config_path, default_config, device_key)
+from server.moe.kernels.moe_gemm import down_scatter, gate_up_silu  # noqa: E402
+
+SMEM_LIMIT = 220 * 1024  # H100: 227 KB per block; keep a margin for Triton's own scratch
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages), most likely first.
+SMALL_M = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 4, 4), (64, 64, 4, 5), (128, 64, 4, 4),
+           (32, 128, 4, 5), (128, 128, 8, 4), (64, 128, 8, 4), (256, 64, 4, 3)]
+LARGE_M = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4),
+           (64, 128, 4, 3), (256, 32, 8, 4), (128, 32, 4, 5), (256, 64, 8, 4)]
+
+
+def block_m_candidates(rows_per_expert: float) -> list[int]:
+    if rows_per_expert <= 8:
+        return [16]
+    if rows_per_expert <= 32:
+        return [16, 32]
+    if rows_per_expert <= 128:
+        return [32, 64]
+    return [64, 128]
+
+
+def gemm_candidates(block_m: int, accumulators: int, elem_bytes: int = 2) -> list[GemmConfig]:
+    """Candidates that fit shared memory and keep fp32 accumulators at <= 128 registers/thread."""
+    out = []
+    for bn, bk, warps, stages in (SMALL_M if block_m <= 32 else LARGE_M):
+        smem = stages * (block_m * bk + accumulators * bk * bn) * elem_bytes
+        regs = accumulators * block_m * bn / (32 * warps)
+        if smem <= SMEM_LIMIT and regs <= 128:
+            out.append(GemmConfig(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if block_m <= 32 else 8, num_warps=warps,
+                                  num_stages=stages))
+    return out
+
+
+def with_default(include: bool, default: GemmConfig, candidates: list[GemmConfig]) -> list[GemmConfig]:
+    return list(dict.fromkeys([default, *candidates])) if include else candidates
+
+
+def bench(fn, rep_ms: int) -> float:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") * 1e3  # us
+
+
+def best_of(name: str, candidates: list[GemmConfig], run, rep_ms: int, deadline: float) -> tuple[GemmConfig, float, int]:
+    best, best_us, tried = None, float("inf"), 0
+    for cfg in candidates:
+        if tried and time.time() > deadline:
+            break
+        try:
+            us = bench(lambda: run(cfg), rep_ms)
+        except Exception as exc:  # out of resources / compile failure: skip this candidate
+            print(f"  skip {name} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            continue
+        tried += 1
+        if us < best_us:
+            best, best_us = cfg, us
+    if best is None:
+        raise RuntimeError(f"no {name} candidate ran")
+    return best, best_us, tried
+
+
+def tune_bucket(tokens, args, w13, w2, deadline) -> dict:
+    dtype = w13.dtype
+    x, ids, w = make_moe_routing(tokens, args.hidden, args.experts, args.top_k, dtype, args.device, seed=tokens)
+    wf = w.reshape(-1).float().contiguous()
+    slots = torch.empty(tokens * args.top_k, args.hidden, dtype=dtype, device=args.device)
+    per_expert = tokens * args.top_k / args.experts
+    default = default_config(tokens * args.top_k, args.experts, dtype)
+    results = []
+    for bm in dict.fromkeys([*block_m_candidates(per_expert), default.BLOCK_M]):  # the default is always a candidate
+        al = moe_align_block_size(ids, args.experts, bm)
+        align_us = bench(lambda: moe_align_block_size(ids, args.experts, bm), args.rep_ms)
+        act = gate_up_silu(x, w13, al, default_config(tokens * args.top_k, args.experts, dtype).gate_up,
+                           row_div=args.top_k)
+        first = bm == default.BLOCK_M
+        gu, gu_us, n_gu = best_of("gate_up", with_default(first, default.gate_up, gemm_candidates(bm, 2)),
+                                  lambda c: gate_up_silu(x, w13, al, c, row_div=args.top_k, act=act), args.rep_ms,
+                                  deadline)
+        dn, dn_us, n_dn = best_of("down", with_default(first, default.down, gemm_candidates(bm, 1)), lambda c: down_scatter(act, w2, al, c, slots, wf),
+                                  args.rep_ms, deadline)
+        results.append((align_us + gu_us + dn_us, MoEConfig(bm, gu, dn), {"align_us": align_us, "gate_up_us": gu_us,
+                        "down_us": dn_us, "tried": n_gu + n_dn}))
+        print(f"  T={tokens} BLOCK_M={bm}: align {align_us:.1f} + gate_up {gu_us:.1f} + down {dn_us:.1f} us "
+              f"({n_gu}+{n_dn} candidates)", flush=True)
+    total, cfg, parts = min(results, key=lambda r: r[0])
+    out_tuned = fused_moe_triton(x, w13, w2, ids, w, config=cfg)
+    out_default = fused_moe_triton(x, w13, w2, ids, w, config=default)
+    agreement = rel_err(out_tuned, out_default.float())
+    if agreement > 1e-2:
+        raise RuntimeError(f"T={tokens}: tuned config {cfg} disagrees with the default config (rel err {agreement:.2e})")
+    tuned_us = bench(lambda: fused_moe_triton(x, w13, w2, ids, w, config=cfg), args.rep_ms * 2)
+    default_us = bench(lambda: fused_moe_triton(x, w13, w2, ids, w, config=default), args.rep_ms * 2)
+    return {"config": cfg, "tuned_us": tuned_us, "default_us": default_us, "parts": parts,
+            "rel_err_vs_default": agreement}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=128, help="local experts on one EP rank")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=768, help="moe_intermediate_size")
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 128, 512, 2048, 8192])
+    ap.add_argument("--rep-ms", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=360.0, help="stop trying new candidates after this long")
+    ap.add_argument("--no-write", action="store_true", help="write only to $OUT, not the configs dir")
+    ap.add_argument("--smoke-cpu", action="store_true", help="CPU interpreter dry run at tiny shapes")
+    args = ap.parse_args()
+    args.device = "cpu" if SMOKE else "cuda"
+    if SMOKE:
+        global SMALL_M, LARGE_M
+        args.experts, args.hidden, args.inter, args.top_k, args.tokens = 4, 64, 32, 2, [3, 40]
+        SMALL_M, LARGE_M = [(32, 32, 4, 2), (16, 64, 4, 2)], [(32, 32, 4, 2)]
+        args.no_write = True
+    start = time.time()
+    deadline = start + args.budget_s
+    name = device_key() if not SMOKE else "cpu_smoke"
+    print(f"# tuning E={args.experts} H={args.hidden} I={args.inter} top_k={args.top_k} on {name}", flush=True)
+    w13, w2 = make_moe_weights(args.experts, args.hidden, args.inter, torch.bfloat16, args.device)
+    table, report = {}, []
+    for t in args.tokens:
+        r = tune_bucket(t, args, w13, w2, deadline)
+        table[str(t)] = r["config"].to_json()
+        report.append((t, r))
+    meta = {"top_k": args.top_k, "dtype": "bfloat16", "device": name, "torch": torch.__version__,
+            "triton": triton.__version__, "tool": "scripts/tune_moe.py", "seconds": round(time.time() - start, 1),
+            "partial": time.time() > deadline, "date": time.strftime("%Y-%m-%d"),
+            "timings_us": {str(t): {"tuned": r["tuned_us"], "default": r["default_us"], **r["parts"]} for t, r in report}}
+    data = {"meta": meta, **table}
+    fname = config_path(name, args.experts, args.hidden, args.inter).name
+    out_dir = Path(os.environ.get("OUT", "./gpu_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / fname).write_text(json.dumps(data, indent=1))
+    if not args.no_write:
+        config_path(name, args.experts, args.hidden, args.inter).write_text(json.dumps(data, indent=1))
+    print(f"\n{'T':>6} {'BM':>4} {'gate_up (N,K,w,s)':>18} {'down (N,K,w,s)':>16} {'tuned_us':>9} {'default_us':>10} "
+          f"{'speedup':>7}")
+    for t, r in report:
+        c = r["config"]
+        g = f"{c.gate_up.BLOCK_N},{c.gate_up.BLOCK_K},{c.gate_up.num_warps},{c.gate_up.num_stages}"
+        d = f"{c.down.BLOCK_N},{c.down.BLOCK_K},{c.down.num_warps},{c.down.num_stages}"
+        print(f"{t:>6} {c.BLOCK_M:>4} {g:>18} {d:>16} {r['tuned_us']:>9.1f} {r['default_us']:>10.1f} "
+              f"{r['default_us'] / r['tuned_us']:>7.2f}")
+    print(f"# wrote {out_dir / fname}{'' if args.no_write else ' and ' + str(config_path(name, args.experts, args.hidden, args.inter))}"
+          f"; {time.time() - start:.0f}s{' (budget hit: partial)' if meta['partial'] else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

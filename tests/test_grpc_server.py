@@ -114,11 +114,11 @@ def test_expert_load_counts_routed_tokens_and_resets(client, model):
     assert all(sum(layer.expert_tokens) == 0 for layer in after.layers) and not after.reset
 
 
-def test_server_info(client):
+def test_server_info(server, client):
     info = client.server_info()
     assert info.state.value == "serving" and info.version and info.uptime_s > 0
     assert info.config["max_num_seqs"] == 1 and info.config["max_queue"] == 1
-    assert not info.config["tls"] and not info.config["auth"]
+    assert not info.config["tls"] and not info.config["auth"] and info.config["address"] == server.target
     assert info.stats.requests_by_code.get("OK", 0) >= 1 and info.stats.completion_tokens > 0
 
 
@@ -213,3 +213,34 @@ def test_metrics_scrape(server, client):
         assert needle in body, needle
     ttft = [line for line in body.splitlines() if line.startswith("epserve_time_to_first_token_seconds_count")]
     assert float(ttft[0].split()[-1]) >= 1
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_never_crash_the_server(server, client, model):
+    """>= 1000 random requests (hypothesis): each gets OK, INVALID_ARGUMENT or
+    RESOURCE_EXHAUSTED, never INTERNAL, and the server stays healthy and idle afterwards."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.helpers.request_strategies import generate_requests
+
+    seen: dict[str, int] = {}
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary("/epserve.v1.GenerationService/Generate",
+                                   request_serializer=lambda b: b, response_deserializer=g.GenerateResponse.FromString)
+
+        @settings(max_examples=1000, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+        @given(data=generate_requests(model.vocab_size, model.max_model_len))
+        def one(data: bytes) -> None:
+            try:
+                call(data, timeout=30)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+                assert code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"), (code, exc.details())
+            seen[code] = seen.get(code, 0) + 1
+
+        one()
+    assert sum(seen.values()) >= 1000 and seen.get("OK") and seen.get("INVALID_ARGUMENT"), seen
+    assert client.health() == "SERVING"
+    wait_idle(client)

@@ -1,15 +1,19 @@
 """Request validation without a server: each bad request names its field; defaults are right."""
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from clients.pb import generation_pb2 as g
 from server.engine.api import InvalidRequestError
 from server.rpc.received import parse_generate_request, top_level_fields
 from server.rpc.validation import DEFAULT_MAX_NEW_TOKENS, RequestLimits, validate_request
 from tests.helpers.bad_requests import BAD_REQUESTS, Limits, good
+from tests.helpers.request_strategies import generate_requests
 
-LIMITS = RequestLimits(vocab_size=100, max_model_len=32)
+LIMITS = RequestLimits(vocab_size=256, max_model_len=32)
 
 
 def utf8_bytes(text: str) -> list[int]:
@@ -42,14 +46,14 @@ def test_defaults_for_unset_fields():
 
 def test_set_fields_pass_through():
     req = good(max_new_tokens=31, sampling=dict(temperature=0.7, top_p=0.9, top_k=5, seed=2**64 - 1),
-               stop=["\n", "é" * 128], stop_token_ids=[0, 99], ignore_eos=True, logprobs=True,
+               stop=["\n", "é" * 128], stop_token_ids=[0, 255], ignore_eos=True, logprobs=True,
                request_id="req-1", output_format=g.OUTPUT_FORMAT_TOKEN_IDS)
     valid = validate(req.SerializeToString())
     e = valid.engine_request
     assert e.prompt_token_ids == (1, 2, 3) and e.stops.max_new_tokens == 31
     assert e.sampling.temperature == pytest.approx(0.7) and e.sampling.top_p == pytest.approx(0.9)
     assert e.sampling.top_k == 5 and e.sampling.seed == 2**64 - 1
-    assert e.stops.stop == ("\n", "é" * 128) and e.stops.stop_token_ids == (0, 99)
+    assert e.stops.stop == ("\n", "é" * 128) and e.stops.stop_token_ids == (0, 255)
     assert e.stops.ignore_eos and e.logprobs and e.request_id == "req-1" and not valid.text_output
 
 
@@ -67,3 +71,21 @@ def test_wire_scanner_sees_every_top_level_field():
     req = good(sampling=dict(temperature=1.0, seed=3), stop=["a", "b"], logprobs=True)
     numbers = top_level_fields(req.SerializeToString())
     assert numbers == [2, 3, 4, 5, 5, 8]
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=generate_requests(LIMITS.vocab_size, LIMITS.max_model_len))
+def test_fuzz_every_request_is_either_valid_or_named_invalid(data):
+    """Never anything but InvalidRequestError, and what passes meets the engine's rules."""
+    try:
+        valid = validate(data)
+    except InvalidRequestError as exc:
+        assert exc.field and str(exc).startswith(f"{exc.field}: ")
+        return
+    e = valid.engine_request
+    assert 0 < len(e.prompt_token_ids) < LIMITS.max_model_len
+    assert all(0 <= t < LIMITS.vocab_size for t in e.prompt_token_ids + e.stops.stop_token_ids)
+    s = e.sampling
+    assert math.isfinite(s.temperature) and s.temperature >= 0 and 0 < s.top_p <= 1
+    assert 0 <= s.top_k < LIMITS.vocab_size and 1 <= e.stops.max_new_tokens <= LIMITS.max_model_len
+    assert all(s for s in e.stops.stop) and len(e.request_id) <= 128

@@ -102,6 +102,7 @@ class Server:
             raise ConfigError(f"server.host/server.port: cannot listen on {address} "
                               "(the port is in use, or the host is not an address of this machine)")
         await self.grpc.start()
+        self.service.address = f"{host}:{bound}"
         log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self._credentials is not None,
                  self.service._auth)
         loop = asyncio.get_running_loop()
@@ -165,7 +166,7 @@ class Server:
         """The engine died: health NOT_SERVING, every call UNAVAILABLE, exit code 1."""
         if self.state.phase is Phase.FAILED:
             return
-        log.error("engine failed: %s; shutting down with exit code %d", reason, EXIT_ENGINE_FAILED)
+        log.error("the engine is gone (%s); shutting down with exit code %d", reason, EXIT_ENGINE_FAILED)
         await self.state.set(Phase.FAILED, reason)
         self.exit_code = EXIT_ENGINE_FAILED
         self.service.calls.cancel_all(f"the engine failed ({reason}); the server is exiting")

@@ -45,6 +45,7 @@ class GenerationService:
         self._model_info: info_pb.ModelInfo | None = None
         self._tls, self._auth = tls, auth
         self._started = self._load_window_start = time.monotonic()
+        self.address = f"{app.server.host}:{app.server.port}"  # the bound address, once listening
 
     def attach(self, engine: Engine) -> None:
         info = engine.model_info()
@@ -107,7 +108,7 @@ class GenerationService:
         info = info_pb.ServerInfo(
             version=server_version(), uptime_s=time.monotonic() - self._started, state=self.state.phase.value,
             config=info_pb.ServerConfigSummary(
-                address=f"{cfg.host}:{cfg.port}", tls=self._tls, auth=self._auth, metrics_port=cfg.metrics_port,
+                address=self.address, tls=self._tls, auth=self._auth, metrics_port=cfg.metrics_port,
                 max_concurrent_streams=cfg.max_concurrent_streams, max_message_bytes=cfg.max_message_bytes,
                 grace_period_s=cfg.grace_period_s, max_num_seqs=self.app.engine.max_num_seqs,
                 max_queue=self.app.engine.max_queue, kv_cache_tokens=self.app.engine.kv_cache_tokens,

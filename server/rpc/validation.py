@@ -88,6 +88,9 @@ def _prompt(req: gen_pb.GenerateRequest, limits: RequestLimits, encode: Callable
         _check(len(req.text) > 0, "prompt.text", "must not be empty")
         ids = tuple(encode(req.text))
         _check(len(ids) > 0, "prompt.text", "tokenizes to no tokens")
+        bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+        _check(bad is None, "prompt.text", f"the tokenizer produced id {bad}, outside the model's vocabulary "
+                                           f"(vocab_size {limits.vocab_size}): tokenizer and model do not match")
         where = "prompt.text"
     else:
         ids = tuple(req.token_ids.ids)

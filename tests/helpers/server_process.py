@@ -98,10 +98,12 @@ class ServerProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; kill if it hangs (and fail loudly)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.signal(signal.SIGTERM)
+        if self.proc is None:
+            return 0
         try:
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            self.signal(signal.SIGTERM)
             return self.wait_exit(timeout)
         except TimeoutError:
             self.proc.kill()

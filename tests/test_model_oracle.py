@@ -62,8 +62,13 @@ def ep_runs(checkpoints, scenario):
 
     def get(ep: int) -> dict:
         if ep not in cache:
-            if ep == 1:
-                ranks = [oracle_rank(0, 1, cases)]  # in-process: no process group at ep 1
+            if ep == 1:  # in-process: no process group at ep 1; one thread, like the spawned ranks
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    ranks = [oracle_rank(0, 1, cases)]
+                finally:
+                    torch.set_num_threads(threads)
             else:
                 ranks = run_on_ranks(oracle_rank, ep, cases)
             merged = {}

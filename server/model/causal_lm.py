@@ -54,7 +54,7 @@ class MoECausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device="meta")
             self.lm_head.to_empty(device=device)
-        self._rope: RotaryEmbedding | None = None
+        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor, device=device)
         #: bytes of expert weights read from the checkpoint by this rank (set by the loader)
         self.expert_bytes_read: int | None = None
 
@@ -92,11 +92,8 @@ class MoECausalLM(nn.Module):
         runs collectives."""
         if len(kv_caches) != self.spec.num_layers:
             raise ValueError(f"expected {self.spec.num_layers} KV caches (one per layer), got {len(kv_caches)}")
-        if self._rope is None:
-            s = self.spec
-            self._rope = RotaryEmbedding(s.head_dim, s.rope_theta, s.rope_type, s.rope_factor, device=self.device)
         meta = PagedAttentionMetadata.build(batch, block_size=kv_caches[0][0].shape[1])
-        cos_sin = self._rope.cos_sin(batch.positions, self.dtype)  # [T, D] x2
+        cos_sin = self.rope.cos_sin(batch.positions, self.dtype)  # [T, D] x2
         x = self.model.embed_tokens(batch.input_ids)  # [T, H]
         for layer, kv in zip(self.model.layers, kv_caches):
             x = layer(x, cos_sin, kv, meta, batch.token_offset)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping
 
+from ..rope import ROPE_TYPES
 from ..spec import ModelLoadError, ModelSpec
 
 SERVING_DTYPES = ("float32", "bfloat16", "float16")
@@ -153,8 +154,6 @@ class MoEFamily:
         rope_type = params.get("rope_type", params.get("type", "default"))
         theta = params.get("rope_theta", c.cfg.get("rope_theta", self.default_rope_theta))
         factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
-        from ..rope import ROPE_TYPES  # local import: rope.py imports nothing from here
-
         if rope_type not in ROPE_TYPES:
             raise ModelLoadError(
                 f"{source}: rope type {rope_type!r} is not supported; supported: {sorted(ROPE_TYPES)}"

@@ -16,6 +16,7 @@ import math
 import random
 import threading
 import time
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from ..moe.load_stats import ExpertLoadSnapshot
@@ -76,10 +77,11 @@ class ServingEngine:
 
     # ---- text --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        return list(self.tokenizer.encode(text))
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
+        """Text of `token_ids`, special tokens (EOS, padding) left out — as streamed."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     @property
     def vocab_size(self) -> int:
@@ -87,9 +89,11 @@ class ServingEngine:
 
     # ---- info ----------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
-        s = self.spec
+        s, cfg = self.spec, self.app.model
+        # `model.path=/ckpt/x` alone keeps the default name "tiny": name the folder instead.
+        name = Path(cfg.path).name if cfg.path and cfg.name == "tiny" else cfg.name
         return ModelInfo(
-            model_name=self.app.model.name,
+            model_name=name,
             architecture=s.architecture,
             num_layers=s.num_layers,
             num_moe_layers=s.num_moe_layers,
@@ -184,7 +188,7 @@ class ServingEngine:
         return seq
 
     def _decode_generated(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _validate(self, req: GenerationRequest) -> None:
         ids = req.prompt_token_ids
@@ -216,6 +220,7 @@ class ServingEngine:
     # ---- the step loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
         try:
+            self.executor.bind_thread()
             while True:
                 with self._cond:
                     deadline = time.monotonic() + HEARTBEAT_S
@@ -239,7 +244,7 @@ class ServingEngine:
                         _resolve(loop, fut, snapshot)
         except BaseException as exc:  # noqa: BLE001 - any failure of a step is fatal
             log.exception("engine step failed")
-            self._fail(f"engine step failed: {exc}")
+            self._fail(self._dead_rank_within(1.0) or f"engine step failed: {exc}")
         finally:
             self.executor.stop(graceful=self._failure is None)
 
@@ -258,6 +263,16 @@ class ServingEngine:
                 if chunk.finish_reason is not None or not delivered:
                     self._outputs.pop(seq.seq_id, None)
                     self.scheduler.finish(seq)
+
+    def _dead_rank_within(self, seconds: float) -> str | None:
+        """A collective error usually means a rank died: name it if it did (its exit is
+        noticed a moment after its sockets close)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            dead = self.executor.dead_rank()
+            if dead is not None or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
 
     def _watch_ranks(self) -> None:
         while not self._stopping and self._failure is None:

@@ -22,6 +22,7 @@ class Executor(Protocol):
     num_ranks: int
     needs_heartbeat: bool
 
+    def bind_thread(self) -> None: ...
     def execute(self, plan: StepPlan) -> list[RankResult]: ...
     def dead_rank(self) -> str | None: ...
     def stop(self, graceful: bool) -> None: ...
@@ -33,6 +34,9 @@ class LocalExecutor:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+
+    def bind_thread(self) -> None:
+        self.runner.bind_thread()
 
     def execute(self, plan: StepPlan) -> list[RankResult]:
         return [self.runner.run(plan.ranks[0])]
@@ -53,6 +57,9 @@ class DistributedExecutor:
         self.num_ranks = groups.world_size
         self.procs = procs or []  # multiprocessing.Process for ranks 1.. (empty under torchrun)
         self._stopped = False
+
+    def bind_thread(self) -> None:
+        self.runner.bind_thread()
 
     def execute(self, plan: StepPlan) -> list[RankResult]:
         box: list[RankPlan | None] = [None]

@@ -64,10 +64,11 @@ def _world_size(app: AppConfig) -> int:
 def _model_setup(app: AppConfig, world_size: int):
     """(spec, routing policy, effective max_model_len), or ConfigError. Loads no weights."""
     from ..model.loader import read_model_spec
+    from ..model.spec import ModelLoadError
 
     try:
         spec = read_model_spec(app.model)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from exc
     policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size)
     max_model_len = app.model.max_model_len

@@ -57,6 +57,11 @@ class ModelRunner:
         self.ep_group = ep_group
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
 
+    def bind_thread(self) -> None:
+        """Make this rank's GPU current for the calling thread (the engine's step loop)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     @torch.inference_mode()
     def run(self, plan: RankPlan) -> RankResult:
         result = RankResult(step=plan.step, rank=self.rank)

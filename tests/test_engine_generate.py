@@ -169,3 +169,31 @@ def test_model_info(engine) -> None:
     assert (info.architecture, info.num_experts, info.top_k, info.vocab_size) == ("Qwen3MoeForCausalLM", 8, 2, VOCAB)
     assert info.routing_policy == "natural" and dict(info.routing_params)["weights"] == "keep"
     assert info.max_model_len == 64 and info.device == "cpu"
+
+
+def test_embedded_tiny_model_serves_text_like_transformers() -> None:
+    """The default config (model.name=tiny, no path): text in, greedy text out, = transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from server.model.loader import TINY_MODEL_DIR
+
+    app = AppConfig.from_dict({"engine": {"kv_cache_tokens": 256, "kv_block_size": 16}})
+    eng = start_engine(app)
+    try:
+        prompts = ["Hello, world!", "The quick brown fox", "日本語 😀"]
+        reqs = [GenerationRequest(f"t{i}", tuple(eng.encode(p)), SamplingParams(temperature=0.0),
+                                  StopParams(max_new_tokens=12)) for i, p in enumerate(prompts)]
+        results = serve_all(eng, reqs)
+        hf = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL_DIR), attn_implementation="eager").eval()
+        for req, (tokens, text, last) in zip(reqs, results):
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([req.prompt_token_ids]), max_new_tokens=12, do_sample=False)
+            want = out[0, len(req.prompt_token_ids):].tolist()
+            eos = set(eng.model_info().eos_token_ids)
+            assert tokens == want[:len(tokens)]
+            assert len(tokens) == 12 or (tokens[-1] in eos and last.finish_reason is FinishReason.STOP)
+            assert text == eng.decode([t for t in tokens if t not in eos])
+        info = eng.model_info()
+        assert info.model_name == "tiny" and info.num_experts == 16 and info.max_model_len == 2048
+    finally:
+        eng.shutdown()

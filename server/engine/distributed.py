@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -68,6 +69,7 @@ class RankGroups:
     world_size: int
     ep_group: dist.ProcessGroup  # the model's collectives
     ctrl_group: dist.ProcessGroup  # gloo: plans and results
+    backend: str = "gloo"  # of ep_group
 
 
 def init_rank_groups(rank: int, world_size: int, backend: str, device: torch.device, init_method: str | None) -> RankGroups:
@@ -81,9 +83,31 @@ def init_rank_groups(rank: int, world_size: int, backend: str, device: torch.dev
     dist.init_process_group(**kwargs)
     ep_group = dist.group.WORLD
     ctrl_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-    return RankGroups(rank, world_size, ep_group, ctrl_group)
+    return RankGroups(rank, world_size, ep_group, ctrl_group, backend)
 
 
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abandon(groups: RankGroups, timeout_s: float = 5.0) -> None:
+    """Tear the process groups down after a failure, when peers may be gone and another
+    thread may still sit in a collective: abort NCCL communicators first (that unblocks
+    it), and never wait on the teardown for more than `timeout_s`."""
+    def teardown() -> None:
+        if groups.backend == "nccl":
+            try:
+                from torch.distributed.distributed_c10d import _abort_process_group
+
+                _abort_process_group()
+            except Exception:  # experimental API; the process exits soon anyway
+                pass
+        try:
+            destroy()
+        except Exception:
+            pass
+
+    worker = threading.Thread(target=teardown, name="epserve-pg-teardown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)

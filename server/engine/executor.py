@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch.distributed as dist
 
+from .distributed import abandon
 from .model_runner import ModelRunner
 from .step_plan import RankPlan, RankResult, StepPlan
 
@@ -96,7 +97,9 @@ class DistributedExecutor:
                 proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-        if dist.is_initialized():
+        if not graceful:
+            abandon(self.groups)
+        elif dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception as exc:

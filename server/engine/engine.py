@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import random
 import threading
 import time
@@ -20,19 +19,13 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from ..moe.load_stats import ExpertLoadSnapshot
-from .api import (
-    EngineStats,
-    EngineUnavailableError,
-    GenerationChunk,
-    GenerationRequest,
-    InvalidRequestError,
-    ModelInfo,
-)
+from .api import EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, ModelInfo
 from .executor import Executor
 from .output import RequestOutput
+from .request_checks import validate_request
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .stream import RequestStream
+from .stream import RequestStream, settle_future
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +168,7 @@ class ServingEngine:
             raise EngineUnavailableError("engine is shutting down")
 
     def _submit(self, request: GenerationRequest, stream: RequestStream) -> Sequence:
-        self._validate(request)
+        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         prompt_len = len(request.prompt_token_ids)
         max_total = min(prompt_len + request.stops.max_new_tokens, self.max_model_len)
         seed = request.sampling.seed if request.sampling.seed is not None else self._seeds.getrandbits(63)
@@ -189,33 +182,6 @@ class ServingEngine:
 
     def _decode_generated(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def _validate(self, req: GenerationRequest) -> None:
-        ids = req.prompt_token_ids
-        if not ids:
-            raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError("prompt_token_ids", f"the prompt has {len(ids)} tokens; max_model_len is "
-                                      f"{self.max_model_len}, which must leave room for at least one new token")
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError("prompt_token_ids", f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
-        sp, st = req.sampling, req.stops
-        if not (isinstance(sp.temperature, (int, float)) and math.isfinite(sp.temperature) and sp.temperature >= 0):
-            raise InvalidRequestError("sampling.temperature", f"must be a finite number >= 0, got {sp.temperature!r}")
-        if not (isinstance(sp.top_p, (int, float)) and 0 < sp.top_p <= 1):
-            raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {sp.top_p!r}")
-        if not isinstance(sp.top_k, int) or sp.top_k < 0:
-            raise InvalidRequestError("sampling.top_k", f"must be an integer >= 0 (0: no cut), got {sp.top_k!r}")
-        if sp.seed is not None and (not isinstance(sp.seed, int) or isinstance(sp.seed, bool)):
-            raise InvalidRequestError("sampling.seed", f"must be an integer, got {sp.seed!r}")
-        if not isinstance(st.max_new_tokens, int) or st.max_new_tokens < 1:
-            raise InvalidRequestError("stops.max_new_tokens", f"must be an integer >= 1, got {st.max_new_tokens!r}")
-        if any(not isinstance(s, str) or not s for s in st.stop):
-            raise InvalidRequestError("stops.stop", "stop strings must be non-empty strings")
-        bad = next((t for t in st.stop_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError("stops.stop_token_ids", f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
 
     # ---- the step loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
@@ -241,7 +207,7 @@ class ServingEngine:
                 if waiters:
                     snapshot = results[0].load
                     for loop, fut, _ in waiters:
-                        _resolve(loop, fut, snapshot)
+                        settle_future(loop, fut, snapshot)
         except BaseException as exc:  # noqa: BLE001 - any failure of a step is fatal
             log.exception("engine step failed")
             self._fail(self._dead_rank_within(1.0) or f"engine step failed: {exc}")
@@ -305,7 +271,7 @@ class ServingEngine:
             self.scheduler.finish(out.seq)
         self._outputs.clear()
         for loop, fut, _ in self._load_waiters:
-            _resolve(loop, fut, error)
+            settle_future(loop, fut, error)
         self._load_waiters.clear()
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -324,17 +290,3 @@ class ServingEngine:
         elif not self._thread.ident:
             self.executor.stop(graceful=True)
 
-
-def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value) -> None:
-    def settle() -> None:
-        if fut.done():
-            return
-        if isinstance(value, BaseException):
-            fut.set_exception(value)
-        else:
-            fut.set_result(value)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the caller's loop is gone
-        pass

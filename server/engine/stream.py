@@ -59,3 +59,19 @@ def merge_chunks(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
         finish_reason=b.finish_reason,
         usage=b.usage,
     )
+
+
+def settle_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value) -> None:
+    """From any thread: set `fut`'s result (or exception, if `value` is one) on its loop."""
+    def settle() -> None:
+        if fut.done():
+            return
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's loop is gone
+        pass

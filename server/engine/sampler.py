@@ -31,6 +31,8 @@ class SamplingBatch:
     top_k: torch.Tensor  # [S] int64, 0 = no cut
     keys: torch.Tensor  # [S] int64: 32-bit hash of (seed, position)
     want_logprobs: bool
+    all_greedy: bool  # host-side flags: decide the path without a device sync
+    any_cut: bool  # some row has top-k or top-p
 
     @classmethod
     def from_specs(cls, specs: list[SampleSpec], positions: list[int], device: torch.device | str) -> "SamplingBatch":
@@ -41,6 +43,8 @@ class SamplingBatch:
             top_k=torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=device),
             keys=torch.tensor([sample_key(s.seed, p) for s, p in zip(specs, positions)], dtype=torch.int64, device=device),
             want_logprobs=any(s.logprobs for s in specs),
+            all_greedy=all(s.temperature <= 0 for s in specs),
+            any_cut=any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1) for s in specs),
         )
 
 
@@ -74,10 +78,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     logits = logits.float()
     greedy = batch.temperature <= 0  # [S]
     tokens = logits.argmax(dim=1)  # [S]
-    if not bool(greedy.all()):
+    if not batch.all_greedy:
         temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)  # [S]
         scaled = logits / temp[:, None]  # [S, V]
-        if bool(((batch.top_k > 0) | (batch.top_p < 1)).any()):
+        if batch.any_cut:
             scaled = top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
         u = hashed_uniform(batch.keys, logits.shape[1])  # [S, V]
         gumbel = -torch.log(-torch.log(u))  # [S, V]

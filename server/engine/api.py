@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Protocol
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 
 class EngineError(Exception):
@@ -128,3 +128,18 @@ class Engine(Protocol):
         ...
 
     async def expert_load(self, reset: bool = False) -> "ExpertLoadSnapshot": ...  # noqa: F821
+
+    # Life cycle (server.engine.engine.ServingEngine implements these; a server should use them
+    # to exit non-zero when the engine dies, even while no request is in flight).
+    @property
+    def failure(self) -> str | None:
+        """Why the engine died, or None while it is healthy. A dead engine never recovers."""
+        ...
+
+    def add_failure_callback(self, callback: "Callable[[str], None]") -> None:
+        """Run `callback(reason)` once, on an engine thread, when the engine dies."""
+        ...
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop serving: in-flight requests end with EngineUnavailableError, ranks exit."""
+        ...

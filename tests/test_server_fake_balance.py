@@ -11,10 +11,22 @@ from tests.helpers.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def server(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("fake_balance"), "routing=fake_balance") as srv:
-        with Client(srv.target, timeout=60) as c:
-            yield c
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.target, timeout=60) as c:
+        yield c
+
+
+def test_counters_start_at_zero_after_the_warm_up(server, client):
+    """The server warms up with a short generation before SERVING, then zeroes the counters."""
+    assert "warm-up generation done" in server.log()
+    load = client.expert_load()
+    assert all(sum(layer.expert_tokens) == 0 for layer in load.layers) and load.tokens_per_layer == 0
 
 
 def test_model_info_reports_greedy_balanced(client):

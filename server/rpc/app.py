@@ -1,8 +1,8 @@
 """Build the grpc.aio server, load the engine behind it, serve, and shut down cleanly.
 
 Order of events: the port opens first with health NOT_SERVING (so a bad port fails fast and
-probes see the server loading), then the engine loads in a worker thread, then health turns
-SERVING. SIGTERM/SIGINT drains: health NOT_SERVING, new generation calls get UNAVAILABLE,
+probes see the server loading), then the engine loads in a worker thread and runs a warm-up
+generation, then health turns SERVING. SIGTERM/SIGINT drains: health NOT_SERVING, new generation calls get UNAVAILABLE,
 calls in flight get server.grace_period_s to finish and are then cancelled (UNAVAILABLE);
 exit code 0. A second signal skips the rest of the grace period. If the engine dies, health
 turns NOT_SERVING, calls fail with UNAVAILABLE and the process exits with code 1 so a
@@ -14,6 +14,8 @@ import asyncio
 import inspect
 import logging
 import signal
+import time
+from contextlib import aclosing
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clients.pb import service_pb2  # noqa: F401  (registers the service descriptor for reflection)
 from server.config import AppConfig, ConfigError
-from server.engine.api import Engine
+from server.engine.api import Engine, GenerationRequest, SamplingParams, StopParams
 
 from .auth import BearerTokenInterceptor, resolve_token
 from .metrics import ServerMetrics
@@ -76,6 +78,10 @@ class Server:
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a port already in use is an error, not a shared port
+                # Ping idle connections so that a client that vanished without closing its
+                # stream is noticed and its sequence freed.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
             ],
         )
         self.grpc.add_generic_rpc_handlers((self.service.rpc_handler(),))
@@ -137,11 +143,26 @@ class Server:
             self.engine.add_failure_callback(lambda reason: loop.call_soon_threadsafe(self._schedule_fail, reason))
         if self._stop.is_set():
             return False
+        await self._warm_up()
         await self.state.set(Phase.SERVING)
         info = self.engine.model_info()
         log.info("serving model %s (%s, %d experts, top-%d) with routing %s at ep_size=%d",
                  info.model_name, info.architecture, info.num_experts, info.top_k, info.routing_policy, info.ep_size)
         return True
+
+    async def _warm_up(self) -> None:
+        """One short greedy generation through every layer before health says SERVING (the
+        first real request then pays no one-off costs), then zero the expert-load counters
+        so that GetExpertLoad counts client traffic only."""
+        start = time.perf_counter()
+        request = GenerationRequest(request_id="warm-up", prompt_token_ids=(0, 0, 0, 0),
+                                    sampling=SamplingParams(temperature=0.0),
+                                    stops=StopParams(max_new_tokens=2, ignore_eos=True))
+        async with aclosing(self.engine.generate(request)) as chunks:
+            async for _ in chunks:
+                pass
+        await self.engine.expert_load(reset=True)
+        log.info("warm-up generation done in %.0f ms", (time.perf_counter() - start) * 1000)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

@@ -16,8 +16,6 @@ from server.config import AppConfig
 from server.engine.api import (
     FinishReason,
     GenerationRequest,
-    InvalidRequestError,
-    ResourceExhaustedError,
     SamplingParams,
     StopParams,
 )

@@ -68,9 +68,6 @@ class DistributedExecutor:
         mine = self.runner.run(box[0])
         results: list[RankResult | None] = [None] * self.num_ranks
         dist.gather_object(mine, results, dst=0, group=self.groups.ctrl_group)
-        for res in results:
-            if res is not None and res.error:
-                raise RuntimeError(f"EP rank {res.rank} failed step {plan.step}: {res.error}")
         return results  # type: ignore[return-value]
 
     def dead_rank(self) -> str | None:

@@ -59,8 +59,7 @@ class RankResult:
     step: int
     rank: int
     sampled: list[tuple[int, int, float | None]] = field(default_factory=list)  # (seq_id, token, logprob)
-    load: ExpertLoadSnapshot | None = None
-    error: str | None = None  # this rank failed the step (the engine stops)
+    load: ExpertLoadSnapshot | None = None  # the reduced counters (every rank gets the same sum)
 
 
 @dataclass

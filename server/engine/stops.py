@@ -18,10 +18,9 @@ from .sequence import Sequence
 
 def token_stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
     """Finish reason caused by `seq`'s newest token `token` (already appended), if any."""
-    stops = seq.request.stops
-    if token in stops.stop_token_ids or (not stops.ignore_eos and token in eos_token_ids):
+    if is_stop_token(seq, token, eos_token_ids):
         return FinishReason.STOP
-    if seq.num_generated >= stops.max_new_tokens or len(seq) >= seq.max_total_len:
+    if seq.num_generated >= seq.request.stops.max_new_tokens or len(seq) >= seq.max_total_len:
         return FinishReason.LENGTH
     return None
 

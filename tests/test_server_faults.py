@@ -1,6 +1,6 @@
-"""A worker rank killed mid-generation (parallel=ep2 over gloo): the call in flight fails
-with UNAVAILABLE within 10 s, health watchers see NOT_SERVING, and the process exits
-non-zero so that a supervisor restarts it."""
+"""A worker rank killed (parallel=ep2 over gloo), mid-generation or while idle: the call in
+flight fails with UNAVAILABLE within 10 s, health watchers see NOT_SERVING, and the process
+exits non-zero so that a supervisor restarts it."""
 from __future__ import annotations
 
 import os
@@ -45,23 +45,27 @@ def watch_health(target: str, seen: "queue.Queue[str]") -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker rank through /proc")
-def test_killed_rank_fails_calls_fast_and_exits_non_zero(tmp_path):
+@pytest.mark.parametrize("in_flight", [True, False], ids=["mid-generation", "idle"])
+def test_killed_rank_fails_calls_fast_and_exits_non_zero(tmp_path, in_flight):
     with ServerProcess(tmp_path, "parallel=ep2") as srv:
         workers = spawned_children(srv.proc.pid)
         assert len(workers) == 1, workers
         seen: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=watch_health, args=(srv.target, seen), daemon=True).start()
         assert seen.get(timeout=10) == "SERVING"
-        with Client(srv.target, retry=NO_RETRY, timeout=60) as client:
-            n = client.info().max_model_len - 8
-            with client.stream([1, 2, 3], max_new_tokens=n, ignore_eos=True) as stream:
-                next(stream)
-                killed_at = time.monotonic()
-                os.kill(workers[0], signal.SIGKILL)
-                with pytest.raises(errors.UnavailableError, match="rank 1"):
-                    for _ in stream:
-                        pass
-                assert time.monotonic() - killed_at < 10
+        if in_flight:
+            with Client(srv.target, retry=NO_RETRY, timeout=60) as client:
+                n = client.info().max_model_len - 8
+                with client.stream([1, 2, 3], max_new_tokens=n, ignore_eos=True) as stream:
+                    next(stream)
+                    killed_at = time.monotonic()
+                    os.kill(workers[0], signal.SIGKILL)
+                    with pytest.raises(errors.UnavailableError, match="rank 1"):
+                        for _ in stream:
+                            pass
+                    assert time.monotonic() - killed_at < 10
+        else:
+            os.kill(workers[0], signal.SIGKILL)  # nobody is calling: the engine's watcher notices
         assert seen.get(timeout=10) == "NOT_SERVING"
         assert srv.wait_exit(30) != 0
         assert "SERVING -> FAILED" in srv.log()

@@ -11,7 +11,6 @@ supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import time
@@ -138,9 +137,8 @@ class Server:
             log.info("signal received while loading; stopping once the engine is up")
         self.engine = await load  # ConfigError and friends propagate to launch()
         self.service.attach(self.engine)
-        loop = asyncio.get_running_loop()
-        if hasattr(self.engine, "add_failure_callback"):  # runs on an engine thread when a rank dies
-            self.engine.add_failure_callback(lambda reason: loop.call_soon_threadsafe(self._schedule_fail, reason))
+        loop = asyncio.get_running_loop()  # the callback runs on an engine thread when a rank dies
+        self.engine.add_failure_callback(lambda reason: loop.call_soon_threadsafe(self._schedule_fail, reason))
         if self._stop.is_set():
             return False
         await self._warm_up()
@@ -174,9 +172,10 @@ class Server:
             log.warning("%s again: cancelling %d call(s) now", sig.name, n)
 
     def _engine_unavailable(self, exc: Exception) -> None:
-        """An EngineUnavailableError while serving: fail unless the engine says it is alive."""
-        if self.state.phase is Phase.SERVING and getattr(self.engine, "is_alive", False) is not True:
-            self._schedule_fail(str(exc) or type(exc).__name__)
+        """A call got EngineUnavailableError: if the engine is dead, fail now (its failure
+        callback may still be on its way)."""
+        if self.engine is not None and self.engine.failure is not None:
+            self._schedule_fail(self.engine.failure)
 
     def _schedule_fail(self, reason: str) -> None:
         if self.state.phase is not Phase.FAILED:
@@ -204,9 +203,7 @@ class Server:
         await self.grpc.stop(1.0)  # ends health watches and anything left
         if self.engine is not None:
             try:
-                result = await asyncio.to_thread(self.engine.shutdown)  # joins engine threads and ranks
-                if inspect.isawaitable(result):
-                    await result
+                await asyncio.to_thread(self.engine.shutdown)  # joins the engine's threads and ranks
             except Exception:
                 log.exception("engine shutdown failed")
                 self.exit_code = self.exit_code or EXIT_ENGINE_FAILED

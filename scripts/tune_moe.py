@@ -61,12 +61,18 @@ def block_m_candidates(rows_per_expert: float) -> list[int]:
 
 
 def gemm_candidates(block_m: int, accumulators: int, elem_bytes: int = 2) -> list[GemmConfig]:
-    """Candidates that fit shared memory and keep fp32 accumulators at <= 128 registers/thread."""
+    """Candidates that fit shared memory and leave registers for operands.
+
+    Accumulator budget per thread: 128 fp32 on the wgmma path (BLOCK_M >= 64, operands from
+    shared memory), 64 on the mma.sync path (operands in registers too). Checked without a GPU
+    by `python -m server.moe.kernels.compile_check --tune-space` (sm_90: no spills).
+    """
     out = []
+    acc_budget = 64 if block_m <= 32 else 128
     for bn, bk, warps, stages in (SMALL_M if block_m <= 32 else LARGE_M):
         smem = stages * (block_m * bk + accumulators * bk * bn) * elem_bytes
         regs = accumulators * block_m * bn / (32 * warps)
-        if smem <= SMEM_LIMIT and regs <= 128:
+        if smem <= SMEM_LIMIT and regs <= acc_budget:
             out.append(GemmConfig(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if block_m <= 32 else 8, num_warps=warps,
                                   num_stages=stages))
     return out

@@ -76,7 +76,7 @@ def _count_chunks_kernel(ids_ptr, counts_ptr, num_slots, E,
 def _scatter_slots_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
                           num_slots, E, num_chunks, max_blocks,
                           CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr,
-                          NC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr,
+                          CHUNK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr, PAD_LANES: tl.constexpr,
                           SINGLE: tl.constexpr):
     pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
@@ -89,12 +89,15 @@ def _scatter_slots_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num
             hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
             total += tl.sum(hit.to(tl.int32), axis=0)
         before = tl.zeros([E_PAD], dtype=tl.int32)
-    else:
-        chunks = tl.arange(0, NC_PAD)
-        counts = tl.load(counts_ptr + chunks[:, None] * E_PAD + experts[None, :],
-                         mask=chunks[:, None] < num_chunks, other=0)  # [NC_PAD, E_PAD]
-        total = tl.sum(counts, axis=0)  # [E_PAD]
-        before = tl.sum(tl.where(chunks[:, None] < pid, counts, 0), axis=0)  # earlier chunks
+    else:  # global totals and this chunk's offset, CHUNK_ROWS chunk rows at a time (registers)
+        total = tl.zeros([E_PAD], dtype=tl.int32)
+        before = tl.zeros([E_PAD], dtype=tl.int32)
+        for c0 in range(0, num_chunks, CHUNK_ROWS):
+            chunks = c0 + tl.arange(0, CHUNK_ROWS)
+            counts = tl.load(counts_ptr + chunks[:, None] * E_PAD + experts[None, :],
+                             mask=chunks[:, None] < num_chunks, other=0)  # [CHUNK_ROWS, E_PAD]
+            total += tl.sum(counts, axis=0)
+            before += tl.sum(tl.where(chunks[:, None] < pid, counts, 0), axis=0)  # earlier chunks only
         chunk_len = CHUNK  # the last chunk runs masked tail steps
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [E_PAD]
     pad_end = tl.cumsum(padded, axis=0)  # [E_PAD] inclusive
@@ -111,10 +114,10 @@ def _scatter_slots_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num
         base += tl.sum(hit, axis=0)
 
     # Padding of every expert's run gets the sentinel; spread over programs by expert.
-    lane = tl.arange(0, BLOCK_M)
-    pad_pos = pad_start[:, None] + total[:, None] + lane[None, :]  # [E_PAD, BLOCK_M]
     mine = (experts[:, None] % num_chunks) == pid
-    tl.store(sorted_ptr + pad_pos, num_slots + 0 * pad_pos, mask=mine & (pad_pos < pad_end[:, None]))
+    for l0 in tl.static_range(0, BLOCK_M, PAD_LANES):  # [E_PAD, PAD_LANES] tiles keep registers low
+        pad_pos = pad_start[:, None] + total[:, None] + l0 + tl.arange(0, PAD_LANES)[None, :]
+        tl.store(sorted_ptr + pad_pos, num_slots + 0 * pad_pos, mask=mine & (pad_pos < pad_end[:, None]))
 
     _label_blocks(pad_end, block_expert_ptr, max_blocks, pid, num_chunks, E_PAD, BLOCK_M, STEP)
     if pid == 0:
@@ -155,7 +158,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                                             CHUNK=chunk, SUB=COUNT_SUB, E_PAD=e_pad)
     _scatter_slots_kernel[(num_chunks,)](
         ids, counts, sorted_ids, block_expert, num_padded, num_slots, num_experts, num_chunks, max_blocks,
-        CHUNK=chunk, SUB=COUNT_SUB, E_PAD=e_pad, NC_PAD=triton.next_power_of_2(num_chunks),
+        CHUNK=chunk, SUB=COUNT_SUB, E_PAD=e_pad, CHUNK_ROWS=min(16, triton.next_power_of_2(num_chunks)),
+        PAD_LANES=min(block_m, 32),
         BLOCK_M=block_m, STEP=BLOCKS_PER_STEP, SINGLE=num_chunks == 1)
     return Alignment(sorted_ids, block_expert, num_padded, block_m, num_slots)
 

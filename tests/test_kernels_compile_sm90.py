@@ -1,0 +1,68 @@
+"""Every kernel launch the host wrappers make compiles for Hopper (sm_90) without spills.
+
+No GPU needed: compile_check records the launches on meta tensors and runs triton.compile for
+GPUTarget("cuda", 90); the bundled cuobjdump reads registers, spills and SASS.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from server.moe.kernels import compile_check  # noqa: E402
+
+SMEM = compile_check.SMEM_LIMIT
+
+
+def compile_all(launches):
+    out = {}
+    for launch in launches:
+        c = compile_check.compile_launch(launch)
+        out[(c.name, c.key)] = c
+    return list(out.values())
+
+
+def test_decode_size_moe_pipeline_compiles() -> None:
+    from server.moe.kernels.fused_moe import fused_moe_triton
+
+    with compile_check.record_launches() as launches:
+        fused_moe_triton(*compile_check.meta_moe(128))
+    kernels = compile_all(launches)
+    names = {c.name for c in kernels}
+    assert {"_count_chunks_kernel", "_scatter_slots_kernel", "_gate_up_silu_kernel", "_down_scatter_kernel",
+            "_combine_slots_kernel"} <= names
+    for c in kernels:
+        assert c.spill_bytes == 0 and c.shared <= SMEM, c
+
+
+def test_prefill_size_gemms_use_wgmma() -> None:
+    from server.moe.kernels.fused_moe import fused_moe_triton
+
+    with compile_check.record_launches() as launches:
+        fused_moe_triton(*compile_check.meta_moe(8192))
+    gemms = [launch for launch in launches if "gate_up" in launch.kernel.fn.__name__ or "down" in launch.kernel.fn.__name__]
+    for c in compile_all(gemms):
+        assert c.spill_bytes == 0 and c.shared <= SMEM, c
+        assert c.hgmma, f"{c.name} {c.key} is not on the wgmma path"
+
+
+def test_attention_kernels_compile() -> None:
+    from server.moe.kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
+    from server.moe.kernels.attention_prefill import prefill_attention_triton
+
+    m = dict(device="meta", dtype=torch.bfloat16)
+    i32 = dict(device="meta", dtype=torch.int32)
+    kc = torch.empty(512, 16, 4, 128, **m)
+    with compile_check.record_launches() as launches:
+        paged_decode_attention_triton(torch.empty(2, 32, 128, **m), kc, kc, torch.empty(2, 256, **i32),
+                                      torch.empty(2, **i32), num_splits=8)
+        prefill_attention_triton(torch.empty(256, 32, 128, **m), kc, kc, torch.empty(4, 8, **i32),
+                                 torch.empty(5, **i32), torch.empty(4, **i32), max_query_len=64)
+        write_kv_cache_triton(torch.empty(8, 4, 128, **m), torch.empty(8, 4, 128, **m), kc, kc,
+                              torch.empty(8, device="meta", dtype=torch.int64))
+    kernels = compile_all(launches)
+    assert {c.name for c in kernels} == {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel",
+                                         "_write_kv_kernel"}
+    for c in kernels:
+        assert c.spill_bytes == 0 and c.shared <= SMEM, c

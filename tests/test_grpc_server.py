@@ -5,6 +5,8 @@ engine.max_num_seqs=1 and engine.max_queue=1 (RESOURCE_EXHAUSTED from the engine
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -16,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from clients import Client, FinishReason, errors
 from clients.pb import generation_pb2 as g
 from tests.helpers.bad_requests import BAD_REQUESTS, Limits, good
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ROOT, ServerProcess
 
 LONG = 2000  # more new tokens than any test waits for (the default max_model_len is 2048)
 
@@ -130,6 +132,22 @@ def test_closing_a_stream_cancels_and_frees_its_sequence(client):
         assert client.server_info().stats.running_sequences == 1
     wait_idle(client)
     assert client.server_info().stats.requests_by_code.get("CANCELLED", 0) >= 1
+
+
+def test_killed_client_process_frees_its_sequence(server, client):
+    """A client that dies without closing its stream (SIGKILL): the connection drops and the
+    server frees the sequence at once."""
+    code = ("import sys, time; from clients import Client; "
+            f"s = Client({server.target!r}).stream([1, 2, 3], max_new_tokens={LONG}, ignore_eos=True); "
+            "next(s); print('streaming', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "streaming"
+        assert client.server_info().stats.running_sequences == 1
+    finally:
+        proc.kill()
+        proc.wait(10)
+    wait_idle(client)
 
 
 def test_deadline_exceeded_frees_its_sequence(client):

@@ -118,3 +118,17 @@ def test_torchrun_launch(qwen3, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("EP "))
     assert line == f"EP 2 TOKENS {','.join(map(str, expected[1]))}"
+
+
+def test_spawned_ranks_get_the_same_config() -> None:
+    """Worker processes rebuild the AppConfig from a plain dict (frozen mappings do not pickle)."""
+    import pickle
+
+    from server.config import AppConfig
+    from server.engine.launcher import app_to_dict
+
+    app = AppConfig.from_dict({"routing": {"name": "skewed", "target": 3.0, "mode": "hot_ranks", "seed": 3},
+                               "model": {"shape": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64}},
+                               "parallel": {"ep_size": 2}, "engine": {"max_queue": 7}})
+    plain = pickle.loads(pickle.dumps(app_to_dict(app)))
+    assert AppConfig.from_dict(plain) == app

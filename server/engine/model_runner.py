@@ -71,7 +71,9 @@ class ModelRunner:
             if rows:
                 picked = [plan.work[i] for i in rows]
                 params = SamplingBatch.from_specs([w.sample for w in picked], [w.context_len for w in picked], self.device)
-                tokens, logprobs = sample(logits[torch.tensor(rows, device=logits.device)], params)  # [R], [R]
+                if len(rows) < len(plan.work):  # some rows are mid-prompt chunks: nothing to sample
+                    logits = logits[torch.tensor(rows, device=logits.device)]  # [R, V]
+                tokens, logprobs = sample(logits, params)  # [R], [R]
                 tokens_l = tokens.tolist()
                 lps = logprobs.tolist() if logprobs is not None else [None] * len(rows)
                 result.sampled = [

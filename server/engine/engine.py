@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -53,9 +54,12 @@ class ServingEngine:
         self._cond = threading.Condition()
         self._outputs: dict[int, RequestOutput] = {}
         self._load_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, bool]] = []
+        self._inflight_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, bool]] = []
         self._ids = itertools.count()
         self._seeds = random.SystemRandom()
         self._steps = 0
+        self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
+        self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
         self._stopping = False
         self._failure: str | None = None
         self._failed = threading.Event()
@@ -198,11 +202,16 @@ class ServingEngine:
                     if self._stopping or self._failure:
                         return
                     waiters, self._load_waiters = self._load_waiters, []
+                    self._inflight_waiters = waiters  # settled with an error if the step never ends
                     load = any(reset for _, _, reset in waiters) if waiters else None
                     plan = self.scheduler.plan(load_snapshot=load)
+                    if self._eplb_interval and plan.ranks[0].run_forward and (self._steps + 1) % self._eplb_interval == 0:
+                        plan = plan.with_rebalance()
                 if plan.is_idle and not self.executor.needs_heartbeat:
                     continue
                 results = self.executor.execute(plan)
+                if results[0].rebalance is not None:
+                    self.eplb_reports.append(results[0].rebalance)
                 self._apply(plan, results)
                 if waiters:
                     snapshot = results[0].load
@@ -270,8 +279,8 @@ class ServingEngine:
             out.stream.put(error)
             self.scheduler.finish(out.seq)
         self._outputs.clear()
-        for loop, fut, _ in self._load_waiters:
-            settle_future(loop, fut, error)
+        for loop, fut, _ in self._load_waiters + self._inflight_waiters:
+            settle_future(loop, fut, error)  # no-op for one already settled
         self._load_waiters.clear()
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -5,7 +5,6 @@ setting ends start-up with one paragraph naming the key, exit code 2, no traceba
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -31,5 +30,5 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Logging is configured in launch.py: Hydra's disabled job_logging removes root handlers.
     _hydra_main()

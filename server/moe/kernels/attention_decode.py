@@ -125,12 +125,13 @@ def paged_decode_attention_triton(
     scale: float | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,  # default 64 (16-bit), 16 (fp32: FMA dots, keep registers)
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:  # [S, Hq, D]
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens, num_seqs)
+    block_n = block_n or (16 if q.dtype == torch.float32 else 64)
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous head_dim")
     page = k_cache.shape[1]

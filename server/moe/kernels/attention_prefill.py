@@ -99,12 +99,15 @@ def prefill_attention_triton(
     scale: float | None = None,
     max_query_len: int | None = None,  # host int (ForwardBatch has query_lens); None -> one sync
     out: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,  # default 64 (16-bit), 16 (fp32: FMA dots, keep registers)
+    block_n: int | None = None,  # default 64 (16-bit), 16 (fp32)
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:  # [T, Hq, D]
     num_tokens, num_heads, head_dim = q.shape
+    wide = q.dtype == torch.float32
+    block_m = block_m or (16 if wide else 64)
+    block_n = block_n or (16 if wide else 64)
     num_seqs = cu_seqlens_q.numel() - 1
     num_kv_heads, group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens, num_seqs)
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(2) != 1:

@@ -293,7 +293,7 @@ def print_table() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["ceilings", "moe", "ep", "graph", "decode", "prefill"])
+    ap.add_argument("--sections", nargs="+", default=["ceilings", "moe", "graph", "ep", "decode", "prefill"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 128, 512, 2048, 8192])
     ap.add_argument("--smoke-cpu", action="store_true", help="CPU interpreter dry run at tiny shapes (no timings)")
     args = ap.parse_args()
@@ -334,6 +334,8 @@ def main() -> int:
                 prefill_section()
             else:
                 raise ValueError(f"unknown section {section}")
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()  # surface asynchronous launch errors inside this section
         except Exception as exc:
             traceback.print_exc()
             errors.append(f"{section}: {type(exc).__name__}: {exc}")

@@ -118,6 +118,7 @@ def nearest_bucket(table: dict[int, MoEConfig], num_tokens: float) -> MoEConfig:
     return table[min(table, key=lambda t: (abs(math.log2(max(t, 1)) - target), t))]
 
 
+@functools.lru_cache(maxsize=512)  # bounded; keeps file lookups off the per-call path
 def get_moe_config(num_experts: int, hidden: int, inter: int, num_rows: int, dtype: torch.dtype,
                    device: torch.device | None = None) -> MoEConfig:
     """Stored config for this device/shape and routed-row count, else default_config."""

@@ -195,3 +195,17 @@ def test_embedded_tiny_model_serves_text_like_transformers() -> None:
         assert info.model_name == "tiny" and info.num_experts == 16 and info.max_model_len == 2048
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe"])
+def test_other_families_match_transformers_under_continuous_batching(family, tmp_path) -> None:
+    """Shared expert (Qwen2-MoE), sliding window over paged, chunked KV (Mixtral), clip_qkv (OLMoE)."""
+    model = build_model_folder(tmp_path, family=family, seed=4)
+    prompts = PROMPTS[1:4]  # 5, 13 and 8 tokens: chunked by a 5-token budget, past Mixtral's window of 6
+    expected = [hf_greedy(model, p, MAX_NEW) for p in prompts]
+    eng = start_engine(make_app(tmp_path, max_num_batched_tokens=5))
+    try:
+        results = serve_all(eng, [request(i, p) for i, p in enumerate(prompts)])
+        assert [r[0] for r in results] == expected
+    finally:
+        eng.shutdown()

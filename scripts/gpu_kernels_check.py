@@ -43,7 +43,7 @@ from server.moe.kernels.attention_decode import paged_decode_attention_triton  #
 from server.moe.kernels.attention_prefill import prefill_attention_triton  # noqa: E402
 from server.moe.kernels.attention_reference import gather_kv, paged_decode_attention_reference, prefill_attention_reference  # noqa: E402,E501
 from server.moe.kernels.checks import make_moe_routing, make_moe_weights, make_paged_inputs, rel_err  # noqa: E402
-from server.moe.kernels.fused_moe import fused_moe_triton, grouped_expert_mlp_triton  # noqa: E402
+from server.moe.kernels.fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton  # noqa: E402,E501
 from server.moe.kernels.moe_align import moe_align_block_size  # noqa: E402
 from server.moe.kernels.moe_config import device_key, get_moe_config  # noqa: E402
 from server.moe.kernels.moe_gemm import combine_slots, down_scatter, gate_up_silu  # noqa: E402
@@ -182,7 +182,27 @@ def ep_section(w13, w2, w13f, w2f) -> None:
         flops = 2 * rows * 3 * H * I
         add_row("ep4", f"rows={rows} E_local={e_local}", rel_err(out, ref), triton_us=us, torch_alt_us=alt_us,
                 alt="grouped_mm", speedup_vs_alt=alt_us / us, err_alt=err_alt, TFLOPs=flops / us / 1e6,
-                note=f"{flops / us / 1e6:.0f} TFLOP/s")
+                note=f"grouped rows: {flops / us / 1e6:.0f} TFLOP/s")
+        # The same rows in dispatch order (any order): expert_mlp_rows needs no argsort / permutation.
+        perm = torch.randperm(rows, device=DEVICE)
+        local_ids = torch.repeat_interleave(torch.arange(e_local, device=DEVICE), counts.to(DEVICE))[perm]
+        xr = x[perm].contiguous()
+        workspace.set_poison(True)
+        out_r = torch.full_like(xr, float("nan"))
+        expert_mlp_rows_triton(xr, local_ids, lw13, lw2, out=out_r)
+        workspace.set_poison(False)
+        us_r = bench(lambda: expert_mlp_rows_triton(xr, local_ids, lw13, lw2))
+
+        def sort_then_grouped_mm():  # what a caller does without expert_mlp_rows
+            order = torch.argsort(local_ids, stable=True)
+            res = torch.empty_like(xr)
+            res[order] = grouped_expert_mlp_grouped_mm(xr[order], offsets, lw13, lw2)
+            return res
+
+        alt_r = bench(sort_then_grouped_mm)
+        add_row("ep4", f"rows={rows} unsorted", rel_err(out_r, ref[perm]), triton_us=us_r, torch_alt_us=alt_r,
+                alt="argsort+grouped_mm", speedup_vs_alt=alt_r / us_r, TFLOPs=flops / us_r / 1e6,
+                note=f"expert_mlp_rows: {flops / us_r / 1e6:.0f} TFLOP/s")
 
 
 def graph_section(w13, w2) -> None:

@@ -46,6 +46,12 @@ def test_grouped_mlp_real_shape(qwen3_weights) -> None:
     assert r["ok"], r
 
 
+def test_expert_rows_real_shape() -> None:
+    r = checks.check_expert_rows(num_rows=3000, num_experts=32, hidden=H, inter=I, dtype="bfloat16", block_m=None,
+                                 device="cuda")
+    assert r["ok"], r
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_fused_moe_small_dtypes(dtype: str) -> None:
     r = checks.check_fused_moe(num_tokens=33, top_k=4, num_experts=16, hidden=256, inter=128, dtype=dtype,

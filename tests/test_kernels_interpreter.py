@@ -20,6 +20,7 @@ CASES = [
     ("fused_moe", {"dtype": "bfloat16", "num_tokens": 12, "top_k": 2, "num_experts": 4, "hidden": 96, "inter": 40,
                    "skip_frac": 0.3, "block_n": 32, "block_k": 64, "seed": 2}),  # ragged K and N tails
     ("grouped_mlp", {"dtype": "bfloat16", "counts": [5, 0, 19, 1]}),
+    ("expert_rows", {"dtype": "bfloat16", "num_rows": 37}),
     ("decode", {"dtype": "float32", "num_splits": 1}),
     ("decode", {"dtype": "bfloat16", "num_splits": 4, "ctx_lens": [1, 40, 9], "q_heads": 6, "kv_heads": 2}),
     ("prefill", {"dtype": "float32"}),

@@ -169,6 +169,26 @@ def check_grouped_mlp(counts=(5, 0, 19, 1), hidden=64, inter=48, dtype="float32"
     return _result("grouped_mlp", rel_err(out, ref), dt, rows=int(offsets[-1]))
 
 
+def check_expert_rows(num_rows=23, num_experts=5, hidden=64, inter=48, dtype="float32", block_m=16, block_n=32,
+                      block_k=32, seed=0, device="cpu") -> dict:
+    from . import workspace
+    from .fused_moe import expert_mlp_rows_triton
+    from .moe_reference import expert_mlp_rows_reference
+
+    dt, dev = DTYPES[dtype], torch.device(device)
+    workspace.set_poison(True)
+    w13, w2 = make_moe_weights(num_experts, hidden, inter, dt, dev, seed)
+    gen = torch.Generator().manual_seed(seed + 3)
+    x = torch.randn(num_rows, hidden, generator=gen).to(device=dev, dtype=dt)
+    ids = torch.randint(0, num_experts, (num_rows,), generator=gen).to(dev)
+    out = torch.full_like(x, float("nan"))
+    expert_mlp_rows_triton(x, ids, w13, w2, config=_config(block_m, block_n, block_k), out=out)
+    rd = ref_dtype_for(dev)
+    ref = expert_mlp_rows_reference(x.to(rd), ids, w13.to(rd), w2.to(rd))
+    workspace.set_poison(False)
+    return _result("expert_rows", rel_err(out, ref), dt, rows=num_rows)
+
+
 # ----------------------------------------------------------------------------- attention
 def make_paged_inputs(q_lens, ctx_lens, q_heads, kv_heads, head_dim, block_size, dtype, device, seed=0,
                       spare_blocks=3):
@@ -256,6 +276,7 @@ CHECKS = {
     "align_offsets": check_align_offsets,
     "fused_moe": check_fused_moe,
     "grouped_mlp": check_grouped_mlp,
+    "expert_rows": check_expert_rows,
     "decode": check_decode,
     "prefill": check_prefill,
     "write_kv": check_write_kv,

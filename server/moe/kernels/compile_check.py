@@ -130,7 +130,7 @@ def meta_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
 def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
     from .attention_decode import paged_decode_attention_triton, write_kv_cache_triton
     from .attention_prefill import prefill_attention_triton
-    from .fused_moe import fused_moe_triton, grouped_expert_mlp_triton
+    from .fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton
 
     m = dict(device="meta", dtype=torch.bfloat16)
     i32 = dict(device="meta", dtype=torch.int32)
@@ -139,6 +139,7 @@ def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
             fused_moe_triton(*meta_moe(t))
         _, w13, w2, _, _ = meta_moe(1, experts=32)
         grouped_expert_mlp_triton(torch.empty(4096, 2048, **m), torch.empty(33, **i32), w13, w2)
+        expert_mlp_rows_triton(torch.empty(4096, 2048, **m), torch.empty(4096, **i32), w13, w2)
         kc = torch.empty(4096, 16, 4, 128, **m)
         for seqs, width, splits in ((128, 32, 1), (4, 1024, 16)):  # short contexts; long (split-KV + merge)
             paged_decode_attention_triton(torch.empty(seqs, 32, 128, **m), kc, kc, torch.empty(seqs, width, **i32),

@@ -6,6 +6,9 @@ fused_moe (ep_size = 1, or every slot local):
 grouped_expert_mlp (EP path; rows arrive grouped by local expert after the all-to-all):
   align_from_offsets -> gate_up_silu (rows as they are) -> down_scatter (no weight; the
   combine after the return all-to-all applies it).
+expert_mlp_rows (EP path, rows in any order with a local expert id each): the fused_moe
+  alignment with k = 1 groups them, and down_scatter writes each result back at its own row,
+  so the caller needs no argsort and no permutation copies.
 
 Launch count per call: 3-5 kernels, no host sync, shapes of every buffer fixed by the input
 shapes: safe under CUDA-graph capture.
@@ -84,4 +87,30 @@ def grouped_expert_mlp_triton(
     cfg = config or get_moe_config(num_experts, hidden, inter, num_rows, x_sorted.dtype, x_sorted.device)
     al = align_from_offsets(expert_offsets, num_rows, cfg.BLOCK_M)
     act = gate_up_silu(x_sorted, w13, al, cfg.gate_up, row_div=1)
+    return down_scatter(act, w2, al, cfg.down, out)
+
+
+def expert_mlp_rows_triton(
+    x: torch.Tensor,  # [R, H] dispatched rows, any order
+    local_ids: torch.Tensor,  # [R] local expert of each row; outside [0, E) = row not computed
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    config: MoEConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # [R, H]; rows with an id outside [0, E) are not written
+    num_experts, inter = check_expert_weights(w13, w2, x.shape[1])
+    _check_dtypes(x, w13, w2)
+    if local_ids.dim() != 1 or local_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"local_ids must be [R={x.shape[0]}], got {tuple(local_ids.shape)}")
+    num_rows, hidden = x.shape
+    x = x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    if out is None:
+        out = workspace(tuple(x.shape), x.dtype, x.device)
+    _check_out(out, x)
+    if num_rows == 0:
+        return out
+    cfg = config or get_moe_config(num_experts, hidden, inter, num_rows, x.dtype, x.device)
+    al = moe_align_block_size(local_ids[:, None], num_experts, cfg.BLOCK_M)  # slot id == row id (k = 1)
+    act = gate_up_silu(x, w13, al, cfg.gate_up, row_div=1)
     return down_scatter(act, w2, al, cfg.down, out)

@@ -113,6 +113,22 @@ def grouped_expert_mlp_reference(
     return out
 
 
+def expert_mlp_rows_reference(x: torch.Tensor, local_ids: torch.Tensor, w13: torch.Tensor,
+                              w2: torch.Tensor) -> torch.Tensor:
+    """x [R, H], local_ids [R] -> [R, H]: row r through expert local_ids[r] (EP path, no weight)."""
+    num_experts, _ = check_expert_weights(w13, w2, x.shape[1])
+    if local_ids.dim() != 1 or local_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"local_ids must be [R={x.shape[0]}], got {tuple(local_ids.shape)}")
+    ids = local_ids.long()
+    if bool(((ids < 0) | (ids >= num_experts)).any()):
+        raise ValueError(f"local_ids must lie in [0, {num_experts}), got e.g. {ids[(ids < 0) | (ids >= num_experts)][:4].tolist()}")
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():  # one host sync
+        rows = (ids == e).nonzero(as_tuple=True)[0]
+        out[rows] = expert_mlp(x[rows], w13[e], w2[e])
+    return out
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)

@@ -2,6 +2,7 @@
 
     fused_moe(hidden [T,H], w13 [E,2I,H], w2 [E,H,I], topk_ids [T,k], topk_weights [T,k]) -> [T,H]
     grouped_expert_mlp(x_sorted [M,H], expert_offsets [E+1], w13, w2) -> [M,H]
+    expert_mlp_rows(x [R,H], local_ids [R], w13, w2) -> [R,H]   (EP rows in any order)
     paged_decode_attention(q [S,Hq,D], k_cache, v_cache, block_tables [S,B], context_lens [S]) -> [S,Hq,D]
     prefill_attention(q [T,Hq,D], k_cache, v_cache, block_tables, cu_seqlens_q [S+1], context_lens [S]) -> [T,Hq,D]
     write_kv_cache(k [T,Hkv,D], v, k_cache, v_cache, slot_mapping [T]) -> None (in place)
@@ -34,6 +35,10 @@ _IMPLS: dict[str, dict[str, tuple[str, str]]] = {
         "triton": ("fused_moe", "grouped_expert_mlp_triton"),
         "torch": ("moe_reference", "grouped_expert_mlp_reference"),
         "grouped_mm": ("moe_reference", "grouped_expert_mlp_grouped_mm"),
+    },
+    "expert_mlp_rows": {
+        "triton": ("fused_moe", "expert_mlp_rows_triton"),
+        "torch": ("moe_reference", "expert_mlp_rows_reference"),
     },
     "paged_decode_attention": {
         "triton": ("attention_decode", "paged_decode_attention_triton"),
@@ -68,6 +73,11 @@ def fused_moe(hidden, w13, w2, topk_ids, topk_weights, *, backend: str = "auto")
 def grouped_expert_mlp(x_sorted, expert_offsets, w13, w2, *, backend: str = "auto") -> torch.Tensor:
     """[M, H]: expert e's MLP on rows offsets[e]:offsets[e+1] (EP path, no routing weight)."""
     return implementation("grouped_expert_mlp", backend, x_sorted)(x_sorted, expert_offsets, w13, w2)
+
+
+def expert_mlp_rows(x, local_ids, w13, w2, *, backend: str = "auto") -> torch.Tensor:
+    """[R, H]: row r through local expert local_ids[r]; rows may come in any order (no argsort needed)."""
+    return implementation("expert_mlp_rows", backend, x)(x, local_ids, w13, w2)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, *,

@@ -1,18 +1,25 @@
-"""Paged attention, plain torch path (a GPU kernel can replace `paged_attention` later).
+"""Paged attention: per-step metadata, the KV-cache write and the attention itself.
 
 KV cache per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A
 sequence's token j lives at slot block_tables[s, j // block_size] * block_size + j % block_size.
 Each step writes the new tokens' K/V at `slot_mapping`, then every sequence attends over its
 whole context: the new tokens are the last `query_len` of `context_len`, causal among
 themselves and over everything cached before them (prefill, chunked prefill and decode alike).
-Sequences are looped over on the host; that is fine on CPU and for tests.
+
+Backends (ATTENTION_BACKENDS), picked per step by `build_attention_metadata` from the batch's
+device: each builds its own metadata object, and `meta.attend(...)` runs the step.
+  torch   PagedAttentionMetadata (here): sequences looped over on the host; CPU and tests.
+  triton  KernelAttentionMetadata (gpu/kernel_attention.py): the paged decode kernel when
+          every sequence decodes one token, the varlen prefill kernel otherwise; no host sync.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
 
+from ..moe.kernels.availability import resolve_backend
 from .forward_batch import ForwardBatch
 
 
@@ -70,6 +77,12 @@ class PagedAttentionMetadata:
             self._masks[key] = m
         return m
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scale: float, window: int | None = None) -> torch.Tensor:
+        """Write this step's K/V [T, Hkv, D] into the cache, then attend. q [T, Hq, D] -> [T, Hq, D]."""
+        write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        return attend_cached(q, k_cache, v_cache, self, scale, window)
+
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v [T, Hkv, D] -> cache slots `slot_mapping` [T]."""
@@ -84,12 +97,24 @@ def paged_attention(
     v: torch.Tensor,  # [T, Hkv, D]
     k_cache: torch.Tensor,  # [NB, B, Hkv, D]
     v_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    meta,  # PagedAttentionMetadata | KernelAttentionMetadata (build_attention_metadata)
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend with the backend that built `meta`.
+    Returns [T, Hq, D]."""
+    return meta.attend(q, k, v, k_cache, v_cache, scale, window)
+
+
+def attend_cached(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D], this step's K/V already written
+    v_cache: torch.Tensor,
     meta: PagedAttentionMetadata,
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend. Returns [T, Hq, D]."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    """The torch attention loop over sequences (no cache write). Returns [T, Hq, D]."""
     num_heads, hkv, d = q.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = num_heads // hkv
     flat_k = k_cache.view(-1, hkv, d)
@@ -106,3 +131,29 @@ def paged_attention(
         o = torch.matmul(probs, vs)  # [Hkv, G, q, D]
         out[seq.q_start:seq.q_start + seq.q_len] = o.permute(2, 0, 1, 3).reshape(seq.q_len, num_heads, d)
     return out
+
+
+# ---- backend registry ----
+#: kernel backend name -> "module:class" with .supports(head_dim, block_size, dtype) and .build(batch, block_size)
+ATTENTION_BACKENDS: dict[str, str] = {
+    "torch": f"{__name__}:PagedAttentionMetadata",
+    "triton": f"{__package__}.gpu.kernel_attention:KernelAttentionMetadata",
+}
+
+
+def attention_backend(batch: ForwardBatch, head_dim: int, block_size: int, dtype: torch.dtype) -> type:
+    """The metadata class for this step: by device (server/moe/kernels/availability.py, so
+    EPSERVE_KERNEL_BACKEND=torch forces the torch path), then by what the kernels support."""
+    name = resolve_backend("auto", batch.slot_mapping)
+    target = ATTENTION_BACKENDS.get(name, ATTENTION_BACKENDS["torch"])  # e.g. grouped_mm: MoE-only
+    module, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    supports = getattr(cls, "supports", None)
+    if supports is not None and not supports(head_dim, block_size, dtype):
+        return PagedAttentionMetadata
+    return cls
+
+
+def build_attention_metadata(batch: ForwardBatch, block_size: int, head_dim: int, dtype: torch.dtype):
+    """Per-step metadata shared by every layer; `meta.attend(...)` runs attention with it."""
+    return attention_backend(batch, head_dim, block_size, dtype).build(batch, block_size)

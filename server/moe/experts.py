@@ -1,8 +1,13 @@
 """The routed experts one EP rank owns, stored fused: gate_up_proj [E_local, 2I, H] (gate rows
 first, then up: transformers' in-memory layout) and down_proj [E_local, H, I].
 
-The torch path groups rows by expert and runs one pair of matmuls per expert that has rows;
-a grouped-GEMM kernel (server/moe/kernels/) can replace `forward` with the same contract.
+Two ways to run them, picked per call by the activations' device (EXPERT_PATHS, keyed like
+the kernel front door: "torch" on CPU, "triton" on CUDA, EPSERVE_KERNEL_BACKEND overrides):
+  torch   `LocalExperts.forward`: rows grouped by expert, one pair of matmuls per expert
+          that has rows (one host sync for the group sizes). The CPU path and the oracle.
+  triton  server/moe/kernels: fused_moe straight from the router's top-k slots (ep = 1, no
+          host sync, CUDA-graph safe) and grouped_expert_mlp on dispatched rows (EP).
+Dispatchers (dispatch.py) call `experts.path(x).local_topk(...)` / `.rows(...)`.
 """
 from __future__ import annotations
 
@@ -11,6 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import activation
+from .kernels import ops
+from .kernels.availability import resolve_backend
+
+
+def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pair_out [N*k, H] in (token, slot) order, weights [N, k] -> [N, H]: sum_j w[i,j] * out[i,j]."""
+    n, k = weights.shape
+    acc = pair_out.view(n, k, pair_out.shape[-1]).float() * weights.float()[..., None]  # [N, k, H]
+    return acc.sum(dim=1).to(dtype)
 
 
 class LocalExperts(nn.Module):
@@ -46,3 +60,61 @@ class LocalExperts(nn.Module):
         result = torch.empty_like(x)
         result[order] = out
         return result
+
+    def path(self, x: torch.Tensor) -> "TorchExpertPath | KernelExpertPath":
+        """How to run these experts on activations `x` (by device; see EXPERT_PATHS)."""
+        name = resolve_backend("auto", x)
+        found = EXPERT_PATHS.get(name)
+        if found is None:
+            raise ValueError(f"no expert path for kernel backend {name!r}; available: {sorted(EXPERT_PATHS)}")
+        return found
+
+
+class TorchExpertPath:
+    """Plain torch (CPU, baselines): LocalExperts.forward on gathered rows, float32 combine."""
+
+    name = "torch"
+
+    def local_topk(self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], ids [N, k] global expert ids (all on this rank), weights [N, k] -> [N, H]."""
+        n, k = ids.shape
+        token = torch.arange(n, device=x.device).repeat_interleave(k)  # [N*k] token of each pair
+        pair_out = experts(x[token], ids.reshape(-1).long() - experts.first_expert)  # [N*k, H]
+        return combine(pair_out, weights, x.dtype)
+
+    def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """x [R, H], local_ids [R] -> [R, H] (no routing weight: the EP combine applies it)."""
+        return experts(x, local_ids)
+
+
+class KernelExpertPath:
+    """The fused Triton kernels (or torch._grouped_mm with backend "grouped_mm")."""
+
+    def __init__(self, backend: str) -> None:
+        self.name = backend
+
+    def local_topk(self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        local = ids if experts.first_expert == 0 else ids - experts.first_expert  # [N, k]
+        return ops.fused_moe(x, experts.gate_up_proj, experts.down_proj, local, weights, backend=self.name)  # [N, H]
+
+    def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return torch.empty_like(x)
+        ids = local_ids.long()  # [R]
+        order = torch.argsort(ids, stable=True)  # [R] rows grouped by local expert
+        counts = torch.zeros(experts.num_local, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, ids, torch.ones_like(ids))  # [E_local]; bincount would sync on CUDA
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_local + 1]
+        out_sorted = ops.grouped_expert_mlp(x[order], offsets, experts.gate_up_proj, experts.down_proj,
+                                            backend=self.name)  # [R, H]
+        out = torch.empty_like(x)
+        out[order] = out_sorted
+        return out
+
+
+#: kernel backend name (server/moe/kernels/availability.resolve_backend) -> how experts run
+EXPERT_PATHS: dict[str, TorchExpertPath | KernelExpertPath] = {
+    "torch": TorchExpertPath(),
+    "triton": KernelExpertPath("triton"),
+    "grouped_mm": KernelExpertPath("grouped_mm"),
+}

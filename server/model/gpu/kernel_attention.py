@@ -1,0 +1,106 @@
+"""The "triton" attention backend: one metadata object per step, built from the ForwardBatch.
+
+Decode steps (every sequence has one new token) run the paged decode kernel; anything else
+(prefill, chunked prefill, mixed batches) runs the varlen prefill kernel, which handles a
+cached prefix and q_len = 1 rows too. Both read K/V in place from the pages, after the new
+tokens' K/V are written by the KV-write kernel. Nothing here waits for the GPU: the per-step
+host lists (context lengths, query lengths) go up through pinned memory without a sync.
+
+Layers with a sliding window fall back to the torch loop (the kernels have no window); the
+graph runner refuses such models, so a captured graph never meets the fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...moe.kernels import ops
+from ..attention import PagedAttentionMetadata, attend_cached
+from ..forward_batch import ForwardBatch
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def to_device_int32(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints -> [n] int32 on `device` through pinned memory (no host sync, unlike a pageable copy)."""
+    host = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def check_batch_lengths(batch: ForwardBatch, block_size: int) -> None:
+    """The same checks as PagedAttentionMetadata.build, on host lists only."""
+    if len(batch.query_lens) != len(batch.context_lens):
+        raise ValueError(f"query_lens ({len(batch.query_lens)}) and context_lens ({len(batch.context_lens)}) differ in length")
+    width = batch.block_tables.shape[1]
+    for s, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        if not 0 < q_len <= ctx_len:
+            raise ValueError(f"sequence {s}: need 0 < query_len ({q_len}) <= context_len ({ctx_len})")
+        if width * block_size < ctx_len:
+            raise ValueError(f"sequence {s}: context_len {ctx_len} needs {-(-ctx_len // block_size)} KV blocks of "
+                             f"{block_size}, but block_tables has {width} columns")
+    if sum(batch.query_lens) != batch.num_tokens:
+        raise ValueError(f"query_lens sum to {sum(batch.query_lens)} but the batch has {batch.num_tokens} tokens")
+
+
+@dataclass
+class KernelAttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64 cache slot of each new token (< 0: padding, not written)
+    block_tables: torch.Tensor  # [S, W] int32
+    context_lens: torch.Tensor  # [S] int32 on the device, cached + new tokens
+    cu_seqlens_q: torch.Tensor | None  # [S+1] int32; None: a decode step (one new token per sequence)
+    max_query_len: int
+    batch: ForwardBatch | None = None  # kept for the sliding-window fallback (None under graphs)
+    _fallback: PagedAttentionMetadata | None = field(default=None, repr=False)
+
+    @staticmethod
+    def supports(head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
+        """What the kernels handle: tl.dot needs head_dim >= 16; pages are a power of two."""
+        return head_dim >= 16 and block_size > 0 and block_size & (block_size - 1) == 0 and dtype in KERNEL_DTYPES
+
+    @classmethod
+    def build(cls, batch: ForwardBatch, block_size: int) -> "KernelAttentionMetadata":
+        check_batch_lengths(batch, block_size)
+        device = batch.slot_mapping.device
+        decode = all(q == 1 for q in batch.query_lens)
+        cu = None
+        if not decode:
+            cu_host = [0]
+            for q in batch.query_lens:
+                cu_host.append(cu_host[-1] + q)
+            cu = to_device_int32(cu_host, device)
+        return cls(slot_mapping=batch.slot_mapping, block_tables=batch.block_tables.to(torch.int32),
+                   context_lens=to_device_int32(list(batch.context_lens), device), cu_seqlens_q=cu,
+                   max_query_len=max(batch.query_lens, default=0), batch=batch)
+
+    @classmethod
+    def for_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor) -> "KernelAttentionMetadata":
+        """Decode metadata over caller-owned device buffers (the graph runner's static inputs)."""
+        return cls(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
+                   cu_seqlens_q=None, max_query_len=1)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.cu_seqlens_q is None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scale: float, window: int | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
+        ops.write_kv_cache(k, v, k_cache, v_cache, self.slot_mapping, backend="triton")
+        if window:
+            return attend_cached(q, k_cache, v_cache, self._torch_metadata(k_cache.shape[1]), scale, window)
+        if self.is_decode:
+            return ops.paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, scale,
+                                              backend="triton")
+        return ops.prefill_attention(q, k_cache, v_cache, self.block_tables, self.cu_seqlens_q, self.context_lens, scale,
+                                     max_query_len=self.max_query_len, backend="triton")
+
+    def _torch_metadata(self, block_size: int) -> PagedAttentionMetadata:
+        if self.batch is None:
+            raise RuntimeError("a sliding-window layer needs the step's ForwardBatch (not available inside a CUDA graph)")
+        if self._fallback is None:
+            self._fallback = PagedAttentionMetadata.build(self.batch, block_size)
+        return self._fallback

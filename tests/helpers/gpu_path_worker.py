@@ -1,0 +1,121 @@
+"""Run the model's GPU path (Triton attention + fused MoE + the decode-graph runner's static
+buffers) on CPU under Triton's interpreter, in a fresh process, and compare it with the torch
+path. Used by tests/test_gpu_path_cpu.py:
+
+    python -m tests.helpers.gpu_path_worker <case> '<json params>'   -> last stdout line: JSON
+
+EPSERVE_KERNEL_BACKEND=triton makes CPU tensors take the kernel path (resolve_backend honours
+it); the interpreter must be on before triton is imported, hence the subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _setup() -> None:
+    from server.moe.kernels.interpret import enable_interpreter
+
+    enable_interpreter()
+    os.environ["EPSERVE_KERNEL_BACKEND"] = "triton"
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+
+def _backend(name: str) -> None:
+    os.environ["EPSERVE_KERNEL_BACKEND"] = name
+
+
+def _model(policy: str):
+    from server.config import ModelConfig
+    from server.model.loader import load_model
+    from server.moe.routing import build_policy
+
+    return load_model(ModelConfig(), policy=build_policy(policy))
+
+
+def _prompts() -> list[tuple[int, list[int]]]:
+    return [(0, list(b"Hello world")), (1, list(b"MoE")), (2, list(b"expert parallel!"))]
+
+
+def paths_agree(policy: str = "natural", decode_steps: int = 3) -> dict:
+    """Prefill + greedy decode on the kernel path and on the torch path: same logits, tokens, loads."""
+    import torch
+
+    from tests.helpers.paged_driver import PagedDriver
+
+    results = {}
+    for backend in ("triton", "torch"):
+        _backend(backend)
+        model = _model(policy)
+        driver = PagedDriver(model, num_blocks=32, block_size=16, seed=1)
+        steps = [driver.step(_prompts())]
+        for _ in range(decode_steps):
+            nxt = [(sid, [int(logits.argmax())]) for sid, logits in steps[-1].items()]
+            steps.append(driver.step(nxt))
+        logits = [torch.stack([step[sid] for sid, _ in _prompts()]) for step in steps]  # [S, V] per step
+        meta_type = type(_metadata_probe(model, driver)).__name__
+        results[backend] = (logits, model.load_counters.snapshot().expert_tokens, meta_type)
+    (k_logits, k_load, k_meta), (t_logits, t_load, t_meta) = results["triton"], results["torch"]
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(k_logits, t_logits))
+    same_tokens = all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(k_logits, t_logits))
+    return {"ok": max_diff < 1e-3 and same_tokens and k_load == t_load and k_meta == "KernelAttentionMetadata"
+            and t_meta == "PagedAttentionMetadata",
+            "max_diff": max_diff, "same_tokens": same_tokens, "same_load": k_load == t_load,
+            "metadata": [k_meta, t_meta]}
+
+
+def _metadata_probe(model, driver):
+    from server.model.attention import build_attention_metadata
+
+    batch = driver.build_batch([(99, [1, 2])])
+    return build_attention_metadata(batch, driver.block_size, model.spec.head_dim, model.dtype)
+
+
+def graph_runner_static(policy: str = "round_robin_balanced", num_seqs: int = 3, token_offset: int = 5) -> dict:
+    """The graph runner's static-buffer step (capture off) vs model.forward on the same decode batch:
+    padding rows change neither the real rows' logits nor the load counters."""
+    import copy
+
+    import torch
+
+    from server.model.gpu.cuda_graphs import DecodeGraphRunner
+    from tests.helpers.paged_driver import PagedDriver
+
+    model = _model(policy)
+    prompts = _prompts()[:num_seqs]
+    driver = PagedDriver(model, num_blocks=32, block_size=16, seed=2)
+    first = driver.step(prompts, token_offset=token_offset)
+    work = [(sid, [int(first[sid].argmax())]) for sid, _ in prompts]
+    batch = driver.build_batch(work, token_offset=token_offset)
+    kv_copy = [(k.clone(), v.clone()) for k, v in driver.kv]
+    model.load_counters.reset()
+    direct = model(batch, driver.kv)  # [S, V]
+    direct_load = model.load_counters.snapshot(reset=True)
+    runner = DecodeGraphRunner(model, kv_copy, max_batch=4, max_blocks_per_seq=8, buckets=(1, 2, 4), capture=False)
+    # stale rows from an earlier, larger step must not leak into this one
+    runner.context_lens.fill_(30)
+    runner.slot_mapping.fill_(7)
+    via_runner = runner.run(batch).clone()
+    runner_load = model.load_counters.snapshot(reset=True)
+    offset_tensor_batch = copy.copy(batch)
+    offset_tensor_batch.token_offset = torch.tensor(token_offset)
+    via_tensor_offset = runner.run(offset_tensor_batch).clone()
+    tensor_load = model.load_counters.snapshot(reset=True)
+    kv_same = all(torch.allclose(a, b, atol=1e-5) for x, y in zip(driver.kv, kv_copy) for a, b in zip(x, y))
+    diff = float((direct - via_runner).abs().max())
+    return {"ok": diff < 1e-4 and direct_load == runner_load == tensor_load and kv_same
+            and torch.equal(via_runner, via_tensor_offset) and runner.bucket_for(num_seqs) == 4,
+            "max_diff": diff, "same_load": direct_load == runner_load, "tensor_offset_load": tensor_load == direct_load,
+            "kv_same": kv_same, "tokens": direct_load.tokens}
+
+
+CASES = {"paths_agree": paths_agree, "graph_runner_static": graph_runner_static}
+
+if __name__ == "__main__":
+    _setup()
+    case, params = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    print(json.dumps(CASES[case](**params)))

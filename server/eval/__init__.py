@@ -1,0 +1,5 @@
+"""`epserve-eval`: what each routing policy costs in quality and buys in balance.
+
+Modules: probe (wraps a policy to measure it in place), teacher_forcing (held-out perplexity
+through our own model), report (markdown, JSON, PNG), cli (the command).
+"""

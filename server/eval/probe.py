@@ -1,0 +1,59 @@
+"""PolicyProbe: runs a routing policy inside our model as if on one rank of an EP group, and
+measures what it does.
+
+Why a wrapper: the evaluation runs the whole model in one process (ep_size 1, every expert
+local), but a policy's behaviour depends on the EP group (round_robin_balanced staggers
+ranks, greedy_balanced balances each rank's own tokens). The probe hands the policy the
+context of a simulated rank (`sim_rank` of `ep_size`, set by the driver before each rank's
+forward) and counts, on the device and without host syncs:
+  * loads of the rewritten ids (ExpertLoadCounters at the simulated ep_size), over the run
+    and per step;
+  * loads of the router's own choice (natural), for reference;
+  * kept pairs: (token, expert) pairs of the router's top-k that survive the policy.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..moe.load_stats import ExpertLoadCounters, ExpertLoadSnapshot
+from ..moe.routing import RoutingContext, RoutingPolicy
+
+
+class PolicyProbe(RoutingPolicy):
+    def __init__(self, inner: RoutingPolicy, *, num_layers: int, num_experts: int, top_k: int, ep_size: int) -> None:
+        super().__init__(weights=inner.weights, seed=inner.seed)
+        self.inner, self.ep_size, self.top_k = inner, ep_size, top_k
+        self.name = inner.name
+        self.sim_rank = 0
+        self.loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the policy's ids, whole run
+        self.step_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the same, current step
+        self.natural_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the router's ids
+        self.kept = torch.zeros(num_layers, dtype=torch.int64)  # [L] natural pairs kept
+        self.step_snapshots: list[ExpertLoadSnapshot] = []
+
+    def __call__(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext):
+        sim = RoutingContext(layer=ctx.layer, num_experts=ctx.num_experts, top_k=ctx.top_k, ep_rank=self.sim_rank,
+                             ep_size=self.ep_size, token_offset=ctx.token_offset, seed=ctx.seed)
+        ids, weights = self.inner(topk_ids, topk_weights, router_logits, sim)  # [N, k] each
+        natural = topk_ids.to(torch.int32)  # [N, k]
+        self.loads.record(ctx.layer, ids)
+        self.step_loads.record(ctx.layer, ids)
+        self.natural_loads.record(ctx.layer, natural)
+        self.kept[ctx.layer] += (ids[:, :, None] == natural[:, None, :]).any(-1).sum()  # [N, k] -> pairs kept
+        return ids, weights
+
+    def end_step(self) -> None:
+        """Close a step (every simulated rank has run): keep its loads, start the next."""
+        self.step_snapshots.append(self.step_loads.snapshot(reset=True))
+
+    def fidelity(self) -> tuple[float, list[float]]:
+        """Fraction of natural (token, expert) pairs kept: overall and per layer."""
+        tokens = self.natural_loads.tokens  # [L]
+        per_layer = (self.kept.double() / (tokens * self.top_k).clamp(min=1).double()).tolist()
+        return float(self.kept.sum()) / max(1, int(tokens.sum()) * self.top_k), per_layer
+
+    def step_expert_max_over_mean(self) -> float:
+        """Per-expert max/mean within each step (what sets that step's slowest expert), averaged
+        over steps and layers."""
+        values = [v for snap in self.step_snapshots for v in snap.expert_max_over_mean()]
+        return sum(values) / len(values) if values else 0.0

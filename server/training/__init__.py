@@ -1,0 +1,1 @@
+"""Training the embedded tiny MoE (server/assets/tiny) on text every machine has."""

@@ -19,7 +19,7 @@ from .registry import (
 )
 
 # Built-in policies register themselves on import.
-from . import natural, round_robin, greedy, uniform_random, skewed  # noqa: E402,F401
+from . import natural, round_robin, greedy, uniform_random, skewed, record, replay  # noqa: E402,F401
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -1,7 +1,8 @@
 """`record`: natural routing, and every call's top-k ids written to a trace file.
 
     python -m server routing=record routing.path=/tmp/tiny.eptrace
-    python -m server routing=record routing.path='/tmp/tiny.rank{rank}.eptrace' parallel=ep2
+    python -m server routing=record 'routing.path="/tmp/tiny.rank{rank}.eptrace"' parallel=ep2
+    (Hydra's override grammar needs the inner quotes around a value with braces)
 
 What it costs (why it is cheap enough to leave on while measuring a real workload):
   * per call, one device-to-device copy of the [N, k] ids into a preallocated buffer of

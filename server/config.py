@@ -91,12 +91,32 @@ class ParallelConfig:
     device: str = "auto"  # auto: cuda when available
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: pick a free port when spawning ranks ourselves
+    # EPLB (server/moe/eplb): output-preserving balance by replicating hot experts.
+    redundant_experts: int = 0  # extra physical expert slots per MoE layer, spread evenly over the ranks
+    eplb_stats: str | None = None  # JSON expert-load file: place experts from it at start-up
+    eplb_interval: int = 0  # rebalance from the live counters every N engine steps (0: never)
+    eplb_policy: str = "auto"  # auto | global | hierarchical (auto: hierarchical when nodes divide groups)
+    eplb_num_groups: int = 0  # expert groups for the hierarchical policy (0: the model's, 1 if it has none)
+    eplb_num_nodes: int = 0  # nodes the ranks span (0: from torchrun's LOCAL_WORLD_SIZE, else 1)
+
+    @property
+    def eplb_enabled(self) -> bool:
+        """Any EPLB key set: experts are placed by the replica map instead of in blocks."""
+        return bool(self.redundant_experts or self.eplb_stats or self.eplb_interval)
 
     def validate(self) -> None:
         _require(isinstance(self.ep_size, int) and self.ep_size >= 1, f"parallel.ep_size must be an integer >= 1, got {self.ep_size!r}")
         _require(self.backend in BACKENDS, f"parallel.backend={self.backend!r} is not one of {BACKENDS}")
         _require(self.device in DEVICES, f"parallel.device={self.device!r} is not one of {DEVICES}")
         _require(not (self.backend == "nccl" and self.device == "cpu"), "parallel.backend=nccl needs parallel.device=cuda (or auto)")
+        for key in ("redundant_experts", "eplb_interval", "eplb_num_groups", "eplb_num_nodes"):
+            value = getattr(self, key)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                     f"parallel.{key} must be an integer >= 0, got {value!r}")
+        policies = ("auto", "global", "hierarchical")  # server/moe/eplb/algorithm.py POLICIES
+        _require(self.eplb_policy in policies, f"parallel.eplb_policy={self.eplb_policy!r} is not one of {policies}")
+        _require(self.eplb_stats is None or (isinstance(self.eplb_stats, str) and self.eplb_stats != ""),
+                 f"parallel.eplb_stats must be a path to a JSON expert-load file or null, got {self.eplb_stats!r}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Callable
 
 from ..config import AppConfig, ConfigError, RoutingConfig, thaw
+from ..eplb_setup import build_eplb_settings
 from ..routing_setup import build_routing_policy
 from .distributed import free_port, resolve_device, torchrun_env
 from .engine import ServingEngine
@@ -71,6 +72,7 @@ def _model_setup(app: AppConfig, world_size: int):
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from exc
     policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size)
+    build_eplb_settings(app.parallel, spec, world_size)  # EPLB keys vs the model: ConfigError now, not on a rank
     max_model_len = app.model.max_model_len
     if spec.max_position_embeddings and max_model_len > spec.max_position_embeddings:
         log.warning("model.max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",

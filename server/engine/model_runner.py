@@ -79,6 +79,8 @@ class ModelRunner:
                 result.sampled = [
                     (w.seq_id, tok, lp if w.sample.logprobs else None) for w, tok, lp in zip(picked, tokens_l, lps)
                 ]
+        if plan.rebalance and self.model.eplb is not None:  # every rank at once: a collective
+            result.rebalance = self.model.eplb.rebalance(self.ep_group)
         if plan.load_snapshot is not None:
             result.load = self.model.load_counters.snapshot(self.ep_group, reset=plan.load_snapshot)
         return result

@@ -7,7 +7,8 @@ per-request state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..moe.load_stats import ExpertLoadSnapshot
 
@@ -52,6 +53,7 @@ class RankPlan:
     run_forward: bool  # some rank has tokens: every rank runs the model (collectives)
     load_snapshot: bool | None = None  # not None: join the expert-load collective; value = reset
     stop: bool = False  # leave the worker loop
+    rebalance: bool = False  # EPLB: after the forward, re-place experts from the live counters (collective)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class RankResult:
     rank: int
     sampled: list[tuple[int, int, float | None]] = field(default_factory=list)  # (seq_id, token, logprob)
     load: ExpertLoadSnapshot | None = None  # the reduced counters (every rank gets the same sum)
+    rebalance: Any = None  # RebalanceReport (server/moe/eplb/rebalance.py) when the plan asked for one
 
 
 @dataclass
@@ -75,7 +78,11 @@ class StepPlan:
 
     @property
     def is_idle(self) -> bool:
-        return not any(p.run_forward or p.load_snapshot is not None or p.stop for p in self.ranks)
+        return not any(p.run_forward or p.load_snapshot is not None or p.stop or p.rebalance for p in self.ranks)
+
+    def with_rebalance(self) -> "StepPlan":
+        """The same step with every rank also joining an EPLB rebalance after its forward."""
+        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks])
 
 
 def build_step_plan(step: int, work: list[list[SeqWork]], load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:

@@ -2,7 +2,8 @@
 
 Module names mirror transformers' (model.embed_tokens, model.layers.{i}.self_attn.q_proj,
 model.layers.{i}.mlp.experts.gate_up_proj, lm_head, ...) so checkpoint names map directly;
-a rank's `experts` hold only its E/ep_size experts.
+a rank's `experts` hold only its E/ep_size experts — or, with EPLB, its (E + R)/ep_size
+physical slots, whose logical experts `placement` names.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from ..moe.dispatch import make_dispatcher
 from ..moe.layer import MoERuntime
+from ..moe.eplb.placement import ExpertPlacement
+from ..moe.eplb.replica_map import ReplicaMap
 from ..moe.load_stats import ExpertLoadCounters
 from ..moe.routing import RoutingPolicy
 from .attention import PagedAttentionMetadata
@@ -35,10 +38,12 @@ class DecoderStack(nn.Module):
 
 class MoECausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
-                 ep_group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 ep_group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 placement: ExpertPlacement | None = None) -> None:
         """Parameters are allocated uninitialised on `device` (built on the meta device, then
         `to_empty`: no init kernels for weights that are overwritten anyway); the loader or the
-        random-weight builder fills every one of them."""
+        random-weight builder fills every one of them. `placement` (EPLB): which logical
+        expert each physical slot holds; None keeps the block layout with no replica map."""
         super().__init__()
         spec.check_ep_size(ep_size)
         if not 0 <= ep_rank < ep_size:
@@ -46,9 +51,17 @@ class MoECausalLM(nn.Module):
         self.spec = spec
         self.ep_rank, self.ep_size, self.ep_group = ep_rank, ep_size, ep_group
         self.dtype = dtype
-        self.load_counters = ExpertLoadCounters(spec.num_moe_layers, spec.num_experts, ep_size, device=device)
-        self.runtime = MoERuntime(policy, self.load_counters, make_dispatcher(ep_rank, ep_size, spec.num_experts, ep_group),
-                                  ep_rank, ep_size)
+        if placement is not None and (placement.num_layers, placement.num_experts, placement.ep_size) != (
+                spec.num_moe_layers, spec.num_experts, ep_size):
+            raise ValueError(f"expert placement for {placement.num_layers} layers x {placement.num_experts} experts at "
+                             f"ep {placement.ep_size} does not fit this model at ep {ep_size}")
+        self.placement = placement
+        num_slots = placement.num_slots if placement is not None else spec.num_experts
+        self.load_counters = ExpertLoadCounters(spec.num_moe_layers, spec.num_experts, ep_size, device=device,
+                                                num_slots=None if placement is None else num_slots)
+        replicas = None if placement is None else ReplicaMap(placement, device)
+        self.runtime = MoERuntime(policy, self.load_counters, make_dispatcher(ep_rank, ep_size, num_slots, ep_group),
+                                  ep_rank, ep_size, replicas=replicas)
         self.model = DecoderStack(spec, self.runtime, dtype=dtype, device="meta").to_empty(device=device)
         self.lm_head = None  # tied: the embedding matrix is the output projection
         if not spec.tie_word_embeddings:
@@ -57,6 +70,20 @@ class MoECausalLM(nn.Module):
         self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor, device=device)
         #: bytes of expert weights read from the checkpoint by this rank (set by the loader)
         self.expert_bytes_read: int | None = None
+        #: online rebalancer (server/moe/eplb/rebalance.py), set by the loader when EPLB is on
+        self.eplb = None
+
+    # ---- experts held by this rank ----
+    def local_expert_ids(self, moe_index: int) -> tuple[int, ...]:
+        """Logical expert held by each of this rank's expert slots in MoE layer `moe_index`."""
+        if self.placement is None:
+            per = self.spec.num_experts // self.ep_size
+            return tuple(range(self.ep_rank * per, (self.ep_rank + 1) * per))
+        return self.placement.local_experts(moe_index, self.ep_rank)
+
+    def moe_experts(self) -> list:
+        """LocalExperts of each MoE layer, by MoE-layer index."""
+        return [layer.mlp.experts for layer in self.model.layers if layer.is_moe]
 
     # ---- engine-facing API ----
     @property

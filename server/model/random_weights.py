@@ -1,8 +1,9 @@
 """Random weights for a model built from `model.shape` (benchmarks at real sizes, no checkpoint).
 
 Filled on the target device with seeded generators, one stream per tensor and, for experts,
-one per (layer, global expert id): expert e gets the same weights whatever ep_size or rank
-holds it, so results are comparable across EP sizes. Norm weights are 1 and biases 0, as
+one per (layer, logical expert id): expert e gets the same weights whatever ep_size, rank or
+EPLB slot holds it (copies included), so results are comparable across EP sizes and
+placements. Norm weights are 1 and biases 0, as
 transformers initialises them; everything else ~ N(0, initializer_range).
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ def init_random_weights(model: MoECausalLM, seed: int) -> None:
         elif name.endswith(".bias"):
             p.zero_()
         elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            first = model.ep_rank * p.shape[0]
-            for local in range(p.shape[0]):
-                p[local].normal_(0.0, std, generator=_generator(p.device, seed, name, first + local))
+            layer = int(name.split(".")[2])  # model.layers.{i}.mlp.experts.*
+            for local, e in enumerate(model.local_expert_ids(model.spec.moe_index(layer))):
+                p[local].normal_(0.0, std, generator=_generator(p.device, seed, name, e))
         else:
             p.normal_(0.0, std, generator=_generator(p.device, seed, name))

@@ -3,7 +3,10 @@ experts, from either expert layout transformers uses:
 
   per-expert  {moe}.experts.{e}.{gate,up,down}_proj.weight   ([I, H], [I, H], [H, I]; Mixtral: w1, w3, w2)
   fused       {moe}.experts.gate_up_proj [E, 2I, H] and {moe}.experts.down_proj [E, H, I]
-              (rows [e0, e1) are read with get_slice, nothing else of the tensor)
+              (each run of consecutive held experts is read with get_slice, nothing else)
+
+"This rank's experts" are model.local_expert_ids(layer): a block of E/ep_size, or with EPLB
+the logical expert of each physical slot (copies of hot experts included).
 
 `{moe}` is the family's MoE module name (`mlp`; Mixtral checkpoints say `block_sparse_moe`).
 """
@@ -46,32 +49,49 @@ def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, pro
             param.copy_(reader.read(source, expected=tuple(param.shape)))
             bar.update()
         for i, experts in moe_layers:
-            _load_experts(reader, experts, i, family.moe_module_names, family.expert_proj_names, model.spec.num_experts)
+            ids = model.local_expert_ids(model.spec.moe_index(i))
+            _load_experts(reader, experts, ids, i, family.moe_module_names, family.expert_proj_names, model.spec.num_experts)
             bar.update()
     bar.close()
     model.expert_bytes_read = reader.bytes_read["expert"]
     _warn_unused(reader, model)
 
 
-def _load_experts(reader: CheckpointReader, experts: LocalExperts, layer: int, moe_names: tuple[str, ...],
-                  proj_names: tuple[str, str, str], num_experts: int) -> None:
-    e0, e1 = experts.first_expert, experts.first_expert + experts.num_local
+def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Slot ids -> (first slot, first expert, length) runs of consecutive experts."""
+    runs: list[tuple[int, int, int]] = []
+    for slot, e in enumerate(ids):
+        if runs and e == runs[-1][1] + runs[-1][2] and slot == runs[-1][0] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((slot, e, 1))
+    return runs
+
+
+def _load_experts(reader: CheckpointReader, experts: LocalExperts, ids: tuple[int, ...], layer: int,
+                  moe_names: tuple[str, ...], proj_names: tuple[str, str, str], num_experts: int) -> None:
+    """Fill slot s of `experts` with logical expert ids[s] of decoder layer `layer`."""
+    if len(ids) != experts.num_local:
+        raise ValueError(f"layer {layer}: {len(ids)} expert ids for {experts.num_local} slots")
     hidden, inter = experts.hidden, experts.intermediate
     prefixes = [f"model.layers.{layer}.{m}.experts" for m in moe_names]
     fused = next((p for p in prefixes if reader.has(f"{p}.gate_up_proj")), None)
     if fused is not None:
         down = reader.find([f"{fused}.down_proj"])
-        experts.gate_up_proj.copy_(reader.read_rows(f"{fused}.gate_up_proj", e0, e1, (2 * inter, hidden), num_experts))
-        experts.down_proj.copy_(reader.read_rows(down, e0, e1, (hidden, inter), num_experts))
+        for slot, e0, n in _runs(ids):
+            experts.gate_up_proj[slot:slot + n].copy_(
+                reader.read_rows(f"{fused}.gate_up_proj", e0, e0 + n, (2 * inter, hidden), num_experts))
+            experts.down_proj[slot:slot + n].copy_(reader.read_rows(down, e0, e0 + n, (hidden, inter), num_experts))
         return
     gate_name, up_name, down_name = proj_names
+    e0 = ids[0]
     prefix = next((p for p in prefixes if reader.has(f"{p}.{e0}.{gate_name}.weight")), None)
     if prefix is None:
         raise ModelLoadError(
             f"checkpoint {reader.folder} has no experts for layer {layer}: looked for "
             f"{prefixes[0]}.gate_up_proj (fused) and {prefixes[0]}.{e0}.{gate_name}.weight (per expert)"
         )
-    for local, e in enumerate(range(e0, e1)):
+    for local, e in enumerate(ids):
         names = [f"{prefix}.{e}.{p}.weight" for p in proj_names]
         gate, up, down = (reader.find([n]) for n in names)
         experts.gate_up_proj[local, :inter].copy_(reader.read(gate, (inter, hidden), category="expert"))

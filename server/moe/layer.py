@@ -1,5 +1,7 @@
-"""One MoE block: gate -> router top-k -> routing policy -> load counters -> dispatch ->
-local experts -> combine -> (shared expert). See DESIGN.md, "Data flow of one engine step"."""
+"""One MoE block: gate -> router top-k -> routing policy -> (EPLB replica choice) -> load
+counters -> dispatch -> local experts -> combine -> (shared expert). See DESIGN.md, "Data flow
+of one engine step". Policies choose logical experts; with EPLB (runtime.replicas) each pick
+then goes to one physical copy, and dispatch works on physical slots."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +26,12 @@ class MoERuntime:
     dispatcher: Any  # LocalDispatcher | AllToAllDispatcher (server/moe/dispatch.py)
     ep_rank: int = 0
     ep_size: int = 1
+    replicas: Any = None  # ReplicaMap (server/moe/eplb) when EPLB places experts; None: blocks of E/ep
+
+    @property
+    def num_slots(self) -> int | None:
+        """Physical expert slots per layer with EPLB (E + redundant), else None."""
+        return None if self.replicas is None else self.replicas.num_slots
 
 
 class MoELayer(nn.Module):
@@ -49,7 +57,7 @@ class MoELayer(nn.Module):
         self.runtime = runtime
         self.router = ROUTER_RULES[router_rule]
         self.renormalize, self.float32_router_weights = renormalize, float32_router_weights
-        per_rank = num_experts // runtime.ep_size
+        per_rank = (runtime.num_slots or num_experts) // runtime.ep_size
         kw = dict(dtype=dtype, device=device)
         self.gate = nn.Linear(hidden, num_experts, bias=False, **kw)  # router: [E, H]
         self.experts = LocalExperts(per_rank, hidden, intermediate, act, first_expert=runtime.ep_rank * per_rank, **kw)
@@ -69,7 +77,12 @@ class MoELayer(nn.Module):
         ctx = RoutingContext(layer=self.moe_index, num_experts=self.num_experts, top_k=self.top_k,
                              ep_rank=rt.ep_rank, ep_size=rt.ep_size, token_offset=token_offset)
         ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, router_logits, ctx)  # [N, k] each
-        rt.counters.record(self.moe_index, ids)
+        if rt.replicas is None:
+            rt.counters.record(self.moe_index, ids)
+        else:
+            physical = rt.replicas(self.moe_index, ids, token_offset)  # [N, k] slots
+            rt.counters.record(self.moe_index, ids, physical_ids=physical)
+            ids = physical
         out = rt.dispatcher(x, ids, weights, self.experts)  # [N, H]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -90,6 +90,8 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]
         probe = PolicyProbe(policy, num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.top_k,
                             ep_size=args.ep_size)
         nll, count = heldout_nll(model, probe, windows, args.ep_size, args.seqs_per_rank)
+        if hasattr(policy, "close"):  # record: finish the trace now, so a later replay can read it
+            policy.close()
         snap = probe.loads.snapshot()
         fidelity, fidelity_layers = probe.fidelity()
         summary = snap.summary()

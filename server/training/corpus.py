@@ -70,22 +70,24 @@ class Corpus:
 
 
 def load_corpus(heldout_permille: int = 50, root: Path | None = None, max_bytes: int | None = None) -> Corpus:
-    """Read and split the corpus. `max_bytes` caps the bytes read (tests use a small slice)."""
+    """Read and split the corpus. `max_bytes` stops reading once each side holds its share of
+    that many bytes (tests use a small slice)."""
     if not 0 < heldout_permille < SPLIT_BUCKETS:
         raise ValueError(f"heldout_permille must be in (0, {SPLIT_BUCKETS}), got {heldout_permille}")
     root = root or stdlib_root()
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     counts = {False: 0, True: 0}
+    size = {False: 0, True: 0}
     digest = hashlib.sha256()
-    read = 0
     for rel, path in stdlib_files(root):
         data = path.read_bytes()
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
         side = is_heldout(rel, heldout_permille)
         parts[side].append(data)
         counts[side] += 1
-        read += len(data)
-        if max_bytes is not None and read >= max_bytes and all(counts.values()):
+        size[side] += len(data)
+        if max_bytes is not None and size[True] >= max_bytes * heldout_permille // SPLIT_BUCKETS \
+                and size[False] >= max_bytes - max_bytes * heldout_permille // SPLIT_BUCKETS:
             break
     if not all(counts.values()):
         raise ValueError(f"the split of {root} left one side empty (train {counts[False]}, held-out {counts[True]} files)")

@@ -1,0 +1,12 @@
+"""`epserve-load`: concurrent streaming load, cancellation storms and slow readers against a
+server, with checks that every stream got exactly what it asked for, the server is idle again
+and its memory is back to baseline. docs/RELIABILITY.md records the numbers it measured.
+
+Module guide:
+  workload.py   LoadSpec -> seeded stream plans -> one run of N concurrent streams (RunResult)
+  session.py    identical runs back to back + the checks after each (idle, accounting, memory)
+  memory.py     RSS of the server and its worker ranks from /proc; the baseline rule
+  report.py     percentiles, tokens/s, text and JSON reports
+  spawn.py      start `python -m server` on a free port when no --target is given
+  cli.py        the `epserve-load` console entry (main)
+"""

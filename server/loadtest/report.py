@@ -1,0 +1,98 @@
+"""Numbers of a load session: percentiles, throughput, memory; as text and as JSON."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .memory import MIB, MemorySample
+from .session import LoadReport, RunReport
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in (0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def run_numbers(run: RunReport) -> dict[str, Any]:
+    res = run.result
+    done = res.completed
+    ttft = [r.ttft_s for r in done if r.ttft_s is not None]
+    total = [r.total_s for r in done]
+    fast = [r.total_s for r in done if not r.plan.slow]
+    slow = [r for r in res.streams if r.plan.slow]
+    return {
+        "streams": len(res.streams),
+        "completed": len(done),
+        "cancelled": sum(r.cancelled for r in res.streams),
+        "errors": len(res.errors),
+        "tokens": res.tokens,
+        "wall_s": res.wall_s,
+        "tokens_per_s": res.tokens / res.wall_s if res.wall_s > 0 else None,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "latency_p50_s": percentile(total, 50),
+        "latency_p99_s": percentile(total, 99),
+        "fast_latency_max_s": max(fast) if fast else None,
+        "slow_streams": [{"tokens": r.tokens, "messages": r.messages, "total_s": r.total_s,
+                          "finish": r.finish.value if r.finish else None} for r in slow],
+        "idle_after_s": run.idle_after_s,
+        "server_codes": run.codes,
+        "rss_mib": _mib(run.memory),
+    }
+
+
+def _mib(sample: MemorySample | None) -> dict[str, float] | None:
+    if sample is None:
+        return None
+    return {"server": sample.rss_bytes / MIB, "with_workers": sample.tree_rss_bytes / MIB,
+            "server_peak": sample.peak_rss_bytes / MIB}
+
+
+def to_json(report: LoadReport) -> dict[str, Any]:
+    v = report.memory_verdict
+    return {
+        "spec": vars(report.spec),
+        "runs": [run_numbers(r) for r in report.runs],
+        "rss_ready_mib": _mib(report.ready_memory),
+        "memory": None if v is None else {
+            "baseline_mib": v.baseline_bytes / MIB, "final_mib": v.final_bytes / MIB,
+            "growth_mib": v.growth_bytes / MIB, "tolerance_mib": v.tolerance_bytes / MIB, "ok": v.ok,
+        },
+        "ok": report.ok,
+        "failures": report.failures,
+    }
+
+
+def _s(value: float | None, unit: str = "s") -> str:
+    return "-" if value is None else f"{value:.3f} {unit}"
+
+
+def to_text(report: LoadReport) -> str:
+    spec, lines = report.spec, []
+    lines.append(f"epserve-load: {spec.streams} streams x {spec.new_tokens} tokens (prompt {spec.prompt_tokens} ids, "
+                 f"cancel {spec.cancel_fraction:.0%}, slow readers {spec.slow_readers}, seed {spec.seed})")
+    if report.ready_memory:
+        lines.append(f"  server RSS when ready: {report.ready_memory.tree_rss_bytes / MIB:.1f} MiB (with workers)")
+    for n, run in enumerate(report.runs, 1):
+        x = run_numbers(run)
+        tag = " (warm-up)" if n == 1 and len(report.runs) > 1 else ""
+        lines.append(f"  run {n}{tag}: {x['completed']} completed, {x['cancelled']} cancelled, {x['errors']} errors; "
+                     f"{x['tokens']} tokens in {x['wall_s']:.2f} s = {x['tokens_per_s']:.1f} tokens/s")
+        lines.append(f"    TTFT p50 {_s(x['ttft_p50_s'])}, p99 {_s(x['ttft_p99_s'])}; "
+                     f"stream latency p50 {_s(x['latency_p50_s'])}, p99 {_s(x['latency_p99_s'])}")
+        for s in x["slow_streams"]:
+            lines.append(f"    slow reader: {s['tokens']} tokens in {s['messages']} messages, {s['total_s']:.2f} s, "
+                         f"finish {s['finish']}")
+        idle = "not idle!" if run.idle_after_s is None else f"idle after {run.idle_after_s:.2f} s"
+        mem = f", RSS {x['rss_mib']['with_workers']:.1f} MiB" if x["rss_mib"] else ""
+        lines.append(f"    server: {idle}, calls {x['server_codes']}{mem}")
+    v = report.memory_verdict
+    if v is not None:
+        lines.append(f"  memory: {v.baseline_bytes / MIB:.1f} MiB after run 1 -> {v.final_bytes / MIB:.1f} MiB after "
+                     f"run {len(report.runs)} ({v.growth_bytes / MIB:+.1f} MiB; tolerance "
+                     f"{v.tolerance_bytes / MIB:.1f} MiB): {'back to baseline' if v.ok else 'GREW'}")
+    lines.append("PASS" if report.ok else "FAIL:\n  " + "\n  ".join(report.failures))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Hydra config of epserve-bench (server/bench/cli.py); groups come from the parent conf/."""

@@ -1,0 +1,66 @@
+"""The benchmark's static workload and settings (no model needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.bench.settings import BenchSettings
+from server.bench.workload import StaticWorkload
+from server.config import ConfigError
+
+
+def _work(**kw) -> StaticWorkload:
+    args = dict(batch=3, input_len=5, output_len=4, vocab_size=50, block_size=4, device="cpu", seed=7)
+    return StaticWorkload.build(**{**args, **kw})
+
+
+def test_every_token_gets_its_own_slot_in_its_own_blocks():
+    work = _work()
+    prefill = work.prefill_batch()
+    decode = work.decode_batches()
+    slots = [prefill.slot_mapping] + [decode.slots[i] for i in range(len(decode))]
+    flat = torch.cat(slots)
+    assert flat.numel() == 3 * (5 + 3) == flat.unique().numel()  # no two tokens share a slot
+    width = work.block_tables.shape[1]
+    assert width == 3  # ceil((5 + 4) / 4)
+    owner = flat // (4 * width)  # blocks i*W..i*W+W-1 belong to sequence i
+    seq = torch.cat([torch.arange(3).repeat_interleave(5)] + [torch.arange(3)] * 3)
+    assert torch.equal(owner, seq)
+    assert prefill.logits_indices.tolist() == [4, 9, 14] and prefill.context_lens == [5] * 3
+
+
+def test_decode_steps_advance_positions_and_context():
+    work = _work(first_seq=6, total_batch=9)
+    steps = work.decode_batches()
+    tokens = torch.tensor([1, 2, 3])
+    for i in range(len(steps)):
+        batch = steps.batch(i, tokens)
+        assert batch.positions.tolist() == [5 + i] * 3 and batch.context_lens == [6 + i] * 3
+        assert batch.token_offset == 6 and batch.query_lens == [1, 1, 1]
+    assert work.prefill_batch().token_offset == 6 * 5
+
+
+def test_rank_slices_of_one_global_prompt_set():
+    whole = _work(batch=4, total_batch=4)
+    part = _work(batch=2, first_seq=2, total_batch=4)
+    assert torch.equal(whole.prompts[2:], part.prompts)
+
+
+def _settings(**bench) -> BenchSettings:
+    return BenchSettings.from_dict({"model": {"name": "tiny"}, "routing": {"name": "skewed", "target": 1.5},
+                                    "parallel": {"ep_size": 2}, "bench": bench})
+
+
+def test_settings_tag_and_round_trip():
+    s = _settings(batch=8)
+    assert s.tag() == "tiny-ep2-skewed-target1.5"  # only parameters that differ from the policy's defaults
+    assert _settings(batch=8, tag="mine").tag() == "mine"
+    assert BenchSettings.from_dict(s.to_dict()) == s
+
+
+@pytest.mark.parametrize("bench,key", [({"batch": 3}, "bench.batch"), ({"small_batch": 3}, "bench.small_batch"),
+                                       ({"hf_cache": "paged"}, "bench.hf_cache"), ({"output_len": 1}, "bench.output_len"),
+                                       ({"bogus": 1}, "bench.bogus")])
+def test_bad_settings_name_the_key(bench, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _settings(**bench)

@@ -264,7 +264,8 @@ def check_write_kv(num_tokens=6, kv_heads=2, head_dim=16, block_size=4, num_bloc
     v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dt)
     base_k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dt)
     base_v = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dt)
-    kc, vc, rk, rv = (t.clone().to(dev) for t in (base_k, base_v, base_k, base_v))
+    kc, vc = base_k.clone().to(dev), base_v.clone().to(dev)
+    rk, rv = base_k.clone(), base_v.clone()  # the torch twin runs on the CPU copies
     write_kv_cache_triton(k.to(dev), v.to(dev), kc, vc, slots.to(dev))
     write_kv_cache(k, v, rk, rv, slots)
     ok = torch.equal(kc.cpu(), rk.cpu()) and torch.equal(vc.cpu(), rv.cpu())

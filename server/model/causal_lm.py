@@ -16,7 +16,7 @@ from ..moe.eplb.placement import ExpertPlacement
 from ..moe.eplb.replica_map import ReplicaMap
 from ..moe.load_stats import ExpertLoadCounters
 from ..moe.routing import RoutingPolicy
-from .attention import PagedAttentionMetadata
+from .attention import build_attention_metadata
 from .decoder import DecoderLayer
 from .families import get_family
 from .forward_batch import ForwardBatch
@@ -119,11 +119,26 @@ class MoECausalLM(nn.Module):
         runs collectives."""
         if len(kv_caches) != self.spec.num_layers:
             raise ValueError(f"expected {self.spec.num_layers} KV caches (one per layer), got {len(kv_caches)}")
-        meta = PagedAttentionMetadata.build(batch, block_size=kv_caches[0][0].shape[1])
-        cos_sin = self.rope.cos_sin(batch.positions, self.dtype)  # [T, D] x2
-        x = self.model.embed_tokens(batch.input_ids)  # [T, H]
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos_sin, kv, meta, batch.token_offset)
-        last = self.model.norm(x[batch.logits_indices])  # [S, H]
+        meta = build_attention_metadata(batch, kv_caches[0][0].shape[1], self.spec.head_dim, self.dtype)
+        return self.forward_tokens(batch.input_ids, batch.positions, meta, kv_caches, batch.logits_indices,
+                                   batch.token_offset)
+
+    @torch.inference_mode()
+    def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, meta,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor,
+                       token_offset: int | torch.Tensor = 0, valid_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor-only part of `forward` (what a decode CUDA graph captures, gpu/cuda_graphs.py):
+        input_ids/positions [T], attention metadata, logits_indices [S] -> [S, V] float32.
+        `token_offset` may be a 0-d device tensor; `valid_rows` [T] bool marks real rows of a
+        padded batch, so padding stays out of the expert-load counters."""
+        self.runtime.valid_rows = valid_rows
+        try:
+            cos_sin = self.rope.cos_sin(positions, self.dtype)  # [T, D] x2
+            x = self.model.embed_tokens(input_ids)  # [T, H]
+            for layer, kv in zip(self.model.layers, kv_caches):
+                x = layer(x, cos_sin, kv, meta, token_offset)
+        finally:
+            self.runtime.valid_rows = None
+        last = self.model.norm(x[logits_indices])  # [S, H]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(last, head).float()  # [S, V]

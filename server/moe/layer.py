@@ -26,6 +26,9 @@ class MoERuntime:
     dispatcher: Any  # LocalDispatcher | AllToAllDispatcher (server/moe/dispatch.py)
     ep_rank: int = 0
     ep_size: int = 1
+    #: [N] bool, True for real rows, while a padded batch runs (CUDA-graph buckets): padding
+    #: rows are left out of the load counters. None: every row is real.
+    valid_rows: torch.Tensor | None = None
     replicas: Any = None  # ReplicaMap (server/moe/eplb) when EPLB places experts; None: blocks of E/ep
 
     @property
@@ -78,10 +81,10 @@ class MoELayer(nn.Module):
                              ep_rank=rt.ep_rank, ep_size=rt.ep_size, token_offset=token_offset)
         ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, router_logits, ctx)  # [N, k] each
         if rt.replicas is None:
-            rt.counters.record(self.moe_index, ids)
+            rt.counters.record(self.moe_index, ids, valid=rt.valid_rows)
         else:
             physical = rt.replicas(self.moe_index, ids, token_offset)  # [N, k] slots
-            rt.counters.record(self.moe_index, ids, physical_ids=physical)
+            rt.counters.record(self.moe_index, ids, valid=rt.valid_rows, physical_ids=physical)
             ids = physical
         out = rt.dispatcher(x, ids, weights, self.experts)  # [N, H]
         if self.shared_expert is not None:

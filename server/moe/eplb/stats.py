@@ -6,9 +6,10 @@ A stats file is JSON holding per-MoE-layer, per-logical-expert token counts:
      "expert_tokens": [[c_0, ..., c_{E-1}], ...],   # [layer][expert]
      "source": "how the counts were made"}
 
-Also accepted, so no conversion step is needed: a bare [[...], ...] matrix, and the JSON
-that `epserve-client expert-load --json` prints (GetExpertLoad: {"layers": [{"expert_tokens":
-[...]}, ...]}). Builders for the three sources live in build_stats.py.
+Also accepted, so no conversion step is needed: a bare [[...], ...] matrix, the JSON that
+`epserve-client expert-load --json` prints (GetExpertLoad: {"layers": [{"expert_tokens":
+[...]}, ...]}) and a benchmark run's JSON ({"load": {"expert_tokens": ...}}, server/bench).
+Builders for other sources (a policy alone, a routing trace, a server) are in build_stats.py.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class StatsFileError(ValueError):
 
 
 def _matrix(data: Any, where: str) -> list[list[float]]:
+    if isinstance(data, dict) and isinstance(data.get("load"), dict):  # a benchmark run (server/bench)
+        data = data["load"]
     if isinstance(data, dict):
         if "expert_tokens" in data:
             data = data["expert_tokens"]

@@ -7,6 +7,8 @@ A policy rewrites the router's top-k choice before tokens are dispatched:
 Every policy, on every device: k distinct experts in [0, E) per token; N = 0 works; output is
 deterministic for a given seed, layer and EP rank; no host synchronisation and no cache that
 grows with the number of distinct N seen, so a call can be captured in a CUDA graph.
+Returned tensors are read-only for the caller: a policy may return a view of its own
+preallocated buffers (round_robin_balanced does), so never modify ids or weights in place.
 """
 from __future__ import annotations
 

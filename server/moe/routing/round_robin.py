@@ -11,8 +11,8 @@ loads differ by at most one, and no rank idles even when ep_size > k or a step h
 tokens than ranks. Within a rank the local experts follow a seeded affine permutation, and
 the cycle starts at a seeded offset per layer, so layers do not all favour the same experts.
 
-Cost: with an int token_offset the ids are a slice of a cached periodic table (the order
-repeated), copied out: one memcpy per call, no index arithmetic. The table grows
+Cost: with an int token_offset the ids are a view of a cached periodic table (the order
+repeated): no kernel at all. Like every policy output, the ids are read-only for callers. The table grows
 geometrically up to the largest N seen (bounded, never keyed by N). A 0-d tensor offset
 (CUDA-graph replay reads its current value) takes the arithmetic path instead.
 """
@@ -79,7 +79,7 @@ class RoundRobinBalancedPolicy(RoutingPolicy):
         base = ctx.token_offset * k + start  # int, or 0-d tensor under CUDA graphs
         if isinstance(base, int):
             first = base % ctx.num_experts
-            return self._table(ctx, order, n * k)[first:first + n * k].view(n, k).clone()  # [N, k] int32
+            return self._table(ctx, order, n * k)[first:first + n * k].view(n, k)  # [N, k] int32, read-only view
         slots = torch.arange(n * k, device=topk_ids.device, dtype=torch.int64)  # [N*k]
         slots = (slots + base) % ctx.num_experts
         return order[slots].view(n, k)  # [N, k] int32

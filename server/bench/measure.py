@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..model.gpu.cuda_graphs import DecodeGraphRunner, GraphsUnsupported
+from ..eplb_setup import build_eplb_settings
 from ..model.loader import load_model, read_model_spec
 from ..moe.router import ROUTER_RULES
 from ..moe.routing import RoutingContext
@@ -79,8 +80,9 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
     spec = read_model_spec(settings.model)
     policy = build_routing_policy(settings.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=env.world)
     t_load = time.perf_counter()
+    eplb = build_eplb_settings(settings.parallel, spec, env.world)  # parallel.redundant_experts / eplb_stats; None: off
     model = load_model(settings.model, policy=policy, ep_rank=env.rank, ep_size=env.world, ep_group=env.ep_group,
-                       device=env.device)
+                       device=env.device, eplb=eplb)
     synchronize(env.device)
     load_s = time.perf_counter() - t_load
     per_rank, small = opts.batch // env.world, opts.small_batch // env.world
@@ -248,7 +250,7 @@ def summarize(settings: BenchSettings, ranks: list[dict], device: dict) -> dict:
                   "dtype": r0["dtype"], "params_rank0": r0["params"], "expert_bytes_per_layer_rank0": r0["expert_bytes_per_layer"],
                   "weights": "random (model.shape)" if settings.model.shape is not None else (settings.model.path or settings.model.name)},
         "routing": {"name": settings.routing.name, **{k: v for k, v in settings.routing.params.items()}},
-        "parallel": {"ep_size": world, "backend": settings.parallel.backend},
+        "parallel": {"ep_size": world, "backend": settings.parallel.backend, "eplb": _eplb(settings.parallel)},
         "workload": {"batch": opts.batch, "input_len": opts.input_len, "output_len": opts.output_len,
                      "decode_steps": steps, "sync_every_step": opts.sync_every_step, "repeats": opts.repeats},
         "epserve": ours,
@@ -275,6 +277,14 @@ def summarize(settings: BenchSettings, ranks: list[dict], device: dict) -> dict:
         doc["speedup_vs_hf"] = {"prefill": ours["prefill_tok_s"] / hf["prefill_tok_s"],
                                 "decode": ours["decode_tok_s"] / hf["decode_tok_s"]}
     return doc
+
+
+def _eplb(parallel) -> dict | None:
+    """EPLB settings of the run (server/moe/eplb); None when off. Loads are then per physical slot."""
+    if not parallel.eplb_enabled:
+        return None
+    return {"redundant_experts": parallel.redundant_experts, "stats": parallel.eplb_stats,
+            "policy": parallel.eplb_policy, "interval": parallel.eplb_interval}
 
 
 def _mean(xs: list[float]) -> float:

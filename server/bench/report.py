@@ -52,7 +52,9 @@ def _num(x, digits: int = 0) -> str:
 def _policy(d: dict) -> str:
     r = d["routing"]
     extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "weights", "seed"))
-    return f'{r["name"]}({extra})' if extra else r["name"]
+    name = f'{r["name"]}({extra})' if extra else r["name"]
+    eplb = d["parallel"].get("eplb")
+    return f'{name} + EPLB R={eplb["redundant_experts"]}' if eplb else name
 
 
 def _small(d: dict) -> str:
@@ -174,4 +176,7 @@ def print_table(runs: list[dict], file=sys.stdout) -> None:
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_out/bench")
+    if not (folder / "runs").is_dir():
+        print(f"no benchmark runs under {folder}/runs", file=sys.stderr)
+        sys.exit(1)
     print_table(write_summary(folder))

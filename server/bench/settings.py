@@ -96,6 +96,8 @@ class BenchSettings:
         params = "".join(f"-{k}{v}" for k, v in sorted(self.routing.params.items())
                          if k not in defaults or defaults[k] != v)  # only what differs from the policy's defaults
         par = "single" if self.ep_size == 1 else f"ep{self.ep_size}"
+        if self.parallel.eplb_enabled:  # EPLB runs must not overwrite the plain run of the same policy
+            par += f"-eplb{self.parallel.redundant_experts}"
         return f"{self.model.name}-{par}-{self.routing.name}{params}".replace("/", "_")
 
 

@@ -40,3 +40,23 @@ def test_graph_runner_padding_is_invisible(policy):
     result = _run("graph_runner_static", policy=policy)
     assert result["ok"], result
     assert result["tokens"] == [3] * len(result["tokens"])
+
+
+def test_graphs_refuse_what_they_cannot_capture():
+    """Buckets cover every batch size; ep_size > 1 and non-kernel attention say why they stay eager."""
+    from server.config import ModelConfig
+    from server.model.gpu.cuda_graphs import DecodeGraphRunner, GraphsUnsupported, bucket_sizes, maybe_decode_graphs
+    from server.model.loader import load_model
+    from server.moe.routing import build_policy
+
+    assert bucket_sizes(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert bucket_sizes(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert bucket_sizes(1) == [1]
+    cpu = load_model(ModelConfig(), policy=build_policy("natural"))
+    kv = cpu.allocate_kv_cache(8, 16)
+    with pytest.raises(GraphsUnsupported, match="Triton kernels"):
+        DecodeGraphRunner(cpu, kv, max_batch=4, max_blocks_per_seq=4, capture=False)
+    assert maybe_decode_graphs(cpu, kv, max_batch=4, max_blocks_per_seq=4) is None
+    ep2 = load_model(ModelConfig(), policy=build_policy("natural"), ep_rank=0, ep_size=2)
+    with pytest.raises(GraphsUnsupported, match="ep_size=2"):
+        DecodeGraphRunner(ep2, ep2.allocate_kv_cache(8, 16), max_batch=4, max_blocks_per_seq=4, capture=False)

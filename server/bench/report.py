@@ -176,4 +176,7 @@ def print_table(runs: list[dict], file=sys.stdout) -> None:
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_out/bench")
+    if not (folder / "runs").is_dir():
+        print(f"no benchmark runs under {folder}/runs", file=sys.stderr)
+        sys.exit(1)
     print_table(write_summary(folder))

@@ -48,13 +48,30 @@ def build_forward_batch(work: list[SeqWork], token_offset: int, block_size: int,
 class ModelRunner:
     """Holds the model and this rank's KV cache; runs the rank's part of each step."""
 
-    def __init__(self, model, *, rank: int, num_blocks: int, block_size: int, device: torch.device, ep_group=None) -> None:
+    def __init__(self, model, *, rank: int, num_blocks: int, block_size: int, device: torch.device, ep_group=None,
+                 max_num_seqs: int | None = None, max_model_len: int | None = None) -> None:
         self.model = model
         self.rank = rank
         self.block_size = block_size
         self.device = torch.device(device)
         self.ep_group = ep_group
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        # ---- decode CUDA graphs (server/model/gpu/cuda_graphs.py): CUDA and ep_size 1 only,
+        # captured once here for batch buckets up to max_num_seqs; None keeps decode eager.
+        self.decode_graphs = None
+        if max_num_seqs and self.device.type == "cuda":
+            from ..model.gpu.cuda_graphs import maybe_decode_graphs
+
+            width = -(-(max_model_len or num_blocks * block_size) // block_size)
+            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=max_num_seqs,
+                                                     max_blocks_per_seq=min(width, num_blocks))
+
+    def _forward(self, batch) -> torch.Tensor:
+        """[S, V] logits: a graph replay for decode steps that fit a captured bucket, else eager."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(batch):
+            return graphs.run(batch)
+        return self.model.forward(batch, self.kv_caches)
 
     def bind_thread(self) -> None:
         """Make this rank's GPU current for the calling thread (the engine's step loop)."""
@@ -66,7 +83,7 @@ class ModelRunner:
         result = RankResult(step=plan.step, rank=self.rank)
         if plan.run_forward:
             batch = build_forward_batch(plan.work, plan.token_offset, self.block_size, self.device)
-            logits = self.model.forward(batch, self.kv_caches)  # [S, V] float32
+            logits = self._forward(batch)  # [S, V] float32
             rows = [i for i, w in enumerate(plan.work) if w.sample is not None]
             if rows:
                 picked = [plan.work[i] for i in rows]

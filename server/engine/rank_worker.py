@@ -41,7 +41,8 @@ def build_runner(app: AppConfig, policy, rank: int, world_size: int, device: tor
                        dtype=None, eplb=eplb)
     eng = app.engine
     return ModelRunner(model, rank=rank, num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
-                       block_size=eng.kv_block_size, device=device, ep_group=ep_group)
+                       block_size=eng.kv_block_size, device=device, ep_group=ep_group,
+                       max_num_seqs=eng.max_num_seqs, max_model_len=app.model.max_model_len)
 
 
 def start_rank(app: AppConfig, policy, rank: int, world_size: int, local_rank: int, init_method: str | None) -> tuple[ModelRunner | None, RankGroups, list[ReadyReport]]:

@@ -53,6 +53,8 @@ def check_graphable(model, block_size: int) -> None:
     spec = model.spec
     if model.ep_size != 1:
         raise GraphsUnsupported(f"ep_size={model.ep_size}: the all-to-all needs host-side split sizes (EP decode stays eager)")
+    if getattr(model.runtime, "replicas", None) is not None:
+        raise GraphsUnsupported("EPLB replica maps are rebuilt by rebalances; decode stays eager")
     if any(spec.sliding_windows):
         raise GraphsUnsupported("sliding-window attention has no kernel path (torch fallback needs host lists)")
     probe = ForwardBatch.empty(model.device)

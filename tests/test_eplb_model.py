@@ -32,13 +32,15 @@ def _long_prefill(model, rank: int) -> torch.Tensor:
     return PagedDriver(model, num_blocks=32).step([(0, tokens)], token_offset=rank * LONG)[0]
 
 
-def _rank(rank: int, ep_size: int, folder: str, stats: str) -> dict:
+def _rank(rank: int, ep_size: int, folder: str, stats: str, device: str = "cpu") -> dict:
+    """device "cuda": rank r on cuda:r (the NCCL run of tests/test_eplb_gpu.py)."""
     group = dist.group.WORLD
+    dev = f"cuda:{rank}" if device == "cuda" else device
     out = {}
     for key, parallel in (("block", None), ("eplb", ParallelConfig(ep_size=ep_size, redundant_experts=ep_size, eplb_stats=stats))):
         eplb = None if parallel is None else resolve_eplb(parallel, num_layers=2, num_experts=8, ep_size=ep_size)
         model = load_model(ModelConfig(path=folder), policy=skewed(ep_size), ep_rank=rank, ep_size=ep_size,
-                           ep_group=group, eplb=eplb)
+                           ep_group=group, eplb=eplb, device=dev)
         scenario = run_scenario(model, make_scenario(VOCAB), ep_size, rank)
         model.load_counters.reset()
         long = _long_prefill(model, rank)
@@ -60,17 +62,22 @@ def qwen3_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("ep_size", [2, 4])
 def test_eplb_keeps_logits_and_balances_ranks(qwen3_folder, tmp_path, ep_size) -> None:
+    check_eplb_ranks(qwen3_folder, tmp_path, ep_size)
+
+
+def check_eplb_ranks(folder, tmp_path, ep_size: int, device: str = "cpu", atol: float = 2e-5) -> None:
     loads = policy_expert_load(skewed(ep_size), num_layers=2, num_experts=8, top_k=2, ep_size=ep_size, tokens_per_rank=LONG)
     stats = write_expert_load(tmp_path / "stats.json", loads, source="skewed hot_ranks")
-    results = run_on_ranks(_rank, ep_size, str(qwen3_folder), str(stats))
+    backend = "nccl" if device == "cuda" else "gloo"
+    results = run_on_ranks(_rank, ep_size, str(folder), str(stats), device, backend=backend)
     for rank, res in enumerate(results):
         (block_sc, block_long, block_snap), (eplb_sc, eplb_long, eplb_snap) = res["block"], res["eplb"]
         after_sc, after_long, reports, placement = res["after"]
         for key in block_sc:
-            torch.testing.assert_close(eplb_sc[key], block_sc[key], rtol=0, atol=2e-5)
-            torch.testing.assert_close(after_sc[key], block_sc[key], rtol=0, atol=2e-5)
-        torch.testing.assert_close(eplb_long, block_long, rtol=0, atol=2e-5)
-        torch.testing.assert_close(after_long, block_long, rtol=0, atol=2e-5)
+            torch.testing.assert_close(eplb_sc[key], block_sc[key], rtol=0, atol=atol)
+            torch.testing.assert_close(after_sc[key], block_sc[key], rtol=0, atol=atol)
+        torch.testing.assert_close(eplb_long, block_long, rtol=0, atol=atol)
+        torch.testing.assert_close(after_long, block_long, rtol=0, atol=atol)
         assert all(r.experts_moved > 0 for r in reports)  # both rebalances moved weights across ranks
         assert placement.slots[0].count(7) > 1 and placement.slots[1].count(0) > 1  # the last rebalance's hot experts
     _, _, block_snap = results[0]["block"]

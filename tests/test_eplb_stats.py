@@ -115,3 +115,15 @@ def test_settings_against_the_model(tmp_path, monkeypatch) -> None:
     assert (s.num_nodes, s.num_groups, s.redundant_experts) == (2, 4, 4)
     placement = s.initial_placement(2, 8, 4)  # even loads: copies of the first experts of each node
     assert placement.num_slots == 12 and placement.slots_per_rank == 3
+
+
+def test_dry_run_checks_and_prints_the_eplb_plan(tmp_path, capsys) -> None:
+    from server.dry_run import dry_run
+
+    app = AppConfig.from_dict({"parallel": {"ep_size": 2, "redundant_experts": 2, "eplb_interval": 50}})
+    assert dry_run(app) == 0
+    assert "EPLB: 16+2 expert slots per layer placed from even loads (auto), rebalanced every 50 steps" in capsys.readouterr().out
+    stats = write_expert_load(tmp_path / "s.json", [[1] * 8] * 4, source="wrong width")
+    app = AppConfig.from_dict({"parallel": {"ep_size": 2, "eplb_stats": str(stats)}})
+    assert dry_run(app) == 2
+    assert "parallel.eplb_stats" in capsys.readouterr().err

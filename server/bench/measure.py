@@ -7,6 +7,7 @@ time one routing-policy call at decode and prefill sizes, and (ep_size 1) time t
 """
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
@@ -26,6 +27,7 @@ from .moe_timer import MoETimer
 from .settings import BenchSettings
 from .workload import StaticWorkload
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class RankEnv:
@@ -105,6 +107,9 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
             graph_note = f"captured: buckets {graphs.buckets} in {graphs.capture_seconds:.1f} s"
         except GraphsUnsupported as exc:
             graph_note = f"eager: {exc}"
+        except Exception as exc:  # a capture failure: keep measuring eagerly, say so in the results
+            log.exception("decode graph capture failed; decode runs eagerly")
+            graph_note = f"eager: capture FAILED ({type(exc).__name__}: {str(exc)[:300]})"
     decode_fn = graphs.run if graphs is not None and graphs.capture_enabled else None
     tick(1)
 
@@ -155,7 +160,11 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
         "load": load,
     }
     if env.world == 1 and opts.hf_baseline:
-        result["hf"] = _hf_once(settings, model, work, progress)
+        try:
+            result["hf"] = _hf_once(settings, model, work, progress)
+        except Exception as exc:  # our numbers still count; the failure is reported beside them
+            log.exception("transformers baseline failed")
+            result["hf_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     result["spec"] = spec
     result["dtype"] = str(model.dtype).replace("torch.", "")
     del graphs, model, kv
@@ -265,6 +274,7 @@ def summarize(settings: BenchSettings, ranks: list[dict], device: dict) -> dict:
                  "counted": "timed generations (prefill + decode), padding rows excluded"},
         "policy_cost_us": r0["policy_cost_us"],
         "hf": None,
+        "hf_error": r0.get("hf_error"),
         "speedup_vs_hf": None,
     }
     hf = r0.get("hf")

@@ -97,7 +97,8 @@ def write_summary(out_dir: Path) -> list[dict]:
                      f'decode graphs: {e["graphs"]}; sync every step: {d["workload"]["sync_every_step"]}'
                      + (f'; HF cache {hf.get("cache")}, attention {hf.get("attn_implementation")}, experts '
                         f'{hf.get("experts_implementation")}, compile {hf.get("compile")}, first-token agreement '
-                        f'{hf.get("first_token_agreement", float("nan")):.2f}' if hf else ""))
+                        f'{hf.get("first_token_agreement", float("nan")):.2f}' if hf else "")
+                     + (f'; HF baseline FAILED: {d["hf_error"]}' if d.get("hf_error") else ""))
     (out_dir / "summary.md").write_text("\n".join(parts) + "\n")
     _throughput_png(runs, out_dir / "throughput.png")
     return runs

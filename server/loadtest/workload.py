@@ -68,7 +68,8 @@ class RunResult:
 
     @property
     def completed(self) -> list[StreamResult]:
-        return [r for r in self.streams if r.finish is not None]
+        """Streams that ended with their final message and passed the count check."""
+        return [r for r in self.streams if r.finish is not None and r.error is None]
 
     @property
     def errors(self) -> list[StreamResult]:

@@ -6,6 +6,7 @@ key(s). Worker processes receive these objects, never Hydra state.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -43,6 +44,17 @@ def _build(cls: type, section: str, data: Mapping[str, Any] | None) -> Any:
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; known: {sorted(known)}")
     return cls(**{k: _freeze(v) for k, v in data.items()})
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP literals only: a DNS name such as 127.example.com
+    may resolve anywhere, so it counts as remote."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -158,8 +170,7 @@ class ServerConfig:
         _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key must be set together")
         _require(self.max_message_bytes >= 1024, "server.max_message_bytes must be at least 1024")
         _require(self.grace_period_s >= 0, "server.grace_period_s must be >= 0")
-        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
-        _require(loopback or self.allow_remote,
+        _require(is_loopback(self.host) or self.allow_remote,
                  f"server.host={self.host!r} is not a loopback address; set server.allow_remote=true to serve beyond this machine")
 
 

@@ -91,3 +91,14 @@ def test_bad_setting_exits_with_one_paragraph(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "model.dtype" in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.5.6.7", True), ("localhost", True), ("::1", True),
+                                           ("[::1]", True), ("127.example.com", False), ("0.0.0.0", False), ("10.0.0.1", False)])
+def test_loopback_detection(host: str, loopback: bool) -> None:
+    from server.config import is_loopback
+
+    assert is_loopback(host) is loopback
+    if not loopback:
+        with pytest.raises(ConfigError, match="allow_remote"):
+            AppConfig.from_dict(composed(f"server.host={host}"))

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.pb import service_pb2  # noqa: F401  (registers the service descriptor for reflection)
-from server.config import AppConfig, ConfigError
+from server.config import AppConfig, ConfigError, is_loopback
 from server.engine.api import Engine, GenerationRequest, SamplingParams, StopParams
 
 from .auth import BearerTokenInterceptor, resolve_token
@@ -52,8 +52,6 @@ def server_credentials(app: AppConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair])
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class Server:
@@ -64,7 +62,7 @@ class Server:
         self.app, self._start_engine = app, start_engine
         token = resolve_token(cfg)
         self._credentials = server_credentials(app)
-        if cfg.metrics_port and not (_is_loopback(cfg.metrics_host) or cfg.allow_remote):
+        if cfg.metrics_port and not (is_loopback(cfg.metrics_host) or cfg.allow_remote):
             raise ConfigError(f"server.metrics_host={cfg.metrics_host!r} is not a loopback address; "
                               "set server.allow_remote=true to expose metrics beyond this machine")
         self.state = ServingState()

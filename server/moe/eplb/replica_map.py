@@ -33,14 +33,11 @@ class ReplicaMap:
         if (placement.num_layers, placement.num_experts, placement.num_slots, placement.ep_size) != (
                 self.num_layers, self.num_experts, self.num_slots, self.ep_size):
             raise ValueError("a rebalance cannot change the number of layers, experts, slots or ranks")
-        table = torch.zeros(self.num_layers, self.num_experts, self.width, dtype=torch.int64)
-        counts = torch.ones(self.num_layers, self.num_experts, dtype=torch.int64)
-        for layer in range(self.num_layers):
-            for e, slots in enumerate(placement.replicas(layer)):
-                table[layer, e, :len(slots)] = torch.tensor(slots)
-                counts[layer, e] = len(slots)
-        self.table.copy_(table)
-        self.counts.copy_(counts)
+        replicas = [placement.replicas(layer) for layer in range(self.num_layers)]  # [L][E] -> slots
+        table = [[slots + [0] * (self.width - len(slots)) for slots in row] for row in replicas]  # padding never read
+        counts = [[len(slots) for slots in row] for row in replicas]
+        self.table.copy_(torch.tensor(table, dtype=torch.int64))
+        self.counts.copy_(torch.tensor(counts, dtype=torch.int64))
 
     def __call__(self, layer: int, ids: torch.Tensor, token_offset: int | torch.Tensor = 0) -> torch.Tensor:
         """ids [N, k] logical -> [N, k] int32 physical slots."""

@@ -64,6 +64,8 @@ class ExpertRebalancer:
         start = time.perf_counter()
         if loads is None:
             loads = self.window_loads(group)
+        else:  # the next live window starts here too
+            self._since = self.model.load_counters.lifetime_expert_tokens().clone()
         model, old = self.model, self.model.placement
         ep, rank = model.ep_size, model.ep_rank
         proposed = self.settings.place(loads, old.num_experts, ep)

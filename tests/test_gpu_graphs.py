@@ -112,7 +112,7 @@ def test_kernel_path_tracks_torch_path_at_real_width(monkeypatch):
         kv = model.allocate_kv_cache(work.num_blocks, PAGE)
         decode = work.decode_batches()
         out = [model(work.prefill_batch(), kv)]
-        tok = torch.tensor([11, 22, 33, 44], device="cuda")  # same inputs on both paths
+        tok = torch.tensor([11, 22, 33, 44], device=work.device)  # same inputs on both paths
         for i in range(len(decode)):
             out.append(model(decode.batch(i, tok), kv))
         return out

@@ -266,7 +266,11 @@ def summarize(settings: BenchSettings, ranks: list[dict], device: dict) -> dict:
         "small_batch": small,
         "moe_ms_per_layer": {"prefill": moe_prefill, "decode": moe_decode,
                              "prefill_mean": _mean(moe_prefill), "decode_mean": _mean(moe_decode),
-                             "prefill_tokens": opts.batch * opts.input_len, "decode_tokens": opts.batch},
+                             "prefill_tokens": opts.batch * opts.input_len, "decode_tokens": opts.batch,
+                             # rank 0's expert weights per layer over the decode MoE time: the HBM rate if
+                             # every local expert is read once per step (true at B=128, top-8 of 128)
+                             "decode_gb_s_all_experts_read": (r0["expert_bytes_per_layer"] / (_mean(moe_decode) * 1e-3) / 1e9
+                                                              if moe_decode else None)},
         "load": {**summary, "expert_max_over_mean_per_layer": load.expert_max_over_mean(),
                  "rank_max_over_mean_per_layer": load.rank_max_over_mean(),
                  "ranks_per_token_per_layer": load.mean_ranks_per_token(),

@@ -4,5 +4,4 @@
                        registry): KV write, paged decode and varlen prefill kernels, no host sync
   cuda_graphs.py       DecodeGraphRunner: decode steps captured once per batch bucket and replayed
                        (ep_size 1; routing policy and load counters inside the graph)
-  sync_check.py        no_host_sync(): a context that turns any CUDA host sync into an error
 """

@@ -17,16 +17,16 @@ SIZES=${*:-$GPUS}
 echo "GPUs: $GPUS, EP sizes: $SIZES" | tee -a "$OUT/device.txt"
 
 # 1. NCCL EP oracle test (4 families vs transformers and a dense reference, ~1 min).
-timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_model_gpu.py -k nccl 2>&1 \
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_model_gpu.py -k nccl 2>&1 \
     | tee "$OUT/pytest_gpu_ep.txt" | tail -15
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu_ep.txt"
 
 # 2. The EP benchmark: ~35 s per run, 5 runs per EP size (ranks spawned per run, NCCL).
 for EP in $SIZES; do
-  timeout 200 python3 -m server.bench -m routing=skewed routing.target=1.5,2,3 "parallel=ep$EP" \
+  timeout 190 python3 -m server.bench -m routing=skewed routing.target=1.5,2,3 "parallel=ep$EP" \
       bench.hf_baseline=false bench.rank_timeout_s=150 "bench.out_dir=$OUT/bench_ep" $EXTRA 2>&1 \
       | tr '\r' '\n' | grep -v -E '(it/s|s/it)\]$' | tee -a "$OUT/bench_ep$EP.log" | tail -6
-  timeout 140 python3 -m server.bench -m routing=greedy_balanced,round_robin_balanced "parallel=ep$EP" \
+  timeout 130 python3 -m server.bench -m routing=greedy_balanced,round_robin_balanced "parallel=ep$EP" \
       bench.hf_baseline=false bench.rank_timeout_s=120 "bench.out_dir=$OUT/bench_ep" $EXTRA 2>&1 \
       | tr '\r' '\n' | grep -v -E '(it/s|s/it)\]$' | tee -a "$OUT/bench_ep$EP.log" | tail -6
 done

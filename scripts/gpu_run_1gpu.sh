@@ -15,11 +15,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, transformers, hydra; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'hydra', hydra.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/device.txt"
 
 # 1. GPU tests (~2 min): no host sync in eager decode, graphs == eager, Triton path vs torch path.
-timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tee "$OUT/pytest_gpu_graphs.txt" | tail -25
+timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tee "$OUT/pytest_gpu_graphs.txt" | tail -25
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu_graphs.txt"
 
 # 2. The benchmark (~3 min): three policies, one process, transformers measured once and shared.
-timeout 280 python3 -m server.bench -m routing=natural,greedy_balanced,round_robin_balanced parallel=single \
+timeout 270 python3 -m server.bench -m routing=natural,greedy_balanced,round_robin_balanced parallel=single \
     "bench.out_dir=$OUT/bench" $EXTRA 2>&1 | tr '\r' '\n' | grep -v -E '(it/s|s/it)\]$' | tee "$OUT/bench_1gpu.log" | tail -15
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_1gpu.log"
 

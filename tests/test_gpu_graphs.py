@@ -144,3 +144,31 @@ def test_graph_capture_covers_every_bucket_and_replays_fast():
     ms = start.elapsed_time(end) / 10
     # 2 layers of 128 experts (2.4 GB of expert weights) + a 151936-wide head: far below 20 ms on an H100
     assert 0 < ms < 20, ms
+
+
+def test_engine_decodes_through_graphs_with_the_same_tokens(monkeypatch):
+    """The serving engine (ModelRunner hook) captures decode graphs on CUDA at ep 1 and generates
+    exactly what it generates with them off (EPSERVE_CUDA_GRAPHS=0)."""
+    from server.config import AppConfig
+    from server.engine.launcher import start_engine
+    from tests.test_engine_generate import request, serve_all
+
+    prompts = [list(b"Hello, world"), list(b"The quick brown fox"), list(b"MoE")]
+
+    def generate(graphs: bool) -> list[list[int]]:
+        monkeypatch.setenv("EPSERVE_CUDA_GRAPHS", "1" if graphs else "0")
+        app = AppConfig.from_dict({"model": {"name": "tiny"},
+                                   "engine": {"max_num_seqs": 4, "kv_cache_tokens": 2048, "kv_block_size": 16}})
+        eng = start_engine(app)
+        try:
+            runner = eng.executor.runner
+            assert (runner.decode_graphs is not None) == graphs
+            if graphs:
+                assert runner.decode_graphs.buckets == [1, 2, 4]
+            return [r[0] for r in serve_all(eng, [request(i, p, max_new=12) for i, p in enumerate(prompts)])]
+        finally:
+            eng.shutdown()
+
+    with_graphs = generate(True)
+    assert all(len(tokens) == 12 for tokens in with_graphs)
+    assert with_graphs == generate(False)

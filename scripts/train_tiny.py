@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded tiny MoE (server/assets/tiny). See server/training/train.py.
 
-    .venv/bin/python scripts/train_tiny.py [--steps 2000] [--threads 1] [--aux-loss-coef 0.001] [--out DIR]
+    .venv/bin/python scripts/train_tiny.py [--steps 1000] [--threads 1] [--aux-loss-coef 0.01] [--out DIR]
 """
 import sys
 from pathlib import Path

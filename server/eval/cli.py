@@ -62,6 +62,11 @@ def training_meta(folder: Path | None) -> dict:
 def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]] | None]:
     model_cfg = ModelConfig(path=args.model_path) if args.model_path else ModelConfig()
     spec = read_model_spec(model_cfg)
+    if spec.num_experts % args.ep_size:
+        raise SystemExit(f"--ep-size {args.ep_size} does not divide the model's {spec.num_experts} experts")
+    if args.num_seqs % (args.ep_size * args.seqs_per_rank):
+        raise SystemExit(f"--num-seqs {args.num_seqs} must be a multiple of --ep-size x --seqs-per-rank "
+                         f"= {args.ep_size * args.seqs_per_rank} (every step runs every simulated rank)")
     meta = training_meta(model_folder(model_cfg))
     permille = args.heldout_permille or meta.get("config", {}).get("heldout_permille", 50)
     corpus = load_corpus(permille)
@@ -97,7 +102,8 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]
         summary = snap.summary()
         row = {
             "policy": label, "perplexity": math.exp(nll / count), "nll_nats_per_byte": nll / count,
-            "fidelity": fidelity, "expert_max_over_mean": summary["expert_max_over_mean"],
+            "fidelity": fidelity, "balanced_fidelity_ceiling": probe.balanced_fidelity_ceiling(),
+            "expert_max_over_mean": summary["expert_max_over_mean"],
             "step_expert_max_over_mean": probe.step_expert_max_over_mean(),
             "rank_max_over_mean": summary["rank_max_over_mean"], "mean_ranks_per_token": summary["mean_ranks_per_token"],
             "per_layer": {"expert_max_over_mean": snap.expert_max_over_mean(), "rank_max_over_mean": snap.rank_max_over_mean(),

@@ -9,7 +9,10 @@ forward) and counts, on the device and without host syncs:
   * loads of the rewritten ids (ExpertLoadCounters at the simulated ep_size), over the run
     and per step;
   * loads of the router's own choice (natural), for reference;
-  * kept pairs: (token, expert) pairs of the router's top-k that survive the policy.
+  * kept pairs: (token, expert) pairs of the router's top-k that survive the policy;
+  * the balanced ceiling: in a call of n tokens an expert of a balanced assignment (loads
+    within ±1) takes at most ceil(n*k/E) tokens, so at most sum_e min(natural load_e,
+    ceil(n*k/E)) of the router's pairs can survive. It bounds every balanced policy's fidelity.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class PolicyProbe(RoutingPolicy):
         self.step_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the same, current step
         self.natural_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the router's ids
         self.kept = torch.zeros(num_layers, dtype=torch.int64)  # [L] natural pairs kept
+        self.ceiling = torch.zeros(num_layers, dtype=torch.int64)  # [L] most pairs a balanced assignment keeps
         self.step_snapshots: list[ExpertLoadSnapshot] = []
 
     def __call__(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext):
@@ -40,6 +44,10 @@ class PolicyProbe(RoutingPolicy):
         self.step_loads.record(ctx.layer, ids)
         self.natural_loads.record(ctx.layer, natural)
         self.kept[ctx.layer] += (ids[:, :, None] == natural[:, None, :]).any(-1).sum()  # [N, k] -> pairs kept
+        n = natural.shape[0]
+        counts = torch.zeros(ctx.num_experts, dtype=torch.int64, device=natural.device)  # [E]
+        counts.index_add_(0, natural.reshape(-1).long(), torch.ones(n * ctx.top_k, dtype=torch.int64, device=natural.device))
+        self.ceiling[ctx.layer] += counts.clamp(max=-(-n * ctx.top_k // ctx.num_experts)).sum()
         return ids, weights
 
     def end_step(self) -> None:
@@ -51,6 +59,10 @@ class PolicyProbe(RoutingPolicy):
         tokens = self.natural_loads.tokens  # [L]
         per_layer = (self.kept.double() / (tokens * self.top_k).clamp(min=1).double()).tolist()
         return float(self.kept.sum()) / max(1, int(tokens.sum()) * self.top_k), per_layer
+
+    def balanced_fidelity_ceiling(self) -> float:
+        """The most of the router's pairs any per-call balanced assignment could keep."""
+        return float(self.ceiling.sum()) / max(1, int(self.natural_loads.tokens.sum()) * self.top_k)
 
     def step_expert_max_over_mean(self) -> float:
         """Per-expert max/mean within each step (what sets that step's slowest expert), averaged

@@ -35,6 +35,10 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any]
         "max/mean per MoE layer, averaged over layers. Fidelity: fraction of the router's own (token, expert) "
         "pairs the policy kept.",
         "",
+        f"Balanced ceiling: no assignment with per-expert loads within ±1 in each policy call can keep more than "
+        f"{rows[0]['balanced_fidelity_ceiling']:.3f} of the router's pairs on this text (per call, an expert takes at most "
+        f"ceil(n*k/E) tokens).",
+        "",
     ]
     path.write_text("\n".join(lines))
 

@@ -103,6 +103,7 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]
         row = {
             "policy": label, "perplexity": math.exp(nll / count), "nll_nats_per_byte": nll / count,
             "fidelity": fidelity, "balanced_fidelity_ceiling": probe.balanced_fidelity_ceiling(),
+            "walk_fidelity_ceiling": probe.walk_fidelity_ceiling(),
             "expert_max_over_mean": summary["expert_max_over_mean"],
             "step_expert_max_over_mean": probe.step_expert_max_over_mean(),
             "rank_max_over_mean": summary["rank_max_over_mean"], "mean_ranks_per_token": summary["mean_ranks_per_token"],

@@ -12,14 +12,32 @@ forward) and counts, on the device and without host syncs:
   * kept pairs: (token, expert) pairs of the router's top-k that survive the policy;
   * the balanced ceiling: in a call of n tokens an expert of a balanced assignment (loads
     within ±1) takes at most ceil(n*k/E) tokens, so at most sum_e min(natural load_e,
-    ceil(n*k/E)) of the router's pairs can survive. It bounds every balanced policy's fidelity.
+    ceil(n*k/E)) of the router's pairs can survive. It bounds every balanced policy's fidelity;
+  * the walk ceiling: the seed's rule (greedy_balanced) keeps loads within ±1 at every prefix
+    of the token walk, so each super-round of T = lcm(E, k)/k consecutive tokens gives every
+    expert exactly lcm(E, k)/E slots; summing min(natural count, that) per round bounds what
+    any rule with that invariant can keep.
 """
 from __future__ import annotations
+
+from math import lcm
 
 import torch
 
 from ..moe.load_stats import ExpertLoadCounters, ExpertLoadSnapshot
 from ..moe.routing import RoutingContext, RoutingPolicy
+
+
+def walk_ceiling(natural: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """natural [N, k] -> 0-d: sum over super-rounds and experts of min(count, lcm(E, k)/E)."""
+    per_round = lcm(num_experts, top_k) // top_k  # tokens per super-round
+    slots = lcm(num_experts, top_k) // num_experts  # slots of each expert per super-round
+    n = natural.shape[0]
+    rounds = -(-n // per_round)
+    round_of = torch.arange(n, device=natural.device).repeat_interleave(top_k) // per_round  # [N*k]
+    counts = torch.zeros(rounds * num_experts, dtype=torch.int64, device=natural.device)  # [R*E]
+    counts.index_add_(0, round_of * num_experts + natural.reshape(-1).long(), torch.ones_like(round_of))
+    return counts.clamp(max=slots).sum()
 
 
 class PolicyProbe(RoutingPolicy):
@@ -33,6 +51,7 @@ class PolicyProbe(RoutingPolicy):
         self.natural_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the router's ids
         self.kept = torch.zeros(num_layers, dtype=torch.int64)  # [L] natural pairs kept
         self.ceiling = torch.zeros(num_layers, dtype=torch.int64)  # [L] most pairs a balanced assignment keeps
+        self.walk_ceiling = torch.zeros(num_layers, dtype=torch.int64)  # [L] the same under the seed's invariant
         self.step_snapshots: list[ExpertLoadSnapshot] = []
 
     def __call__(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext):
@@ -48,6 +67,7 @@ class PolicyProbe(RoutingPolicy):
         counts = torch.zeros(ctx.num_experts, dtype=torch.int64, device=natural.device)  # [E]
         counts.index_add_(0, natural.reshape(-1).long(), torch.ones(n * ctx.top_k, dtype=torch.int64, device=natural.device))
         self.ceiling[ctx.layer] += counts.clamp(max=-(-n * ctx.top_k // ctx.num_experts)).sum()
+        self.walk_ceiling[ctx.layer] += walk_ceiling(natural, ctx.num_experts, ctx.top_k)
         return ids, weights
 
     def end_step(self) -> None:
@@ -63,6 +83,10 @@ class PolicyProbe(RoutingPolicy):
     def balanced_fidelity_ceiling(self) -> float:
         """The most of the router's pairs any per-call balanced assignment could keep."""
         return float(self.ceiling.sum()) / max(1, int(self.natural_loads.tokens.sum()) * self.top_k)
+
+    def walk_fidelity_ceiling(self) -> float:
+        """The most of the router's pairs a rule balanced at every prefix (the seed's) could keep."""
+        return float(self.walk_ceiling.sum()) / max(1, int(self.natural_loads.tokens.sum()) * self.top_k)
 
     def step_expert_max_over_mean(self) -> float:
         """Per-expert max/mean within each step (what sets that step's slowest expert), averaged

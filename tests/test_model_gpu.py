@@ -41,7 +41,9 @@ def test_tiny_bf16_cuda_runs_close_to_fp32():
     bf16 = load_model(ModelConfig(dtype="bfloat16"), policy=build_policy("natural"), device="cuda")
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     for a, b in zip(_steps(fp32), _steps(bf16)):
-        assert torch.isfinite(b).all() and (a - b).abs().max() < 5e-2
+        # bf16 operands: relative error between 1e-3 and 1e-2 (logits of the trained model reach
+        # |14|, where one bf16 ulp is 0.0625, so an absolute bound would test the scale, not the path)
+        assert torch.isfinite(b).all() and ((a - b).norm() / a.norm()).item() < 1e-2
 
 
 def test_real_width_random_shape_loads_fast_on_cuda():

@@ -6,7 +6,7 @@ import warnings
 from . import generation_pb2 as epserve_dot_v1_dot_generation__pb2
 from . import info_pb2 as epserve_dot_v1_dot_info__pb2
 
-GRPC_GENERATED_VERSION = '1.84.2'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -18,6 +18,8 @@ R=${REDUNDANT:-16}                  # redundant experts per layer (a multiple of
 ZIPF=${ZIPF_TARGET:-3}              # skewed zipf: per-expert max/mean
 HOT=${HOT_TARGET:-1.8}              # skewed hot_ranks: one hot rank at this per-rank max/mean
 EXTRA=${BENCH_EXTRA:-}
+MODES=${EPLB_MODES:-"zipf hot_ranks"}  # skewed modes to run
+UPPER=${EPLB_UPPER:-1}              # 0: skip the greedy_balanced run (when gpu_run_ep.sh made it)
 mkdir -p "$OUT/eplb_stats" "$OUT/bench_eplb"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -37,7 +39,7 @@ for EP in $SIZES; do
   # 0. GPU checks of EPLB itself: replica map inside a CUDA graph, CUDA model, NCCL ep2 weight moves.
   timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_eplb_gpu.py 2>&1 | tail -4 \
       | tee -a "$OUT/bench_eplb/ep$EP.log"
-  for MODE in zipf hot_ranks; do
+  for MODE in $MODES; do
     TARGET=$([ "$MODE" = zipf ] && echo "$ZIPF" || echo "$HOT")
     ROUTING="routing=skewed routing.mode=$MODE routing.target=$TARGET"
     STATS="$OUT/eplb_stats/${MODEL}_ep${EP}_${MODE}${TARGET}.json"
@@ -50,7 +52,7 @@ for EP in $SIZES; do
     bench "parallel=ep$EP" $ROUTING parallel.redundant_experts=$R "parallel.eplb_stats=$STATS"
   done
   # 3. The output-changing upper bound.
-  bench "parallel=ep$EP" routing=greedy_balanced
+  [ "$UPPER" = 0 ] || bench "parallel=ep$EP" routing=greedy_balanced
 done
 
 $PY -m server.bench.report "$OUT/bench_eplb"

@@ -86,3 +86,5 @@ def test_policy_specs_and_errors():
         main([*ARGS, "--policies", "nope"])
     with pytest.raises(SystemExit, match="routing.target"):
         main([*ARGS, "--policies", "skewed:target=50"])
+    with pytest.raises(SystemExit, match="--ep-size 1"):
+        main([*ARGS, "--policies", "record:path=/tmp/x{rank}.eptrace"])

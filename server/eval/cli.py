@@ -87,6 +87,9 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]
                 policy.validate(spec.num_experts, spec.top_k, args.ep_size)
         except (UnknownPolicyError, PolicyConfigError, TypeError) as exc:
             raise SystemExit(f"--policies {name}: {exc}") from None
+        if policy.name == "record" and args.ep_size > 1:
+            raise SystemExit("--policies record: use --ep-size 1 (one process simulates every rank here, so a "
+                             "per-rank trace cannot be told apart)")
         policies.append((name if not params else f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})", policy))
     model = load_model(model_cfg, policy=policies[0][1], dtype=torch.float32)
     rows, natural_loads, natural_ppl = [], None, None

@@ -230,3 +230,25 @@ def test_record_and_replay_compose_from_the_command_line(tmp_path):
                           "routing.path='/tmp/x.rank{rank}.eptrace'"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "name: record" in out.stdout and "/tmp/x.rank{rank}.eptrace" in out.stdout
+
+
+def test_shipped_tiny_trace_gives_a_large_random_model_its_imbalance():
+    """The benchmark use: the tiny model's recorded held-out routing (server/assets/tiny) replayed
+    by popularity on a random-weight model with 4x the experts and twice the top-k."""
+    from server.model.loader import TINY_MODEL_DIR
+
+    trace_path = TINY_MODEL_DIR / "heldout_routing.eptrace"
+    trace = read_trace(trace_path)
+    shape = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 272, "hidden_size": 32, "num_hidden_layers": 3,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 32,
+             "moe_intermediate_size": 8, "num_experts": 64, "num_experts_per_tok": 4}
+    cfg = AppConfig.from_dict(composed("routing=replay", f"routing.path={trace_path}", "routing.on_mismatch=remap",
+                                       "parallel=ep4"))
+    policy = build_routing_policy(cfg.routing, num_experts=64, top_k=4, ep_size=4)
+    model = load_model(ModelConfig(name="bench", shape=shape, dtype="float32"), policy=policy)
+    PagedDriver(model, num_blocks=300, block_size=16).step([(s, [(s + 7 * i) % 256 for i in range(1000)]) for s in range(4)])
+    load = model.load_counters.snapshot()
+    for layer, got in enumerate(load.expert_max_over_mean()):
+        counts = trace.expert_counts(layer % trace.num_layers).double()
+        want = float(counts.max() / counts.mean())
+        assert abs(got - want) < 0.1 * want, (layer, got, want)

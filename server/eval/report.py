@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,14 @@ COLUMNS = [
 ]
 
 
+def _cell(fmt: str, value: Any) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" if key == "policy" else "---:" for key, _, _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    body = ["| " + " | ".join(_cell(fmt, row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
     return "\n".join([head, rule, *body]) + "\n"
 
 

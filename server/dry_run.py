@@ -18,7 +18,8 @@ def dry_run(app: AppConfig) -> int:
 
     try:
         spec = read_model_spec(app.model)
-        policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=app.parallel.ep_size)
+        policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=app.parallel.ep_size,
+                                      num_layers=spec.num_moe_layers)
         eplb = build_eplb_settings(app.parallel, spec, app.parallel.ep_size)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"epserve: configuration error: {exc}", file=sys.stderr)

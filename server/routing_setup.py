@@ -5,7 +5,8 @@ from .config import ConfigError, RoutingConfig, thaw
 from .moe.routing import PolicyConfigError, RoutingPolicy, UnknownPolicyError, build_policy
 
 
-def build_routing_policy(cfg: RoutingConfig, *, num_experts: int, top_k: int, ep_size: int) -> RoutingPolicy:
+def build_routing_policy(cfg: RoutingConfig, *, num_experts: int, top_k: int, ep_size: int,
+                         num_layers: int | None = None) -> RoutingPolicy:
     """Build the configured policy; any problem becomes a ConfigError naming the key."""
     if num_experts % ep_size:
         raise ConfigError(
@@ -16,7 +17,7 @@ def build_routing_policy(cfg: RoutingConfig, *, num_experts: int, top_k: int, ep
         raise ConfigError(f"the model's top-k ({top_k}) must be in [1, num_experts={num_experts}]")
     try:
         policy = build_policy(cfg.name, **thaw(cfg.params))
-        policy.validate(num_experts, top_k, ep_size)
+        policy.validate(num_experts, top_k, ep_size, num_layers)
     except UnknownPolicyError as exc:
         raise ConfigError(f"routing.name: {exc}") from None
     except (PolicyConfigError, TypeError) as exc:

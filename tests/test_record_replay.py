@@ -153,6 +153,8 @@ def test_mismatch_is_refused_with_the_keys_named(tmp_path):
         build_routing_policy(app.routing, num_experts=64, top_k=4, ep_size=1)
     with pytest.raises(PolicyConfigError, match="MoE layers: model 5, trace 3"):
         build_policy("replay", path=str(path)).validate(16, 2, 1, num_layers=5)
+    with pytest.raises(ConfigError, match="MoE layers: model 5, trace 3"):  # start-up passes the layer count
+        build_routing_policy(app.routing, num_experts=16, top_k=2, ep_size=1, num_layers=5)
     # Without the layer count at start-up, the first call of a layer the trace lacks refuses.
     replay = build_policy("replay", path=str(path))
     with pytest.raises(PolicyConfigError, match="3 MoE layers"):

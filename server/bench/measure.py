@@ -80,7 +80,8 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
     """This rank's numbers (plain data). Collective calls inside: every rank must run it."""
     opts = settings.bench
     spec = read_model_spec(settings.model)
-    policy = build_routing_policy(settings.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=env.world)
+    policy = build_routing_policy(settings.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=env.world,
+                                  num_layers=spec.num_moe_layers)
     t_load = time.perf_counter()
     eplb = build_eplb_settings(settings.parallel, spec, env.world)  # parallel.redundant_experts / eplb_stats; None: off
     model = load_model(settings.model, policy=policy, ep_rank=env.rank, ep_size=env.world, ep_group=env.ep_group,

@@ -71,7 +71,8 @@ def _model_setup(app: AppConfig, world_size: int):
         spec = read_model_spec(app.model)
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from exc
-    policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size)
+    policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size,
+                                  num_layers=spec.num_moe_layers)
     build_eplb_settings(app.parallel, spec, world_size)  # EPLB keys vs the model: ConfigError now, not on a rank
     max_model_len = app.model.max_model_len
     if spec.max_position_embeddings and max_model_len > spec.max_position_embeddings:

@@ -55,6 +55,8 @@ def check_graphable(model, block_size: int) -> None:
         raise GraphsUnsupported(f"ep_size={model.ep_size}: the all-to-all needs host-side split sizes (EP decode stays eager)")
     if getattr(model.runtime, "replicas", None) is not None:
         raise GraphsUnsupported("EPLB replica maps are rebuilt by rebalances; decode stays eager")
+    if not model.runtime.policy.graph_safe:
+        raise GraphsUnsupported(f"routing policy {model.runtime.policy.name!r} works host-side (not graph-safe)")
     if any(spec.sliding_windows):
         raise GraphsUnsupported("sliding-window attention has no kernel path (torch fallback needs host lists)")
     probe = ForwardBatch.empty(model.device)

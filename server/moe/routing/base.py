@@ -36,6 +36,8 @@ class RoutingPolicy:
     name: ClassVar[str] = ""
     #: What this policy guarantees about balance, shown in GetModelInfo and the README table.
     guarantee: ClassVar[str] = ""
+    #: False for policies that work host-side (routing=record): decode then stays eager.
+    graph_safe: ClassVar[bool] = True
 
     def __init__(self, weights: str = "keep", seed: int = 0) -> None:
         if weights not in WEIGHT_MODES:
@@ -68,8 +70,9 @@ class RoutingPolicy:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def validate(self, num_experts: int, top_k: int, ep_size: int) -> None:
-        """Raise PolicyConfigError if this policy cannot serve a model of this shape.
+    def validate(self, num_experts: int, top_k: int, ep_size: int, num_layers: int | None = None) -> None:
+        """Raise PolicyConfigError if this policy cannot serve a model of this shape
+        (`num_layers`: the model's MoE layers, when known).
 
         Called once at start-up, so an impossible combination stops the server with a message
         naming the keys instead of failing inside the first forward pass.

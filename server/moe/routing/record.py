@@ -102,7 +102,7 @@ class RecordPolicy(RoutingPolicy):
     def params(self) -> dict:
         return {**super().params(), "path": self.path, "flush_tokens": self.flush_tokens}
 
-    def validate(self, num_experts: int, top_k: int, ep_size: int) -> None:
+    def validate(self, num_experts: int, top_k: int, ep_size: int, num_layers: int | None = None) -> None:
         if ep_size > 1 and RANK_FIELD not in self.path:
             raise PolicyConfigError(
                 f"routing.path={self.path!r} must contain {RANK_FIELD} when parallel.ep_size={ep_size} > 1: "

@@ -71,7 +71,7 @@ class SkewedPolicy(RoutingPolicy):
     def params(self) -> dict:
         return {**super().params(), "target": self.target, "mode": self.mode, "hot_ranks": self.hot_ranks}
 
-    def validate(self, num_experts: int, top_k: int, ep_size: int) -> None:
+    def validate(self, num_experts: int, top_k: int, ep_size: int, num_layers: int | None = None) -> None:
         if self.target * top_k / num_experts > 1.0 + 1e-9:
             raise PolicyConfigError(
                 f"routing.target={self.target} is unreachable with {num_experts} experts and top-k {top_k}: "

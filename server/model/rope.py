@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from ..moe.kernels import ops
+
 
 def _default_inv_freq(head_dim: int, theta: float, factor: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # [D/2]
@@ -39,11 +41,7 @@ class RotaryEmbedding:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]: x*cos + rotate_half(x)*sin (torch on
+    CPU, one Triton pass on CUDA: server/moe/kernels/norm_rope.py)."""
+    return ops.rope(x, cos, sin)

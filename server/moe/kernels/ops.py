@@ -6,6 +6,8 @@
     paged_decode_attention(q [S,Hq,D], k_cache, v_cache, block_tables [S,B], context_lens [S]) -> [S,Hq,D]
     prefill_attention(q [T,Hq,D], k_cache, v_cache, block_tables, cu_seqlens_q [S+1], context_lens [S]) -> [T,Hq,D]
     write_kv_cache(k [T,Hkv,D], v, k_cache, v_cache, slot_mapping [T]) -> None (in place)
+    rms_norm(x [...,D], weight [D], eps) -> [...,D]          (transformers' RMSNorm, one pass)
+    rope(x [T,heads,D], cos [T,D], sin [T,D]) -> [T,heads,D]  (rotary embedding, one pass)
 
 `backend="auto"` picks "triton" for CUDA tensors when Triton imports, else "torch"; the env
 var EPSERVE_KERNEL_BACKEND=torch forces the twins everywhere (baselines). The MoE ops also
@@ -52,6 +54,14 @@ _IMPLS: dict[str, dict[str, tuple[str, str]]] = {
         "triton": ("attention_decode", "write_kv_cache_triton"),
         "torch": ("attention_reference", "write_kv_cache"),
     },
+    "rms_norm": {
+        "triton": ("norm_rope", "rms_norm_triton"),
+        "torch": ("norm_rope", "rms_norm_reference"),
+    },
+    "rope": {
+        "triton": ("norm_rope", "rope_triton"),
+        "torch": ("norm_rope", "rope_reference"),
+    },
 }
 
 
@@ -96,3 +106,13 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_l
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto") -> None:
     implementation("write_kv_cache", backend, k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x, weight, eps: float, *, backend: str = "auto") -> torch.Tensor:
+    """[..., D]: x normalised in float32, cast to x's dtype, times weight."""
+    return implementation("rms_norm", backend, x)(x, weight, eps)
+
+
+def rope(x, cos, sin, *, backend: str = "auto") -> torch.Tensor:
+    """[T, heads, D]: x * cos + rotate_half(x) * sin."""
+    return implementation("rope", backend, x)(x, cos, sin)

@@ -103,12 +103,6 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
             rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_seed": None})
             from server.moe.kernels.greedy_route import greedy_balanced_triton
-            from server.moe.kernels.greedy_route_cuda import greedy_balanced_cuda
-            bf = logits.to(torch.bfloat16)
-            if greedy_balanced_cuda(bf, top_k) is not None:
-                f = lambda: greedy_balanced_cuda(bf, top_k)  # noqa: E731
-                rows.append({"policy": "greedy CUDA warp kernel bfloat16", "n": n, "eager_us": time_eager(f, device, iters) * 1e6,
-                             "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
             for score_dtype in (torch.float32, torch.bfloat16):
                 scores = logits.to(score_dtype)
                 for rb in (1, 2):

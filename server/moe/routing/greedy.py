@@ -14,9 +14,7 @@ when E % k == 0: each expert exactly once per round). Within a super-round the w
 sequential over its T tokens, and a token's k slots collapse into one step: the loads of the
 experts it may still take do not change while it picks, so its k picks are the k smallest
 keys (load, -score, expert id). The torch path below runs T vectorised steps over all
-super-rounds at once; on CUDA a Triton kernel runs one program per super-round, and for
-bf16/fp16 scores with E % k == 0 a CUDA kernel runs one warp per round
-(server/moe/kernels/greedy_route_cuda.py).
+super-rounds at once; on CUDA a Triton kernel runs one program per super-round.
 """
 from __future__ import annotations
 
@@ -68,15 +66,10 @@ def greedy_balanced_torch(router_logits: torch.Tensor, top_k: int) -> torch.Tens
 
 
 def greedy_balanced_ids(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """On CUDA: the warp-per-round CUDA kernel where it applies (bf16/fp16, E % k == 0), else the
-    Triton kernel; the torch path elsewhere. All three give identical ids."""
+    """Dispatch to the Triton kernel on CUDA, the torch path elsewhere."""
     if router_logits.is_cuda:
         from ..kernels.greedy_route import greedy_balanced_triton, triton_available
-        from ..kernels.greedy_route_cuda import greedy_balanced_cuda
 
-        ids = greedy_balanced_cuda(router_logits, top_k)
-        if ids is not None:
-            return ids
         if triton_available():
             return greedy_balanced_triton(router_logits, top_k)
     return greedy_balanced_torch(router_logits, top_k)

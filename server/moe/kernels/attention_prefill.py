@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .attention_reference import check_paged_inputs
 from .availability import dot_mode
-from .triton_helpers import cast_rtne, dot_operand
+from .triton_helpers import cast_rtne, check_kernel_layout, dot_operand
 from .workspace import workspace
 
 LOG2E = 1.4426950408889634
@@ -110,11 +110,7 @@ def prefill_attention_triton(
     block_n = block_n or (16 if wide else 64)
     num_seqs = cu_seqlens_q.numel() - 1
     num_kv_heads, group = check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens, num_seqs)
-    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(2) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous head_dim")
-    page = k_cache.shape[1]
-    if page & (page - 1):
-        raise ValueError(f"block_size must be a power of two, got {page}")
+    page = check_kernel_layout(q, k_cache, v_cache)  # KV block size
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if out is None:
         out = workspace((num_tokens, num_heads, head_dim), q.dtype, q.device)

@@ -26,3 +26,14 @@ def cast_rtne(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+def check_kernel_layout(q, k_cache, v_cache) -> int:
+    """What the attention kernels need beyond check_paged_inputs: a contiguous head_dim in q and
+    both caches (16-byte vector loads) and a power-of-two page (block) size, which is returned."""
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous head_dim")
+    page = k_cache.shape[1]
+    if page & (page - 1):
+        raise ValueError(f"block_size must be a power of two, got {page}")
+    return page

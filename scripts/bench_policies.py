@@ -103,13 +103,22 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
             rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_seed": None})
             from server.moe.kernels.greedy_route import greedy_balanced_triton
+            from server.moe.kernels.greedy_route_cuda import greedy_balanced_cuda
             for score_dtype in (torch.float32, torch.bfloat16):
                 scores = logits.to(score_dtype)
-                for rb in (1, 2):
-                    for warps in (2, 4, 8):
-                        f = lambda: greedy_balanced_triton(scores, top_k, rounds_per_program=rb, num_warps=warps)  # noqa: E731
-                        rows.append({"policy": f"greedy kernel {str(score_dtype)[6:]} rb={rb} warps={warps}", "n": n,
-                                     "eager_us": time_eager(f, device, iters) * 1e6, "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
+                f = lambda: greedy_balanced_triton(scores, top_k)  # noqa: E731
+                rows.append({"policy": f"greedy Triton kernel {str(score_dtype)[6:]}", "n": n,
+                             "eager_us": time_eager(f, device, iters) * 1e6, "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
+            # The CUDA kernel's ranked lists cover less of the round when scores spread wider than
+            # 255 bf16 codes or share a per-expert bias; its exact fallback then costs more.
+            variants = {"randn": logits, "randn x100": logits.float() * 100, "randn + expert bias": logits.float() + torch.linspace(-3, 3, num_experts, device=device)}
+            for label, variant in variants.items():
+                scores = variant.to(torch.bfloat16)
+                if greedy_balanced_cuda(scores, top_k) is None:
+                    continue
+                f = lambda: greedy_balanced_cuda(scores, top_k)  # noqa: E731
+                rows.append({"policy": f"greedy CUDA kernel bfloat16, {label} logits", "n": n,
+                             "eager_us": time_eager(f, device, iters) * 1e6, "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
     return rows
 
 

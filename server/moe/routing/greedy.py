@@ -14,7 +14,8 @@ when E % k == 0: each expert exactly once per round). Within a super-round the w
 sequential over its T tokens, and a token's k slots collapse into one step: the loads of the
 experts it may still take do not change while it picks, so its k picks are the k smallest
 keys (load, -score, expert id). The torch path below runs T vectorised steps over all
-super-rounds at once; on CUDA a Triton kernel runs one program per super-round.
+super-rounds at once; on CUDA a kernel runs one program per super-round (see
+server/moe/kernels/greedy_route_cuda.py for the bf16/fp16 one, greedy_route.py for the rest).
 """
 from __future__ import annotations
 
@@ -66,8 +67,14 @@ def greedy_balanced_torch(router_logits: torch.Tensor, top_k: int) -> torch.Tens
 
 
 def greedy_balanced_ids(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Dispatch to the Triton kernel on CUDA, the torch path elsewhere."""
+    """On CUDA: the ballot-chain CUDA kernel where it applies (bf16/fp16, E % k == 0, E <= 256,
+    E/k <= 32), else the Triton kernel; the torch path elsewhere. All three give identical ids."""
     if router_logits.is_cuda:
+        from ..kernels.greedy_route_cuda import greedy_balanced_cuda
+
+        ids = greedy_balanced_cuda(router_logits, top_k)
+        if ids is not None:
+            return ids
         from ..kernels.greedy_route import greedy_balanced_triton, triton_available
 
         if triton_available():

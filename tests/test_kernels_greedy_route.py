@@ -92,3 +92,18 @@ def test_cuda_kernel_matches_torch_on_gpu() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured.cpu(), greedy_balanced_torch(s.cpu(), 8))
+
+
+def test_cuda_kernel_dispatch_rules() -> None:
+    """Which calls the CUDA kernel takes (the rest go to Triton): bf16/fp16, E % k == 0, E <= 256,
+    E/k <= 32, CUDA tensors only."""
+    from server.moe.kernels.greedy_route_cuda import greedy_balanced_cuda, kernel_applies
+
+    nvrtc = hasattr(torch.cuda, "_compile_kernel")
+    assert kernel_applies(256, 8, torch.bfloat16) is nvrtc
+    assert kernel_applies(60, 4, torch.float16) is nvrtc
+    assert not kernel_applies(256, 8, torch.float32)  # fp32 codes do not fit 16 bits
+    assert not kernel_applies(256, 6, torch.bfloat16)  # E % k != 0: super-rounds, Triton
+    assert not kernel_applies(512, 16, torch.bfloat16)  # expert id must fit 8 bits
+    assert not kernel_applies(256, 4, torch.bfloat16)  # 64 tokens per round
+    assert greedy_balanced_cuda(torch.randn(4, 256).to(torch.bfloat16), 8) is None  # CPU tensor

@@ -10,67 +10,113 @@
 
 #define FULL 0xFFFFFFFFu
 #define WINDOW 255                                  // bins 0..254: exact codes below the best
+#ifndef SMALL_FROM
 #define SMALL_FROM (NE <= 32 ? 0 : (NE - 32 + NK - 1) / NK)  // first token with <= 32 experts left
+#endif
 #define FAST_END (SMALL_FROM < NT ? SMALL_FROM : NT)
 
 struct Smem {
-  unsigned short code[NT * NE];    // [T, E] ordered score codes, higher = better
+  __align__(16) unsigned short code[NT * NE];    // [T, E] ordered score codes, higher = better
   unsigned char ranked[NT * NE];   // [T, E] per token: expert ids, best first (first `listed`)
-  unsigned short count[NP][256];   // per prework warp: bin counts, then bin starts
-  unsigned int peers[NP][256];     // per prework warp: lanes that hit a bin in this slot round
+  __align__(16) unsigned short count[NP][256];   // per prework warp: bin counts, then bin starts
+  __align__(16) unsigned int peers[NP][256];     // per prework warp: lanes that hit a bin in this chunk
+  __align__(16) unsigned short window[NP][256];  // per prework warp: (bin << 8) | expert, in-window experts in id order
   int listed[NT];                  // per token: length of its ranked prefix
   unsigned char taken[NE];         // expert already taken in this round
   unsigned char picked[NT * NK];   // [T, k] the round's picks, written out at the end
   unsigned char alive[32];         // the <= 32 experts left (small-set phase)
+  unsigned int greater[NT][32];    // small-set phase: per token, lanes it scores higher
 };
 static_assert(sizeof(Smem) <= SMEM_BYTES, "launcher's shared-memory size is too small for struct Smem");
 
 __device__ __forceinline__ void bar_sync(int id, int threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 __device__ __forceinline__ void bar_arrive(int id, int threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 __device__ __forceinline__ unsigned int full_key(unsigned int code, int e) { return ((code << 8) | (255u - e)) + 1u; }
+// Two bf16/fp16 bit patterns -> two order-preserving codes (negative: all bits flipped; else sign set).
+__device__ __forceinline__ unsigned int order_codes(unsigned int w) {
+  return w ^ (0x80008000u | (((w >> 15) & 0x00010001u) * 0x7FFFu));
+}
 
-// Stable counting sort of one token's experts into s.ranked[j]; lane owns experts lane + 32*i.
-__device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, int j, int warp, int lane) {
-  unsigned short* count = s.count[warp];
-  unsigned int* peers = s.peers[warp];
-  const unsigned int lower = (1u << lane) - 1u;
-  int code[8];
+// One lane's 16-byte slice of a row (E % 8 == 0, 16-byte aligned rows), loaded ahead of use.
+__device__ __forceinline__ uint4 load_slice(const unsigned short* __restrict__ row, int lane) {
+#ifdef VEC
+  if (lane * 8 < NE) return *reinterpret_cast<const uint4*>(row + lane * 8);
+#endif
+  return make_uint4(0, 0, 0, 0);
+}
+
+// Stores the token's codes in s.code[j] and returns its best code.
+__device__ __forceinline__ int load_codes(Smem& s, const unsigned short* __restrict__ row, uint4 v, int j, int lane) {
+#ifdef VEC  // the slice was loaded by load_slice
+  unsigned int best = 0;
+  if (lane * 8 < NE) {
+    v.x = order_codes(v.x); v.y = order_codes(v.y); v.z = order_codes(v.z); v.w = order_codes(v.w);
+    *reinterpret_cast<uint4*>(s.code + j * NE + lane * 8) = v;
+    const unsigned int m = __vmaxu2(__vmaxu2(v.x, v.y), __vmaxu2(v.z, v.w));
+    best = max(m & 0xFFFFu, m >> 16) + 1u;
+  }
+#else
   unsigned int best = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int e = lane + 32 * i;
-    code[i] = -1;
     if (e < NE) {
-      const unsigned int u = row[e];
-      const unsigned int c = u ^ ((u & 0x8000u) ? 0xFFFFu : 0x8000u);  // order-preserving
-      code[i] = (int)c;
+      const unsigned int c = order_codes(row[e]) & 0xFFFFu;
       s.code[j * NE + e] = (unsigned short)c;
       best = max(best, c + 1u);
     }
   }
-  const int top = (int)__reduce_max_sync(FULL, best) - 1;
-#pragma unroll
-  for (int b = lane; b < 256; b += 32) { count[b] = 0; peers[b] = 0; }
+#endif
   __syncwarp();
-  int bin[8], off[8];
-  // Slot rounds in expert order (round i = experts 32i..32i+31, lanes in id order): equal
-  // codes get consecutive places in expert-id order, the tie-break of the torch path.
+  return (int)__reduce_max_sync(FULL, best) - 1;
+}
+
+// Stable counting sort of one token's experts into s.ranked[j].
+__device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, uint4 slice, int j, int warp, int lane) {
+  unsigned short* count = s.count[warp];
+  unsigned int* peers = s.peers[warp];
+  unsigned short* window = s.window[warp];
+  const unsigned int lower = (1u << lane) - 1u;
+  const int top = load_codes(s, row, slice, j, lane);
+  reinterpret_cast<uint4*>(count)[lane] = make_uint4(0, 0, 0, 0);
+  reinterpret_cast<uint4*>(peers)[2 * lane] = make_uint4(0, 0, 0, 0);
+  reinterpret_cast<uint4*>(peers)[2 * lane + 1] = make_uint4(0, 0, 0, 0);
+  // In-window experts, compacted in expert-id order: (bin << 8) | e, bin = codes below the best.
+  int listed = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    bin[i] = code[i] < 0 ? WINDOW : min(top - code[i], WINDOW);
-    const bool in = bin[i] < WINDOW;
-    const int b = in ? bin[i] : 0;
-    if (in) atomicOr(&peers[b], 1u << lane);
-    __syncwarp();
-    const unsigned int m = in ? peers[b] : 0u;
-    const unsigned int base = in ? count[b] : 0u;
-    off[i] = (int)(base + __popc(m & lower));
-    __syncwarp();
-    if (in && (m & lower) == 0) {  // first lane of its bin this round
-      count[b] = (unsigned short)(base + __popc(m));
-      peers[b] = 0;
+    const int e = lane + 32 * i;
+    const int d = e < NE ? top - (int)s.code[j * NE + e] : WINDOW;
+    const bool in = d < WINDOW;
+    const unsigned int b = __ballot_sync(FULL, in);
+    if (in) window[listed + __popc(b & lower)] = (unsigned short)((d << 8) | e);
+    listed += __popc(b);
+  }
+  __syncwarp();
+  // Chunks of 32 in id order: a lane's place among equal bins = earlier chunks' count plus
+  // lower lanes of this chunk (the torch path's tie-break: lower expert id first).
+  int place[8], entry[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    place[c] = -1;
+    entry[c] = 0;
+    if (32 * c < listed) {  // uniform
+      const bool in = 32 * c + lane < listed;
+      const int v = in ? window[32 * c + lane] : 0;
+      const int b = v >> 8;
+      if (in) atomicOr(&peers[b], 1u << lane);
+      __syncwarp();
+      const unsigned int m = in ? peers[b] : 0u;
+      const unsigned int base = in ? count[b] : 0u;
+      __syncwarp();
+      if (in && (m & lower) == 0) {
+        count[b] = (unsigned short)(base + __popc(m));
+        peers[b] = 0;
+      }
+      __syncwarp();
+      place[c] = in ? (int)(base + __popc(m & lower)) : -1;
+      entry[c] = v;
     }
-    __syncwarp();
   }
   // exclusive scan of the 256 bin counts; lane scans bins 8*lane .. 8*lane+7
   unsigned int c8[8], sum = 0;
@@ -88,96 +134,132 @@ __device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, int 
   __syncwarp();
   unsigned char* list = s.ranked + j * NE;
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    if (bin[i] < WINDOW) list[count[bin[i]] + off[i]] = (unsigned char)(lane + 32 * i);
-  if (lane == 31) s.listed[j] = (int)incl;
+  for (int c = 0; c < 8; ++c)
+    if (place[c] >= 0) list[count[entry[c] >> 8] + place[c]] = (unsigned char)(entry[c] & 255);
+  if (lane == 0) s.listed[j] = listed;
 }
 
 // Token j's remaining picks (from `got`) as exact warp max-reductions over untaken experts.
 __device__ void pick_by_reduction(Smem& s, int j, int got, int lane) {
-  for (; got < NK; ++got) {
-    unsigned int best = 0;
+  unsigned int key[(NE + 31) / 32];
 #pragma unroll
-    for (int i = 0; i < (NE + 31) / 32; ++i) {
-      const int e = lane + 32 * i;
-      if (e < NE && !s.taken[e]) best = max(best, full_key(s.code[j * NE + e], e));
-    }
-    const int e = 255 - (int)((__reduce_max_sync(FULL, best) - 1u) & 255u);
-    __syncwarp();
+  for (int i = 0; i < (NE + 31) / 32; ++i) {
+    const int e = lane + 32 * i;
+    key[i] = e < NE && !s.taken[e] ? full_key(s.code[j * NE + e], e) : 0u;
+  }
+  __syncwarp();
+  for (; got < NK; ++got) {
+    unsigned int m = 0;
+#pragma unroll
+    for (int i = 0; i < (NE + 31) / 32; ++i) m = max(m, key[i]);
+    const unsigned int best = __reduce_max_sync(FULL, m);
+#pragma unroll
+    for (int i = 0; i < (NE + 31) / 32; ++i) key[i] = key[i] == best ? 0u : key[i];
     if (lane == 0) {
+      const int e = 255 - (int)((best - 1u) & 255u);
       s.picked[j * NK + got] = (unsigned char)e;
       s.taken[e] = 1;
     }
-    __syncwarp();
   }
+  __syncwarp();
 }
 
-// Tokens [j0, j1) while more than 32 experts are left: ballots over ranked lists.
-__device__ void chain_lists(Smem& s, int j0, int j1, int lane) {
+// A token's picks past its first `from` list positions (`got` taken there): more positions, then
+// exact max-reductions over all untaken experts if its list runs out.
+__device__ void finish_token(Smem& s, int j, int from, int got, int lane) {
   const unsigned int lower = (1u << lane) - 1u;
-  int e_next = s.ranked[j0 * NE + lane], listed_next = s.listed[j0];
-  for (int j = j0; j < j1; ++j) {
-    const int e = e_next, listed = listed_next;
-    if (j + 1 < j1) {  // prefetch: lists do not depend on the chain
-      e_next = s.ranked[(j + 1) * NE + lane];
-      listed_next = s.listed[j + 1];
-    }
-    bool ok = lane < listed && !s.taken[e];
-    unsigned int b = __ballot_sync(FULL, ok);
-    int r = __popc(b & lower);
+  const int listed = s.listed[j];
+  for (int c0 = from; c0 < listed && got < NK; c0 += 32) {
+    const int p = c0 + lane;
+    const int e = p < listed ? s.ranked[j * NE + p] : 0;
+    const bool ok = p < listed && !s.taken[e];
+    const unsigned int b = __ballot_sync(FULL, ok);
+    const int r = got + __popc(b & lower);
     if (ok && r < NK) {
       s.picked[j * NK + r] = (unsigned char)e;
       s.taken[e] = 1;
     }
-    int got = __popc(b);
+    got += __popc(b);
     __syncwarp();
-    if (got < NK) {  // rare: more list positions, then the reductions
-      for (int c0 = 32; c0 < listed && got < NK; c0 += 32) {
-        const int p = c0 + lane;
-        const int e2 = p < listed ? s.ranked[j * NE + p] : 0;
-        ok = p < listed && !s.taken[e2];
-        b = __ballot_sync(FULL, ok);
-        r = got + __popc(b & lower);
-        if (ok && r < NK) {
-          s.picked[j * NK + r] = (unsigned char)e2;
-          s.taken[e2] = 1;
-        }
-        got += __popc(b);
-        __syncwarp();
-      }
-      if (got < NK) pick_by_reduction(s, j, got, lane);
+  }
+  if (got < NK) pick_by_reduction(s, j, got, lane);
+}
+
+// Tokens [j0, j1) while more than 32 experts are left: token j takes the first NK untaken
+// experts of its list, one ballot over positions 0..31 (lane = position). Kept to a few
+// instructions: this loop is the kernel's critical path, one warp, latency-bound.
+__device__ void chain_lists(Smem& s, int j0, int j1, int lane) {
+  const unsigned int lower = (1u << lane) - 1u;
+  int e_next = s.ranked[j0 * NE + lane];
+  bool valid_next = lane < s.listed[j0];
+  for (int j = j0; j < j1; ++j) {
+    const int e = e_next;
+    const bool valid = valid_next;
+    // load ahead (lists do not depend on the chain); past the last token this reads other
+    // smem fields, never used
+    e_next = s.ranked[(j + 1) * NE + lane];
+    valid_next = lane < s.listed[j + 1];
+    const bool ok = valid && !s.taken[e];
+    const unsigned int b = __ballot_sync(FULL, ok);
+    const int r = __popc(b & lower);
+    if (ok && r < NK) {
+      s.picked[j * NK + r] = (unsigned char)e;
+      s.taken[e] = 1;
     }
+    __syncwarp();
+    const int got = __popc(b);
+    if (got < NK) finish_token(s, j, 32, got, lane);
   }
 }
 
-// Tokens [j0, NT) once at most 32 experts are left: one per lane, picks = ranks by shuffles.
+// Tokens [j0, n_round) once at most 32 experts are left, one per lane. Off the chain: for each
+// such token, the lanes whose expert it scores higher (a 32-bit mask). On it: a token's picks
+// are the live lanes with fewer than k live higher-scoring lanes, and their rank is the slot.
 __device__ void chain_small_set(Smem& s, int j0, int n_round, int lane) {
   const unsigned int lower = (1u << lane) - 1u;
-  int base = 0;
+  int left = 0;
   for (int c0 = 0; c0 < NE; c0 += 32) {
     const int e = c0 + lane;
     const bool ok = e < NE && !s.taken[e];
     const unsigned int b = __ballot_sync(FULL, ok);
-    if (ok) s.alive[base + __popc(b & lower)] = (unsigned char)e;
-    base += __popc(b);
+    if (ok) s.alive[left + __popc(b & lower)] = (unsigned char)e;
+    left += __popc(b);
   }
   __syncwarp();
-  bool live = lane < base;
-  const int mine = live ? s.alive[lane] : 0;
+  const int mine = lane < left ? s.alive[lane] : 0;
   for (int j = j0; j < n_round; ++j) {
-    const unsigned int key = live ? full_key(s.code[j * NE + mine], mine) : 0u;
-    int rank = 0;
+    const unsigned int key = lane < left ? full_key(s.code[j * NE + mine], mine) : 0u;
+    unsigned int greater = 0;
 #pragma unroll
-    for (int m = 0; m < 32; ++m) rank += __shfl_sync(FULL, key, m) > key;
-    if (live && rank < NK) {
-      s.picked[j * NK + rank] = (unsigned char)mine;
-      live = false;
-    }
+    for (int m = 0; m < 32; ++m) greater |= (unsigned int)(__shfl_sync(FULL, key, m) > key) << m;
+    s.greater[j][lane] = greater;
+  }
+  __syncwarp();
+  unsigned int live = left == 32 ? FULL : (1u << left) - 1u;
+  unsigned int greater_next = s.greater[j0][lane];
+  for (int j = j0; j < n_round; ++j) {
+    const unsigned int greater = greater_next;
+    if (j + 1 < n_round) greater_next = s.greater[j + 1][lane];
+    const int rank = __popc(greater & live);
+    const bool pick = ((live >> lane) & 1u) && rank < NK;
+    if (pick) s.picked[j * NK + rank] = (unsigned char)mine;
+    live &= ~__ballot_sync(FULL, pick);
   }
 }
 
 extern "C" __global__ void __launch_bounds__(32 * (NP + 1), 2)
-greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, int n_tokens, int stride) {
+greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, int n_tokens, int stride
+#ifdef PROFILE
+              , long long* __restrict__ prof  // [rounds, 1 + 2 * NP + NT] clock64 stamps: start, per warp first /
+                                              // second batch ranked, chain phases (scripts/profile_greedy_kernel.py)
+#endif
+) {
+#ifdef PROFILE
+  long long* stamp = prof + (long long)blockIdx.x * (1 + 2 * NP + NT);
+#define STAMP(i) do { if ((threadIdx.x & 31) == 0) stamp[i] = clock64(); } while (0)
+#else
+#define STAMP(i) do { } while (0)
+#endif
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -185,27 +267,39 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
   const long long tok0 = (long long)blockIdx.x * NT;
   const int n_round = (int)min((long long)NT, (long long)n_tokens - tok0);  // tokens of this round
   for (int i = threadIdx.x; i < NE; i += blockDim.x) s.taken[i] = 0;
+  if (threadIdx.x == 0) STAMP(0);
   __syncthreads();
   if (warp < NP) {  // token warp, then warp + NP; barrier 1 / 2 after each batch
-    if (warp < n_round) rank_token(s, scores + (tok0 + warp) * stride, warp, warp, lane);
+    const unsigned short* row1 = scores + (tok0 + warp) * stride;
+    const unsigned short* row2 = scores + (tok0 + warp + NP) * stride;
+    const uint4 slice1 = warp < n_round ? load_slice(row1, lane) : make_uint4(0, 0, 0, 0);
+    const uint4 slice2 = NT > NP && warp + NP < n_round ? load_slice(row2, lane) : make_uint4(0, 0, 0, 0);
+    if (warp < n_round) rank_token(s, row1, slice1, warp, warp, lane);
     __syncwarp();
+    STAMP(1 + warp);
     bar_arrive(1, threads);
     if (NT > NP) {
-      if (warp + NP < n_round) rank_token(s, scores + (tok0 + warp + NP) * stride, warp + NP, warp, lane);
+      if (warp + NP < n_round) rank_token(s, row2, slice2, warp + NP, warp, lane);
       __syncwarp();
+      STAMP(1 + NP + warp);
       bar_arrive(2, threads);
     }
     return;
   }
   const int fast_end = min(FAST_END, n_round);
   bar_sync(1, threads);
+  STAMP(3 + 2 * NP);
   if (fast_end > 0) chain_lists(s, 0, min(fast_end, NP), lane);
+  STAMP(4 + 2 * NP);
   if (NT > NP) {
     bar_sync(2, threads);
+    STAMP(5 + 2 * NP);
     if (fast_end > NP) chain_lists(s, NP, fast_end, lane);
   }
+  STAMP(1 + 2 * NP);
   if (n_round > fast_end) chain_small_set(s, fast_end, n_round, lane);
   __syncwarp();
+  STAMP(2 + 2 * NP);
   int* dst = out + tok0 * NK;
   for (int i = lane; i < n_round * NK; i += 32) dst[i] = s.picked[i];
 }

@@ -23,6 +23,7 @@ from math import lcm
 
 import torch
 
+from ..kernels.greedy_route_cuda import greedy_balanced_cuda
 from .base import RoutingPolicy
 from .context import RoutingContext
 from .registry import register_policy
@@ -70,8 +71,6 @@ def greedy_balanced_ids(router_logits: torch.Tensor, top_k: int) -> torch.Tensor
     """On CUDA: the ballot-chain CUDA kernel where it applies (bf16/fp16, E % k == 0, E <= 256,
     E/k <= 32), else the Triton kernel; the torch path elsewhere. All three give identical ids."""
     if router_logits.is_cuda:
-        from ..kernels.greedy_route_cuda import greedy_balanced_cuda
-
         ids = greedy_balanced_cuda(router_logits, top_k)
         if ids is not None:
             return ids

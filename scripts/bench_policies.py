@@ -102,6 +102,10 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
             from server.moe.routing.greedy import greedy_balanced_torch
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
             rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_seed": None})
+            from server.moe.routing.uniform_random import uniform_random_torch  # the pre-kernel path, same ids
+            f = lambda: uniform_random_torch(n, num_experts, top_k, 12345, 0, logits.device)  # noqa: E731
+            rows.append({"policy": "uniform_random (torch path)", "n": n, "eager_us": time_eager(f, device, iters) * 1e6,
+                         "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
             from server.moe.kernels.greedy_route import greedy_balanced_triton
             from server.moe.kernels.greedy_route_cuda import greedy_balanced_cuda
             for score_dtype in (torch.float32, torch.bfloat16):

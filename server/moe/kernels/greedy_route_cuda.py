@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ class _Launcher:
         self.block = 32 * (self.prework_warps + 1)
         self.shared_bytes = shared_bytes(num_experts, top_k, self.prework_warps)
         kernel.set_shared_memory_config(self.shared_bytes)
+        self._lock = threading.Lock()
         self._scores = ctypes.c_void_p()
         self._out = ctypes.c_void_p()
         self._n = ctypes.c_int()
@@ -72,12 +74,13 @@ class _Launcher:
 
     def __call__(self, scores: torch.Tensor, out: torch.Tensor) -> None:
         n = scores.shape[0]
-        self._scores.value = scores.data_ptr()
-        self._out.value = out.data_ptr()
-        self._n.value = n
-        self._stride.value = scores.stride(0)
-        err = self._launch(self.kernel.func, -(-n // self.tokens_per_round), 1, 1, self.block, 1, 1,
-                           self.shared_bytes, self._stream(), self._params, None)
+        with self._lock:  # the argument slots are shared; the driver copies them at launch
+            self._scores.value = scores.data_ptr()
+            self._out.value = out.data_ptr()
+            self._n.value = n
+            self._stride.value = scores.stride(0)
+            err = self._launch(self.kernel.func, -(-n // self.tokens_per_round), 1, 1, self.block, 1, 1,
+                               self.shared_bytes, self._stream(), self._params, None)
         if err != 0:
             raise RuntimeError(f"greedy_balanced CUDA kernel launch failed (CUresult {err})")
 

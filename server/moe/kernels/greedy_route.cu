@@ -47,8 +47,8 @@ __device__ __forceinline__ uint4 load_slice(const unsigned short* __restrict__ r
 
 // Stores the token's codes in s.code[j] and returns its best code.
 __device__ __forceinline__ int load_codes(Smem& s, const unsigned short* __restrict__ row, uint4 v, int j, int lane) {
+  unsigned int best = 0;  // best code + 1 among this lane's experts (0: none)
 #ifdef VEC  // the slice was loaded by load_slice
-  unsigned int best = 0;
   if (lane * 8 < NE) {
     v.x = order_codes(v.x); v.y = order_codes(v.y); v.z = order_codes(v.z); v.w = order_codes(v.w);
     *reinterpret_cast<uint4*>(s.code + j * NE + lane * 8) = v;
@@ -56,7 +56,6 @@ __device__ __forceinline__ int load_codes(Smem& s, const unsigned short* __restr
     best = max(m & 0xFFFFu, m >> 16) + 1u;
   }
 #else
-  unsigned int best = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int e = lane + 32 * i;

@@ -52,7 +52,6 @@ class _Launcher:
 
     def __init__(self, kernel, num_experts: int, top_k: int, device_index: int) -> None:
         self.kernel = kernel
-        self.device_index = device_index
         self.tokens_per_round = num_experts // top_k
         self.prework_warps = min(self.tokens_per_round, PREWORK_WARPS)
         self.block = 32 * (self.prework_warps + 1)

@@ -4,7 +4,8 @@ Triton picks compiled vs interpreted per @triton.jit function when it is decorat
 TRITON_INTERPRET, and that includes triton.language's own helpers (tl.zeros, tl.cumsum...).
 So the variable must be set before anything imports triton: in-process toggling breaks as
 soon as another test imported triton first. Interpreter checks therefore run in a fresh
-subprocess (`run_in_interpreter`), which calls `enable_interpreter()` before importing any
+subprocess (`run_in_interpreter` for the cases in checks.py, `run_source_in_interpreter` for
+inline scripts), which calls `enable_interpreter()` before importing any
 kernel; the parent test process never changes its own environment.
 
 `enable_interpreter` also works around triton-lang/triton#9171 (fixed upstream after 3.6.0):
@@ -38,15 +39,27 @@ def enable_interpreter() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _run_interpreted(args: list[str], what: str, timeout_s: float) -> str:
+    """Run `python <args>` from the repo root with the interpreter on; its stdout, or RuntimeError."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"interpreter check {what} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
 def run_in_interpreter(case: str, timeout_s: float = 120.0, **params) -> dict:
     """Run checks.<case>(**params) under TRITON_INTERPRET=1 in a subprocess; return its result dict."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.moe.kernels.checks", case, json.dumps(params)],
-        capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"interpreter check {case}({params}) failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_interpreted(["-m", "server.moe.kernels.checks", case, json.dumps(params)], f"{case}({params})", timeout_s)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_source_in_interpreter(source: str, timeout_s: float = 300.0) -> str:
+    """Run a Python script under TRITON_INTERPRET=1 in a subprocess (enable_interpreter first);
+    return its stdout. For checks that compare a kernel with its torch twin inline."""
+    prelude = "from server.moe.kernels.interpret import enable_interpreter\nenable_interpreter()\n"
+    return _run_interpreted(["-c", prelude + source], "script", timeout_s)

@@ -18,8 +18,6 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton use the torch path
     triton = None
 
-_MASK32 = 0xFFFFFFFF
-
 
 if triton is not None:
 
@@ -70,7 +68,8 @@ def triton_available() -> bool:
 
 
 def uniform_random_triton(n: int, num_experts: int, top_k: int, key: int, token_offset, device: torch.device) -> torch.Tensor:
-    """[N, k] int32 ids: the k largest hashed scores per token (see the module docstring)."""
+    """[N, k] int32 ids: the k largest hashed scores per token (see the module docstring).
+    `key` is a 32-bit stream key (`hashing.stream_key`)."""
     out = torch.empty(n, top_k, dtype=torch.int32, device=device)
     if n == 0:
         return out
@@ -78,7 +77,7 @@ def uniform_random_triton(n: int, num_experts: int, top_k: int, key: int, token_
     offset_ptr = token_offset.reshape(1).to(torch.int64) if from_ptr else out  # any pointer when unused
     block_n = 16
     _uniform_random_kernel[(-(-n // block_n),)](
-        out, offset_ptr, n, 0 if from_ptr else int(token_offset), key & _MASK32,
+        out, offset_ptr, n, 0 if from_ptr else int(token_offset), key,
         E=num_experts, K=top_k, KP=max(2, triton.next_power_of_2(top_k)),
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_N=block_n, OFFSET_FROM_PTR=from_ptr,
         num_warps=4,

@@ -5,7 +5,7 @@
 // (score, -expert id) order, as far as scores lie within WINDOW codes of its best, by a stable
 // counting sort over exact bf16/fp16 codes. Chain (one warp): token j takes the first NK untaken
 // experts of its list, 32 list positions per ballot; exact max-reductions if the list runs out;
-// once <= 32 experts are left, ranks among those by shuffles.
+// once <= 32 experts are left, ranks among those, whose masks prework warps compute in parallel.
 // Keys everywhere: (16-bit ordered code << 8) | (255 - expert) -- the torch path's order.
 
 #define FULL 0xFFFFFFFFu
@@ -25,6 +25,7 @@ struct Smem {
   unsigned char taken[NE];         // expert already taken in this round
   unsigned char picked[NT * NK];   // [T, k] the round's picks, written out at the end
   unsigned char alive[32];         // the <= 32 experts left (small-set phase)
+  int left;                        // how many
   unsigned int greater[NT][32];    // small-set phase: per token, lanes it scores higher
 };
 static_assert(sizeof(Smem) <= SMEM_BYTES, "launcher's shared-memory size is too small for struct Smem");
@@ -70,13 +71,18 @@ __device__ __forceinline__ int load_codes(Smem& s, const unsigned short* __restr
   return (int)__reduce_max_sync(FULL, best) - 1;
 }
 
-// Stable counting sort of one token's experts into s.ranked[j].
-__device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, uint4 slice, int j, int warp, int lane) {
+// Stable counting sort of one token's experts into s.ranked[j]. Once this token's row has
+// arrived (its codes are reduced), loads `next_row` into `next` if given: the first half of the
+// round's rows then has the memory bandwidth to itself, and the chain can start sooner.
+__device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, uint4 slice, int j, int warp, int lane,
+                           const unsigned short* __restrict__ next_row = nullptr, uint4* next = nullptr) {
   unsigned short* count = s.count[warp];
   unsigned int* peers = s.peers[warp];
   unsigned short* window = s.window[warp];
   const unsigned int lower = (1u << lane) - 1u;
   const int top = load_codes(s, row, slice, j, lane);
+  if (next_row != nullptr) *next = load_slice(next_row + (top >> 16), lane);  // (top >> 16 == 0: codes are 16-bit;
+                                                                           // the dependence keeps the load here)
   reinterpret_cast<uint4*>(count)[lane] = make_uint4(0, 0, 0, 0);
   reinterpret_cast<uint4*>(peers)[2 * lane] = make_uint4(0, 0, 0, 0);
   reinterpret_cast<uint4*>(peers)[2 * lane + 1] = make_uint4(0, 0, 0, 0);
@@ -211,10 +217,8 @@ __device__ void chain_lists(Smem& s, int j0, int j1, int lane) {
   }
 }
 
-// Tokens [j0, n_round) once at most 32 experts are left, one per lane. Off the chain: for each
-// such token, the lanes whose expert it scores higher (a 32-bit mask). On it: a token's picks
-// are the live lanes with fewer than k live higher-scoring lanes, and their rank is the slot.
-__device__ void chain_small_set(Smem& s, int j0, int n_round, int lane) {
+// Once at most 32 experts are left: they go to s.alive, one per chain lane, their count to s.left.
+__device__ void publish_alive(Smem& s, int lane) {
   const unsigned int lower = (1u << lane) - 1u;
   int left = 0;
   for (int c0 = 0; c0 < NE; c0 += 32) {
@@ -224,16 +228,30 @@ __device__ void chain_small_set(Smem& s, int j0, int n_round, int lane) {
     if (ok) s.alive[left + __popc(b & lower)] = (unsigned char)e;
     left += __popc(b);
   }
-  __syncwarp();
+  if (lane == 0) s.left = left;
+}
+
+// Off the chain, by `helpers` prework warps done ranking (this one is `w`): for the last tokens
+// [j0, n_round), one per helper at a time, the lanes of s.alive whose expert the token scores
+// higher than this lane's (a 32-bit mask), 32 shuffles per token.
+__device__ void tail_greater_masks(Smem& s, int j0, int n_round, int w, int helpers, int lane) {
+  const int left = s.left;
   const int mine = lane < left ? s.alive[lane] : 0;
-  for (int j = j0; j < n_round; ++j) {
+  for (int j = j0 + w; j < n_round; j += helpers) {
     const unsigned int key = lane < left ? full_key(s.code[j * NE + mine], mine) : 0u;
     unsigned int greater = 0;
 #pragma unroll
     for (int m = 0; m < 32; ++m) greater |= (unsigned int)(__shfl_sync(FULL, key, m) > key) << m;
     s.greater[j][lane] = greater;
   }
-  __syncwarp();
+}
+
+// Tokens [j0, n_round) once at most 32 experts are left, one per lane (s.alive): a token's picks
+// are the live lanes with fewer than k live higher-scoring lanes (s.greater), and their rank is
+// the slot.
+__device__ void chain_small_set(Smem& s, int j0, int n_round, int lane) {
+  const int left = s.left;
+  const int mine = lane < left ? s.alive[lane] : 0;
   unsigned int live = left == 32 ? FULL : (1u << left) - 1u;
   unsigned int greater_next = s.greater[j0][lane];
   for (int j = j0; j < n_round; ++j) {
@@ -272,8 +290,9 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
     const unsigned short* row1 = scores + (tok0 + warp) * stride;
     const unsigned short* row2 = scores + (tok0 + warp + NP) * stride;
     const uint4 slice1 = warp < n_round ? load_slice(row1, lane) : make_uint4(0, 0, 0, 0);
-    const uint4 slice2 = NT > NP && warp + NP < n_round ? load_slice(row2, lane) : make_uint4(0, 0, 0, 0);
-    if (warp < n_round) rank_token(s, row1, slice1, warp, warp, lane);
+    uint4 slice2 = make_uint4(0, 0, 0, 0);  // loaded once row1 is in (rank_token)
+    const bool second = NT > NP && warp + NP < n_round;
+    if (warp < n_round) rank_token(s, row1, slice1, warp, warp, lane, second ? row2 : nullptr, &slice2);
     __syncwarp();
     STAMP(1 + warp);
     bar_arrive(1, threads);
@@ -283,20 +302,39 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
       STAMP(1 + NP + warp);
       bar_arrive(2, threads);
     }
+    // The last tokens' masks (barrier 3: the chain has published what is left; 4: masks ready).
+    const int tail = n_round - min(FAST_END, n_round), helpers = min(NP, tail);
+    if (warp < helpers) {
+      bar_sync(3, 32 * (helpers + 1));
+      tail_greater_masks(s, n_round - tail, n_round, warp, helpers, lane);
+      __syncwarp();
+      bar_arrive(4, 32 * (helpers + 1));
+    }
     return;
   }
   const int fast_end = min(FAST_END, n_round);
   bar_sync(1, threads);
+#ifdef CHAIN_AFTER_RANKING  // profiling only: the chain alone, once every list is ranked
+  if (NT > NP) bar_sync(2, threads);
+#endif
   STAMP(3 + 2 * NP);
   if (fast_end > 0) chain_lists(s, 0, min(fast_end, NP), lane);
   STAMP(4 + 2 * NP);
   if (NT > NP) {
+#ifndef CHAIN_AFTER_RANKING
     bar_sync(2, threads);
+#endif
     STAMP(5 + 2 * NP);
     if (fast_end > NP) chain_lists(s, NP, fast_end, lane);
   }
   STAMP(1 + 2 * NP);
-  if (n_round > fast_end) chain_small_set(s, fast_end, n_round, lane);
+  if (n_round > fast_end) {
+    const int helpers = min(NP, n_round - fast_end);
+    publish_alive(s, lane);
+    bar_arrive(3, 32 * (helpers + 1));
+    bar_sync(4, 32 * (helpers + 1));
+    chain_small_set(s, fast_end, n_round, lane);
+  }
   __syncwarp();
   STAMP(2 + 2 * NP);
   int* dst = out + tok0 * NK;

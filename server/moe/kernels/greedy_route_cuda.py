@@ -13,9 +13,11 @@ the sorting off the chain:
 2. Chain, one warp per round: token j's picks are the first k untaken experts of its list, one
    ballot per 32 list positions. If the list runs out first (scores spread wider than the
    window), the remaining picks are exact warp max-reductions. Once at most 32 experts are
-   left, one per lane, the picks are ranks among those lanes by 32 shuffles.
+   left, one per lane, the picks are ranks among those lanes; the masks behind those ranks
+   (32 shuffles per token) are computed by prework warps, one token each, in parallel.
 The chain starts on the first half of the round's tokens while the second half is ranked
-(named barriers). Keys and tie-breaks equal the torch path's, so the ids are identical; the
+(named barriers); the second half's rows are requested only once the first half's have
+arrived, so the first half does not share the memory bandwidth with them. Keys and tie-breaks equal the torch path's, so the ids are identical; the
 GPU test checks it across shapes, ties and wide or biased score spreads.
 
 Compiled at first use with NVRTC through `torch.cuda._compile_kernel` (no extra dependency) and
@@ -44,7 +46,7 @@ def shared_bytes(num_experts: int, top_k: int, prework_warps: int) -> int:
     """Dynamic shared memory of one CTA: `struct Smem` in greedy_route.cu, plus alignment slack."""
     tokens = num_experts // top_k
     return (3 * tokens * num_experts + 8 * prework_warps * 256 + 4 * tokens + num_experts
-            + tokens * top_k + 32 + 128 * tokens + 128)
+            + tokens * top_k + 32 + 4 + 128 * tokens + 128)
 
 
 class _Launcher:

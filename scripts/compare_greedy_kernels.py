@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Times two sources of the greedy_balanced CUDA kernel in one process (GPU only).
+
+    git show HEAD:server/moe/kernels/greedy_route.cu > old_greedy_route.cu
+    python scripts/compare_greedy_kernels.py --baseline old_greedy_route.cu [--variant NAME=DEFINES]
+
+Compiles server/moe/kernels/greedy_route.cu (the candidate), the baseline source and any
+`--variant` (the candidate with extra #defines, e.g. 'after=CHAIN_AFTER_RANKING 1') for E=256,
+k=8, checks each against the torch path on several score distributions, then prints eager and
+CUDA-graph-replay microseconds per call at each N, every kernel measured alternately in the same
+run (best of two). A kernel change is judged against the kernel it replaces on the same GPU in
+the same process, not against an older log.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.moe.kernels import greedy_route_cuda as g  # noqa: E402
+from server.moe.routing.greedy import greedy_balanced_torch  # noqa: E402
+
+
+def build(source: str, e: int, k: int, smem: int) -> g._Launcher:
+    t = e // k
+    warps = min(t, g.PREWORK_WARPS)
+    defines = f"#define NE {e}\n#define NK {k}\n#define NT {t}\n#define NP {warps}\n#define SMEM_BYTES {smem}\n#define VEC 1\n"
+    kernel = torch.cuda._compile_kernel(defines + source, "greedy_rounds")
+    launcher = g._Launcher(kernel, e, k, torch.cuda.current_device())
+    launcher.shared_bytes = smem
+    kernel.set_shared_memory_config(smem)
+    return launcher
+
+
+def scores_for(kind: str, n: int, e: int) -> torch.Tensor:
+    x = torch.randn(n, e, device="cuda")
+    if kind == "biased":
+        x = x + torch.linspace(-3, 3, e, device="cuda")
+    if kind == "ties":
+        x = torch.round(x * 2) / 2
+    if kind == "wide":
+        x = x * 100
+    return x.to(torch.bfloat16)
+
+
+def time_us(fn, graph: bool, iters: int = 200) -> float:
+    if not graph:
+        fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(iters):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b) * 1000 / iters)
+        return statistics.median(out)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fn()
+    gr.replay()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            gr.replay()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1000 / iters)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, required=True)
+    ap.add_argument("--baseline-smem", type=int, default=0,
+                    help="dynamic shared memory for the baseline (default: the candidate's); a baseline whose "
+                         "struct Smem is larger fails its static_assert at compile time and says so")
+    ap.add_argument("--n", type=int, nargs="+", default=[128, 8192])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DEFINES",
+                    help="also time the candidate source with extra #defines, e.g. 'after=CHAIN_AFTER_RANKING 1'")
+    args = ap.parse_args()
+    e, k = 256, 8
+    warps = min(e // k, g.PREWORK_WARPS)
+    smem = g.shared_bytes(e, k, warps)
+    variants = {"baseline": build(args.baseline.read_text(), e, k, args.baseline_smem or smem),
+                "candidate": build(g.CUDA_SOURCE, e, k, smem)}
+    for spec in args.variant:
+        name, _, defines = spec.partition("=")
+        extra = "".join(f"#define {d.strip()}\n" for d in defines.split(";") if d.strip())
+        variants[name] = build(extra + g.CUDA_SOURCE, e, k, smem)
+    for name, launch in variants.items():
+        for kind in ("randn", "biased", "ties", "wide"):
+            for n in (1, 31, 8192):
+                s = scores_for(kind, n, e)
+                out = torch.empty(n, k, dtype=torch.int32, device="cuda")
+                launch(s, out)
+                torch.cuda.synchronize()
+                assert torch.equal(out.cpu(), greedy_balanced_torch(s.cpu(), k)), (name, kind, n)
+        print(f"{name}: ids == torch path (randn, biased, ties, wide; N = 1, 31, 8192)")
+    print(f"device: {torch.cuda.get_device_name()}  E={e} k={k} bf16; µs per call, median of 5 x 200")
+    print("| kernel | scores | N | eager | graph |\n|---|---|---:|---:|---:|")
+    for kind in ("randn", "biased"):
+        for n in args.n:
+            s = scores_for(kind, n, e)
+            out = torch.empty(n, k, dtype=torch.int32, device="cuda")
+            rows = {}
+            for rep in range(2):  # alternate, keep the better of two
+                for name, launch in variants.items():
+                    t = (time_us(lambda: launch(s, out), False), time_us(lambda: launch(s, out), True))
+                    rows[name] = t if name not in rows else tuple(map(min, rows[name], t))
+            for name, (eager, graph) in rows.items():
+                print(f"| {name} | {kind} | {n} | {eager:.1f} | {graph:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,9 @@ the sorting off the chain:
    (32 shuffles per token) are computed by prework warps, one token each, in parallel.
 The chain starts on the first half of the round's tokens while the second half is ranked
 (named barriers); the second half's rows are requested only once the first half's have
-arrived, so the first half does not share the memory bandwidth with them. Keys and tie-breaks equal the torch path's, so the ids are identical; the
-GPU test checks it across shapes, ties and wide or biased score spreads.
+arrived, so the first half does not share the memory bandwidth with them. Keys and
+tie-breaks equal the torch path's, so the ids are identical; the GPU test checks it across
+shapes, ties and wide or biased score spreads.
 
 Compiled at first use with NVRTC through `torch.cuda._compile_kernel` (no extra dependency) and
 launched with one driver call. `greedy_balanced_cuda` returns None where it does not apply or

@@ -14,7 +14,6 @@ the same process, not against an older log.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.moe.kernels import greedy_route_cuda as g  # noqa: E402
 from server.moe.routing.greedy import greedy_balanced_torch  # noqa: E402
+from scripts.bench_policies import time_eager, time_graph  # noqa: E402  (the policy table's timers)
 
 
 def build(source: str, e: int, k: int, smem: int) -> g._Launcher:
@@ -46,42 +46,6 @@ def scores_for(kind: str, n: int, e: int) -> torch.Tensor:
     if kind == "wide":
         x = x * 100
     return x.to(torch.bfloat16)
-
-
-def time_us(fn, graph: bool, iters: int = 200) -> float:
-    if not graph:
-        fn()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(5):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(iters):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b) * 1000 / iters)
-        return statistics.median(out)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        fn()
-    gr.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            gr.replay()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1000 / iters)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -112,7 +76,8 @@ def main() -> None:
                 torch.cuda.synchronize()
                 assert torch.equal(out.cpu(), greedy_balanced_torch(s.cpu(), k)), (name, kind, n)
         print(f"{name}: ids == torch path (randn, biased, ties, wide; N = 1, 31, 8192)")
-    print(f"device: {torch.cuda.get_device_name()}  E={e} k={k} bf16; µs per call, median of 5 x 200")
+    print(f"device: {torch.cuda.get_device_name()}  E={e} k={k} bf16; µs per call, median of 5 x 200 "
+          "(bench_policies.py's timers)")
     print("| kernel | scores | N | eager | graph |\n|---|---|---:|---:|---:|")
     for kind in ("randn", "biased"):
         for n in args.n:
@@ -121,7 +86,8 @@ def main() -> None:
             rows = {}
             for rep in range(2):  # alternate, keep the better of two
                 for name, launch in variants.items():
-                    t = (time_us(lambda: launch(s, out), False), time_us(lambda: launch(s, out), True))
+                    call = lambda: launch(s, out)  # noqa: E731
+                    t = (1e6 * time_eager(call, "cuda", 200), 1e6 * time_graph(call, 200))
                     rows[name] = t if name not in rows else tuple(map(min, rows[name], t))
             for name, (eager, graph) in rows.items():
                 print(f"| {name} | {kind} | {n} | {eager:.1f} | {graph:.1f} |")

@@ -4,12 +4,8 @@
 # greedy_balanced and round_robin_balanced, with transformers measured in the same process.
 # Run from the repo root on the device machine with .whl/ carried:  bash scripts/gpu_run_1gpu.sh
 # Results: $OUT/bench/{summary.md,summary.json,throughput.png,*_load.png,runs/*.json}, logs in $OUT.
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # carried wheels, $OUT, environment
 set -uo pipefail
-OUT=${OUT:-./gpu_out}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 EXTRA=${BENCH_EXTRA:-}  # extra bench overrides (CPU dry run: BENCH_EXTRA="model=tiny bench.batch=4 ...")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers, hydra; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'hydra', hydra.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/device.txt"

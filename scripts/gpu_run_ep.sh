@@ -4,12 +4,8 @@
 # skewed natural routing (target max/mean 1.5, 2, 3) vs greedy_balanced vs round_robin_balanced,
 # Qwen3-30B-A3B shape (4 layers), B=128 L=64 O=64, plus decode at B=8 (small-batch).
 # Run from the repo root with .whl/ carried:  bash scripts/gpu_run_ep.sh        (or: ... 2 / ... 4)
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # carried wheels, $OUT, environment
 set -uo pipefail
-OUT=${OUT:-./gpu_out}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 EXTRA=${BENCH_EXTRA:-}  # extra bench overrides (CPU dry run: BENCH_EXTRA="model=tiny bench.batch=4 ...")
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")

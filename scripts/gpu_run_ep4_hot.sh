@@ -3,12 +3,8 @@
 # and 2.5) vs natural vs greedy_balanced vs round_robin_balanced vs EPLB (16 redundant experts
 # placed from the hot-rank statistics), Qwen3-30B-A3B shape, 4 layers, B=128 L=64 O=64.
 #   bash scripts/gpu_run_ep4_hot.sh        (repo root, .whl/ carried; results in $OUT)
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # carried wheels, $OUT, environment
 set -uo pipefail
-OUT=${OUT:-./gpu_out}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$OUT/device.txt"
 run() {  # one multirun of the benchmark at ep4; JSON in $OUT/bench_ep4/runs/
   timeout 240 python3 -m server.bench "$@" parallel=ep4 bench.hf_baseline=false bench.rank_timeout_s=150 \

@@ -7,12 +7,9 @@
 #   bash scripts/gpu_run_eplb.sh 2 4        # EP sizes to run (each needs that many GPUs)
 #   CPU smoke: MODEL=tiny BENCH_EXTRA="bench.batch=4 bench.input_len=8 bench.output_len=4 bench.small_batch=0" \
 #              CUDA_VISIBLE_DEVICES= bash scripts/gpu_run_eplb.sh 2
-if ls .whl/*.whl >/dev/null 2>&1; then  # the GPU machine: carried wheels, no index
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # carried wheels, $OUT, environment
 set -uo pipefail
 PY=${PYTHON:-python3}
-OUT=${OUT:-./gpu_out}
 MODEL=${MODEL:-qwen3_30b_a3b}       # conf/model/$MODEL.yaml
 R=${REDUNDANT:-16}                  # redundant experts per layer (a multiple of every EP size run)
 ZIPF=${ZIPF_TARGET:-3}              # skewed zipf: per-expert max/mean
@@ -21,8 +18,6 @@ EXTRA=${BENCH_EXTRA:-}
 MODES=${EPLB_MODES:-"zipf hot_ranks"}  # skewed modes to run
 UPPER=${EPLB_UPPER:-1}              # 0: skip the greedy_balanced run (when gpu_run_ep.sh made it)
 mkdir -p "$OUT/eplb_stats" "$OUT/bench_eplb"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 SIZES=${*:-$GPUS}
 echo "GPUs: $GPUS, EP sizes: $SIZES, model $MODEL, R=$R" | tee "$OUT/bench_eplb/device.txt"

@@ -26,12 +26,12 @@ from server.moe.routing.greedy import greedy_balanced_torch  # noqa: E402
 from scripts.bench_policies import time_eager, time_graph  # noqa: E402  (the policy table's timers)
 
 
-def build(source: str, e: int, k: int, smem: int) -> g._Launcher:
+def build(source: str, e: int, k: int, smem: int, prework_warps: int = g.PREWORK_WARPS) -> g._Launcher:
     t = e // k
-    warps = min(t, g.PREWORK_WARPS)
+    warps = min(t, prework_warps)
     defines = f"#define NE {e}\n#define NK {k}\n#define NT {t}\n#define NP {warps}\n#define SMEM_BYTES {smem}\n#define VEC 1\n"
     kernel = torch.cuda._compile_kernel(defines + source, "greedy_rounds")
-    launcher = g._Launcher(kernel, e, k, torch.cuda.current_device())
+    launcher = g._Launcher(kernel, e, k, torch.cuda.current_device(), prework_warps)
     launcher.shared_bytes = smem
     kernel.set_shared_memory_config(smem)
     return launcher
@@ -54,28 +54,34 @@ def main() -> None:
     ap.add_argument("--baseline-smem", type=int, default=0,
                     help="dynamic shared memory for the baseline (default: the candidate's); a baseline whose "
                          "struct Smem is larger fails its static_assert at compile time and says so")
+    ap.add_argument("--baseline-warps", type=int, default=g.PREWORK_WARPS,
+                    help="prework warps the baseline source was written for (sessions 1-4 kernels: 16)")
     ap.add_argument("--n", type=int, nargs="+", default=[128, 8192])
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DEFINES",
-                    help="also time the candidate source with extra #defines, e.g. 'after=CHAIN_AFTER_RANKING 1'")
+                    help="also time the candidate source with extra #defines, e.g. 'after=CHAIN_AFTER_RANKING 1'; "
+                         "NAME@W=... builds it with W prework warps")
     args = ap.parse_args()
     e, k = 256, 8
     warps = min(e // k, g.PREWORK_WARPS)
     smem = g.shared_bytes(e, k, warps)
-    variants = {"baseline": build(args.baseline.read_text(), e, k, args.baseline_smem or smem),
+    base_smem = args.baseline_smem or max(smem, g.shared_bytes(e, k, min(e // k, args.baseline_warps)))
+    variants = {"baseline": build(args.baseline.read_text(), e, k, base_smem, args.baseline_warps),
                 "candidate": build(g.CUDA_SOURCE, e, k, smem)}
     for spec in args.variant:
         name, _, defines = spec.partition("=")
+        name, _, np_ = name.partition("@")  # NAME@W: W prework warps
+        w = int(np_) if np_ else g.PREWORK_WARPS
         extra = "".join(f"#define {d.strip()}\n" for d in defines.split(";") if d.strip())
-        variants[name] = build(extra + g.CUDA_SOURCE, e, k, smem)
+        variants[name] = build(extra + g.CUDA_SOURCE, e, k, g.shared_bytes(e, k, min(e // k, w)), w)
     for name, launch in variants.items():
         for kind in ("randn", "biased", "ties", "wide"):
-            for n in (1, 31, 8192):
+            for n in (1, 20, 31, 8192):
                 s = scores_for(kind, n, e)
                 out = torch.empty(n, k, dtype=torch.int32, device="cuda")
                 launch(s, out)
                 torch.cuda.synchronize()
                 assert torch.equal(out.cpu(), greedy_balanced_torch(s.cpu(), k)), (name, kind, n)
-        print(f"{name}: ids == torch path (randn, biased, ties, wide; N = 1, 31, 8192)")
+        print(f"{name}: ids == torch path (randn, biased, ties, wide; N = 1, 20, 31, 8192)")
     print(f"device: {torch.cuda.get_device_name()}  E={e} k={k} bf16; µs per call, median of 5 x 200 "
           "(bench_policies.py's timers)")
     print("| kernel | scores | N | eager | graph |\n|---|---|---:|---:|---:|")

@@ -3,9 +3,11 @@
 //
 // Prework (NP warps, one token each at a time): the token's experts in descending
 // (score, -expert id) order, as far as scores lie within WINDOW codes of its best, by a stable
-// counting sort over exact bf16/fp16 codes. Chain (one warp): token j takes the first NK untaken
-// experts of its list, 32 list positions per ballot; exact max-reductions if the list runs out;
-// once <= 32 experts are left, ranks among those, whose masks prework warps compute in parallel.
+// counting sort over exact bf16/fp16 codes; the last tokens (<= 32 experts left for them) only
+// store their codes, since they rank among what is left. Chain (one warp): token j takes the
+// first NK untaken experts of its list, 32 list positions per ballot; exact max-reductions if the
+// list runs out; once <= 32 experts are left, ranks among those, whose masks prework warps
+// compute in parallel.
 // Keys everywhere: (16-bit ordered code << 8) | (255 - expert) -- the torch path's order.
 
 #define FULL 0xFFFFFFFFu
@@ -14,6 +16,8 @@
 #define SMALL_FROM (NE <= 32 ? 0 : (NE - 32 + NK - 1) / NK)  // first token with <= 32 experts left
 #endif
 #define FAST_END (SMALL_FROM < NT ? SMALL_FROM : NT)
+static_assert(NT <= 2 * NP, "prework warps take at most two tokens each");
+#define PROF_ROW (5 + NT)  // PROFILE stamps per round: start, per token ranked, chain phases
 
 struct Smem {
   __align__(16) unsigned short code[NT * NE];    // [T, E] ordered score codes, higher = better
@@ -144,6 +148,19 @@ __device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, uint
   if (lane == 0) s.listed[j] = listed;
 }
 
+// The token's list, or (last tokens, which rank among what is left instead) only its codes.
+__device__ void prepare_token(Smem& s, const unsigned short* __restrict__ row, uint4 slice, int j, int warp, int lane,
+                              const unsigned short* __restrict__ next_row = nullptr, uint4* next = nullptr) {
+#ifndef RANK_TAIL_TOKENS  // (timing probe: rank them anyway)
+  if (j >= FAST_END) {
+    const int top = load_codes(s, row, slice, j, lane);
+    if (next_row != nullptr) *next = load_slice(next_row + (top >> 16), lane);
+    return;
+  }
+#endif
+  rank_token(s, row, slice, j, warp, lane, next_row, next);
+}
+
 // Token j's remaining picks (from `got`) as exact warp max-reductions over untaken experts.
 __device__ void pick_by_reduction(Smem& s, int j, int got, int lane) {
   unsigned int key[(NE + 31) / 32];
@@ -267,12 +284,13 @@ __device__ void chain_small_set(Smem& s, int j0, int n_round, int lane) {
 extern "C" __global__ void __launch_bounds__(32 * (NP + 1), 2)
 greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, int n_tokens, int stride
 #ifdef PROFILE
-              , long long* __restrict__ prof  // [rounds, 1 + 2 * NP + NT] clock64 stamps: start, per warp first /
-                                              // second batch ranked, chain phases (scripts/profile_greedy_kernel.py)
+              , long long* __restrict__ prof  // [rounds, PROF_ROW] clock64 stamps: start, per token when ranked, list
+                                              // phase done, round done, when the chain is through each half
+                                              // (scripts/profile_greedy_kernel.py)
 #endif
 ) {
 #ifdef PROFILE
-  long long* stamp = prof + (long long)blockIdx.x * (1 + 2 * NP + NT);
+  long long* stamp = prof + (long long)blockIdx.x * PROF_ROW;
 #define STAMP(i) do { if ((threadIdx.x & 31) == 0) stamp[i] = clock64(); } while (0)
 #else
 #define STAMP(i) do { } while (0)
@@ -292,14 +310,14 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
     const uint4 slice1 = warp < n_round ? load_slice(row1, lane) : make_uint4(0, 0, 0, 0);
     uint4 slice2 = make_uint4(0, 0, 0, 0);  // loaded once row1 is in (rank_token)
     const bool second = NT > NP && warp + NP < n_round;
-    if (warp < n_round) rank_token(s, row1, slice1, warp, warp, lane, second ? row2 : nullptr, &slice2);
+    if (warp < n_round) prepare_token(s, row1, slice1, warp, warp, lane, second ? row2 : nullptr, &slice2);
     __syncwarp();
     STAMP(1 + warp);
     bar_arrive(1, threads);
     if (NT > NP) {
-      if (warp + NP < n_round) rank_token(s, row2, slice2, warp + NP, warp, lane);
+      if (warp + NP < n_round) prepare_token(s, row2, slice2, warp + NP, warp, lane);
       __syncwarp();
-      STAMP(1 + NP + warp);
+      if (warp + NP < NT) STAMP(1 + NP + warp);
       bar_arrive(2, threads);
     }
     // The last tokens' masks (barrier 3: the chain has published what is left; 4: masks ready).
@@ -317,17 +335,16 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
 #ifdef CHAIN_AFTER_RANKING  // profiling only: the chain alone, once every list is ranked
   if (NT > NP) bar_sync(2, threads);
 #endif
-  STAMP(3 + 2 * NP);
   if (fast_end > 0) chain_lists(s, 0, min(fast_end, NP), lane);
-  STAMP(4 + 2 * NP);
+  STAMP(3 + NT);
   if (NT > NP) {
 #ifndef CHAIN_AFTER_RANKING
     bar_sync(2, threads);
 #endif
-    STAMP(5 + 2 * NP);
     if (fast_end > NP) chain_lists(s, NP, fast_end, lane);
   }
-  STAMP(1 + 2 * NP);
+  STAMP(4 + NT);
+  STAMP(1 + NT);
   if (n_round > fast_end) {
     const int helpers = min(NP, n_round - fast_end);
     publish_alive(s, lane);
@@ -336,7 +353,7 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
     chain_small_set(s, fast_end, n_round, lane);
   }
   __syncwarp();
-  STAMP(2 + 2 * NP);
+  STAMP(2 + NT);
   int* dst = out + tok0 * NK;
   for (int i = lane; i < n_round * NK; i += 32) dst[i] = s.picked[i];
 }

@@ -9,7 +9,8 @@ the sorting off the chain:
 1. Prework, one warp per token, the round's tokens in parallel: the token's experts in
    descending (score, -expert id) order, as far as scores lie within 255 bf16/fp16 codes of
    its best, by a stable counting sort over exact codes. Every expert outside that prefix
-   scores below every expert in it.
+   scores below every expert in it. The last tokens of a round (those that find at most 32
+   experts left) get no list: they rank among what is left (step 2), so they only store codes.
 2. Chain, one warp per round: token j's picks are the first k untaken experts of its list, one
    ballot per 32 list positions. If the list runs out first (scores spread wider than the
    window), the remaining picks are exact warp max-reductions. Once at most 32 experts are
@@ -53,10 +54,10 @@ def shared_bytes(num_experts: int, top_k: int, prework_warps: int) -> int:
 class _Launcher:
     """A compiled variant plus prebuilt ctypes arguments: a launch is one driver call."""
 
-    def __init__(self, kernel, num_experts: int, top_k: int, device_index: int) -> None:
+    def __init__(self, kernel, num_experts: int, top_k: int, device_index: int, prework_warps: int = PREWORK_WARPS) -> None:
         self.kernel = kernel
         self.tokens_per_round = num_experts // top_k
-        self.prework_warps = min(self.tokens_per_round, PREWORK_WARPS)
+        self.prework_warps = min(self.tokens_per_round, prework_warps)
         self.block = 32 * (self.prework_warps + 1)
         self.shared_bytes = shared_bytes(num_experts, top_k, self.prework_warps)
         kernel.set_shared_memory_config(self.shared_bytes)

@@ -18,6 +18,7 @@ barrier: the clock read there is not held back by BAR.SYNC.DEFER_BLOCKING and re
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -59,7 +60,10 @@ def print_round_spread(scores: torch.Tensor, done: torch.Tensor) -> None:
     done = done[: depth.shape[0]]
     reduction = (depth > listed).any(1)
     second = (depth > 32).any(1) & ~reduction
-    q = lambda t: f"p50 {int(t.median())} p90 {int(t.quantile(0.9))} max {int(t.max())}" if t.numel() else "-"
+
+    def q(t: torch.Tensor) -> str:
+        return f"p50 {int(t.median())} p90 {int(t.quantile(0.9))} max {int(t.max())}" if t.numel() else "-"
+
     print(f"    round done over {done.numel()} rounds: {q(done)}")
     print(f"    rounds with exact reductions ({int(reduction.sum())}): {q(done[reduction])}")
     print(f"    rounds with a second ballot only ({int(second.sum())}): {q(done[second])}")
@@ -84,8 +88,6 @@ def sm_clock_ghz() -> float:
 
 
 def main() -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DEFINES",
                     help="profile only these variants (#defines separated by ';'); ids are not checked for them, "
@@ -123,6 +125,7 @@ def main() -> None:
                   f"list phase done {int(rel[1 + T])} | round done {int(rel[2 + T])}  (SM cycles)")
             if n >= 1024:
                 print_round_spread(scores, rel_all[:, 2 + T])
+
 
 if __name__ == "__main__":
     main()

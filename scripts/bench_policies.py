@@ -6,7 +6,10 @@
 
 Times one policy call on router outputs of N tokens (E experts, top-k): eager (a loop of calls
 between two device events, so launch overhead counts) and, on CUDA, CUDA-graph replay of one
-captured call. The seed's generator (tests/helpers/seed_rule.py) is timed once per N: it is
+captured call (the issue's figure; a replay of any one-kernel graph costs ~2 µs beyond the
+kernel on an H100, scripts/ubench_graph_overhead.py) and, per call, a graph of LAYER_CALLS calls
+(what a policy costs each MoE layer of a captured forward, where the graph launch is paid once
+per step). The seed's generator (tests/helpers/seed_rule.py) is timed once per N: it is
 the baseline the >= 10,000x target refers to. Prints a markdown table; --out writes JSON.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from server.moe.routing import RoutingContext, build_policy  # noqa: E402
 from tests.helpers.seed_rule import seed_generator_torch  # noqa: E402
 
 POLICIES = ["natural", "round_robin_balanced", "greedy_balanced", "uniform_random", "skewed"]
+LAYER_CALLS = 48  # MoE layers of a Qwen3-30B-A3B-sized model: calls per captured forward
 
 
 def sync(device: str) -> None:
@@ -50,8 +54,8 @@ def time_eager(fn, device: str, iters: int) -> float:
     return statistics.median(samples)
 
 
-def time_graph(fn, iters: int) -> float:
-    """Seconds per replay of a CUDA graph holding one call (median of 5 batches)."""
+def time_graph(fn, iters: int, calls: int = 1) -> float:
+    """Seconds per call, replaying a CUDA graph that holds `calls` calls (median of 5 batches)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -62,7 +66,8 @@ def time_graph(fn, iters: int) -> float:
     with warnings.catch_warnings():  # natural launches nothing: its empty graph is the replay floor
         warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
         with torch.cuda.graph(graph):
-            fn()
+            for _ in range(calls):
+                fn()
     graph.replay()
     torch.cuda.synchronize()
     samples = []
@@ -73,7 +78,7 @@ def time_graph(fn, iters: int) -> float:
             graph.replay()
         end.record()
         torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / iters)
+        samples.append(start.elapsed_time(end) / 1e3 / iters / calls)
     return statistics.median(samples)
 
 
@@ -97,8 +102,10 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
             fn = lambda: policy(ids, weights, logits, ctx)  # noqa: E731
             eager = time_eager(fn, device, iters)
             graph = time_graph(fn, iters) if device.startswith("cuda") else None
+            layers = time_graph(fn, max(iters // 8, 10), LAYER_CALLS) if device.startswith("cuda") else None
             rows.append({
                 "policy": name, "n": n, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
+                "graph_layers_us": None if layers is None else layers * 1e6,
                 "speedup_vs_seed": None if seed_s is None else seed_s / min(x for x in (eager, graph) if x is not None),
             })
         if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
@@ -132,10 +139,12 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
 def table(rows: list[dict]) -> str:
     def fmt(x):
         return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
-    lines = ["| policy | N | eager µs/call | graph replay µs/call | speed-up vs seed |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| policy | N | eager µs/call | graph replay µs/call | µs/call, {LAYER_CALLS} calls per graph | speed-up vs seed |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         sp = "-" if r["speedup_vs_seed"] is None else f"{r['speedup_vs_seed']:,.0f}x"
-        lines.append(f"| {r['policy']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | {sp} |")
+        lines.append(f"| {r['policy']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | "
+                     f"{fmt(r.get('graph_layers_us'))} | {sp} |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.moe.kernels import greedy_route_cuda as g  # noqa: E402
 from server.moe.routing.greedy import greedy_balanced_torch  # noqa: E402
+from scripts.ubench_graph_overhead import sm_clock_ghz  # noqa: E402
 
 E, K = 256, 8
 T, NP = E // K, min(E // K, g.PREWORK_WARPS)
@@ -68,23 +69,6 @@ def print_round_spread(scores: torch.Tensor, done: torch.Tensor) -> None:
     print(f"    rounds with exact reductions ({int(reduction.sum())}): {q(done[reduction])}")
     print(f"    rounds with a second ballot only ({int(second.sum())}): {q(done[second])}")
     print(f"    rounds with one ballot per token ({int((~reduction & ~second).sum())}): {q(done[~reduction & ~second])}")
-
-
-def sm_clock_ghz() -> float:
-    """SM clock under load: a kernel spinning a known number of clock64 cycles, timed by events."""
-    spin = torch.cuda._compile_kernel(
-        'extern "C" __global__ void spin(int cycles, long long* out) {'
-        ' long long t0 = clock64(); while (clock64() - t0 < cycles) {} if (threadIdx.x == 0) out[blockIdx.x] = clock64() - t0; }',
-        "spin")
-    out = torch.zeros(132, dtype=torch.int64, device="cuda")
-    cycles = 20_000_000
-    spin(grid=(132, 1, 1), block=(32, 1, 1), args=[cycles, out])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    spin(grid=(132, 1, 1), block=(32, 1, 1), args=[cycles, out])
-    end.record()
-    torch.cuda.synchronize()
-    return cycles / (start.elapsed_time(end) * 1e6)
 
 
 def main() -> None:

@@ -32,6 +32,22 @@ extern "C" __global__ void spin(int cycles, int* out) {
 '''
 
 
+def sm_clock_ghz() -> float:
+    """SM clock under load (to turn cycle stamps into time): SPIN for 20M cycles on 132 CTAs,
+    timed by events."""
+    kernel = torch.cuda._compile_kernel(SPIN, "spin")
+    out = torch.zeros(132, dtype=torch.int32, device="cuda")
+    cycles = 20_000_000
+    run = lambda: kernel(grid=(132, 1, 1), block=(32, 1, 1), args=[cycles, out], shared_mem=16)  # noqa: E731
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / (start.elapsed_time(end) * 1e6)
+
+
 def main() -> None:
     kernel = torch.cuda._compile_kernel(SPIN, "spin")
     greedy_smem = g.shared_bytes(256, 8, g.PREWORK_WARPS)

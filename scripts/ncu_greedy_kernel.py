@@ -7,10 +7,17 @@ Profile (one launch at N=8192, E=256, k=8, bf16 random scores; the third launch 
         --warp-sampling-interval 0 -k regex:greedy -s 2 -c 1 -o prof python3 scripts/ncu_greedy_kernel.py
     ncu --import prof.ncu-rep --page source --csv --print-source sass > source.csv
 
-then summarise here (no GPU needed): samples per barrier-delimited region, and per instruction
-with its top stall reasons for the SASS index range given:
+then summarise here (no GPU needed): samples and executed warp instructions per
+barrier-delimited region, and per instruction with its top stall reasons for the SASS index
+range given:
 
     python scripts/ncu_greedy_kernel.py --view source.csv 37 84
+
+The issue floor (warp instructions on the busiest scheduler, one issue per cycle each):
+
+    ncu --clock-control none --metrics smsp__inst_executed.sum,smsp__inst_executed.max,\
+        sm__cycles_elapsed.max,smsp__issue_active.avg.pct_of_peak_sustained_elapsed \
+        -k regex:greedy -s 2 -c 1 python3 scripts/ncu_greedy_kernel.py
 """
 from __future__ import annotations
 
@@ -41,12 +48,18 @@ def view(path: Path, first: int, last: int) -> None:
     def samples(r: list[str]) -> int:
         return int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
 
-    print("total samples", sum(samples(r) for r in data))
+    def executed(r: list[str]) -> int:
+        return int(r[col["Instructions Executed"]] or 0)
+
+    total = sum(executed(r) for r in data)
+    print("total samples", sum(samples(r) for r in data), "| warp instructions executed", total)
     marks = [i for i, r in enumerate(data) if "BAR" in r[1] or "EXIT" in r[1]] + [len(data)]
     start = 0
-    for m in marks:
+    for m in marks:  # regions end at barriers and exits: which role runs a region is read from the SASS
         label = data[m][1].strip()[:40] if m < len(data) else "(end)"
-        print(f"region {start}-{m}: {sum(samples(r) for r in data[start:m])} samples, up to {label}")
+        n = sum(executed(r) for r in data[start:m])
+        print(f"region {start}-{m}: {sum(samples(r) for r in data[start:m])} samples, "
+              f"{n} warp instructions ({100 * n / max(total, 1):.1f}%), up to {label}")
         start = m
     for i in range(first, min(last, len(data))):
         r = data[i]

@@ -82,6 +82,12 @@ def time_graph(fn, iters: int, calls: int = 1) -> float:
     return statistics.median(samples)
 
 
+def comparison_row(label: str, n: int, fn, device: str, iters: int) -> dict:
+    """A row for a kernel or path timed beside the policies (eager and one-call graph, no seed ratio)."""
+    return {"policy": label, "n": n, "eager_us": time_eager(fn, device, iters) * 1e6,
+            "graph_us": time_graph(fn, iters) * 1e6, "speedup_vs_seed": None}
+
+
 def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: int, iters: int, dtype: torch.dtype) -> list[dict]:
     rows = []
     for n in ns:
@@ -114,15 +120,13 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
             rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_seed": None})
             from server.moe.routing.uniform_random import uniform_random_torch  # the pre-kernel path, same ids
             f = lambda: uniform_random_torch(n, num_experts, top_k, 12345, 0, logits.device)  # noqa: E731
-            rows.append({"policy": "uniform_random (torch path)", "n": n, "eager_us": time_eager(f, device, iters) * 1e6,
-                         "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
+            rows.append(comparison_row("uniform_random (torch path)", n, f, device, iters))
             from server.moe.kernels.greedy_route import greedy_balanced_triton
             from server.moe.kernels.greedy_route_cuda import greedy_balanced_cuda
             for score_dtype in (torch.float32, torch.bfloat16):
                 scores = logits.to(score_dtype)
                 f = lambda: greedy_balanced_triton(scores, top_k)  # noqa: E731
-                rows.append({"policy": f"greedy Triton kernel {str(score_dtype)[6:]}", "n": n,
-                             "eager_us": time_eager(f, device, iters) * 1e6, "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
+                rows.append(comparison_row(f"greedy Triton kernel {str(score_dtype)[6:]}", n, f, device, iters))
             # The CUDA kernel's ranked lists cover less of the round when scores spread wider than
             # 255 bf16 codes or share a per-expert bias; its exact fallback then costs more.
             variants = {"randn": logits, "randn x100": logits.float() * 100, "randn + expert bias": logits.float() + torch.linspace(-3, 3, num_experts, device=device)}
@@ -131,8 +135,7 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
                 if greedy_balanced_cuda(scores, top_k) is None:
                     continue
                 f = lambda: greedy_balanced_cuda(scores, top_k)  # noqa: E731
-                rows.append({"policy": f"greedy CUDA kernel bfloat16, {label} logits", "n": n,
-                             "eager_us": time_eager(f, device, iters) * 1e6, "graph_us": time_graph(f, iters) * 1e6, "speedup_vs_seed": None})
+                rows.append(comparison_row(f"greedy CUDA kernel bfloat16, {label} logits", n, f, device, iters))
     return rows
 
 

@@ -26,10 +26,13 @@ from server.moe.routing.greedy import greedy_balanced_torch  # noqa: E402
 from scripts.bench_policies import time_eager, time_graph  # noqa: E402  (the policy table's timers)
 
 
+def define_lines(spec: str) -> str:
+    """'A 1;B' (a --variant's defines) -> '#define A 1\n#define B\n'."""
+    return "".join(f"#define {d.strip()}\n" for d in spec.split(";") if d.strip())
+
+
 def build(source: str, e: int, k: int, smem: int, prework_warps: int = g.PREWORK_WARPS) -> g._Launcher:
-    t = e // k
-    warps = min(t, prework_warps)
-    defines = f"#define NE {e}\n#define NK {k}\n#define NT {t}\n#define NP {warps}\n#define SMEM_BYTES {smem}\n#define VEC 1\n"
+    defines = g.kernel_defines(e, k, min(e // k, prework_warps), smem)
     kernel = torch.cuda._compile_kernel(defines + source, "greedy_rounds")
     launcher = g._Launcher(kernel, e, k, torch.cuda.current_device(), prework_warps)
     launcher.shared_bytes = smem
@@ -71,8 +74,7 @@ def main() -> None:
         name, _, defines = spec.partition("=")
         name, _, np_ = name.partition("@")  # NAME@W: W prework warps
         w = int(np_) if np_ else g.PREWORK_WARPS
-        extra = "".join(f"#define {d.strip()}\n" for d in defines.split(";") if d.strip())
-        variants[name] = build(extra + g.CUDA_SOURCE, e, k, g.shared_bytes(e, k, min(e // k, w)), w)
+        variants[name] = build(define_lines(defines) + g.CUDA_SOURCE, e, k, g.shared_bytes(e, k, min(e // k, w)), w)
     for name, launch in variants.items():
         for kind in ("randn", "biased", "ties", "wide"):
             for n in (1, 20, 31, 8192):

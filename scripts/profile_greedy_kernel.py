@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.moe.kernels import greedy_route_cuda as g  # noqa: E402
 from server.moe.routing.greedy import greedy_balanced_torch  # noqa: E402
+from scripts.compare_greedy_kernels import define_lines  # noqa: E402
 from scripts.ubench_graph_overhead import sm_clock_ghz  # noqa: E402
 
 E, K = 256, 8
 T, NP = E // K, min(E // K, g.PREWORK_WARPS)
 NB = -(-T // NP)  # halves of the round: NP tokens each
 SMEM = g.shared_bytes(E, K, NP)
-BASE = f"#define NE {E}\n#define NK {K}\n#define NT {T}\n#define NP {NP}\n#define SMEM_BYTES {SMEM}\n#define PROFILE 1\n#define VEC 1\n"
+BASE = g.kernel_defines(E, K, NP, SMEM) + "#define PROFILE 1\n"
 ROW = 5 + T  # the kernel's PROF_ROW: start, per token ranked, list phase done, round done, per half chained
 
 
@@ -83,7 +84,7 @@ def main() -> None:
         variants = {}
         for spec in args.variant:
             name, _, defines = spec.partition("=")
-            variants[name] = "".join(f"#define {d.strip()}\n" for d in defines.split(";") if d.strip())
+            variants[name] = define_lines(defines)
     for variant, extra in variants.items():
         kernel = torch.cuda._compile_kernel(BASE + extra + g.CUDA_SOURCE, "greedy_rounds")
         kernel.set_shared_memory_config(SMEM)

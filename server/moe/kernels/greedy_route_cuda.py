@@ -51,6 +51,14 @@ def shared_bytes(num_experts: int, top_k: int, prework_warps: int) -> int:
             + tokens * top_k + 32 + 4 + 128 * tokens + 128)
 
 
+def kernel_defines(num_experts: int, top_k: int, prework_warps: int, smem_bytes: int) -> str:
+    """The #defines that size greedy_route.cu for one shape: the launcher's build, and the
+    scripts' builds of other kernel sources or variants."""
+    return (f"#define NE {num_experts}\n#define NK {top_k}\n#define NT {num_experts // top_k}\n"
+            f"#define NP {prework_warps}\n#define SMEM_BYTES {smem_bytes}\n"
+            + ("#define VEC 1\n" if num_experts % 8 == 0 else ""))
+
+
 class _Launcher:
     """A compiled variant plus prebuilt ctypes arguments: a launch is one driver call."""
 
@@ -91,9 +99,7 @@ class _Launcher:
 def _compile(num_experts: int, top_k: int, device_index: int) -> _Launcher | None:
     tokens = num_experts // top_k
     warps = min(tokens, PREWORK_WARPS)
-    defines = (f"#define NE {num_experts}\n#define NK {top_k}\n#define NT {tokens}\n#define NP {warps}\n"
-               f"#define SMEM_BYTES {shared_bytes(num_experts, top_k, warps)}\n"
-               + ("#define VEC 1\n" if num_experts % 8 == 0 else ""))
+    defines = kernel_defines(num_experts, top_k, warps, shared_bytes(num_experts, top_k, warps))
     try:
         with torch.cuda.device(device_index):
             kernel = torch.cuda._compile_kernel(defines + CUDA_SOURCE, "greedy_rounds")

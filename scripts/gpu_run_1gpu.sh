@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, transformers, hydra; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'hydra', hydra.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/device.txt"
 
 # 1. GPU tests (~2 min): no host sync in eager decode, graphs == eager, Triton path vs torch path.
-timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_graphs.py 2>&1 | tee "$OUT/pytest_gpu_graphs.txt" | tail -25
+timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/test_gpu_graphs.py 2>&1 | tee "$OUT/pytest_gpu_graphs.txt" | tail -25
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu_graphs.txt"
 
 # 2. The benchmark (~3 min): three policies, one process, transformers measured once and shared.

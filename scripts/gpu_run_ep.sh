@@ -13,7 +13,7 @@ SIZES=${*:-$GPUS}
 echo "GPUs: $GPUS, EP sizes: $SIZES" | tee -a "$OUT/device.txt"
 
 # 1. NCCL EP oracle test (4 families vs transformers and a dense reference, ~1 min).
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_model_gpu.py -k nccl 2>&1 \
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_gpu.py -k nccl 2>&1 \
     | tee "$OUT/pytest_gpu_ep.txt" | tail -15
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu_ep.txt"
 

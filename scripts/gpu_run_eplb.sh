@@ -32,7 +32,7 @@ bench() {  # one benchmark run; its JSON goes to $OUT/bench_eplb/runs/
 
 for EP in $SIZES; do
   # 0. GPU checks of EPLB itself: replica map inside a CUDA graph, CUDA model, NCCL ep2 weight moves.
-  timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_eplb_gpu.py 2>&1 | tail -4 \
+  timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/eplb/test_eplb_gpu.py 2>&1 | tail -4 \
       | tee -a "$OUT/bench_eplb/ep$EP.log"
   for MODE in $MODES; do
     TARGET=$([ "$MODE" = zipf ] && echo "$ZIPF" || echo "$HOT")

@@ -1,6 +1,6 @@
 """Run the model's GPU path (Triton attention + fused MoE + the decode-graph runner's static
 buffers) on CPU under Triton's interpreter, in a fresh process, and compare it with the torch
-path. Used by tests/test_gpu_path_cpu.py:
+path. Used by tests/kernels/test_gpu_path_interpreter.py:
 
     python -m tests.helpers.gpu_path_worker <case> '<json params>'   -> last stdout line: JSON
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=tiny", "bench.batch=4", "bench.input_len=8", "bench.output_len=4", "bench.small_batch=2",
         "bench.repeats=2", "bench.policy_cost_repeats=5", "bench.moe_timing_steps=2"]
 B, L, O, REPEATS, K, LAYERS, E = 4, 8, 4, 2, 2, 4, 16  # tiny: top-2 of 16 experts, 4 MoE layers

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from server.config import AppConfig, ConfigError
 from server.routing_setup import build_routing_policy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 
 

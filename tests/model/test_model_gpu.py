@@ -1,4 +1,4 @@
-"""GPU checks of the model (run on the GPU machine: pytest -m gpu tests/test_model_gpu.py).
+"""GPU checks of the model (run on the GPU machine: pytest -m gpu tests/model/test_model_gpu.py).
 
 The CPU oracle tests prove the math; these prove the same code runs on CUDA (fp32 agrees with
 CPU, bf16 runs, real-width random shapes load fast) and that EP dispatch works over NCCL.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from server.moe.eplb.build_stats import main as build_stats_main
-from tests.test_bench_cli import TINY, _bench, _check_run
+from tests.tools.test_bench_cli import TINY, _bench, _check_run
 
 SKEW = ["routing=skewed", "routing.mode=hot_ranks", "routing.target=1.8"]
 

@@ -12,7 +12,7 @@ import pytest
 from server.config import AppConfig, ConfigError
 from server.engine.launcher import start_engine
 from server.moe.eplb.stats import write_expert_load
-from tests.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, request, serve_all
+from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, request, serve_all
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from server.moe.routing import (
     register_policy,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "tests" / "plugins" / "epserve-reverse-policy"
 
 

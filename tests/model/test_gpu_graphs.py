@@ -1,11 +1,11 @@
-"""GPU path of the model on CUDA (run on the GPU machine: pytest -m gpu tests/test_gpu_graphs.py).
+"""GPU path of the model on CUDA (run on the GPU machine: pytest -m gpu tests/model/test_gpu_graphs.py).
 
   * an eager decode step makes no host sync (torch.cuda.set_sync_debug_mode("error")), for every
     built-in policy: the ep_size 1 path is what the graphs capture;
   * decode through CUDA graphs is bitwise the eager step at a bucket size, and padded batches
     give the same greedy tokens and count no padding in the expert loads;
   * the Triton path (attention kernels + fused MoE) tracks the torch path at real widths.
-The CPU interpreter twin of these checks is tests/test_gpu_path_interpreter.py.
+The CPU interpreter twin of these checks is tests/kernels/test_gpu_path_interpreter.py.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_engine_decodes_through_graphs_with_the_same_tokens(monkeypatch):
     exactly what it generates with them off (EPSERVE_CUDA_GRAPHS=0)."""
     from server.config import AppConfig
     from server.engine.launcher import start_engine
-    from tests.test_engine_generate import request, serve_all
+    from tests.engine.test_engine_generate import request, serve_all
 
     prompts = [list(b"Hello, world"), list(b"The quick brown fox"), list(b"MoE")]
 

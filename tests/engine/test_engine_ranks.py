@@ -17,9 +17,9 @@ from server.config import ConfigError
 from server.engine.api import EngineUnavailableError
 from server.engine.distributed import free_port
 from server.engine.launcher import start_engine
-from tests.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
+from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from server.engine.api import EngineUnavailableError, FinishReason, InvalidRequestError, ResourceExhaustedError
 from server.engine.launcher import start_engine
-from tests.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
+from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from server.engine.api import EngineUnavailableError
 from server.engine.launcher import start_engine
-from tests.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, make_app, request, serve_all
+from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, make_app, request, serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

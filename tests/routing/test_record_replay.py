@@ -18,9 +18,9 @@ from server.moe.routing.replay import remapped_probabilities
 from server.moe.routing.trace_file import TraceError, read_trace
 from server.routing_setup import build_routing_policy
 from tests.helpers.paged_driver import PagedDriver
-from tests.test_config import composed
+from tests.config.test_config import composed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def router_outputs(n: int, num_experts: int, k: int, seed: int):

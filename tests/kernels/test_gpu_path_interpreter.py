@@ -1,7 +1,7 @@
 """The model's GPU path on CPU: Triton attention + fused MoE + the decode-graph runner's static
 buffers, run under Triton's interpreter (EPSERVE_KERNEL_BACKEND=triton) in a fresh process and
 compared with the torch path. The CUDA-only parts (capture, replay, no host sync) are in
-tests/test_gpu_graphs.py, marked gpu."""
+tests/model/test_gpu_graphs.py, marked gpu."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(case: str, **params) -> dict:

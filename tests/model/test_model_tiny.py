@@ -69,7 +69,7 @@ def test_transformers_loads_tiny_and_agrees():
 
 def test_build_script_reproduces_the_shipped_shape_and_tokenizer(tmp_path):
     """scripts/build_tiny.py makes the random-weight starting point of the shipped model (the
-    weights themselves come from scripts/train_tiny.py, checked in tests/test_train_tiny.py):
+    weights themselves come from scripts/train_tiny.py, checked in tests/tools/test_train_tiny.py):
     same tokenizer files byte for byte, same architecture, differing only in the balance-loss
     weight training used."""
     out = tmp_path / "tiny"

@@ -1,4 +1,4 @@
-"""EPLB on the GPU machine (pytest -m gpu tests/test_eplb_gpu.py): the replica map inside a
+"""EPLB on the GPU machine (pytest -m gpu tests/eplb/test_eplb_gpu.py): the replica map inside a
 captured CUDA graph follows a rebalance without re-capture, the tiny model with EPLB matches
 the block layout on CUDA before and after a rebalance, and the ep 2 model test over NCCL
 (expert weights moving between GPUs)."""
@@ -56,7 +56,7 @@ def test_tiny_model_with_eplb_on_cuda_matches_block_layout() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_eplb_model_over_nccl_ep2(tmp_path) -> None:
     from tests.helpers.hf_models import build_hf_model, save_hf_model
-    from tests.test_eplb_model import check_eplb_ranks
+    from tests.eplb.test_eplb_model import check_eplb_ranks
 
     folder = save_hf_model(build_hf_model("qwen3_moe", seed=5), tmp_path / "qwen3")
     check_eplb_ranks(folder, tmp_path, 2, device="cuda", atol=1e-3)

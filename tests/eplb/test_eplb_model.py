@@ -33,7 +33,7 @@ def _long_prefill(model, rank: int) -> torch.Tensor:
 
 
 def _rank(rank: int, ep_size: int, folder: str, stats: str, device: str = "cpu") -> dict:
-    """device "cuda": rank r on cuda:r (the NCCL run of tests/test_eplb_gpu.py)."""
+    """device "cuda": rank r on cuda:r (the NCCL run of tests/eplb/test_eplb_gpu.py)."""
     group = dist.group.WORLD
     dev = f"cuda:{rank}" if device == "cuda" else device
     out = {}

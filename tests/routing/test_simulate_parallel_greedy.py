@@ -9,7 +9,7 @@ import torch
 
 from server.moe.routing.greedy import greedy_balanced_torch
 
-_path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_parallel_greedy.py"
+_path = Path(__file__).resolve().parents[2] / "scripts" / "simulate_parallel_greedy.py"
 _spec = importlib.util.spec_from_file_location("simulate_parallel_greedy", _path)
 sim = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sim)

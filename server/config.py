@@ -163,6 +163,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0 disables the Prometheus endpoint
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    stream_interval: int = 1  # tokens per stream message (the first and the last go out at once)
 
     def validate(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, f"server.port must be in [0, 65535], got {self.port!r}")
@@ -170,6 +171,8 @@ class ServerConfig:
         _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key must be set together")
         _require(self.max_message_bytes >= 1024, "server.max_message_bytes must be at least 1024")
         _require(self.grace_period_s >= 0, "server.grace_period_s must be >= 0")
+        _require(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
+                 and self.stream_interval >= 1, f"server.stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         _require(is_loopback(self.host) or self.allow_remote,
                  f"server.host={self.host!r} is not a loopback address; set server.allow_remote=true to serve beyond this machine")
 

@@ -2,8 +2,10 @@
 
 Module guide (one job per file):
   api.py           the public surface the gRPC layer uses (dataclasses, errors, Engine protocol)
-  launcher.py      start_engine(AppConfig) -> ServingEngine; spawns or joins EP ranks (torchrun)
-  engine.py        ServingEngine: asyncio front (generate, expert_load, stats) + the step-loop thread
+  launcher.py      build_engine_core / start_engine(AppConfig); spawns or joins EP ranks (torchrun)
+  core.py          EngineCore: add_request / abort / step() -> StepOutputs, synchronous, no text
+  core_types.py    EngineRequest and StepOutputs (one batched object per step)
+  engine.py        ServingEngine: EngineCore driven by a step thread in this process (asyncio API)
   scheduler.py     rank 0's single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption
   block_manager.py paged KV-cache block ids of one rank
   sequence.py      one request as the scheduler sees it
@@ -15,8 +17,8 @@ Module guide (one job per file):
   sampler.py       greedy / temperature / top-k / top-p, reproducible per (seed, position)
   stops.py         token-level stops and stop strings
   detokenizer.py   incremental text deltas (no broken UTF-8)
-  output.py        sampled tokens -> GenerationChunk per request
-  stream.py        engine thread -> asyncio hand-off of chunks
+  output.py        new token ids -> GenerationChunk per request (text, stop strings, usage)
+  stream.py        chunks -> stream messages (merged; server.stream_interval), thread hand-off
 """
 __all__ = ["EngineStartError", "run_worker_rank", "start_engine", "torchrun_rank"]
 

@@ -8,7 +8,7 @@ completes it, or released by `flush()` when the sequence ends.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5  # tokens of already-emitted text decoded again for context
@@ -24,6 +24,11 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the new text that is safe to emit now (may be '')."""
         self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def add_many(self, token_ids: list[int]) -> str:
+        """Append several tokens (two decodes in all, not two per token); the new safe text."""
+        self._ids.extend(token_ids)
         return self._advance(final=False)
 
     def flush(self) -> str:
@@ -42,3 +47,13 @@ class IncrementalDetokenizer:
         del self._ids[:self._read]
         self._prefix, self._read = 0, len(self._ids)
         return delta
+
+
+def fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
+    """`decode(ids)` with special tokens skipped, as streamed. A fast (Rust) tokenizer's
+    backend decodes a short window ~10x quicker than the transformers wrapper, and gives the
+    same text unless the wrapper cleans up tokenization spaces afterwards."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)

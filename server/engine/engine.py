@@ -1,32 +1,34 @@
-"""ServingEngine: the Engine the gRPC layer talks to (rank 0).
+"""ServingEngine: the in-process Engine (rank 0) — EngineCore driven by a step thread.
 
 asyncio side: `generate` validates and queues a request, then streams its chunks;
-`expert_load` queues a collective. Engine thread: a loop of steps — plan (scheduler, under
-the lock), execute on every rank (no lock held), apply results, detokenize, check stops,
-hand chunks to each request's asyncio loop. Cancelling a stream frees its KV blocks at once
-(under the lock; a step in flight ignores the sequence's result). A dead rank or a failed
-step fails every in-flight request with EngineUnavailableError and marks the engine dead.
+`expert_load` asks the core for a snapshot at its next step. Step thread: while there is work,
+`core.step()`, then turn the step's StepOutputs into chunks (detokenize, stop strings) and hand
+each asyncio loop all of its chunks in one call. Cancelling a stream frees its KV blocks at once
+(core.abort; a step in flight ignores the sequence's token). A dead rank or a failed step fails
+every in-flight request with EngineUnavailableError and marks the engine dead.
+
+`python -m server` runs the core in its own process instead (server/engine/core_client.py);
+this class is the in-process driver for tests, benchmarks and `server.engine_process=false`.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-import random
 import threading
 import time
-from collections import deque
-from pathlib import Path
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from ..moe.load_stats import ExpertLoadSnapshot
 from .api import EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, ModelInfo
-from .executor import Executor
+from .core import EngineCore
+from .core_types import EngineRequest, StepOutputs
+from .detokenizer import fast_decode
 from .output import RequestOutput
 from .request_checks import validate_request
-from .scheduler import Scheduler
-from .sequence import Sequence
-from .stream import RequestStream, settle_future
+from .stream import RequestStream, deliver_threadsafe, settle_future
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +36,25 @@ HEARTBEAT_S = 2.0  # idle distributed engines ping their workers this often
 WATCH_S = 0.2  # dead-rank polling period
 
 
+@dataclass
+class _Live:
+    """A request in flight: its text side, its stream, and the loop that reads the stream."""
+
+    output: RequestOutput
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+
+
 class ServingEngine:
-    def __init__(self, *, app, spec, policy, executor: Executor, tokenizer, device: str, max_model_len: int) -> None:
-        self.app, self.spec, self.policy = app, spec, policy
-        self.executor = executor
+    def __init__(self, core: EngineCore, tokenizer, stream_interval: int = 1) -> None:
+        self.core = core
         self.tokenizer = tokenizer
-        self.device = device
-        self.max_model_len = max_model_len
-        eng = app.engine
-        self.scheduler = Scheduler(
-            num_ranks=executor.num_ranks,
-            num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
-            block_size=eng.kv_block_size,
-            max_num_seqs=eng.max_num_seqs,
-            max_num_batched_tokens=eng.max_num_batched_tokens,
-            max_queue=eng.max_queue,
-        )
-        self._eos = frozenset(spec.eos_token_ids)
+        self.stream_interval = stream_interval
+        self._decode_text = fast_decode(tokenizer)
         self._cond = threading.Condition()
-        self._outputs: dict[int, RequestOutput] = {}
-        self._load_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, bool]] = []
-        self._inflight_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, bool]] = []
+        self._requests: dict[int, _Live] = {}
+        self._load_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}  # ticket ->
         self._ids = itertools.count()
-        self._seeds = random.SystemRandom()
-        self._steps = 0
-        self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
-        self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
         self._stopping = False
         self._failure: str | None = None
         self._failed = threading.Event()
@@ -72,6 +67,23 @@ class ServingEngine:
         self._watch.start()
         return self
 
+    # ---- what the core holds ----------------------------------------------------------------
+    @property
+    def executor(self):
+        return self.core.executor
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def eplb_reports(self):
+        return self.core.eplb_reports
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
     # ---- text --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -82,36 +94,14 @@ class ServingEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self.spec.vocab_size
+        return self.core.spec.vocab_size
 
     # ---- info ----------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
-        s, cfg = self.spec, self.app.model
-        # `model.path=/ckpt/x` alone keeps the default name "tiny": name the folder instead.
-        name = Path(cfg.path).name if cfg.path and cfg.name == "tiny" else cfg.name
-        return ModelInfo(
-            model_name=name,
-            architecture=s.architecture,
-            num_layers=s.num_layers,
-            num_moe_layers=s.num_moe_layers,
-            num_experts=s.num_experts,
-            top_k=s.top_k,
-            hidden_size=s.hidden_size,
-            vocab_size=s.vocab_size,
-            max_model_len=self.max_model_len,
-            dtype=s.dtype,
-            device=self.device,
-            ep_size=self.executor.num_ranks,
-            routing_policy=self.policy.name,
-            routing_params=self.policy.params(),
-            eos_token_ids=tuple(s.eos_token_ids),
-        )
+        return self.core.model_info()
 
     def stats(self) -> EngineStats:
-        with self._cond:
-            sch = self.scheduler
-            return EngineStats(running=sch.num_running, waiting=sch.num_waiting, kv_blocks_used=sch.kv_blocks_used,
-                               kv_blocks_total=sch.kv_blocks_total, steps=self._steps)
+        return self.core.stats()
 
     # ---- health ----------------------------------------------------------------------------
     @property
@@ -137,8 +127,8 @@ class ServingEngine:
 
     # ---- requests --------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        stream = RequestStream(asyncio.get_running_loop())
-        seq = self._submit(request, stream)
+        stream = RequestStream(self.stream_interval)
+        req_id = self._submit(request, stream, asyncio.get_running_loop())
         try:
             while True:
                 chunk = await stream.get()
@@ -146,14 +136,13 @@ class ServingEngine:
                 if chunk.finish_reason is not None:
                     return
         finally:
-            self.abort(seq.seq_id)
+            self.abort(req_id)
 
-    def abort(self, seq_id: int) -> None:
-        """Drop a sequence now (no-op if it already finished): its KV blocks are free on return."""
+    def abort(self, req_id: int) -> None:
+        """Drop a request now (no-op if it already finished): its KV blocks are free on return."""
         with self._cond:
-            out = self._outputs.pop(seq_id, None)
-            if out is not None:
-                self.scheduler.finish(out.seq)
+            if self._requests.pop(req_id, None) is not None:
+                self.core.abort([req_id])
 
     async def expert_load(self, reset: bool = False) -> ExpertLoadSnapshot:
         """Expert-load counters summed over EP ranks (every rank joins at the next step)."""
@@ -161,7 +150,7 @@ class ServingEngine:
         fut = loop.create_future()
         with self._cond:
             self._check_alive()
-            self._load_waiters.append((loop, fut, bool(reset)))
+            self._load_waiters[self.core.request_expert_load(reset)] = (loop, fut)
             self._cond.notify_all()
         return await fut
 
@@ -171,87 +160,68 @@ class ServingEngine:
         if self._stopping:
             raise EngineUnavailableError("engine is shutting down")
 
-    def _submit(self, request: GenerationRequest, stream: RequestStream) -> Sequence:
+    def _submit(self, request: GenerationRequest, stream: RequestStream, loop: asyncio.AbstractEventLoop) -> int:
         validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
-        prompt_len = len(request.prompt_token_ids)
-        max_total = min(prompt_len + request.stops.max_new_tokens, self.max_model_len)
-        seed = request.sampling.seed if request.sampling.seed is not None else self._seeds.getrandbits(63)
         with self._cond:
             self._check_alive()
-            seq = Sequence.create(next(self._ids), request, seed, max_total, time.monotonic())
-            self.scheduler.add(seq)  # may raise ResourceExhaustedError
-            self._outputs[seq.seq_id] = RequestOutput(seq, stream, self._decode_generated, self._eos)
+            req_id = next(self._ids)
+            self.core.add_request(EngineRequest(req_id, request.prompt_token_ids, request.sampling, request.stops,
+                                                request.logprobs))  # may raise ResourceExhaustedError
+            self._requests[req_id] = _Live(RequestOutput(request, self._decode_text), stream, loop)
             self._cond.notify_all()
-        return seq
-
-    def _decode_generated(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return req_id
 
     # ---- the step loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.executor.bind_thread()
+            self.core.bind_thread()
             while True:
                 with self._cond:
                     deadline = time.monotonic() + HEARTBEAT_S
-                    while not (self._stopping or self._failure or self.scheduler.has_work() or self._load_waiters):
+                    while not (self._stopping or self._failure or self.core.has_work()):
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            break
+                            break  # idle: one heartbeat step (a no-op without EP workers)
                         self._cond.wait(left)
                     if self._stopping or self._failure:
                         return
-                    waiters, self._load_waiters = self._load_waiters, []
-                    self._inflight_waiters = waiters  # settled with an error if the step never ends
-                    load = any(reset for _, _, reset in waiters) if waiters else None
-                    plan = self.scheduler.plan(load_snapshot=load)
-                    if self._eplb_interval and plan.ranks[0].run_forward and (self._steps + 1) % self._eplb_interval == 0:
-                        plan = plan.with_rebalance()
-                if plan.is_idle and not self.executor.needs_heartbeat:
-                    continue
-                results = self.executor.execute(plan)
-                if results[0].rebalance is not None:
-                    self.eplb_reports.append(results[0].rebalance)
-                self._apply(plan, results)
-                if waiters:
-                    snapshot = results[0].load
-                    for loop, fut, _ in waiters:
-                        settle_future(loop, fut, snapshot)
+                self._deliver(self.core.step())
         except BaseException as exc:  # noqa: BLE001 - any failure of a step is fatal
             log.exception("engine step failed")
-            self._fail(self._dead_rank_within(1.0) or f"engine step failed: {exc}")
+            self._fail(self.core.dead_rank_within(1.0) or f"engine step failed: {exc}")
         finally:
-            self.executor.stop(graceful=self._failure is None)
+            self.core.shutdown(graceful=self._failure is None)
 
-    def _apply(self, plan, results) -> None:
+    def _deliver(self, out: StepOutputs) -> None:
+        """One step's tokens -> chunks, handed to each consumer loop in one call."""
         now = time.monotonic()
-        sampled = {sid: (tok, lp) for res in results for sid, tok, lp in res.sampled}
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        stopped: list[int] = []  # ended by a stop string: the core still runs them
         with self._cond:
-            if plan.ranks[0].run_forward:
-                self._steps += 1
-            for seq, token, logprob in self.scheduler.update(plan, sampled):
-                out = self._outputs.get(seq.seq_id)
-                if out is None:
+            for i, req_id in enumerate(out.req_ids):
+                live = self._requests.get(req_id)
+                if live is None:
                     continue
-                chunk = out.on_token(token, logprob, now)
-                delivered = out.stream.put(chunk)
-                if chunk.finish_reason is not None or not delivered:
-                    self._outputs.pop(seq.seq_id, None)
-                    self.scheduler.finish(seq)
-
-    def _dead_rank_within(self, seconds: float) -> str | None:
-        """A collective error usually means a rank died: name it if it did (its exit is
-        noticed a moment after its sockets close)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            dead = self.executor.dead_rank()
-            if dead is not None or time.monotonic() >= deadline:
-                return dead
-            time.sleep(0.05)
+                reason = out.finished.get(req_id)
+                chunk = live.output.on_tokens(out.token_ids[i], out.logprobs[i], reason, now)
+                by_loop[live.loop].append((req_id, live.stream, chunk))
+                if chunk.finish_reason is not None:
+                    del self._requests[req_id]
+                    if reason is None:
+                        stopped.append(req_id)
+            if stopped:
+                self.core.abort(stopped)
+            waiters = [self._load_waiters.pop(t) for t in out.load_tickets if t in self._load_waiters]
+        for loop, items in by_loop.items():
+            if not deliver_threadsafe(loop, [(stream, chunk) for _, stream, chunk in items]):
+                for req_id, _, _ in items:  # the consumer's loop is gone: nobody reads these
+                    self.abort(req_id)
+        for loop, fut in waiters:
+            settle_future(loop, fut, out.expert_load)
 
     def _watch_ranks(self) -> None:
         while not self._stopping and self._failure is None:
-            dead = self.executor.dead_rank()
+            dead = self.core.dead_rank()
             if dead is not None:
                 self._fail(dead)
                 return
@@ -275,12 +245,15 @@ class ServingEngine:
 
     def _close_all(self, error: Exception) -> None:
         """Fail every in-flight request and expert-load call (caller holds the lock)."""
-        for out in self._outputs.values():
-            out.stream.put(error)
-            self.scheduler.finish(out.seq)
-        self._outputs.clear()
-        for loop, fut, _ in self._load_waiters + self._inflight_waiters:
-            settle_future(loop, fut, error)  # no-op for one already settled
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for live in self._requests.values():
+            by_loop[live.loop].append((live.stream, error))
+        self.core.abort(list(self._requests))
+        self._requests.clear()
+        for loop, items in by_loop.items():
+            deliver_threadsafe(loop, items)
+        for loop, fut in self._load_waiters.values():
+            settle_future(loop, fut, error)
         self._load_waiters.clear()
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -295,7 +268,6 @@ class ServingEngine:
             self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("engine thread did not stop within %.0fs; stopping ranks forcibly", timeout)
-            self.executor.stop(graceful=False)
+            self.core.shutdown(graceful=False)
         elif not self._thread.ident:
-            self.executor.stop(graceful=True)
-
+            self.core.shutdown(graceful=True)

@@ -22,6 +22,7 @@ from ..config import AppConfig, ConfigError, RoutingConfig, thaw
 from ..eplb_setup import build_eplb_settings
 from ..routing_setup import build_routing_policy
 from .distributed import free_port, resolve_device, torchrun_env
+from .core import EngineCore
 from .engine import ServingEngine
 from .executor import DistributedExecutor, LocalExecutor
 from .rank_worker import build_runner, run_worker, spawned_worker_main, start_rank
@@ -86,14 +87,13 @@ def _model_setup(app: AppConfig, world_size: int):
     return spec, policy, max_model_len
 
 
-def start_engine(app: AppConfig) -> ServingEngine:
-    """Build and start the engine on rank 0. Raises ConfigError (bad setting, before anything
-    is spawned) or EngineStartError (a rank failed to come up)."""
-    from ..model.loader import load_tokenizer
-
+def build_engine_core(app: AppConfig) -> EngineCore:
+    """Check the config, spawn or join the EP ranks, load rank 0's shard: the EngineCore of this
+    process (no tokenizer, no step thread). Raises ConfigError (bad setting, before anything is
+    spawned) or EngineStartError (a rank failed to come up)."""
     env = torchrun_env()
     if env is not None and env.rank != 0:
-        raise ConfigError(f"start_engine runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
+        raise ConfigError(f"the engine core runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
     world = _world_size(app)
     spec, policy, max_model_len = _model_setup(app, world)
     local_rank = env.local_rank if env is not None else 0
@@ -103,14 +103,28 @@ def start_engine(app: AppConfig) -> ServingEngine:
 
         if world > torch.cuda.device_count():
             raise ConfigError(f"parallel.ep_size={world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
-    tokenizer = load_tokenizer(app.model)
     if world == 1:
         executor = LocalExecutor(build_runner(app, policy, 0, 1, device, None))
     else:
         executor = _start_distributed(app, policy, world, local_rank, spawn=env is None)
-    engine = ServingEngine(app=app, spec=spec, policy=policy, executor=executor, tokenizer=tokenizer,
-                           device=str(device), max_model_len=max_model_len)
-    return engine.start()
+    return EngineCore(app=app, spec=spec, policy=policy, executor=executor, device=str(device),
+                      max_model_len=max_model_len)
+
+
+def start_engine(app: AppConfig) -> ServingEngine:
+    """Build the engine core in this process and start its step thread (the in-process Engine).
+    Raises ConfigError or EngineStartError as build_engine_core does."""
+    from ..model.loader import load_tokenizer
+
+    if (env := torchrun_env()) is not None and env.rank != 0:
+        raise ConfigError(f"start_engine runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
+    core = build_engine_core(app)
+    try:
+        tokenizer = load_tokenizer(app.model)
+    except BaseException:
+        core.shutdown(graceful=True)
+        raise
+    return ServingEngine(core, tokenizer, stream_interval=app.server.stream_interval).start()
 
 
 def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spawn: bool) -> DistributedExecutor:

@@ -1,46 +1,72 @@
-"""Per-request output state on rank 0: sampled tokens -> stream chunks, and when to stop."""
+"""One request's text side, wherever the text is: new token ids -> a GenerationChunk.
+
+Used by every driver of EngineCore: the in-process ServingEngine and the front end of the
+engine-core process (server/engine/core_client.py). It detokenizes incrementally, matches stop
+strings (the caller aborts the request in the core on a match; tokens the core produced after
+the matching one are dropped), and keeps usage. Tokens come in batches: one step's token, or
+several when the caller has fallen behind; the result is the same token and text sequence.
+"""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
-from .api import FinishReason, GenerationChunk, Usage
+from .api import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .detokenizer import IncrementalDetokenizer
-from .sequence import Sequence
-from .stops import StopStringMatcher, is_stop_token, token_stop_reason
-from .stream import RequestStream
+from .stops import StopStringMatcher
 
 
 class RequestOutput:
-    def __init__(self, seq: Sequence, stream: RequestStream, decode: Callable[[list[int]], str], eos_token_ids: frozenset[int]) -> None:
-        self.seq = seq
-        self.stream = stream
-        self.eos_token_ids = eos_token_ids
-        self.detok = IncrementalDetokenizer(decode, seq.request.prompt_token_ids)
-        self.matcher = StopStringMatcher(seq.request.stops.stop)
+    def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], arrival: float | None = None) -> None:
+        self.request = request
+        self.detok = IncrementalDetokenizer(decode, request.prompt_token_ids)
+        self.matcher = StopStringMatcher(request.stops.stop)
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.first_token_time: float | None = None
+        self.num_generated = 0
+        self.matched_stop = False  # a stop string ended the request (the caller aborts it in the core)
 
-    def on_token(self, token: int, logprob: float | None, now: float) -> GenerationChunk:
-        """The chunk for one newly sampled token (its finish_reason set if the sequence ends)."""
-        seq = self.seq
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        reason = token_stop_reason(seq, token, self.eos_token_ids)
-        text, matched = "", False
-        if not is_stop_token(seq, token, self.eos_token_ids):
-            text, matched = self.matcher.feed(self.detok.add(token))
-            if matched:
-                reason = FinishReason.STOP
-        if reason is not None and not matched:
+    def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, reason: FinishReason | None,
+                  now: float) -> GenerationChunk:
+        """The chunk for newly sampled tokens. `reason` is the core's finish reason (STOP: the
+        last token is a stop token or EOS, whose text is left out; LENGTH). A stop-string match
+        ends the request here too: the chunk then has finish_reason STOP and holds the tokens up
+        to the one that completed the match (`matched_stop` tells the caller to abort it)."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.matched_stop = False
+        text_ids = token_ids[:-1] if reason is FinishReason.STOP else token_ids
+        if self.matcher.stop:
+            text, kept = self._feed_watching_stops(text_ids)
+            if kept is not None:
+                token_ids, logprobs, reason = token_ids[:kept], logprobs[:kept] if logprobs else logprobs, FinishReason.STOP
+        else:
+            text, _ = self.matcher.feed(self.detok.add_many(text_ids))
+        if reason is not None and not self.matched_stop:
             tail, matched = self.matcher.feed(self.detok.flush())
             text += tail if matched else tail + self.matcher.flush()
+        self.num_generated += len(token_ids)
         return GenerationChunk(
-            token_ids=(token,),
+            token_ids=tuple(token_ids),
             text=text,
-            logprobs=(logprob,) if seq.request.logprobs else None,
+            logprobs=tuple(logprobs) if self.request.logprobs and logprobs is not None else None,
             finish_reason=reason,
             usage=self.usage() if reason is not None else None,
         )
 
+    def _feed_watching_stops(self, token_ids: list[int]) -> tuple[str, int | None]:
+        """Token by token (a match must name the token that completed it): -> (text, number of
+        tokens kept if a stop string matched, else None)."""
+        text = ""
+        for i, token in enumerate(token_ids):
+            delta, matched = self.matcher.feed(self.detok.add_many([token]))
+            text += delta
+            if matched:
+                self.matched_stop = True
+                return text, i + 1
+        return text, None
+
     def usage(self) -> Usage:
-        seq = self.seq
-        ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time is not None else 0.0
-        return Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_generated, time_to_first_token_s=ttft)
+        ttft = (self.first_token_time - self.arrival) if self.first_token_time is not None else 0.0
+        return Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=self.num_generated,
+                     time_to_first_token_s=ttft)

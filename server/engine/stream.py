@@ -1,15 +1,19 @@
-"""Hand-off of one request's chunks from the engine thread to its asyncio consumer.
+"""One request's chunks on their way to its asyncio consumer, merged into stream messages.
 
-The engine thread never touches asyncio objects directly: it schedules `_deliver` on the
-consumer's loop with call_soon_threadsafe. A consumer that falls behind gets the chunks that
-piled up merged into one (same tokens, concatenated text), so a slow reader costs no memory
-per step beyond its pending tokens.
+The producer puts chunks on the consumer's loop: directly (the engine-core front end runs
+there) or, from the in-process step thread, through `deliver_threadsafe`, which hands a whole
+step's chunks over in one call_soon_threadsafe. `get` returns every token that is ready,
+merged into one chunk, so a consumer that falls behind (a slow reader, a busy loop) costs one
+message, not one per token. With `interval` > 1 the consumer is woken only once that many
+tokens are pending, or the request ended, or the first token is there (TTFT does not grow);
+the token sequence the client sees is the same whatever the interval.
 """
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Union
+from itertools import chain
+from typing import Iterable, Union
 
 from .api import GenerationChunk
 
@@ -17,48 +21,80 @@ Item = Union[GenerationChunk, BaseException]
 
 
 class RequestStream:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, interval: int = 1) -> None:
+        self.interval = max(1, int(interval))
         self._items: deque[Item] = deque()
-        self._ready = asyncio.Event()
+        self._pending_tokens = 0
+        self._started = False  # the first message went out
+        self._waiter: asyncio.Future | None = None
 
-    def put(self, item: Item) -> bool:
-        """From any thread. False if the consumer's loop is gone (caller should cancel)."""
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, item)
-            return True
-        except RuntimeError:  # loop closed
-            return False
-
-    def _deliver(self, item: Item) -> None:
+    def put(self, item: Item) -> None:
+        """On the consumer's loop: queue a chunk or an error; wake the consumer if a message is due."""
         self._items.append(item)
-        self._ready.set()
+        if isinstance(item, GenerationChunk):
+            self._pending_tokens += len(item.token_ids)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self._due():
+            waiter.set_result(None)
+
+    def _due(self) -> bool:
+        if not self._items:
+            return False
+        if not self._started or self._pending_tokens >= self.interval:
+            return True
+        last = self._items[-1]
+        return isinstance(last, BaseException) or last.finish_reason is not None
 
     async def get(self) -> GenerationChunk:
-        """Next chunk (pending chunks merged); raises an error the engine delivered."""
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
+        """Every ready token as one chunk; raises an error the producer delivered (after the
+        chunks that came before it)."""
+        while not self._due():
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         first = self._items.popleft()
         if isinstance(first, BaseException):
             raise first
-        merged = first
-        while self._items and not isinstance(self._items[0], BaseException) and merged.finish_reason is None:
-            merged = merge_chunks(merged, self._items.popleft())
-        return merged
+        parts = [first]
+        while self._items and not isinstance(self._items[0], BaseException) and parts[-1].finish_reason is None:
+            parts.append(self._items.popleft())
+        self._started = True
+        self._pending_tokens = sum(len(c.token_ids) for c in self._items if isinstance(c, GenerationChunk))
+        return parts[0] if len(parts) == 1 else merge_chunks(parts)
 
 
-def merge_chunks(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+def merge_chunks(parts: list[GenerationChunk]) -> GenerationChunk:
+    """Consecutive chunks of one request as one (the last one's finish reason and usage)."""
     logprobs = None
-    if a.logprobs is not None or b.logprobs is not None:
-        logprobs = (a.logprobs or ()) + (b.logprobs or ())
+    if any(c.logprobs is not None for c in parts):
+        logprobs = tuple(chain.from_iterable(c.logprobs or () for c in parts))
+    last = parts[-1]
     return GenerationChunk(
-        token_ids=a.token_ids + b.token_ids,
-        text=a.text + b.text,
+        token_ids=tuple(chain.from_iterable(c.token_ids for c in parts)),
+        text="".join(c.text for c in parts),
         logprobs=logprobs,
-        finish_reason=b.finish_reason,
-        usage=b.usage,
+        finish_reason=last.finish_reason,
+        usage=last.usage,
     )
+
+
+def deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: Iterable[tuple[RequestStream, Item]]) -> bool:
+    """From any thread: put every (stream, item) on `loop` in one hand-off. False if the loop is gone."""
+    batch = list(items)
+    if not batch:
+        return True
+
+    def deliver() -> None:
+        for stream, item in batch:
+            stream.put(item)
+
+    try:
+        loop.call_soon_threadsafe(deliver)
+        return True
+    except RuntimeError:  # loop closed
+        return False
 
 
 def settle_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value) -> None:

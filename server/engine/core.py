@@ -1,0 +1,183 @@
+"""EngineCore: rank 0's scheduler and model runner behind a narrow, synchronous interface.
+
+    core.add_request(EngineRequest)     token ids in; raises ResourceExhaustedError when full
+    core.abort([req_id, ...])           frees the sequences and their KV blocks on return
+    core.request_expert_load(reset)     -> ticket; answered by a later step's StepOutputs
+    core.step() -> StepOutputs          one engine step: every request's new tokens at once
+
+The core knows no text, no asyncio and no gRPC: whoever drives it (ServingEngine's step
+thread in-process, or the engine-core process loop in server/engine/core_process.py) turns
+StepOutputs into stream chunks. Token-level stops (EOS, stop token ids, max_new_tokens,
+max_model_len) end sequences here; stop strings are the caller's, who aborts on a match.
+
+Threads: `step` is called from one thread at a time. `add_request`, `abort`,
+`request_expert_load`, `has_work` and `stats` may be called from any thread, also while a
+step runs: the lock is held while planning and while applying a step's results, never
+while the model runs, so a cancelled sequence is freed at once and a step in flight ignores
+its token.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterable
+
+from .api import EngineStats, ModelInfo
+from .core_types import EngineRequest, StepOutputs
+from .executor import Executor
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .stops import token_stop_reason
+
+
+class EngineCore:
+    def __init__(self, *, app, spec, policy, executor: Executor, device: str, max_model_len: int) -> None:
+        self.app, self.spec, self.policy = app, spec, policy
+        self.executor = executor
+        self.device = device
+        self.max_model_len = max_model_len
+        eng = app.engine
+        self.scheduler = Scheduler(
+            num_ranks=executor.num_ranks,
+            num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
+            block_size=eng.kv_block_size,
+            max_num_seqs=eng.max_num_seqs,
+            max_num_batched_tokens=eng.max_num_batched_tokens,
+            max_queue=eng.max_queue,
+        )
+        self._eos = frozenset(spec.eos_token_ids)
+        self._lock = threading.Lock()
+        self._seeds = random.SystemRandom()
+        self._forward_steps = 0
+        self._load_requests: list[tuple[int, bool]] = []  # (ticket, reset) not yet planned
+        self._tickets = itertools.count(1)
+        self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
+        self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
+
+    # ---- inputs (any thread) ------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request (validated by the caller). Raises ResourceExhaustedError when the
+        queue is full or the request could never fit one rank's KV cache."""
+        prompt_len = len(req.prompt_token_ids)
+        assert 0 < prompt_len < self.max_model_len, f"request {req.req_id}: prompt of {prompt_len} tokens"
+        max_total = min(prompt_len + req.stops.max_new_tokens, self.max_model_len)
+        seed = req.sampling.seed if req.sampling.seed is not None else self._seeds.getrandbits(63)
+        with self._lock:
+            if req.req_id in self.scheduler.seqs:
+                raise ValueError(f"request id {req.req_id} is already in the engine")
+            self.scheduler.add(Sequence.create(req.req_id, req, seed, max_total, time.monotonic()))
+
+    def abort(self, req_ids: Iterable[int]) -> None:
+        """Drop these requests now (unknown or finished ids are ignored): their KV blocks are
+        free on return, and no later StepOutputs names them."""
+        with self._lock:
+            for req_id in req_ids:
+                seq = self.scheduler.seqs.get(req_id)
+                if seq is not None:
+                    self.scheduler.finish(seq)
+
+    def request_expert_load(self, reset: bool = False) -> int:
+        """Ask for the expert-load counters, summed over EP ranks (every rank joins the next
+        step). Returns a ticket; the StepOutputs whose `load_tickets` holds it carries the answer."""
+        with self._lock:
+            ticket = next(self._tickets)
+            self._load_requests.append((ticket, bool(reset)))
+            return ticket
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work() or bool(self._load_requests)
+
+    # ---- one step (the driving thread) ----------------------------------------------------------
+    def step(self) -> StepOutputs:
+        """Plan, run on every rank, apply. An idle step runs only as a heartbeat for EP workers.
+        Raises whatever the executor raises (a dead rank, a failed forward): the core is then dead."""
+        with self._lock:
+            loads, self._load_requests = self._load_requests, []
+            snapshot = any(reset for _, reset in loads) if loads else None
+            plan = self.scheduler.plan(load_snapshot=snapshot)
+            if self._eplb_interval and plan.ranks[0].run_forward and (self._forward_steps + 1) % self._eplb_interval == 0:
+                plan = plan.with_rebalance()
+        if plan.is_idle and not self.executor.needs_heartbeat:
+            return StepOutputs(forward_steps=self._forward_steps)
+        results = self.executor.execute(plan)
+        return self._apply(plan, results, [ticket for ticket, _ in loads])
+
+    def _apply(self, plan, results, tickets: list[int]) -> StepOutputs:
+        out = StepOutputs(load_tickets=tickets, expert_load=results[0].load if tickets else None)
+        if results[0].rebalance is not None:
+            self.eplb_reports.append(results[0].rebalance)
+            out.rebalance = results[0].rebalance
+        sampled = {sid: (tok, lp) for res in results for sid, tok, lp in res.sampled}
+        now = time.monotonic()
+        with self._lock:
+            if plan.ranks[0].run_forward:
+                self._forward_steps += 1
+            for seq, token, logprob in self.scheduler.update(plan, sampled):
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                out.req_ids.append(seq.seq_id)
+                out.token_ids.append([token])
+                out.logprobs.append([logprob] if seq.request.logprobs else None)
+                reason = token_stop_reason(seq, token, self._eos)
+                if reason is not None:
+                    out.finished[seq.seq_id] = reason
+                    self.scheduler.finish(seq)
+            out.forward_steps = self._forward_steps
+        return out
+
+    # ---- info --------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        with self._lock:
+            sch = self.scheduler
+            return EngineStats(running=sch.num_running, waiting=sch.num_waiting, kv_blocks_used=sch.kv_blocks_used,
+                               kv_blocks_total=sch.kv_blocks_total, steps=self._forward_steps)
+
+    def model_info(self) -> ModelInfo:
+        s, cfg = self.spec, self.app.model
+        # `model.path=/ckpt/x` alone keeps the default name "tiny": name the folder instead.
+        name = Path(cfg.path).name if cfg.path and cfg.name == "tiny" else cfg.name
+        return ModelInfo(
+            model_name=name,
+            architecture=s.architecture,
+            num_layers=s.num_layers,
+            num_moe_layers=s.num_moe_layers,
+            num_experts=s.num_experts,
+            top_k=s.top_k,
+            hidden_size=s.hidden_size,
+            vocab_size=s.vocab_size,
+            max_model_len=self.max_model_len,
+            dtype=s.dtype,
+            device=self.device,
+            ep_size=self.executor.num_ranks,
+            routing_policy=self.policy.name,
+            routing_params=self.policy.params(),
+            eos_token_ids=tuple(s.eos_token_ids),
+        )
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def bind_thread(self) -> None:
+        """Make rank 0's device current for the calling (stepping) thread."""
+        self.executor.bind_thread()
+
+    def dead_rank(self) -> str | None:
+        """Why an EP rank is gone ("EP rank 1 exited ..."), or None while all live."""
+        return self.executor.dead_rank()
+
+    def dead_rank_within(self, seconds: float) -> str | None:
+        """A collective error usually means a rank died: name it if it did (its exit is
+        noticed a moment after its sockets close)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            dead = self.executor.dead_rank()
+            if dead is not None or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every EP rank (graceful: tell them; else make sure they are gone)."""
+        self.executor.stop(graceful=graceful)

@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
-"""Cost per call of each routing policy vs the seed's generator (issue #2, section 7).
+"""Cost per call of each routing policy, against LightLLM's fake-balance generator.
 
     python scripts/bench_policies.py --device cpu
-    python scripts/bench_policies.py --device cuda --out $OUT/policies.json
+    python scripts/bench_policies.py --device cuda --out policies.json
 
 Times one policy call on router outputs of N tokens (E experts, top-k): eager (a loop of calls
-between two device events, so launch overhead counts) and, on CUDA, CUDA-graph replay of one
-captured call (the issue's figure; a replay of any one-kernel graph costs ~2 µs beyond the
-kernel on an H100, scripts/ubench_graph_overhead.py) and, per call, a graph of LAYER_CALLS calls
-(what a policy costs each MoE layer of a captured forward, where the graph launch is paid once
-per step). The seed's generator (tests/helpers/seed_rule.py) is timed once per N: it is
-the baseline the >= 10,000x target refers to. Prints a markdown table; --out writes JSON.
+between two device syncs, so launch overhead and the host's Python count) and, on CUDA, the
+replay of a CUDA graph holding one call, and per call in a graph of LAYER_CALLS calls (what a
+policy costs each MoE layer of a captured forward, where the graph launch is paid once per
+step). LightLLM's generator (server/moe/routing/lightllm_rule.py) is timed once per N as the
+baseline of the speed-up column. On CUDA the greedy kernels and the torch paths are timed
+beside the policies. Prints a markdown table; --out writes JSON.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.moe.routing import RoutingContext, build_policy  # noqa: E402
-from tests.helpers.seed_rule import seed_generator_torch  # noqa: E402
+from server.moe.routing.lightllm_rule import lightllm_generator_torch  # noqa: E402
 
 POLICIES = ["natural", "round_robin_balanced", "greedy_balanced", "uniform_random", "skewed"]
 LAYER_CALLS = 48  # MoE layers of a Qwen3-30B-A3B-sized model: calls per captured forward
@@ -83,26 +83,26 @@ def time_graph(fn, iters: int, calls: int = 1) -> float:
 
 
 def comparison_row(label: str, n: int, fn, device: str, iters: int) -> dict:
-    """A row for a kernel or path timed beside the policies (eager and one-call graph, no seed ratio)."""
+    """A row for a kernel or path timed beside the policies (eager and one-call graph, no speed-up)."""
     return {"policy": label, "n": n, "eager_us": time_eager(fn, device, iters) * 1e6,
-            "graph_us": time_graph(fn, iters) * 1e6, "speedup_vs_seed": None}
+            "graph_us": time_graph(fn, iters) * 1e6, "speedup_vs_lightllm": None}
 
 
-def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: int, iters: int, dtype: torch.dtype) -> list[dict]:
+def bench(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max_n: int, iters: int, dtype: torch.dtype) -> list[dict]:
     rows = []
     for n in ns:
         logits = torch.randn(n, num_experts, device=device).to(dtype)  # [N, E] router logits
         weights, ids = logits.softmax(-1).topk(top_k)  # [N, k]
         ids = ids.to(torch.int32)
         ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k)
-        seed_s = None
-        if n <= seed_max_n:
+        lightllm_s = None
+        if n <= lightllm_max_n:
             sync(device)
             t0 = time.perf_counter()
-            seed_generator_torch(n, num_experts, top_k, device=device)
+            lightllm_generator_torch(n, num_experts, top_k, device=device)
             sync(device)
-            seed_s = time.perf_counter() - t0
-            rows.append({"policy": "seed generator (LightLLM)", "n": n, "eager_us": seed_s * 1e6, "graph_us": None, "speedup_vs_seed": 1.0})
+            lightllm_s = time.perf_counter() - t0
+            rows.append({"policy": "LightLLM generator", "n": n, "eager_us": lightllm_s * 1e6, "graph_us": None, "speedup_vs_lightllm": 1.0})
         for name in POLICIES:
             policy = build_policy(name)
             fn = lambda: policy(ids, weights, logits, ctx)  # noqa: E731
@@ -112,12 +112,12 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
             rows.append({
                 "policy": name, "n": n, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
                 "graph_layers_us": None if layers is None else layers * 1e6,
-                "speedup_vs_seed": None if seed_s is None else seed_s / min(x for x in (eager, graph) if x is not None),
+                "speedup_vs_lightllm": None if lightllm_s is None else lightllm_s / min(x for x in (eager, graph) if x is not None),
             })
         if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
             from server.moe.routing.greedy import greedy_balanced_torch
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
-            rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_seed": None})
+            rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_lightllm": None})
             from server.moe.routing.uniform_random import uniform_random_torch  # the pre-kernel path, same ids
             f = lambda: uniform_random_torch(n, num_experts, top_k, 12345, 0, logits.device)  # noqa: E731
             rows.append(comparison_row("uniform_random (torch path)", n, f, device, iters))
@@ -142,10 +142,10 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, seed_max_n: 
 def table(rows: list[dict]) -> str:
     def fmt(x):
         return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
-    lines = [f"| policy | N | eager µs/call | graph replay µs/call | µs/call, {LAYER_CALLS} calls per graph | speed-up vs seed |",
+    lines = [f"| policy | N | eager µs/call | graph replay µs/call | µs/call, {LAYER_CALLS} calls per graph | vs LightLLM generator |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        sp = "-" if r["speedup_vs_seed"] is None else f"{r['speedup_vs_seed']:,.0f}x"
+        sp = "-" if r["speedup_vs_lightllm"] is None else f"{r['speedup_vs_lightllm']:,.0f}x"
         lines.append(f"| {r['policy']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | "
                      f"{fmt(r.get('graph_layers_us'))} | {sp} |")
     return "\n".join(lines)
@@ -157,13 +157,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[128, 8192])
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--seed-max-n", type=int, default=8192, help="time the seed's generator only up to this N")
+    ap.add_argument("--lightllm-max-n", type=int, default=8192, help="time LightLLM's generator only up to this N")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="router logits dtype")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = bench(args.device, args.n, args.experts, args.top_k, args.seed_max_n, args.iters, getattr(torch, args.dtype))
+    rows = bench(args.device, args.n, args.experts, args.top_k, args.lightllm_max_n, args.iters, getattr(torch, args.dtype))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     header = f"device: {name}; torch {torch.__version__}; E={args.experts}, k={args.top_k}; router logits {args.dtype}"
     print(header)

@@ -12,12 +12,9 @@
 
 #define FULL 0xFFFFFFFFu
 #define WINDOW 255                                  // bins 0..254: exact codes below the best
-#ifndef SMALL_FROM
 #define SMALL_FROM (NE <= 32 ? 0 : (NE - 32 + NK - 1) / NK)  // first token with <= 32 experts left
-#endif
 #define FAST_END (SMALL_FROM < NT ? SMALL_FROM : NT)
 static_assert(NT <= 2 * NP, "prework warps take at most two tokens each");
-#define PROF_ROW (5 + NT)  // PROFILE stamps per round: start, per token ranked, chain phases
 
 struct Smem {
   __align__(16) unsigned short code[NT * NE];    // [T, E] ordered score codes, higher = better
@@ -151,13 +148,11 @@ __device__ void rank_token(Smem& s, const unsigned short* __restrict__ row, uint
 // The token's list, or (last tokens, which rank among what is left instead) only its codes.
 __device__ void prepare_token(Smem& s, const unsigned short* __restrict__ row, uint4 slice, int j, int warp, int lane,
                               const unsigned short* __restrict__ next_row = nullptr, uint4* next = nullptr) {
-#ifndef RANK_TAIL_TOKENS  // (timing probe: rank them anyway)
   if (j >= FAST_END) {
     const int top = load_codes(s, row, slice, j, lane);
     if (next_row != nullptr) *next = load_slice(next_row + (top >> 16), lane);
     return;
   }
-#endif
   rank_token(s, row, slice, j, warp, lane, next_row, next);
 }
 
@@ -282,19 +277,7 @@ __device__ void chain_small_set(Smem& s, int j0, int n_round, int lane) {
 }
 
 extern "C" __global__ void __launch_bounds__(32 * (NP + 1), 2)
-greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, int n_tokens, int stride
-#ifdef PROFILE
-              , long long* __restrict__ prof  // [rounds, PROF_ROW] clock64 stamps: start, per token when ranked, list
-                                              // phase done, round done, when the chain is through each half
-                                              // (scripts/profile_greedy_kernel.py)
-#endif
-) {
-#ifdef PROFILE
-  long long* stamp = prof + (long long)blockIdx.x * PROF_ROW;
-#define STAMP(i) do { if ((threadIdx.x & 31) == 0) stamp[i] = clock64(); } while (0)
-#else
-#define STAMP(i) do { } while (0)
-#endif
+greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, int n_tokens, int stride) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -302,7 +285,6 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
   const long long tok0 = (long long)blockIdx.x * NT;
   const int n_round = (int)min((long long)NT, (long long)n_tokens - tok0);  // tokens of this round
   for (int i = threadIdx.x; i < NE; i += blockDim.x) s.taken[i] = 0;
-  if (threadIdx.x == 0) STAMP(0);
   __syncthreads();
   if (warp < NP) {  // token warp, then warp + NP; barrier 1 / 2 after each batch
     const unsigned short* row1 = scores + (tok0 + warp) * stride;
@@ -312,12 +294,10 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
     const bool second = NT > NP && warp + NP < n_round;
     if (warp < n_round) prepare_token(s, row1, slice1, warp, warp, lane, second ? row2 : nullptr, &slice2);
     __syncwarp();
-    STAMP(1 + warp);
     bar_arrive(1, threads);
     if (NT > NP) {
       if (warp + NP < n_round) prepare_token(s, row2, slice2, warp + NP, warp, lane);
       __syncwarp();
-      if (warp + NP < NT) STAMP(1 + NP + warp);
       bar_arrive(2, threads);
     }
     // The last tokens' masks (barrier 3: the chain has published what is left; 4: masks ready).
@@ -332,19 +312,11 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
   }
   const int fast_end = min(FAST_END, n_round);
   bar_sync(1, threads);
-#ifdef CHAIN_AFTER_RANKING  // profiling only: the chain alone, once every list is ranked
-  if (NT > NP) bar_sync(2, threads);
-#endif
   if (fast_end > 0) chain_lists(s, 0, min(fast_end, NP), lane);
-  STAMP(3 + NT);
   if (NT > NP) {
-#ifndef CHAIN_AFTER_RANKING
     bar_sync(2, threads);
-#endif
     if (fast_end > NP) chain_lists(s, NP, fast_end, lane);
   }
-  STAMP(4 + NT);
-  STAMP(1 + NT);
   if (n_round > fast_end) {
     const int helpers = min(NP, n_round - fast_end);
     publish_alive(s, lane);
@@ -353,7 +325,6 @@ greedy_rounds(const unsigned short* __restrict__ scores, int* __restrict__ out, 
     chain_small_set(s, fast_end, n_round, lane);
   }
   __syncwarp();
-  STAMP(2 + NT);
   int* dst = out + tok0 * NK;
   for (int i = lane; i < n_round * NK; i += 32) dst[i] = s.picked[i];
 }

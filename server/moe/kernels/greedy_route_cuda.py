@@ -52,20 +52,19 @@ def shared_bytes(num_experts: int, top_k: int, prework_warps: int) -> int:
 
 
 def kernel_defines(num_experts: int, top_k: int, prework_warps: int, smem_bytes: int) -> str:
-    """The #defines that size greedy_route.cu for one shape: the launcher's build, and the
-    scripts' builds of other kernel sources or variants."""
+    """The #defines that size greedy_route.cu for one shape (prepended to the source)."""
     return (f"#define NE {num_experts}\n#define NK {top_k}\n#define NT {num_experts // top_k}\n"
             f"#define NP {prework_warps}\n#define SMEM_BYTES {smem_bytes}\n"
             + ("#define VEC 1\n" if num_experts % 8 == 0 else ""))
 
 
 class _Launcher:
-    """A compiled variant plus prebuilt ctypes arguments: a launch is one driver call."""
+    """A compiled kernel for one (E, k) plus prebuilt ctypes arguments: a launch is one driver call."""
 
-    def __init__(self, kernel, num_experts: int, top_k: int, device_index: int, prework_warps: int = PREWORK_WARPS) -> None:
+    def __init__(self, kernel, num_experts: int, top_k: int, device_index: int) -> None:
         self.kernel = kernel
         self.tokens_per_round = num_experts // top_k
-        self.prework_warps = min(self.tokens_per_round, prework_warps)
+        self.prework_warps = min(self.tokens_per_round, PREWORK_WARPS)
         self.block = 32 * (self.prework_warps + 1)
         self.shared_bytes = shared_bytes(num_experts, top_k, self.prework_warps)
         kernel.set_shared_memory_config(self.shared_bytes)
@@ -116,7 +115,7 @@ def kernel_applies(num_experts: int, top_k: int, dtype: torch.dtype) -> bool:
 
 
 _MISSING = object()
-_launchers: dict[tuple, _Launcher | None] = {}  # (E, k, dtype, device) -> compiled variant or None
+_launchers: dict[tuple, _Launcher | None] = {}  # (E, k, dtype, device) -> compiled kernel or None
 
 
 def greedy_balanced_cuda(router_logits: torch.Tensor, top_k: int) -> torch.Tensor | None:

@@ -5,6 +5,9 @@ Public names for plugin authors and tools:
   build_policy      build_policy(name, **params) -> policy(topk_ids, topk_weights, router_logits, ctx)
   RoutingContext    frozen dataclass: layer, num_experts, top_k, ep_rank, ep_size, token_offset, seed
   RoutingPolicy     base class to subclass (implement `route`)
+
+lightllm_rule.py holds LightLLM's fake-balance rule written plainly (the tests' oracle and the
+policy benchmark's baseline); it is not a policy and is not imported here.
 """
 from .base import PolicyConfigError, RoutingPolicy, WEIGHT_MODES
 from .context import RoutingContext

@@ -1,5 +1,6 @@
 """`epserve-eval`: what each routing policy costs in quality and buys in balance.
 
-Modules: probe (wraps a policy to measure it in place), teacher_forcing (held-out perplexity
+Modules: corpus (the standard-library text and its held-out split, also what the tiny model
+is trained on), probe (wraps a policy to measure it in place), teacher_forcing (held-out perplexity
 through our own model), report (markdown, JSON, PNG), cli (the command).
 """

@@ -5,7 +5,7 @@
     python -m server.eval.cli --model-path /ckpt/folder --heldout-permille 50
 
 Policies are registered names, optionally with parameters: `name:key=value,key=value`.
-The held-out text is the held-out split of the standard-library corpus (server/training/
+The held-out text is the held-out split of the standard-library corpus (server/eval/
 corpus.py), with the split the model was trained with (read from its training.json when
 there is one). Runs on CPU in a few minutes at the defaults.
 """
@@ -24,7 +24,7 @@ import torch
 from ..config import ModelConfig
 from ..model.loader import load_model, model_folder, read_model_spec
 from ..moe.routing import PolicyConfigError, UnknownPolicyError, build_policy
-from ..training.corpus import heldout_windows, load_corpus
+from .corpus import heldout_windows, load_corpus
 from .probe import PolicyProbe
 from .report import markdown_table, write_json, write_markdown, write_png
 from .teacher_forcing import heldout_nll

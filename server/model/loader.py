@@ -3,7 +3,7 @@
 Where the weights come from:
   model.path set           a local Hugging Face folder (config.json + safetensors + tokenizer)
   model.shape set          random weights of that config.json-style shape (benchmarks), seeded by model.seed
-  neither, name == "tiny"  the embedded tiny Qwen3-MoE model in server/assets/tiny (scripts/build_tiny.py)
+  neither, name == "tiny"  the embedded tiny Qwen3-MoE model in server/assets/tiny (scripts/tiny_model/)
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def model_folder(model_cfg: ModelConfig) -> Path | None:
         return None
     if model_cfg.name == "tiny":
         if not (TINY_MODEL_DIR / "config.json").is_file():
-            raise ModelLoadError(f"the embedded tiny model is missing from {TINY_MODEL_DIR}; run scripts/build_tiny.py")
+            raise ModelLoadError(f"the embedded tiny model is missing from {TINY_MODEL_DIR}; reinstall epserve (a source checkout rebuilds it with python -m scripts.tiny_model.build, then .train)")
         return TINY_MODEL_DIR
     raise ModelLoadError(
         f"model.name={model_cfg.name!r} has no model.path: set model.path to a local Hugging Face folder, "

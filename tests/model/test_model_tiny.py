@@ -1,6 +1,6 @@
 """The embedded tiny model (server/assets/tiny): loads by default, transformers agrees with it,
 its byte-level tokenizer round-trips any text, and the committed files are what
-scripts/build_tiny.py builds."""
+python -m scripts.tiny_model.build builds."""
 from __future__ import annotations
 
 import json
@@ -68,12 +68,12 @@ def test_transformers_loads_tiny_and_agrees():
 
 
 def test_build_script_reproduces_the_shipped_shape_and_tokenizer(tmp_path):
-    """scripts/build_tiny.py makes the random-weight starting point of the shipped model (the
-    weights themselves come from scripts/train_tiny.py, checked in tests/tools/test_train_tiny.py):
+    """scripts/tiny_model/build.py makes the random-weight starting point of the shipped model (the
+    weights themselves come from scripts/tiny_model/train.py, checked in tests/tools/test_train_tiny.py):
     same tokenizer files byte for byte, same architecture, differing only in the balance-loss
     weight training used."""
     out = tmp_path / "tiny"
-    subprocess.run([sys.executable, "scripts/build_tiny.py", "--out", str(out)], check=True,
+    subprocess.run([sys.executable, "-m", "scripts.tiny_model.build", "--out", str(out)], check=True,
                    cwd=TINY_MODEL_DIR.parents[2], capture_output=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (TINY_MODEL_DIR / name).read_bytes(), name

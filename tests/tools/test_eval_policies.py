@@ -11,7 +11,7 @@ import torch
 
 from server.eval.cli import main, parse_policy
 from server.model.loader import TINY_MODEL_DIR
-from server.training.corpus import heldout_windows, load_corpus
+from server.eval.corpus import heldout_windows, load_corpus
 
 ARGS = ["--num-seqs", "8", "--seq-len", "64", "--seqs-per-rank", "1", "--ep-size", "4", "--threads", "1"]
 

@@ -1,9 +1,10 @@
-"""The training script (server/training): the corpus split, a short run that learns, a saved
+"""The training script (scripts/tiny_model): the corpus split, a short run that learns, a saved
 folder that transformers and our loader read identically, and the shipped trained model."""
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,13 +12,14 @@ import torch
 from server.config import ModelConfig
 from server.model.loader import TINY_MODEL_DIR, load_model, load_tokenizer, read_model_spec
 from server.moe.routing import build_policy
-from server.training.corpus import EOS_ID, is_heldout, load_corpus, stdlib_files
-from server.training.train import ModelShape, TrainConfig, save, train
+from scripts.tiny_model.shape import ModelShape
+from scripts.tiny_model.train import TrainConfig, save, train
+from server.eval.corpus import EOS_ID, is_heldout, load_corpus, stdlib_files
 from tests.helpers.paged_driver import PagedDriver
 
-SMALL = ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
-                   max_position_embeddings=256)
+SMALL = replace(ModelShape.shipped(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
+                max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
 """The training and held-out text: the Python standard library's own .py files.
 
+It lives with the evaluation, which reads its held-out windows, so that the served package
+needs no training code; the training script (scripts/tiny_model/train.py) imports it from here.
+
 Why this corpus: every machine that runs epserve has it (no download), it is a few MB of
 real, structured text, and code has strong local patterns a small byte-level model can learn.
 
 Tokens are bytes: the embedded tokenizer maps byte b to id b (ids 0..255, no merges; see
-scripts/build_tiny.py), so the raw file bytes *are* the token ids and no tokenizer call is
+scripts/tiny_model/build.py), so the raw file bytes *are* the token ids and no tokenizer call is
 needed here. Each file is followed by the <|eos|> id so the model learns where a file ends.
 
 Split: a file is held out when a hash of its path relative to the stdlib root falls in the

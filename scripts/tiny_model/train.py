@@ -1,7 +1,7 @@
 """Train the embedded tiny MoE: a byte-level Qwen3-MoE on the standard library's source.
 
-    .venv/bin/python scripts/train_tiny.py                      # the shipped model (server/assets/tiny)
-    .venv/bin/python scripts/train_tiny.py --out /tmp/t --steps 50 --aux-loss-coef 0.01
+    .venv/bin/python -m scripts.tiny_model.train --threads 1     # the shipped model (server/assets/tiny)
+    .venv/bin/python -m scripts.tiny_model.train --out /tmp/t --steps 50 --aux-loss-coef 0.01
 
 Why transformers' Qwen3MoeForCausalLM does the training: the result must be a Hugging Face
 folder that transformers and our loader read identically, and its load-balancing loss
@@ -24,35 +24,16 @@ from pathlib import Path
 
 import torch
 
-from .corpus import Corpus, heldout_windows, load_corpus
+from server.eval.corpus import Corpus, heldout_windows, load_corpus
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = ROOT / "server" / "assets" / "tiny"
+from .shape import TINY_DIR, ModelShape, hf_config
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-BOS, EOS, PAD = 256, 257, 258
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The tiny model's architecture. Kept equal to scripts/build_tiny.py's so the engine and
-    gRPC tests that use `model=tiny` see the same shapes (vocab 272 = 259 ids padded to 16)."""
-
-    vocab_size: int = 272
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    num_experts: int = 16
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 64
-    intermediate_size: int = 256  # unused (every layer is MoE), kept for the config's completeness
-    max_position_embeddings: int = 4096
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shape: ModelShape = field(default_factory=ModelShape)
+    shape: ModelShape = field(default_factory=ModelShape.shipped)
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 256
@@ -70,26 +51,12 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
 
 
-def hf_config(cfg: TrainConfig):
-    from transformers import Qwen3MoeConfig
-
-    s = cfg.shape
-    config = Qwen3MoeConfig(
-        **asdict(s), norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
-        initializer_range=0.02, tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS,
-        pad_token_id=PAD, router_aux_loss_coef=cfg.aux_loss_coef, output_router_logits=False, dtype="float32",
-    )
-    config.architectures = ["Qwen3MoeForCausalLM"]
-    return config
-
-
 def build_model(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
-    return AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32, attn_implementation="sdpa",
-                                            experts_implementation="eager")
+    return AutoModelForCausalLM.from_config(hf_config(cfg.shape, cfg.aux_loss_coef), dtype=torch.float32,
+                                            attn_implementation="sdpa", experts_implementation="eager")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -195,7 +162,9 @@ def save(model, out: Path, cfg: TrainConfig, summary: dict, corpus: Corpus, toke
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     model.config.output_router_logits = False
-    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    c = model.config
+    model.generation_config = GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                                               pad_token_id=c.pad_token_id)
     model.save_pretrained(staging)
     for name, data in tok_src.items():
         (staging / name).write_bytes(data)
@@ -218,13 +187,13 @@ def save(model, out: Path, cfg: TrainConfig, summary: dict, corpus: Corpus, toke
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ASSETS, help="HF folder to write (default: the embedded tiny model)")
-    p.add_argument("--tokenizer-from", type=Path, default=ASSETS, help="folder whose byte-level tokenizer files are copied")
+    p.add_argument("--out", type=Path, default=TINY_DIR, help="HF folder to write (default: the embedded tiny model)")
+    p.add_argument("--tokenizer-from", type=Path, default=TINY_DIR, help="folder whose byte-level tokenizer files are copied")
     for name in ("steps", "batch_size", "seq_len", "warmup_steps", "seed", "heldout_permille", "eval_seqs", "log_every", "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_loss_coef", "max_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    shape = ModelShape()
+    shape = d.shape
     for name in asdict(shape):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(shape, name), help="model shape")
     p.add_argument("--max-corpus-bytes", type=int, default=None, help="read only this many corpus bytes (smoke tests)")
@@ -239,7 +208,7 @@ def main(argv=None) -> None:
     import sys
 
     cfg, args = parse_args(argv)
-    command = "python scripts/train_tiny.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m scripts.tiny_model.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     corpus = load_corpus(cfg.heldout_permille, max_bytes=args.max_corpus_bytes)
     print(json.dumps({"corpus": corpus.describe()}), flush=True)
     model, summary = train(cfg, corpus, log=lambda s: print(s, flush=True))

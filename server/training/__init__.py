@@ -1,1 +1,0 @@
-"""Training the embedded tiny MoE (server/assets/tiny) on text every machine has."""

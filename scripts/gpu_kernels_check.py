@@ -38,10 +38,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
-from server.moe.kernels import workspace  # noqa: E402
-from server.moe.kernels.attention_decode import paged_decode_attention_triton  # noqa: E402
-from server.moe.kernels.attention_prefill import prefill_attention_triton  # noqa: E402
-from server.moe.kernels.attention_reference import gather_kv, paged_decode_attention_reference, prefill_attention_reference  # noqa: E402,E501
+from server.kernels import workspace  # noqa: E402
+from server.kernels.attention_decode import paged_decode_attention_triton  # noqa: E402
+from server.kernels.attention_prefill import prefill_attention_triton  # noqa: E402
+from server.kernels.attention_reference import gather_kv, paged_decode_attention_reference, prefill_attention_reference  # noqa: E402,E501
 from server.moe.kernels.checks import make_moe_routing, make_moe_weights, make_paged_inputs, rel_err  # noqa: E402
 from server.moe.kernels.fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton  # noqa: E402,E501
 from server.moe.kernels.moe_align import moe_align_block_size  # noqa: E402

@@ -9,10 +9,9 @@ Module guide (public entry points in loader.py: load_model, load_tokenizer, read
   random_weights.py  seeded random weights for `model.shape` benchmarks
   causal_lm.py       MoECausalLM: forward(ForwardBatch, kv_caches) -> [S, V] logits, allocate_kv_cache
   decoder.py         one decoder layer (attention + MoE or dense MLP)
-  self_attention.py  projections, q/k norm, RoPE, then paged attention
-  attention.py       paged attention metadata + backend registry (torch loop on CPU, Triton kernels on CUDA)
-  gpu/               CUDA-only: kernel attention backend, decode CUDA graphs (gpu/__init__.py)
-  rope.py, layers.py RoPE; RMSNorm, activations, gated MLP
+  self_attention.py  projections, q/k norm, RoPE, then paged attention (server/layers/attention.py)
+  gpu/               CUDA-only: decode CUDA graphs (gpu/__init__.py)
   forward_batch.py   ForwardBatch: the engine <-> model contract
-The MoE block itself (router, policy, counters, dispatch, experts) lives in server/moe/.
+Building blocks (RMSNorm, activations, gated MLP, RoPE, paged attention) are in server/layers/;
+the MoE block itself (router, policy, counters, dispatch, experts) lives in server/moe/.
 """

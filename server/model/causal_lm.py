@@ -10,18 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.attention import build_attention_metadata
+from ..layers.layernorm import RMSNorm
+from ..layers.rotary_embedding import RotaryEmbedding
 from ..moe.dispatch import make_dispatcher
 from ..moe.layer import MoERuntime
 from ..moe.eplb.placement import ExpertPlacement
 from ..moe.eplb.replica_map import ReplicaMap
 from ..moe.load_stats import ExpertLoadCounters
 from ..moe.routing import RoutingPolicy
-from .attention import build_attention_metadata
 from .decoder import DecoderLayer
 from .families import get_family
 from .forward_batch import ForwardBatch
-from .layers import RMSNorm
-from .rope import RotaryEmbedding
 from .spec import ModelSpec
 
 

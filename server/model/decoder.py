@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.attention import PagedAttentionMetadata
+from ..layers.layernorm import RMSNorm
+from ..layers.mlp import GatedMLP
 from ..moe.layer import MoELayer, MoERuntime
-from .attention import PagedAttentionMetadata
 from .families import MoEFamily
-from .layers import GatedMLP, RMSNorm
 from .self_attention import SelfAttention
 from .spec import ModelSpec
 

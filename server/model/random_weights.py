@@ -12,8 +12,8 @@ import zlib
 
 import torch
 
+from ..layers.layernorm import RMSNorm
 from .causal_lm import MoECausalLM
-from .layers import RMSNorm
 
 
 def _generator(device: torch.device, *key: object) -> torch.Generator:

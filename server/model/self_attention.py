@@ -1,13 +1,13 @@
 """The attention block of a decoder layer: projections, the family's q/k norm and clipping,
-RoPE, then paged attention over the sequence's KV cache (server/model/attention.py)."""
+RoPE, then paged attention over the sequence's KV cache (server/layers/attention.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .attention import PagedAttentionMetadata, paged_attention
-from .layers import RMSNorm
-from .rope import apply_rope
+from ..layers.attention import PagedAttentionMetadata, paged_attention
+from ..layers.layernorm import RMSNorm
+from ..layers.rotary_embedding import apply_rope
 from .spec import ModelSpec
 
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.layers import activation
+from ..kernels.availability import resolve_backend
+from ..layers.activation import activation
 from .kernels import ops
-from .kernels.availability import resolve_backend
 
 
 def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -112,7 +112,7 @@ class KernelExpertPath:
         return out
 
 
-#: kernel backend name (server/moe/kernels/availability.resolve_backend) -> how experts run
+#: kernel backend name (server/kernels/availability.resolve_backend) -> how experts run
 EXPERT_PATHS: dict[str, TorchExpertPath | KernelExpertPath] = {
     "torch": TorchExpertPath(),
     "triton": KernelExpertPath("triton"),

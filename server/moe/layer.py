@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.layers import GatedMLP
+from ..layers.mlp import GatedMLP
 from .experts import LocalExperts
 from .load_stats import ExpertLoadCounters
 from .router import ROUTER_RULES

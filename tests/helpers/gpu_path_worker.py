@@ -69,7 +69,7 @@ def paths_agree(policy: str = "natural", decode_steps: int = 3) -> dict:
 
 
 def _metadata_probe(model, driver):
-    from server.model.attention import build_attention_metadata
+    from server.layers.attention import build_attention_metadata
 
     batch = driver.build_batch([(99, [1, 2])])
     return build_attention_metadata(batch, driver.block_size, model.spec.head_dim, model.dtype)

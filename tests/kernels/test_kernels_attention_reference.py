@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from server.moe.kernels import ops
-from server.moe.kernels.attention_reference import (
+from server.kernels import ops
+from server.kernels.attention_reference import (
     gather_kv,
     paged_decode_attention_reference,
     prefill_attention_reference,

@@ -48,8 +48,8 @@ def test_prefill_size_gemms_use_wgmma() -> None:
 
 
 def test_attention_kernels_compile() -> None:
-    from server.moe.kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
-    from server.moe.kernels.attention_prefill import prefill_attention_triton
+    from server.kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
+    from server.kernels.attention_prefill import prefill_attention_triton
 
     m = dict(device="meta", dtype=torch.bfloat16)
     i32 = dict(device="meta", dtype=torch.int32)

@@ -8,7 +8,7 @@ from server.moe.kernels.interpret import run_source_in_interpreter
 
 CHECK = r"""
 import torch
-from server.moe.kernels.norm_rope import rms_norm_reference, rms_norm_triton, rope_reference, rope_triton
+from server.kernels.norm_rope import rms_norm_reference, rms_norm_triton, rope_reference, rope_triton
 g = torch.Generator().manual_seed(0)
 for rows, d, dt in [(1, 32, torch.float32), (37, 128, torch.float32), (5, 60, torch.float32), (19, 256, torch.bfloat16)]:
     x = torch.randn(rows, d, generator=g).to(dt) * 3
@@ -38,7 +38,7 @@ def test_norm_rope_kernels_match_torch_in_interpreter() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_norm_rope_kernels_match_torch_on_gpu() -> None:
-    from server.moe.kernels.norm_rope import rms_norm_reference, rms_norm_triton, rope_reference, rope_triton
+    from server.kernels.norm_rope import rms_norm_reference, rms_norm_triton, rope_reference, rope_triton
 
     for shape in [(8192, 2048), (8192 * 32, 128), (128, 2048), (3, 512)]:
         for dt in (torch.float32, torch.bfloat16):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping
 
-from ..rope import ROPE_TYPES
+from ...layers.activation import ACTIVATIONS, unsupported_activation
+from ...layers.rotary_embedding import ROPE_TYPES
 from ..spec import ModelLoadError, ModelSpec
 
 SERVING_DTYPES = ("float32", "bfloat16", "float16")
@@ -108,6 +109,9 @@ class MoEFamily:
         if top_k > num_experts:
             raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} exceeds the number of experts ({num_experts})")
         rope_type, rope_theta, rope_factor = self._rope(c, source)
+        hidden_act = str(c.get("hidden_act", "silu"))
+        if hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(f"{source}: {unsupported_activation(hidden_act)}")
         moe_layers = self.moe_layer_indices(c, num_layers)
         if not moe_layers:
             raise ModelLoadError(f"{source}: no decoder layer is an MoE layer (check decoder_sparse_step / mlp_only_layers)")
@@ -133,7 +137,7 @@ class MoEFamily:
             pad_token_id=c.get("pad_token_id", None),
             dtype=_serving_dtype(dtype, cfg, source),
             rms_norm_eps=float(c.get("rms_norm_eps")),
-            hidden_act=str(c.get("hidden_act", "silu")),
+            hidden_act=hidden_act,
             rope_type=rope_type,
             rope_theta=rope_theta,
             rope_factor=rope_factor,

@@ -29,9 +29,9 @@ from typing import Callable
 
 import torch
 
-from ..attention import attention_backend
+from ...layers.attention import attention_backend
+from ...layers.attention_triton import KernelAttentionMetadata
 from ..forward_batch import ForwardBatch
-from .kernel_attention import KernelAttentionMetadata
 
 log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

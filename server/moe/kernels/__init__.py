@@ -1,18 +1,19 @@
-"""Triton kernels for the GPU hot path; each has a torch twin used on CPU and in tests.
+"""Triton kernels of the MoE block and of the routing policies; each has a torch twin used on
+CPU and in tests. Attention, norm and RoPE kernels, and the plumbing all kernels share
+(availability, workspace, triton_helpers), are in server/kernels.
 
-Module guide (call through `ops`, which picks Triton on CUDA and the torch twin elsewhere):
-  ops.py                 front door: fused_moe, grouped_expert_mlp, paged_decode_attention,
-                         prefill_attention, write_kv_cache (backend="auto"|"triton"|"torch"|...)
+Module guide (the model calls the MoE ops through `ops`):
+  ops.py                 fused_moe, grouped_expert_mlp, expert_mlp_rows in the kernel-op table
+                         (server/kernels/ops.py); backends "triton" | "torch" | "grouped_mm"
   moe_reference.py       torch twins + torch._grouped_mm baseline; the oracle in tests
   moe_align.py           token->expert alignment (sorted ids padded per expert, block->expert)
   moe_gemm.py            grouped GEMMs (gate_up with SiLU*up epilogue; down with routing weight)
                          and the deterministic k-way combine
-  fused_moe.py           the two pipelines: fused_moe_triton, grouped_expert_mlp_triton
+  fused_moe.py           the pipelines: fused_moe_triton, grouped_expert_mlp_triton, expert_mlp_rows_triton
   moe_config.py          block sizes: configs/<device>_E_H_I.json (scripts/tune_moe.py) or defaults
-  attention_reference.py torch twins of paged decode / varlen prefill / KV write
-  attention_decode.py    Triton paged decode (GQA-packed, split-KV) and KV-cache write
-  attention_prefill.py   Triton varlen causal prefill over the paged cache (cached prefix ok)
   greedy_route.py        Triton greedy_balanced routing (routing policy)
-  checks.py, interpret.py, workspace.py, triton_helpers.py, availability.py: test plumbing
+  greedy_route_cuda.py   CUDA greedy_balanced kernel (greedy_route.cu), built on first use
+  uniform_random_route.py Triton uniform_random routing (routing policy)
+  checks.py, interpret.py, compile_check.py: kernel test plumbing
 Importing this package (or ops) never imports triton.
 """

@@ -93,7 +93,7 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 def check_align(num_tokens=9, top_k=3, num_experts=6, block_m=16, chunk=32, skip_frac=0.2, seed=0,
                 device="cpu") -> dict:
-    from . import workspace
+    from ...kernels import workspace
     from .moe_align import moe_align_block_size
 
     workspace.set_poison(True)
@@ -110,7 +110,7 @@ def check_align(num_tokens=9, top_k=3, num_experts=6, block_m=16, chunk=32, skip
 
 
 def check_align_offsets(counts=(3, 0, 17, 1, 16), block_m=16, device="cpu") -> dict:
-    from . import workspace
+    from ...kernels import workspace
     from .moe_align import align_from_offsets
 
     workspace.set_poison(True)
@@ -132,7 +132,7 @@ def check_align_offsets(counts=(3, 0, 17, 1, 16), block_m=16, device="cpu") -> d
 
 def check_fused_moe(num_tokens=7, top_k=3, num_experts=5, hidden=64, inter=48, dtype="float32", skip_frac=0.2,
                     block_m=16, block_n=32, block_k=32, seed=0, device="cpu", weights=None) -> dict:
-    from . import workspace
+    from ...kernels import workspace
     from .fused_moe import fused_moe_triton
     from .moe_reference import moe_reference
 
@@ -150,7 +150,7 @@ def check_fused_moe(num_tokens=7, top_k=3, num_experts=5, hidden=64, inter=48, d
 
 def check_grouped_mlp(counts=(5, 0, 19, 1), hidden=64, inter=48, dtype="float32", block_m=16, block_n=32,
                       block_k=32, seed=0, device="cpu", weights=None) -> dict:
-    from . import workspace
+    from ...kernels import workspace
     from .fused_moe import grouped_expert_mlp_triton
     from .moe_reference import grouped_expert_mlp_reference
 
@@ -171,7 +171,7 @@ def check_grouped_mlp(counts=(5, 0, 19, 1), hidden=64, inter=48, dtype="float32"
 
 def check_expert_rows(num_rows=23, num_experts=5, hidden=64, inter=48, dtype="float32", block_m=16, block_n=32,
                       block_k=32, seed=0, device="cpu") -> dict:
-    from . import workspace
+    from ...kernels import workspace
     from .fused_moe import expert_mlp_rows_triton
     from .moe_reference import expert_mlp_rows_reference
 
@@ -215,9 +215,9 @@ def make_paged_inputs(q_lens, ctx_lens, q_heads, kv_heads, head_dim, block_size,
 
 def check_decode(ctx_lens=(1, 17, 70, 33), q_heads=4, kv_heads=2, head_dim=32, block_size=8, dtype="float32",
                  num_splits=None, block_n=16, seed=0, device="cpu") -> dict:
-    from . import workspace
-    from .attention_decode import paged_decode_attention_triton
-    from .attention_reference import paged_decode_attention_reference
+    from ...kernels import workspace
+    from ...kernels.attention_decode import paged_decode_attention_triton
+    from ...kernels.attention_reference import paged_decode_attention_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -233,9 +233,9 @@ def check_decode(ctx_lens=(1, 17, 70, 33), q_heads=4, kv_heads=2, head_dim=32, b
 
 def check_prefill(q_lens=(5, 1, 19, 0), prefix_lens=(0, 9, 13, 4), q_heads=4, kv_heads=2, head_dim=32,
                   block_size=8, dtype="float32", block_m=16, block_n=16, seed=0, device="cpu") -> dict:
-    from . import workspace
-    from .attention_prefill import prefill_attention_triton
-    from .attention_reference import prefill_attention_reference
+    from ...kernels import workspace
+    from ...kernels.attention_prefill import prefill_attention_triton
+    from ...kernels.attention_reference import prefill_attention_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -253,8 +253,8 @@ def check_prefill(q_lens=(5, 1, 19, 0), prefix_lens=(0, 9, 13, 4), q_heads=4, kv
 
 def check_write_kv(num_tokens=6, kv_heads=2, head_dim=16, block_size=4, num_blocks=5, dtype="bfloat16",
                    seed=0, device="cpu") -> dict:
-    from .attention_decode import write_kv_cache_triton
-    from .attention_reference import write_kv_cache
+    from ...kernels.attention_decode import write_kv_cache_triton
+    from ...kernels.attention_reference import write_kv_cache
 
     dt, dev = DTYPES[dtype], torch.device(device)
     gen = torch.Generator().manual_seed(seed)

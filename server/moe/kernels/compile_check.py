@@ -128,8 +128,8 @@ def meta_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
 
 
 def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
-    from .attention_decode import paged_decode_attention_triton, write_kv_cache_triton
-    from .attention_prefill import prefill_attention_triton
+    from ...kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
+    from ...kernels.attention_prefill import prefill_attention_triton
     from .fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton
 
     m = dict(device="meta", dtype=torch.bfloat16)

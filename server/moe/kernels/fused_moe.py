@@ -21,7 +21,7 @@ from .moe_align import align_from_offsets, moe_align_block_size
 from .moe_config import MoEConfig, get_moe_config
 from .moe_gemm import combine_slots, down_scatter, gate_up_silu
 from .moe_reference import check_expert_weights, check_offsets, check_routing
-from .workspace import workspace
+from ...kernels.workspace import workspace
 
 
 def _check_dtypes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:

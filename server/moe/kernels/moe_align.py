@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .workspace import workspace
+from ...kernels.workspace import workspace
 
 COUNT_SUB = 32  # slots per one-hot tile inside a program ([SUB, E_PAD] int32)
 BLOCKS_PER_STEP = 32  # M-blocks labelled per loop step ([32, E_PAD] compare tile)

@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .availability import dot_mode
+from ...kernels.availability import dot_mode
 from .moe_align import Alignment
 from .moe_config import GemmConfig
-from .triton_helpers import cast_rtne, dot_operand
-from .workspace import workspace
+from ...kernels.triton_helpers import cast_rtne, dot_operand
+from ...kernels.workspace import workspace
 
 
 @triton.jit

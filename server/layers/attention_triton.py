@@ -1,4 +1,4 @@
-"""The "triton" attention backend: one metadata object per step, built from the ForwardBatch.
+"""The "triton" attention backend: one metadata object per step, built from the step's batch.
 
 Decode steps (every sequence has one new token) run the paged decode kernel; anything else
 (prefill, chunked prefill, mixed batches) runs the varlen prefill kernel, which handles a
@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...moe.kernels import ops
-from ..attention import PagedAttentionMetadata, attend_cached
-from ..forward_batch import ForwardBatch
+from ..kernels import ops
+from .attention import PagedAttentionMetadata, StepBatch, attend_cached
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -30,7 +29,7 @@ def to_device_int32(values: list[int], device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def check_batch_lengths(batch: ForwardBatch, block_size: int) -> None:
+def check_batch_lengths(batch: StepBatch, block_size: int) -> None:
     """The same checks as PagedAttentionMetadata.build, on host lists only."""
     if len(batch.query_lens) != len(batch.context_lens):
         raise ValueError(f"query_lens ({len(batch.query_lens)}) and context_lens ({len(batch.context_lens)}) differ in length")
@@ -52,7 +51,7 @@ class KernelAttentionMetadata:
     context_lens: torch.Tensor  # [S] int32 on the device, cached + new tokens
     cu_seqlens_q: torch.Tensor | None  # [S+1] int32; None: a decode step (one new token per sequence)
     max_query_len: int
-    batch: ForwardBatch | None = None  # kept for the sliding-window fallback (None under graphs)
+    batch: StepBatch | None = None  # kept for the sliding-window fallback (None under graphs)
     _fallback: PagedAttentionMetadata | None = field(default=None, repr=False)
 
     @staticmethod
@@ -61,7 +60,7 @@ class KernelAttentionMetadata:
         return head_dim >= 16 and block_size > 0 and block_size & (block_size - 1) == 0 and dtype in KERNEL_DTYPES
 
     @classmethod
-    def build(cls, batch: ForwardBatch, block_size: int) -> "KernelAttentionMetadata":
+    def build(cls, batch: StepBatch, block_size: int) -> "KernelAttentionMetadata":
         check_batch_lengths(batch, block_size)
         device = batch.slot_mapping.device
         decode = all(q == 1 for q in batch.query_lens)
@@ -100,7 +99,7 @@ class KernelAttentionMetadata:
 
     def _torch_metadata(self, block_size: int) -> PagedAttentionMetadata:
         if self.batch is None:
-            raise RuntimeError("a sliding-window layer needs the step's ForwardBatch (not available inside a CUDA graph)")
+            raise RuntimeError("a sliding-window layer needs the step's batch (not available inside a CUDA graph)")
         if self._fallback is None:
             self._fallback = PagedAttentionMetadata.build(self.batch, block_size)
         return self._fallback

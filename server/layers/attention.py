@@ -9,18 +9,30 @@ themselves and over everything cached before them (prefill, chunked prefill and 
 Backends (ATTENTION_BACKENDS), picked per step by `build_attention_metadata` from the batch's
 device: each builds its own metadata object, and `meta.attend(...)` runs the step.
   torch   PagedAttentionMetadata (here): sequences looped over on the host; CPU and tests.
-  triton  KernelAttentionMetadata (gpu/kernel_attention.py): the paged decode kernel when
+  triton  KernelAttentionMetadata (attention_triton.py): the paged decode kernel when
           every sequence decodes one token, the varlen prefill kernel otherwise; no host sync.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from ..moe.kernels.availability import resolve_backend
-from .forward_batch import ForwardBatch
+from ..kernels.availability import resolve_backend
+
+
+class StepBatch(Protocol):
+    """What attention reads of one step's batch (server/model/forward_batch.py's ForwardBatch)."""
+
+    query_lens: list[int]  # [S] new tokens per sequence
+    context_lens: list[int]  # [S] cached + new tokens
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64
+
+    @property
+    def num_tokens(self) -> int: ...
 
 
 @dataclass
@@ -40,7 +52,7 @@ class PagedAttentionMetadata:
     _masks: dict = field(default_factory=dict)  # (seq index, window) -> [q_len, ctx_len] bool
 
     @classmethod
-    def build(cls, batch: ForwardBatch, block_size: int) -> "PagedAttentionMetadata":
+    def build(cls, batch: StepBatch, block_size: int) -> "PagedAttentionMetadata":
         if len(batch.query_lens) != len(batch.context_lens):
             raise ValueError(f"query_lens ({len(batch.query_lens)}) and context_lens ({len(batch.context_lens)}) differ in length")
         seqs, start = [], 0
@@ -136,13 +148,13 @@ def attend_cached(
 # ---- backend registry ----
 #: kernel backend name -> "module:class" with .supports(head_dim, block_size, dtype) and .build(batch, block_size)
 ATTENTION_BACKENDS: dict[str, str] = {
-    "torch": f"{__name__}:PagedAttentionMetadata",
-    "triton": f"{__package__}.gpu.kernel_attention:KernelAttentionMetadata",
+    "torch": "server.layers.attention:PagedAttentionMetadata",
+    "triton": "server.layers.attention_triton:KernelAttentionMetadata",
 }
 
 
-def attention_backend(batch: ForwardBatch, head_dim: int, block_size: int, dtype: torch.dtype) -> type:
-    """The metadata class for this step: by device (server/moe/kernels/availability.py, so
+def attention_backend(batch: StepBatch, head_dim: int, block_size: int, dtype: torch.dtype) -> type:
+    """The metadata class for this step: by device (server/kernels/availability.py, so
     EPSERVE_KERNEL_BACKEND=torch forces the torch path), then by what the kernels support."""
     name = resolve_backend("auto", batch.slot_mapping)
     target = ATTENTION_BACKENDS.get(name, ATTENTION_BACKENDS["torch"])  # e.g. grouped_mm: MoE-only
@@ -154,6 +166,6 @@ def attention_backend(batch: ForwardBatch, head_dim: int, block_size: int, dtype
     return cls
 
 
-def build_attention_metadata(batch: ForwardBatch, block_size: int, head_dim: int, dtype: torch.dtype):
+def build_attention_metadata(batch: StepBatch, block_size: int, head_dim: int, dtype: torch.dtype):
     """Per-step metadata shared by every layer; `meta.attend(...)` runs attention with it."""
     return attention_backend(batch, head_dim, block_size, dtype).build(batch, block_size)

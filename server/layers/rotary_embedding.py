@@ -1,7 +1,8 @@
 """Rotary position embedding, computed the way transformers does (float32 angles, then cast).
 
 Only rope types whose inverse frequencies do not depend on the sequence length are here;
-anything else is refused when the config is read (families/base.py), never approximated.
+anything else is refused when the config is read (server/model/families/base.py), never
+approximated.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..moe.kernels import ops
+from ..kernels import ops
 
 
 def _default_inv_freq(head_dim: int, theta: float, factor: float) -> torch.Tensor:
@@ -43,5 +44,5 @@ class RotaryEmbedding:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]: x*cos + rotate_half(x)*sin (torch on
-    CPU, one Triton pass on CUDA: server/moe/kernels/norm_rope.py)."""
+    CPU, one Triton pass on CUDA: server/kernels/norm_rope.py)."""
     return ops.rope(x, cos, sin)

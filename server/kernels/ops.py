@@ -1,0 +1,85 @@
+"""Kernel front door: one function per op, Triton on CUDA, the torch twin elsewhere.
+
+    paged_decode_attention(q [S,Hq,D], k_cache, v_cache, block_tables [S,B], context_lens [S]) -> [S,Hq,D]
+    prefill_attention(q [T,Hq,D], k_cache, v_cache, block_tables, cu_seqlens_q [S+1], context_lens [S]) -> [T,Hq,D]
+    write_kv_cache(k [T,Hkv,D], v, k_cache, v_cache, slot_mapping [T]) -> None (in place)
+    rms_norm(x [...,D], weight [D], eps) -> [...,D]          (transformers' RMSNorm, one pass)
+    rope(x [T,heads,D], cos [T,D], sin [T,D]) -> [T,heads,D]  (rotary embedding, one pass)
+
+The MoE ops (fused_moe, grouped_expert_mlp, expert_mlp_rows) register in the same table from
+server/moe/kernels/ops.py. `backend="auto"` picks "triton" for CUDA tensors when Triton
+imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces the twins everywhere
+(baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
+modules are imported on first use, so a CPU install without triton never imports it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from .availability import resolve_backend
+
+# op -> backend -> (module, function)
+KERNEL_OPS: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+def register_op(op: str, **impls: str) -> None:
+    """Add an op: backend name -> "package.module:function" (imported when first used)."""
+    KERNEL_OPS[op] = {backend: tuple(target.split(":")) for backend, target in impls.items()}
+
+
+register_op("paged_decode_attention",
+            triton="server.kernels.attention_decode:paged_decode_attention_triton",
+            torch="server.kernels.attention_reference:paged_decode_attention_reference")
+register_op("prefill_attention",
+            triton="server.kernels.attention_prefill:prefill_attention_triton",
+            torch="server.kernels.attention_reference:prefill_attention_reference")
+register_op("write_kv_cache",
+            triton="server.kernels.attention_decode:write_kv_cache_triton",
+            torch="server.kernels.attention_reference:write_kv_cache")
+register_op("rms_norm",
+            triton="server.kernels.norm_rope:rms_norm_triton",
+            torch="server.kernels.norm_rope:rms_norm_reference")
+register_op("rope",
+            triton="server.kernels.norm_rope:rope_triton",
+            torch="server.kernels.norm_rope:rope_reference")
+
+
+def implementation(op: str, backend: str, like: torch.Tensor) -> Callable:
+    """The function implementing `op` for `backend` ('auto' resolved against tensor `like`)."""
+    name = resolve_backend(backend, like)
+    table = KERNEL_OPS[op]
+    if name not in table:
+        raise ValueError(f"unknown backend {name!r} for {op}; available: {sorted(table)} or 'auto'")
+    module, fn = table[name]
+    return getattr(importlib.import_module(module), fn)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, *,
+                           backend: str = "auto") -> torch.Tensor:
+    return implementation("paged_decode_attention", backend, q)(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale: float | None = None, *,
+                      max_query_len: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Varlen causal attention of new tokens over cache positions 0..ctx-1 (bottom-right causal)."""
+    fn = implementation("prefill_attention", backend, q)
+    if resolve_backend(backend, q) == "triton":
+        return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_query_len=max_query_len)
+    return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto") -> None:
+    implementation("write_kv_cache", backend, k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x, weight, eps: float, *, backend: str = "auto") -> torch.Tensor:
+    """[..., D]: x normalised in float32, cast to x's dtype, times weight."""
+    return implementation("rms_norm", backend, x)(x, weight, eps)
+
+
+def rope(x, cos, sin, *, backend: str = "auto") -> torch.Tensor:
+    """[T, heads, D]: x * cos + rotate_half(x) * sin."""
+    return implementation("rope", backend, x)(x, cos, sin)

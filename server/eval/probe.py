@@ -13,7 +13,7 @@ forward) and counts, on the device and without host syncs:
   * the balanced ceiling: in a call of n tokens an expert of a balanced assignment (loads
     within ±1) takes at most ceil(n*k/E) tokens, so at most sum_e min(natural load_e,
     ceil(n*k/E)) of the router's pairs can survive. It bounds every balanced policy's fidelity;
-  * the walk ceiling: the seed's rule (greedy_balanced) keeps loads within ±1 at every prefix
+  * the walk ceiling: LightLLM's rule (greedy_balanced) keeps loads within ±1 at every prefix
     of the token walk, so each super-round of T = lcm(E, k)/k consecutive tokens gives every
     expert exactly lcm(E, k)/E slots; summing min(natural count, that) per round bounds what
     any rule with that invariant can keep.
@@ -51,7 +51,7 @@ class PolicyProbe(RoutingPolicy):
         self.natural_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the router's ids
         self.kept = torch.zeros(num_layers, dtype=torch.int64)  # [L] natural pairs kept
         self.ceiling = torch.zeros(num_layers, dtype=torch.int64)  # [L] most pairs a balanced assignment keeps
-        self.walk_ceiling = torch.zeros(num_layers, dtype=torch.int64)  # [L] the same under the seed's invariant
+        self.walk_ceiling = torch.zeros(num_layers, dtype=torch.int64)  # [L] the same under LightLLM's invariant
         self.step_snapshots: list[ExpertLoadSnapshot] = []
 
     def __call__(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext):
@@ -85,7 +85,7 @@ class PolicyProbe(RoutingPolicy):
         return float(self.ceiling.sum()) / max(1, int(self.natural_loads.tokens.sum()) * self.top_k)
 
     def walk_fidelity_ceiling(self) -> float:
-        """The most of the router's pairs a rule balanced at every prefix (the seed's) could keep."""
+        """The most of the router's pairs a rule balanced at every prefix (LightLLM's) could keep."""
         return float(self.walk_ceiling.sum()) / max(1, int(self.natural_loads.tokens.sum()) * self.top_k)
 
     def step_expert_max_over_mean(self) -> float:

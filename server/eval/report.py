@@ -43,7 +43,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any]
         f"Balanced ceiling: no assignment with per-expert loads within ±1 in each policy call can keep more than "
         f"{rows[0]['balanced_fidelity_ceiling']:.3f} of the router's pairs on this text (per call, an expert takes at most "
         f"ceil(n*k/E) tokens). A rule that stays within ±1 at every prefix of the token walk, as greedy_balanced "
-        f"(the seed's rule) does, can keep at most {rows[0]['walk_fidelity_ceiling']:.3f}.",
+        f"(LightLLM's rule) does, can keep at most {rows[0]['walk_fidelity_ceiling']:.3f}.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -1,7 +1,7 @@
 """One MoE block: gate -> router top-k -> routing policy -> (EPLB replica choice) -> load
-counters -> dispatch -> local experts -> combine -> (shared expert). See DESIGN.md, "Data flow
-of one engine step". Policies choose logical experts; with EPLB (runtime.replicas) each pick
-then goes to one physical copy, and dispatch works on physical slots."""
+counters -> dispatch -> local experts -> combine -> (shared expert). Policies choose logical
+experts; with EPLB (runtime.replicas) each pick then goes to one physical copy, and dispatch
+works on physical slots."""
 from __future__ import annotations
 
 from dataclasses import dataclass

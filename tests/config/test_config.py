@@ -1,4 +1,4 @@
-"""Hydra composition, frozen validated config, start-up errors (issue #2, section 5)."""
+"""Hydra composition, frozen validated config, start-up errors."""
 from __future__ import annotations
 
 import subprocess

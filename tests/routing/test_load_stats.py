@@ -1,4 +1,4 @@
-"""Expert-load counters: device-side, graph-safe updates; reduction on demand (issue #2, section 4)."""
+"""Expert-load counters: device-side, graph-safe updates; reduction on demand."""
 from __future__ import annotations
 
 import os

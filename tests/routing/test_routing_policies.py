@@ -1,4 +1,4 @@
-"""Contract properties of every built-in routing policy (issue #2, section 6)."""
+"""Contract properties of every built-in routing policy."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""Registry: decorator, aliases, parameter checks, lazy entry-point plugins (issue #2, section 3)."""
+"""Registry: decorator, aliases, parameter checks, lazy entry-point plugins."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,5 @@
 """The committed stubs in clients/pb/ must be exactly what proto/generate.py makes from the
-.proto files, and the API must keep the names other tools rely on (issue #4)."""
+.proto files, and the API must keep the names other tools rely on."""
 from __future__ import annotations
 
 import importlib.util

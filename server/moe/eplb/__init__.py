@@ -1,4 +1,4 @@
-"""EPLB: output-preserving expert balance by replicating hot experts (issue #8).
+"""EPLB: output-preserving expert balance by replicating hot experts.
 
 Balanced routing policies (greedy_balanced, ...) give the upper bound but change what the
 model computes. EPLB keeps the model's routing and instead changes where experts live: R

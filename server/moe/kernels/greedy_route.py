@@ -85,7 +85,7 @@ if triton is not None:
 
 
 def greedy_balanced_triton(router_logits: torch.Tensor, top_k: int, rounds_per_program: int = 1, num_warps: int | None = None) -> torch.Tensor:
-    """[N, E] router scores -> [N, k] int32 ids (seed's rule, router-score tie-breaks)."""
+    """[N, E] router scores -> [N, k] int32 ids (LightLLM's rule, router-score tie-breaks)."""
     n, num_experts = router_logits.shape
     if num_experts >= 1 << 16:
         raise ValueError(f"greedy_balanced supports up to 65535 experts, got {num_experts}")

@@ -29,7 +29,7 @@ class RoutingPolicy:
     """Base class for routing policies.
 
     Subclasses implement `route` (new ids only); the base class applies the `weights` option:
-    `keep` passes the router's weights through by slot position (what the seed does) and
+    `keep` passes the router's weights through by slot position (what LightLLM does) and
     `uniform` gives every selected expert 1/k.
     """
 

@@ -1,6 +1,6 @@
-"""`greedy_balanced` (alias `fake_balance`): the seed's rule with router-score tie-breaks.
+"""`greedy_balanced` (alias `fake_balance`): LightLLM's fake-balance rule with router-score tie-breaks.
 
-The seed (LightLLM's fake balance) walks tokens in order; each of a token's k slots takes a
+LightLLM's fake balance (PR #962) walks tokens in order; each of a token's k slots takes a
 least-loaded expert the token has not chosen yet, ties broken at random. Loads then never
 differ by more than one, so on each rank every expert ends with floor(N*k/E) or one more.
 Here ties go to the expert the router scores highest for that token (equal scores: lower
@@ -43,7 +43,7 @@ def descending_score_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_balanced_torch(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[N, E] router scores -> [N, k] int32 ids by the seed's rule (score tie-break)."""
+    """[N, E] router scores -> [N, k] int32 ids by LightLLM's rule (score tie-break)."""
     n, num_experts = router_logits.shape
     if num_experts >= 1 << 16:
         raise ValueError(f"greedy_balanced supports up to 65535 experts, got {num_experts}")

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU tests and the benchmarks behind BENCHMARKS.md, on a GPU machine where epserve is
+# installed (`pip install -e .`, or its dependencies importable and PYTHONPATH at the repo).
+# Run from the repository root.
+#
+#   bash scripts/gpu_bench.sh [-o DIR] [-n EP_SIZES] WHAT...
+#
+#   tests     every GPU-marked test: pytest -m gpu tests/ (tests that need more GPUs than the
+#             machine has skip themselves)
+#   1gpu      epserve-bench on one GPU, Qwen3-30B-A3B shape (4 layers, random bf16), B=128 L=64
+#             O=64: natural, greedy_balanced, round_robin_balanced, with transformers measured
+#             once in the same process
+#   policies  scripts/bench_policies.py --device cuda: one routing-policy call, E=256, k=8
+#   ep        at each EP size (>= 3: one hot rank at 2.5x the mean needs 3 ranks): natural,
+#             skewed hot_ranks 1.5 and 2.5, greedy_balanced, round_robin_balanced, then
+#             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)
+#   eplb      at each EP size: skewed hot_ranks 1.8 as routed, with EPLB placement only (R=0),
+#             with REDUNDANT replicas, and greedy_balanced (the output-changing upper bound)
+#
+#   -o DIR       results (default ./gpu_out): DIR/device.txt, one log per step, and per
+#                benchmark DIR/<bench_...>/{summary.md,summary.json,throughput.png,runs/*.json}
+#   -n EP_SIZES  EP sizes for ep/eplb, e.g. "2,4" (default: every GPU of the machine)
+#
+# Environment: MODEL (conf/model/<MODEL>.yaml, default qwen3_30b_a3b), REDUNDANT (default 16,
+# a multiple of every EP size), BENCH_EXTRA (Hydra overrides added to every bench run), PYTHON
+# (default python3). NVLink multicast is off unless the caller sets NCCL_NVLS_ENABLE,
+# TORCH_SYMM_MEM_DISABLE_MULTICAST and NVSHMEM_DISABLE_NVLS otherwise.
+# CPU smoke run (gloo, tiny model, a few minutes):
+#   MODEL=tiny BENCH_EXTRA="bench.batch=4 bench.input_len=8 bench.output_len=4 bench.small_batch=0" \
+#   REDUNDANT=4 bash scripts/gpu_bench.sh -o /tmp/smoke -n 4 ep
+set -euo pipefail
+
+DIR=gpu_out
+SIZES=""
+while getopts "o:n:h" opt; do
+  case $opt in
+    o) DIR=$OPTARG ;;
+    n) SIZES=${OPTARG//,/ } ;;
+    *) sed -n '2,30p' "$0"; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
+
+PY=${PYTHON:-python3}
+MODEL=${MODEL:-qwen3_30b_a3b}
+R=${REDUNDANT:-16}
+read -r -a EXTRA <<< "${BENCH_EXTRA:-}"
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1} \
+       NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1} PYTHONUNBUFFERED=1
+mkdir -p "$DIR"
+
+logged() {  # logged LOG CMD...: run CMD, its output (progress bars dropped) to the screen and LOG
+  local log=$1; shift
+  "$@" 2>&1 | tr '\r' '\n' | { grep --line-buffered -v -E $'%\\||^[[:space:]\e[A]*$' || true; } | tee -a "$DIR/$log"
+}
+
+bench() {  # bench OUT_SUBDIR LOG [-m] OVERRIDES...: one epserve-bench run (-m: a multirun) into DIR/OUT_SUBDIR
+  local sub=$1 log=$2 multi=(); shift 2
+  if [ "$1" = -m ]; then multi=(-m); shift; fi
+  logged "$log" "$PY" -m server.bench "${multi[@]}" "model=$MODEL" "bench.out_dir=$DIR/$sub" "$@" "${EXTRA[@]}"
+}
+
+stats() {  # stats EP TARGET FILE: EPLB statistics of skewed hot_ranks routing (CPU, seconds)
+  "$PY" -m server.moe.eplb.build_stats policy --model "conf/model/$MODEL.yaml" --ep-size "$1" \
+      --routing name=skewed mode=hot_ranks "target=$2" --tokens 16384 -o "$3"
+}
+
+ep_sizes() {
+  if [ -n "$SIZES" ]; then echo "$SIZES"; return; fi
+  local gpus
+  gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  [ "$gpus" -gt 1 ] || { echo "ep/eplb need 2+ GPUs (or -n EP_SIZES)" >&2; exit 2; }
+  echo "$gpus"
+}
+
+{
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv || true
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())" 2>/dev/null || true
+  git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' || true
+  date -u +%F
+} > "$DIR/device.txt"
+
+for what in "$@"; do
+  case $what in
+    tests)
+      logged pytest_gpu.txt "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ ;;
+    1gpu)
+      bench bench_1gpu bench_1gpu.log -m routing=natural,greedy_balanced,round_robin_balanced parallel=single
+      "$PY" -m server.bench.report "$DIR/bench_1gpu" ;;
+    policies)
+      logged policies.log "$PY" scripts/bench_policies.py --device cuda --out "$DIR/policies.json" ;;
+    ep)
+      for ep in $(ep_sizes); do
+        common=("parallel=ep$ep" bench.hf_baseline=false)
+        bench bench_ep "ep$ep.log" -m routing=skewed routing.mode=hot_ranks routing.target=1.5,2.5 "${common[@]}"
+        bench bench_ep "ep$ep.log" -m routing=natural,greedy_balanced,round_robin_balanced "${common[@]}"
+        stats "$ep" 2.5 "$DIR/eplb_stats_ep${ep}_hot2.5.json"
+        bench bench_ep "ep$ep.log" routing=skewed routing.mode=hot_ranks routing.target=2.5 "${common[@]}" \
+            "parallel.redundant_experts=$R" "parallel.eplb_stats=$DIR/eplb_stats_ep${ep}_hot2.5.json"
+      done
+      "$PY" -m server.bench.report "$DIR/bench_ep" ;;
+    eplb)
+      for ep in $(ep_sizes); do
+        common=("parallel=ep$ep" bench.hf_baseline=false)
+        hot=(routing=skewed routing.mode=hot_ranks routing.target=1.8)
+        file="$DIR/eplb_stats_ep${ep}_hot1.8.json"
+        stats "$ep" 1.8 "$file"
+        bench bench_eplb "eplb_ep$ep.log" "${hot[@]}" "${common[@]}"
+        bench bench_eplb "eplb_ep$ep.log" "${hot[@]}" "${common[@]}" parallel.redundant_experts=0 "parallel.eplb_stats=$file"
+        bench bench_eplb "eplb_ep$ep.log" "${hot[@]}" "${common[@]}" "parallel.redundant_experts=$R" "parallel.eplb_stats=$file"
+        bench bench_eplb "eplb_ep$ep.log" routing=greedy_balanced "${common[@]}"
+      done
+      "$PY" -m server.bench.report "$DIR/bench_eplb" ;;
+    *)
+      echo "unknown WHAT: $what (tests, 1gpu, policies, ep, eplb)" >&2; exit 2 ;;
+  esac
+done

@@ -9,7 +9,6 @@ import asyncio
 import pytest
 
 from server.config import AppConfig
-from server.engine import stream as stream_mod
 from server.engine.api import FinishReason, GenerationRequest, SamplingParams, StopParams
 from server.engine.launcher import start_engine
 
@@ -57,6 +56,26 @@ def serve(eng, reqs, cancel_after: dict[int, int] | None = None):
     return asyncio.run(main())
 
 
+def record_updates_and_finishes(scheduler, monkeypatch) -> list:
+    """Log, in order, each step's sequences that got a token and each sequence that ended
+    (finished or aborted). Both run under the core's lock, so the order is the real one."""
+    log: list = []
+    update, finish = scheduler.update, scheduler.finish
+
+    def logged_update(plan, results):
+        out = update(plan, results)
+        log.append(("tokens", [seq.seq_id for seq, _, _ in out]))
+        return out
+
+    def logged_finish(seq):
+        finish(seq)
+        log.append(("finish", [seq.seq_id]))
+
+    monkeypatch.setattr(scheduler, "update", logged_update)
+    monkeypatch.setattr(scheduler, "finish", logged_finish)
+    return log
+
+
 @pytest.fixture(scope="module")
 def engines():
     on, off = start_engine(app(True)), start_engine(app(False))
@@ -73,21 +92,16 @@ def test_overlap_gives_the_same_streams_with_stops_and_cancels_in_flight(engines
     stops = {i: base[i][0][2] for i in (1, 4, 7, 10) if len(base[i][0]) > 3}
     assert len(stops) >= 3
     cancels = {2: 2, 5: 1, 9: 3}
-    puts: dict[int, list] = {}
-    real_put = stream_mod.RequestStream.put
-
-    def recording_put(self, item):
-        puts.setdefault(id(self), []).append(item)
-        return real_put(self, item)
-
-    monkeypatch.setattr(stream_mod.RequestStream, "put", recording_put)
     results = {}
     for name, eng in (("off", off), ("on", on)):
-        puts.clear()
+        log = record_updates_and_finishes(eng.scheduler, monkeypatch)
         results[name] = serve(eng, requests(stops), cancels)
-        for items in puts.values():  # nothing follows a finishing chunk
-            ends = [k for k, c in enumerate(items) if getattr(c, "finish_reason", None) is not None]
-            assert not ends or ends[0] == len(items) - 1
+        ended: set[int] = set()
+        for kind, ids in log:  # in lock order: no token for a sequence after it ended
+            if kind == "finish":
+                ended.update(ids)
+            else:
+                assert not ended & set(ids), f"{name}: tokens for ended sequences {sorted(ended & set(ids))}"
         stats = eng.stats()
         assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
     for i, ((tokens, lps, reason), (tokens_off, lps_off, reason_off)) in enumerate(zip(results["on"], results["off"])):

@@ -140,11 +140,13 @@ class EngineConfig:
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity per rank, in tokens
     max_queue: int = 256  # waiting requests before RESOURCE_EXHAUSTED
+    overlap: bool = True  # plan step n+1 and post-process step n while step n runs (false: one step at a time)
 
     def validate(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "kv_cache_tokens", "max_queue"):
             value = getattr(self, key)
             _require(isinstance(value, int) and value > 0, f"engine.{key} must be a positive integer, got {value!r}")
+        _require(isinstance(self.overlap, bool), f"engine.overlap must be true or false, got {self.overlap!r}")
         _require(self.kv_cache_tokens >= self.kv_block_size, "engine.kv_cache_tokens must hold at least one engine.kv_block_size block")
 
 

@@ -10,6 +10,13 @@ thread in-process, or the engine-core process loop in server/engine/core_process
 StepOutputs into stream chunks. Token-level stops (EOS, stop token ids, max_new_tokens,
 max_model_len) end sequences here; stop strings are the caller's, who aborts on a match.
 
+Overlapped steps (`engine.overlap`, the default): `step()` plans and launches step n+1, then
+applies step n and returns step n's outputs, so planning and post-processing run while the
+device (or the step thread: CPU forwards, gloo EP collectives) runs the step. Sampled tokens
+stay on the device as the next step's inputs. A sequence that finishes or is aborted after
+step n drops what step n+1 computed for it (scheduler.update). Each call still returns at
+most one step's outputs; `has_work` stays true while a step is in flight.
+
 Threads: `step` is called from one thread at a time. `add_request`, `abort`,
 `request_expert_load`, `has_work` and `stats` may be called from any thread, also while a
 step runs: the lock is held while planning and while applying a step's results, never
@@ -52,7 +59,10 @@ class EngineCore:
         self._eos = frozenset(spec.eos_token_ids)
         self._lock = threading.Lock()
         self._seeds = random.SystemRandom()
-        self._forward_steps = 0
+        self._forward_steps = 0  # forward steps applied
+        self._planned_forward = 0  # forward steps planned (the EPLB cadence)
+        self._overlap = eng.overlap
+        self._inflight: deque = deque()  # (plan, StepFuture, load tickets): launched, not yet applied
         self._load_requests: list[tuple[int, bool]] = []  # (ticket, reset) not yet planned
         self._tickets = itertools.count(1)
         self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
@@ -90,34 +100,47 @@ class EngineCore:
 
     def has_work(self) -> bool:
         with self._lock:
-            return self.scheduler.has_work() or bool(self._load_requests)
+            return bool(self._inflight) or self.scheduler.has_work() or bool(self._load_requests)
 
     # ---- one step (the driving thread) ----------------------------------------------------------
     def step(self) -> StepOutputs:
-        """Plan, run on every rank, apply. An idle step runs only as a heartbeat for EP workers.
-        Raises whatever the executor raises (a dead rank, a failed forward): the core is then dead."""
+        """Plan and launch the next step on every rank; apply the oldest step in flight and
+        return its outputs (overlap: the step before the one just launched). An idle step runs
+        only as a heartbeat for EP workers. Raises whatever the executor raises (a dead rank, a
+        failed forward): the core is then dead."""
         with self._lock:
             loads, self._load_requests = self._load_requests, []
             snapshot = any(reset for _, reset in loads) if loads else None
             plan = self.scheduler.plan(load_snapshot=snapshot)
-            if self._eplb_interval and plan.ranks[0].run_forward and (self._forward_steps + 1) % self._eplb_interval == 0:
-                plan = plan.with_rebalance()
-        if plan.is_idle and not self.executor.needs_heartbeat:
-            return StepOutputs(forward_steps=self._forward_steps)
-        results = self.executor.execute(plan)
-        return self._apply(plan, results, [ticket for ticket, _ in loads])
+            if plan.ranks[0].run_forward:
+                self._planned_forward += 1
+                if self._eplb_interval and self._planned_forward % self._eplb_interval == 0:
+                    plan = plan.with_rebalance()
+        launched = not (plan.is_idle and not self.executor.needs_heartbeat)
+        tickets = [ticket for ticket, _ in loads]
+        if launched and not self._overlap:
+            return self._apply(plan, self.executor.execute(plan), tickets)
+        if launched:
+            self._inflight.append((plan, self.executor.submit(plan), tickets))
+        if len(self._inflight) > (1 if launched else 0):  # keep one in flight while there is a next one
+            done, future, done_tickets = self._inflight[0]
+            try:
+                results = future.result()
+            finally:
+                self._inflight.popleft()
+            return self._apply(done, results, done_tickets)
+        return StepOutputs(forward_steps=self._forward_steps)
 
     def _apply(self, plan, results, tickets: list[int]) -> StepOutputs:
         out = StepOutputs(load_tickets=tickets, expert_load=results[0].load if tickets else None)
         if results[0].rebalance is not None:
             self.eplb_reports.append(results[0].rebalance)
             out.rebalance = results[0].rebalance
-        sampled = {sid: (tok, lp) for res in results for sid, tok, lp in res.sampled}
         now = time.monotonic()
         with self._lock:
             if plan.ranks[0].run_forward:
                 self._forward_steps += 1
-            for seq, token, logprob in self.scheduler.update(plan, sampled):
+            for seq, token, logprob in self.scheduler.update(plan, results):
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 out.req_ids.append(seq.seq_id)

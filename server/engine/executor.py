@@ -4,19 +4,32 @@ LocalExecutor: ep_size 1, the model runs in this process, no process group.
 DistributedExecutor: scatter each rank its plan over the gloo control group, run rank 0's
 share here, gather every rank's sampled tokens back. Spawned worker processes (if epserve
 started them) are watched, so a dead rank is noticed even while a collective hangs.
+
+`execute(plan)` runs a step to the end. `submit(plan)` starts it and returns a StepFuture at
+once, so the caller can plan the next step and post-process the previous one meanwhile
+(overlapped scheduling): on CUDA at ep_size 1 the launch is asynchronous by itself (kernels
+queue, the sampled tokens come back by an asynchronous copy); where the step blocks the host
+(CPU forwards, gloo collectives) it runs on one step thread, steps in order.
 """
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable, Protocol
 
 import torch.distributed as dist
 
 from .distributed import abandon
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PendingStep
 from .step_plan import RankPlan, RankResult, StepPlan
 
 log = logging.getLogger(__name__)
+
+
+class StepFuture(Protocol):
+    def result(self) -> list[RankResult]: ...
 
 
 class Executor(Protocol):
@@ -25,8 +38,55 @@ class Executor(Protocol):
 
     def bind_thread(self) -> None: ...
     def execute(self, plan: StepPlan) -> list[RankResult]: ...
+    def submit(self, plan: StepPlan) -> StepFuture: ...
     def dead_rank(self) -> str | None: ...
     def stop(self, graceful: bool) -> None: ...
+
+
+class _Launched:
+    """A step launched asynchronously on this thread (CUDA): waits for its copies on result()."""
+
+    def __init__(self, pending: PendingStep) -> None:
+        self._pending = pending
+
+    def result(self) -> list[RankResult]:
+        return [self._pending.result()]
+
+
+class _StepThread:
+    """One daemon thread that runs steps in submission order (each start to end). Daemon: a
+    step stuck in a collective with a dead peer must not keep the process from exiting."""
+
+    def __init__(self, initializer: Callable[[], None]) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._initializer = initializer
+        self._thread = threading.Thread(target=self._loop, name="epserve-step", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], list[RankResult]]) -> Future:
+        fut: Future = Future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def _loop(self) -> None:
+        self._initializer()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the step
+                fut.set_exception(exc)
+
+    def shutdown(self, wait: bool) -> None:
+        """Let queued steps finish (wait=True joins them), then end the thread."""
+        self._queue.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
 
 class LocalExecutor:
@@ -35,6 +95,9 @@ class LocalExecutor:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self._thread: _StepThread | None = None
+        if runner.device.type != "cuda":  # a CPU forward blocks: run it beside the engine loop
+            self._thread = _StepThread(runner.bind_thread)
 
     def bind_thread(self) -> None:
         self.runner.bind_thread()
@@ -42,11 +105,17 @@ class LocalExecutor:
     def execute(self, plan: StepPlan) -> list[RankResult]:
         return [self.runner.run(plan.ranks[0])]
 
+    def submit(self, plan: StepPlan) -> StepFuture:
+        if self._thread is not None:
+            return self._thread.submit(lambda: self.execute(plan))
+        return _Launched(self.runner.launch(plan.ranks[0]))
+
     def dead_rank(self) -> str | None:
         return None
 
     def stop(self, graceful: bool) -> None:
-        pass
+        if self._thread is not None:
+            self._thread.shutdown(wait=graceful)
 
 
 class DistributedExecutor:
@@ -58,6 +127,7 @@ class DistributedExecutor:
         self.num_ranks = groups.world_size
         self.procs = procs or []  # multiprocessing.Process for ranks 1.. (empty under torchrun)
         self._stopped = False
+        self._thread = _StepThread(runner.bind_thread)  # collectives block: steps run beside the engine loop
 
     def bind_thread(self) -> None:
         self.runner.bind_thread()
@@ -70,6 +140,9 @@ class DistributedExecutor:
         dist.gather_object(mine, results, dst=0, group=self.groups.ctrl_group)
         return results  # type: ignore[return-value]
 
+    def submit(self, plan: StepPlan) -> StepFuture:
+        return self._thread.submit(lambda: self.execute(plan))
+
     def dead_rank(self) -> str | None:
         for rank, proc in enumerate(self.procs, start=1):
             if proc.exitcode is not None and not self._stopped:
@@ -81,9 +154,10 @@ class DistributedExecutor:
         if self._stopped:
             return
         self._stopped = True
+        self._thread.shutdown(wait=graceful)  # a step still queued ends first: collectives stay in order
         if graceful:
             try:
-                stop = [RankPlan(step=-1, work=[], token_offset=0, run_forward=False, stop=True)] * self.num_ranks
+                stop = [RankPlan.stop_plan()] * self.num_ranks
                 dist.scatter_object_list([None], stop, src=0, group=self.groups.ctrl_group)
             except Exception as exc:  # a worker already gone: nothing to tell it
                 log.warning("could not tell EP workers to stop: %s", exc)

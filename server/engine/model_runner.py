@@ -1,103 +1,210 @@
-"""One rank's side of a step: plan -> ForwardBatch -> model.forward -> sampled tokens.
+"""One rank's side of a step: plan -> staged inputs -> model.forward -> sampled tokens.
 
-Identical on every rank, rank 0 included. The rank owns its KV-cache tensors; the block ids
-in the plan say where each sequence's keys and values live in them.
+Identical on every rank, rank 0 included. The rank owns its KV-cache tensors, its slot table
+(block tables and sampling parameters of its running sequences) and its step buffers; the
+plan says what changed and which slots run.
+
+`launch` does the host work of a step — slot updates, the batch's inputs built with numpy
+into pinned staging, one host-to-device copy, the forward, the sampler — and returns without
+waiting for the device: sampled tokens are scattered into the slots' `next_token` entries on
+the device (the next decode step reads its inputs there) and copied to the host
+asynchronously. `PendingStep.result()` waits for that copy. On CPU `launch` runs to the end.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..model.forward_batch import ForwardBatch
-from .sampler import SamplingBatch, sample
-from .step_plan import RankPlan, RankResult, SeqWork
+from .input_buffers import StepInputs
+from .sampler import SamplingBatch, SamplingFlags, sample, sample_keys
+from .slot_table import SlotTable
+from .step_plan import RankBatch, RankPlan, RankResult
+
+DEFAULT_MAX_SEQS = 256
+DEFAULT_MAX_BATCHED_TOKENS = 4096
 
 
-def build_forward_batch(work: list[SeqWork], token_offset: int, block_size: int, device: torch.device) -> ForwardBatch:
-    """Flatten the rank's sequences into the model's batch layout (built on CPU, then moved)."""
-    if not work:
-        batch = ForwardBatch.empty(device)
-        batch.token_offset = token_offset
-        return batch
-    query_lens = [w.num_tokens for w in work]
-    context_lens = [w.context_len for w in work]
-    input_ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.int64)  # [T]
-    positions = torch.cat([torch.arange(w.start_pos, w.context_len, dtype=torch.int64) for w in work])  # [T]
-    max_blocks = max(len(w.block_table) for w in work)
-    padded = [w.block_table + [-1] * (max_blocks - len(w.block_table)) for w in work]
-    block_tables = torch.tensor(padded, dtype=torch.int32)  # [S, max_blocks]
-    seq_of_token = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(query_lens))  # [T]
-    block_of_token = block_tables[seq_of_token, positions // block_size].to(torch.int64)  # [T]
-    slot_mapping = block_of_token * block_size + positions % block_size  # [T]
-    logits_indices = torch.tensor(query_lens, dtype=torch.int64).cumsum(0) - 1  # [S]
+class PendingStep:
+    """A launched step; `result()` gives its RankResult once the device has finished it."""
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+    def __init__(self, result: RankResult, tokens: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
+                 event=None) -> None:
+        self._result, self._tokens, self._logprobs, self._event = result, tokens, logprobs, event
 
-    return ForwardBatch(
-        input_ids=move(input_ids),
-        positions=move(positions),
-        query_lens=query_lens,
-        context_lens=context_lens,
-        block_tables=move(block_tables),
-        slot_mapping=move(slot_mapping),
-        logits_indices=move(logits_indices),
-        token_offset=token_offset,
-    )
+    def result(self) -> RankResult:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        if self._tokens is not None:
+            self._result.tokens = self._tokens.numpy()
+            self._result.logprobs = self._logprobs.numpy() if self._logprobs is not None else None
+            self._tokens = self._logprobs = None
+        return self._result
 
 
 class ModelRunner:
-    """Holds the model and this rank's KV cache; runs the rank's part of each step."""
+    """Holds the model and this rank's KV cache, slot table and step buffers."""
 
     def __init__(self, model, *, rank: int, num_blocks: int, block_size: int, device: torch.device, ep_group=None,
-                 max_num_seqs: int | None = None, max_model_len: int | None = None) -> None:
+                 max_num_seqs: int | None = None, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None) -> None:
         self.model = model
         self.rank = rank
         self.block_size = block_size
         self.device = torch.device(device)
         self.ep_group = ep_group
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.max_seqs = max_num_seqs or DEFAULT_MAX_SEQS
+        self.width = min(-(-(max_model_len or num_blocks * block_size) // block_size), num_blocks)  # blocks per sequence
+        self.max_tokens = (max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS) + self.max_seqs
+        self.slots = SlotTable(self.max_seqs, self.width)
+        self.inputs = StepInputs(max_seqs=self.max_seqs, max_tokens=self.max_tokens, width=self.width, device=self.device)
         # ---- decode CUDA graphs (server/model/gpu/cuda_graphs.py): CUDA and ep_size 1 only,
-        # captured once here for batch buckets up to max_num_seqs; None keeps decode eager.
+        # captured once here for batch buckets up to max_num_seqs over this rank's step buffers;
+        # None keeps decode eager.
         self.decode_graphs = None
         if max_num_seqs and self.device.type == "cuda":
-            from ..model.gpu.cuda_graphs import maybe_decode_graphs
+            from ..model.gpu.cuda_graphs import GraphInputs, maybe_decode_graphs
 
-            width = -(-(max_model_len or num_blocks * block_size) // block_size)
-            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=max_num_seqs,
-                                                     max_blocks_per_seq=min(width, num_blocks))
-
-    def _forward(self, batch) -> torch.Tensor:
-        """[S, V] logits: a graph replay for decode steps that fit a captured bucket, else eager."""
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(batch):
-            return graphs.run(batch)
-        return self.model.forward(batch, self.kv_caches)
+            d, n = self.inputs.dev, self.max_seqs
+            views = GraphInputs(pool=self.inputs.pool, gather=d["gather"][:n], positions=d["positions"][:n],
+                                slot_mapping=d["slot_mapping"][:n], block_tables=d["block_tables"],
+                                context_lens=d["context_lens"], valid_rows=d["valid_rows"],
+                                token_offset=d["token_offset"][0], logits_indices=d["logits_indices"])
+            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=n, max_blocks_per_seq=self.width,
+                                                     inputs=views)
 
     def bind_thread(self) -> None:
         """Make this rank's GPU current for the calling thread (the engine's step loop)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    @torch.inference_mode()
     def run(self, plan: RankPlan) -> RankResult:
+        """launch + wait (worker ranks, and the engine when it does not overlap)."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: RankPlan) -> PendingStep:
         result = RankResult(step=plan.step, rank=self.rank)
+        batch = plan.batch
+        self.slots.apply(batch.fills, batch.appends)
+        pending = PendingStep(result)
         if plan.run_forward:
-            batch = build_forward_batch(plan.work, plan.token_offset, self.block_size, self.device)
-            logits = self._forward(batch)  # [S, V] float32
-            rows = [i for i, w in enumerate(plan.work) if w.sample is not None]
-            if rows:
-                picked = [plan.work[i] for i in rows]
-                params = SamplingBatch.from_specs([w.sample for w in picked], [w.context_len for w in picked], self.device)
-                if len(rows) < len(plan.work):  # some rows are mid-prompt chunks: nothing to sample
-                    logits = logits[torch.tensor(rows, device=logits.device)]  # [R, V]
-                tokens, logprobs = sample(logits, params)  # [R], [R]
-                tokens_l = tokens.tolist()
-                lps = logprobs.tolist() if logprobs is not None else [None] * len(rows)
-                result.sampled = [
-                    (w.seq_id, tok, lp if w.sample.logprobs else None) for w, tok, lp in zip(picked, tokens_l, lps)
-                ]
+            pending = self._forward_and_sample(batch, plan.token_offset, result)
         if plan.rebalance and self.model.eplb is not None:  # every rank at once: a collective
             result.rebalance = self.model.eplb.rebalance(self.ep_group)
         if plan.load_snapshot is not None:
             result.load = self.model.load_counters.snapshot(self.ep_group, reset=plan.load_snapshot)
-        return result
+        return pending
+
+    # ---- one step ----
+    def _forward_and_sample(self, batch: RankBatch, token_offset: int, result: RankResult) -> PendingStep:
+        if batch.num_seqs == 0:
+            self.model.forward(_empty(self.device, token_offset), self.kv_caches)  # joins the collectives
+            return PendingStep(result)
+        graphs = self.decode_graphs
+        use_graph = (graphs is not None and batch.num_tokens == batch.num_seqs and bool(batch.samples.all())
+                     and graphs.can_replay(batch.num_seqs))
+        staged = self._stage(batch, token_offset, graphs.bucket_for(batch.num_seqs) if use_graph else None)
+        if use_graph:
+            logits = graphs.replay(batch.num_seqs)  # [S, V]
+        else:
+            logits = self.model.forward(staged.forward_batch(self.inputs), self.kv_caches)  # [R, V]
+        if staged.num_samples == 0:
+            return PendingStep(result)
+        d, r = self.inputs.dev, staged.num_samples
+        params = SamplingBatch(temperature=d["temperature"][:r], top_p=d["top_p"][:r], top_k=d["top_k"][:r],
+                               keys=d["keys"][:r], want_logprobs=staged.flags.want_logprobs,
+                               all_greedy=staged.flags.all_greedy, any_cut=staged.flags.any_cut)
+        tokens, logprobs = sample(logits, params)  # [R] int64, [R] float32 | None
+        d["next_token"].index_copy_(0, d["sample_slots"][:r], tokens)  # the next decode step's inputs
+        if self.device.type != "cuda":
+            return PendingStep(result, tokens, logprobs)
+        tokens_host = tokens.to("cpu", non_blocking=True)  # pinned: the copy does not block
+        logprobs_host = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(result, tokens_host, logprobs_host, event)
+
+    def _stage(self, b: RankBatch, token_offset: int, bucket: int | None) -> "Staged":
+        """Fill the host views for this step (numpy, per batch) and upload them in one copy.
+        `bucket`: a decode-graph step padded to this many rows (else eager, no padding)."""
+        h = self.inputs.host()
+        s = b.num_seqs
+        q = b.query_lens.astype(np.int64)  # [S]
+        t = int(q.sum())
+        if s > self.max_seqs or t > self.max_tokens:
+            raise ValueError(f"step of {s} sequences / {t} tokens exceeds this rank's buffers "
+                             f"({self.max_seqs} / {self.max_tokens}: engine.max_num_seqs, max_num_batched_tokens)")
+        cu = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(q, out=cu[1:])
+        ctx = b.start_pos + q  # [S]
+        slots = b.slots.astype(np.int64)
+        if t == s:  # every row decodes one token
+            pos, tok_slots, dev_tok = b.start_pos, slots, b.from_device
+        else:
+            pos = np.arange(t, dtype=np.int64) + np.repeat(b.start_pos - cu[:-1], q)  # [T]
+            tok_slots = np.repeat(slots, q)
+            dev_tok = np.repeat(b.from_device, q)
+        bs, tables = self.block_size, self.slots.block_tables
+        n_explicit = len(b.tokens)
+        h["explicit"][:n_explicit] = b.tokens
+        gathered = bucket is not None or bool(b.from_device.any())
+        if gathered:
+            g = h["gather"][:t]
+            g[~dev_tok] = self.max_seqs + np.arange(n_explicit, dtype=np.int64)  # pool index of explicit token j
+            g[dev_tok] = tok_slots[dev_tok]  # the slot's last sampled token
+        h["positions"][:t] = pos
+        h["slot_mapping"][:t] = tables[tok_slots, pos // bs].astype(np.int64) * bs + pos % bs
+        h["block_tables"][:s] = tables[b.slots]
+        h["context_lens"][:s] = ctx
+        h["cu_seqlens"][:s + 1] = cu
+        h["token_offset"][0] = token_offset
+        rows = np.flatnonzero(b.samples)
+        r = len(rows)
+        sample_slots = b.slots[rows]
+        temp, top_p, top_k = self.slots.temperature[sample_slots], self.slots.top_p[sample_slots], self.slots.top_k[sample_slots]
+        flags = SamplingFlags.of(temp, top_p, top_k, self.slots.logprobs[sample_slots])
+        h["logits_indices"][:r] = cu[1:][rows] - 1
+        h["sample_slots"][:r] = sample_slots
+        h["temperature"][:r], h["top_p"][:r], h["top_k"][:r] = temp, top_p, top_k
+        if not flags.all_greedy:
+            h["keys"][:r] = sample_keys(self.slots.seed_keys[sample_slots], ctx[rows])  # keyed by (seed, position)
+        rows_up = s
+        if bucket is not None:  # graph padding rows (cuda_graphs.py), then 0..bucket-1 as logits rows
+            h["gather"][s:bucket] = 0
+            h["positions"][s:bucket] = 0
+            h["slot_mapping"][s:bucket] = -1
+            h["block_tables"][s:bucket, 0] = 0
+            h["context_lens"][s:bucket] = 1
+            h["valid_rows"][:s] = True
+            h["valid_rows"][s:bucket] = False
+            h["logits_indices"][:bucket] = np.arange(bucket)
+            rows_up = bucket
+        self.inputs.upload(rows_up)
+        return Staged(s, t, r, q, ctx, gathered, token_offset, flags)
+
+
+class Staged:
+    """What `_stage` put in the step buffers (sizes and the host-side lists attention needs)."""
+
+    def __init__(self, num_seqs, num_tokens, num_samples, query_lens, context_lens, gathered, token_offset, flags) -> None:
+        self.num_seqs, self.num_tokens, self.num_samples = num_seqs, num_tokens, num_samples
+        self.query_lens, self.context_lens = query_lens, context_lens
+        self.gathered, self.token_offset, self.flags = gathered, token_offset, flags
+
+    def forward_batch(self, inputs: StepInputs) -> ForwardBatch:
+        d, s, t = inputs.dev, self.num_seqs, self.num_tokens
+        input_ids = inputs.pool.index_select(0, d["gather"][:t]) if self.gathered else d["explicit"][:t]  # [T]
+        return ForwardBatch(input_ids=input_ids, positions=d["positions"][:t], query_lens=self.query_lens.tolist(),
+                            context_lens=self.context_lens.tolist(), block_tables=d["block_tables"][:s],
+                            slot_mapping=d["slot_mapping"][:t], logits_indices=d["logits_indices"][:self.num_samples],
+                            token_offset=self.token_offset, context_lens_dev=d["context_lens"][:s],
+                            cu_seqlens_dev=d["cu_seqlens"][:s + 1])
+
+
+def _empty(device: torch.device, token_offset: int) -> ForwardBatch:
+    batch = ForwardBatch.empty(device)
+    batch.token_offset = token_offset
+    return batch

@@ -2,7 +2,7 @@
 
 Rank 0 runs the same `build_runner` and start-up handshake in its own process (launcher);
 ranks 1.. run `run_worker` — in a process epserve spawned, or under torchrun. A worker keeps
-no per-request state: each plan says everything about the step.
+no per-request state beyond its slot table, which each plan updates (step_plan.py).
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def build_runner(app: AppConfig, policy, rank: int, world_size: int, device: tor
     eng = app.engine
     return ModelRunner(model, rank=rank, num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
                        block_size=eng.kv_block_size, device=device, ep_group=ep_group,
-                       max_num_seqs=eng.max_num_seqs, max_model_len=app.model.max_model_len)
+                       max_num_seqs=eng.max_num_seqs, max_model_len=app.model.max_model_len,
+                       max_num_batched_tokens=eng.max_num_batched_tokens)
 
 
 def start_rank(app: AppConfig, policy, rank: int, world_size: int, local_rank: int, init_method: str | None) -> tuple[ModelRunner | None, RankGroups, list[ReadyReport]]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..moe.routing.hashing import mix32, stream_key
+from ..moe.routing.hashing import MASK32, mix32, stream_key
 from .step_plan import SampleSpec
 
 _SAMPLER_STREAM = 0x53414D50  # "SAMP": keeps these draws apart from the routing policies'
@@ -48,8 +49,44 @@ class SamplingBatch:
         )
 
 
+@dataclass(frozen=True)
+class SamplingFlags:
+    """The host-side switches of one step's sampling, from its rows' parameters (numpy)."""
+
+    want_logprobs: bool
+    all_greedy: bool
+    any_cut: bool
+
+    @classmethod
+    def of(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, logprobs: np.ndarray) -> "SamplingFlags":
+        hot = temperature > 0
+        return cls(want_logprobs=bool(logprobs.any()), all_greedy=not bool(hot.any()),
+                   any_cut=bool((hot & ((top_k > 0) | (top_p < 1))).any()))
+
+
 def sample_key(seed: int, position: int) -> int:
     return stream_key(_SAMPLER_STREAM, seed, position)
+
+
+def seed_key(seed: int) -> int:
+    """The part of sample_key that depends on the seed alone (computed once per request)."""
+    return stream_key(_SAMPLER_STREAM, seed)
+
+
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    """hashing.mix32 on a numpy int64 array (the same integers)."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & MASK32
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed_keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[R] int64 keys, equal to sample_key(seed, position) row by row, for a whole batch:
+    folding `position` (< 2**32) into the seed's key is one mix of key ^ position."""
+    return _mix32_np(seed_keys.astype(np.int64) ^ (positions.astype(np.int64) & MASK32))
 
 
 def hashed_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:

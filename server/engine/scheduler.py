@@ -7,6 +7,16 @@ Every step it decides, for every EP rank, which sequences run and how many token
     served, each on the least-loaded rank that has room (most free KV blocks, then fewest
     running sequences), up to `max_num_seqs` per rank.
 
+Overlapped steps: step n+1 may be planned while step n runs. A sequence whose last row in
+step n samples has one token *pending*: the plan for step n+1 decodes it from the device
+(its slot's last sampled token) at the position after its known tokens, and `update` appends
+it when step n's results arrive. A sequence whose pending token is its last by length is not
+scheduled again; one that stops on a token (EOS) may run one wasted row in step n+1, whose
+result `update` drops because the sequence has finished by then.
+
+Each running sequence holds a slot on its rank (step_plan.py): admission fills it, block
+growth appends to its table, release frees it for the next admission.
+
 KV memory policy: blocks are allocated lazily — the whole current prompt on admission, then
 one block whenever a decoding sequence crosses a block boundary. When a rank runs out, its
 newest running sequence is preempted: its blocks are freed and it goes back to the front of
@@ -20,8 +30,9 @@ from collections import deque
 
 from .api import ResourceExhaustedError
 from .block_manager import BlockManager, blocks_for
+from .plan_builder import RankBatchBuilder
 from .sequence import Sequence, SeqStatus
-from .step_plan import SampleSpec, SeqWork, StepPlan, build_step_plan
+from .step_plan import RankResult, StepPlan, build_step_plan
 
 
 class Scheduler:
@@ -41,6 +52,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue = max_queue
         self.blocks = [BlockManager(num_blocks, block_size) for _ in range(num_ranks)]
+        self.free_slots: list[list[int]] = [list(range(max_num_seqs - 1, -1, -1)) for _ in range(num_ranks)]
+        self._builders: list[RankBatchBuilder] = []
         self.running: list[list[Sequence]] = [[] for _ in range(num_ranks)]
         self.waiting: deque[Sequence] = deque()
         self.seqs: dict[int, Sequence] = {}
@@ -88,25 +101,29 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(self.running)
 
-    # ---- one step ---------------------------------------------------------------------------
-    def schedule(self) -> list[list[SeqWork]]:
-        """This step's work, per rank. Mutates block tables (allocation, preemption)."""
-        work: list[list[SeqWork]] = [[] for _ in range(self.num_ranks)]
+    # ---- one step ----
+    def schedule(self) -> list[RankBatchBuilder]:
+        """This step's work, per rank. Mutates block tables (allocation, preemption), slots and
+        the sequences' computed / pending counts."""
+        self._builders = builders = [RankBatchBuilder() for _ in range(self.num_ranks)]
         budget = [self.max_num_batched_tokens] * self.num_ranks
         preempted = False
         for r in range(self.num_ranks):
+            b, running = builders[r], self.running[r]
             i = 0
-            while i < len(self.running[r]):
-                seq = self.running[r][i]
-                if seq.is_decoding:
-                    if not self._ensure_blocks(seq, len(seq)):
+            while i < len(running):
+                seq = running[i]
+                if seq.last_token_in_flight:
+                    pass  # finishes when that step's results arrive
+                elif seq.is_decoding:
+                    if not self._ensure_blocks(seq, seq.total_len):
                         preempted = True  # `seq` itself went back to the queue
                         continue
-                    work[r].append(self._work(seq, 1))
+                    b.add(seq, 1)
                 elif budget[r] > 0:
                     n = min(seq.num_uncomputed, budget[r])
                     budget[r] -= n
-                    work[r].append(self._work(seq, n))
+                    b.add(seq, n)
                 i += 1
         if not preempted:
             for seq in self._admit():
@@ -115,45 +132,43 @@ class Scheduler:
                 if not seq.is_decoding:
                     budget[r] -= n
                 if n > 0:
-                    work[r].append(self._work(seq, n))
+                    builders[r].add(seq, n)
         self.step += 1
-        return work
+        self._builders = []
+        return builders
 
     def plan(self, load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
-        return build_step_plan(self.step, self.schedule(), load_snapshot, stop)
+        builders = self.schedule()
+        return build_step_plan(self.step, [b.build() for b in builders], [b.sampling for b in builders],
+                               load_snapshot, stop)
 
-    def update(self, plan: StepPlan, sampled: dict[int, tuple[int, float | None]]) -> list[tuple[Sequence, int, float | None]]:
-        """Apply a finished step: advance cached-token counts and append sampled tokens.
+    def update(self, plan: StepPlan, results: list[RankResult]) -> list[tuple[Sequence, int, float | None]]:
+        """Apply a finished step: append each sampled token to its sequence.
 
-        Sequences cancelled while the step ran are skipped. Returns (seq, token, logprob) for
-        every token sampled this step, in plan order.
+        Tokens of sequences that finished or were cancelled since the step was planned are
+        dropped (a preempted one keeps its token: it is part of its output). Returns (seq,
+        token, logprob) for every token kept, in plan order.
         """
         out = []
-        for rank, rank_plan in enumerate(plan.ranks):
-            for w in rank_plan.work:
-                seq = self.seqs.get(w.seq_id)
-                if seq is None or seq.status is not SeqStatus.RUNNING:
+        for rank, seqs in enumerate(plan.sampling):
+            res = results[rank]
+            if len(res.tokens) != len(seqs):
+                raise RuntimeError(f"rank {rank} returned {len(res.tokens)} tokens for {len(seqs)} sampling rows "
+                                   f"in step {plan.step}")
+            if not seqs:
+                continue
+            tokens = res.tokens.tolist()
+            logprobs = res.logprobs.tolist() if res.logprobs is not None else None
+            for i, seq in enumerate(seqs):
+                seq.num_pending -= 1
+                if seq.status is SeqStatus.FINISHED:
                     continue
-                seq.num_computed = w.context_len
-                if w.sample is not None:
-                    if w.seq_id not in sampled:
-                        raise RuntimeError(f"rank {rank} returned no token for sequence {w.seq_id} in step {plan.step}")
-                    token, logprob = sampled[w.seq_id]
-                    seq.token_ids.append(token)
-                    out.append((seq, token, logprob))
+                token = tokens[i]
+                seq.token_ids.append(token)
+                out.append((seq, token, logprobs[i] if logprobs is not None and seq.request.logprobs else None))
         return out
 
     # ---- internals -------------------------------------------------------------------------
-    def _work(self, seq: Sequence, n: int) -> SeqWork:
-        start = seq.num_computed
-        last = start + n == len(seq)
-        req = seq.request
-        sample = None
-        if last:
-            sp = req.sampling
-            sample = SampleSpec(sp.temperature, sp.top_p, sp.top_k, seq.seed, req.logprobs)
-        return SeqWork(seq.seq_id, seq.token_ids[start:start + n], start, list(seq.block_table), sample)
-
     def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow `seq`'s block table to hold `num_tokens`, preempting the rank's newest
         sequences if needed. False if `seq` itself had to be preempted."""
@@ -165,7 +180,9 @@ class Scheduler:
             if victim is seq:
                 return False
         if need > 0:
-            seq.block_table.extend(bm.allocate(need))
+            new = bm.allocate(need)
+            self._builders[seq.rank].append_blocks(seq.slot, len(seq.block_table), new)
+            seq.block_table.extend(new)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -178,22 +195,30 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.blocks[seq.rank].free(seq.block_table)
+        self.free_slots[seq.rank].append(seq.slot)
         seq.block_table = []
         seq.num_computed = 0
         seq.rank = -1
+        seq.slot = -1
 
     def _admit(self) -> list[Sequence]:
         """Move waiting sequences onto ranks, first come first served, while they fit."""
         admitted = []
         while self.waiting:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token still in flight: recompute once it has landed
+                break
             need = blocks_for(len(seq), self.block_size)
             rank = self._pick_rank(need)
             if rank is None:
                 break
             self.waiting.popleft()
             seq.rank = rank
+            seq.slot = self.free_slots[rank].pop()
             seq.block_table = self.blocks[rank].allocate(need)
+            builder = self._builders[rank]
+            builder.fill(seq)
+            builder.append_blocks(seq.slot, 0, seq.block_table)
             seq.num_computed = 0
             seq.status = SeqStatus.RUNNING
             seq.admit_order = self._admit_counter

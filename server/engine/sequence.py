@@ -1,9 +1,12 @@
 """One request as the scheduler sees it: its tokens, how many are in the KV cache, where.
 
 A Sequence lives only on rank 0 (the scheduler's process). Worker ranks never see it: the
-step plan carries everything a rank needs for one step (tokens, positions, block table,
-sampling parameters), so workers hold no per-request state and preemption or cancellation
-needs no message to them.
+step plan carries what a rank needs for one step (tokens, positions, and the slot updates:
+block-table appends, sampling parameters of admitted sequences), so workers hold no
+per-request state beyond their slot table, and preemption or cancellation needs no message.
+
+Overlapped steps: the scheduler plans step n+1 before step n's tokens are known. A sequence
+then has `num_pending` tokens on their way; `num_computed` advances when a step is planned.
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ class Sequence:
     arrival_time: float  # time.monotonic() at submission
     token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
     num_prompt_tokens: int = 0
-    num_computed: int = 0  # leading tokens whose K/V are in this sequence's blocks
+    num_computed: int = 0  # leading tokens whose K/V are in (or being written to) this sequence's blocks
+    num_pending: int = 0  # tokens sampled by a step still in flight, not yet in token_ids (0 or 1)
     rank: int = -1  # EP rank owning the sequence's attention and KV cache (-1: none)
+    slot: int = -1  # this sequence's row in its rank's slot table (-1: none)
     block_table: list[int] = field(default_factory=list)  # KV block ids on `rank`
     status: SeqStatus = SeqStatus.WAITING
     admit_order: int = -1  # increasing per admission; preemption picks the newest
@@ -52,13 +57,23 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def total_len(self) -> int:
+        """Tokens known plus tokens on their way (sampled in a step still in flight)."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def last_token_in_flight(self) -> bool:
+        """The token on its way is this sequence's last by length: nothing more to schedule."""
+        return self.num_pending > 0 and self.total_len >= self.max_total_len
+
+    @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed
+        return self.total_len - self.num_computed
 
     @property
     def is_decoding(self) -> bool:

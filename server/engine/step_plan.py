@@ -1,21 +1,29 @@
 """What rank 0 sends every rank for one engine step, and what each rank sends back.
 
-Plain picklable dataclasses: they travel over the gloo control group
-(scatter_object_list / gather_object). A plan is self-contained — tokens, positions, block
-table and sampling parameters of each of the rank's sequences — so worker ranks keep no
-per-request state.
+Plain picklable data: it travels over the gloo control group (scatter_object_list /
+gather_object). A rank's batch is a handful of numpy arrays, not one object per sequence, so
+building, pickling and reading a plan cost per batch rather than per sequence in Python.
+
+Each running sequence owns a *slot* on its rank (0 <= slot < max_num_seqs). A rank keeps, per
+slot, the sequence's block table, its sampling parameters and the last token it sampled (on
+the device: the next decode step reads its input there, never through the host). The plan
+carries only what changed: slots (re)filled by admissions, blocks appended, and this step's
+rows. Slot updates are applied in plan order before the step runs, so a slot reused while
+an older step is still in flight never mixes two sequences' state: ranks run steps in order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from ..moe.load_stats import ExpertLoadSnapshot
 
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """How to draw the token that follows a sequence's last token in this step."""
+    """How to draw the token that follows a sequence's last token."""
 
     temperature: float
     top_p: float
@@ -24,23 +32,80 @@ class SampleSpec:
     logprobs: bool
 
 
-@dataclass(frozen=True)
-class SeqWork:
-    """One sequence's share of a step on its rank."""
+def _i32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
 
-    seq_id: int
-    token_ids: list[int]  # the new tokens (a prompt chunk, or the last sampled token)
-    start_pos: int  # position of token_ids[0]; equals the tokens already in the KV cache
-    block_table: list[int]  # KV blocks holding positions [0, start_pos + len(token_ids))
-    sample: SampleSpec | None  # None: a prompt chunk that is not the last one
+
+def _i64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SlotFill:
+    """Slots (re)filled this step by admitted sequences: their sampling parameters.
+    The slot's block-table row is cleared; its blocks arrive as BlockAppends."""
+
+    slots: np.ndarray  # [A] int32
+    temperature: np.ndarray  # [A] float32, 0 = greedy
+    top_p: np.ndarray  # [A] float32
+    top_k: np.ndarray  # [A] int32, 0 = no cut
+    seed_keys: np.ndarray  # [A] int64: sampler key of the request's seed (sampler.seed_key)
+    logprobs: np.ndarray  # [A] bool
+
+    @classmethod
+    def empty(cls) -> "SlotFill":
+        return cls(_i32([]), np.zeros(0, np.float32), np.zeros(0, np.float32), _i32([]), _i64([]), np.zeros(0, bool))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+@dataclass(frozen=True)
+class BlockAppends:
+    """KV blocks that join slots' block tables this step: table[slot, col] = block."""
+
+    slots: np.ndarray  # [U] int32
+    cols: np.ndarray  # [U] int32
+    blocks: np.ndarray  # [U] int32
+
+    @classmethod
+    def empty(cls) -> "BlockAppends":
+        return cls(_i32([]), _i32([]), _i32([]))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """One rank's rows for one step, in batch order (attention is data-parallel)."""
+
+    slots: np.ndarray  # [S] int32 slot of each sequence
+    query_lens: np.ndarray  # [S] int32 new tokens (prompt chunk, or 1 to decode)
+    start_pos: np.ndarray  # [S] int64 position of the first new token = tokens already in the KV cache
+    from_device: np.ndarray  # [S] bool: the (single) new token is the one this slot sampled last step
+    samples: np.ndarray  # [S] bool: a token is drawn after this row (False: a prompt chunk that is not the last)
+    tokens: np.ndarray  # [sum(query_lens[~from_device])] int64 the other rows' new tokens, concatenated
+    fills: SlotFill = field(default_factory=SlotFill.empty)
+    appends: BlockAppends = field(default_factory=BlockAppends.empty)
+
+    @classmethod
+    def empty(cls) -> "RankBatch":
+        z = _i32([])
+        return cls(z, z, _i64([]), np.zeros(0, bool), np.zeros(0, bool), _i64([]))
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.slots)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return int(self.query_lens.sum())
 
     @property
-    def context_len(self) -> int:
-        return self.start_pos + len(self.token_ids)
+    def context_lens(self) -> np.ndarray:
+        """[S] int64 tokens in the KV cache after this step."""
+        return self.start_pos + self.query_lens
 
 
 @dataclass(frozen=True)
@@ -48,33 +113,42 @@ class RankPlan:
     """One rank's orders for one step."""
 
     step: int
-    work: list[SeqWork]
+    batch: RankBatch
     token_offset: int  # sum of the token counts of lower ranks in this step (RoutingContext)
     run_forward: bool  # some rank has tokens: every rank runs the model (collectives)
     load_snapshot: bool | None = None  # not None: join the expert-load collective; value = reset
     stop: bool = False  # leave the worker loop
     rebalance: bool = False  # EPLB: after the forward, re-place experts from the live counters (collective)
 
+    @classmethod
+    def stop_plan(cls) -> "RankPlan":
+        return cls(step=-1, batch=RankBatch.empty(), token_offset=0, run_forward=False, stop=True)
+
 
 @dataclass
 class RankResult:
+    """A rank's sampled tokens, one per row of its batch that samples, in batch order."""
+
     step: int
     rank: int
-    sampled: list[tuple[int, int, float | None]] = field(default_factory=list)  # (seq_id, token, logprob)
+    tokens: np.ndarray = field(default_factory=lambda: _i64([]))  # [R] int64
+    logprobs: np.ndarray | None = None  # [R] float32 (raw log-softmax) when some row asked for them
     load: ExpertLoadSnapshot | None = None  # the reduced counters (every rank gets the same sum)
     rebalance: Any = None  # RebalanceReport (server/moe/eplb/rebalance.py) when the plan asked for one
 
 
 @dataclass
 class StepPlan:
-    """All ranks' plans for one step (rank 0 only)."""
+    """All ranks' plans for one step (rank 0 only). `sampling[r]` lists rank r's sequences
+    whose rows sample, in the order of that rank's result tokens; it stays on rank 0."""
 
     step: int
     ranks: list[RankPlan]
+    sampling: list[list] = field(default_factory=list)  # [rank][row] Sequence
 
     @property
     def num_tokens(self) -> int:
-        return sum(w.num_tokens for p in self.ranks for w in p.work)
+        return sum(p.batch.num_tokens for p in self.ranks)
 
     @property
     def is_idle(self) -> bool:
@@ -82,15 +156,16 @@ class StepPlan:
 
     def with_rebalance(self) -> "StepPlan":
         """The same step with every rank also joining an EPLB rebalance after its forward."""
-        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks])
+        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks], self.sampling)
 
 
-def build_step_plan(step: int, work: list[list[SeqWork]], load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
-    """Per-rank work lists -> per-rank plans with token offsets (rank r starts after ranks < r)."""
-    counts = [sum(w.num_tokens for w in ws) for ws in work]
+def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | None = None,
+                    load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
+    """Per-rank batches -> per-rank plans with token offsets (rank r starts after ranks < r)."""
+    counts = [b.num_tokens for b in batches]
     run_forward = sum(counts) > 0
     plans, offset = [], 0
-    for ws, n in zip(work, counts):
-        plans.append(RankPlan(step, ws, offset, run_forward, load_snapshot, stop))
+    for b, n in zip(batches, counts):
+        plans.append(RankPlan(step, b, offset, run_forward, load_snapshot, stop))
         offset += n
-    return StepPlan(step, plans)
+    return StepPlan(step, plans, sampling if sampling is not None else [[] for _ in batches])

@@ -66,12 +66,17 @@ class KernelAttentionMetadata:
         decode = all(q == 1 for q in batch.query_lens)
         cu = None
         if not decode:
-            cu_host = [0]
-            for q in batch.query_lens:
-                cu_host.append(cu_host[-1] + q)
-            cu = to_device_int32(cu_host, device)
+            cu = batch.cu_seqlens_dev
+            if cu is None:
+                cu_host = [0]
+                for q in batch.query_lens:
+                    cu_host.append(cu_host[-1] + q)
+                cu = to_device_int32(cu_host, device)
+        ctx = batch.context_lens_dev
+        if ctx is None:
+            ctx = to_device_int32(list(batch.context_lens), device)
         return cls(slot_mapping=batch.slot_mapping, block_tables=batch.block_tables.to(torch.int32),
-                   context_lens=to_device_int32(list(batch.context_lens), device), cu_seqlens_q=cu,
+                   context_lens=ctx, cu_seqlens_q=cu,
                    max_query_len=max(batch.query_lens, default=0), batch=batch)
 
     @classmethod

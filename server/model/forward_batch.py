@@ -22,8 +22,12 @@ class ForwardBatch:
     context_lens: list[int]  # [S] tokens in the KV cache after this step (cached + new)
     block_tables: torch.Tensor  # [S, max_blocks] int32, KV block ids per sequence, -1 pads
     slot_mapping: torch.Tensor  # [T] int64: block * block_size + offset where each new token's K/V goes
-    logits_indices: torch.Tensor  # [S] int64: index into T of each sequence's last new token
+    logits_indices: torch.Tensor  # [R] int64: rows of T whose logits are returned (each sampling sequence's last token)
     token_offset: int = 0  # this rank's first global token index in the step (RoutingContext)
+    # The same lengths already on the device (the engine uploads them with the step's other inputs,
+    # so attention metadata needs no copy of its own); None: built from the lists when needed.
+    context_lens_dev: torch.Tensor | None = None  # [S] int32
+    cu_seqlens_dev: torch.Tensor | None = None  # [S+1] int32 prefix sums of query_lens
 
     @property
     def num_tokens(self) -> int:

@@ -1,14 +1,19 @@
 """Scheduler and block manager: continuous batching, chunked prefill, rank assignment,
 admission control and preemption — driven without a model (tokens from a fixed function of
-the sequence so far, so a sequence's output is known independently of scheduling)."""
+the sequence so far, so a sequence's output is known independently of scheduling), one step
+at a time and overlapped (step n+1 planned before step n's tokens are applied)."""
 from __future__ import annotations
 
+from collections import deque
+
+import numpy as np
 import pytest
 
 from server.engine.api import GenerationRequest, ResourceExhaustedError, StopParams
 from server.engine.block_manager import BlockManager, blocks_for
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SeqStatus
+from server.engine.step_plan import RankPlan, RankResult
 
 VOCAB = 97
 
@@ -39,30 +44,81 @@ def check_invariants(sch: Scheduler) -> None:
         assert seq.block_table == [] and seq.rank == -1
 
 
-def drive(sch: Scheduler, max_steps: int = 10_000, on_step=None) -> dict[int, list[int]]:
-    """Run the scheduler to completion with the fake model; return generated tokens per seq."""
+class FakeRank:
+    """A rank without a model: it keeps what a real rank keeps (each slot's block table and
+    last sampled token) plus each slot's token history, from the plans alone, and samples
+    next_token(history). Checks that rows start where the slot's history ends."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.history: dict[int, list[int]] = {}
+        self.tables: dict[int, dict[int, int]] = {}
+        self.last: dict[int, int] = {}
+
+    def run(self, plan: RankPlan) -> RankResult:
+        b = plan.batch
+        for slot in b.fills.slots.tolist():
+            self.history[slot], self.tables[slot] = [], {}
+        for slot, col, block in zip(b.appends.slots.tolist(), b.appends.cols.tolist(), b.appends.blocks.tolist()):
+            self.tables[slot][col] = block
+        explicit = iter(b.tokens.tolist())
+        out = []
+        for slot, n, start, dev, samples in zip(b.slots.tolist(), b.query_lens.tolist(), b.start_pos.tolist(),
+                                                 b.from_device.tolist(), b.samples.tolist()):
+            hist = self.history[slot]
+            del hist[start:]  # a wasted row of a finished sequence may have run past a refill's start
+            assert len(hist) == start, (slot, len(hist), start)
+            if dev:
+                assert n == 1
+                hist.append(self.last[slot])
+            else:
+                hist.extend(next(explicit) for _ in range(n))
+            assert all(c in self.tables[slot] for c in range(blocks_for(len(hist), self.block_size)))
+            if samples:
+                self.last[slot] = next_token(hist)
+                out.append(self.last[slot])
+        assert next(explicit, None) is None
+        return RankResult(plan.step, 0, tokens=np.array(out, dtype=np.int64))
+
+
+def rows(sch: Scheduler, plan, rank: int = 0) -> dict[int, int]:
+    """seq_id -> tokens in this step, for the running sequences of `rank`."""
+    by_slot = {s.slot: s.seq_id for s in sch.running[rank]}
+    b = plan.ranks[rank].batch
+    return {by_slot[slot]: n for slot, n in zip(b.slots.tolist(), b.query_lens.tolist())}
+
+
+def drive(sch: Scheduler, max_steps: int = 10_000, on_step=None, overlap: bool = False) -> dict[int, list[int]]:
+    """Run the scheduler to completion with the fake model; return generated tokens per seq.
+    `overlap`: plan and run step n+1 before applying step n (as the engine does)."""
     done: dict[int, list[int]] = {}
-    for _ in range(max_steps):
-        if not sch.has_work():
-            return done
-        plan = sch.plan()
-        check_invariants(sch)
-        for rank_plan in plan.ranks:
-            for w in rank_plan.work:
-                assert len(w.block_table) * sch.block_size >= w.context_len
-        sampled = {}
-        for rank_plan in plan.ranks:
-            for w in rank_plan.work:
-                if w.sample is not None:
-                    seq = sch.seqs[w.seq_id]
-                    sampled[w.seq_id] = (next_token(seq.token_ids), None)
-        for seq, _, _ in sch.update(plan, sampled):
+    ranks = [FakeRank(sch.block_size) for _ in range(sch.num_ranks)]
+    inflight: deque = deque()
+
+    def apply(plan, results) -> None:
+        for seq, _, _ in sch.update(plan, results):
             if seq.num_generated >= seq.request.stops.max_new_tokens:
                 done[seq.seq_id] = seq.token_ids[seq.num_prompt_tokens:]
                 sch.finish(seq)
+
+    for _ in range(max_steps):
+        if not sch.has_work() and not inflight:
+            return done
+        plan = sch.plan()
+        check_invariants(sch)
+        ran = plan.ranks[0].run_forward
+        if ran:
+            inflight.append((plan, [rank.run(p) for rank, p in zip(ranks, plan.ranks)]))
+        while len(inflight) > (1 if overlap and ran else 0):
+            apply(*inflight.popleft())
         if on_step:
             on_step(plan)
     raise AssertionError("scheduler did not finish")
+
+
+def step(sch: Scheduler, ranks: list[FakeRank]):
+    plan = sch.plan()
+    return plan, [rank.run(p) for rank, p in zip(ranks, plan.ranks)]
 
 
 def reference(seq: Sequence) -> list[int]:
@@ -97,7 +153,7 @@ def test_chunked_prefill_respects_the_token_budget_and_batches_decodes() -> None
     for s in seqs:
         sch.add(s)
     budgets = []
-    drive(sch, on_step=lambda plan: budgets.append(sum(w.num_tokens for w in plan.ranks[0].work if w.num_tokens > 1)))
+    drive(sch, on_step=lambda plan: budgets.append(int(plan.ranks[0].batch.query_lens[plan.ranks[0].batch.query_lens > 1].sum())))
     assert max(budgets) <= 8
 
 
@@ -105,25 +161,23 @@ def test_new_requests_join_a_running_batch() -> None:
     sch = make_scheduler()
     first = make_seq(0, prompt_len=5, max_new=20)
     sch.add(first)
+    ranks = [FakeRank(sch.block_size)]
     for _ in range(3):  # first is decoding now
-        plan = sch.plan()
-        sch.update(plan, {w.seq_id: (next_token(sch.seqs[w.seq_id].token_ids), None)
-                          for w in plan.ranks[0].work if w.sample})
+        sch.update(*step(sch, ranks))
     late = make_seq(1, prompt_len=6, max_new=2)
     sch.add(late)
     plan = sch.plan()
-    by_id = {w.seq_id: w for w in plan.ranks[0].work}
-    assert by_id[0].num_tokens == 1  # a decode ...
-    assert by_id[1].num_tokens == 6  # ... and a whole prefill in the same step
+    assert rows(sch, plan) == {0: 1, 1: 6}  # a decode and a whole prefill in the same step
 
 
-def test_results_do_not_depend_on_batching_or_chunking() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_results_do_not_depend_on_batching_or_chunking(overlap) -> None:
     seqs = [make_seq(i, prompt_len=3 + 5 * i, max_new=4 + i) for i in range(6)]
     expected = {s.seq_id: reference(s) for s in seqs}
     sch = make_scheduler(num_ranks=2, max_num_batched_tokens=7, max_num_seqs=2)
     for s in seqs:
         sch.add(s)
-    assert drive(sch) == expected
+    assert drive(sch, overlap=overlap) == expected
     assert sch.kv_blocks_used == 0 and sch.num_running == 0
 
 
@@ -132,9 +186,9 @@ def test_sequences_spread_over_ranks_and_token_offsets_add_up() -> None:
     for i in range(6):
         sch.add(make_seq(i, prompt_len=4 + i, max_new=2))
     plan = sch.plan()
-    per_rank = [len(p.work) for p in plan.ranks]
+    per_rank = [p.batch.num_seqs for p in plan.ranks]
     assert per_rank == [2, 2, 2]
-    counts = [sum(w.num_tokens for w in p.work) for p in plan.ranks]
+    counts = [p.batch.num_tokens for p in plan.ranks]
     assert [p.token_offset for p in plan.ranks] == [0, counts[0], counts[0] + counts[1]]
     assert all(p.run_forward for p in plan.ranks)
 
@@ -143,7 +197,7 @@ def test_an_idle_rank_still_runs_the_forward_when_another_has_work() -> None:
     sch = make_scheduler(num_ranks=2)
     sch.add(make_seq(0, prompt_len=4, max_new=2))
     plan = sch.plan()
-    assert [len(p.work) for p in plan.ranks] == [1, 0]
+    assert [p.batch.num_seqs for p in plan.ranks] == [1, 0]
     assert plan.ranks[1].run_forward and plan.ranks[1].token_offset == 4
 
 
@@ -157,14 +211,15 @@ def test_queue_bound_and_never_fitting_requests_are_refused() -> None:
         sch.add(make_seq(3, prompt_len=2, max_new=2))
 
 
-def test_preemption_recomputes_and_changes_nothing() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_preemption_recomputes_and_changes_nothing(overlap) -> None:
     # 6 blocks of 4 tokens; three sequences that each grow to 16 tokens cannot all stay.
     seqs = [make_seq(i, prompt_len=5, max_new=11) for i in range(3)]
     expected = {s.seq_id: reference(s) for s in seqs}
     sch = make_scheduler(num_blocks=6, block_size=4)
     for s in seqs:
         sch.add(s)
-    assert drive(sch) == expected
+    assert drive(sch, overlap=overlap) == expected
     assert sch.num_preemptions > 0
     assert sch.kv_blocks_used == 0
 
@@ -188,7 +243,32 @@ def test_cancel_during_a_step_ignores_its_result() -> None:
     sch = make_scheduler()
     a = make_seq(0, prompt_len=4, max_new=4)
     sch.add(a)
-    plan = sch.plan()
+    plan, results = step(sch, [FakeRank(sch.block_size)])
     sch.finish(a)
-    assert sch.update(plan, {0: (5, None)}) == []
+    assert sch.update(plan, results) == []
     assert a.token_ids == list(a.request.prompt_token_ids)
+
+
+def test_overlapped_steps_decode_from_the_device_and_drop_rows_of_finished_sequences() -> None:
+    """Step n+1 is planned before step n's token lands: its row reads the slot's last sampled
+    token (from_device) at the next position; a sequence finished after step n keeps no token
+    of step n+1, and one whose in-flight token is its last by length is not scheduled."""
+    sch = make_scheduler()
+    a, b = make_seq(0, prompt_len=3, max_new=5), make_seq(1, prompt_len=2, max_new=2)
+    sch.add(a)
+    sch.add(b)
+    ranks = [FakeRank(sch.block_size)]
+    p1, r1 = step(sch, ranks)  # prefills; each samples its first token
+    assert p1.ranks[0].batch.from_device.tolist() == [False, False]
+    p2, r2 = step(sch, ranks)  # planned before p1's tokens are known
+    batch = p2.ranks[0].batch
+    assert batch.from_device.tolist() == [True, True] and batch.start_pos.tolist() == [3, 2]
+    assert len(batch.tokens) == 0 and (a.num_pending, b.num_pending) == (2, 2)  # p1's and p2's tokens
+    out = sch.update(p1, r1)
+    assert [(s.seq_id, t) for s, t, _ in out] == [(0, r1[0].tokens[0]), (1, r1[0].tokens[1])]
+    p3, r3 = step(sch, ranks)  # b's token in flight (from p2) is its last: b is not scheduled
+    assert rows(sch, p3) == {0: 1}
+    sch.finish(a)  # a stops (say, EOS) after p2: p2's and p3's tokens for it must go nowhere
+    assert [s.seq_id for s, _, _ in sch.update(p2, r2)] == [1]
+    assert sch.update(p3, r3) == []
+    assert b.num_generated == 2 and a.num_generated == 1

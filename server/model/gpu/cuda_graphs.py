@@ -2,12 +2,20 @@
 
 A decode step of B sequences is padded up to the smallest bucket >= B (1, 2, 4, ..., 256 by
 default) and runs as one graph replay instead of ~40 kernel launches per layer. Everything
-the step reads lives in static device buffers that `run` refills before each replay:
+the step reads lives in static device buffers (GraphInputs), refilled before each replay:
 
-  input_ids, positions, slot_mapping [Bmax]   padding: token 0, position 0, slot -1 (no KV write)
+  pool [P], gather [Bmax] int64               input ids = pool[gather] (the gather is captured)
+  positions, slot_mapping [Bmax]              padding: position 0, slot -1 (no KV write)
   block_tables [Bmax, W], context_lens [Bmax] padding: block 0, length 1 (a valid, ignored read)
   valid_rows [Bmax] bool                      padding rows stay out of the expert-load counters
   token_offset 0-d int64                      the routing policy reads it at replay time
+  logits_indices [Bmax] int64                 0..Bmax-1
+
+The engine passes views of its own step buffers (server/engine/input_buffers.py): it fills
+them with its one host-to-device copy per step, where the pool holds each slot's last sampled
+token, so a decode step's input ids never leave the device, and calls `replay`. Used alone
+(tests, the benchmark), the runner owns its buffers and `run(batch)` fills them from a
+ForwardBatch.
 
 The routing policy and the load counters run inside the graph (both are sync-free and keep
 their tensors in place). Padding rows come after every real row, so policies that walk
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -65,11 +74,41 @@ def check_graphable(model, block_size: int) -> None:
                                 f"(head_dim={spec.head_dim}, block_size={block_size}, dtype={model.dtype})")
 
 
+@dataclass(frozen=True)
+class GraphInputs:
+    """The device buffers decode graphs read, by address (see the module docstring)."""
+
+    pool: torch.Tensor  # [P] int64 token ids the gather reads from
+    gather: torch.Tensor  # [Bmax] int64 index into pool of each row's input token
+    positions: torch.Tensor  # [Bmax] int64
+    slot_mapping: torch.Tensor  # [Bmax] int64
+    block_tables: torch.Tensor  # [Bmax, W] int32
+    context_lens: torch.Tensor  # [Bmax] int32
+    valid_rows: torch.Tensor  # [Bmax] bool
+    token_offset: torch.Tensor  # 0-d int64
+    logits_indices: torch.Tensor  # [Bmax] int64
+
+    @classmethod
+    def allocate(cls, max_batch: int, width: int, device: torch.device | str) -> "GraphInputs":
+        """Buffers of its own for a runner used alone: pool row i is row i's token."""
+        def i64(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+
+        return cls(pool=i64(max_batch), gather=torch.arange(max_batch, dtype=torch.int64, device=device),
+                   positions=i64(max_batch), slot_mapping=torch.full((max_batch,), -1, dtype=torch.int64, device=device),
+                   block_tables=torch.zeros(max_batch, width, dtype=torch.int32, device=device),
+                   context_lens=torch.ones(max_batch, dtype=torch.int32, device=device),
+                   valid_rows=torch.zeros(max_batch, dtype=torch.bool, device=device),
+                   token_offset=torch.zeros((), dtype=torch.int64, device=device),
+                   logits_indices=torch.arange(max_batch, dtype=torch.int64, device=device))
+
+
 class DecodeGraphRunner:
     """Bucketed decode graphs for one model and its KV cache (one EP rank, ep_size 1)."""
 
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch: int,
-                 max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True) -> None:
+                 max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True,
+                 inputs: GraphInputs | None = None) -> None:
         block_size = kv_caches[0][0].shape[1]
         check_graphable(model, block_size)
         if capture and model.device.type != "cuda":
@@ -80,16 +119,17 @@ class DecodeGraphRunner:
         self.width = max_blocks_per_seq
         self.capture_enabled = capture
         self.policy = model.runtime.policy  # the policy baked into the graphs
-        dev = model.device
-        n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.valid_rows = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.token_offset = torch.zeros((), dtype=torch.int64, device=dev)
-        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        self._owns_inputs = inputs is None
+        if inputs is None:
+            inputs = GraphInputs.allocate(self.max_batch, max_blocks_per_seq, model.device)
+        if inputs.gather.shape[0] < self.max_batch or inputs.block_tables.shape[1] != max_blocks_per_seq:
+            raise ValueError(f"graph inputs hold {inputs.gather.shape[0]} rows x {inputs.block_tables.shape[1]} blocks; "
+                             f"need {self.max_batch} x {max_blocks_per_seq}")
+        self.inputs = inputs
+        self.positions, self.slot_mapping = inputs.positions, inputs.slot_mapping
+        self.block_tables, self.context_lens = inputs.block_tables, inputs.context_lens
+        self.valid_rows, self.token_offset = inputs.valid_rows, inputs.token_offset
+        self.logits_indices = inputs.logits_indices
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # bucket -> [b, V] logits written by its graph
         self._steps: dict[int, Callable[[], torch.Tensor]] = {b: self._step_fn(b) for b in self.buckets}
@@ -101,8 +141,11 @@ class DecodeGraphRunner:
     def _step_fn(self, b: int) -> Callable[[], torch.Tensor]:
         meta = KernelAttentionMetadata.for_decode(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
 
+        pool, gather = self.inputs.pool, self.inputs.gather[:b]
+
         def step() -> torch.Tensor:
-            return self.model.forward_tokens(self.input_ids[:b], self.positions[:b], meta, self.kv_caches,
+            input_ids = pool.index_select(0, gather)  # [b]
+            return self.model.forward_tokens(input_ids, self.positions[:b], meta, self.kv_caches,
                                              self.logits_indices[:b], self.token_offset, self.valid_rows[:b])
         return step
 
@@ -143,9 +186,25 @@ class DecodeGraphRunner:
                 and all(q == 1 for q in batch.query_lens) and batch.block_tables.shape[1] <= self.width
                 and self.model.runtime.policy is self.policy)
 
+    def can_replay(self, num_seqs: int) -> bool:
+        """A decode step of `num_seqs` rows fits a bucket and the captured policy is still in place."""
+        return 0 < num_seqs <= self.max_batch and self.model.runtime.policy is self.policy
+
+    @torch.inference_mode()
+    def replay(self, num_seqs: int) -> torch.Tensor:
+        """Run the bucket of `num_seqs` on inputs the caller already put in place (rows up to the
+        bucket, padding included). -> [S, V] float32, a view valid until the next replay."""
+        b = self.bucket_for(num_seqs)
+        if self.capture_enabled:
+            self._graphs[b].replay()
+            return self._outputs[b][:num_seqs]
+        return self._steps[b]()[:num_seqs]
+
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """-> [S, V] float32 logits, a view of the graph's output buffer: valid until the next run."""
+        if not self._owns_inputs:
+            raise RuntimeError("this runner reads the engine's step buffers: fill them and call replay()")
         if not self.can_run(batch):
             raise ValueError(f"decode graphs cannot run this batch (seqs={batch.num_seqs}, tokens={batch.num_tokens}, "
                              f"block-table width {batch.block_tables.shape[1]} vs {self.width}, "
@@ -155,7 +214,7 @@ class DecodeGraphRunner:
         for ctx in batch.context_lens:
             if not 1 <= ctx <= self.width * self.block_size:
                 raise ValueError(f"context_len {ctx} outside [1, {self.width * self.block_size}] (block-table width {self.width})")
-        self.input_ids[:s].copy_(batch.input_ids, non_blocking=True)
+        self.inputs.pool[:s].copy_(batch.input_ids, non_blocking=True)
         self.positions[:s].copy_(batch.positions, non_blocking=True)
         self.slot_mapping[:s].copy_(batch.slot_mapping, non_blocking=True)
         self.block_tables[:s, :batch.block_tables.shape[1]].copy_(batch.block_tables, non_blocking=True)
@@ -169,12 +228,7 @@ class DecodeGraphRunner:
             self.token_offset.copy_(batch.token_offset, non_blocking=True)
         else:
             self.token_offset.fill_(int(batch.token_offset))
-        if self.capture_enabled:
-            self._graphs[b].replay()
-            out = self._outputs[b]
-        else:
-            out = self._steps[b]()
-        return out[:s]
+        return self.replay(s)
 
     @property
     def block_size(self) -> int:
@@ -184,7 +238,10 @@ class DecodeGraphRunner:
         """Rows start..end-1 become padding (see the module docstring)."""
         if start >= end:
             return
-        self.input_ids[start:end].zero_()
+        if self._owns_inputs:
+            self.inputs.pool[start:end].zero_()
+        else:
+            self.inputs.gather[start:end].zero_()  # the pool's first entry: some valid token id
         self.positions[start:end].zero_()
         self.slot_mapping[start:end].fill_(-1)
         self.block_tables[start:end, 0].zero_()
@@ -193,7 +250,8 @@ class DecodeGraphRunner:
 
 
 def maybe_decode_graphs(model, kv_caches, *, max_batch: int, max_blocks_per_seq: int,
-                        buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> DecodeGraphRunner | None:
+                        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                        inputs: GraphInputs | None = None) -> DecodeGraphRunner | None:
     """Decode graphs where they apply (CUDA, ep_size 1, kernel attention), else None with the
     reason logged. Set EPSERVE_CUDA_GRAPHS=0 to keep decode eager."""
     import os
@@ -205,7 +263,7 @@ def maybe_decode_graphs(model, kv_caches, *, max_batch: int, max_blocks_per_seq:
         return None
     try:
         return DecodeGraphRunner(model, kv_caches, max_batch=max_batch, max_blocks_per_seq=max_blocks_per_seq,
-                                 buckets=buckets)
+                                 buckets=buckets, inputs=inputs)
     except GraphsUnsupported as exc:
         log.info("decode stays eager: %s", exc)
         return None

@@ -1,0 +1,80 @@
+"""Collects one rank's share of a step while the scheduler walks its sequences, then packs it
+into a RankBatch (numpy arrays) in one go: per sequence only a few list appends."""
+from __future__ import annotations
+
+import numpy as np
+
+from .sampler import seed_key
+from .sequence import Sequence
+from .step_plan import BlockAppends, RankBatch, SlotFill
+
+
+class RankBatchBuilder:
+    def __init__(self) -> None:
+        self.slots: list[int] = []
+        self.query_lens: list[int] = []
+        self.start_pos: list[int] = []
+        self.from_device: list[bool] = []
+        self.samples: list[bool] = []
+        self.tokens: list[int] = []
+        self.sampling: list[Sequence] = []  # sequences whose rows sample, in row order (rank 0 only)
+        self._fills: list[Sequence] = []
+        self._app_slots: list[int] = []
+        self._app_cols: list[int] = []
+        self._app_blocks: list[int] = []
+
+    def add(self, seq: Sequence, n: int) -> None:
+        """`seq` runs its next `n` tokens this step; advances its computed (and pending) counts."""
+        start = seq.num_computed
+        from_device = seq.num_pending > 0  # its one new token is the one its slot sampled last step
+        last = start + n == seq.total_len
+        self.slots.append(seq.slot)
+        self.query_lens.append(n)
+        self.start_pos.append(start)
+        self.from_device.append(from_device)
+        self.samples.append(last)
+        if not from_device:
+            if n == 1:
+                self.tokens.append(seq.token_ids[start])
+            else:
+                self.tokens.extend(seq.token_ids[start:start + n])
+        seq.num_computed = start + n
+        if last:
+            seq.num_pending += 1
+            self.sampling.append(seq)
+
+    def fill(self, seq: Sequence) -> None:
+        """`seq` takes its slot this step (admission): the slot's sampling parameters and an empty table."""
+        self._fills.append(seq)
+
+    def append_blocks(self, slot: int, first_col: int, blocks: list[int]) -> None:
+        self._app_slots.extend([slot] * len(blocks))
+        self._app_cols.extend(range(first_col, first_col + len(blocks)))
+        self._app_blocks.extend(blocks)
+
+    def build(self) -> RankBatch:
+        fills = SlotFill.empty()
+        if self._fills:
+            reqs = [s.request for s in self._fills]
+            fills = SlotFill(
+                slots=np.array([s.slot for s in self._fills], dtype=np.int32),
+                temperature=np.array([r.sampling.temperature for r in reqs], dtype=np.float32),
+                top_p=np.array([r.sampling.top_p for r in reqs], dtype=np.float32),
+                top_k=np.array([r.sampling.top_k for r in reqs], dtype=np.int32),
+                seed_keys=np.array([seed_key(s.seed) for s in self._fills], dtype=np.int64),
+                logprobs=np.array([r.logprobs for r in reqs], dtype=bool),
+            )
+        appends = BlockAppends.empty()
+        if self._app_slots:
+            appends = BlockAppends(np.array(self._app_slots, dtype=np.int32), np.array(self._app_cols, dtype=np.int32),
+                                   np.array(self._app_blocks, dtype=np.int32))
+        return RankBatch(
+            slots=np.array(self.slots, dtype=np.int32),
+            query_lens=np.array(self.query_lens, dtype=np.int32),
+            start_pos=np.array(self.start_pos, dtype=np.int64),
+            from_device=np.array(self.from_device, dtype=bool),
+            samples=np.array(self.samples, dtype=bool),
+            tokens=np.array(self.tokens, dtype=np.int64),
+            fills=fills,
+            appends=appends,
+        )

@@ -24,17 +24,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# CPU dry run at tiny shapes under Triton's interpreter, which must be on before triton is
+# imported: tests/kernels/test_tune_moe_script.py starts this script that way.
 SMOKE = "--smoke-cpu" in sys.argv
-if SMOKE:
-    from server.moe.kernels.interpret import enable_interpreter
-
-    enable_interpreter()
+if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("--smoke-cpu runs under Triton's interpreter (TRITON_INTERPRET=1, patched as in "
+             "tests/kernels/support/interpret.py); run it through tests/kernels/test_tune_moe_script.py")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from server.moe.kernels.checks import make_moe_routing, make_moe_weights, rel_err  # noqa: E402
 from server.moe.kernels.fused_moe import fused_moe_triton  # noqa: E402
 from server.moe.kernels.moe_align import moe_align_block_size  # noqa: E402
 from server.moe.kernels.moe_config import (  # noqa: E402
@@ -48,6 +48,28 @@ SMALL_M = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 256, 4, 4), 
            (32, 128, 4, 5), (128, 128, 8, 4), (64, 128, 8, 4), (256, 64, 4, 3)]
 LARGE_M = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4),
            (64, 128, 4, 3), (256, 32, 8, 4), (128, 32, 4, 5), (256, 64, 8, 4)]
+
+
+def moe_weights(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device, seed: int = 0):
+    """w13 [E, 2I, H], w2 [E, H, I], scaled so activations stay O(1)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen, device=device, dtype=dtype) * hidden ** -0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen, device=device, dtype=dtype) * inter ** -0.5
+    return w13, w2
+
+
+def moe_routing(tokens: int, hidden: int, num_experts: int, top_k: int, dtype: torch.dtype, device, seed: int):
+    """x [T, H], ids [T, k] int32 (k distinct random experts per token), weights [T, k] summing to 1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+    ids = torch.rand(tokens, num_experts, generator=gen).topk(top_k, dim=1).indices.to(torch.int32).to(device)
+    w = torch.rand(tokens, top_k, generator=gen).to(device)
+    return x, ids, w / w.sum(1, keepdim=True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o, r = out.double(), ref.double()
+    return float((o - r).norm() / r.norm().clamp_min(1e-300)) if torch.isfinite(o).all() else float("inf")
 
 
 def block_m_candidates(rows_per_expert: float) -> list[int]:
@@ -65,7 +87,7 @@ def gemm_candidates(block_m: int, accumulators: int, elem_bytes: int = 2) -> lis
 
     Accumulator budget per thread: 128 fp32 on the wgmma path (BLOCK_M >= 64, operands from
     shared memory), 64 on the mma.sync path (operands in registers too). Checked without a GPU
-    by `python -m server.moe.kernels.compile_check --tune-space` (sm_90: no spills).
+    by `python -m tests.kernels.support.compile_check --tune-space` (sm_90: no spills).
     """
     out = []
     acc_budget = 64 if block_m <= 32 else 128
@@ -110,7 +132,7 @@ def best_of(name: str, candidates: list[GemmConfig], run, rep_ms: int, deadline:
 
 def tune_bucket(tokens, args, w13, w2, deadline) -> dict:
     dtype = w13.dtype
-    x, ids, w = make_moe_routing(tokens, args.hidden, args.experts, args.top_k, dtype, args.device, seed=tokens)
+    x, ids, w = moe_routing(tokens, args.hidden, args.experts, args.top_k, dtype, args.device, seed=tokens)
     wf = w.reshape(-1).float().contiguous()
     slots = torch.empty(tokens * args.top_k, args.hidden, dtype=dtype, device=args.device)
     per_expert = tokens * args.top_k / args.experts
@@ -165,7 +187,7 @@ def main() -> int:
     deadline = start + args.budget_s
     name = device_key() if not SMOKE else "cpu_smoke"
     print(f"# tuning E={args.experts} H={args.hidden} I={args.inter} top_k={args.top_k} on {name}", flush=True)
-    w13, w2 = make_moe_weights(args.experts, args.hidden, args.inter, torch.bfloat16, args.device)
+    w13, w2 = moe_weights(args.experts, args.hidden, args.inter, torch.bfloat16, args.device)
     table, report = {}, []
     for t in args.tokens:
         r = tune_bucket(t, args, w13, w2, deadline)

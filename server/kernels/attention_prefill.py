@@ -8,7 +8,6 @@ plus a gather of its prefix out of the pages, and its `is_causal` is top-left al
 q_len != kv_len. This kernel does the whole ragged batch in one launch, reads K/V in place
 from the pages (the new tokens are written there first), and handles any prefix; q_len = 1
 rows make it a decode kernel too, so mixed batches need no second path.
-scripts/gpu_kernels_check.py times it against padded-batch SDPA (flash) where that applies.
 
 Grid: (query blocks of BLOCK_M rows, sequences, q heads). Each program walks keys up to the
 last position its rows may see; fp32 online softmax in the log2 domain.

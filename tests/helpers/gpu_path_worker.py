@@ -15,7 +15,7 @@ import sys
 
 
 def _setup() -> None:
-    from server.moe.kernels.interpret import enable_interpreter
+    from tests.kernels.support.interpret import enable_interpreter
 
     enable_interpreter()
     os.environ["EPSERVE_KERNEL_BACKEND"] = "triton"

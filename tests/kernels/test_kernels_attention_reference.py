@@ -13,7 +13,7 @@ from server.kernels.attention_reference import (
     prefill_attention_reference,
     write_kv_cache,
 )
-from server.moe.kernels.checks import make_paged_inputs, rel_err
+from tests.kernels.support.checks import make_paged_inputs, rel_err
 
 
 def dense_attention(q, k, v, q_pos):

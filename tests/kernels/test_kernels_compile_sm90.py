@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from server.moe.kernels import compile_check  # noqa: E402
+from tests.kernels.support import compile_check  # noqa: E402
 
 SMEM = compile_check.SMEM_LIMIT
 

@@ -1,14 +1,14 @@
 """Triton kernels vs their torch twins under TRITON_INTERPRET=1 on CPU (tiny shapes, big blocks).
 
-Each case runs server.moe.kernels.checks in a fresh subprocess (see interpret.py for why the
-interpreter cannot be switched on inside this process). The checks poison every buffer the
+Each case runs tests.kernels.support.checks in a fresh subprocess (support/interpret.py says why
+the interpreter cannot be switched on inside this process). The checks poison every buffer the
 kernels allocate, draw fresh random inputs, and compare with the torch twin in float64.
 """
 from __future__ import annotations
 
 import pytest
 
-from server.moe.kernels.interpret import run_in_interpreter
+from tests.kernels.support.interpret import run_in_interpreter
 
 pytest.importorskip("triton")
 

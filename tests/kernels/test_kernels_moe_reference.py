@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from server.moe.kernels import moe_config, ops
-from server.moe.kernels.checks import make_moe_routing, make_moe_weights, rel_err
+from tests.kernels.support.checks import make_moe_routing, make_moe_weights, rel_err
 from server.moe.kernels.moe_reference import (
     grouped_expert_mlp_grouped_mm,
     grouped_expert_mlp_reference,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.moe.kernels.interpret import run_source_in_interpreter
+from tests.kernels.support.interpret import run_source_in_interpreter
 
 CHECK = r"""
 import torch

@@ -14,6 +14,6 @@ Module guide (the model calls the MoE ops through `ops`):
   greedy_route.py        Triton greedy_balanced routing (routing policy)
   greedy_route_cuda.py   CUDA greedy_balanced kernel (greedy_route.cu), built on first use
   uniform_random_route.py Triton uniform_random routing (routing policy)
-  checks.py, interpret.py, compile_check.py: kernel test plumbing
+Kernel checks and the interpreter / sm_90 compile harness are test plumbing: tests/kernels/support.
 Importing this package (or ops) never imports triton.
 """

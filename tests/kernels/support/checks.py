@@ -1,11 +1,11 @@
-"""Kernel-vs-torch checks shared by the CPU interpreter tests and scripts/gpu_kernels_check.py.
+"""Kernel-vs-torch checks shared by the CPU interpreter tests and the GPU tests (tests/kernels).
 
 Each check draws fresh random inputs (never zeros), poisons every buffer the kernels
-allocate and the output (NaN / POISON_INT, see workspace.py), runs the Triton path, and
+allocate and the output (NaN / POISON_INT, see server/kernels/workspace.py), runs the Triton path, and
 compares it with the torch twin evaluated on upcast inputs (float64 on CPU; float32 on the
 GPU, where float64 matmuls are slow) by ||out - ref|| / ||ref||. A NaN anywhere = failure.
 
-Run one check under the interpreter: python -m server.moe.kernels.checks <name> '<json kwargs>'
+Run one check under the interpreter: python -m tests.kernels.support.checks <name> '<json kwargs>'
 (prints one JSON line; interpret.run_in_interpreter does this from tests).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Acceptance bounds on relative error (library METHOD.md): fp32 near 1e-5, 16-bit below 1e-2.
+# Acceptance bounds on relative error: fp32 near 1e-5, 16-bit below 1e-2 (one rounding of the output).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
@@ -67,7 +67,7 @@ def make_moe_routing(num_tokens: int, hidden: int, num_experts: int, top_k: int,
 
 
 def _config(block_m, block_n, block_k, num_warps=4, num_stages=2):
-    from .moe_config import GemmConfig, MoEConfig
+    from server.moe.kernels.moe_config import GemmConfig, MoEConfig
 
     if block_m is None:
         return None
@@ -93,8 +93,8 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 def check_align(num_tokens=9, top_k=3, num_experts=6, block_m=16, chunk=32, skip_frac=0.2, seed=0,
                 device="cpu") -> dict:
-    from ...kernels import workspace
-    from .moe_align import moe_align_block_size
+    from server.kernels import workspace
+    from server.moe.kernels.moe_align import moe_align_block_size
 
     workspace.set_poison(True)
     gen = torch.Generator().manual_seed(seed)
@@ -110,8 +110,8 @@ def check_align(num_tokens=9, top_k=3, num_experts=6, block_m=16, chunk=32, skip
 
 
 def check_align_offsets(counts=(3, 0, 17, 1, 16), block_m=16, device="cpu") -> dict:
-    from ...kernels import workspace
-    from .moe_align import align_from_offsets
+    from server.kernels import workspace
+    from server.moe.kernels.moe_align import align_from_offsets
 
     workspace.set_poison(True)
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -132,9 +132,9 @@ def check_align_offsets(counts=(3, 0, 17, 1, 16), block_m=16, device="cpu") -> d
 
 def check_fused_moe(num_tokens=7, top_k=3, num_experts=5, hidden=64, inter=48, dtype="float32", skip_frac=0.2,
                     block_m=16, block_n=32, block_k=32, seed=0, device="cpu", weights=None) -> dict:
-    from ...kernels import workspace
-    from .fused_moe import fused_moe_triton
-    from .moe_reference import moe_reference
+    from server.kernels import workspace
+    from server.moe.kernels.fused_moe import fused_moe_triton
+    from server.moe.kernels.moe_reference import moe_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -150,9 +150,9 @@ def check_fused_moe(num_tokens=7, top_k=3, num_experts=5, hidden=64, inter=48, d
 
 def check_grouped_mlp(counts=(5, 0, 19, 1), hidden=64, inter=48, dtype="float32", block_m=16, block_n=32,
                       block_k=32, seed=0, device="cpu", weights=None) -> dict:
-    from ...kernels import workspace
-    from .fused_moe import grouped_expert_mlp_triton
-    from .moe_reference import grouped_expert_mlp_reference
+    from server.kernels import workspace
+    from server.moe.kernels.fused_moe import grouped_expert_mlp_triton
+    from server.moe.kernels.moe_reference import grouped_expert_mlp_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -171,9 +171,9 @@ def check_grouped_mlp(counts=(5, 0, 19, 1), hidden=64, inter=48, dtype="float32"
 
 def check_expert_rows(num_rows=23, num_experts=5, hidden=64, inter=48, dtype="float32", block_m=16, block_n=32,
                       block_k=32, seed=0, device="cpu") -> dict:
-    from ...kernels import workspace
-    from .fused_moe import expert_mlp_rows_triton
-    from .moe_reference import expert_mlp_rows_reference
+    from server.kernels import workspace
+    from server.moe.kernels.fused_moe import expert_mlp_rows_triton
+    from server.moe.kernels.moe_reference import expert_mlp_rows_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -215,9 +215,9 @@ def make_paged_inputs(q_lens, ctx_lens, q_heads, kv_heads, head_dim, block_size,
 
 def check_decode(ctx_lens=(1, 17, 70, 33), q_heads=4, kv_heads=2, head_dim=32, block_size=8, dtype="float32",
                  num_splits=None, block_n=16, seed=0, device="cpu") -> dict:
-    from ...kernels import workspace
-    from ...kernels.attention_decode import paged_decode_attention_triton
-    from ...kernels.attention_reference import paged_decode_attention_reference
+    from server.kernels import workspace
+    from server.kernels.attention_decode import paged_decode_attention_triton
+    from server.kernels.attention_reference import paged_decode_attention_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -233,9 +233,9 @@ def check_decode(ctx_lens=(1, 17, 70, 33), q_heads=4, kv_heads=2, head_dim=32, b
 
 def check_prefill(q_lens=(5, 1, 19, 0), prefix_lens=(0, 9, 13, 4), q_heads=4, kv_heads=2, head_dim=32,
                   block_size=8, dtype="float32", block_m=16, block_n=16, seed=0, device="cpu") -> dict:
-    from ...kernels import workspace
-    from ...kernels.attention_prefill import prefill_attention_triton
-    from ...kernels.attention_reference import prefill_attention_reference
+    from server.kernels import workspace
+    from server.kernels.attention_prefill import prefill_attention_triton
+    from server.kernels.attention_reference import prefill_attention_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
@@ -253,8 +253,8 @@ def check_prefill(q_lens=(5, 1, 19, 0), prefix_lens=(0, 9, 13, 4), q_heads=4, kv
 
 def check_write_kv(num_tokens=6, kv_heads=2, head_dim=16, block_size=4, num_blocks=5, dtype="bfloat16",
                    seed=0, device="cpu") -> dict:
-    from ...kernels.attention_decode import write_kv_cache_triton
-    from ...kernels.attention_reference import write_kv_cache
+    from server.kernels.attention_decode import write_kv_cache_triton
+    from server.kernels.attention_reference import write_kv_cache
 
     dt, dev = DTYPES[dtype], torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -285,7 +285,7 @@ CHECKS = {
 
 
 def main(argv: list[str]) -> None:
-    from .interpret import enable_interpreter
+    from tests.kernels.support.interpret import enable_interpreter
 
     name = argv[0]
     params = json.loads(argv[1]) if len(argv) > 1 else {}

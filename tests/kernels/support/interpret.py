@@ -1,4 +1,4 @@
-"""Run this package's Triton kernels on CPU through Triton's interpreter (tests only).
+"""Run epserve's Triton kernels on CPU through Triton's interpreter.
 
 Triton picks compiled vs interpreted per @triton.jit function when it is decorated, from
 TRITON_INTERPRET, and that includes triton.language's own helpers (tl.zeros, tl.cumsum...).
@@ -42,9 +42,9 @@ def enable_interpreter() -> None:
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def _run_interpreted(args: list[str], what: str, timeout_s: float) -> str:
+def _run_interpreted(args: list[str], what: str, timeout_s: float, env: dict[str, str] | None = None) -> str:
     """Run `python <args>` from the repo root with the interpreter on; its stdout, or RuntimeError."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, **(env or {}), TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=_ROOT)
     if proc.returncode != 0:
@@ -54,12 +54,14 @@ def _run_interpreted(args: list[str], what: str, timeout_s: float) -> str:
 
 def run_in_interpreter(case: str, timeout_s: float = 120.0, **params) -> dict:
     """Run checks.<case>(**params) under TRITON_INTERPRET=1 in a subprocess; return its result dict."""
-    out = _run_interpreted(["-m", "server.moe.kernels.checks", case, json.dumps(params)], f"{case}({params})", timeout_s)
+    out = _run_interpreted(["-m", "tests.kernels.support.checks", case, json.dumps(params)], f"{case}({params})",
+                           timeout_s)
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_source_in_interpreter(source: str, timeout_s: float = 300.0) -> str:
-    """Run a Python script under TRITON_INTERPRET=1 in a subprocess (enable_interpreter first);
-    return its stdout. For checks that compare a kernel with its torch twin inline."""
-    prelude = "from server.moe.kernels.interpret import enable_interpreter\nenable_interpreter()\n"
-    return _run_interpreted(["-c", prelude + source], "script", timeout_s)
+def run_source_in_interpreter(source: str, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> str:
+    """Run a Python script under TRITON_INTERPRET=1 in a subprocess (enable_interpreter first),
+    with `env` added to the environment; return its stdout. For checks that compare a kernel
+    with its torch twin inline, and for running a script's CPU smoke mode."""
+    prelude = "from tests.kernels.support.interpret import enable_interpreter\nenable_interpreter()\n"
+    return _run_interpreted(["-c", prelude + source], "script", timeout_s, env)

@@ -10,8 +10,8 @@ whether matrix kernels use wgmma (HGMMA) or the older mma.sync (HMMA) path.
 This catches compile errors, shared-memory overflows and register spills before any device
 time is spent. It says nothing about speed.
 
-    python -m server.moe.kernels.compile_check                 # default configs, key shapes
-    python -m server.moe.kernels.compile_check --tune-space    # every tune_moe.py candidate
+    python -m tests.kernels.support.compile_check                 # default configs, key shapes
+    python -m tests.kernels.support.compile_check --tune-space    # every tune_moe.py candidate
 """
 from __future__ import annotations
 
@@ -128,9 +128,9 @@ def meta_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
 
 
 def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
-    from ...kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
-    from ...kernels.attention_prefill import prefill_attention_triton
-    from .fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton
+    from server.kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
+    from server.kernels.attention_prefill import prefill_attention_triton
+    from server.moe.kernels.fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton
 
     m = dict(device="meta", dtype=torch.bfloat16)
     i32 = dict(device="meta", dtype=torch.int32)
@@ -156,8 +156,8 @@ def launches_for_tune_space(tokens=(1, 64, 512, 8192)) -> list[Launch]:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts"))
     import tune_moe  # noqa: E402  (the script's candidate lists are the single source of truth)
 
-    from .moe_align import moe_align_block_size
-    from .moe_gemm import down_scatter, gate_up_silu
+    from server.moe.kernels.moe_align import moe_align_block_size
+    from server.moe.kernels.moe_gemm import down_scatter, gate_up_silu
 
     with record_launches() as launches:
         for t in tokens:

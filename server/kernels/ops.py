@@ -14,20 +14,30 @@ modules are imported on first use, so a CPU install without triton never imports
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
 
+from ..registry import Registry, UnknownNameError
 from .availability import resolve_backend
 
-# op -> backend -> (module, function)
-KERNEL_OPS: dict[str, dict[str, tuple[str, str]]] = {}
+
+class UnknownBackendError(UnknownNameError, ValueError):
+    """An op asked for a backend it has no implementation for."""
 
 
-def register_op(op: str, **impls: str) -> None:
-    """Add an op: backend name -> "package.module:function" (imported when first used)."""
-    KERNEL_OPS[op] = {backend: tuple(target.split(":")) for backend, target in impls.items()}
+#: op name -> its implementations: backend name -> "package.module:function" (imported on first use)
+KERNEL_OPS: Registry[Registry[Callable]] = Registry("kernel op")
+
+
+def register_op(op: str, **impls: str) -> Registry[Callable]:
+    """Add an op with its implementations, e.g. register_op("rope", triton="pkg.mod:fn", torch=...)."""
+    backends: Registry[Callable] = Registry(
+        "backend", scope=op, lazy=True,
+        error=lambda name, known: UnknownBackendError("backend", name, known, scope=op))
+    for backend, target in impls.items():
+        backends.register(backend, target)
+    return KERNEL_OPS.register(op, backends)
 
 
 register_op("paged_decode_attention",
@@ -49,12 +59,7 @@ register_op("rope",
 
 def implementation(op: str, backend: str, like: torch.Tensor) -> Callable:
     """The function implementing `op` for `backend` ('auto' resolved against tensor `like`)."""
-    name = resolve_backend(backend, like)
-    table = KERNEL_OPS[op]
-    if name not in table:
-        raise ValueError(f"unknown backend {name!r} for {op}; available: {sorted(table)} or 'auto'")
-    module, fn = table[name]
-    return getattr(importlib.import_module(module), fn)
+    return KERNEL_OPS[op][resolve_backend(backend, like)]
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, *,

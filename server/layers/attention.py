@@ -14,13 +14,13 @@ device: each builds its own metadata object, and `meta.attend(...)` runs the ste
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from ..kernels.availability import resolve_backend
+from ..registry import Registry
 
 
 class StepBatch(Protocol):
@@ -146,20 +146,17 @@ def attend_cached(
 
 
 # ---- backend registry ----
-#: kernel backend name -> "module:class" with .supports(head_dim, block_size, dtype) and .build(batch, block_size)
-ATTENTION_BACKENDS: dict[str, str] = {
-    "torch": "server.layers.attention:PagedAttentionMetadata",
-    "triton": "server.layers.attention_triton:KernelAttentionMetadata",
-}
+#: kernel backend name -> metadata class with .build(batch, block_size) (and .supports(head_dim, block_size, dtype))
+ATTENTION_BACKENDS: Registry[type] = Registry("attention backend", lazy=True)
+ATTENTION_BACKENDS.register("torch", "server.layers.attention:PagedAttentionMetadata")
+ATTENTION_BACKENDS.register("triton", "server.layers.attention_triton:KernelAttentionMetadata")
 
 
 def attention_backend(batch: StepBatch, head_dim: int, block_size: int, dtype: torch.dtype) -> type:
     """The metadata class for this step: by device (server/kernels/availability.py, so
     EPSERVE_KERNEL_BACKEND=torch forces the torch path), then by what the kernels support."""
     name = resolve_backend("auto", batch.slot_mapping)
-    target = ATTENTION_BACKENDS.get(name, ATTENTION_BACKENDS["torch"])  # e.g. grouped_mm: MoE-only
-    module, cls_name = target.split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
+    cls = ATTENTION_BACKENDS[name if name in ATTENTION_BACKENDS else "torch"]  # e.g. grouped_mm: MoE-only
     supports = getattr(cls, "supports", None)
     if supports is not None and not supports(head_dim, block_size, dtype):
         return PagedAttentionMetadata

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..kernels.availability import resolve_backend
 from ..layers.activation import activation
+from ..registry import Registry
 from .kernels import ops
 
 
@@ -63,11 +64,7 @@ class LocalExperts(nn.Module):
 
     def path(self, x: torch.Tensor) -> "TorchExpertPath | KernelExpertPath":
         """How to run these experts on activations `x` (by device; see EXPERT_PATHS)."""
-        name = resolve_backend("auto", x)
-        found = EXPERT_PATHS.get(name)
-        if found is None:
-            raise ValueError(f"no expert path for kernel backend {name!r}; available: {sorted(EXPERT_PATHS)}")
-        return found
+        return EXPERT_PATHS[resolve_backend("auto", x)]
 
 
 class TorchExpertPath:
@@ -113,8 +110,7 @@ class KernelExpertPath:
 
 
 #: kernel backend name (server/kernels/availability.resolve_backend) -> how experts run
-EXPERT_PATHS: dict[str, TorchExpertPath | KernelExpertPath] = {
-    "torch": TorchExpertPath(),
-    "triton": KernelExpertPath("triton"),
-    "grouped_mm": KernelExpertPath("grouped_mm"),
-}
+EXPERT_PATHS: Registry[TorchExpertPath | KernelExpertPath] = Registry("expert path")
+EXPERT_PATHS.register("torch", TorchExpertPath())
+EXPERT_PATHS.register("triton", KernelExpertPath("triton"))
+EXPERT_PATHS.register("grouped_mm", KernelExpertPath("grouped_mm"))

@@ -10,16 +10,16 @@ from typing import Callable
 
 import torch
 
+from ..registry import Registry
+
 RouterRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-ROUTER_RULES: dict[str, RouterRule] = {}
+#: rule name (a family's `router_rule`) -> (router_logits [N, E], top_k, renormalize=, float32_weights=) -> (weights, ids)
+ROUTER_RULES: Registry[RouterRule] = Registry("router rule")
 
 
 def register_router(name: str) -> Callable[[RouterRule], RouterRule]:
-    def decorate(fn: RouterRule) -> RouterRule:
-        ROUTER_RULES[name] = fn
-        return fn
-
-    return decorate
+    """Function decorator: make a router rule selectable by name."""
+    return ROUTER_RULES.register(name)
 
 
 @register_router("softmax_topk")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: lowest first: (layer, module prefixes). Kernels <- layers <- moe <- model <- engine <- rpc.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("server", "server.config")),  # frozen config dataclasses; the package marker
+    ("foundation", ("server", "server.config", "server.registry")),  # frozen config, the generic Registry
     ("kernels", ("server.kernels",)),  # non-MoE kernels and the plumbing every kernel shares
     ("layers", ("server.layers",)),  # RMSNorm, activations, gated MLP, RoPE, paged attention
     ("moe kernels", ("server.moe.kernels",)),  # MoE and routing kernels

@@ -8,38 +8,41 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ...registry import Registry, UnknownNameError
 from ..spec import ModelLoadError
 from .base import MoEFamily
 
-_FAMILIES: dict[str, MoEFamily] = {}
 
+class UnsupportedArchitectureError(ModelLoadError, UnknownNameError):
+    """config.json names an architecture no family serves; the message lists those that exist."""
 
-class UnsupportedArchitectureError(ModelLoadError):
-    def __init__(self, architecture: str) -> None:
-        super().__init__(
-            f"unsupported architecture {architecture!r}; supported architectures: {', '.join(supported_architectures())}"
-        )
+    adjective, listed = "unsupported", "supported"
+
+    def __init__(self, architecture: str, known: list[str] | None = None) -> None:
+        UnknownNameError.__init__(self, "architecture", architecture,
+                                  supported_architectures() if known is None else known)
         self.architecture = architecture
 
 
+#: config.json `architectures[0]` -> the family instance that parses and loads it
+FAMILIES: Registry[MoEFamily] = Registry("architecture", error=UnsupportedArchitectureError)
+
+
 def register_family(*architectures: str) -> Callable[[type[MoEFamily]], type[MoEFamily]]:
+    """Class decorator: one instance of the family serves every architecture name given."""
+
     def decorate(cls: type[MoEFamily]) -> type[MoEFamily]:
         instance = cls()
         for arch in architectures:
-            if arch in _FAMILIES:
-                raise ValueError(f"architecture {arch!r} is already registered by {type(_FAMILIES[arch]).__name__}")
-            _FAMILIES[arch] = instance
+            FAMILIES.register(arch, instance)
         return cls
 
     return decorate
 
 
 def get_family(architecture: str) -> MoEFamily:
-    family = _FAMILIES.get(architecture)
-    if family is None:
-        raise UnsupportedArchitectureError(architecture)
-    return family
+    return FAMILIES[architecture]
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_FAMILIES)
+    return FAMILIES.names()

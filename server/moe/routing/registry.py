@@ -13,24 +13,35 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+from ...registry import Registry, UnknownNameError
 from .base import PolicyConfigError, RoutingPolicy
 
 ENTRY_POINT_GROUP = "epserve.routing_policies"
 log = logging.getLogger(__name__)
 
-_REGISTRY: dict[str, type[RoutingPolicy]] = {}
-_ALIASES: dict[str, str] = {}
-_PLUGINS_LOADED = False
 
+class UnknownPolicyError(UnknownNameError):
+    """`routing.name` names no registered policy, alias or plugin; the message lists those that exist."""
 
-class UnknownPolicyError(KeyError):
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.known = known
+        super().__init__("routing policy", name, known, plural="routing policies")
 
-    def __str__(self) -> str:
-        return f"unknown routing policy {self.name!r}; known policies: {', '.join(self.known)}"
+
+def _load_plugins() -> None:
+    """Import every `epserve.routing_policies` entry point (once, when a name is missing)."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()  # importing the module usually registers the policy itself
+        except Exception as exc:  # a broken plugin must not take the server down
+            log.error("routing plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+            continue
+        if ep.name not in POLICIES:
+            register_policy(ep.name)(obj)
+
+
+#: policy name or alias -> RoutingPolicy subclass
+POLICIES: Registry[type[RoutingPolicy]] = Registry("routing policy", plural="routing policies",
+                                                   error=UnknownPolicyError, discover=_load_plugins)
 
 
 def register_policy(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type], type]:
@@ -39,53 +50,25 @@ def register_policy(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[ty
     def decorate(cls: type) -> type:
         if not (inspect.isclass(cls) and issubclass(cls, RoutingPolicy)):
             raise TypeError(f"@register_policy({name!r}) expects a RoutingPolicy subclass, got {cls!r}")
-        for key in (name, *aliases):
-            owner = _REGISTRY.get(key) or _REGISTRY.get(_ALIASES.get(key, ""))
-            if owner is not None and owner is not cls:
-                raise ValueError(f"routing policy name {key!r} is already registered by {owner.__module__}.{owner.__qualname__}")
+        POLICIES.register(name, cls, aliases=aliases)
         cls.name = name
-        _REGISTRY[name] = cls
-        for alias in aliases:
-            _ALIASES[alias] = name
         return cls
 
     return decorate
 
 
-def _load_plugins() -> None:
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()  # importing the module usually registers the policy itself
-        except Exception as exc:  # a broken plugin must not take the server down
-            log.error("routing plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
-            continue
-        if ep.name not in _REGISTRY and ep.name not in _ALIASES:
-            register_policy(ep.name)(obj)
-
-
 def canonical_name(name: str) -> str:
     """Resolve an alias (`fake_balance`) to the policy's registered name (`greedy_balanced`)."""
-    if name not in _REGISTRY and name not in _ALIASES:
-        _load_plugins()
-    if name in _ALIASES:
-        return _ALIASES[name]
-    if name in _REGISTRY:
-        return name
-    raise UnknownPolicyError(name, available_policies())
+    return POLICIES.canonical(name)
 
 
 def available_policies() -> list[str]:
     """Every selectable name, aliases included, plugins included."""
-    _load_plugins()
-    return sorted([*_REGISTRY, *_ALIASES])
+    return POLICIES.names()
 
 
 def get_policy_class(name: str) -> type[RoutingPolicy]:
-    return _REGISTRY[canonical_name(name)]
+    return POLICIES[name]
 
 
 def build_policy(name: str, **params: Any) -> RoutingPolicy:

@@ -6,8 +6,9 @@ Each step writes the new tokens' K/V at `slot_mapping`, then every sequence atte
 whole context: the new tokens are the last `query_len` of `context_len`, causal among
 themselves and over everything cached before them (prefill, chunked prefill and decode alike).
 
-Backends (ATTENTION_BACKENDS), picked per step by `build_attention_metadata` from the batch's
-device: each builds its own metadata object, and `meta.attend(...)` runs the step.
+Backends (ATTENTION_BACKENDS), one chosen per model when it is built (`attention_backend_for`
+its kernel backend, head_dim and dtype): each step the model builds that backend's metadata
+object, and `meta.attend(...)` runs the step.
   torch   PagedAttentionMetadata (here): sequences looped over on the host; CPU and tests.
   triton  KernelAttentionMetadata (attention_triton.py): the paged decode kernel when
           every sequence decodes one token, the varlen prefill kernel otherwise; no host sync.
@@ -19,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from ..kernels.availability import resolve_backend
+from ..kernels.backend import KernelBackend
 from ..registry import Registry
 
 
@@ -30,6 +31,8 @@ class StepBatch(Protocol):
     context_lens: list[int]  # [S] cached + new tokens
     block_tables: torch.Tensor  # [S, max_blocks] int32
     slot_mapping: torch.Tensor  # [T] int64
+    context_lens_dev: torch.Tensor | None  # [S] int32 context_lens already on the device, or None
+    cu_seqlens_dev: torch.Tensor | None  # [S+1] int32 prefix sums of query_lens on the device, or None
 
     @property
     def num_tokens(self) -> int: ...
@@ -45,11 +48,16 @@ class SeqSlice:
 
 @dataclass
 class PagedAttentionMetadata:
-    """Per-step bookkeeping shared by every layer (built once per forward)."""
+    """Per-step bookkeeping shared by every layer (built once per forward): the "torch" backend."""
 
+    name = "torch"
     seqs: list[SeqSlice]
     slot_mapping: torch.Tensor  # [T] int64
     _masks: dict = field(default_factory=dict)  # (seq index, window) -> [q_len, ctx_len] bool
+
+    @staticmethod
+    def supports(head_dim: int, block_size: int | None, dtype: torch.dtype) -> bool:
+        return True
 
     @classmethod
     def build(cls, batch: StepBatch, block_size: int) -> "PagedAttentionMetadata":
@@ -152,17 +160,9 @@ ATTENTION_BACKENDS.register("torch", "server.layers.attention:PagedAttentionMeta
 ATTENTION_BACKENDS.register("triton", "server.layers.attention_triton:KernelAttentionMetadata")
 
 
-def attention_backend(batch: StepBatch, head_dim: int, block_size: int, dtype: torch.dtype) -> type:
-    """The metadata class for this step: by device (server/kernels/availability.py, so
-    EPSERVE_KERNEL_BACKEND=torch forces the torch path), then by what the kernels support."""
-    name = resolve_backend("auto", batch.slot_mapping)
-    cls = ATTENTION_BACKENDS[name if name in ATTENTION_BACKENDS else "torch"]  # e.g. grouped_mm: MoE-only
-    supports = getattr(cls, "supports", None)
-    if supports is not None and not supports(head_dim, block_size, dtype):
-        return PagedAttentionMetadata
-    return cls
-
-
-def build_attention_metadata(batch: StepBatch, block_size: int, head_dim: int, dtype: torch.dtype):
-    """Per-step metadata shared by every layer; `meta.attend(...)` runs attention with it."""
-    return attention_backend(batch, head_dim, block_size, dtype).build(batch, block_size)
+def attention_backend_for(kernels: KernelBackend, head_dim: int, dtype: torch.dtype) -> type:
+    """The metadata class a model uses in every step: its kernel backend's (torch where that has
+    none, e.g. grouped_mm, which only replaces MoE ops), unless the kernels cannot take this
+    head_dim or dtype. EPSERVE_KERNEL_BACKEND=torch therefore forces the torch loop."""
+    cls = ATTENTION_BACKENDS[kernels.name if kernels.name in ATTENTION_BACKENDS else "torch"]
+    return cls if cls.supports(head_dim, None, dtype) else PagedAttentionMetadata

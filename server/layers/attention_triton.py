@@ -7,7 +7,9 @@ tokens' K/V are written by the KV-write kernel. Nothing here waits for the GPU: 
 host lists (context lengths, query lengths) go up through pinned memory without a sync.
 
 Layers with a sliding window fall back to the torch loop (the kernels have no window); the
-graph runner refuses such models, so a captured graph never meets the fallback.
+graph runner refuses such models, so a captured graph never meets the fallback. KV pages that
+are not a power of two get the torch backend's metadata for the step. This module imports the
+kernels (hence triton): the attention registry imports it only for a model that chose it.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import ops
+from ..kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
+from ..kernels.attention_prefill import prefill_attention_triton
 from .attention import PagedAttentionMetadata, StepBatch, attend_cached
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -46,6 +49,7 @@ def check_batch_lengths(batch: StepBatch, block_size: int) -> None:
 
 @dataclass
 class KernelAttentionMetadata:
+    name = "triton"
     slot_mapping: torch.Tensor  # [T] int64 cache slot of each new token (< 0: padding, not written)
     block_tables: torch.Tensor  # [S, W] int32
     context_lens: torch.Tensor  # [S] int32 on the device, cached + new tokens
@@ -55,12 +59,16 @@ class KernelAttentionMetadata:
     _fallback: PagedAttentionMetadata | None = field(default=None, repr=False)
 
     @staticmethod
-    def supports(head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
-        """What the kernels handle: tl.dot needs head_dim >= 16; pages are a power of two."""
-        return head_dim >= 16 and block_size > 0 and block_size & (block_size - 1) == 0 and dtype in KERNEL_DTYPES
+    def supports(head_dim: int, block_size: int | None, dtype: torch.dtype) -> bool:
+        """What the kernels handle: tl.dot needs head_dim >= 16; pages are a power of two
+        (block_size None: not known yet, checked per step)."""
+        pages_ok = block_size is None or (block_size > 0 and block_size & (block_size - 1) == 0)
+        return head_dim >= 16 and pages_ok and dtype in KERNEL_DTYPES
 
     @classmethod
-    def build(cls, batch: StepBatch, block_size: int) -> "KernelAttentionMetadata":
+    def build(cls, batch: StepBatch, block_size: int) -> "KernelAttentionMetadata | PagedAttentionMetadata":
+        if block_size <= 0 or block_size & (block_size - 1):
+            return PagedAttentionMetadata.build(batch, block_size)
         check_batch_lengths(batch, block_size)
         device = batch.slot_mapping.device
         decode = all(q == 1 for q in batch.query_lens)
@@ -93,14 +101,13 @@ class KernelAttentionMetadata:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                scale: float, window: int | None = None) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
-        ops.write_kv_cache(k, v, k_cache, v_cache, self.slot_mapping, backend="triton")
+        write_kv_cache_triton(k, v, k_cache, v_cache, self.slot_mapping)
         if window:
             return attend_cached(q, k_cache, v_cache, self._torch_metadata(k_cache.shape[1]), scale, window)
         if self.is_decode:
-            return ops.paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, scale,
-                                              backend="triton")
-        return ops.prefill_attention(q, k_cache, v_cache, self.block_tables, self.cu_seqlens_q, self.context_lens, scale,
-                                     max_query_len=self.max_query_len, backend="triton")
+            return paged_decode_attention_triton(q, k_cache, v_cache, self.block_tables, self.context_lens, scale)
+        return prefill_attention_triton(q, k_cache, v_cache, self.block_tables, self.cu_seqlens_q, self.context_lens,
+                                        scale, max_query_len=self.max_query_len)
 
     def _torch_metadata(self, block_size: int) -> PagedAttentionMetadata:
         if self.batch is None:

@@ -1,5 +1,8 @@
 """Rotary position embedding, computed the way transformers does (float32 angles, then cast).
 
+The tables are built once per forward step here; each attention layer applies them with the
+`rope` kernel op its model chose (server/kernels/norm_rope.py: one Triton pass on CUDA).
+
 Only rope types whose inverse frequencies do not depend on the sequence length are here;
 anything else is refused when the config is read (server/model/families/base.py), never
 approximated.
@@ -9,8 +12,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-
-from ..kernels import ops
 
 
 def _default_inv_freq(head_dim: int, theta: float, factor: float) -> torch.Tensor:
@@ -40,9 +41,3 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]: x*cos + rotate_half(x)*sin (torch on
-    CPU, one Triton pass on CUDA: server/kernels/norm_rope.py)."""
-    return ops.rope(x, cos, sin)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.attention import build_attention_metadata
+from ..kernels.backend import KernelBackend
+from ..layers.attention import attention_backend_for
 from ..layers.layernorm import RMSNorm
 from ..layers.rotary_embedding import RotaryEmbedding
 from ..moe.dispatch import make_dispatcher
@@ -26,24 +27,26 @@ from .spec import ModelSpec
 
 
 class DecoderStack(nn.Module):
-    def __init__(self, spec: ModelSpec, runtime: MoERuntime, dtype=None, device=None) -> None:
+    def __init__(self, spec: ModelSpec, runtime: MoERuntime, kernels: KernelBackend, dtype=None, device=None) -> None:
         super().__init__()
         family = get_family(spec.architecture)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, family, i, runtime, dtype=dtype, device=device) for i in range(spec.num_layers)
+            DecoderLayer(spec, family, i, runtime, kernels, dtype=dtype, device=device) for i in range(spec.num_layers)
         )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype, device=device)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype, device=device, kernels=kernels)
 
 
 class MoECausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
                  ep_group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 placement: ExpertPlacement | None = None) -> None:
+                 placement: ExpertPlacement | None = None, kernels: KernelBackend | None = None) -> None:
         """Parameters are allocated uninitialised on `device` (built on the meta device, then
         `to_empty`: no init kernels for weights that are overwritten anyway); the loader or the
         random-weight builder fills every one of them. `placement` (EPLB): which logical
-        expert each physical slot holds; None keeps the block layout with no replica map."""
+        expert each physical slot holds; None keeps the block layout with no replica map.
+        `kernels`: which kernels every layer runs, chosen here once (None: by `device` and
+        EPSERVE_KERNEL_BACKEND, server/kernels/backend.py); so is the attention backend."""
         super().__init__()
         spec.check_ep_size(ep_size)
         if not 0 <= ep_rank < ep_size:
@@ -51,6 +54,9 @@ class MoECausalLM(nn.Module):
         self.spec = spec
         self.ep_rank, self.ep_size, self.ep_group = ep_rank, ep_size, ep_group
         self.dtype = dtype
+        self.kernels = kernels or KernelBackend.for_device(device)
+        #: metadata class of every step's attention (server/layers/attention.py ATTENTION_BACKENDS)
+        self.attention_backend = attention_backend_for(self.kernels, spec.head_dim, dtype)
         if placement is not None and (placement.num_layers, placement.num_experts, placement.ep_size) != (
                 spec.num_moe_layers, spec.num_experts, ep_size):
             raise ValueError(f"expert placement for {placement.num_layers} layers x {placement.num_experts} experts at "
@@ -62,7 +68,7 @@ class MoECausalLM(nn.Module):
         replicas = None if placement is None else ReplicaMap(placement, device)
         self.runtime = MoERuntime(policy, self.load_counters, make_dispatcher(ep_rank, ep_size, num_slots, ep_group),
                                   ep_rank, ep_size, replicas=replicas)
-        self.model = DecoderStack(spec, self.runtime, dtype=dtype, device="meta").to_empty(device=device)
+        self.model = DecoderStack(spec, self.runtime, self.kernels, dtype=dtype, device="meta").to_empty(device=device)
         self.lm_head = None  # tied: the embedding matrix is the output projection
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device="meta")
@@ -119,7 +125,7 @@ class MoECausalLM(nn.Module):
         runs collectives."""
         if len(kv_caches) != self.spec.num_layers:
             raise ValueError(f"expected {self.spec.num_layers} KV caches (one per layer), got {len(kv_caches)}")
-        meta = build_attention_metadata(batch, kv_caches[0][0].shape[1], self.spec.head_dim, self.dtype)
+        meta = self.attention_backend.build(batch, kv_caches[0][0].shape[1])
         return self.forward_tokens(batch.input_ids, batch.positions, meta, kv_caches, batch.logits_indices,
                                    batch.token_offset)
 

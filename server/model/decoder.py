@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.backend import KernelBackend
 from ..layers.attention import PagedAttentionMetadata
 from ..layers.layernorm import RMSNorm
 from ..layers.mlp import GatedMLP
@@ -14,19 +15,20 @@ from .spec import ModelSpec
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, family: MoEFamily, layer: int, runtime: MoERuntime, dtype=None, device=None) -> None:
+    def __init__(self, spec: ModelSpec, family: MoEFamily, layer: int, runtime: MoERuntime, kernels: KernelBackend,
+                 dtype=None, device=None) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.self_attn = SelfAttention(spec, layer, **kw)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **kw)
+        self.self_attn = SelfAttention(spec, layer, kernels=kernels, **kw)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels=kernels, **kw)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels=kernels, **kw)
         self.is_moe = spec.is_moe_layer(layer)
         if self.is_moe:
             self.mlp = MoELayer(
                 moe_index=spec.moe_index(layer), hidden=spec.hidden_size, num_experts=spec.num_experts,
                 top_k=spec.top_k, intermediate=spec.moe_intermediate_size, act=spec.hidden_act, runtime=runtime,
                 renormalize=spec.norm_topk_prob, float32_router_weights=family.router_float32_weights,
-                shared_intermediate=spec.shared_expert_intermediate_size, **kw,
+                shared_intermediate=spec.shared_expert_intermediate_size, kernels=kernels, **kw,
             )
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, **kw)

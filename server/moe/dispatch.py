@@ -9,8 +9,8 @@ Rank r owns experts [r*E/ep, (r+1)*E/ep). With ep_size > 1 a step is:
      each token on its source rank (float32, then the model dtype).
 Every rank joins every collective even with zero tokens. gloo on CPU, NCCL on GPU; with
 ep_size == 1 nothing is communicated and no process group is needed. The expert step itself
-runs through `experts.path(x)` (experts.py): the torch loop on CPU, the fused Triton kernels
-on CUDA. The all-to-all needs the split sizes on the host (one sync per layer), so the EP
+runs through `experts.path` (experts.py, chosen when the model was built): the torch loop on
+CPU, the fused Triton kernels on CUDA. The all-to-all needs the split sizes on the host (one sync per layer), so the EP
 path stays eager; ep_size == 1 has no sync and is what CUDA graphs capture.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class LocalDispatcher:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
         """x [N, H], ids/weights [N, k] -> [N, H]. On CUDA: fused_moe, no host sync (graph-safe)."""
-        return experts.path(x).local_topk(experts, x, ids, weights)
+        return experts.path.local_topk(experts, x, ids, weights)
 
 
 class AllToAllDispatcher:
@@ -61,7 +61,7 @@ class AllToAllDispatcher:
         local_ids = sorted_ids - dest * self.experts_per_rank  # [P] id within the owning rank
         recv_ids = self._exchange(local_ids.new_empty(num_recv), local_ids, recv_splits, send_splits)  # [R]
 
-        expert_out = experts.path(recv_x).rows(experts, recv_x, recv_ids)  # [R, H]
+        expert_out = experts.path.rows(experts, recv_x, recv_ids)  # [R, H]
         back = self._exchange(x.new_empty(n * k, hidden), expert_out, send_splits, recv_splits)  # [P, H] sorted order
         pair_out = torch.empty_like(back)
         pair_out[order] = back  # [P, H] in (token, slot) order

@@ -1,13 +1,19 @@
 """The routed experts one EP rank owns, stored fused: gate_up_proj [E_local, 2I, H] (gate rows
 first, then up: transformers' in-memory layout) and down_proj [E_local, H, I].
 
-Two ways to run them, picked per call by the activations' device (EXPERT_PATHS, keyed like
-the kernel front door: "torch" on CPU, "triton" on CUDA, EPSERVE_KERNEL_BACKEND overrides):
-  torch   `LocalExperts.forward`: rows grouped by expert, one pair of matmuls per expert
-          that has rows (one host sync for the group sizes). The CPU path and the oracle.
-  triton  server/moe/kernels: fused_moe straight from the router's top-k slots (ep = 1, no
-          host sync, CUDA-graph safe) and grouped_expert_mlp on dispatched rows (EP).
-Dispatchers (dispatch.py) call `experts.path(x).local_topk(...)` / `.rows(...)`.
+How they run is chosen once, when the model is built (EXPERT_PATHS, by the model's
+KernelBackend: "torch" on CPU, "triton" on CUDA, EPSERVE_KERNEL_BACKEND / EPSERVE_EXPERT_PATH
+override), and kept as `experts.path`:
+  torch           `LocalExperts.forward`: rows grouped by expert, one pair of matmuls per expert
+                  that has rows (one host sync for the group sizes). The CPU path and the oracle.
+  triton          server/moe/kernels: fused_moe straight from the router's top-k slots (ep = 1,
+                  no host sync, CUDA-graph safe); on dispatched rows (EP) an argsort groups them
+                  by expert for grouped_expert_mlp, then the output is scattered back.
+  grouped_mm      the same two calls through torch._grouped_mm.
+  triton_unsorted as triton, but dispatched rows go through expert_mlp_rows in the order they
+                  arrive: no argsort and no two row copies. Not the default until a GPU
+                  measurement of the EP step says it is faster (EPSERVE_EXPERT_PATH=triton_unsorted).
+Dispatchers (dispatch.py) call `experts.path.local_topk(experts, ...)` / `.rows(experts, ...)`.
 """
 from __future__ import annotations
 
@@ -15,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.availability import resolve_backend
+from ..kernels.backend import KernelBackend
 from ..layers.activation import activation
 from ..registry import Registry
-from .kernels import ops
+from .kernels import ops  # noqa: F401  (registers the MoE kernel ops)
 
 
 def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -30,13 +36,15 @@ def combine(pair_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -
 
 class LocalExperts(nn.Module):
     def __init__(self, num_local: int, hidden: int, intermediate: int, act: str, first_expert: int = 0,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, kernels: KernelBackend | None = None) -> None:
         super().__init__()
         self.num_local, self.hidden, self.intermediate = num_local, hidden, intermediate
         self.first_expert = first_expert  # global id of local expert 0
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden, dtype=dtype, device=device))
         self.down_proj = nn.Parameter(torch.empty(num_local, hidden, intermediate, dtype=dtype, device=device))
         self.act = activation(act)
+        #: how these experts run (kernels: the model's choice; None: by `device`)
+        self.path = expert_path(kernels or KernelBackend.for_device(device))
 
     @property
     def num_bytes(self) -> int:
@@ -62,15 +70,12 @@ class LocalExperts(nn.Module):
         result[order] = out
         return result
 
-    def path(self, x: torch.Tensor) -> "TorchExpertPath | KernelExpertPath":
-        """How to run these experts on activations `x` (by device; see EXPERT_PATHS)."""
-        return EXPERT_PATHS[resolve_backend("auto", x)]
-
 
 class TorchExpertPath:
     """Plain torch (CPU, baselines): LocalExperts.forward on gathered rows, float32 combine."""
 
-    name = "torch"
+    def __init__(self, kernels: KernelBackend) -> None:
+        self.name = "torch"
 
     def local_topk(self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], ids [N, k] global expert ids (all on this rank), weights [N, k] -> [N, H]."""
@@ -87,12 +92,14 @@ class TorchExpertPath:
 class KernelExpertPath:
     """The fused Triton kernels (or torch._grouped_mm with backend "grouped_mm")."""
 
-    def __init__(self, backend: str) -> None:
-        self.name = backend
+    def __init__(self, kernels: KernelBackend) -> None:
+        self.name = kernels.name
+        self.fused_moe = kernels.op("fused_moe")
+        self.grouped_expert_mlp = kernels.op("grouped_expert_mlp")
 
     def local_topk(self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         local = ids if experts.first_expert == 0 else ids - experts.first_expert  # [N, k]
-        return ops.fused_moe(x, experts.gate_up_proj, experts.down_proj, local, weights, backend=self.name)  # [N, H]
+        return self.fused_moe(x, experts.gate_up_proj, experts.down_proj, local, weights)  # [N, H]
 
     def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -102,15 +109,36 @@ class KernelExpertPath:
         counts = torch.zeros(experts.num_local, dtype=torch.int64, device=x.device)
         counts.index_add_(0, ids, torch.ones_like(ids))  # [E_local]; bincount would sync on CUDA
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_local + 1]
-        out_sorted = ops.grouped_expert_mlp(x[order], offsets, experts.gate_up_proj, experts.down_proj,
-                                            backend=self.name)  # [R, H]
+        out_sorted = self.grouped_expert_mlp(x[order], offsets, experts.gate_up_proj, experts.down_proj)  # [R, H]
         out = torch.empty_like(x)
         out[order] = out_sorted
         return out
 
 
-#: kernel backend name (server/kernels/availability.resolve_backend) -> how experts run
-EXPERT_PATHS: Registry[TorchExpertPath | KernelExpertPath] = Registry("expert path")
-EXPERT_PATHS.register("torch", TorchExpertPath())
-EXPERT_PATHS.register("triton", KernelExpertPath("triton"))
-EXPERT_PATHS.register("grouped_mm", KernelExpertPath("grouped_mm"))
+class UnsortedRowsExpertPath(KernelExpertPath):
+    """KernelExpertPath whose EP rows skip the argsort and both row copies (expert_mlp_rows)."""
+
+    def __init__(self, kernels: KernelBackend) -> None:
+        super().__init__(kernels)
+        self.name = "triton_unsorted"
+        self.expert_mlp_rows = kernels.op("expert_mlp_rows")
+
+    def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return torch.empty_like(x)
+        return self.expert_mlp_rows(x, local_ids, experts.gate_up_proj, experts.down_proj)  # [R, H]
+
+
+ExpertPath = TorchExpertPath | KernelExpertPath
+
+#: expert path name (KernelBackend.expert_path) -> class built with the model's KernelBackend
+EXPERT_PATHS: Registry[type] = Registry("expert path")
+EXPERT_PATHS.register("torch", TorchExpertPath)
+EXPERT_PATHS.register("triton", KernelExpertPath)
+EXPERT_PATHS.register("grouped_mm", KernelExpertPath)
+EXPERT_PATHS.register("triton_unsorted", UnsortedRowsExpertPath)
+
+
+def expert_path(kernels: KernelBackend) -> ExpertPath:
+    """How experts run under `kernels` (its expert_path name, by default its backend's)."""
+    return EXPERT_PATHS[kernels.expert_path](kernels)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.backend import KernelBackend
 from ..layers.mlp import GatedMLP
 from .experts import LocalExperts
 from .load_stats import ExpertLoadCounters
@@ -54,6 +55,7 @@ class MoELayer(nn.Module):
         shared_intermediate: int = 0,
         dtype=None,
         device=None,
+        kernels: KernelBackend | None = None,
     ) -> None:
         super().__init__()
         self.moe_index, self.num_experts, self.top_k = moe_index, num_experts, top_k
@@ -63,7 +65,8 @@ class MoELayer(nn.Module):
         per_rank = (runtime.num_slots or num_experts) // runtime.ep_size
         kw = dict(dtype=dtype, device=device)
         self.gate = nn.Linear(hidden, num_experts, bias=False, **kw)  # router: [E, H]
-        self.experts = LocalExperts(per_rank, hidden, intermediate, act, first_expert=runtime.ep_rank * per_rank, **kw)
+        self.experts = LocalExperts(per_rank, hidden, intermediate, act, first_expert=runtime.ep_rank * per_rank,
+                                    kernels=kernels, **kw)
         if shared_intermediate:
             self.shared_expert = GatedMLP(hidden, shared_intermediate, act, **kw)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False, **kw)

@@ -93,7 +93,7 @@ def test_the_six_registries_are_registries() -> None:
     assert issubclass(UnknownBackendError, ValueError)
     with pytest.raises(UnknownNameError, match="unknown router rule 'sigmoid'; known router rules: softmax_topk"):
         ROUTER_RULES["sigmoid"]
-    with pytest.raises(UnknownNameError, match="known expert paths: grouped_mm, torch, triton"):
+    with pytest.raises(UnknownNameError, match="known expert paths: grouped_mm, torch, triton, triton_unsorted$"):
         EXPERT_PATHS["cutlass"]
     with pytest.raises(UnknownNameError, match="known attention backends: torch, triton"):
         ATTENTION_BACKENDS["flash"]

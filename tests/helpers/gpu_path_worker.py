@@ -4,8 +4,8 @@ path. Used by tests/kernels/test_gpu_path_interpreter.py:
 
     python -m tests.helpers.gpu_path_worker <case> '<json params>'   -> last stdout line: JSON
 
-EPSERVE_KERNEL_BACKEND=triton makes CPU tensors take the kernel path (resolve_backend honours
-it); the interpreter must be on before triton is imported, hence the subprocess.
+EPSERVE_KERNEL_BACKEND=triton makes a model built on CPU take the kernel path (read when the model
+is built); the interpreter must be on before triton is imported, hence the subprocess.
 """
 from __future__ import annotations
 
@@ -69,10 +69,8 @@ def paths_agree(policy: str = "natural", decode_steps: int = 3) -> dict:
 
 
 def _metadata_probe(model, driver):
-    from server.layers.attention import build_attention_metadata
-
     batch = driver.build_batch([(99, [1, 2])])
-    return build_attention_metadata(batch, driver.block_size, model.spec.head_dim, model.dtype)
+    return model.attention_backend.build(batch, driver.block_size)
 
 
 def graph_runner_static(policy: str = "round_robin_balanced", num_seqs: int = 3, token_offset: int = 5) -> dict:

@@ -38,8 +38,6 @@ from typing import Callable
 
 import torch
 
-from ...layers.attention import attention_backend
-from ...layers.attention_triton import KernelAttentionMetadata
 from ..forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -68,8 +66,8 @@ def check_graphable(model, block_size: int) -> None:
         raise GraphsUnsupported(f"routing policy {model.runtime.policy.name!r} works host-side (not graph-safe)")
     if any(spec.sliding_windows):
         raise GraphsUnsupported("sliding-window attention has no kernel path (torch fallback needs host lists)")
-    probe = ForwardBatch.empty(model.device)
-    if attention_backend(probe, spec.head_dim, block_size, model.dtype) is not KernelAttentionMetadata:
+    backend = model.attention_backend  # chosen when the model was built
+    if backend.name != "triton" or not backend.supports(spec.head_dim, block_size, model.dtype):
         raise GraphsUnsupported(f"attention on {model.device} does not use the Triton kernels "
                                 f"(head_dim={spec.head_dim}, block_size={block_size}, dtype={model.dtype})")
 
@@ -139,7 +137,8 @@ class DecodeGraphRunner:
 
     # ---- capture ----
     def _step_fn(self, b: int) -> Callable[[], torch.Tensor]:
-        meta = KernelAttentionMetadata.for_decode(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
+        meta = self.model.attention_backend.for_decode(self.slot_mapping[:b], self.block_tables[:b],
+                                                       self.context_lens[:b])  # KernelAttentionMetadata
 
         pool, gather = self.inputs.pool, self.inputs.gather[:b]
 

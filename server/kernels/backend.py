@@ -1,0 +1,55 @@
+"""Which kernels a model runs: chosen once, when the model is built.
+
+The choice comes from the model's device, whether Triton imports, and two environment
+variables read at that moment (never per call):
+  EPSERVE_KERNEL_BACKEND  "torch": the torch twins on GPU too (baselines); "triton": the
+                          kernels, also on CPU under Triton's interpreter (tests); "grouped_mm":
+                          the MoE ops through torch._grouped_mm, every other op through its twin.
+                          Unset: "triton" on CUDA when Triton imports, else "torch".
+  EPSERVE_EXPERT_PATH     how routed experts run (server/moe/experts.py EXPERT_PATHS); unset:
+                          the path of the kernel backend's name.
+Modules keep the callables `op()` returns, so a forward step resolves nothing, reads no
+environment and imports nothing. An op without an implementation for the chosen backend
+(grouped_mm has only the MoE ops) runs its torch twin.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..registry import UnknownNameError
+from .availability import BACKEND_ENV, triton_available
+from .ops import KERNEL_OPS
+
+EXPERT_PATH_ENV = "EPSERVE_EXPERT_PATH"
+KERNEL_BACKENDS = ("torch", "triton", "grouped_mm")
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    name: str  # one of KERNEL_BACKENDS
+    expert_path: str = ""  # EXPERT_PATHS name; "": the one named like the backend
+
+    def __post_init__(self) -> None:
+        if self.name not in KERNEL_BACKENDS:
+            raise UnknownNameError("kernel backend", self.name, KERNEL_BACKENDS, scope=BACKEND_ENV)
+        if not self.expert_path:
+            object.__setattr__(self, "expert_path", self.name)
+
+    @classmethod
+    def for_device(cls, device: torch.device | str | None = None) -> "KernelBackend":
+        """The backend for a model on `device` (None: CPU), environment overrides applied."""
+        forced = os.environ.get(BACKEND_ENV, "").strip()
+        expert_path = os.environ.get(EXPERT_PATH_ENV, "").strip()
+        if forced:
+            return cls(forced, expert_path)
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return cls("triton" if on_cuda and triton_available() else "torch", expert_path)
+
+    def op(self, name: str) -> Callable:
+        """The implementation of kernel op `name` for this backend (its torch twin where it has none)."""
+        impls = KERNEL_OPS[name]
+        return impls[self.name if self.name in impls else "torch"]

@@ -15,11 +15,11 @@ from ..layers.attention import attention_backend_for
 from ..layers.layernorm import RMSNorm
 from ..layers.rotary_embedding import RotaryEmbedding
 from ..moe.dispatch import make_dispatcher
-from ..moe.layer import MoERuntime
 from ..moe.eplb.placement import ExpertPlacement
 from ..moe.eplb.replica_map import ReplicaMap
 from ..moe.load_stats import ExpertLoadCounters
 from ..moe.routing import RoutingPolicy
+from ..moe.runtime import MoERuntime
 from .decoder import DecoderLayer
 from .families import get_family
 from .forward_batch import ForwardBatch
@@ -66,8 +66,10 @@ class MoECausalLM(nn.Module):
         self.load_counters = ExpertLoadCounters(spec.num_moe_layers, spec.num_experts, ep_size, device=device,
                                                 num_slots=None if placement is None else num_slots)
         replicas = None if placement is None else ReplicaMap(placement, device)
-        self.runtime = MoERuntime(policy, self.load_counters, make_dispatcher(ep_rank, ep_size, num_slots, ep_group),
-                                  ep_rank, ep_size, replicas=replicas)
+        self.runtime = MoERuntime(policy=policy, counters=self.load_counters,
+                                  dispatcher=make_dispatcher(ep_rank, ep_size, num_slots, ep_group),
+                                  num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.top_k,
+                                  ep_rank=ep_rank, ep_size=ep_size, replicas=replicas)
         self.model = DecoderStack(spec, self.runtime, self.kernels, dtype=dtype, device="meta").to_empty(device=device)
         self.lm_head = None  # tied: the embedding matrix is the output projection
         if not spec.tie_word_embeddings:
@@ -136,15 +138,13 @@ class MoECausalLM(nn.Module):
         """The tensor-only part of `forward` (what a decode CUDA graph captures, gpu/cuda_graphs.py):
         input_ids/positions [T], attention metadata, logits_indices [S] -> [S, V] float32.
         `token_offset` may be a 0-d device tensor; `valid_rows` [T] bool marks real rows of a
-        padded batch, so padding stays out of the expert-load counters."""
-        self.runtime.valid_rows = valid_rows
-        try:
-            cos_sin = self.rope.cos_sin(positions, self.dtype)  # [T, D] x2
-            x = self.model.embed_tokens(input_ids)  # [T, H]
-            for layer, kv in zip(self.model.layers, kv_caches):
-                x = layer(x, cos_sin, kv, meta, token_offset)
-        finally:
-            self.runtime.valid_rows = None
+        padded batch, so padding stays out of the expert-load counters. Both travel to every MoE
+        layer in one MoEStepContext built here (server/moe/runtime.py)."""
+        moe_step = self.runtime.step(token_offset, valid_rows)
+        cos_sin = self.rope.cos_sin(positions, self.dtype)  # [T, D] x2
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos_sin, kv, meta, moe_step)
         last = self.model.norm(x[logits_indices])  # [S, H]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(last, head).float()  # [S, V]

@@ -8,7 +8,8 @@ from ..kernels.backend import KernelBackend
 from ..layers.attention import PagedAttentionMetadata
 from ..layers.layernorm import RMSNorm
 from ..layers.mlp import GatedMLP
-from ..moe.layer import MoELayer, MoERuntime
+from ..moe.layer import MoELayer
+from ..moe.runtime import MoERuntime, MoEStepContext
 from .families import MoEFamily
 from .self_attention import SelfAttention
 from .spec import ModelSpec
@@ -33,8 +34,9 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, **kw)
 
-    def forward(self, x: torch.Tensor, cos_sin, kv_cache, meta: PagedAttentionMetadata, token_offset) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin, kv_cache, meta: PagedAttentionMetadata,
+                moe_step: MoEStepContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)  # [T, H]
         h = self.post_attention_layernorm(x)
-        h = self.mlp(h, token_offset) if self.is_moe else self.mlp(h)
+        h = self.mlp(h, moe_step) if self.is_moe else self.mlp(h)
         return x + h

@@ -1,11 +1,9 @@
 """One MoE block: gate -> router top-k -> routing policy -> (EPLB replica choice) -> load
 counters -> dispatch -> local experts -> combine -> (shared expert). Policies choose logical
 experts; with EPLB (runtime.replicas) each pick then goes to one physical copy, and dispatch
-works on physical slots."""
+works on physical slots. What all layers share lives in runtime.py: the model's MoERuntime
+(held) and each forward's MoEStepContext (passed in)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -13,29 +11,8 @@ from torch import nn
 from ..kernels.backend import KernelBackend
 from ..layers.mlp import GatedMLP
 from .experts import LocalExperts
-from .load_stats import ExpertLoadCounters
 from .router import ROUTER_RULES
-from .routing import RoutingContext, RoutingPolicy
-
-
-@dataclass
-class MoERuntime:
-    """State every MoE layer of a model shares: swap the policy here and all layers follow."""
-
-    policy: RoutingPolicy
-    counters: ExpertLoadCounters
-    dispatcher: Any  # LocalDispatcher | AllToAllDispatcher (server/moe/dispatch.py)
-    ep_rank: int = 0
-    ep_size: int = 1
-    #: [N] bool, True for real rows, while a padded batch runs (CUDA-graph buckets): padding
-    #: rows are left out of the load counters. None: every row is real.
-    valid_rows: torch.Tensor | None = None
-    replicas: Any = None  # ReplicaMap (server/moe/eplb) when EPLB places experts; None: blocks of E/ep
-
-    @property
-    def num_slots(self) -> int | None:
-        """Physical expert slots per layer with EPLB (E + redundant), else None."""
-        return None if self.replicas is None else self.replicas.num_slots
+from .runtime import MoERuntime, MoEStepContext
 
 
 class MoELayer(nn.Module):
@@ -73,21 +50,20 @@ class MoELayer(nn.Module):
         else:
             self.shared_expert = None
 
-    def forward(self, x: torch.Tensor, token_offset: int | torch.Tensor = 0) -> torch.Tensor:
-        """x [N, H] -> [N, H]. `token_offset`: this rank's first global token index in the step."""
+    def forward(self, x: torch.Tensor, step: MoEStepContext) -> torch.Tensor:
+        """x [N, H] -> [N, H]; `step`: this forward's routing contexts and real rows."""
         rt = self.runtime
         router_logits = self.gate(x)  # [N, E]
         topk_weights, topk_ids = self.router(
             router_logits, self.top_k, renormalize=self.renormalize, float32_weights=self.float32_router_weights
         )  # [N, k] each
-        ctx = RoutingContext(layer=self.moe_index, num_experts=self.num_experts, top_k=self.top_k,
-                             ep_rank=rt.ep_rank, ep_size=rt.ep_size, token_offset=token_offset)
+        ctx = step.routing[self.moe_index]
         ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, router_logits, ctx)  # [N, k] each
         if rt.replicas is None:
-            rt.counters.record(self.moe_index, ids, valid=rt.valid_rows)
+            rt.counters.record(self.moe_index, ids, valid=step.valid_rows)
         else:
-            physical = rt.replicas(self.moe_index, ids, token_offset)  # [N, k] slots
-            rt.counters.record(self.moe_index, ids, valid=rt.valid_rows, physical_ids=physical)
+            physical = rt.replicas(self.moe_index, ids, ctx.token_offset)  # [N, k] slots
+            rt.counters.record(self.moe_index, ids, valid=step.valid_rows, physical_ids=physical)
             ids = physical
         out = rt.dispatcher(x, ids, weights, self.experts)  # [N, H]
         if self.shared_expert is not None:

@@ -107,7 +107,7 @@ class StepInputs:
     def host(self) -> dict[str, np.ndarray]:
         """The numpy views to fill for the next step (waits, rarely, for that buffer's last copy)."""
         event = self._copied[self._turn]
-        if event is not None:
+        if event is not None and not event.query():
             event.synchronize()
         return self._host_np[self._turn]
 

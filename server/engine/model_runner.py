@@ -65,15 +65,20 @@ class ModelRunner:
         # None keeps decode eager.
         self.decode_graphs = None
         if max_num_seqs and self.device.type == "cuda":
-            from ..model.gpu.cuda_graphs import GraphInputs, maybe_decode_graphs
+            from ..model.gpu.cuda_graphs import maybe_decode_graphs
 
-            d, n = self.inputs.dev, self.max_seqs
-            views = GraphInputs(pool=self.inputs.pool, gather=d["gather"][:n], positions=d["positions"][:n],
-                                slot_mapping=d["slot_mapping"][:n], block_tables=d["block_tables"],
-                                context_lens=d["context_lens"], valid_rows=d["valid_rows"],
-                                token_offset=d["token_offset"][0], logits_indices=d["logits_indices"])
-            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=n, max_blocks_per_seq=self.width,
-                                                     inputs=views)
+            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
+                                                     max_blocks_per_seq=self.width, inputs=self.graph_inputs())
+
+    def graph_inputs(self):
+        """The step buffers' device views, as the decode graphs read them (cuda_graphs.GraphInputs)."""
+        from ..model.gpu.cuda_graphs import GraphInputs
+
+        d, n = self.inputs.dev, self.max_seqs
+        return GraphInputs(pool=self.inputs.pool, gather=d["gather"][:n], positions=d["positions"][:n],
+                           slot_mapping=d["slot_mapping"][:n], block_tables=d["block_tables"],
+                           context_lens=d["context_lens"], valid_rows=d["valid_rows"],
+                           token_offset=d["token_offset"][0], logits_indices=d["logits_indices"])
 
     def bind_thread(self) -> None:
         """Make this rank's GPU current for the calling thread (the engine's step loop)."""

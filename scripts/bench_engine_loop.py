@@ -12,9 +12,11 @@ until every request has finished. Timers wrap the loop's phases:
   wait     the stepping thread waiting for a step it launched (the device, or the step thread)
   apply    scheduler.update, token-level stops and the step's StepOutputs
 
-"decode/step" is the time per step after the prefill step; "host/step" is that step time minus
-the forward (on CPU the forward is host work too; with overlap it runs on the step thread
-beside plan and apply, so plan + stage + sample + apply may exceed the step).
+Phases are CPU time of the thread that ran them (wait: wall time), per forward step, summed
+over the repeats; "host/step" = plan + stage + sample + apply, the loop's own work. On CUDA
+`sample` is the host time of its launches; on CPU it is the sampler's arithmetic.
+"decode/step" is wall time per step after the prefill step, in the fastest repeat. On CPU the
+forward is host work too: with overlap it runs on the step thread beside plan and apply.
 
   python scripts/bench_engine_loop.py --batch 16 128 256                       # CPU, tiny model
   python scripts/bench_engine_loop.py --model qwen3_30b_a3b --batch 16 128 256  # one GPU
@@ -37,6 +39,7 @@ from server.engine.launcher import build_engine_core
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("plan", "stage", "forward", "sample", "wait", "apply")
+HAS_OVERLAP = "overlap" in {f.name for f in __import__("dataclasses").fields(__import__("server.config").config.EngineConfig)}
 
 
 def model_section(name: str, layers: int | None, dtype: str | None) -> dict:
@@ -53,16 +56,21 @@ def model_section(name: str, layers: int | None, dtype: str | None) -> dict:
 
 
 class PhaseTimer:
+    """CPU seconds of the calling thread per phase (robust on a shared machine); `wait` is wall
+    time (a thread blocked on a future uses no CPU)."""
+
     def __init__(self) -> None:
         self.seconds: collections.Counter = collections.Counter()
 
     def wrap(self, name: str, fn):
+        clock = time.perf_counter if name == "wait" else time.thread_time
+
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - t0
+                self.seconds[name] += clock() - t0
         return timed
 
 
@@ -70,12 +78,17 @@ def instrument(core, timer: PhaseTimer) -> None:
     runner = core.executor.runner
     core.scheduler.plan = timer.wrap("plan", core.scheduler.plan)
     core._apply = timer.wrap("apply", core._apply)
-    runner._stage = timer.wrap("stage", runner._stage)
+    if hasattr(runner, "_stage"):
+        runner._stage = timer.wrap("stage", runner._stage)
+    else:  # a revision before the step buffers (for a before/after comparison)
+        model_runner.build_forward_batch = timer.wrap("stage", model_runner.build_forward_batch)
     runner.model.forward = timer.wrap("forward", runner.model.forward)
     if runner.decode_graphs is not None:
         runner.decode_graphs.replay = timer.wrap("forward", runner.decode_graphs.replay)
     model_runner.sample = timer.wrap("sample", model_runner.sample)
-    submit = core.executor.submit
+    submit = getattr(core.executor, "submit", None)
+    if submit is None:
+        return
 
     def timed_submit(plan):
         future = submit(plan)
@@ -114,20 +127,27 @@ def measure(args, batch: int, overlap: bool) -> dict:
         "model": model_section(args.model, args.layers, args.dtype),
         "engine": {"max_num_seqs": batch, "kv_block_size": 16, "max_queue": max(256, batch),
                    "kv_cache_tokens": batch * (args.prompt_len + args.new_tokens + 32),
-                   "max_num_batched_tokens": max(4096, batch * args.prompt_len), "overlap": overlap}})
+                   "max_num_batched_tokens": max(4096, batch * args.prompt_len),
+                   **({"overlap": overlap} if HAS_OVERLAP else {})}})
     core = build_engine_core(app)
     try:
         vocab = core.spec.vocab_size
         run_once(core, requests(batch, args.prompt_len, args.new_tokens, vocab, 0))  # warm-up
         timer = PhaseTimer()
         instrument(core, timer)
-        tokens, steps, wall, decode_s = run_once(core, requests(batch, args.prompt_len, args.new_tokens, vocab, batch))
+        runs, steps = [], 0
+        for rep in range(args.repeats):
+            tokens, n, wall, decode_s = run_once(core, requests(batch, args.prompt_len, args.new_tokens, vocab,
+                                                                (rep + 1) * batch))
+            assert all(len(t) == args.new_tokens for t in tokens.values()), "a request ended early"
+            runs.append((decode_s, wall))
+            steps += n
     finally:
         core.shutdown()
-    assert all(len(t) == args.new_tokens for t in tokens.values()), "a request ended early"
+    decode_s, wall = min(runs)  # the least disturbed repeat (a shared machine)
     per = {k: timer.seconds[k] / steps * 1e3 for k in PHASES}
     return {"batch": batch, "overlap": overlap, "steps": steps, "decode_ms_per_step": decode_s * 1e3,
-            "host_ms_per_step": decode_s * 1e3 - per["forward"], "phase_ms_per_step": per,
+            "host_ms_per_step": sum(per[k] for k in ("plan", "stage", "sample", "apply")), "phase_ms_per_step": per,
             "tok_s": batch * args.new_tokens / wall, "tokens": [tokens[k] for k in sorted(tokens)]}
 
 
@@ -140,21 +160,24 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (after one warm-up)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     print(f"{'B':>4} {'overlap':>7} {'decode/step':>11} {'host/step':>9} " + " ".join(f"{p:>7}" for p in PHASES)
-          + f" {'tok/s':>8}  (ms per step; tok/s end to end)")
+          + f" {'tok/s':>8}  (ms per step; tok/s of the fastest repeat)")
     for batch in args.batch:
         pair = {}
-        for overlap in (False, True):
+        for overlap in (False, True) if HAS_OVERLAP else (False,):
             r = measure(args, batch, overlap)
             pair[overlap] = r
             rows.append({k: v for k, v in r.items() if k != "tokens"})
             print(f"{batch:>4} {str(overlap):>7} {r['decode_ms_per_step']:11.3f} {r['host_ms_per_step']:9.3f} "
                   + " ".join(f"{r['phase_ms_per_step'][p]:7.3f}" for p in PHASES) + f" {r['tok_s']:8.0f}", flush=True)
+        if not HAS_OVERLAP:
+            continue
         same = pair[False]["tokens"] == pair[True]["tokens"]
         print(f"{batch:>4} overlap/off decode-step ratio {pair[True]['decode_ms_per_step'] / pair[False]['decode_ms_per_step']:.3f}; "
               f"same tokens: {same}", flush=True)

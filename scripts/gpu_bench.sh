@@ -11,6 +11,8 @@
 #             O=64: natural, greedy_balanced, round_robin_balanced, with transformers measured
 #             once in the same process
 #   policies  scripts/bench_policies.py --device cuda: one routing-policy call, E=256, k=8
+#   engine    scripts/bench_engine_loop.py: EngineCore's decode step at B=16, 128, 256 (L=64, O=64),
+#             engine.overlap false and true in the same process, with the host time per phase
 #   ep        at each EP size (>= 3: one hot rank at 2.5x the mean needs 3 ranks): natural,
 #             skewed hot_ranks 1.5 and 2.5, greedy_balanced, round_robin_balanced, then
 #             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)
@@ -91,6 +93,9 @@ for what in "$@"; do
       "$PY" -m server.bench.report "$DIR/bench_1gpu" ;;
     policies)
       logged policies.log "$PY" scripts/bench_policies.py --device cuda --out "$DIR/policies.json" ;;
+    engine)
+      logged engine_loop.log "$PY" scripts/bench_engine_loop.py --model "$MODEL" --batch 16 128 256 \
+          --prompt-len 64 --new-tokens 64 --json "$DIR/engine_loop.json" ;;
     ep)
       for ep in $(ep_sizes); do
         common=("parallel=ep$ep" bench.hf_baseline=false)
@@ -114,6 +119,6 @@ for what in "$@"; do
       done
       "$PY" -m server.bench.report "$DIR/bench_eplb" ;;
     *)
-      echo "unknown WHAT: $what (tests, 1gpu, policies, ep, eplb)" >&2; exit 2 ;;
+      echo "unknown WHAT: $what (tests, 1gpu, policies, engine, ep, eplb)" >&2; exit 2 ;;
   esac
 done

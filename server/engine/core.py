@@ -33,12 +33,12 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable
 
-from .api import EngineStats, ModelInfo
+from .api import EngineStats, FinishReason, ModelInfo
 from .core_types import EngineRequest, StepOutputs
 from .executor import Executor
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .stops import token_stop_reason
+from .stops import stop_token_set
 
 
 class EngineCore:
@@ -79,7 +79,9 @@ class EngineCore:
         with self._lock:
             if req.req_id in self.scheduler.seqs:
                 raise ValueError(f"request id {req.req_id} is already in the engine")
-            self.scheduler.add(Sequence.create(req.req_id, req, seed, max_total, time.monotonic()))
+            seq = Sequence.create(req.req_id, req, seed, max_total, time.monotonic())
+            seq.stop_ids = stop_token_set(req.stops, self._eos)
+            self.scheduler.add(seq)
 
     def abort(self, req_ids: Iterable[int]) -> None:
         """Drop these requests now (unknown or finished ids are ignored): their KV blocks are
@@ -140,16 +142,21 @@ class EngineCore:
         with self._lock:
             if plan.ranks[0].run_forward:
                 self._forward_steps += 1
+            req_ids, token_ids, logprobs, finished = out.req_ids, out.token_ids, out.logprobs, out.finished
             for seq, token, logprob in self.scheduler.update(plan, results):
                 if seq.first_token_time is None:
                     seq.first_token_time = now
-                out.req_ids.append(seq.seq_id)
-                out.token_ids.append([token])
-                out.logprobs.append([logprob] if seq.request.logprobs else None)
-                reason = token_stop_reason(seq, token, self._eos)
-                if reason is not None:
-                    out.finished[seq.seq_id] = reason
-                    self.scheduler.finish(seq)
+                req_ids.append(seq.seq_id)
+                token_ids.append([token])
+                logprobs.append([logprob] if logprob is not None else None)
+                # token-level stops (stops.token_stop_reason, with the sequence's stop set made once)
+                if token in seq.stop_ids:
+                    finished[seq.seq_id] = FinishReason.STOP
+                elif len(seq.token_ids) >= seq.max_total_len:
+                    finished[seq.seq_id] = FinishReason.LENGTH
+                else:
+                    continue
+                self.scheduler.finish(seq)
             out.forward_steps = self._forward_steps
         return out
 

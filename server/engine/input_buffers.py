@@ -32,6 +32,7 @@ _SECTIONS = (  # name, dtype, rows: "S" = Smax, "T" = Tmax, "S1" = Smax + 1, "1"
     ("slot_mapping", torch.int64, "T"),
     ("logits_indices", torch.int64, "S"),
     ("sample_slots", torch.int64, "S"),
+    ("hot_rows", torch.int64, "S"),  # sample rows that draw (temperature > 0), when some are greedy
     ("top_k", torch.int64, "S"),
     ("keys", torch.int64, "S"),
     ("token_offset", torch.int64, "1"),
@@ -107,7 +108,7 @@ class StepInputs:
     def host(self) -> dict[str, np.ndarray]:
         """The numpy views to fill for the next step (waits, rarely, for that buffer's last copy)."""
         event = self._copied[self._turn]
-        if event is not None:
+        if event is not None and not event.query():
             event.synchronize()
         return self._host_np[self._turn]
 

@@ -65,15 +65,20 @@ class ModelRunner:
         # None keeps decode eager.
         self.decode_graphs = None
         if max_num_seqs and self.device.type == "cuda":
-            from ..model.gpu.cuda_graphs import GraphInputs, maybe_decode_graphs
+            from ..model.gpu.cuda_graphs import maybe_decode_graphs
 
-            d, n = self.inputs.dev, self.max_seqs
-            views = GraphInputs(pool=self.inputs.pool, gather=d["gather"][:n], positions=d["positions"][:n],
-                                slot_mapping=d["slot_mapping"][:n], block_tables=d["block_tables"],
-                                context_lens=d["context_lens"], valid_rows=d["valid_rows"],
-                                token_offset=d["token_offset"][0], logits_indices=d["logits_indices"])
-            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=n, max_blocks_per_seq=self.width,
-                                                     inputs=views)
+            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
+                                                     max_blocks_per_seq=self.width, inputs=self.graph_inputs())
+
+    def graph_inputs(self):
+        """The step buffers' device views, as the decode graphs read them (cuda_graphs.GraphInputs)."""
+        from ..model.gpu.cuda_graphs import GraphInputs
+
+        d, n = self.inputs.dev, self.max_seqs
+        return GraphInputs(pool=self.inputs.pool, gather=d["gather"][:n], positions=d["positions"][:n],
+                           slot_mapping=d["slot_mapping"][:n], block_tables=d["block_tables"],
+                           context_lens=d["context_lens"], valid_rows=d["valid_rows"],
+                           token_offset=d["token_offset"][0], logits_indices=d["logits_indices"])
 
     def bind_thread(self) -> None:
         """Make this rank's GPU current for the calling thread (the engine's step loop)."""
@@ -113,17 +118,18 @@ class ModelRunner:
             logits = self.model.forward(staged.forward_batch(self.inputs), self.kv_caches)  # [R, V]
         if staged.num_samples == 0:
             return PendingStep(result)
-        d, r = self.inputs.dev, staged.num_samples
-        params = SamplingBatch(temperature=d["temperature"][:r], top_p=d["top_p"][:r], top_k=d["top_k"][:r],
-                               keys=d["keys"][:r], want_logprobs=staged.flags.want_logprobs,
-                               all_greedy=staged.flags.all_greedy, any_cut=staged.flags.any_cut)
+        d, r, n = self.inputs.dev, staged.num_samples, staged.num_hot
+        params = SamplingBatch(temperature=d["temperature"][:n], top_p=d["top_p"][:n], top_k=d["top_k"][:n],
+                               keys=d["keys"][:n], want_logprobs=staged.flags.want_logprobs,
+                               all_greedy=staged.flags.all_greedy, any_cut=staged.flags.any_cut,
+                               hot_rows=d["hot_rows"][:n] if n < r else None)
         tokens, logprobs = sample(logits, params)  # [R] int64, [R] float32 | None
         d["next_token"].index_copy_(0, d["sample_slots"][:r], tokens)  # the next decode step's inputs
         if self.device.type != "cuda":
             return PendingStep(result, tokens, logprobs)
         tokens_host = tokens.to("cpu", non_blocking=True)  # pinned: the copy does not block
         logprobs_host = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning (and holding a core)
         event.record()
         return PendingStep(result, tokens_host, logprobs_host, event)
 
@@ -168,9 +174,17 @@ class ModelRunner:
         flags = SamplingFlags.of(temp, top_p, top_k, self.slots.logprobs[sample_slots])
         h["logits_indices"][:r] = cu[1:][rows] - 1
         h["sample_slots"][:r] = sample_slots
-        h["temperature"][:r], h["top_p"][:r], h["top_k"][:r] = temp, top_p, top_k
+        num_hot = r
         if not flags.all_greedy:
-            h["keys"][:r] = sample_keys(self.slots.seed_keys[sample_slots], ctx[rows])  # keyed by (seed, position)
+            hot = temp > 0
+            num_hot = int(hot.sum())
+            pick = slice(None)
+            if num_hot < r:  # draw only the rows that sample: parameters of those, in order
+                pick = np.flatnonzero(hot)
+                h["hot_rows"][:num_hot] = pick
+            h["temperature"][:num_hot], h["top_p"][:num_hot], h["top_k"][:num_hot] = temp[pick], top_p[pick], top_k[pick]
+            keys = sample_keys(self.slots.seed_keys[sample_slots[pick]], ctx[rows[pick]])  # keyed by (seed, position)
+            h["keys"][:num_hot] = keys
         rows_up = s
         if bucket is not None:  # graph padding rows (cuda_graphs.py), then 0..bucket-1 as logits rows
             h["gather"][s:bucket] = 0
@@ -183,14 +197,15 @@ class ModelRunner:
             h["logits_indices"][:bucket] = np.arange(bucket)
             rows_up = bucket
         self.inputs.upload(rows_up)
-        return Staged(s, t, r, q, ctx, gathered, token_offset, flags)
+        return Staged(s, t, r, q, ctx, gathered, token_offset, flags, num_hot)
 
 
 class Staged:
     """What `_stage` put in the step buffers (sizes and the host-side lists attention needs)."""
 
-    def __init__(self, num_seqs, num_tokens, num_samples, query_lens, context_lens, gathered, token_offset, flags) -> None:
-        self.num_seqs, self.num_tokens, self.num_samples = num_seqs, num_tokens, num_samples
+    def __init__(self, num_seqs, num_tokens, num_samples, query_lens, context_lens, gathered, token_offset, flags,
+                 num_hot) -> None:
+        self.num_seqs, self.num_tokens, self.num_samples, self.num_hot = num_seqs, num_tokens, num_samples, num_hot
         self.query_lens, self.context_lens = query_lens, context_lens
         self.gathered, self.token_offset, self.flags = gathered, token_offset, flags
 

@@ -43,6 +43,22 @@ class RankBatchBuilder:
             seq.num_pending += 1
             self.sampling.append(seq)
 
+    def add_decode(self, seq: Sequence) -> None:
+        """add(seq, 1) for a decoding sequence (its one new token is its last: it samples)."""
+        start = seq.num_computed
+        self.slots.append(seq.slot)
+        self.query_lens.append(1)
+        self.start_pos.append(start)
+        if seq.num_pending:
+            self.from_device.append(True)
+        else:
+            self.from_device.append(False)
+            self.tokens.append(seq.token_ids[start])
+        self.samples.append(True)
+        seq.num_computed = start + 1
+        seq.num_pending += 1
+        self.sampling.append(seq)
+
     def fill(self, seq: Sequence) -> None:
         """`seq` takes its slot this step (admission): the slot's sampling parameters and an empty table."""
         self._fills.append(seq)

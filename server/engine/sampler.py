@@ -25,15 +25,20 @@ _SAMPLER_STREAM = 0x53414D50  # "SAMP": keeps these draws apart from the routing
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters for the rows of a logits tensor."""
+    """Per-row sampling parameters for the rows of a logits tensor.
 
-    temperature: torch.Tensor  # [S] float32, 0 = greedy
-    top_p: torch.Tensor  # [S] float32 in (0, 1]
-    top_k: torch.Tensor  # [S] int64, 0 = no cut
-    keys: torch.Tensor  # [S] int64: 32-bit hash of (seed, position)
+    With `hot_rows` (some rows greedy, some not), the four parameter tensors hold only the
+    rows that draw ([H], in hot_rows order): the hashing, cuts and Gumbel noise then cost H
+    rows of the vocabulary instead of S. Each row's draw is the same either way."""
+
+    temperature: torch.Tensor  # [S] (or [H]) float32, 0 = greedy
+    top_p: torch.Tensor  # [S] (or [H]) float32 in (0, 1]
+    top_k: torch.Tensor  # [S] (or [H]) int64, 0 = no cut
+    keys: torch.Tensor  # [S] (or [H]) int64: 32-bit hash of (seed, position)
     want_logprobs: bool
     all_greedy: bool  # host-side flags: decide the path without a device sync
     any_cut: bool  # some row has top-k or top-p
+    hot_rows: torch.Tensor | None = None  # [H] int64 rows with temperature > 0; None: the parameters cover every row
 
     @classmethod
     def from_specs(cls, specs: list[SampleSpec], positions: list[int], device: torch.device | str) -> "SamplingBatch":
@@ -113,17 +118,22 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [S, V] float32 -> (tokens [S] int64, logprobs [S] float32 or None)."""
     logits = logits.float()
-    greedy = batch.temperature <= 0  # [S]
     tokens = logits.argmax(dim=1)  # [S]
     if not batch.all_greedy:
-        temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)  # [S]
-        scaled = logits / temp[:, None]  # [S, V]
+        rows = batch.hot_rows
+        hot = logits if rows is None else logits.index_select(0, rows)  # [S or H, V]
+        greedy = batch.temperature <= 0
+        temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
+        scaled = hot / temp[:, None]
         if batch.any_cut:
             scaled = top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
-        u = hashed_uniform(batch.keys, logits.shape[1])  # [S, V]
-        gumbel = -torch.log(-torch.log(u))  # [S, V]
-        drawn = (scaled + gumbel).argmax(dim=1)  # [S]
-        tokens = torch.where(greedy, tokens, drawn)
+        u = hashed_uniform(batch.keys, logits.shape[1])
+        gumbel = -torch.log(-torch.log(u))
+        drawn = (scaled + gumbel).argmax(dim=1)
+        if rows is None:
+            tokens = torch.where(greedy, tokens, drawn)
+        else:
+            tokens.index_copy_(0, rows, drawn)
     logprobs = None
     if batch.want_logprobs:
         logprobs = logits.log_softmax(dim=1).gather(1, tokens[:, None])[:, 0]  # [S]

@@ -108,18 +108,21 @@ class Scheduler:
         self._builders = builders = [RankBatchBuilder() for _ in range(self.num_ranks)]
         budget = [self.max_num_batched_tokens] * self.num_ranks
         preempted = False
+        bs = self.block_size
         for r in range(self.num_ranks):
             b, running = builders[r], self.running[r]
             i = 0
-            while i < len(running):
+            while i < len(running):  # the hot loop: plain attribute reads, no properties
                 seq = running[i]
-                if seq.last_token_in_flight:
-                    pass  # finishes when that step's results arrive
-                elif seq.is_decoding:
-                    if not self._ensure_blocks(seq, seq.total_len):
+                pending = seq.num_pending
+                total = len(seq.token_ids) + pending
+                if pending and total >= seq.max_total_len:
+                    pass  # its last token is in flight: it finishes when that step's results arrive
+                elif total - seq.num_computed == 1:  # decoding
+                    if total > len(seq.block_table) * bs and not self._ensure_blocks(seq, total):
                         preempted = True  # `seq` itself went back to the queue
                         continue
-                    b.add(seq, 1)
+                    b.add_decode(seq)
                 elif budget[r] > 0:
                     n = min(seq.num_uncomputed, budget[r])
                     budget[r] -= n

@@ -40,6 +40,7 @@ class Sequence:
     admit_order: int = -1  # increasing per admission; preemption picks the newest
     num_preemptions: int = 0
     first_token_time: float | None = None
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it with STOP (stops.stop_token_set), set by the core
 
     @classmethod
     def create(cls, seq_id: int, request: GenerationRequest, seed: int, max_total_len: int, now: float) -> "Sequence":

@@ -54,7 +54,8 @@ class SlotFill:
 
     @classmethod
     def empty(cls) -> "SlotFill":
-        return cls(_i32([]), np.zeros(0, np.float32), np.zeros(0, np.float32), _i32([]), _i64([]), np.zeros(0, bool))
+        """The shared empty update (never mutated: most steps admit nothing)."""
+        return _NO_FILLS
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -70,10 +71,15 @@ class BlockAppends:
 
     @classmethod
     def empty(cls) -> "BlockAppends":
-        return cls(_i32([]), _i32([]), _i32([]))
+        """The shared empty update (never mutated)."""
+        return _NO_APPENDS
 
     def __len__(self) -> int:
         return len(self.slots)
+
+
+_NO_FILLS = SlotFill(_i32([]), np.zeros(0, np.float32), np.zeros(0, np.float32), _i32([]), _i64([]), np.zeros(0, bool))
+_NO_APPENDS = BlockAppends(_i32([]), _i32([]), _i32([]))
 
 
 @dataclass(frozen=True)

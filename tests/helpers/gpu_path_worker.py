@@ -111,7 +111,53 @@ def graph_runner_static(policy: str = "round_robin_balanced", num_seqs: int = 3,
             "kv_same": kv_same, "tokens": direct_load.tokens}
 
 
-CASES = {"paths_agree": paths_agree, "graph_runner_static": graph_runner_static}
+def engine_graph_replay(policy: str = "round_robin_balanced") -> dict:
+    """The engine's ModelRunner with decode graphs (capture off) over its own step buffers vs
+    without: overlapped steps (plan n+1 before applying n), 3 sequences of different lengths
+    (padded to the 4-bucket, then 2, then 1), greedy and seeded sampling: same tokens."""
+    from server.engine.api import GenerationRequest, SamplingParams, StopParams
+    from server.engine.model_runner import ModelRunner
+    from server.engine.scheduler import Scheduler
+    from server.engine.sequence import Sequence
+    from server.model.gpu.cuda_graphs import DecodeGraphRunner
+
+    prompts = _prompts()
+
+    def generate(graphs: bool):
+        model = _model(policy)
+        runner = ModelRunner(model, rank=0, num_blocks=32, block_size=16, device="cpu", max_num_seqs=4,
+                             max_model_len=128, max_num_batched_tokens=64)
+        replays = [0]
+        if graphs:
+            runner.decode_graphs = DecodeGraphRunner(model, runner.kv_caches, max_batch=4, max_blocks_per_seq=runner.width,
+                                                     buckets=(1, 2, 4), capture=False, inputs=runner.graph_inputs())
+            replay = runner.decode_graphs.replay
+            runner.decode_graphs.replay = lambda s: (replays.__setitem__(0, replays[0] + 1), replay(s))[1]
+        sch = Scheduler(num_ranks=1, num_blocks=32, block_size=16, max_num_seqs=4, max_num_batched_tokens=64, max_queue=8)
+        seqs = []
+        for (sid, prompt), new, temp in zip(prompts, (3, 5, 7), (0.0, 0.8, 0.0)):
+            req = GenerationRequest(f"r{sid}", tuple(prompt), SamplingParams(temperature=temp, seed=sid),
+                                    StopParams(max_new_tokens=new))
+            seqs.append(Sequence.create(sid, req, seed=sid, max_total_len=len(prompt) + new, now=0.0))
+            sch.add(seqs[-1])
+        inflight = []
+        while sch.has_work() or inflight:
+            plan = sch.plan()
+            if plan.ranks[0].run_forward:
+                inflight.append((plan, runner.launch(plan.ranks[0])))
+            while len(inflight) > (1 if plan.ranks[0].run_forward else 0):
+                done, pending = inflight.pop(0)
+                for seq, _, _ in sch.update(done, [pending.result()]):
+                    if len(seq) >= seq.max_total_len:
+                        sch.finish(seq)
+        return [s.token_ids[s.num_prompt_tokens:] for s in seqs], replays[0]
+
+    eager, _ = generate(False)
+    graphed, replays = generate(True)
+    return {"ok": eager == graphed and replays > 0, "eager": eager, "graphs": graphed, "replays": replays}
+
+
+CASES = {"paths_agree": paths_agree, "graph_runner_static": graph_runner_static, "engine_graph_replay": engine_graph_replay}
 
 if __name__ == "__main__":
     _setup()

@@ -42,6 +42,15 @@ def test_graph_runner_padding_is_invisible(policy):
     assert result["tokens"] == [3] * len(result["tokens"])
 
 
+def test_engine_step_buffers_feed_the_graph_runner():
+    """The engine's runner fills its own step buffers (padding rows included) and replays decode
+    graphs over them, decode inputs gathered from the slots' last sampled tokens on the device:
+    the same tokens as the eager path, bucket after bucket as sequences finish."""
+    result = _run("engine_graph_replay")
+    assert result["ok"], result
+    assert [len(t) for t in result["graphs"]] == [3, 5, 7]
+
+
 def test_graphs_refuse_what_they_cannot_capture():
     """Buckets cover every batch size; ep_size > 1 and non-kernel attention say why they stay eager."""
     from server.config import ModelConfig

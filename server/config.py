@@ -166,6 +166,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     stream_interval: int = 1  # tokens per stream message (the first and the last go out at once)
+    engine_process: bool = True  # run the engine core in its own process (false: a thread of this one)
 
     def validate(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, f"server.port must be in [0, 65535], got {self.port!r}")

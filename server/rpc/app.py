@@ -16,7 +16,7 @@ import signal
 import time
 from contextlib import aclosing
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health as health_v1
@@ -34,7 +34,7 @@ from .state import SERVICE_NAME, Phase, ServingState
 
 log = logging.getLogger("epserve.server")
 EXIT_OK, EXIT_ENGINE_FAILED = 0, 1
-EngineFactory = Callable[[AppConfig], Engine]
+EngineFactory = Callable[[AppConfig], "Engine | Awaitable[Engine]"]  # sync ones run in a worker thread
 
 
 def _read(path: str, key: str) -> bytes:
@@ -119,6 +119,8 @@ class Server:
             await self._shut_down()
         except BaseException:
             await self.grpc.stop(None)
+            if self.engine is not None:  # e.g. the warm-up failed: stop the engine's processes too
+                await asyncio.to_thread(self.engine.shutdown)
             raise
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +129,10 @@ class Server:
 
     async def _load_engine(self) -> bool:
         """Start the engine off the event loop (health stays answerable); False if stopped first."""
-        load = asyncio.ensure_future(asyncio.to_thread(self._start_engine, self.app))
+        if asyncio.iscoroutinefunction(self._start_engine):
+            load = asyncio.ensure_future(self._start_engine(self.app))
+        else:
+            load = asyncio.ensure_future(asyncio.to_thread(self._start_engine, self.app))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()

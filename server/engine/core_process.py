@@ -215,4 +215,13 @@ def core_process_main(app_dict: dict, sockets: dict, parent_pid: int, log_level:
     in_sock.close(linger=0)  # its thread returned at SHUTDOWN
     out_sock.close(linger=2000)  # frames still queued go out first
     ctx.term()
-    sys.exit(code)  # a normal exit: multiprocessing finalizers run (routing=record closes its trace)
+    # Finalizers registered with multiprocessing (routing=record closes its trace) run as at any
+    # worker's exit; then leave without interpreter teardown, where native threads of torch or
+    # zmq still alive could abort the process.
+    from multiprocessing.util import _exit_function
+
+    _exit_function()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

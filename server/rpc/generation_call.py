@@ -41,6 +41,10 @@ class CallAborted(Exception):
         self.code, self.details = code, details
 
 
+class ClientGone(Exception):
+    """A write to the client failed: its connection is gone (it was killed, or reset the stream)."""
+
+
 class GenerationFailed(Exception):
     """The engine reported FinishReason.ERROR for this request."""
 
@@ -87,13 +91,17 @@ async def run_generation(service: "GenerationService", received: ReceivedRequest
         except asyncio.CancelledError:
             if task in service.calls.cut:
                 code, details = grpc.StatusCode.UNAVAILABLE, service.calls.cut[task]
-            elif task in service.calls.stalled:
-                code, details = grpc.StatusCode.CANCELLED, service.calls.stalled[task]
+            elif task in service.calls.stalled:  # a write is still pending: abort would wait on it
+                code = grpc.StatusCode.CANCELLED
+                raise
             else:
                 remaining = context.time_remaining()
                 code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                         else grpc.StatusCode.CANCELLED)
                 raise
+        except ClientGone:  # counted as a cancellation; there is nobody to send a status to
+            code = grpc.StatusCode.CANCELLED
+            return
         except GenerationFailed as exc:
             code = grpc.StatusCode.INTERNAL
             log.error("%s request %s: %s", method, request_id, exc)
@@ -177,6 +185,10 @@ def stream_writer(service: "GenerationService", context: grpc.aio.ServicerContex
         writing[task] = loop.time()
         try:
             await context.write(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # grpc reports a dead transport as a failed batch, before the
+            raise ClientGone(repr(exc)) from exc  # call is marked cancelled or done
         finally:
             writing.pop(task, None)
 

@@ -162,7 +162,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     _flush_and_exit(None, EXIT_FAILED)
 
 
-def _share_cpu(app: AppConfig) -> None:
+def share_cpu(app: AppConfig) -> None:
     """On CPU, leave one core to the front end: a torch thread team that owns every core stalls
     at each barrier whenever the front end (tokenizing, writing streams) takes one of them."""
     from .distributed import resolve_device
@@ -190,7 +190,7 @@ def core_process_main(app_dict: dict, sockets: dict, parent_pid: int, log_level:
 
     try:
         app = AppConfig.from_dict(app_dict)
-        _share_cpu(app)
+        share_cpu(app)
         core = build_engine_core(app)
     except (ConfigError, EngineStartError, FileNotFoundError) as exc:
         kind = "config" if isinstance(exc, ConfigError) else "start"

@@ -61,9 +61,22 @@ def to_json(report: LoadReport) -> dict[str, Any]:
             "baseline_mib": v.baseline_bytes / MIB, "final_mib": v.final_bytes / MIB,
             "growth_mib": v.growth_bytes / MIB, "tolerance_mib": v.tolerance_bytes / MIB, "ok": v.ok,
         },
+        "in_process": None if report.in_process is None else [
+            {"tokens": r.tokens, "wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s, "ttft_p50_s": r.ttft_p50_s}
+            for r in report.in_process],
+        "served_over_in_process": _ratio(report),
         "ok": report.ok,
         "failures": report.failures,
     }
+
+
+def _ratio(report: LoadReport) -> float | None:
+    """Served tokens/s of the last run over in-process tokens/s of the last run (both warm)."""
+    if not report.in_process or not report.runs:
+        return None
+    served = run_numbers(report.runs[-1])["tokens_per_s"]
+    engine = report.in_process[-1].tokens_per_s
+    return served / engine if served and engine else None
 
 
 def _s(value: float | None, unit: str = "s") -> str:
@@ -94,5 +107,12 @@ def to_text(report: LoadReport) -> str:
         lines.append(f"  memory: {v.baseline_bytes / MIB:.1f} MiB after run 1 -> {v.final_bytes / MIB:.1f} MiB after "
                      f"run {len(report.runs)} ({v.growth_bytes / MIB:+.1f} MiB; tolerance "
                      f"{v.tolerance_bytes / MIB:.1f} MiB): {'back to baseline' if v.ok else 'GREW'}")
+    if report.in_process:
+        engine, served = report.in_process[-1], run_numbers(report.runs[-1]) if report.runs else None
+        lines.append(f"  in-process engine (same prompts, last run): {engine.tokens} tokens in {engine.wall_s:.2f} s = "
+                     f"{engine.tokens_per_s:.1f} tokens/s, TTFT p50 {_s(engine.ttft_p50_s)}")
+        if served:
+            lines.append(f"  served / in-process: {served['tokens_per_s']:.1f} / {engine.tokens_per_s:.1f} tokens/s = "
+                         f"{_ratio(report):.2f}; TTFT p50 served {_s(served['ttft_p50_s'])} vs {_s(engine.ttft_p50_s)}")
     lines.append("PASS" if report.ok else "FAIL:\n  " + "\n  ".join(report.failures))
     return "\n".join(lines)

@@ -22,6 +22,7 @@ class InProcessResult:
     tokens: int
     wall_s: float
     ttft_p50_s: float | None
+    tpot_p50_s: float | None  # per request: (last token - first token) / (tokens - 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,14 +60,31 @@ def run_in_process(overrides: list[str], spec: LoadSpec, runs: int = 2) -> list[
                 core.add_request(EngineRequest(base + p.index, p.prompt, SamplingParams(temperature=0.0),
                                                StopParams(max_new_tokens=spec.new_tokens, ignore_eos=True)))
             first: dict[int, float] = {}
+            last: dict[int, float] = {}
             tokens = 0
             while core.has_work():
                 step = core.step()
                 now = time.monotonic() - start
                 for req_id, ids in zip(step.req_ids, step.token_ids):
                     first.setdefault(req_id, now)
+                    last[req_id] = now
                     tokens += len(ids)
-            out.append(InProcessResult(tokens, time.monotonic() - start, percentile(list(first.values()), 50)))
+            tpot = [(last[r] - first[r]) / (spec.new_tokens - 1) for r in first] if spec.new_tokens > 1 else []
+            out.append(InProcessResult(tokens, time.monotonic() - start, percentile(list(first.values()), 50),
+                                       percentile(tpot, 50)))
         return out
     finally:
         core.shutdown(graceful=True)
+        del core
+        _release_device_memory()
+
+
+def _release_device_memory() -> None:
+    """The server started next needs the GPU memory this process's engine cached."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -30,6 +30,7 @@ class RunReport:
     idle_after_s: float | None  # seconds until the server was idle again; None: it was not
     codes: dict[str, int]  # change of the server's requests_by_code over the run
     memory: memory.MemorySample | None
+    before: memory.MemorySample | None = None  # sampled just before the run (CPU time deltas)
 
 
 @dataclass
@@ -94,6 +95,7 @@ async def run_session(client: AsyncClient, spec: LoadSpec, runs: int = 2, server
         report.ready_memory = memory.sample(server_pid)
     for n in range(1, runs + 1):
         before = (await client.server_info()).stats.requests_by_code
+        mem_before = memory.sample(server_pid) if server_pid is not None else None
         if procs > 1:
             result = await asyncio.to_thread(run_load_procs, target, client_options or {}, spec, vocab_size, procs)
         else:
@@ -101,7 +103,7 @@ async def run_session(client: AsyncClient, spec: LoadSpec, runs: int = 2, server
         idle_s, stats = await wait_idle(client, idle_timeout_s)
         codes = {c: v - before.get(c, 0) for c, v in stats.requests_by_code.items() if v != before.get(c, 0)}
         mem = memory.sample(server_pid) if server_pid is not None else None
-        run = RunReport(result, idle_s, codes, mem)
+        run = RunReport(result, idle_s, codes, mem, mem_before)
         report.runs.append(run)
         report.failures.extend(_check_run(n, run))
     if server_pid is not None and runs >= 2:

@@ -139,7 +139,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # prefill token budget per step per rank
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity per rank, in tokens
-    max_queue: int = 256  # waiting requests before RESOURCE_EXHAUSTED
+    max_queue: int = 512  # waiting requests before RESOURCE_EXHAUSTED (>= server.max_concurrent_streams)
     overlap: bool = True  # plan step n+1 and post-process step n while step n runs (false: one step at a time)
 
     def validate(self) -> None:
@@ -166,6 +166,10 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     stream_interval: int = 1  # tokens per stream message (the first and the last go out at once)
+    engine_process: bool = True  # run the engine core in its own process (false: a thread of this one)
+    max_calls_per_connection: int = 256  # generation calls one client connection may hold at once
+    stalled_stream_timeout_s: float = 60.0  # a stream whose client read nothing this long is cancelled
+    max_prompt_bytes: int = 1048576  # text prompts longer than this are refused before tokenizing
 
     def validate(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, f"server.port must be in [0, 65535], got {self.port!r}")
@@ -173,6 +177,11 @@ class ServerConfig:
         _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key must be set together")
         _require(self.max_message_bytes >= 1024, "server.max_message_bytes must be at least 1024")
         _require(self.grace_period_s >= 0, "server.grace_period_s must be >= 0")
+        _require(isinstance(self.max_calls_per_connection, int) and self.max_calls_per_connection >= 1,
+                 f"server.max_calls_per_connection must be an integer >= 1, got {self.max_calls_per_connection!r}")
+        _require(self.stalled_stream_timeout_s > 0, "server.stalled_stream_timeout_s must be > 0")
+        _require(isinstance(self.max_prompt_bytes, int) and self.max_prompt_bytes >= 1,
+                 f"server.max_prompt_bytes must be an integer >= 1, got {self.max_prompt_bytes!r}")
         _require(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
                  and self.stream_interval >= 1, f"server.stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         _require(is_loopback(self.host) or self.allow_remote,

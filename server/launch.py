@@ -1,7 +1,12 @@
 """Start-up after the config is validated: open the gRPC port, load the engine, serve until
 SIGTERM/SIGINT. Start-up errors (unknown policy, impossible parallel setting, missing
 checkpoint, unreadable TLS files, port in use) print one paragraph and return exit code 2.
-Under torchrun, ranks other than 0 run the engine's worker loop and serve no gRPC."""
+Under torchrun, ranks other than 0 run the engine's worker loop and serve no gRPC.
+
+Processes: this one is the front end (gRPC, tokenizer, stream output). By default
+(server.engine_process=true) it spawns the engine-core process, which holds rank 0 and spawns
+ranks 1.. (or, under torchrun, joins the process group as rank 0 with the environment torchrun
+gave this process, while torchrun's other processes are ranks 1..)."""
 from __future__ import annotations
 
 import asyncio
@@ -31,17 +36,18 @@ def launch(app: AppConfig) -> int:
         print(f"epserve: configuration error: server.log_level={app.server.log_level!r} is not one of "
               "DEBUG, INFO, WARNING, ERROR, CRITICAL", file=sys.stderr)
         return 2
+    from .engine.core_client import CoreStartError, start_engine_process
     from .engine.launcher import EngineStartError, run_worker_rank, start_engine, torchrun_rank
     from .rpc.app import serve
 
     try:
         if torchrun_rank() not in (None, 0):
             return run_worker_rank(app)
-        return asyncio.run(serve(app, start_engine))
+        return asyncio.run(serve(app, start_engine_process if app.server.engine_process else start_engine))
     except ConfigError as exc:
         print(f"epserve: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (EngineStartError, FileNotFoundError) as exc:
+    except (EngineStartError, CoreStartError, FileNotFoundError) as exc:
         print(f"epserve: start-up failed: {exc}", file=sys.stderr)
         return 2
     except Exception:

@@ -8,5 +8,7 @@ Module guide:
   memory.py     RSS of the server and its worker ranks from /proc; the baseline rule
   report.py     percentiles, tokens/s, text and JSON reports
   spawn.py      start `python -m server` on a free port when no --target is given
+  procs.py      one run from N client processes (--procs), released together
+  in_process.py the same prompts on the engine alone, in this process (--compare-in-process)
   cli.py        the `epserve-load` console entry (main)
 """

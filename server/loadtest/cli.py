@@ -5,6 +5,7 @@
     epserve-load --cancel-fraction 0.5 --seed 7   # cancellation storm
     epserve-load --target 127.0.0.1:50051 --server-pid 1234   # an external server (memory needs the pid)
     epserve-load --server-arg routing=fake_balance --server-arg parallel=ep2
+    epserve-load --streams 128 --tokens 16 --procs 4 --compare-in-process   # served vs the engine alone
 
 Exit code 0 when every check passed, 1 when one failed (listed at the end), 2 on bad usage.
 """
@@ -47,15 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=30.0, help="seconds the server may take to be idle after a run")
     p.add_argument("--mem-tolerance-mib", type=float, default=8.0, help="allowed RSS growth, MiB (default 8) ...")
     p.add_argument("--mem-tolerance-frac", type=float, default=0.01, help="... or this share of the baseline, if larger")
+    p.add_argument("--procs", type=int, default=1, help="client processes the streams are dealt to (default 1)")
+    p.add_argument("--compare-in-process", action="store_true",
+                   help="first run the same prompts on the engine alone in this process (built from the same "
+                        "--server-arg overrides), then print served / in-process tokens/s")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     return p
 
 
 async def _session(args: argparse.Namespace, spec: LoadSpec, target: str, pid: int | None) -> LoadReport:
     retry = RetryPolicy(max_attempts=1)  # a load test must see every failure, not retry it away
-    async with AsyncClient(target, token=args.token, root_certificates=args.ca, timeout=60.0, retry=retry) as client:
+    options = {"token": args.token, "root_certificates": args.ca}
+    async with AsyncClient(target, timeout=60.0, retry=retry, **options) as client:
         return await run_session(client, spec, runs=args.runs, server_pid=pid, idle_timeout_s=args.idle_timeout,
-                                 tolerance_mib=args.mem_tolerance_mib, tolerance_frac=args.mem_tolerance_frac)
+                                 tolerance_mib=args.mem_tolerance_mib, tolerance_frac=args.mem_tolerance_frac,
+                                 procs=args.procs, target=target, client_options=options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,11 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         slow_read_delay_s=args.slow_delay, seed=args.seed)
         if args.runs < 1:
             raise ValueError("--runs must be >= 1")
+        if args.procs < 1 or args.procs > args.streams:
+            raise ValueError("--procs must be in [1, --streams]")
         if args.server_pid is not None and not os.path.exists(f"/proc/{args.server_pid}/status"):
             raise ValueError(f"--server-pid {args.server_pid}: no such process (memory is read from /proc)")
     except ValueError as exc:
         print(f"epserve-load: {exc}", file=sys.stderr)
         return 2
+    in_process = None
+    if args.compare_in_process:  # before the server starts: the engine alone has the machine
+        from .in_process import run_in_process
+
+        in_process = run_in_process(args.server_arg, spec, runs=args.runs)
     spawned = None
     if args.target is None:
         spawned = SpawnedServer(args.server_arg, args.server_log).start()
@@ -83,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = spawned.stop() if spawned is not None else 0
     if code != 0:
         report.failures.append(f"the spawned server exited with code {code} after SIGTERM; see {spawned.log_path}")
+    report.in_process = in_process
     print(to_text(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -48,16 +48,28 @@ class MemorySample:
     rss_bytes: int  # the server process alone
     tree_rss_bytes: int  # server + worker ranks (shared pages counted once per process)
     peak_rss_bytes: int  # VmHWM of the server process: the high-water mark since it started
+    cpu_s: float = 0.0  # CPU time (user + system) of the server process (the front end) so far
+    tree_cpu_s: float = 0.0  # ... of it and its children (engine core, EP ranks) alive now
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc/<pid>/stat (a load-independent cost measure)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sample(pid: int) -> MemorySample:
-    tree = 0
+    tree, tree_cpu = 0, 0.0
     for p in process_tree(pid):
         try:
             tree += _status_kib(p, "VmRSS") * 1024
-        except (OSError, KeyError):
+            tree_cpu += cpu_seconds(p)
+        except (OSError, KeyError, IndexError, ValueError):
             continue
-    return MemorySample(_status_kib(pid, "VmRSS") * 1024, tree, _status_kib(pid, "VmHWM") * 1024)
+    return MemorySample(_status_kib(pid, "VmRSS") * 1024, tree, _status_kib(pid, "VmHWM") * 1024,
+                        cpu_seconds(pid), tree_cpu)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from clients import AsyncClient, ServerStats
 
 from . import memory
+from .procs import run_load_procs
 from .workload import LoadSpec, RunResult, run_load
 
 
@@ -29,6 +30,7 @@ class RunReport:
     idle_after_s: float | None  # seconds until the server was idle again; None: it was not
     codes: dict[str, int]  # change of the server's requests_by_code over the run
     memory: memory.MemorySample | None
+    before: memory.MemorySample | None = None  # sampled just before the run (CPU time deltas)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LoadReport:
     ready_memory: memory.MemorySample | None = None
     memory_verdict: memory.MemoryVerdict | None = None
     failures: list[str] = field(default_factory=list)
+    in_process: list | None = None  # InProcessResult per run (--compare-in-process)
 
     @property
     def ok(self) -> bool:
@@ -80,8 +83,11 @@ def _check_run(n: int, run: RunReport) -> list[str]:
 
 async def run_session(client: AsyncClient, spec: LoadSpec, runs: int = 2, server_pid: int | None = None,
                       idle_timeout_s: float = 30.0, tolerance_mib: float = 8.0,
-                      tolerance_frac: float = 0.01) -> LoadReport:
-    """`runs` identical runs; with `server_pid`, memory is judged after the last against the first."""
+                      tolerance_frac: float = 0.01, procs: int = 1, target: str | None = None,
+                      client_options: dict | None = None) -> LoadReport:
+    """`runs` identical runs; with `server_pid`, memory is judged after the last against the first.
+    With `procs` > 1 the streams come from that many client processes (connecting to `target`
+    with `client_options`); `client` then only checks the server between runs."""
     await client.wait_ready(120.0)
     vocab_size = (await client.info()).vocab_size
     report = LoadReport(spec)
@@ -89,11 +95,15 @@ async def run_session(client: AsyncClient, spec: LoadSpec, runs: int = 2, server
         report.ready_memory = memory.sample(server_pid)
     for n in range(1, runs + 1):
         before = (await client.server_info()).stats.requests_by_code
-        result = await run_load(client, spec, vocab_size)
+        mem_before = memory.sample(server_pid) if server_pid is not None else None
+        if procs > 1:
+            result = await asyncio.to_thread(run_load_procs, target, client_options or {}, spec, vocab_size, procs)
+        else:
+            result = await run_load(client, spec, vocab_size)
         idle_s, stats = await wait_idle(client, idle_timeout_s)
         codes = {c: v - before.get(c, 0) for c, v in stats.requests_by_code.items() if v != before.get(c, 0)}
         mem = memory.sample(server_pid) if server_pid is not None else None
-        run = RunReport(result, idle_s, codes, mem)
+        run = RunReport(result, idle_s, codes, mem, mem_before)
         report.runs.append(run)
         report.failures.extend(_check_run(n, run))
     if server_pid is not None and runs >= 2:

@@ -1,18 +1,33 @@
-"""Generation calls in progress: the concurrency limit, and what draining waits for."""
+"""Generation calls in progress: the concurrency limits, stalled readers, and what draining waits for.
+
+Limits: `server.max_concurrent_streams` calls in all, and `server.max_calls_per_connection` per
+client connection (gRPC's peer: address and port), so that one connection cannot take every
+slot. Stalled readers: a call's write that has not completed for
+`server.stalled_stream_timeout_s` means its client stopped reading (HTTP/2 flow control holds
+the write); `watch_stalls` cancels such a call, which frees its slot and its sequence.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
+
+log = logging.getLogger(__name__)
 
 
 class ActiveCalls:
     """Tracks the handler task of each Generate / GenerateStream call."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_connection: int | None = None) -> None:
         self.limit = limit
-        self._tasks: set[asyncio.Task] = set()
+        self.per_connection = per_connection or limit
+        self._tasks: dict[asyncio.Task, str] = {}  # task -> peer
+        self._per_peer: Counter[str] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
         self.cut: dict[asyncio.Task, str] = {}  # calls cancelled by the server -> why (UNAVAILABLE)
+        self.stalled: dict[asyncio.Task, str] = {}  # calls cancelled for not reading -> why (CANCELLED)
+        self.writing: dict[asyncio.Task, float] = {}  # loop time a write began, while it is pending
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -20,13 +35,23 @@ class ActiveCalls:
     def full(self) -> bool:
         return len(self._tasks) >= self.limit
 
-    def add(self, task: asyncio.Task) -> None:
-        self._tasks.add(task)
+    def peer_full(self, peer: str) -> bool:
+        return self._per_peer[peer] >= self.per_connection
+
+    def add(self, task: asyncio.Task, peer: str = "") -> None:
+        self._tasks[task] = peer
+        self._per_peer[peer] += 1
         self._idle.clear()
 
     def remove(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+        peer = self._tasks.pop(task, None)
+        if peer is not None:
+            self._per_peer[peer] -= 1
+            if not self._per_peer[peer]:
+                del self._per_peer[peer]
         self.cut.pop(task, None)
+        self.stalled.pop(task, None)
+        self.writing.pop(task, None)
         if not self._tasks:
             self._idle.set()
 
@@ -44,3 +69,16 @@ class ActiveCalls:
             self.cut[task] = reason
             task.cancel()
         return len(self._tasks)
+
+    async def watch_stalls(self, timeout_s: float) -> None:
+        """Forever: cancel every call whose pending write is older than `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            now = loop.time()
+            for task, since in list(self.writing.items()):
+                if now - since >= timeout_s and task not in self.stalled and not task.done():
+                    self.stalled[task] = (f"the client read nothing for {timeout_s:g}s "
+                                          "(server.stalled_stream_timeout_s); the server cancelled the stream")
+                    log.warning("cancelling a stream from %s: its client stopped reading", self._tasks.get(task, "?"))
+                    task.cancel()

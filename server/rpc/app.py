@@ -16,7 +16,7 @@ import signal
 import time
 from contextlib import aclosing
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health as health_v1
@@ -34,7 +34,7 @@ from .state import SERVICE_NAME, Phase, ServingState
 
 log = logging.getLogger("epserve.server")
 EXIT_OK, EXIT_ENGINE_FAILED = 0, 1
-EngineFactory = Callable[[AppConfig], Engine]
+EngineFactory = Callable[[AppConfig], "Engine | Awaitable[Engine]"]  # sync ones run in a worker thread
 
 
 def _read(path: str, key: str) -> bytes:
@@ -65,6 +65,11 @@ class Server:
         if cfg.metrics_port and not (is_loopback(cfg.metrics_host) or cfg.allow_remote):
             raise ConfigError(f"server.metrics_host={cfg.metrics_host!r} is not a loopback address; "
                               "set server.allow_remote=true to expose metrics beyond this machine")
+        engine_room = app.engine.max_num_seqs * app.parallel.ep_size + app.engine.max_queue
+        if engine_room < cfg.max_concurrent_streams:
+            log.warning("the engine holds %d requests (engine.max_num_seqs x ep_size + engine.max_queue) but "
+                        "server.max_concurrent_streams=%d: past %d concurrent calls the engine's queue refuses "
+                        "first", engine_room, cfg.max_concurrent_streams, engine_room)
         self.state = ServingState()
         self.metrics = ServerMetrics()
         self.service = GenerationService(app, self.state, self.metrics, self._engine_unavailable,
@@ -110,6 +115,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        stalls = asyncio.ensure_future(self.service.calls.watch_stalls(cfg.stalled_stream_timeout_s))
         if cfg.metrics_port:
             self._stop_metrics = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port, loop,
                                                          self.service.sample_for_metrics)
@@ -119,15 +125,21 @@ class Server:
             await self._shut_down()
         except BaseException:
             await self.grpc.stop(None)
+            if self.engine is not None:  # e.g. the warm-up failed: stop the engine's processes too
+                await asyncio.to_thread(self.engine.shutdown)
             raise
         finally:
+            stalls.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return self.exit_code
 
     async def _load_engine(self) -> bool:
         """Start the engine off the event loop (health stays answerable); False if stopped first."""
-        load = asyncio.ensure_future(asyncio.to_thread(self._start_engine, self.app))
+        if asyncio.iscoroutinefunction(self._start_engine):
+            load = asyncio.ensure_future(self._start_engine(self.app))
+        else:
+            load = asyncio.ensure_future(asyncio.to_thread(self._start_engine, self.app))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()

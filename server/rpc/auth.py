@@ -38,7 +38,8 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator)
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    # No request deserializer: an unauthenticated call is refused before a byte of it is parsed.
+    kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(abort_unary, **kw)
     if handler.unary_stream:

@@ -21,6 +21,7 @@ from server.engine.api import (
     ResourceExhaustedError,
 )
 
+from .metrics import observe_many
 from .received import ReceivedRequest
 from .to_proto import FINISH_REASONS, usage_to_pb
 from .validation import validate_request
@@ -40,6 +41,10 @@ class CallAborted(Exception):
         self.code, self.details = code, details
 
 
+class ClientGone(Exception):
+    """A write to the client failed: its connection is gone (it was killed, or reset the stream)."""
+
+
 class GenerationFailed(Exception):
     """The engine reported FinishReason.ERROR for this request."""
 
@@ -49,60 +54,98 @@ async def run_generation(service: "GenerationService", received: ReceivedRequest
     """Admit, validate, generate and emit; abort the call with the right status on failure."""
     arrival = time.perf_counter()
     task = asyncio.current_task()
-    code = grpc.StatusCode.OK
+    code, details = grpc.StatusCode.OK, ""
     request_id = received.message.request_id or "-"
     admitted = False
+    peer = context.peer()
     try:
-        if not service.state.serving:
-            raise CallAborted(grpc.StatusCode.UNAVAILABLE, service.state.unavailable_reason())
-        if service.calls.full():
-            raise CallAborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"too many concurrent generation calls (server.max_concurrent_streams="
-                              f"{service.calls.limit}); retry later")
-        service.calls.add(task)
-        admitted = True
-        service.metrics.active_calls.inc()
-        valid = validate_request(received, service.limits, service.engine.encode)
-        request = valid.engine_request
-        request_id = request.request_id
-        service.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-        await _stream_chunks(service, request, valid.text_output, arrival, emit)
-    except CallAborted as exc:
-        code = exc.code
-        await context.abort(exc.code, exc.details)
-    except InvalidRequestError as exc:
-        code = grpc.StatusCode.INVALID_ARGUMENT
-        await context.abort(code, str(exc))
-    except ResourceExhaustedError as exc:
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        await context.abort(code, str(exc) or "the engine's queue or KV cache is full; retry later")
-    except EngineUnavailableError as exc:
-        code = grpc.StatusCode.UNAVAILABLE
-        service.engine_unavailable(exc)
-        await context.abort(code, str(exc) or "the engine is unavailable")
-    except asyncio.CancelledError:
-        if task in service.calls.cut:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, service.calls.cut[task])
-        remaining = context.time_remaining()
-        code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                else grpc.StatusCode.CANCELLED)
-        raise
-    except GenerationFailed as exc:
-        code = grpc.StatusCode.INTERNAL
-        log.error("%s request %s: %s", method, request_id, exc)
-        await context.abort(code, f"generation failed for request {request_id}; see the server log")
-    except Exception:
-        code = grpc.StatusCode.INTERNAL
-        log.exception("%s request %s from %s failed unexpectedly (prompt kind %s)", method, request_id,
-                      context.peer(), received.message.WhichOneof("prompt"))
-        await context.abort(code, f"internal error while serving request {request_id}; see the server log")
+        try:
+            if not service.state.serving:
+                raise CallAborted(grpc.StatusCode.UNAVAILABLE, service.state.unavailable_reason())
+            if service.calls.full():
+                raise CallAborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"too many concurrent generation calls (server.max_concurrent_streams="
+                                  f"{service.calls.limit}); retry later")
+            if service.calls.peer_full(peer):
+                raise CallAborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"too many concurrent generation calls on this connection "
+                                  f"(server.max_calls_per_connection={service.calls.per_connection}); retry later")
+            service.calls.add(task, peer)
+            admitted = True
+            service.metrics.active_calls.inc()
+            valid = await _validate(service, received)
+            request = valid.engine_request
+            request_id = request.request_id
+            service.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+            await _stream_chunks(service, request, valid.text_output, arrival, emit)
+        except CallAborted as exc:
+            code, details = exc.code, exc.details
+        except InvalidRequestError as exc:
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except ResourceExhaustedError as exc:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = str(exc) or "the engine's queue or KV cache is full; retry later"
+        except EngineUnavailableError as exc:
+            code, details = grpc.StatusCode.UNAVAILABLE, str(exc) or "the engine is unavailable"
+            service.engine_unavailable(exc)
+        except asyncio.CancelledError:
+            if task in service.calls.cut:
+                code, details = grpc.StatusCode.UNAVAILABLE, service.calls.cut[task]
+            elif task in service.calls.stalled:  # a write is still pending: abort would wait on it
+                code = grpc.StatusCode.CANCELLED
+                raise
+            else:
+                remaining = context.time_remaining()
+                code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                        else grpc.StatusCode.CANCELLED)
+                raise
+        except ClientGone:  # counted as a cancellation; there is nobody to send a status to
+            code = grpc.StatusCode.CANCELLED
+            return
+        except GenerationFailed as exc:
+            code = grpc.StatusCode.INTERNAL
+            log.error("%s request %s: %s", method, request_id, exc)
+            details = f"generation failed for request {request_id}; see the server log"
+        except Exception:
+            if _client_gone(context):  # a write to a client that vanished: a cancellation, not a bug
+                code = grpc.StatusCode.CANCELLED
+                return
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s request %s from %s failed unexpectedly (prompt kind %s)", method, request_id,
+                          peer, received.message.WhichOneof("prompt"))
+            details = f"internal error while serving request {request_id}; see the server log"
+        if code is not grpc.StatusCode.OK:
+            try:
+                await context.abort(code, details)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # the call already ended on the client's side: nobody to tell
+                if not _client_gone(context):
+                    raise
+                code = grpc.StatusCode.CANCELLED
     finally:
         if admitted:
             service.calls.remove(task)
             service.metrics.active_calls.dec()
         service.metrics.requests.labels(method, code.name).inc()
         service.metrics.duration.labels(method).observe(time.perf_counter() - arrival)
+
+
+def _client_gone(context: grpc.aio.ServicerContext) -> bool:
+    try:
+        return context.cancelled() or context.done()
+    except Exception:  # noqa: BLE001 - a context too broken to ask is a call that is over
+        return True
+
+
+async def _validate(service: "GenerationService", received: ReceivedRequest):
+    """Checks, and tokenizing a text prompt in the server's tokenizer thread: a long prompt
+    costs that thread, never the event loop (health checks and other streams keep going)."""
+    if received.message.WhichOneof("prompt") != "text" or received.decode_error:
+        return validate_request(received, service.limits, service.engine.encode)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(service.tokenizer_thread, validate_request, received, service.limits,
+                                      service.engine.encode)
 
 
 async def _stream_chunks(service: "GenerationService", request: GenerationRequest, text_output: bool, arrival: float, emit: Emit) -> None:
@@ -115,11 +158,9 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
             if n:
                 if last_token_at is None:
                     metrics.ttft.observe(now - arrival)
-                    for _ in range(n - 1):
-                        metrics.itl.observe(0.0)
+                    observe_many(metrics.itl, 0.0, n - 1)
                 else:
-                    for _ in range(n):
-                        metrics.itl.observe((now - last_token_at) / n)
+                    observe_many(metrics.itl, (now - last_token_at) / n, n)
                 last_token_at = now
                 metrics.generation_tokens.inc(n)
             if chunk.finish_reason is FinishReason.ERROR:
@@ -132,6 +173,26 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
             if n or msg.text:
                 await emit(msg)
     raise RuntimeError("the engine's stream ended without a final chunk")
+
+
+def stream_writer(service: "GenerationService", context: grpc.aio.ServicerContext) -> Emit:
+    """`context.write`, with the time each write began kept while it is pending (a write that
+    never completes means the client stopped reading: ActiveCalls.watch_stalls)."""
+    writing, task = service.calls.writing, asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    async def write(msg: gen_pb.GenerateResponse) -> None:
+        writing[task] = loop.time()
+        try:
+            await context.write(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # grpc reports a dead transport as a failed batch, before the
+            raise ClientGone(repr(exc)) from exc  # call is marked cancelled or done
+        finally:
+            writing.pop(task, None)
+
+    return write
 
 
 def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elapsed: float) -> gen_pb.GenerateResponse:

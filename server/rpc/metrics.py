@@ -33,6 +33,21 @@ class EngineSample:
     phase: str
 
 
+def observe_many(histogram: Histogram, value: float, count: int) -> None:
+    """`count` observations of the same `value` at the cost of one (a stream message carries
+    several tokens; no per-token Python on the event loop). Same result as a loop of observe()."""
+    if count <= 0:
+        return
+    if count == 1:
+        histogram.observe(value)
+        return
+    histogram._sum.inc(value * count)  # prometheus_client keeps per-bucket (non-cumulative) counts
+    for bound, bucket in zip(histogram._upper_bounds, histogram._buckets):
+        if value <= bound:
+            bucket.inc(count)
+            return
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import time
 from typing import Callable
@@ -15,7 +16,7 @@ from server.engine.api import Engine, EngineUnavailableError
 from server.moe.routing import get_policy_class
 
 from .active_calls import ActiveCalls
-from .generation_call import merge_messages, run_generation
+from .generation_call import merge_messages, run_generation, stream_writer
 from .metrics import EngineSample, ServerMetrics
 from .received import ReceivedRequest, parse_generate_request
 from .state import SERVICE_NAME, Phase, ServingState
@@ -40,7 +41,9 @@ class GenerationService:
         self.app, self.state, self.metrics = app, state, metrics
         self.engine: Engine | None = None
         self.limits: RequestLimits | None = None
-        self.calls = ActiveCalls(app.server.max_concurrent_streams)
+        self.calls = ActiveCalls(app.server.max_concurrent_streams, app.server.max_calls_per_connection)
+        # One thread tokenizes text prompts (HF tokenizers are not safe to share across threads).
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epserve-tokenize")
         self._on_engine_unavailable = on_engine_unavailable
         self._model_info: info_pb.ModelInfo | None = None
         self.tls, self.auth = tls, auth
@@ -50,7 +53,8 @@ class GenerationService:
     def attach(self, engine: Engine) -> None:
         info = engine.model_info()
         self.engine = engine
-        self.limits = RequestLimits(vocab_size=engine.vocab_size, max_model_len=info.max_model_len)
+        self.limits = RequestLimits(vocab_size=engine.vocab_size, max_model_len=info.max_model_len,
+                                    max_prompt_bytes=self.app.server.max_prompt_bytes)
         guarantee = get_policy_class(info.routing_policy).guarantee
         self._model_info = model_info_to_pb(info, guarantee)
         self._load_window_start = time.monotonic()
@@ -69,7 +73,7 @@ class GenerationService:
         return merge_messages(messages)
 
     async def GenerateStream(self, received: ReceivedRequest, context: grpc.aio.ServicerContext) -> None:
-        await run_generation(self, received, context, "GenerateStream", context.write)
+        await run_generation(self, received, context, "GenerateStream", stream_writer(self, context))
 
     # -- inspection ------------------------------------------------------------------------
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:

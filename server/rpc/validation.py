@@ -31,6 +31,7 @@ class RequestLimits:
     max_stop_string_bytes: int = 256
     max_stop_token_ids: int = 64
     max_request_id_chars: int = 128
+    max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenizing
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ def _prompt(req: gen_pb.GenerateRequest, limits: RequestLimits, encode: Callable
     _check(kind is not None, "prompt", "set exactly one of text or token_ids, got neither")
     if kind == "text":
         _check(len(req.text) > 0, "prompt.text", "must not be empty")
+        size = len(req.text) if len(req.text) * 4 <= limits.max_prompt_bytes else len(req.text.encode("utf-8"))
+        _check(size <= limits.max_prompt_bytes, "prompt.text",
+               f"{size} bytes of UTF-8; at most {limits.max_prompt_bytes} (server.max_prompt_bytes) are tokenized")
         ids = tuple(encode(req.text))
         _check(len(ids) > 0, "prompt.text", "tokenizes to no tokens")
         bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)

@@ -102,3 +102,13 @@ def test_loopback_detection(host: str, loopback: bool) -> None:
     if not loopback:
         with pytest.raises(ConfigError, match="allow_remote"):
             AppConfig.from_dict(composed(f"server.host={host}"))
+
+
+def test_default_limits_make_max_concurrent_streams_reachable() -> None:
+    """With the shipped defaults (and the dataclass defaults), the engine holds more requests
+    than the server admits calls, so a caller meets server.max_concurrent_streams (one message
+    naming it) rather than the engine's queue; and one connection cannot hold every call."""
+    for app in (AppConfig.from_dict(composed()), AppConfig()):
+        engine_room = app.engine.max_num_seqs * app.parallel.ep_size + app.engine.max_queue
+        assert engine_room >= app.server.max_concurrent_streams, (engine_room, app.server.max_concurrent_streams)
+        assert app.server.max_calls_per_connection < app.server.max_concurrent_streams

@@ -185,3 +185,20 @@ def test_slow_reader_does_not_stall_other_streams(server, vocab_size):
     assert messages[-1].finish_reason == g.FINISH_REASON_LENGTH and messages[-1].usage.completion_tokens == slow_tokens
     assert len(messages) < slow_tokens  # flow control held the writes; pending tokens were merged
     assert idle_s is not None
+
+
+def test_load_tool_from_client_processes_beside_the_engine_alone(server, tmp_path, capsys):
+    """`epserve-load --procs 2 --compare-in-process`: the streams come from two client processes
+    (every one gets exactly its tokens), and the same prompts run on the engine alone in this
+    process; the report gives both figures and their ratio."""
+    out = tmp_path / "load.json"
+    code = load_main(["--target", server.target, "--streams", "16", "--tokens", "8", "--runs", "1", "--procs", "2",
+                      "--compare-in-process", "--server-arg", "engine.max_num_seqs=16", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    assert (run["completed"], run["errors"], run["tokens"]) == (16, 0, 16 * 8) and run["server_codes"] == {"OK": 16}
+    engine = report["in_process"][0]
+    assert engine["tokens"] == 16 * 8 and engine["tokens_per_s"] > 0 and engine["ttft_p50_s"] > 0
+    assert report["served_over_in_process"] > 0 and "served / in-process" in text

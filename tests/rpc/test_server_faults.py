@@ -1,6 +1,6 @@
-"""A worker rank killed (parallel=ep2 over gloo), mid-generation or while idle: the call in
-flight fails with UNAVAILABLE within 10 s, health watchers see NOT_SERVING, and the process
-exits non-zero so that a supervisor restarts it."""
+"""A worker rank killed (parallel=ep2 over gloo), mid-generation or while idle, or the
+engine-core process killed under load: the calls in flight fail with UNAVAILABLE within 10 s,
+health watchers see NOT_SERVING, and the process exits non-zero so that a supervisor restarts it."""
 from __future__ import annotations
 
 import os
@@ -18,9 +18,10 @@ from clients import Client, NO_RETRY, errors
 from tests.helpers.server_process import ServerProcess
 
 
-def spawned_children(pid: int) -> list[int]:
-    """Child processes of `pid` started by multiprocessing spawn (the EP worker ranks)."""
-    out = []
+def spawned_tree(pid: int) -> dict[int, int]:
+    """pid -> parent pid of the processes below `pid` started by multiprocessing spawn (the
+    engine-core process, and the EP worker ranks it spawns)."""
+    parents, spawned = {}, set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -29,10 +30,31 @@ def spawned_children(pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and "multiprocessing.spawn" in cmdline:
-            out.append(int(entry.name))
-    return out
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        if "multiprocessing.spawn" in cmdline:
+            spawned.add(int(entry.name))
+    below, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parents.items():
+            if parent == p and child in spawned:
+                below[child] = parent
+                todo.append(child)
+    return below
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The EP worker ranks below the server: spawned processes that spawned none themselves
+    (the engine-core process, when there is one, is their parent)."""
+    tree = spawned_tree(pid)
+    return [p for p in tree if p not in tree.values()]
+
+
+def engine_core_process(pid: int) -> int:
+    """The engine-core process: the server's spawned child."""
+    core = [p for p, parent in spawned_tree(pid).items() if parent == pid]
+    assert len(core) == 1, core
+    return core[0]
 
 
 def watch_health(target: str, seen: "queue.Queue[str]") -> None:
@@ -69,3 +91,39 @@ def test_killed_rank_fails_calls_fast_and_exits_non_zero(tmp_path, in_flight):
         assert seen.get(timeout=10) == "NOT_SERVING"
         assert srv.wait_exit(30) != 0
         assert "SERVING -> FAILED" in srv.log()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the engine core through /proc")
+def test_killed_engine_process_ends_every_stream_with_unavailable(tmp_path):
+    """SIGKILL the engine-core process while 24 streams are open (some running, some queued):
+    every one ends with UNAVAILABLE within 10 s, none hangs, and the server exits non-zero."""
+    import asyncio
+
+    from clients import AsyncClient
+
+    with ServerProcess(tmp_path, "engine.max_num_seqs=8") as srv:
+        core = engine_core_process(srv.proc.pid)
+
+        async def scenario():
+            async with AsyncClient(srv.target, retry=NO_RETRY, timeout=120) as client:
+                started = asyncio.Event()
+
+                async def one() -> str:
+                    try:
+                        async for _ in client.stream([1, 2, 3], max_new_tokens=1500, ignore_eos=True):
+                            started.set()
+                    except errors.EpserveError as exc:
+                        return type(exc).__name__
+                    return "finished"
+
+                tasks = [asyncio.create_task(one()) for _ in range(24)]
+                await started.wait()
+                killed_at = time.monotonic()
+                os.kill(core, signal.SIGKILL)
+                outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+                return outcomes, time.monotonic() - killed_at
+
+        outcomes, took = asyncio.run(scenario())
+        assert outcomes == ["UnavailableError"] * 24 and took < 10, (outcomes, took)
+        assert srv.wait_exit(30) != 0
+        assert "SERVING -> FAILED" in srv.log() and "engine-core process exited" in srv.log()

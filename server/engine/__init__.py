@@ -9,6 +9,7 @@ Module guide (one job per file):
   scheduler.py     rank 0's single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption
   block_manager.py paged KV-cache block ids of one rank
   sequence.py      one request as the scheduler sees it
+  request_checks.py the invariants a request must meet to be admitted (validation is the rpc layer's)
   step_plan.py     what rank 0 sends each rank per step, and what comes back
   executor.py      running a step plan: in-process (ep 1) or scatter/gather over a gloo group
   rank_worker.py   an EP rank's start-up and plan loop

@@ -35,7 +35,7 @@ from .api import (
 from .core_types import EngineRequest
 from .detokenizer import fast_decode
 from .output import RequestOutput
-from .request_checks import validate_request
+from .request_checks import check_invariants
 from .stream import RequestStream
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class EngineProcess:
             raise EngineUnavailableError("engine is shutting down")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        check_invariants(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         self._check_alive()
         req_id = next(self._ids)
         stream = RequestStream(self.stream_interval)

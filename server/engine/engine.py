@@ -27,7 +27,7 @@ from .core import EngineCore
 from .core_types import EngineRequest, StepOutputs
 from .detokenizer import fast_decode
 from .output import RequestOutput
-from .request_checks import validate_request
+from .request_checks import check_invariants
 from .stream import RequestStream, deliver_threadsafe, settle_future
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class ServingEngine:
             raise EngineUnavailableError("engine is shutting down")
 
     def _submit(self, request: GenerationRequest, stream: RequestStream, loop: asyncio.AbstractEventLoop) -> int:
-        validate_request(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+        check_invariants(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         with self._cond:
             self._check_alive()
             req_id = next(self._ids)

@@ -1,7 +1,8 @@
 """Check every GenerateRequest field and build the engine's GenerationRequest.
 
-Each rule raises InvalidRequestError(field, rule) with the proto field path, so the caller
-gets INVALID_ARGUMENT with a message like
+This is where requests are validated, once: the engine only asserts its own invariants
+(server/engine/request_checks.py), which everything accepted here meets. Each rule raises
+InvalidRequestError(field, rule) with the proto field path, so the caller gets INVALID_ARGUMENT with a message like
 "sampling.top_p: must be in (0, 1], got 1.5". Defaults for unset fields live here and in the
 .proto comments, nowhere else.
 """
@@ -47,6 +48,13 @@ def _check(cond: bool, field: str, rule: str) -> None:
 
 def _finite(value: float) -> bool:
     return math.isfinite(value)
+
+
+def _check_vocab(ids: tuple[int, ...], field: str, vocab_size: int) -> None:
+    """uint32 ids (never negative) below vocab_size; one C-level max(), the index only on failure."""
+    if ids and max(ids) >= vocab_size:
+        i, tok = next((i, t) for i, t in enumerate(ids) if t >= vocab_size)
+        raise InvalidRequestError(f"{field}[{i}]", f"{tok} is out of vocabulary (vocab_size {vocab_size})")
 
 
 def validate_request(received: ReceivedRequest, limits: RequestLimits,
@@ -99,9 +107,7 @@ def _prompt(req: gen_pb.GenerateRequest, limits: RequestLimits, encode: Callable
     else:
         ids = tuple(req.token_ids.ids)
         _check(len(ids) > 0, "prompt.token_ids.ids", "must hold at least one token id")
-        for i, tok in enumerate(ids):
-            _check(tok < limits.vocab_size, f"prompt.token_ids.ids[{i}]",
-                   f"{tok} is out of vocabulary (vocab_size {limits.vocab_size})")
+        _check_vocab(ids, "prompt.token_ids.ids", limits.vocab_size)
         where = "prompt.token_ids"
     limit = limits.max_model_len - 1
     _check(len(ids) <= limit, where,
@@ -138,8 +144,6 @@ def _stops(req: gen_pb.GenerateRequest, limits: RequestLimits) -> StopParams:
                f"must be 1..{limits.max_stop_string_bytes} bytes of UTF-8, got {size}")
     _check(len(req.stop_token_ids) <= limits.max_stop_token_ids, "stop_token_ids",
            f"at most {limits.max_stop_token_ids} ids, got {len(req.stop_token_ids)}")
-    for i, tok in enumerate(req.stop_token_ids):
-        _check(tok < limits.vocab_size, f"stop_token_ids[{i}]",
-               f"{tok} is out of vocabulary (vocab_size {limits.vocab_size})")
+    _check_vocab(tuple(req.stop_token_ids), "stop_token_ids", limits.vocab_size)
     return StopParams(max_new_tokens=n, stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
                       ignore_eos=req.ignore_eos)

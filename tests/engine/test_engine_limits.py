@@ -161,6 +161,8 @@ def test_stop_token_ids_and_eos(qwen3, make_engine, tmp_path) -> None:
     ("prompt_token_ids", dict(prompt=[])),
     ("prompt_token_ids", dict(prompt=[1, 320])),
     ("prompt_token_ids", dict(prompt=[-1])),
+    ("prompt_token_ids", dict(prompt=[1, 2.0, 3])),  # an int-valued float is still not a token id
+    ("prompt_token_ids", dict(prompt=[True, 2])),
     ("sampling.temperature", dict(temperature=-0.5)),
     ("sampling.top_p", dict(sampling={"top_p": 0.0})),
     ("sampling.top_k", dict(sampling={"top_k": -1})),

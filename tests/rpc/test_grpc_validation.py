@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 
 from clients.pb import generation_pb2 as g
 from server.engine.api import InvalidRequestError
+from server.engine.request_checks import check_invariants
 from server.rpc.received import parse_generate_request
 from server.rpc.validation import DEFAULT_MAX_NEW_TOKENS, RequestLimits, validate_request
 from tests.helpers.bad_requests import BAD_REQUESTS, Limits, good
@@ -103,3 +104,4 @@ def test_fuzz_every_request_is_either_valid_or_named_invalid(data):
     assert math.isfinite(s.temperature) and s.temperature >= 0 and 0 < s.top_p <= 1
     assert 0 <= s.top_k < LIMITS.vocab_size and 1 <= e.stops.max_new_tokens <= LIMITS.max_model_len
     assert all(s for s in e.stops.stop) and len(e.request_id) <= 128
+    check_invariants(e, vocab_size=LIMITS.vocab_size, max_model_len=LIMITS.max_model_len)  # the engine admits it

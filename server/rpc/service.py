@@ -5,9 +5,11 @@ import importlib.metadata
 from concurrent.futures import ThreadPoolExecutor
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from clients.pb import generation_pb2 as gen_pb
 from clients.pb import info_pb2 as info_pb
@@ -31,6 +33,27 @@ def server_version() -> str:
         return importlib.metadata.version("epserve")
     except importlib.metadata.PackageNotFoundError:
         return "unknown (not installed)"
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a unary info method receives when its bytes do not parse."""
+
+    reason: str
+
+
+def tolerant_parser(request_cls) -> Callable[[bytes], object]:
+    """A request deserializer that never raises. grpc turns a raising deserializer into
+    UNKNOWN with an ERROR traceback in the log, and it runs before any interceptor's verdict,
+    so an unauthenticated client could flood the log. Returning a marker instead lets the
+    auth check answer first (UNAUTHENTICATED), and the method answer INVALID_ARGUMENT."""
+    def parse(data: bytes) -> object:
+        try:
+            return request_cls.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(f"request: not a valid {request_cls.DESCRIPTOR.full_name} ({exc})")
+
+    return parse
 
 
 class GenerationService:
@@ -138,8 +161,13 @@ class GenerationService:
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         def unary(fn, request_cls):
+            async def call(request, context):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                return await fn(request, context)
+
             return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=request_cls.FromString, response_serializer=lambda m: m.SerializeToString())
+                call, request_deserializer=tolerant_parser(request_cls), response_serializer=lambda m: m.SerializeToString())
 
         serialize = gen_pb.GenerateResponse.SerializeToString
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {

@@ -262,3 +262,35 @@ def test_fuzzed_requests_never_crash_the_server(server, client, model):
     assert sum(seen.values()) >= 1000 and seen.get("OK") and seen.get("INVALID_ARGUMENT"), seen
     assert client.health() == "SERVING"
     wait_idle(client)
+
+
+INFO_METHODS = ("GetModelInfo", "GetExpertLoad", "GetServerInfo")
+GARBAGE = b"\xff\xff\xff\xff"  # a field key with a truncated varint: no message parses it
+
+
+def raw_call(target: str, method: str, payload: bytes, metadata=(), credentials=None) -> grpc.RpcError | None:
+    """Send raw bytes to a unary method; the RpcError it ended with, or None for OK."""
+    with (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)) as channel:
+        call = channel.unary_unary(f"/epserve.v1.GenerationService/{method}", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        try:
+            call(payload, timeout=30, metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc
+    return None
+
+
+@pytest.mark.parametrize("method", INFO_METHODS)
+def test_garbage_to_an_info_method_is_invalid_argument_without_a_traceback(server, client, method):
+    """Undecodable bytes to a unary info method: INVALID_ARGUMENT naming the message type, the
+    same for 20 calls in a row, and no traceback (at most one log line per call)."""
+    before = server.log().count("\n")
+    for _ in range(20):
+        err = raw_call(server.target, method, GARBAGE)
+        assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert err.details().startswith("request: not a valid ") and "Request" in err.details(), err.details()
+    time.sleep(0.2)
+    new = server.log().splitlines()[before:]
+    assert not [line for line in new if "Traceback" in line or "ERROR" in line], "\n".join(new)
+    assert len(new) <= 20, "\n".join(new)
+    assert client.health() == "SERVING"

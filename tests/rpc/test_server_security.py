@@ -102,3 +102,25 @@ def test_concurrent_call_limit_gives_resource_exhausted(secure_server):
         while c.server_info().stats.active_calls and time.monotonic() < end:  # cancellation is asynchronous
             time.sleep(0.05)
         assert c.generate([1, 2], max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("method", ["GetModelInfo", "GetExpertLoad", "GetServerInfo", "Generate"])
+def test_garbage_bytes_meet_the_token_check_first(secure_server, method):
+    """Auth is checked before the bytes are judged: garbage without (or with a wrong) token is
+    UNAUTHENTICATED, with the right token INVALID_ARGUMENT; nothing is logged as an error."""
+    from tests.rpc.test_grpc_server import GARBAGE, raw_call
+
+    creds = grpc.ssl_channel_credentials(open(secure_server.cert, "rb").read())
+    options = (("grpc.ssl_target_name_override", "localhost"),)
+    target = f"localhost:{secure_server.port}"
+    before = secure_server.log().count("\n")
+    for metadata, want in [((), grpc.StatusCode.UNAUTHENTICATED),
+                           ((("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
+                           ((("authorization", f"Bearer {TOKEN}"),), grpc.StatusCode.INVALID_ARGUMENT)]:
+        for _ in range(5):
+            err = raw_call(target, method, GARBAGE, metadata=metadata, credentials=creds)
+            assert err is not None and err.code() == want, (metadata, err)
+    time.sleep(0.2)
+    new = secure_server.log().splitlines()[before:]
+    assert not [line for line in new if "Traceback" in line or "ERROR" in line], "\n".join(new)
+    assert len(new) <= 15, "\n".join(new)

@@ -39,9 +39,17 @@ class FinishReason(enum.Enum):
     ERROR = "error"  # the engine failed this request (logged with context)
 
 
+# Temperatures below this are greedy. Why a floor: logits / T overflows float32 for T ~ 1e-38
+# (|logit| ~ 10 over 3.4e38), which turned such requests into token 0 or other wrong tokens.
+# At 1e-5 a logit gap of 1e-4 is already 10 after scaling, which the Gumbel noise crosses with
+# probability 5e-5: lower temperatures could only differ from greedy at ties closer than that.
+# vLLM treats temperatures below the same 1e-5 as greedy.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below MIN_TEMPERATURE) means greedy
     top_p: float = 1.0  # in (0, 1]
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None  # None: the engine draws one; results are reproducible per seed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sampler import seed_key
+from .sampler import sampling_temperature, seed_key
 from .sequence import Sequence
 from .step_plan import BlockAppends, RankBatch, SlotFill
 
@@ -74,7 +74,8 @@ class RankBatchBuilder:
             reqs = [s.request for s in self._fills]
             fills = SlotFill(
                 slots=np.array([s.slot for s in self._fills], dtype=np.int32),
-                temperature=np.array([r.sampling.temperature for r in reqs], dtype=np.float32),
+                temperature=np.array([sampling_temperature(r.sampling.temperature, r.sampling.top_k) for r in reqs],
+                                     dtype=np.float32),
                 top_p=np.array([r.sampling.top_p for r in reqs], dtype=np.float32),
                 top_k=np.array([r.sampling.top_k for r in reqs], dtype=np.int32),
                 seed_keys=np.array([seed_key(s.seed) for s in self._fills], dtype=np.int64),

@@ -1,6 +1,10 @@
 """Token sampling that does not depend on how requests are batched.
 
-Greedy (temperature 0) is argmax. Otherwise: scale by 1/temperature, cut to top-k and
+Greedy (temperature 0) is argmax. A request is sampled at temperature 0 when it asks for less
+than MIN_TEMPERATURE (logits / T would overflow float32 and pick wrong tokens) or for top_k 1
+(only the best token is kept, so scaling could add ties or overflow, never another answer):
+`sampling_temperature` applies that rule once, where a request's parameters enter a step.
+Otherwise: scale by 1/temperature, cut to top-k and
 top-p, then Gumbel-max with noise that is a counter-based hash of (seed, position, token
 id) — no torch.Generator, no state. A request's draw at a position is therefore the same
 whichever other requests share its step, on whichever rank it runs, and after a preemption
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 
 from ..moe.routing.hashing import MASK32, mix32, stream_key
+from .api import MIN_TEMPERATURE
 from .step_plan import SampleSpec
 
 _SAMPLER_STREAM = 0x53414D50  # "SAMP": keeps these draws apart from the routing policies'
@@ -44,14 +49,21 @@ class SamplingBatch:
     def from_specs(cls, specs: list[SampleSpec], positions: list[int], device: torch.device | str) -> "SamplingBatch":
         """`positions[i]`: index in its sequence of the token row i will produce."""
         return cls(
-            temperature=torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=device),
+            temperature=torch.tensor([sampling_temperature(s.temperature, s.top_k) for s in specs],
+                                     dtype=torch.float32, device=device),
             top_p=torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device),
             top_k=torch.tensor([s.top_k for s in specs], dtype=torch.int64, device=device),
             keys=torch.tensor([sample_key(s.seed, p) for s, p in zip(specs, positions)], dtype=torch.int64, device=device),
             want_logprobs=any(s.logprobs for s in specs),
-            all_greedy=all(s.temperature <= 0 for s in specs),
-            any_cut=any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1) for s in specs),
+            all_greedy=all(sampling_temperature(s.temperature, s.top_k) <= 0 for s in specs),
+            any_cut=any(sampling_temperature(s.temperature, s.top_k) > 0 and (s.top_k > 0 or s.top_p < 1) for s in specs),
         )
+
+
+def sampling_temperature(temperature: float, top_k: int) -> float:
+    """The temperature a row is sampled at: 0 (greedy) below MIN_TEMPERATURE or with top_k 1.
+    Decided from the request's own parameters, so never by the batch around it."""
+    return 0.0 if temperature < MIN_TEMPERATURE or top_k == 1 else temperature
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from server.engine.api import MIN_TEMPERATURE
 from server.engine.sampler import SamplingBatch, hashed_uniform, sample, top_k_top_p_mask
 from server.engine.step_plan import SampleSpec
 
@@ -76,6 +77,33 @@ def test_mask_keeps_rows_independent() -> None:
     masked = top_k_top_p_mask(logits, torch.tensor([1, 0]), torch.tensor([1.0, 1.0]))
     assert masked[0].tolist() == [-math.inf, -math.inf, 3.0]
     assert masked[1].tolist() == [3.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-12, MIN_TEMPERATURE / 2, 1.0, 1e30, 3e38])
+def test_top_k_1_is_greedy_at_every_temperature(temperature) -> None:
+    """top_k=1 keeps only the best token whatever the temperature: logits/T neither overflows
+    (T ~ 1e-38) nor ties (T ~ 1e38) its way to another token."""
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(4)) * 8 - 20  # all negative
+    tokens, _ = draw(logits, [spec(temperature=temperature, top_k=1, seed=i) for i in range(64)], list(range(64)))
+    assert tokens.tolist() == logits.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-20, MIN_TEMPERATURE / 2])
+def test_a_temperature_below_the_floor_is_greedy(temperature) -> None:
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(5)) * 8 + 20  # all positive
+    specs = [spec(temperature=temperature, seed=i, top_p=0.9 if i % 2 else 1.0) for i in range(64)]
+    tokens, _ = draw(logits, specs, list(range(64)))
+    assert tokens.tolist() == logits.argmax(1).tolist()
+    batch = SamplingBatch.from_specs(specs, list(range(64)), "cpu")
+    assert batch.all_greedy  # no scaling, no noise: the greedy path
+
+
+def test_the_floor_is_where_sampling_starts() -> None:
+    """Just above the floor a near-tie is still sampled (the floor does not swallow real
+    low temperatures): two tokens MIN_TEMPERATURE apart in logit are both drawn."""
+    logits = torch.tensor([[0.0, MIN_TEMPERATURE, -5.0]]).expand(400, -1)
+    tokens, _ = draw(logits, [spec(temperature=MIN_TEMPERATURE, seed=1)] * 400, list(range(400)))
+    assert set(tokens.tolist()) == {0, 1}
 
 
 @pytest.mark.gpu

@@ -94,6 +94,21 @@ def test_seeded_sampling_is_reproducible(client):
     assert client.generate([3, 4], **kw).token_ids == client.generate([3, 4], **kw).token_ids
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 4e-6])
+def test_tiny_temperatures_and_top_k_1_are_greedy(client, temperature):
+    """Below the documented floor (1e-5) a temperature is greedy, and top_k=1 is greedy at
+    any temperature: the same tokens as temperature 0, whatever the seed."""
+    prompt = "def main():\n    "
+    greedy = client.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+    for seed in (1, 2):
+        tiny = client.generate(prompt, max_new_tokens=12, ignore_eos=True, temperature=temperature, seed=seed)
+        assert tiny.token_ids == greedy
+        top1 = client.generate(prompt, max_new_tokens=12, ignore_eos=True, temperature=temperature, top_k=1, seed=seed)
+        assert top1.token_ids == greedy
+    hot = client.generate(prompt, max_new_tokens=12, ignore_eos=True, temperature=5.0, top_k=1, seed=3)
+    assert hot.token_ids == greedy
+
+
 def test_model_info(client, model):
     assert model.num_experts > 1 and 1 <= model.top_k <= model.num_experts
     assert model.num_moe_layers >= 1 and model.vocab_size > 0 and model.max_model_len > 0

@@ -1,7 +1,8 @@
 """Start-up after the config is validated: open the gRPC port, load the engine, serve until
 SIGTERM/SIGINT. Start-up errors (unknown policy, impossible parallel setting, missing
-checkpoint, unreadable TLS files, port in use) print one paragraph and return exit code 2.
-Under torchrun, ranks other than 0 run the engine's worker loop and serve no gRPC.
+checkpoint, unreadable, mismatched or swapped TLS files, port in use) print one paragraph and
+return exit code 2. Under torchrun, ranks other than 0 run the engine's worker loop and serve
+no gRPC.
 
 Processes: this one is the front end (gRPC, tokenizer, stream output). By default
 (server.engine_process=true) it spawns the engine-core process, which holds rank 0 and spawns

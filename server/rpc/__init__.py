@@ -7,6 +7,7 @@ Module guide:
   state.py        LOADING / SERVING / DRAINING / FAILED, mirrored into grpc.health.v1
   service.py      the GenerationService servicer (status mapping, limits, cancellation)
   auth.py         bearer-token interceptor
+  tls.py          start-up check of the TLS certificate and key (names a bad, mismatched or swapped file)
   metrics.py      Prometheus metrics and their HTTP endpoint
   app.py          builds the grpc.aio server, serves, drains on SIGTERM/SIGINT
 """

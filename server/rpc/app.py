@@ -31,6 +31,7 @@ from .auth import BearerTokenInterceptor, resolve_token
 from .metrics import ServerMetrics
 from .service import GenerationService
 from .state import SERVICE_NAME, Phase, ServingState
+from .tls import check_key_pair
 
 log = logging.getLogger("epserve.server")
 EXIT_OK, EXIT_ENGINE_FAILED = 0, 1
@@ -49,6 +50,7 @@ def server_credentials(app: AppConfig) -> grpc.ServerCredentials | None:
     if not cfg.tls_cert:
         return None
     pair = (_read(cfg.tls_key, "server.tls_key"), _read(cfg.tls_cert, "server.tls_cert"))
+    check_key_pair(cfg.tls_cert, cfg.tls_key, cert_pem=pair[1], key_pem=pair[0])
     return grpc.ssl_server_credentials([pair])
 
 

@@ -124,3 +124,31 @@ def test_garbage_bytes_meet_the_token_check_first(secure_server, method):
     new = secure_server.log().splitlines()[before:]
     assert not [line for line in new if "Traceback" in line or "ERROR" in line], "\n".join(new)
     assert len(new) <= 15, "\n".join(new)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("not PEM", "server.tls_cert"),
+    ("key of another certificate", "does not match"),
+    ("cert and key swapped", "swapped"),
+    ("key is not PEM", "server.tls_key"),
+])
+def test_bad_tls_files_are_named_at_start_up(tmp_path, case, needle):
+    """Each TLS mistake is one paragraph naming it, exit code 2, before the port opens (it
+    used to be reported as 'cannot listen ... the port is in use')."""
+    import sys
+
+    from tests.helpers.server_process import ROOT
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert, key = self_signed_cert(tmp_path / "a")
+    _, other_key = self_signed_cert(tmp_path / "b")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("this is not a certificate\n")
+    files = {"not PEM": (str(garbage), key), "key of another certificate": (cert, other_key),
+             "cert and key swapped": (key, cert), "key is not PEM": (cert, str(garbage))}[case]
+    run = subprocess.run([sys.executable, "-m", "server", "server.port=0", f"server.tls_cert={files[0]}",
+                          f"server.tls_key={files[1]}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert needle in run.stderr and "port is in use" not in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -112,3 +112,41 @@ def test_default_limits_make_max_concurrent_streams_reachable() -> None:
         engine_room = app.engine.max_num_seqs * app.parallel.ep_size + app.engine.max_queue
         assert engine_room >= app.server.max_concurrent_streams, (engine_room, app.server.max_concurrent_streams)
         assert app.server.max_calls_per_connection < app.server.max_concurrent_streams
+
+
+SECRET = "tok-3f9a a long token with spaces that YAML would fold over two lines when it prints it wide"
+
+
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg", "all"], ["--cfg", "job", "--package", "server"],
+                                   ["--cfg", "job", "--package", "server.auth_token"], ["--help"], ["--info", "config"]],
+                         ids=" ".join)
+def test_printed_config_redacts_the_auth_token(tmp_path: Path, flags: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "server", *flags, f"server.auth_token='{SECRET}'"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "tok-3f9a" not in out.stdout and "fold over" not in out.stdout and "<redacted>" in out.stdout
+    if flags[:2] == ["--cfg", "job"] and len(flags) == 2:
+        cfg = OmegaConf.create(out.stdout)  # still YAML, the rest untouched
+        assert cfg.server.auth_token == "<redacted>" and cfg.server.auth_token_env is None and cfg.server.port == 50051
+
+
+def test_printed_config_keeps_an_unset_token_null(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "server", "--cfg", "job"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and OmegaConf.create(out.stdout).server.auth_token is None
+
+
+@pytest.mark.parametrize("override, options", [("routing=nope", "fake_balance, greedy_balanced, natural"),
+                                               ("parallel=ep3", "ep2, ep4, ep8, single"),
+                                               ("+model=nope", "mixtral_8x7b")])
+def test_unknown_group_option_is_one_paragraph_and_exit_2(tmp_path: Path, override: str, options: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "server", override], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    group, option = override.lstrip("+").split("=")
+    assert f"config group '{group}' has no option '{option}'" in out.stderr and options in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []

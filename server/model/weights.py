@@ -13,6 +13,7 @@ the logical expert of each physical slot (copies of hot experts included).
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -34,14 +35,21 @@ def checkpoint_candidates(name: str, moe_module_names: tuple[str, ...]) -> list[
     return list(dict.fromkeys(name.replace(".mlp.", f".{m}.", 1) for m in moe_module_names))
 
 
+def progress_options(progress: bool) -> dict:
+    """tqdm options: a bar only where someone watches it. disable=None is tqdm's "off unless
+    the stream is a TTY": its carriage returns would otherwise land in log files as junk (a
+    plain log line says when loading is done instead). TQDM_DISABLE=1 silences it anyway."""
+    return {"disable": None if progress else True}
+
+
 def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, progress: bool = True) -> None:
     family = get_family(model.spec.architecture)
     params = dict(model.named_parameters())
     plain = [n for n in params if not n.endswith(_EXPERT_PARAMS)]
     moe_layers = [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers) if layer.is_moe]
-    quiet = {} if progress else {"disable": True}  # else tqdm's own rules (TQDM_DISABLE=1 silences it)
+    start = time.perf_counter()
     bar = tqdm(total=len(plain) + len(moe_layers), desc=f"loading weights (rank {model.ep_rank})",
-               unit="tensor", leave=False, **quiet)
+               unit="tensor", leave=False, **progress_options(progress))
     with torch.no_grad():
         for name in plain:
             param = params[name]
@@ -53,6 +61,9 @@ def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, pro
             _load_experts(reader, experts, ids, i, family.moe_module_names, family.expert_proj_names, model.spec.num_experts)
             bar.update()
     bar.close()
+    if progress:
+        log.info("loaded %d tensors and the experts of %d MoE layers from %s in %.1f s", len(plain), len(moe_layers),
+                 reader.folder, time.perf_counter() - start)
     model.expert_bytes_read = reader.bytes_read["expert"]
     _warn_unused(reader, model)
 

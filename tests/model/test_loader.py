@@ -266,3 +266,31 @@ def test_block_table_too_narrow_is_a_clear_error(qwen3):
     batch.block_tables = batch.block_tables[:, :2]
     with pytest.raises(ValueError, match="needs 3 KV blocks of 4, but block_tables has 2 columns"):
         model(batch, driver.kv)
+
+
+def test_progress_bar_only_on_a_terminal(capsys, caplog):
+    """Loading into a log file (stderr not a TTY) writes no carriage-return progress bar, only
+    one plain log line; a TTY still gets the bar."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    with caplog.at_level(logging.INFO, logger="server.model.weights"):
+        load_model(ModelConfig(), policy=build_policy("natural"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "loading weights" not in err, repr(err[:200])
+    assert any("loaded" in r.getMessage() and "tensors" in r.getMessage() for r in caplog.records)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    from server.model import weights
+
+    bar = tqdm(total=1, file=screen, **weights.progress_options(True))
+    bar.update()
+    bar.close()
+    assert "\r" in screen.getvalue()
+    assert weights.progress_options(False)["disable"] is True

@@ -309,3 +309,11 @@ def test_garbage_to_an_info_method_is_invalid_argument_without_a_traceback(serve
     assert not [line for line in new if "Traceback" in line or "ERROR" in line], "\n".join(new)
     assert len(new) <= 20, "\n".join(new)
     assert client.health() == "SERVING"
+
+
+def test_server_log_has_no_progress_bar_junk(server, client):
+    """The server's output goes to a file here: no tqdm carriage returns, one plain line instead."""
+    client.health()
+    log = server.log()
+    assert "\r" not in log, repr(log[:300])
+    assert "loaded " in log and "MoE layers" in log

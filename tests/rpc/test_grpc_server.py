@@ -5,6 +5,7 @@ engine.max_num_seqs=1 and engine.max_queue=1 (RESOURCE_EXHAUSTED from the engine
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -317,3 +318,68 @@ def test_server_log_has_no_progress_bar_junk(server, client):
     log = server.log()
     assert "\r" not in log, repr(log[:300])
     assert "loaded " in log and "MoE layers" in log
+
+
+def _proc_address(hex_address: str):
+    """/proc/net/tcp{,6} local address -> ipaddress (each 32-bit word is little-endian)."""
+    import ipaddress
+
+    raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
+    address = ipaddress.ip_address(raw)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def listening_addresses(port: int) -> set:
+    """Local addresses of the TCP sockets listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(_proc_address(address))
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp (Linux)")
+def test_metrics_endpoint_listens_on_loopback_only(server):
+    """The Prometheus endpoint has no token, so by default it listens on 127.0.0.1 alone
+    (a non-loopback server.metrics_host needs server.allow_remote=true)."""
+    for port in (server.metrics_port, server.port):
+        addresses = listening_addresses(port)
+        assert addresses and all(a.is_loopback for a in addresses), (port, addresses)
+
+
+def test_a_burst_of_unary_calls_is_answered_or_shed_with_cancelled(server, client):
+    """4000 GetServerInfo calls at once on one connection: grpc core accepts the first
+    grpc.server.max_pending_requests (1000) pending calls, sheds some beyond it and all beyond
+    the hard limit (3000) with CANCELLED before the servicer sees them. Each call is answered
+    OK or shed, never anything else, and the server serves on (docs/RELIABILITY.md)."""
+    import asyncio
+    import collections
+
+    async def burst(n: int) -> collections.Counter:
+        codes: collections.Counter = collections.Counter()
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = channel.unary_unary("/epserve.v1.GenerationService/GetServerInfo",
+                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+            async def one() -> None:
+                try:
+                    await call(b"", timeout=120)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+
+            await asyncio.gather(*(one() for _ in range(n)))
+        return codes
+
+    codes = asyncio.run(burst(4000))
+    print("burst of 4000 GetServerInfo:", dict(codes))
+    assert set(codes) <= {"OK", "CANCELLED"} and codes["OK"] >= 1000, codes
+    assert client.health() == "SERVING"
+    assert client.generate([1, 2], max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2

@@ -1,4 +1,4 @@
-"""Hydra composition, frozen validated config, start-up errors."""
+"""Hydra composition, frozen validated config, start-up errors, what --cfg prints."""
 from __future__ import annotations
 
 import subprocess

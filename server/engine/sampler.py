@@ -4,12 +4,12 @@ Greedy (temperature 0) is argmax. A request is sampled at temperature 0 when it 
 than MIN_TEMPERATURE (logits / T would overflow float32 and pick wrong tokens) or for top_k 1
 (only the best token is kept, so scaling could add ties or overflow, never another answer):
 `sampling_temperature` applies that rule once, where a request's parameters enter a step.
-Otherwise: scale by 1/temperature, cut to top-k and
-top-p, then Gumbel-max with noise that is a counter-based hash of (seed, position, token
-id) — no torch.Generator, no state. A request's draw at a position is therefore the same
-whichever other requests share its step, on whichever rank it runs, and after a preemption
-recomputes it. (Results can still differ where the model's logits themselves differ across
-batch shapes, e.g. GPU GEMM tilings, and only at near-ties.)
+Otherwise: scale by 1/temperature, cut to top-k and top-p, then Gumbel-max with noise that is
+a counter-based hash of (seed, position, token id) — no torch.Generator, no state. A
+request's draw at a position is therefore the same whichever other requests share its step,
+on whichever rank it runs, and after a preemption recomputes it. (Results can still differ
+where the model's logits themselves differ across batch shapes, e.g. GPU GEMM tilings, and
+only at near-ties.)
 
 Logprobs are those of the model's raw distribution (log_softmax of the logits), before
 temperature, top-k and top-p.
@@ -56,7 +56,8 @@ class SamplingBatch:
             keys=torch.tensor([sample_key(s.seed, p) for s, p in zip(specs, positions)], dtype=torch.int64, device=device),
             want_logprobs=any(s.logprobs for s in specs),
             all_greedy=all(sampling_temperature(s.temperature, s.top_k) <= 0 for s in specs),
-            any_cut=any(sampling_temperature(s.temperature, s.top_k) > 0 and (s.top_k > 0 or s.top_p < 1) for s in specs),
+            any_cut=any(sampling_temperature(s.temperature, s.top_k) > 0 and (s.top_k > 0 or s.top_p < 1)
+                        for s in specs),
         )
 
 

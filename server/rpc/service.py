@@ -44,9 +44,10 @@ class Undecodable:
 
 def tolerant_parser(request_cls) -> Callable[[bytes], object]:
     """A request deserializer that never raises. grpc turns a raising deserializer into
-    UNKNOWN with an ERROR traceback in the log, and it runs before any interceptor's verdict,
-    so an unauthenticated client could flood the log. Returning a marker instead lets the
-    auth check answer first (UNAUTHENTICATED), and the method answer INVALID_ARGUMENT."""
+    UNKNOWN with an ERROR traceback in the log for every call, so garbage could flood the log.
+    Returning a marker lets the method answer INVALID_ARGUMENT instead, silently (the auth
+    interceptor's denying handlers parse nothing, so a caller without the token still gets
+    UNAUTHENTICATED first)."""
     def parse(data: bytes) -> object:
         try:
             return request_cls.FromString(data)

@@ -30,20 +30,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: str, tensor: torch.Tensor) -> str:
-    """'auto' -> 'triton' for CUDA tensors with Triton importable, else 'torch'.
-
-    An explicit name is returned as is (callers validate it against their registry); the env
-    var EPSERVE_KERNEL_BACKEND overrides 'auto' so a whole run can use the torch twins.
-    """
-    if requested != "auto":
-        return requested
+def default_backend(device: torch.device | str | None) -> str:
+    """'triton' on CUDA with Triton importable, else 'torch'; EPSERVE_KERNEL_BACKEND overrides
+    (read now: a model reads it once, when it is built, server/kernels/backend.py)."""
     forced = os.environ.get(BACKEND_ENV, "").strip()
     if forced:
         return forced
-    if tensor.is_cuda and triton_available():
+    if device is not None and torch.device(device).type == "cuda" and triton_available():
         return "triton"
     return "torch"
+
+
+def resolve_backend(requested: str, tensor: torch.Tensor) -> str:
+    """'auto' -> default_backend(tensor's device); an explicit name is returned as is (callers
+    validate it against their registry). For the per-call front door (server/kernels/ops.py)."""
+    return default_backend(tensor.device) if requested == "auto" else requested
 
 
 def dot_mode(dtype: torch.dtype) -> tuple[str, bool]:

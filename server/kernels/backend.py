@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..registry import UnknownNameError
-from .availability import BACKEND_ENV, triton_available
+from .availability import BACKEND_ENV, default_backend
 from .ops import KERNEL_OPS
 
 EXPERT_PATH_ENV = "EPSERVE_EXPERT_PATH"
@@ -42,12 +42,7 @@ class KernelBackend:
     @classmethod
     def for_device(cls, device: torch.device | str | None = None) -> "KernelBackend":
         """The backend for a model on `device` (None: CPU), environment overrides applied."""
-        forced = os.environ.get(BACKEND_ENV, "").strip()
-        expert_path = os.environ.get(EXPERT_PATH_ENV, "").strip()
-        if forced:
-            return cls(forced, expert_path)
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        return cls("triton" if on_cuda and triton_available() else "torch", expert_path)
+        return cls(default_backend(device), os.environ.get(EXPERT_PATH_ENV, "").strip())
 
     def op(self, name: str) -> Callable:
         """The implementation of kernel op `name` for this backend (its torch twin where it has none)."""

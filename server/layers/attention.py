@@ -117,7 +117,7 @@ def paged_attention(
     v: torch.Tensor,  # [T, Hkv, D]
     k_cache: torch.Tensor,  # [NB, B, Hkv, D]
     v_cache: torch.Tensor,  # [NB, B, Hkv, D]
-    meta,  # PagedAttentionMetadata | KernelAttentionMetadata (build_attention_metadata)
+    meta,  # PagedAttentionMetadata | KernelAttentionMetadata (the model's attention_backend.build)
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:

@@ -171,7 +171,7 @@ class StepPlan:
 
     def with_routing(self, routing: dict[str, Any]) -> "StepPlan":
         """The same step with every rank first switching to the routing policy `routing` names."""
-        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks])
+        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks], self.sampling)
 
 
 def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | None = None,

@@ -31,7 +31,7 @@ def _command(cfg: DictConfig) -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from .ep import run_benchmark
+    from .static_run import run_static
     from .report import print_table, write_run
     from .settings import BenchSettings
 
@@ -43,7 +43,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(settings.bench.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger(__name__).info("run %s -> %s", settings.tag(), out_dir)
-    doc = run_benchmark(settings)
+    doc = run_static(settings)
     path = write_run(doc, out_dir)
     from .report import load_runs
 

@@ -1,0 +1,99 @@
+"""Drive the engine core in this process: submit a request set, step it to the end, time it.
+
+The same EngineCore the server runs (server/engine/core.py): its scheduler plans every step,
+every EP rank's model runner executes it, token-level stops end the requests. A run's
+phases, as a server's client sees them:
+
+  prefill  from submitting the set until every request has its first token
+  decode   from then until the last request has its last token (B x (O-1) tokens)
+  e2e      the whole run: B x O generated tokens over submission -> last token
+
+A `StepObserver` sees every step (the probe pass uses it for per-step loads and MoE times).
+Routing policies are switched between runs by a step plan that carries only the switch
+(RankPlan.routing), sent to every rank at once while no request is in the engine.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+from ..engine.api import SamplingParams, StopParams
+from ..engine.core_types import EngineRequest, StepOutputs
+from ..engine.step_plan import build_step_plan
+from .request_sets import RequestSet
+
+GREEDY = SamplingParams(temperature=0.0, seed=0)
+
+
+class StepObserver(Protocol):
+    def before_step(self) -> None: ...
+    def after_step(self, out: StepOutputs, seconds: float, phase: str) -> None: ...
+
+
+@dataclass
+class RunTiming:
+    prefill_s: float  # submission -> every request's first token
+    decode_s: float  # -> every request's last token
+    steps: int  # engine steps the run took
+    tokens: dict[int, list[int]] = field(default_factory=dict)  # request id -> generated ids
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+class CoreDriver:
+    """Runs request sets through one EngineCore (ids never repeat across runs)."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+        self._ids = itertools.count()
+
+    def run(self, requests: RequestSet, observer: StepObserver | None = None) -> RunTiming:
+        core, out_len = self.core, requests.output_len
+        stops = StopParams(max_new_tokens=out_len, ignore_eos=True)
+        ids = [next(self._ids) for _ in requests.prompts]
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        waiting_first, unfinished = set(ids), set(ids)
+        steps, t_first = 0, None
+        t0 = time.perf_counter()
+        for req_id, prompt in zip(ids, requests.prompts):
+            core.add_request(EngineRequest(req_id, prompt, GREEDY, stops))
+        while unfinished:
+            phase = "prefill" if waiting_first else "decode"
+            if observer is not None:
+                observer.before_step()
+            start = time.perf_counter()
+            out = core.step()
+            end = time.perf_counter()
+            steps += 1
+            for req_id, new in zip(out.req_ids, out.token_ids):
+                if req_id in tokens:
+                    tokens[req_id].extend(new)
+                    waiting_first.discard(req_id)
+            unfinished.difference_update(out.finished)
+            if observer is not None:
+                observer.after_step(out, end - start, phase)
+            if t_first is None and not waiting_first:
+                t_first = end
+        t_end = time.perf_counter()
+        short = {i: len(t) for i, t in tokens.items() if len(t) != out_len}
+        if short:
+            raise RuntimeError(f"{len(short)} requests did not make exactly {out_len} tokens (e.g. {list(short.items())[:3]})")
+        return RunTiming(prefill_s=t_first - t0, decode_s=t_end - t_first, steps=steps, tokens=tokens)
+
+    def switch_policy(self, routing: Mapping[str, Any]) -> str:
+        """Every rank switches to `routing` in one plan; -> the policy's repr (all ranks agree).
+        Rank 0 builds the policy first, so a mapping the model cannot serve fails here with a
+        ConfigError and never reaches a worker."""
+        core = self.core
+        if core.has_work():
+            raise RuntimeError("switch policies between runs: the engine still holds requests")
+        core.executor.runner.policies.policy_for(routing)
+        plan = build_step_plan(core.scheduler.step, [[] for _ in range(core.executor.num_ranks)]).with_routing(routing)
+        names = {r.routing for r in core.executor.execute(plan)}
+        if len(names) != 1:
+            raise RuntimeError(f"EP ranks disagree on the routing policy after a switch: {sorted(map(str, names))}")
+        return names.pop()

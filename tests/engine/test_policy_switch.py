@@ -121,3 +121,57 @@ def test_decode_graphs_are_captured_per_policy_and_reused(monkeypatch) -> None:
     assert eager.decode_graphs is None
     eager_tokens, _, _ = _generate(eager, 0, 1, steps=6, routing=ROUND_ROBIN)
     assert graph_tokens == eager_tokens
+
+
+def _core_app(ep_size: int) -> AppConfig:
+    return AppConfig.from_dict({"model": {"name": "tiny"}, "parallel": {"ep_size": ep_size},
+                                "engine": {"kv_cache_tokens": 512, "kv_block_size": 16, "max_num_seqs": 8,
+                                           "max_num_batched_tokens": 512}})
+
+
+def _step_until(core, done, max_steps: int = 8):
+    """Step until `done(outputs)` (an overlapped core answers a step later) -> those outputs."""
+    for _ in range(max_steps):
+        out = core.step()
+        if done(out):
+            return out
+    raise AssertionError(f"nothing answered within {max_steps} steps")
+
+
+def _prefill_load(core, prompts) -> list[list[int]]:
+    """One step over `prompts` with the load counters reset: that step's [layer][expert] counts."""
+    from server.engine.api import SamplingParams, StopParams
+    from server.engine.core_types import EngineRequest
+
+    ticket = core.request_expert_load(reset=True)
+    _step_until(core, lambda out: ticket in out.load_tickets)  # clears the counters
+    ids = {1000 + i for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        core.add_request(EngineRequest(1000 + i, tuple(p), SamplingParams(temperature=0.0), StopParams(max_new_tokens=1)))
+    ticket = core.request_expert_load(reset=True)
+    out = _step_until(core, lambda out: ticket in out.load_tickets)
+    assert set(out.finished) == ids
+    return out.expert_load.expert_tokens
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_engine_core_switches_every_rank_before_the_next_forward(ep_size) -> None:
+    from server.engine.launcher import build_engine_core
+
+    core = build_engine_core(_core_app(ep_size))
+    try:
+        prompts = [list(range(3 + i, 40 + i)) for i in range(4)]
+        natural = _prefill_load(core, prompts)
+        assert any(max(row) - min(row) > 1 for row in natural)  # the router leaves experts uneven
+        with pytest.raises(ConfigError, match="routing.name"):
+            core.switch_routing_policy({"name": "no_such_policy"})
+        core.switch_routing_policy(ROUND_ROBIN)
+        assert core.has_work()
+        out = _step_until(core, lambda out: out.routing is not None)  # an otherwise idle step carries it to every rank
+        assert out.routing.startswith("round_robin_balanced(") and not out.is_empty
+        assert core.model_info().routing_policy == "round_robin_balanced"
+        balanced = _prefill_load(core, prompts)
+        # round robin: within one pick per expert in the step, summed over ranks — only if every rank switched
+        assert all(max(row) - min(row) <= 1 for row in balanced), balanced
+    finally:
+        core.shutdown(graceful=True)

@@ -4,7 +4,7 @@ In an EP step every MoE layer waits for its busiest rank: the layer's time follo
 largest number of (token, expert) pairs any rank computes, max_r load[l][r]. Perfectly
 balanced, every rank would compute the mean, mean_r load[l][r]. From one probe pass of a
 policy (eager steps, CUDA events around each MoE block on rank 0, the per-rank load of every
-step) this module fits the time per pair on the busiest rank,
+step, the phase's wall time) this module fits the time per pair on the busiest rank,
 
     us_per_pair = sum over steps and layers of MoE time / sum of max_r load,
 
@@ -26,18 +26,17 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class ProbeStep:
-    """One engine step of a probe pass."""
+    """One forward step of a probe pass."""
 
-    seconds: float  # wall time of the step (rank 0)
     moe_ms: Sequence[float]  # [L] MoE block time per layer on rank 0 (waits for the busiest rank)
     rank_pairs: Sequence[Sequence[int]]  # [L][R] (token, expert) pairs each EP rank computed
 
 
-def balance_bound(steps: Sequence[ProbeStep]) -> dict:
-    """Fit and bound over a phase's steps (see the module docstring) -> plain data."""
+def balance_bound(steps: Sequence[ProbeStep], phase_s: float) -> dict:
+    """Fit and bound over a phase's forward steps, which took `phase_s` of wall time (see the
+    module docstring) -> plain data."""
     if not steps:
         raise ValueError("a phase needs at least one probe step")
-    phase_s = sum(s.seconds for s in steps)
     moe_s = sum(sum(s.moe_ms) for s in steps) / 1e3
     busiest = sum(max(row) for s in steps for row in s.rank_pairs)
     mean = sum(sum(row) / len(row) for s in steps for row in s.rank_pairs)

@@ -9,8 +9,8 @@ phases, as a server's client sees them:
   e2e      the whole run: B x O generated tokens over submission -> last token
 
 A `StepObserver` sees every step (the probe pass uses it for per-step loads and MoE times).
-Routing policies are switched between runs by a step plan that carries only the switch
-(RankPlan.routing), sent to every rank at once while no request is in the engine.
+Routing policies are switched between runs, while no request is in the engine, through
+EngineCore.switch_routing_policy: one step plan carries the switch to every rank at once.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from typing import Any, Mapping, Protocol
 
 from ..engine.api import SamplingParams, StopParams
 from ..engine.core_types import EngineRequest, StepOutputs
-from ..engine.step_plan import build_step_plan
 from .request_sets import RequestSet
 
 GREEDY = SamplingParams(temperature=0.0, seed=0)
@@ -84,16 +83,14 @@ class CoreDriver:
             raise RuntimeError(f"{len(short)} requests did not make exactly {out_len} tokens (e.g. {list(short.items())[:3]})")
         return RunTiming(prefill_s=t_first - t0, decode_s=t_end - t_first, steps=steps, tokens=tokens)
 
-    def switch_policy(self, routing: Mapping[str, Any]) -> str:
-        """Every rank switches to `routing` in one plan; -> the policy's repr (all ranks agree).
-        Rank 0 builds the policy first, so a mapping the model cannot serve fails here with a
-        ConfigError and never reaches a worker."""
-        core = self.core
-        if core.has_work():
+    def switch_policy(self, routing: Mapping[str, Any], max_steps: int = 8) -> str:
+        """Every rank switches to `routing` in one step plan, between runs; -> the policy's repr
+        (every rank agreed). A mapping the model cannot serve fails here with a ConfigError."""
+        if self.core.scheduler.has_work():
             raise RuntimeError("switch policies between runs: the engine still holds requests")
-        core.executor.runner.policies.policy_for(routing)
-        plan = build_step_plan(core.scheduler.step, [[] for _ in range(core.executor.num_ranks)]).with_routing(routing)
-        names = {r.routing for r in core.executor.execute(plan)}
-        if len(names) != 1:
-            raise RuntimeError(f"EP ranks disagree on the routing policy after a switch: {sorted(map(str, names))}")
-        return names.pop()
+        self.core.switch_routing_policy(routing)
+        for _ in range(max_steps):  # an overlapped core reports it a step later
+            switched = self.core.step().routing
+            if switched is not None:
+                return switched
+        raise RuntimeError(f"no step reported the switch to {dict(routing)} within {max_steps} steps")

@@ -137,11 +137,12 @@ def run_experiment(settings: BenchSettings) -> dict:
             for label, routing in zip(labels, o.policies):
                 driver.switch_policy(routing)
                 main = probe_run(driver, sets.main)
-                loads[label] = summed_expert_tokens(main["prefill"] + main["decode"])
-                balance["prefill"][label] = phase_balance(main["prefill"])
-                balance["decode"][label] = phase_balance(main["decode"])
+                loads[label] = summed_expert_tokens(main.prefill + main.decode)
+                balance["prefill"][label] = phase_balance(main.prefill, main.timing.prefill_s)
+                balance["decode"][label] = phase_balance(main.decode, main.timing.decode_s)
                 if sets.small:
-                    balance["small_decode"][label] = phase_balance(probe_run(driver, sets.small)["decode"])
+                    small = probe_run(driver, sets.small)
+                    balance["small_decode"][label] = phase_balance(small.decode, small.timing.decode_s)
             _progress("probe", t_start)
         engine_info = _engine_info(core, app, load_s)
     finally:

@@ -1,19 +1,22 @@
 """The probe pass: one untimed run of a request set under one policy, watched step by step.
 
 Every step asks for the expert-load counters with reset (the step's own load, reduced over
-the EP ranks) and rank 0's MoE blocks are timed with CUDA events (host clock on CPU). Decode
-runs eagerly on rank 0 for the pass, since graph replays bypass the timing hooks. From it
+the EP ranks) and rank 0's MoE blocks are timed with CUDA events (host clock on CPU; the
+timer synchronises after every step, so the pass runs one step at a time). Decode runs
+eagerly on rank 0 for the pass, since graph replays bypass the timing hooks. From it
 come what EP users read per phase — per-rank (token, expert) pairs, active experts per
 rank, balancedness per layer over ranks — and the balance bound (bound.py).
 """
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ..engine.core_types import StepOutputs
 from ..moe.load_stats import ExpertLoadSnapshot, aggregate_layers, balancedness
 from .bound import ProbeStep, balance_bound
-from .drive import CoreDriver
+from .drive import CoreDriver, RunTiming
 from .moe_timer import MoETimer
 from .request_sets import RequestSet
 
@@ -29,34 +32,63 @@ def eager_decode(runner):
 
 
 class _Watcher:
+    """Pairs each forward step's MoE times (rank 0) with the load snapshot that answers the
+    ticket asked before the call that planned it. Snapshots come in step order (an overlapped
+    core answers a call later), and so do the timer's forwards: a queue matches them."""
+
     def __init__(self, core, timer: MoETimer) -> None:
         self.core, self.timer = core, timer
-        self.steps: dict[str, list[tuple[ProbeStep, ExpertLoadSnapshot]]] = {"prefill": [], "decode": []}
+        self.pending: set[int] = set()  # load tickets asked, not yet answered
+        self._times: deque[list[float]] = deque()  # [L] MoE ms of each forward, not yet matched
+        self.steps: list[tuple[ProbeStep, ExpertLoadSnapshot]] = []  # forward steps, in order
 
     def before_step(self) -> None:
-        self.core.request_expert_load(reset=True)
+        self.pending.add(self.core.request_expert_load(reset=True))
 
-    def after_step(self, out: StepOutputs, seconds: float, phase: str) -> None:
-        moe_ms = self.timer.take_ms()  # [L] this step's MoE blocks (synchronises)
+    def after_step(self, out: StepOutputs, seconds: float = 0.0, phase: str = "") -> None:
+        self._times.extend(self.timer.take_calls())
+        self.pending.difference_update(out.load_tickets)
         load = out.expert_load
-        if load is None or not sum(load.tokens):
-            return  # no forward in this step
-        self.steps[phase].append((ProbeStep(seconds, moe_ms, load.rank_tokens()), load))
+        if load is not None and sum(load.tokens):  # the snapshot of a step that ran a forward
+            self.steps.append((ProbeStep(self._times.popleft(), load.rank_tokens()), load))
 
 
-def probe_run(driver: CoreDriver, requests: RequestSet) -> dict[str, list[tuple[ProbeStep, ExpertLoadSnapshot]]]:
-    """-> {"prefill": [(step, load)], "decode": [...]} for one run of `requests`."""
+def _settle(core, watcher: _Watcher) -> None:
+    """Step until every asked-for load has been answered."""
+    while watcher.pending:
+        watcher.after_step(core.step())
+
+
+def _reset_counters(core) -> None:
+    ticket = core.request_expert_load(reset=True)
+    while ticket not in core.step().load_tickets:
+        pass
+
+
+@dataclass
+class ProbeRun:
+    prefill: list[tuple[ProbeStep, ExpertLoadSnapshot]]  # the run's first forward step
+    decode: list[tuple[ProbeStep, ExpertLoadSnapshot]]  # every later one
+    timing: RunTiming  # the run's phases, wall time
+
+
+def probe_run(driver: CoreDriver, requests: RequestSet) -> ProbeRun:
+    """One watched run of `requests`. Its prefill is the first forward step: the bench's engine
+    limits admit and prefill every request in one step, checked here."""
     core = driver.core
     runner = core.executor.runner
     timer = MoETimer(runner.model)
     watcher = _Watcher(core, timer)
     with eager_decode(runner), timer.recording():
-        core.request_expert_load(reset=True)  # start from zero: the next step clears the counters
-        while core.has_work():
-            core.step()
-        timer.take_ms()
-        driver.run(requests, watcher)
-    return watcher.steps
+        _reset_counters(core)
+        timer.take_calls()
+        timing = driver.run(requests, watcher)
+        _settle(core, watcher)
+    steps = watcher.steps
+    if not steps or steps[0][1].tokens[0] != requests.prompt_tokens:
+        raise RuntimeError(f"the probe's first forward step routed {steps[0][1].tokens[0] if steps else 0} tokens, not "
+                           f"the {requests.prompt_tokens} prompt tokens: the prefill did not run as one step")
+    return ProbeRun(steps[:1], steps[1:], timing)
 
 
 def summed_expert_tokens(steps: list[tuple[ProbeStep, ExpertLoadSnapshot]]) -> list[list[int]]:
@@ -69,11 +101,11 @@ def summed_expert_tokens(steps: list[tuple[ProbeStep, ExpertLoadSnapshot]]) -> l
     return rows
 
 
-def phase_balance(steps: list[tuple[ProbeStep, ExpertLoadSnapshot]]) -> dict:
+def phase_balance(steps: list[tuple[ProbeStep, ExpertLoadSnapshot]], phase_s: float) -> dict:
     """What EP users read for one phase, per step then averaged over its steps:
     balancedness per layer over ranks and over experts (aggregated over layers), (token,
     expert) pairs and active experts per rank per layer, ranks each token touches, and the
-    balance bound."""
+    balance bound (over `phase_s`, the phase's wall time in the probe run)."""
     if not steps:
         raise ValueError("the probe saw no forward step in this phase")
     num_layers = len(steps[0][1].tokens)
@@ -106,5 +138,5 @@ def phase_balance(steps: list[tuple[ProbeStep, ExpertLoadSnapshot]]) -> dict:
         "tokens_per_rank": [p / n for p in pairs],  # (token, expert) pairs per layer per step
         "active_experts_per_rank": [a / n for a in active],  # experts (slots) with >= 1 token, per layer per step
         "ranks_per_token": sum(ranks_per_token) / n,
-        "bound": balance_bound([s for s, _ in steps]),
+        "bound": balance_bound([s for s, _ in steps], phase_s),
     }

@@ -35,15 +35,16 @@ def test_pairing_by_repetition_cancels_drift_the_unpaired_ratio_keeps() -> None:
 
 def test_bound_replaces_the_busiest_ranks_pairs_by_the_mean() -> None:
     # one step of 1 s, half of it MoE (2 layers x 250 ms); rank 0 computes 30 pairs, rank 1 10
-    step = ProbeStep(seconds=1.0, moe_ms=[250.0, 250.0], rank_pairs=[[30, 10], [30, 10]])
-    b = balance_bound([step])
+    step = ProbeStep(moe_ms=[250.0, 250.0], rank_pairs=[[30, 10], [30, 10]])
+    b = balance_bound([step], phase_s=1.0)
     assert b["moe_share"] == pytest.approx(0.5) and b["rank_max_over_mean"] == pytest.approx(1.5)
     assert b["us_per_pair"] == pytest.approx(0.5 / 60 * 1e6)
     # balanced: 40 pairs at the same rate -> MoE 1/3 s, the step 5/6 s
     assert b["balanced_moe_s"] == pytest.approx(1 / 3) and b["speedup_bound"] == pytest.approx(1.2)
-    two = balance_bound([step, ProbeStep(seconds=1.0, moe_ms=[100.0, 100.0], rank_pairs=[[20, 20], [20, 20]])])
+    two = balance_bound([step, ProbeStep(moe_ms=[100.0, 100.0], rank_pairs=[[20, 20], [20, 20]])], phase_s=2.0)
     assert two["pairs_busiest_rank"] == 100 and two["pairs_mean_rank"] == 80
-    one_rank = balance_bound([ProbeStep(seconds=1.0, moe_ms=[400.0], rank_pairs=[[64]])])
+    assert two["speedup_bound"] == pytest.approx(2.0 / (2.0 - 0.7 + 0.7 * 80 / 100))
+    one_rank = balance_bound([ProbeStep(moe_ms=[400.0], rank_pairs=[[64]])], phase_s=1.0)
     assert one_rank["speedup_bound"] == pytest.approx(1.0)  # a single rank is always balanced
 
 

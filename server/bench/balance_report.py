@@ -55,7 +55,8 @@ def markdown(doc: dict) -> str:
              f'{doc["model"]["experts"]} experts, top-{doc["model"]["top_k"]}, {doc["model"]["dtype"]}), workload '
              f'{w["kind"]}: B={w["batch"]}, prompt lengths {w["lengths"]["min"]}-{w["lengths"]["max"]} '
              f'({w["lengths"]["distinct"]} distinct, mean {w["lengths"]["mean"]:.1f}), {w["output_len"]} new tokens; '
-             f'{w["repeats"]} interleaved repetitions after {w["warmup"]} warm-up; decode graphs: {doc["engine"]["decode_graphs"]}.',
+             f'{w["repeats"]} interleaved repetitions after {w["warmup"]} warm-up (prefill: median of the full run and '
+             f'{w["prefill_runs"]} prefill-only runs per round); decode graphs: {doc["engine"]["decode_graphs"]}.',
              f'Command: `{doc["command"]}`', "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for phase, per_policy in doc["phases"].items():
         for label, block in per_policy.items():

@@ -8,8 +8,9 @@ the policies run interleaved, A B C A B C ..., so slow drift of the machine land
 policy alike and each repetition gives a paired ratio to natural:
 
   warm-up     bench.warmup rounds of every run below (kernels compile, graphs get captured)
-  phases      bench.repeats rounds; each policy: the main set (prefill, decode, e2e), then
-              the small set (decode at bench.small_batch)
+  phases      bench.repeats rounds; each policy: the main set (prefill, decode, e2e) and
+              bench.prefill_runs prefill-only runs of it (the round's prefill figure is the
+              median of these), then the small set (decode at bench.small_batch)
   sweep       bench.sweep_repeats rounds; each policy: decode at every per-rank batch of bench.sweep
   probe       one eager run of the main and small sets per policy, watched step by step (probe.py)
   served      (bench.served) the main set through gRPC (served.py), after the ranks are gone
@@ -18,11 +19,12 @@ policy alike and each repetition gives a paired ratio to natural:
 """
 from __future__ import annotations
 
-import logging
+import gc
 import os
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import AppConfig, ConfigError, RoutingConfig
 from ..model.loader import read_model_spec
@@ -32,8 +34,6 @@ from .probe import phase_balance, probe_run, summed_expert_tokens
 from .request_sets import RequestSet, build_request_set
 from .settings import BenchSettings
 from .static_run import NO_MULTICAST
-
-log = logging.getLogger(__name__)
 
 PHASES = ("prefill", "decode", "small_decode")
 
@@ -90,6 +90,59 @@ def check_policies(settings: BenchSettings, spec) -> None:
             raise ConfigError(f"bench.policies: {routing}: {exc}") from None
 
 
+class _Rounds:
+    """The measurements of one experiment, filled in round by round."""
+
+    def __init__(self, settings: BenchSettings, sets: RequestSets, driver: CoreDriver) -> None:
+        self.o, self.sets, self.driver = settings.bench, sets, driver
+        self.labels = self.o.policy_labels
+        self.phases = {label: {p: [] for p in (*PHASES, "e2e")} for label in self.labels}
+        self.sweep = {label: {b: [] for b in sets.sweep} for label in self.labels}
+        self.balance: dict = {p: {} for p in PHASES}
+        self.loads: dict[str, list[list[int]]] = {}  # policy -> [layer][expert] of its main-set probe run
+        self.switched: dict[str, str] = {}  # policy -> the repr every rank reported
+        self._prefill_only = replace(sets.main, output_len=1)
+
+    def _run(self, requests: RequestSet):
+        gc.collect()  # between runs, not inside one
+        return self.driver.run(requests)
+
+    def phase_round(self, timed: bool) -> None:
+        sets = self.sets
+        for label, routing in zip(self.labels, self.o.policies):
+            self.switched[label] = self.driver.switch_policy(routing)
+            main = self._run(sets.main)
+            prefill = [main.prefill_s] + [self._run(self._prefill_only).prefill_s for _ in range(self.o.prefill_runs)]
+            small = self._run(sets.small) if sets.small else None
+            if not timed:
+                for points in sets.sweep.values():  # every shape the sweep will see, once
+                    self._run(points)
+                continue
+            rec = self.phases[label]
+            rec["prefill"].append(sets.main.prompt_tokens / statistics.median(prefill))
+            rec["decode"].append(sets.main.decode_tokens / main.decode_s)
+            rec["e2e"].append(sets.main.batch * sets.main.output_len / main.total_s)
+            if small is not None:
+                rec["small_decode"].append(sets.small.decode_tokens / small.decode_s)
+
+    def sweep_round(self) -> None:
+        for label, routing in zip(self.labels, self.o.policies):
+            self.driver.switch_policy(routing)
+            for b, points in self.sets.sweep.items():
+                self.sweep[label][b].append(points.decode_tokens / self._run(points).decode_s)
+
+    def probe(self) -> None:
+        for label, routing in zip(self.labels, self.o.policies):
+            self.driver.switch_policy(routing)
+            main = probe_run(self.driver, self.sets.main)
+            self.loads[label] = summed_expert_tokens(main.prefill + main.decode)
+            self.balance["prefill"][label] = phase_balance(main.prefill, main.timing.prefill_s)
+            self.balance["decode"][label] = phase_balance(main.decode, main.timing.decode_s)
+            if self.sets.small:
+                small = probe_run(self.driver, self.sets.small)
+                self.balance["small_decode"][label] = phase_balance(small.decode, small.timing.decode_s)
+
+
 def run_experiment(settings: BenchSettings) -> dict:
     from ..engine.launcher import build_engine_core
     from .summary import build_document
@@ -100,49 +153,19 @@ def run_experiment(settings: BenchSettings) -> dict:
     check_policies(settings, spec)
     sets = build_sets(settings, spec.vocab_size)
     app = engine_app(settings, sets)
-    labels = o.policy_labels
     t_start = time.perf_counter()
     core = build_engine_core(app)
     load_s = time.perf_counter() - t_start
-    driver = CoreDriver(core)
-    phases = {label: {p: [] for p in (*PHASES, "e2e")} for label in labels}
-    sweep = {label: {b: [] for b in sets.sweep} for label in labels}
-    balance: dict = {p: {} for p in PHASES}
-    loads: dict[str, list[list[int]]] = {}  # policy -> [layer][expert] of its main-set probe run
-    switched: dict[str, str] = {}
+    rounds = _Rounds(settings, sets, CoreDriver(core))
     try:
         for rnd in range(o.warmup + o.repeats):
-            for label, routing in zip(labels, o.policies):
-                switched[label] = driver.switch_policy(routing)
-                main = driver.run(sets.main)
-                small = driver.run(sets.small) if sets.small else None
-                if rnd < o.warmup:
-                    for points in sets.sweep.values():
-                        driver.run(points)
-                    continue
-                rec = phases[label]
-                rec["prefill"].append(sets.main.prompt_tokens / main.prefill_s)
-                rec["decode"].append(sets.main.decode_tokens / main.decode_s)
-                rec["e2e"].append(sets.main.batch * sets.main.output_len / main.total_s)
-                if small is not None:
-                    rec["small_decode"].append(sets.small.decode_tokens / small.decode_s)
-            _progress(f"round {rnd + 1}/{o.warmup + o.repeats} ({'warm-up' if rnd < o.warmup else 'timed'})", t_start)
+            rounds.phase_round(timed=rnd >= o.warmup)
+            _progress(f"round {rnd + 1}/{o.warmup + o.repeats} ({'timed' if rnd >= o.warmup else 'warm-up'})", t_start)
         for rnd in range(o.sweep_repeats if sets.sweep else 0):
-            for label, routing in zip(labels, o.policies):
-                driver.switch_policy(routing)
-                for b, points in sets.sweep.items():
-                    sweep[label][b].append(points.decode_tokens / driver.run(points).decode_s)
+            rounds.sweep_round()
             _progress(f"sweep round {rnd + 1}/{o.sweep_repeats}", t_start)
         if o.probe:
-            for label, routing in zip(labels, o.policies):
-                driver.switch_policy(routing)
-                main = probe_run(driver, sets.main)
-                loads[label] = summed_expert_tokens(main.prefill + main.decode)
-                balance["prefill"][label] = phase_balance(main.prefill, main.timing.prefill_s)
-                balance["decode"][label] = phase_balance(main.decode, main.timing.decode_s)
-                if sets.small:
-                    small = probe_run(driver, sets.small)
-                    balance["small_decode"][label] = phase_balance(small.decode, small.timing.decode_s)
+            rounds.probe()
             _progress("probe", t_start)
         engine_info = _engine_info(core, app, load_s)
     finally:
@@ -151,9 +174,10 @@ def run_experiment(settings: BenchSettings) -> dict:
     if o.served:  # the ranks are gone: the server gets the memory they held
         from .served import run_served
 
-        natural = labels[[p["name"] for p in o.policies].index("natural")]
-        served = run_served(settings, app, sets.main, phases[natural]["e2e"])
-    return build_document(settings, spec, sets, engine_info, phases, sweep, balance, loads, switched, served)
+        natural = rounds.labels[[p["name"] for p in o.policies].index("natural")]
+        served = run_served(settings, app, sets.main, rounds.phases[natural]["e2e"])
+    return build_document(settings, spec, sets, engine_info, rounds.phases, rounds.sweep, rounds.balance, rounds.loads,
+                          rounds.switched, served)
 
 
 def _engine_info(core, app: AppConfig, load_s: float) -> dict:

@@ -61,7 +61,7 @@ def build_document(settings, spec, sets, engine_info: dict, phases: dict, sweep:
                                  "distinct": len(set(lengths))},
                      "prompt_tokens": sets.main.prompt_tokens, "small_batch": o.small_batch,
                      "sweep_per_rank_batches": list(sets.sweep), "sweep_output_len": o.sweep_output_len,
-                     "repeats": o.repeats, "warmup": o.warmup, "sweep_repeats": o.sweep_repeats if sets.sweep else 0,
+                     "repeats": o.repeats, "warmup": o.warmup, "prefill_runs": o.prefill_runs, "sweep_repeats": o.sweep_repeats if sets.sweep else 0,
                      "order": "interleaved: every round runs each policy once, in the order listed"},
         "policies": labels,
         "policy_reprs": switched,

@@ -15,7 +15,7 @@ from tests.tools.test_bench_cli import _bench
 B, SMALL, L, O, K, LAYERS, EP, REPEATS = 4, 2, 8, 3, 2, 4, 2, 5
 SMOKE = ["model=tiny", "parallel=ep2", "bench.workload=lightllm", f"bench.batch={B}", f"bench.small_batch={SMALL}",
          f"bench.input_len={L}", f"bench.output_len={O}", "bench.sweep=[1,2]", "bench.sweep_output_len=3",
-         "bench.sweep_repeats=2", f"bench.repeats={REPEATS}", "bench.warmup=1"]
+         "bench.sweep_repeats=2", f"bench.repeats={REPEATS}", "bench.warmup=1", "bench.prefill_runs=1"]
 POLICIES = ["natural", "greedy_balanced", "round_robin_balanced"]
 PHASES = ["prefill", "decode", "small_decode"]
 

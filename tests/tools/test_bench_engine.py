@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+
+import pytest
+import torch
 
 from tests.tools.test_bench_cli import _bench
 
@@ -104,3 +108,20 @@ def test_served_mode_runs_the_workload_through_grpc_beside_in_process(tmp_path) 
     assert math.isclose(ratio["ratio"], served["served_tok_s"]["median"] / served["in_process_tok_s"]["median"])
     assert 0 < served["ttft_p50_s"] < 60
     assert "served / in-process" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_mode_on_one_gpu_decodes_through_graphs_per_policy(tmp_path) -> None:
+    proc = _bench(tmp_path, "model=tiny", "bench.batch=16", "bench.small_batch=4", "bench.input_len=16",
+                  "bench.output_len=8", "bench.workload=lightllm", "bench.sweep=[1,4]", "bench.repeats=5",
+                  CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "balance" / "tiny-single-lightllm.json").read_text())
+    assert doc["device"]["type"] == "cuda" and doc["engine"]["decode_graphs"].startswith("captured per policy")
+    for phase in PHASES:
+        for p in POLICIES:
+            _check_stat(doc["phases"][phase][p]["ratio_to_natural"], 5)
+            bal = doc["balance"][phase][p]
+            assert math.isclose(bal["bound"]["speedup_bound"], 1.0) and bal["vs_bound"]["uplift_over_bound"] is None  # one rank
+            assert bal["balancedness"]["rank"]["avg"] == 1.0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 from ..engine.api import SamplingParams, StopParams
@@ -28,15 +28,13 @@ GREEDY = SamplingParams(temperature=0.0, seed=0)
 
 class StepObserver(Protocol):
     def before_step(self) -> None: ...
-    def after_step(self, out: StepOutputs, seconds: float, phase: str) -> None: ...
+    def after_step(self, out: StepOutputs) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunTiming:
     prefill_s: float  # submission -> every request's first token
     decode_s: float  # -> every request's last token
-    steps: int  # engine steps the run took
-    tokens: dict[int, list[int]] = field(default_factory=dict)  # request id -> generated ids
 
     @property
     def total_s(self) -> float:
@@ -56,32 +54,29 @@ class CoreDriver:
         ids = [next(self._ids) for _ in requests.prompts]
         tokens: dict[int, list[int]] = {i: [] for i in ids}
         waiting_first, unfinished = set(ids), set(ids)
-        steps, t_first = 0, None
+        t_first = None
         t0 = time.perf_counter()
         for req_id, prompt in zip(ids, requests.prompts):
             core.add_request(EngineRequest(req_id, prompt, GREEDY, stops))
         while unfinished:
-            phase = "prefill" if waiting_first else "decode"
             if observer is not None:
                 observer.before_step()
-            start = time.perf_counter()
             out = core.step()
             end = time.perf_counter()
-            steps += 1
             for req_id, new in zip(out.req_ids, out.token_ids):
                 if req_id in tokens:
                     tokens[req_id].extend(new)
                     waiting_first.discard(req_id)
             unfinished.difference_update(out.finished)
             if observer is not None:
-                observer.after_step(out, end - start, phase)
+                observer.after_step(out)
             if t_first is None and not waiting_first:
                 t_first = end
         t_end = time.perf_counter()
         short = {i: len(t) for i, t in tokens.items() if len(t) != out_len}
         if short:
             raise RuntimeError(f"{len(short)} requests did not make exactly {out_len} tokens (e.g. {list(short.items())[:3]})")
-        return RunTiming(prefill_s=t_first - t0, decode_s=t_end - t_first, steps=steps, tokens=tokens)
+        return RunTiming(prefill_s=t_first - t0, decode_s=t_end - t_first)
 
     def switch_policy(self, routing: Mapping[str, Any], max_steps: int = 8) -> str:
         """Every rank switches to `routing` in one step plan, between runs; -> the policy's repr

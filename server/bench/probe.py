@@ -45,7 +45,7 @@ class _Watcher:
     def before_step(self) -> None:
         self.pending.add(self.core.request_expert_load(reset=True))
 
-    def after_step(self, out: StepOutputs, seconds: float = 0.0, phase: str = "") -> None:
+    def after_step(self, out: StepOutputs) -> None:
         self._times.extend(self.timer.take_calls())
         self.pending.difference_update(out.load_tickets)
         load = out.expert_load

@@ -59,10 +59,12 @@ def _settle(core, watcher: _Watcher) -> None:
         watcher.after_step(core.step())
 
 
-def _reset_counters(core) -> None:
+def _reset_counters(core, max_steps: int = 8) -> None:
     ticket = core.request_expert_load(reset=True)
-    while ticket not in core.step().load_tickets:
-        pass
+    for _ in range(max_steps):  # an overlapped core answers a step later
+        if ticket in core.step().load_tickets:
+            return
+    raise RuntimeError(f"no step answered the expert-load request within {max_steps} steps")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def run_static(settings: BenchSettings) -> dict:
     if device.type == "cpu":  # the ranks share this machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        ranks = watching_ranks(procs, lambda: _measure(0, world, init_method, settings))
+        ranks = watching_ranks(procs, lambda: _measure(0, world, init_method, settings), during="the static benchmark")
     finally:
         torch.set_num_threads(threads)
         for proc in procs:

@@ -174,9 +174,10 @@ def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spaw
     return DistributedExecutor(runner, groups, procs)
 
 
-def watching_ranks(procs: list, fn: Callable[[], Any], poll_s: float = 0.2) -> Any:
-    """Run fn() (start-up collectives) while watching spawned ranks: if one dies first,
-    raise EngineStartError instead of waiting for a rendezvous that cannot happen."""
+def watching_ranks(procs: list, fn: Callable[[], Any], poll_s: float = 0.2, during: str = "start-up") -> Any:
+    """Run fn() (start-up collectives, or another stretch all ranks work through together)
+    while watching spawned ranks: if one dies first, raise EngineStartError instead of waiting
+    for a collective that cannot complete."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -191,7 +192,7 @@ def watching_ranks(procs: list, fn: Callable[[], Any], poll_s: float = 0.2) -> A
         thread.join(poll_s)
         for rank, proc in enumerate(procs, start=1):
             if proc.exitcode is not None and thread.is_alive():
-                raise EngineStartError(f"EP rank {rank} exited during start-up (exit code {proc.exitcode}); see its log")
+                raise EngineStartError(f"EP rank {rank} exited during {during} (exit code {proc.exitcode}); see its log")
     if "error" in box:
         raise box["error"]
     return box["value"]

@@ -29,7 +29,7 @@ def _f(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def _row(phase: str, label: str, block: dict, bal: dict | None) -> str:
+def _row(phase: str, label: str, block: dict, bal: dict | None, baseline: bool) -> str:
     tok, ratio = block["tok_s"], block["ratio_to_natural"]
     lo, hi = tok["ci95"]
     rlo, rhi = ratio["ci95"]
@@ -43,7 +43,8 @@ def _row(phase: str, label: str, block: dict, bal: dict | None) -> str:
         cells += [f'{_f(b["rank"]["avg"])} / {_f(b["rank"]["min"])}', _f(b["expert"]["avg"]),
                   " ".join(f"{x:,.0f}" for x in bal["tokens_per_rank"]),
                   " ".join(f"{x:.1f}" for x in bal["active_experts_per_rank"]),
-                  f'{bal["bound"]["speedup_bound"]:.3f}', _f(bal["vs_bound"]["uplift_over_bound"])]
+                  f'{bal["bound"]["speedup_bound"]:.3f}',
+                  "(baseline)" if baseline else _f(bal["vs_bound"]["uplift_over_bound"])]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -60,7 +61,11 @@ def markdown(doc: dict) -> str:
              f'Command: `{doc["command"]}`', "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for phase, per_policy in doc["phases"].items():
         for label, block in per_policy.items():
-            lines.append(_row(phase, label, block, doc["balance"].get(phase, {}).get(label)))
+            lines.append(_row(phase, label, block, doc["balance"].get(phase, {}).get(label), label == doc["baseline"]))
+    widths = [f'{label} {PHASE_TITLES[p]} {doc["phases"][p][label]["ratio_to_natural"]["ci_half_width_rel"] * 100:.1f}%'
+              for label in doc["policies"] if label != doc["baseline"] for p in ("prefill", "decode") if p in doc["phases"]]
+    if widths:
+        lines += ["", "95% CI half-width of x natural (target <= 3% for prefill and decode): " + ", ".join(widths) + "."]
     lines += ["", "x natural: median of the per-repetition ratios (policy / natural, same round). Bound: the speed-up "
               "perfect rank balance could give natural in that phase (busiest rank's MoE time replaced by the mean "
               "rank's); uplift / bound: (x natural - 1) / (bound - 1), '-' where the bound allows no gain (ep 1)."]

@@ -3,19 +3,16 @@
 After the in-process ranks are gone (their memory freed), `python -m server` starts as a
 subprocess with the run's model and parallel settings, the natural policy and the engine
 limits the in-process run used (loadtest/spawn.py: port 0, the bound port read back from
-its log). `bench.served_clients` client processes (the repo's AsyncClient, one channel each)
-split the requests between them and stream them all at once, `warmup + repeats` rounds, each
-started together at a barrier. A round's end-to-end tok/s is B x O generated tokens over the
-time from the first request sent to the last token received: the in-process definition
-(drive.py), so served / in-process is the share of the engine's speed a client gets.
+its log). `bench.served_clients` client processes (epserve-load's, loadtest/procs.py: the
+repo's AsyncClient, one channel each) split the requests between them and release them all
+at once at a barrier, `warmup + repeats` rounds. A round's end-to-end tok/s is B x O
+generated tokens over release -> last token received: the in-process definition (drive.py,
+submission -> last token), so served / in-process is the share of the engine's speed a
+client gets.
 """
 from __future__ import annotations
 
-import asyncio
-import multiprocessing as mp
 import statistics
-import time
-from typing import Sequence
 
 from ..config import AppConfig
 from .request_sets import RequestSet
@@ -33,77 +30,30 @@ def server_overrides(settings: BenchSettings, app: AppConfig) -> list[str]:
             f"engine.kv_cache_tokens={eng.kv_cache_tokens}", f"engine.max_queue={eng.max_queue}"]
 
 
-async def _one_stream(client, prompt: Sequence[int], new_tokens: int) -> tuple[int, float]:
-    """-> (token ids received, seconds to the first one)."""
-    start, ttft, count = time.monotonic(), None, 0
-    async with client.stream(list(prompt), max_new_tokens=new_tokens, ignore_eos=True, temperature=0.0,
-                             text_output=False, timeout=600.0) as stream:
-        async for chunk in stream:
-            if chunk.token_ids and ttft is None:
-                ttft = time.monotonic() - start
-            count += len(chunk.token_ids)
-    return count, ttft if ttft is not None else float("nan")
-
-
-async def _client_rounds(target: str, prompts: list, new_tokens: int, rounds: int, barrier, results) -> None:
-    from clients import AsyncClient, RetryPolicy
-
-    async with AsyncClient(target, timeout=600.0, retry=RetryPolicy(max_attempts=1)) as client:
-        await client.wait_ready(timeout=600.0)
-        loop = asyncio.get_running_loop()
-        for rnd in range(rounds):
-            await loop.run_in_executor(None, barrier.wait)
-            t0 = time.monotonic()
-            outs = await asyncio.gather(*(_one_stream(client, p, new_tokens) for p in prompts))
-            results.put((rnd, t0, time.monotonic(), sum(n for n, _ in outs), [t for _, t in outs]))
-
-
-def _client_main(target: str, prompts: list, new_tokens: int, rounds: int, barrier, results) -> None:
-    """Entry of a client process."""
-    try:
-        asyncio.run(_client_rounds(target, prompts, new_tokens, rounds, barrier, results))
-    except BaseException as exc:
-        results.put(("error", f"{type(exc).__name__}: {exc}"))
-        barrier.abort()
-        raise
-
-
 def run_served(settings: BenchSettings, app: AppConfig, requests: RequestSet, in_process_e2e: list[float]) -> dict:
+    from ..loadtest.procs import run_plans_procs
     from ..loadtest.spawn import SpawnedServer
+    from ..loadtest.workload import LoadSpec, StreamPlan
 
     o = settings.bench
-    rounds = o.warmup + o.repeats
     clients = min(o.served_clients, requests.batch)
-    shares = [list(requests.prompts[i::clients]) for i in range(clients)]
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
+    spec = LoadSpec(streams=requests.batch, new_tokens=requests.output_len, stream_timeout_s=900.0)
+    plans = [StreamPlan(index=i, prompt=p, cancel_after=None, slow=False) for i, p in enumerate(requests.prompts)]
     server = SpawnedServer(server_overrides(settings, app)).start(timeout=900.0)
-    procs = [ctx.Process(target=_client_main, args=(server.target, share, requests.output_len, rounds, barrier, results),
-                         daemon=True) for share in shares]
+    tok_s, ttfts = [], []
     try:
-        for proc in procs:
-            proc.start()
-        tok_s, ttfts = [], []
-        for rnd in range(rounds):
-            barrier.wait(timeout=900.0)
-            got = [results.get(timeout=900.0) for _ in procs]
-            errors = [g[1] for g in got if g[0] == "error"]
-            if errors:
-                raise RuntimeError(f"a served client failed: {errors[0]} (server log {server.log_path})")
-            tokens = sum(g[3] for g in got)
-            if tokens != requests.batch * requests.output_len:
-                raise RuntimeError(f"served round {rnd}: {tokens} tokens, expected {requests.batch * requests.output_len}")
+        for rnd in range(o.warmup + o.repeats):
+            run = run_plans_procs(server.target, {}, spec, plans, clients)
+            if run.errors or run.tokens != requests.batch * requests.output_len:
+                first = run.errors[0].error if run.errors else f"{run.tokens} tokens"
+                raise RuntimeError(f"served round {rnd}: {len(run.errors)} streams failed or short ({first}); "
+                                   f"expected {requests.batch * requests.output_len} tokens (server log {server.log_path})")
             if rnd >= o.warmup:
-                tok_s.append(tokens / (max(g[2] for g in got) - min(g[1] for g in got)))
-                ttfts += [t for g in got for t in g[4]]
-        for proc in procs:
-            proc.join(timeout=60)
+                tok_s.append(run.tokens / run.wall_s)
+                ttfts += [r.ttft_s for r in run.streams]
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
         code = server.stop()
     return {"clients": clients, "server_overrides": server.overrides, "server_exit_code": code,
             "served_tok_s": describe(tok_s), "in_process_tok_s": describe(in_process_e2e),
             "ratio": ratio_of_medians_ci(tok_s, in_process_e2e), "ttft_p50_s": statistics.median(ttfts),
-            "definition": "end to end: B x O generated tokens / (first request sent -> last token received)"}
+            "definition": "end to end: B x O generated tokens / (streams released at once -> last token received)"}

@@ -7,7 +7,11 @@
 #
 #   tests     every GPU-marked test: pytest -m gpu tests/ (tests that need more GPUs than the
 #             machine has skip themselves)
-#   1gpu      epserve-bench on one GPU, Qwen3-30B-A3B shape (4 layers, random bf16), B=128 L=64
+#   balance   what balance buys, through the real engine (bench.mode=engine): LightLLM's workload,
+#             natural / greedy_balanced / round_robin_balanced switched in place and interleaved,
+#             10 rounds, CIs and the balance bound; one GPU, then each -n EP size if given.
+#             Results: DIR/bench_balance/balance/<tag>.{json,md,png}
+#   1gpu      epserve-bench bench.mode=static (the kernel-level loop) on one GPU, Qwen3-30B-A3B shape (4 layers, random bf16), B=128 L=64
 #             O=64: natural, greedy_balanced, round_robin_balanced, with transformers measured
 #             once in the same process
 #   policies  scripts/bench_policies.py --device cuda: one routing-policy call, E=256, k=8
@@ -38,11 +42,11 @@ while getopts "o:n:h" opt; do
   case $opt in
     o) DIR=$OPTARG ;;
     n) SIZES=${OPTARG//,/ } ;;
-    *) sed -n '2,30p' "$0"; exit 2 ;;
+    *) sed -n '2,36p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,36p' "$0"; exit 2; }
 
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-qwen3_30b_a3b}
@@ -57,10 +61,16 @@ logged() {  # logged LOG CMD...: run CMD, its output (progress bars dropped) to 
   "$@" 2>&1 | tr '\r' '\n' | { grep --line-buffered -v -E $'%\\||^[[:space:]\e[A]*$' || true; } | tee -a "$DIR/$log"
 }
 
-bench() {  # bench OUT_SUBDIR LOG [-m] OVERRIDES...: one epserve-bench run (-m: a multirun) into DIR/OUT_SUBDIR
+bench() {  # bench OUT_SUBDIR LOG [-m] OVERRIDES...: one static-mode epserve-bench run (-m: a multirun) into DIR/OUT_SUBDIR
   local sub=$1 log=$2 multi=(); shift 2
   if [ "$1" = -m ]; then multi=(-m); shift; fi
-  logged "$log" "$PY" -m server.bench "${multi[@]}" "model=$MODEL" "bench.out_dir=$DIR/$sub" "$@" "${EXTRA[@]}"
+  logged "$log" "$PY" -m server.bench "${multi[@]}" bench.mode=static "model=$MODEL" "bench.out_dir=$DIR/$sub" "$@" \
+      "${EXTRA[@]}"
+}
+
+balance() {  # balance OVERRIDES...: one engine-mode experiment into DIR/bench_balance
+  logged balance.log "$PY" -m server.bench "model=$MODEL" bench.workload=lightllm bench.repeats=10 \
+      "bench.out_dir=$DIR/bench_balance" "$@" "${EXTRA[@]}"
 }
 
 stats() {  # stats EP TARGET FILE: EPLB statistics of skewed hot_ranks routing (CPU, seconds)
@@ -88,6 +98,9 @@ for what in "$@"; do
   case $what in
     tests)
       logged pytest_gpu.txt "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/ ;;
+    balance)
+      balance parallel=single
+      for ep in $SIZES; do balance "parallel=ep$ep"; done ;;
     1gpu)
       bench bench_1gpu bench_1gpu.log -m routing=natural,greedy_balanced,round_robin_balanced parallel=single
       "$PY" -m server.bench.report "$DIR/bench_1gpu" ;;
@@ -119,6 +132,6 @@ for what in "$@"; do
       done
       "$PY" -m server.bench.report "$DIR/bench_eplb" ;;
     *)
-      echo "unknown WHAT: $what (tests, 1gpu, policies, engine, ep, eplb)" >&2; exit 2 ;;
+      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, ep, eplb)" >&2; exit 2 ;;
   esac
 done

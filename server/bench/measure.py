@@ -249,6 +249,7 @@ def summarize(settings: BenchSettings, ranks: list[dict], device: dict) -> dict:
     summary = load.summary()
     doc = {
         "schema": "epserve-bench/1",
+        "mode": "static (kernel-level loop: builds its own batches, bypasses the scheduler and engine)",
         "tag": settings.tag(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": settings.command,

@@ -45,6 +45,22 @@ class MoETimer:
                 h.remove()
             self._handles.clear()
 
+    def take_calls(self) -> list[list[float]]:
+        """[F][L] ms of every forward whose MoE blocks have all finished since the last take
+        (synchronises), in order: each forward calls every MoE layer once, so the i-th mark of
+        each layer is forward i's. A forward still running (another thread) stays for later."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        order = sorted(self._marks)
+        done = min(len(self._marks[idx]) for idx in order) if order else 0
+        out: list[list[float]] = [[] for _ in range(done)]
+        for idx in order:
+            pairs = self._marks[idx]
+            for call, (a, b) in enumerate(pairs[:done]):
+                out[call].append(a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3)
+            del pairs[:done]
+        return out
+
     def take_ms(self) -> list[float]:
         """Mean ms per call of each MoE layer since the last take (synchronises), then clears."""
         if self.device.type == "cuda":

@@ -84,7 +84,7 @@ def write_summary(out_dir: Path) -> list[dict]:
     runs = load_runs(out_dir)
     rows = [{h: g(d) for h, g in COLUMNS} for d in runs]
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=1))
-    parts = ["# epserve-bench results", "",
+    parts = ["# epserve-bench static-mode results (kernel-level loop, not the served engine)", "",
              "Every figure below was measured by the command listed under it; transformers (HF) ran on the same",
              "weights and GPU in the same process. Decode tok/s counts B x (O-1) decode-step tokens; prefill tok/s",
              "counts B x L prompt tokens (prefill step incl. the first sampled token).", "",

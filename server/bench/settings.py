@@ -2,22 +2,41 @@
 sections, validated once below the Hydra entry point and passed to rank processes as is."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from ..config import AppConfig, ConfigError, ModelConfig, ParallelConfig, RoutingConfig, thaw
 
 HF_CACHES = ("static", "dynamic")
+MODES = ("engine", "static")
+DEFAULT_POLICIES = ({"name": "natural"}, {"name": "greedy_balanced"}, {"name": "round_robin_balanced"})
+DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    batch: int = 128  # B sequences in the static workload (split evenly over EP ranks)
-    input_len: int = 64  # L prompt tokens per sequence
-    output_len: int = 64  # O generated tokens per sequence (1 from prefill, O-1 decode steps)
+    #: engine: the real launcher, scheduler and model runner, policies switched in place and
+    #: interleaved (experiment.py). static: the kernel-level loop beside transformers (measure.py).
+    mode: str = "engine"
+    batch: int = 128  # B requests (static: split evenly over EP ranks)
+    input_len: int = 64  # L prompt tokens per request (lightllm: the centre of the lengths)
+    output_len: int = 64  # O generated tokens per request (1 from prefill, O-1 decode steps)
     small_batch: int = 8  # also time decode at this batch (0: skip)
-    repeats: int = 3  # timed generations; the median is reported
-    warmup: int = 1  # untimed generations first (compiles kernels, fills caches)
+    repeats: int = 5  # timed repetitions (engine: of every policy, interleaved); the median is reported
+    warmup: int = 1  # untimed repetitions first (compiles kernels, captures graphs, fills caches)
+    # ---- engine mode ----
+    workload: str = "fixed"  # fixed | lightllm (request_sets.py)
+    length_spread: float = 0.5  # lightllm: prompt lengths uniform in L*(1 -+ spread)
+    policies: tuple = DEFAULT_POLICIES  # compared policies: names or {name: ..., params}; natural is the baseline
+    prefill_runs: int = 3  # prefill-only runs of the main set per policy and round, beside the full run
+    sweep: tuple = DEFAULT_SWEEP  # per-rank decode batches of the sweep ([]: none)
+    sweep_output_len: int = 16  # new tokens per request at each sweep point
+    sweep_repeats: int = 3  # timed repetitions of the sweep (interleaved like the phases)
+    probe: bool = True  # one eager pass per policy: per-step loads and MoE times (the bound, balancedness)
+    served: bool = False  # also run the workload through gRPC (a server subprocess, N client processes)
+    served_clients: int = 4  # client processes driving the served run
+    # ---- static mode ----
     cuda_graphs: bool = True  # decode through CUDA graphs where they apply (ep_size 1, CUDA)
     sync_every_step: bool = True  # bring each step's tokens to the host, as a server must
     moe_timing_steps: int = 4  # eager decode steps timed with events around each MoE block
@@ -25,21 +44,25 @@ class BenchOptions:
     hf_baseline: bool = True  # time transformers on the same weights (ep_size 1 only)
     hf_cache: str = "static"  # static | dynamic (transformers' KV cache for generate)
     hf_compile: bool = False  # let transformers torch.compile its decode step (slow to start)
+    # ---- both ----
     block_size: int = 16
-    seed: int = 0  # prompt tokens
+    seed: int = 0  # prompt tokens and lengths
     out_dir: str = "gpu_out/bench"
-    tag: str | None = None  # run name; default model-parallel-routing(+params)
+    tag: str | None = None  # run name; default model-parallel-routing(+params) / model-parallel-workload
     rank_timeout_s: float = 600.0  # a rank that runs longer dumps its stack and exits (no silent hang)
 
     def validate(self, ep_size: int) -> None:
-        for key in ("batch", "input_len", "output_len", "repeats", "block_size", "policy_cost_repeats"):
+        for key in ("batch", "input_len", "output_len", "repeats", "block_size", "policy_cost_repeats",
+                    "sweep_output_len", "sweep_repeats", "served_clients"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"bench.{key} must be a positive integer, got {value!r}")
-        for key in ("small_batch", "warmup", "moe_timing_steps"):
+        for key in ("small_batch", "warmup", "moe_timing_steps", "prefill_runs"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"bench.{key} must be an integer >= 0, got {value!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"bench.mode={self.mode!r} is not one of {MODES}")
         if self.batch % ep_size:
             raise ConfigError(f"bench.batch={self.batch} must divide evenly over parallel.ep_size={ep_size} ranks")
         if self.small_batch % ep_size:
@@ -48,8 +71,37 @@ class BenchOptions:
             raise ConfigError(f"bench.hf_cache={self.hf_cache!r} is not one of {HF_CACHES}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"bench.block_size must be a power of two, got {self.block_size}")
-        if self.output_len < 2:
-            raise ConfigError(f"bench.output_len must be >= 2 (one prefill token, then decode steps), got {self.output_len}")
+        if self.output_len < 2 or self.sweep_output_len < 2:
+            raise ConfigError(f"bench.output_len and bench.sweep_output_len must be >= 2 (one prefill token, then "
+                              f"decode steps), got {self.output_len} and {self.sweep_output_len}")
+        if not 0 <= self.length_spread < 1:
+            raise ConfigError(f"bench.length_spread must be in [0, 1), got {self.length_spread}")
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.sweep):
+            raise ConfigError(f"bench.sweep must list positive per-rank batch sizes, got {list(self.sweep)}")
+        names = [p["name"] for p in self.policies]
+        if "natural" not in names:
+            raise ConfigError(f"bench.policies must include natural (every ratio is to natural), got {names}")
+        if len({json.dumps(p, sort_keys=True) for p in self.policies}) != len(self.policies):
+            raise ConfigError(f"bench.policies lists a policy twice: {names}")
+
+    @property
+    def policy_labels(self) -> list[str]:
+        """One short name per compared policy: its name, plus the parameters it sets."""
+        return [p["name"] + "".join(f"-{k}{v}" for k, v in sorted(p.items()) if k != "name") for p in self.policies]
+
+
+def _policy_list(raw: Any) -> tuple[dict[str, Any], ...]:
+    """bench.policies entries (a registered name, or a mapping with `name`) -> routing mappings."""
+    if isinstance(raw, (str, Mapping)):
+        raw = [raw]
+    out = []
+    for entry in raw or ():
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"bench.policies entries must be policy names or mappings with a name, got {entry!r}")
+        out.append(dict(entry))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -59,9 +111,12 @@ class BenchSettings:
     parallel: ParallelConfig
     bench: BenchOptions
     command: str = ""  # how this run was started (goes into the JSON)
+    #: Hydra overrides that select this run's model and parallel settings, for starting
+    #: `python -m server` with the same ones (bench.served)
+    server_overrides: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], command: str = "") -> "BenchSettings":
+    def from_dict(cls, data: Mapping[str, Any], command: str = "", server_overrides: tuple[str, ...] = ()) -> "BenchSettings":
         data = dict(data)
         unknown = sorted(set(data) - {"model", "routing", "parallel", "bench"})
         if unknown:
@@ -72,9 +127,14 @@ class BenchSettings:
         bad = sorted(set(raw) - known)
         if bad:
             raise ConfigError(f"unknown key(s) {', '.join('bench.' + k for k in bad)}; known: {sorted(known)}")
+        if "policies" in raw:
+            raw["policies"] = _policy_list(raw["policies"])
+        if "sweep" in raw:
+            raw["sweep"] = tuple(raw["sweep"] or ())
         bench = BenchOptions(**raw)
         bench.validate(app.parallel.ep_size)
-        return cls(model=app.model, routing=app.routing, parallel=app.parallel, bench=bench, command=command)
+        return cls(model=app.model, routing=app.routing, parallel=app.parallel, bench=bench, command=command,
+                   server_overrides=tuple(server_overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, picklable data that from_dict accepts (frozen mappings are not picklable)."""
@@ -92,12 +152,14 @@ class BenchSettings:
     def tag(self) -> str:
         if self.bench.tag:
             return self.bench.tag
-        defaults = _policy_defaults(self.routing.name)
-        params = "".join(f"-{k}{v}" for k, v in sorted(self.routing.params.items())
-                         if k not in defaults or defaults[k] != v)  # only what differs from the policy's defaults
         par = "single" if self.ep_size == 1 else f"ep{self.ep_size}"
         if self.parallel.eplb_enabled:  # EPLB runs must not overwrite the plain run of the same policy
             par += f"-eplb{self.parallel.redundant_experts}"
+        if self.bench.mode == "engine":  # every policy in one run: named by its workload
+            return f"{self.model.name}-{par}-{self.bench.workload}".replace("/", "_")
+        defaults = _policy_defaults(self.routing.name)
+        params = "".join(f"-{k}{v}" for k, v in sorted(self.routing.params.items())
+                         if k not in defaults or defaults[k] != v)  # only what differs from the policy's defaults
         return f"{self.model.name}-{par}-{self.routing.name}{params}".replace("/", "_")
 
 

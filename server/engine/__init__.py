@@ -14,6 +14,7 @@ Module guide (one job per file):
   executor.py      running a step plan: in-process (ep 1) or scatter/gather over a gloo group
   rank_worker.py   an EP rank's start-up and plan loop
   model_runner.py  plan -> ForwardBatch -> model.forward -> sampled tokens, on one rank
+  policy_switch.py a plan's `routing`: switch the rank's routing policy between steps (graphs per policy)
   distributed.py   process groups, devices, backends, torchrun environment
   sampler.py       greedy / temperature / top-k / top-p, reproducible per (seed, position)
   stops.py         token-level stops and stop strings

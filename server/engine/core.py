@@ -3,6 +3,7 @@
     core.add_request(EngineRequest)     token ids in; raises ResourceExhaustedError when full
     core.abort([req_id, ...])           frees the sequences and their KV blocks on return
     core.request_expert_load(reset)     -> ticket; answered by a later step's StepOutputs
+    core.switch_routing_policy(routing) every rank switches policy before the next step's forward
     core.step() -> StepOutputs          one engine step: every request's new tokens at once
 
 The core knows no text, no asyncio and no gRPC: whoever drives it (ServingEngine's step
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from .api import EngineStats, FinishReason, ModelInfo
 from .core_types import EngineRequest, StepOutputs
@@ -64,6 +65,7 @@ class EngineCore:
         self._overlap = eng.overlap
         self._inflight: deque = deque()  # (plan, StepFuture, load tickets): launched, not yet applied
         self._load_requests: list[tuple[int, bool]] = []  # (ticket, reset) not yet planned
+        self._routing: dict[str, Any] | None = None  # a policy switch not yet planned
         self._tickets = itertools.count(1)
         self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
         self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
@@ -100,9 +102,19 @@ class EngineCore:
             self._load_requests.append((ticket, bool(reset)))
             return ticket
 
+    def switch_routing_policy(self, routing: Mapping[str, Any]) -> None:
+        """Every EP rank switches to the policy the routing.* mapping `routing` names, before the
+        next step's forward (one plan carries it to all ranks; engine/policy_switch.py). Rank 0
+        builds the policy first, so a mapping the model cannot serve raises ConfigError here
+        and never reaches a worker. The StepOutputs of that step names the policy (`routing`)."""
+        self.executor.runner.policies.policy_for(routing)
+        with self._lock:
+            self._routing = dict(routing)
+
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._inflight) or self.scheduler.has_work() or bool(self._load_requests)
+            return (bool(self._inflight) or self.scheduler.has_work() or bool(self._load_requests)
+                    or self._routing is not None)
 
     # ---- one step (the driving thread) ----------------------------------------------------------
     def step(self) -> StepOutputs:
@@ -118,6 +130,8 @@ class EngineCore:
                 self._planned_forward += 1
                 if self._eplb_interval and self._planned_forward % self._eplb_interval == 0:
                     plan = plan.with_rebalance()
+            if self._routing is not None:
+                plan, self._routing = plan.with_routing(self._routing), None
         launched = not (plan.is_idle and not self.executor.needs_heartbeat)
         tickets = [ticket for ticket, _ in loads]
         if launched and not self._overlap:
@@ -138,6 +152,12 @@ class EngineCore:
         if results[0].rebalance is not None:
             self.eplb_reports.append(results[0].rebalance)
             out.rebalance = results[0].rebalance
+        if plan.ranks[0].routing is not None:
+            switched = {r.routing for r in results}
+            if len(switched) != 1:
+                raise RuntimeError(f"EP ranks disagree on the routing policy after a switch: {sorted(map(str, switched))}")
+            out.routing = switched.pop()
+            self.policy = self.executor.runner.model.policy
         now = time.monotonic()
         with self._lock:
             if plan.ranks[0].run_forward:

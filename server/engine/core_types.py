@@ -44,7 +44,8 @@ class StepOutputs:
     expert_load: ExpertLoadSnapshot | None = None  # answer to the tickets in `load_tickets`
     load_tickets: list[int] = field(default_factory=list)  # request_expert_load tickets this step answers
     rebalance: Any = None  # an EPLB RebalanceReport when this step rebalanced
+    routing: str | None = None  # the policy (repr) every rank switched to before this step's forward
 
     @property
     def is_empty(self) -> bool:
-        return not self.req_ids and not self.load_tickets and self.rebalance is None
+        return not self.req_ids and not self.load_tickets and self.rebalance is None and self.routing is None

@@ -127,31 +127,45 @@ def start_engine(app: AppConfig) -> ServingEngine:
     return ServingEngine(core, tokenizer, stream_interval=app.server.stream_interval).start()
 
 
+def spawn_ranks(parallel, world: int, entry: Callable[..., None], args: tuple) -> tuple[list, str]:
+    """Start EP ranks 1..world-1, each a spawned process running
+    `entry(rank, world, init_method, *args)`; this process is rank 0 and joins the same
+    `init_method`. -> (processes by rank 1.., init_method). The one place ranks are spawned:
+    the engine's workers and the benchmark's static mode both come through here."""
+    import torch.multiprocessing as mp
+
+    addr = parallel.master_addr
+    port = parallel.master_port or free_port(addr)
+    init_method = f"tcp://{addr}:{port}"
+    ctx = mp.get_context("spawn")
+    procs = []
+    try:
+        for rank in range(1, world):
+            proc = ctx.Process(target=entry, name=f"epserve-rank{rank}", daemon=True,
+                               args=(rank, world, init_method, *args))
+            proc.start()
+            procs.append(proc)
+    except BaseException:
+        kill_ranks(procs)
+        raise
+    return procs, init_method
+
+
 def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spawn: bool) -> DistributedExecutor:
     procs: list = []
     init_method = None
     if spawn:
-        import torch.multiprocessing as mp
-
-        addr = app.parallel.master_addr
-        port = app.parallel.master_port or free_port(addr)
-        init_method = f"tcp://{addr}:{port}"
-        ctx = mp.get_context("spawn")
-        app_dict = app_to_dict(app)
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        for rank in range(1, world):
-            proc = ctx.Process(target=spawned_worker_main, name=f"epserve-rank{rank}", daemon=True,
-                               args=(rank, world, init_method, app_dict, policy, os.getpid(), level))
-            proc.start()
-            procs.append(proc)
+        procs, init_method = spawn_ranks(app.parallel, world, spawned_worker_main,
+                                         (app_to_dict(app), policy, os.getpid(), level))
     try:
-        runner, groups, reports = _watching(procs, lambda: start_rank(app, policy, 0, world, local_rank, init_method))
+        runner, groups, reports = watching_ranks(procs, lambda: start_rank(app, policy, 0, world, local_rank, init_method))
     except BaseException:
-        _kill(procs)
+        kill_ranks(procs)
         raise
     errors = [r for r in reports if r.error]
     if errors:
-        _kill(procs)
+        kill_ranks(procs)
         from .distributed import destroy
 
         destroy()
@@ -160,9 +174,10 @@ def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spaw
     return DistributedExecutor(runner, groups, procs)
 
 
-def _watching(procs: list, fn: Callable[[], Any], poll_s: float = 0.2) -> Any:
-    """Run fn() (start-up collectives) while watching spawned ranks: if one dies first,
-    raise EngineStartError instead of waiting for a rendezvous that cannot happen."""
+def watching_ranks(procs: list, fn: Callable[[], Any], poll_s: float = 0.2, during: str = "start-up") -> Any:
+    """Run fn() (start-up collectives, or another stretch all ranks work through together)
+    while watching spawned ranks: if one dies first, raise EngineStartError instead of waiting
+    for a collective that cannot complete."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -177,13 +192,14 @@ def _watching(procs: list, fn: Callable[[], Any], poll_s: float = 0.2) -> Any:
         thread.join(poll_s)
         for rank, proc in enumerate(procs, start=1):
             if proc.exitcode is not None and thread.is_alive():
-                raise EngineStartError(f"EP rank {rank} exited during start-up (exit code {proc.exitcode}); see its log")
+                raise EngineStartError(f"EP rank {rank} exited during {during} (exit code {proc.exitcode}); see its log")
     if "error" in box:
         raise box["error"]
     return box["value"]
 
 
-def _kill(procs: list) -> None:
+def kill_ranks(procs: list) -> None:
+    """Terminate spawned ranks that are still running (kill those that ignore it)."""
     for proc in procs:
         if proc.is_alive():
             proc.terminate()

@@ -17,6 +17,7 @@ import torch
 
 from ..model.forward_batch import ForwardBatch
 from .input_buffers import StepInputs
+from .policy_switch import PolicySwitch
 from .sampler import SamplingBatch, SamplingFlags, sample, sample_keys
 from .slot_table import SlotTable
 from .step_plan import RankBatch, RankPlan, RankResult
@@ -64,11 +65,18 @@ class ModelRunner:
         # captured once here for batch buckets up to max_num_seqs over this rank's step buffers;
         # None keeps decode eager.
         self.decode_graphs = None
+        capture = None
         if max_num_seqs and self.device.type == "cuda":
             from ..model.gpu.cuda_graphs import maybe_decode_graphs
 
-            self.decode_graphs = maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
-                                                     max_blocks_per_seq=self.width, inputs=self.graph_inputs())
+            inputs = self.graph_inputs()
+
+            def capture():  # over this rank's step buffers, for the model's current policy
+                return maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
+                                           max_blocks_per_seq=self.width, inputs=inputs)
+            self.decode_graphs = capture()
+        # a plan's `routing` switches the policy between steps; graphs follow (policy_switch.py)
+        self.policies = PolicySwitch(model, capture, self.decode_graphs)
 
     def graph_inputs(self):
         """The step buffers' device views, as the decode graphs read them (cuda_graphs.GraphInputs)."""
@@ -92,6 +100,9 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: RankPlan) -> PendingStep:
         result = RankResult(step=plan.step, rank=self.rank)
+        if plan.routing is not None:
+            self.decode_graphs = self.policies.switch(plan.routing)
+            result.routing = repr(self.model.policy)
         batch = plan.batch
         self.slots.apply(batch.fills, batch.appends)
         pending = PendingStep(result)

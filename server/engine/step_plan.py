@@ -125,6 +125,9 @@ class RankPlan:
     load_snapshot: bool | None = None  # not None: join the expert-load collective; value = reset
     stop: bool = False  # leave the worker loop
     rebalance: bool = False  # EPLB: after the forward, re-place experts from the live counters (collective)
+    #: not None: before this step's forward, switch the rank's routing policy to the one this
+    #: routing.* mapping names ({"name": ..., **params}); every rank gets it in the same step
+    routing: dict[str, Any] | None = None
 
     @classmethod
     def stop_plan(cls) -> "RankPlan":
@@ -141,6 +144,7 @@ class RankResult:
     logprobs: np.ndarray | None = None  # [R] float32 (raw log-softmax) when some row asked for them
     load: ExpertLoadSnapshot | None = None  # the reduced counters (every rank gets the same sum)
     rebalance: Any = None  # RebalanceReport (server/moe/eplb/rebalance.py) when the plan asked for one
+    routing: str | None = None  # repr of the policy the rank runs, when the plan switched it
 
 
 @dataclass
@@ -158,11 +162,16 @@ class StepPlan:
 
     @property
     def is_idle(self) -> bool:
-        return not any(p.run_forward or p.load_snapshot is not None or p.stop or p.rebalance for p in self.ranks)
+        return not any(p.run_forward or p.load_snapshot is not None or p.stop or p.rebalance or p.routing is not None
+                       for p in self.ranks)
 
     def with_rebalance(self) -> "StepPlan":
         """The same step with every rank also joining an EPLB rebalance after its forward."""
         return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks], self.sampling)
+
+    def with_routing(self, routing: dict[str, Any]) -> "StepPlan":
+        """The same step with every rank first switching to the routing policy `routing` names."""
+        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks], self.sampling)
 
 
 def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | None = None,

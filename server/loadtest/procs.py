@@ -39,8 +39,14 @@ def _client_process(target: str, client_options: dict[str, Any], spec: LoadSpec,
 def run_load_procs(target: str, client_options: dict[str, Any], spec: LoadSpec, vocab_size: int,
                    procs: int) -> RunResult:
     """`spec` from `procs` client processes at once (blocking; run it in a thread from asyncio)."""
+    return run_plans_procs(target, client_options, spec, plan_streams(spec, vocab_size), procs)
+
+
+def run_plans_procs(target: str, client_options: dict[str, Any], spec: LoadSpec, plans: list[StreamPlan],
+                    procs: int) -> RunResult:
+    """These stream plans (e.g. the benchmark's prompts of varying length) from `procs` client
+    processes at once; `spec` gives the new tokens per stream and the read options."""
     ctx = multiprocessing.get_context("spawn")
-    plans = plan_streams(spec, vocab_size)
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     workers = [ctx.Process(target=_client_process, name=f"epserve-load-{i}", daemon=True,
                            args=(target, client_options, spec, plans[i::procs], barrier, results))

@@ -10,6 +10,7 @@ is what each rank really computed: its slots' counts, replicas included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,12 @@ class ExpertLoadSnapshot:
     def rank_max_over_mean(self) -> list[float]:
         return [_max_over_mean(row) for row in self.rank_tokens()]
 
+    def balancedness(self) -> dict[str, dict[str, float | None]]:
+        """Mean/max load per layer over EP ranks and over experts, aggregated over layers
+        (see `balancedness`): {"rank": {"min", "p50", "p90", "avg"}, "expert": {...}}."""
+        return {"rank": aggregate_layers(balancedness(self.rank_tokens())),
+                "expert": aggregate_layers(balancedness(self.expert_tokens))}
+
     def mean_ranks_per_token(self) -> list[float]:
         return [r / t if t else 0.0 for r, t in zip(self.ranks_touched, self.tokens)]
 
@@ -65,6 +72,37 @@ class ExpertLoadSnapshot:
 def _max_over_mean(row: list[int]) -> float:
     total = sum(row)
     return max(row) * len(row) / total if total else 0.0
+
+
+def balancedness(loads: Sequence[Sequence[float]]) -> list[float | None]:
+    """loads [layer][unit] (unit: an EP rank, or an expert) -> [layer] mean/max over the units.
+
+    1.0 is perfect balance; 1/units means one unit did everything. The reduction runs over
+    the units *within* each layer: a layer whose ranks are uneven reads < 1.0 even when every
+    layer is uneven the same way (reducing over layers instead, as vLLM once did, reads such a
+    constant imbalance as 1.0). A layer with no load has no balance to speak of: None.
+    """
+    out: list[float | None] = []
+    for row in loads:
+        top = max(row) if len(row) else 0
+        out.append(sum(row) / len(row) / top if top > 0 else None)
+    return out
+
+
+def aggregate_layers(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Per-layer figures -> {"min", "p50", "p90", "avg"} over the layers that have one (None
+    where no layer has). Percentiles interpolate linearly between the sorted layer values."""
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return {"min": None, "p50": None, "p90": None, "avg": None}
+    return {"min": xs[0], "p50": _percentile(xs, 0.5), "p90": _percentile(xs, 0.9), "avg": sum(xs) / len(xs)}
+
+
+def _percentile(sorted_xs: list[float], q: float) -> float:
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
 class ExpertLoadCounters:

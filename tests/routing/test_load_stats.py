@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from server.moe.load_stats import ExpertLoadCounters
+from server.moe.load_stats import ExpertLoadCounters, aggregate_layers, balancedness
 
 
 def test_counts_and_summary() -> None:
@@ -70,3 +70,32 @@ def test_snapshot_sums_over_ranks() -> None:
         p.join(timeout=30)
     # rank 0: 1 token -> experts {0, 3}; rank 1: 2 tokens -> experts {1, 3}
     assert got == [(0, [1, 2, 0, 3], 3), (1, [1, 2, 0, 3], 3)]
+
+
+def test_balancedness_reduces_over_ranks_within_each_layer() -> None:
+    # Every layer uneven in the same way: rank 0 computes 3x what rank 1 does. Reduced over the
+    # wrong axis (per rank over layers, then over ranks) this reads 1.0; over ranks it reads 2/3.
+    loads = [[30, 10], [30, 10], [30, 10]]  # [layer][rank]
+    assert balancedness(loads) == pytest.approx([2 / 3] * 3)
+    agg = aggregate_layers(balancedness(loads))
+    assert agg == pytest.approx({"min": 2 / 3, "p50": 2 / 3, "p90": 2 / 3, "avg": 2 / 3})
+    assert balancedness([[5, 5, 5, 5]]) == [1.0]
+    assert balancedness([[8, 0, 0, 0]]) == [0.25]  # one unit of four did everything
+    assert balancedness([[0, 0]]) == [None]  # an idle layer has no balance
+
+
+def test_layer_aggregate_percentiles_and_idle_layers() -> None:
+    values = [0.5, None, 1.0, 0.7, 0.9, 0.6]
+    agg = aggregate_layers(values)
+    assert agg["min"] == 0.5 and agg["avg"] == pytest.approx(3.7 / 5)
+    assert agg["p50"] == pytest.approx(0.7) and agg["p90"] == pytest.approx(0.9 + 0.6 * 0.1)
+    assert aggregate_layers([None, None]) == {"min": None, "p50": None, "p90": None, "avg": None}
+
+
+def test_snapshot_balancedness_per_rank_and_per_expert() -> None:
+    c = ExpertLoadCounters(num_layers=2, num_experts=4, ep_size=2)
+    for layer in range(2):  # the same skew in both layers: experts 0, 1 (rank 0) get 3 of 4 picks
+        c.record(layer, torch.tensor([[0, 1], [0, 2], [1, 0], [3, 1]], dtype=torch.int32))
+    bal = c.snapshot().balancedness()
+    assert bal["rank"]["avg"] == pytest.approx((8 / 2) / 6) and bal["rank"]["min"] == bal["rank"]["p90"]
+    assert bal["expert"]["avg"] == pytest.approx((8 / 4) / 3)

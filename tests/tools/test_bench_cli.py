@@ -1,6 +1,7 @@
-"""epserve-bench on CPU with the tiny model: the real command in a subprocess, checked for real
-measurements (not placeholders): timings positive and consistent, loads that add up to the
-tokens the workload routed, transformers beside it on the same weights, files written."""
+"""epserve-bench's static (kernel-level) mode on CPU with the tiny model: the real command in a
+subprocess, checked for real measurements (not placeholders): timings positive and consistent,
+loads that add up to the tokens the workload routed, transformers beside it on the same
+weights, files written."""
 from __future__ import annotations
 
 import json
@@ -13,13 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["model=tiny", "bench.batch=4", "bench.input_len=8", "bench.output_len=4", "bench.small_batch=2",
+TINY = ["bench.mode=static", "model=tiny", "bench.batch=4", "bench.input_len=8", "bench.output_len=4", "bench.small_batch=2",
         "bench.repeats=2", "bench.policy_cost_repeats=5", "bench.moe_timing_steps=2"]
 B, L, O, REPEATS, K, LAYERS, E = 4, 8, 4, 2, 2, 4, 16  # tiny: top-2 of 16 experts, 4 MoE layers
 
 
-def _bench(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+def _bench(tmp_path: Path, *args: str, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), **env_vars}
     env.pop("OUT", None)
     return subprocess.run([sys.executable, "-m", "server.bench", *args, f"bench.out_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -84,7 +85,7 @@ def test_bench_ep2_over_gloo(tmp_path):
 
 
 def test_bench_config_error_names_the_key(tmp_path):
-    proc = _bench(tmp_path, "parallel=ep2", *TINY[:1], "bench.batch=5")
+    proc = _bench(tmp_path, "parallel=ep2", *TINY[:2], "bench.batch=5")
     assert proc.returncode == 2
     assert "bench.batch=5" in proc.stderr and "ep_size=2" in proc.stderr
     assert not (tmp_path / "runs").exists()

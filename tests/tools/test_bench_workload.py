@@ -48,7 +48,7 @@ def test_rank_slices_of_one_global_prompt_set():
 
 def _settings(**bench) -> BenchSettings:
     return BenchSettings.from_dict({"model": {"name": "tiny"}, "routing": {"name": "skewed", "target": 1.5},
-                                    "parallel": {"ep_size": 2}, "bench": bench})
+                                    "parallel": {"ep_size": 2}, "bench": {"mode": "static", **bench}})
 
 
 def test_settings_tag_and_round_trip():
@@ -64,3 +64,34 @@ def test_settings_tag_and_round_trip():
 def test_bad_settings_name_the_key(bench, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _settings(**bench)
+
+
+def test_lightllm_set_spreads_lengths_around_the_input_length() -> None:
+    from server.bench.request_sets import build_request_set
+
+    rs = build_request_set("lightllm", batch=128, input_len=64, output_len=64, vocab_size=1000, seed=0)
+    lengths = rs.lengths
+    assert rs.batch == 128 and len(set(lengths)) >= 40
+    assert min(lengths) >= 32 and max(lengths) <= 96 and abs(sum(lengths) / 128 - 64) < 4
+    assert rs.prompt_tokens == sum(lengths) and rs.decode_tokens == 128 * 63 and rs.max_total_len == max(lengths) + 64
+    assert all(0 <= t < 1000 for p in rs.prompts for t in p)
+    assert build_request_set("lightllm", batch=128, input_len=64, output_len=64, vocab_size=1000, seed=0) == rs
+    assert build_request_set("lightllm", batch=128, input_len=64, output_len=64, vocab_size=1000, seed=1) != rs
+    fixed = build_request_set("fixed", batch=4, input_len=9, output_len=3, vocab_size=50, seed=0)
+    assert fixed.lengths == [9] * 4
+
+
+def test_engine_mode_settings_policies_and_sweep() -> None:
+    s = BenchSettings.from_dict({"model": {"name": "tiny"}, "bench": {
+        "policies": ["natural", {"name": "skewed", "target": 1.5}], "sweep": [1, 4], "workload": "lightllm"}})
+    assert s.bench.policies == ({"name": "natural"}, {"name": "skewed", "target": 1.5})
+    assert s.bench.policy_labels == ["natural", "skewed-target1.5"] and s.bench.sweep == (1, 4)
+    assert s.tag() == "tiny-single-lightllm" and BenchSettings.from_dict(s.to_dict()) == s
+    with pytest.raises(ConfigError, match="include natural"):
+        BenchSettings.from_dict({"bench": {"policies": ["greedy_balanced"]}})
+    with pytest.raises(ConfigError, match="twice"):
+        BenchSettings.from_dict({"bench": {"policies": ["natural", "natural"]}})
+    with pytest.raises(ConfigError, match=r"bench\.mode"):
+        BenchSettings.from_dict({"bench": {"mode": "fast"}})
+    with pytest.raises(ConfigError, match=r"bench\.sweep"):
+        BenchSettings.from_dict({"bench": {"sweep": [0]}})

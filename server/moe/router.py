@@ -1,8 +1,12 @@
 """Router rules: router logits -> the model's own top-k (weights, ids), before any policy.
 
-Each family names its rule; the math follows transformers exactly (softmax in float32, top-k
-on the probabilities, optional renormalisation, then the weights' dtype). DeepSeek-style
-group-limited sigmoid routing will be a second entry here.
+Each family names its rule; the math follows transformers exactly:
+  softmax_topk        softmax in float32, top-k on the probabilities, optional renormalisation,
+                      then the weights' dtype (Qwen-MoE, Mixtral, OLMoE)
+  sigmoid_group_topk  DeepSeek-V3 / Kimi-K2: sigmoid scores, a per-expert correction bias that
+                      steers the choice only, top-k restricted to the best groups of experts,
+                      weights from the unbiased scores (renormalised, then scaled)
+Routing policies run after the rule, on its ids (server/moe/layer.py).
 """
 from __future__ import annotations
 
@@ -41,3 +45,38 @@ def softmax_topk(
     if not float32_weights:
         weights = weights.to(router_logits.dtype)
     return weights, ids
+
+
+@register_router("sigmoid_group_topk")
+def sigmoid_group_topk(
+    router_logits: torch.Tensor,  # [N, E] float32 (the gate runs in float32)
+    top_k: int,
+    *,
+    correction_bias: torch.Tensor,  # [E] float32 e_score_correction_bias
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> weights [N, k] float32, ids [N, k] int64: transformers' DeepseekV3TopkRouter.
+
+    The bias only decides *which* experts win (it balances load during training); the weights
+    come from the plain sigmoid scores. Experts are split into `num_groups` equal groups, each
+    group is ranked by the sum of its two best biased scores, and only the `topk_groups` best
+    groups compete for the k slots. Operations and their order follow transformers, so ties
+    (torch.topk with sorted=False) resolve identically.
+    """
+    n, num_experts = router_logits.shape
+    scores = router_logits.float().sigmoid()  # [N, E]
+    choice = scores + correction_bias  # [N, E] selection scores only
+    per_group = num_experts // num_groups
+    group_scores = choice.view(n, num_groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
+    group_idx = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]  # [N, topk_groups]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [N, G]
+    expert_mask = group_mask.unsqueeze(-1).expand(n, num_groups, per_group).reshape(n, num_experts)  # [N, E]
+    choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # [N, k]
+    weights = scores.gather(1, ids)  # [N, k] unbiased
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor, ids

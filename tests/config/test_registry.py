@@ -91,7 +91,7 @@ def test_the_six_registries_are_registries() -> None:
                                                   "grouped_mm, torch, triton"):
         KERNEL_OPS["fused_moe"]["cutlass"]
     assert issubclass(UnknownBackendError, ValueError)
-    with pytest.raises(UnknownNameError, match="unknown router rule 'sigmoid'; known router rules: softmax_topk"):
+    with pytest.raises(UnknownNameError, match="unknown router rule 'sigmoid'; known router rules: sigmoid_group_topk, softmax_topk$"):
         ROUTER_RULES["sigmoid"]
     with pytest.raises(UnknownNameError, match="known expert paths: grouped_mm, torch, triton, triton_unsorted$"):
         EXPERT_PATHS["cutlass"]

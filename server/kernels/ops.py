@@ -3,11 +3,15 @@
     paged_decode_attention(q [S,Hq,D], k_cache, v_cache, block_tables [S,B], context_lens [S]) -> [S,Hq,D]
     prefill_attention(q [T,Hq,D], k_cache, v_cache, block_tables, cu_seqlens_q [S+1], context_lens [S]) -> [T,Hq,D]
     write_kv_cache(k [T,Hkv,D], v, k_cache, v_cache, slot_mapping [T]) -> None (in place)
+    write_latent_cache(latent [T,Dk], cache [NB,B,Dk], slot_mapping [T]) -> None (MLA, in place)
+    mla_decode(q [S,H,Dk], cache, block_tables, context_lens, v_dim, scale) -> [S,H,v_dim]
+    mla_prefill(q [T,H,Dk], cache, block_tables, cu_seqlens_q, context_lens, v_dim, scale) -> [T,H,v_dim]
     rms_norm(x [...,D], weight [D], eps) -> [...,D]          (transformers' RMSNorm, one pass)
     rope(x [T,heads,D], cos [T,D], sin [T,D]) -> [T,heads,D]  (rotary embedding, one pass)
 
 The MoE ops (fused_moe, grouped_expert_mlp, expert_mlp_rows) register in the same table from
-server/moe/kernels/ops.py. `backend="auto"` picks "triton" for CUDA tensors when Triton
+server/moe/kernels/ops.py. mla_decode also takes "dense" (batched torch matmuls over the padded
+block tables: graph-safe, no kernel). `backend="auto"` picks "triton" for CUDA tensors when Triton
 imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces the twins everywhere
 (baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
 modules are imported on first use, so a CPU install without triton never imports it.
@@ -49,6 +53,16 @@ register_op("prefill_attention",
 register_op("write_kv_cache",
             triton="server.kernels.attention_decode:write_kv_cache_triton",
             torch="server.kernels.attention_reference:write_kv_cache")
+register_op("write_latent_cache",
+            triton="server.kernels.mla_attention:write_latent_cache_triton",
+            torch="server.kernels.mla_reference:write_latent_cache")
+register_op("mla_decode",
+            triton="server.kernels.mla_attention:mla_decode_triton",
+            torch="server.kernels.mla_reference:mla_decode_reference",
+            dense="server.kernels.mla_reference:mla_decode_dense")
+register_op("mla_prefill",
+            triton="server.kernels.mla_attention:mla_prefill_triton",
+            torch="server.kernels.mla_reference:mla_attention_reference")
 register_op("rms_norm",
             triton="server.kernels.norm_rope:rms_norm_triton",
             torch="server.kernels.norm_rope:rms_norm_reference")
@@ -78,6 +92,24 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_l
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto") -> None:
     implementation("write_kv_cache", backend, k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def write_latent_cache(latent, cache, slot_mapping, *, backend: str = "auto") -> None:
+    implementation("write_latent_cache", backend, latent)(latent, cache, slot_mapping)
+
+
+def mla_decode(q, cache, block_tables, context_lens, v_dim: int, scale: float, *, backend: str = "auto") -> torch.Tensor:
+    """MLA over the latent cache, one new token per sequence (absorbed queries, mla_reference.py)."""
+    return implementation("mla_decode", backend, q)(q, cache, block_tables, context_lens, v_dim, scale)
+
+
+def mla_prefill(q, cache, block_tables, cu_seqlens_q, context_lens, v_dim: int, scale: float, *,
+                max_query_len: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Varlen causal MLA of new tokens over the latent cache (bottom-right causal)."""
+    fn = implementation("mla_prefill", backend, q)
+    if resolve_backend(backend, q) == "triton":
+        return fn(q, cache, block_tables, cu_seqlens_q, context_lens, v_dim, scale, max_query_len=max_query_len)
+    return fn(q, cache, block_tables, cu_seqlens_q, context_lens, v_dim, scale)
 
 
 def rms_norm(x, weight, eps: float, *, backend: str = "auto") -> torch.Tensor:

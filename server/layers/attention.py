@@ -1,6 +1,7 @@
 """Paged attention: per-step metadata, the KV-cache write and the attention itself.
 
-KV cache per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A
+KV cache per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] (MLA:
+one latent cache [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim], `attend_latent`). A
 sequence's token j lives at slot block_tables[s, j // block_size] * block_size + j % block_size.
 Each step writes the new tokens' K/V at `slot_mapping`, then every sequence attends over its
 whole context: the new tokens are the last `query_len` of `context_len`, causal among
@@ -102,6 +103,24 @@ class PagedAttentionMetadata:
         """Write this step's K/V [T, Hkv, D] into the cache, then attend. q [T, Hq, D] -> [T, Hq, D]."""
         write_kv(k, v, k_cache, v_cache, self.slot_mapping)
         return attend_cached(q, k_cache, v_cache, self, scale, window)
+
+    def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor, v_dim: int, scale: float,
+                      decode=None) -> torch.Tensor:
+        """MLA: write this step's latent rows [T, Dk] into the cache, then attend with absorbed
+        queries q [T, H, Dk] over every cached row -> [T, H, v_dim] (the rows' first v_dim values).
+        `decode` is the kernel backend's decode choice; this loop serves every step."""
+        dk = cache.shape[-1]
+        flat = cache.view(-1, dk)  # [NB*B, Dk]
+        flat[self.slot_mapping] = latent
+        out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+        for i, seq in enumerate(self.seqs):
+            qs = q[seq.q_start:seq.q_start + seq.q_len]  # [q, H, Dk]
+            rows = flat[seq.kv_slots]  # [ctx, Dk]
+            scores = torch.matmul(qs, rows.t()) * scale  # [q, H, ctx]
+            scores = scores.masked_fill(~self.mask(i, None)[:, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[seq.q_start:seq.q_start + seq.q_len] = torch.matmul(probs, rows[:, :v_dim])  # [q, H, v_dim]
+        return out
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

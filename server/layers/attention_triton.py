@@ -14,11 +14,13 @@ kernels (hence triton): the attention registry imports it only for a model that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
 from ..kernels.attention_prefill import prefill_attention_triton
+from ..kernels.mla_attention import mla_decode_triton, mla_prefill_triton, write_latent_cache_triton
 from .attention import PagedAttentionMetadata, StepBatch, attend_cached
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -108,6 +110,17 @@ class KernelAttentionMetadata:
             return paged_decode_attention_triton(q, k_cache, v_cache, self.block_tables, self.context_lens, scale)
         return prefill_attention_triton(q, k_cache, v_cache, self.block_tables, self.cu_seqlens_q, self.context_lens,
                                         scale, max_query_len=self.max_query_len)
+
+    def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor, v_dim: int, scale: float,
+                      decode: Callable | None = None) -> torch.Tensor:
+        """MLA: q [T, H, Dk] absorbed queries, latent [T, Dk] rows -> [T, H, v_dim]; writes the rows
+        first. Decode steps run `decode` (the layer's choice: the Triton kernel, or the batched
+        matmuls of mla_reference.mla_decode_dense), others the varlen kernel."""
+        write_latent_cache_triton(latent, cache, self.slot_mapping)
+        if self.is_decode:
+            return (decode or mla_decode_triton)(q, cache, self.block_tables, self.context_lens, v_dim, scale)
+        return mla_prefill_triton(q, cache, self.block_tables, self.cu_seqlens_q, self.context_lens, v_dim, scale,
+                                  max_query_len=self.max_query_len)
 
     def _torch_metadata(self, block_size: int) -> PagedAttentionMetadata:
         if self.batch is None:

@@ -26,6 +26,11 @@ from .forward_batch import ForwardBatch
 from .spec import ModelSpec
 
 
+def attention_width(spec: ModelSpec) -> int:
+    """Per-head width the attention kernels see: head_dim, or MLA's kv_lora_rank (latent values)."""
+    return spec.mla.kv_lora_rank if spec.mla is not None else spec.head_dim
+
+
 class DecoderStack(nn.Module):
     def __init__(self, spec: ModelSpec, runtime: MoERuntime, kernels: KernelBackend, dtype=None, device=None) -> None:
         super().__init__()
@@ -56,7 +61,7 @@ class MoECausalLM(nn.Module):
         self.dtype = dtype
         self.kernels = kernels or KernelBackend.for_device(device)
         #: metadata class of every step's attention (server/layers/attention.py ATTENTION_BACKENDS)
-        self.attention_backend = attention_backend_for(self.kernels, spec.head_dim, dtype)
+        self.attention_backend = attention_backend_for(self.kernels, attention_width(spec), dtype)
         if placement is not None and (placement.num_layers, placement.num_experts, placement.ep_size) != (
                 spec.num_moe_layers, spec.num_experts, ep_size):
             raise ValueError(f"expert placement for {placement.num_layers} layers x {placement.num_experts} experts at "
@@ -75,7 +80,8 @@ class MoECausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device="meta")
             self.lm_head.to_empty(device=device)
-        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor, device=device)
+        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor, device=device,
+                                    yarn=spec.rope_yarn)
         #: bytes of expert weights read from the checkpoint by this rank (set by the loader)
         self.expert_bytes_read: int | None = None
         #: online rebalancer (server/moe/eplb/rebalance.py), set by the loader when EPLB is on
@@ -111,13 +117,21 @@ class MoECausalLM(nn.Module):
         """Bytes of routed-expert weights this rank holds (E/ep_size of the model's experts)."""
         return sum(layer.mlp.experts.num_bytes for layer in self.model.layers if layer.is_moe)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (k, v), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer (k, v), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed; with
+        MLA one latent cache per layer, (latent [num_blocks, block_size, kv_lora_rank + rope],).
+        Either way entry [0] of a layer is [num_blocks, block_size, ...]."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"need positive num_blocks and block_size, got {num_blocks}, {block_size}")
+        zeros = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        if self.spec.mla is not None:
+            return [(zeros(num_blocks, block_size, self.spec.mla.latent_dim),) for _ in range(self.spec.num_layers)]
         shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.spec.num_layers)]
+        return [(zeros(*shape), zeros(*shape)) for _ in range(self.spec.num_layers)]
+
+    @property
+    def attention_width(self) -> int:
+        return attention_width(self.spec)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -100,6 +100,7 @@ class CheckpointReader:
 
     # ---- reads ----
     def read(self, name: str, expected: tuple[int, ...] | None = None, category: str = "other") -> torch.Tensor:
+        self.check_dtype(name)
         if expected is not None:
             self.check_shape(name, expected)
         tensor = self._open(self._where[name]).get_tensor(name)
@@ -109,10 +110,20 @@ class CheckpointReader:
     def read_rows(self, name: str, start: int, stop: int, expected_row: tuple[int, ...], total_rows: int,
                   category: str = "expert") -> torch.Tensor:
         """Rows [start, stop) of a tensor of shape (total_rows, *expected_row), reading only those rows."""
+        self.check_dtype(name)
         self.check_shape(name, (total_rows, *expected_row))
         tensor = self._open(self._where[name]).get_slice(name)[start:stop]
         self._count(name, tensor, category)
         return tensor
+
+    def check_dtype(self, name: str) -> None:
+        """Quantised storage (FP8, int8 packs) holds codes, not values: copying it into a bf16/fp32
+        parameter would load garbage, so it is refused (config.json's quantization_config is
+        refused earlier, in families/base.py; this catches checkpoints that omit it)."""
+        dtype = self._open(self._where[name]).get_slice(name).get_dtype()
+        if dtype not in _VALUE_DTYPES:
+            raise ModelLoadError(f"tensor {name!r} in {self._where[name].name} is stored as {dtype}; only "
+                                 f"{', '.join(sorted(_VALUE_DTYPES))} weights can be served (dequantise the checkpoint first)")
 
     def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
         got = self.shape(name)
@@ -137,5 +148,6 @@ class CheckpointReader:
         return total
 
 
+_VALUE_DTYPES = {"F64", "F32", "F16", "BF16"}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -11,8 +11,17 @@ from ..layers.mlp import GatedMLP
 from ..moe.layer import MoELayer
 from ..moe.runtime import MoERuntime, MoEStepContext
 from .families import MoEFamily
+from .mla_attention import MLAttention
 from .self_attention import SelfAttention
 from .spec import ModelSpec
+
+
+def router_options(spec: ModelSpec) -> dict:
+    """The rule's static arguments beyond renormalisation (server/moe/router.py)."""
+    if spec.router_rule == "sigmoid_group_topk":
+        return {"num_groups": spec.router_groups, "topk_groups": spec.router_topk_groups,
+                "scaling_factor": spec.routed_scaling_factor}
+    return {}
 
 
 class DecoderLayer(nn.Module):
@@ -20,7 +29,8 @@ class DecoderLayer(nn.Module):
                  dtype=None, device=None) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.self_attn = SelfAttention(spec, layer, kernels=kernels, **kw)
+        attention = MLAttention if spec.mla is not None else SelfAttention
+        self.self_attn = attention(spec, layer, kernels=kernels, **kw)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels=kernels, **kw)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, kernels=kernels, **kw)
         self.is_moe = spec.is_moe_layer(layer)
@@ -29,7 +39,9 @@ class DecoderLayer(nn.Module):
                 moe_index=spec.moe_index(layer), hidden=spec.hidden_size, num_experts=spec.num_experts,
                 top_k=spec.top_k, intermediate=spec.moe_intermediate_size, act=spec.hidden_act, runtime=runtime,
                 renormalize=spec.norm_topk_prob, float32_router_weights=family.router_float32_weights,
-                shared_intermediate=spec.shared_expert_intermediate_size, kernels=kernels, **kw,
+                router_rule=spec.router_rule, router_options=router_options(spec),
+                shared_intermediate=spec.shared_expert_intermediate_size, shared_gated=spec.shared_expert_gated,
+                kernels=kernels, **kw,
             )
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, **kw)

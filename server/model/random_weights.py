@@ -29,7 +29,7 @@ def init_random_weights(model: MoECausalLM, seed: int) -> None:
     for name, p in model.named_parameters():
         if id(p) in norm_weights:
             p.fill_(1.0)
-        elif name.endswith(".bias"):
+        elif name.endswith((".bias", ".e_score_correction_bias")):  # transformers zeroes the router bias too
             p.zero_()
         elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             layer = int(name.split(".")[2])  # model.layers.{i}.mlp.experts.*

@@ -8,9 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..layers.rotary_embedding import YarnScaling
+
 
 class ModelLoadError(RuntimeError):
     """A model folder, config or checkpoint that cannot be served; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): queries through a low-rank
+    projection (or a plain one when q_lora_rank is None); keys and values compressed into one
+    kv_lora_rank latent per token plus a qk_rope_head_dim RoPE key shared by all heads. The KV
+    cache stores only that latent row (kv_lora_rank + qk_rope_head_dim values per token)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool  # RoPE dims stored as interleaved pairs (DeepSeek's layout)
+    softmax_scale: float  # qk_head_dim ** -0.5, times the YaRN mscale**2 when rope_parameters ask
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values per token in the KV cache: the compressed KV, then the RoPE key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -22,7 +49,7 @@ class ModelSpec:
     hidden_size: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # per-head q/k/v width; MLA: qk_rope_head_dim (what RoPE rotates, as transformers' config says)
     vocab_size: int
     num_experts: int
     top_k: int
@@ -47,6 +74,14 @@ class ModelSpec:
     clip_qkv: float | None
     sliding_windows: tuple[int | None, ...]  # per decoder layer; None = full causal attention
     initializer_range: float = 0.02
+    rope_yarn: YarnScaling | None = None  # rope_type "yarn" only
+    #: router rule (server/moe/router.py) and its group-limited parameters (DeepSeek-V3)
+    router_rule: str = "softmax_topk"
+    router_groups: int = 1  # n_group: experts split into this many equal groups
+    router_topk_groups: int = 1  # topk_group: groups whose experts may be chosen
+    routed_scaling_factor: float = 1.0  # routed experts' weights are multiplied by this
+    shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared; DeepSeek: no gate
+    mla: MLAShape | None = None  # multi-head latent attention; None: standard (grouped-query) attention
 
     @property
     def num_moe_layers(self) -> int:

@@ -110,11 +110,23 @@ def _load_experts(reader: CheckpointReader, experts: LocalExperts, ids: tuple[in
         experts.down_proj[local].copy_(reader.read(down, (hidden, inter), category="expert"))
 
 
+def _beyond_last_layer(name: str, num_layers: int) -> bool:
+    """model.layers.{i}.* with i >= num_layers: DeepSeek-V3's multi-token-prediction module(s)."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
+
+
 def _warn_unused(reader: CheckpointReader, model: MoECausalLM) -> None:
-    """Tensors nobody read, other than other ranks' experts, are reported (never silently dropped)."""
+    """Tensors nobody read, other than other ranks' experts, are reported (never silently dropped);
+    layers past num_hidden_layers (speculative-decoding modules, not served) get one info line."""
     ignorable = ("rotary_emb.inv_freq",)
+    left = reader.names - reader.consumed
+    extra_layers = {n for n in left if _beyond_last_layer(n, model.spec.num_layers)}
+    if extra_layers:
+        log.info("checkpoint %s: skipping %d tensor(s) of layers >= num_hidden_layers=%d (not served)",
+                 reader.folder, len(extra_layers), model.spec.num_layers)
     unused = sorted(
-        n for n in reader.names - reader.consumed
+        n for n in left - extra_layers
         if ".experts." not in n and not n.endswith(ignorable)
         and not (n == "lm_head.weight" and model.spec.tie_word_embeddings)
     )

@@ -105,8 +105,10 @@ class DenseReference:
         every = torch.stack(every)  # [E, N, H]
         picked = every[ids.long(), torch.arange(x.shape[0])[:, None]]  # [N, k, H]
         y = (picked.float() * weights.float()[..., None]).sum(1).to(x.dtype)
-        if getattr(block, "shared_expert", None) is not None:
+        if getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE
             y = y + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        if getattr(block, "shared_experts", None) is not None:  # DeepSeek-V3
+            y = y + block.shared_experts(x)
         return y
 
 

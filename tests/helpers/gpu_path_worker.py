@@ -29,19 +29,31 @@ def _backend(name: str) -> None:
     os.environ["EPSERVE_KERNEL_BACKEND"] = name
 
 
-def _model(policy: str):
+#: a small random DeepSeek-V3 shape (MLA, grouped sigmoid router, shared + dense layers) whose
+#: widths the kernels accept (latent 32 + rope 16)
+DEEPSEEK_SHAPE = {
+    "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+    "moe_intermediate_size": 32, "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
+    "v_head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+    "n_shared_experts": 1, "initializer_range": 0.2, "dtype": "float32",
+}
+
+
+def _model(policy: str, family: str = "tiny"):
     from server.config import ModelConfig
     from server.model.loader import load_model
     from server.moe.routing import build_policy
 
-    return load_model(ModelConfig(), policy=build_policy(policy))
+    cfg = ModelConfig() if family == "tiny" else ModelConfig(name="deepseek-small", shape=DEEPSEEK_SHAPE)
+    return load_model(cfg, policy=build_policy(policy))
 
 
 def _prompts() -> list[tuple[int, list[int]]]:
     return [(0, list(b"Hello world")), (1, list(b"MoE")), (2, list(b"expert parallel!"))]
 
 
-def paths_agree(policy: str = "natural", decode_steps: int = 3) -> dict:
+def paths_agree(policy: str = "natural", decode_steps: int = 3, family: str = "tiny") -> dict:
     """Prefill + greedy decode on the kernel path and on the torch path: same logits, tokens, loads."""
     import torch
 
@@ -50,7 +62,7 @@ def paths_agree(policy: str = "natural", decode_steps: int = 3) -> dict:
     results = {}
     for backend in ("triton", "torch"):
         _backend(backend)
-        model = _model(policy)
+        model = _model(policy, family)
         driver = PagedDriver(model, num_blocks=32, block_size=16, seed=1)
         steps = [driver.step(_prompts())]
         for _ in range(decode_steps):
@@ -73,7 +85,8 @@ def _metadata_probe(model, driver):
     return model.attention_backend.build(batch, driver.block_size)
 
 
-def graph_runner_static(policy: str = "round_robin_balanced", num_seqs: int = 3, token_offset: int = 5) -> dict:
+def graph_runner_static(policy: str = "round_robin_balanced", num_seqs: int = 3, token_offset: int = 5,
+                        family: str = "tiny") -> dict:
     """The graph runner's static-buffer step (capture off) vs model.forward on the same decode batch:
     padding rows change neither the real rows' logits nor the load counters."""
     import copy
@@ -83,13 +96,13 @@ def graph_runner_static(policy: str = "round_robin_balanced", num_seqs: int = 3,
     from server.model.gpu.cuda_graphs import DecodeGraphRunner
     from tests.helpers.paged_driver import PagedDriver
 
-    model = _model(policy)
+    model = _model(policy, family)
     prompts = _prompts()[:num_seqs]
     driver = PagedDriver(model, num_blocks=32, block_size=16, seed=2)
     first = driver.step(prompts, token_offset=token_offset)
     work = [(sid, [int(first[sid].argmax())]) for sid, _ in prompts]
     batch = driver.build_batch(work, token_offset=token_offset)
-    kv_copy = [(k.clone(), v.clone()) for k, v in driver.kv]
+    kv_copy = [tuple(t.clone() for t in layer) for layer in driver.kv]
     model.load_counters.reset()
     direct = model(batch, driver.kv)  # [S, V]
     direct_load = model.load_counters.snapshot(reset=True)

@@ -2,7 +2,12 @@
 
 Shapes are tiny (CPU CI on shared cores) but cover each family's features: Qwen3 with a
 dense layer (mlp_only_layers) and renormalised top-k, Qwen2 with the shared expert and
-decoder_sparse_step, Mixtral with a sliding window, OLMoE with clip_qkv and its full q/k norm.
+decoder_sparse_step, Mixtral with a sliding window, OLMoE with clip_qkv and its full q/k norm,
+DeepSeek-V3 twice: q LoRA, interleaved YaRN RoPE with mscale, a dense first layer, 4 groups of
+2 experts (whole groups per rank at ep 2/4); and a plain q projection, rotate-half YaRN RoPE
+with an attention factor, no dense layer, 3 groups of 4 experts (groups straddle ranks at ep
+2/4), two shared experts, no renormalisation. Their router correction bias is random (it is
+zero at init), so selection-only biasing is exercised.
 """
 from __future__ import annotations
 
@@ -26,6 +31,21 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                    num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=3.0,
                                    pad_token_id=0, eos_token_id=1)),
 }
+_DEEPSEEK = dict(COMMON, num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16, kv_lora_rank=16,
+                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+FAMILY_CONFIGS.update({
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        _DEEPSEEK, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, rope_interleave=True,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})),
+    "deepseek_v3_qproj": ("DeepseekV3Config", dict(
+        _DEEPSEEK, num_hidden_layers=2, first_k_dense_replace=0, q_lora_rank=None, n_routed_experts=12,
+        num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=2, routed_scaling_factor=1.5,
+        norm_topk_prob=False, rope_interleave=False,
+        rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32})),
+})
 FAMILIES = list(FAMILY_CONFIGS)
 
 
@@ -43,6 +63,11 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = hf_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+            if bias is not None:
+                bias.normal_(0.0, 0.2)
     return model.eval()
 
 

@@ -25,19 +25,21 @@ def _run(case: str, **params) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("policy", ["natural"])
-def test_kernel_path_matches_torch_path(policy):
-    """Prefill + 3 greedy decode steps of the tiny model: logits within 1e-3, same tokens, same loads,
-    and the kernel path really ran (KernelAttentionMetadata)."""
-    result = _run("paths_agree", policy=policy)
+@pytest.mark.parametrize("policy,family", [("natural", "tiny"), ("natural", "deepseek")])
+def test_kernel_path_matches_torch_path(policy, family):
+    """Prefill + 3 greedy decode steps of the tiny model (and of a small DeepSeek-V3: MLA latent
+    kernels, grouped router): logits within 1e-3, same tokens, same loads, and the kernel path
+    really ran (KernelAttentionMetadata)."""
+    result = _run("paths_agree", policy=policy, family=family)
     assert result["ok"], result
 
 
-@pytest.mark.parametrize("policy", ["round_robin_balanced", "greedy_balanced"])
-def test_graph_runner_padding_is_invisible(policy):
+@pytest.mark.parametrize("policy,family", [("round_robin_balanced", "tiny"), ("greedy_balanced", "tiny"),
+                                           ("greedy_balanced", "deepseek")])
+def test_graph_runner_padding_is_invisible(policy, family):
     """3 sequences padded to the 4-bucket: real rows' logits match model.forward, padding writes
-    no KV and is not counted, and a 0-d tensor token_offset routes like the int one."""
-    result = _run("graph_runner_static", policy=policy)
+    no KV (no latent row either) and is not counted, and a 0-d tensor token_offset routes like the int one."""
+    result = _run("graph_runner_static", policy=policy, family=family)
     assert result["ok"], result
     assert result["tokens"] == [3] * len(result["tokens"])
 

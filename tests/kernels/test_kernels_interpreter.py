@@ -26,6 +26,11 @@ CASES = [
     ("prefill", {"dtype": "float32"}),
     ("prefill", {"dtype": "bfloat16", "q_lens": [20, 3], "prefix_lens": [0, 30], "head_dim": 24, "seed": 3}),
     ("write_kv", {}),
+    ("mla_write", {}),
+    ("mla_decode", {"dtype": "float32", "num_splits": 1}),
+    ("mla_decode", {"dtype": "bfloat16", "num_splits": 4, "ctx_lens": [1, 40, 9], "heads": 20, "rope_dim": 8}),  # 2 head blocks
+    ("mla_prefill", {"dtype": "float32"}),
+    ("mla_prefill", {"dtype": "bfloat16", "q_lens": [20, 3], "prefix_lens": [0, 30], "heads": 3, "seed": 3}),  # blocks span tokens
 ]
 
 

@@ -3,6 +3,6 @@ from .base import MoEFamily
 from .registry import UnsupportedArchitectureError, get_family, register_family, supported_architectures
 
 # Built-in families register themselves on import.
-from . import qwen3_moe, qwen2_moe, mixtral, olmoe  # noqa: E402,F401
+from . import qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3  # noqa: E402,F401
 
 __all__ = ["MoEFamily", "UnsupportedArchitectureError", "get_family", "register_family", "supported_architectures"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 from ...layers.activation import ACTIVATIONS, unsupported_activation
-from ...layers.rotary_embedding import ROPE_TYPES
+from ...layers.rotary_embedding import ROPE_TYPES, YarnScaling
 from ..spec import ModelLoadError, ModelSpec
 
 SERVING_DTYPES = ("float32", "bfloat16", "float16")
@@ -64,6 +64,9 @@ class MoEFamily:
     router_float32_weights: ClassVar[bool] = False
 
     # ---- family rules (override where a family differs) ----
+    def num_experts(self, c: ConfigReader) -> int:
+        return c.positive_int("num_experts", "num_local_experts")
+
     def moe_intermediate_size(self, c: ConfigReader) -> int:
         return c.positive_int("moe_intermediate_size")
 
@@ -92,11 +95,16 @@ class MoEFamily:
         value = c.cfg.get("head_dim")
         return int(value) if value else hidden // heads
 
+    def extra_fields(self, c: ConfigReader, spec: dict[str, Any]) -> dict[str, Any]:
+        """Family-specific ModelSpec fields (router rule, MLA shape, ...), given the shared ones."""
+        return {}
+
     # ---- shared parser ----
     def parse(self, cfg: Mapping[str, Any], *, architecture: str, dtype: str, source: str,
               extra_eos: tuple[int, ...] = ()) -> ModelSpec:
         """config.json dict -> ModelSpec. `dtype` is the serving dtype ("auto": the config's)."""
         c = ConfigReader(cfg, self.defaults, source)
+        refuse_quantized(cfg, source)
         hidden = c.positive_int("hidden_size")
         heads = c.positive_int("num_attention_heads")
         kv_heads = c.cfg.get("num_key_value_heads", self.defaults.get("num_key_value_heads"))
@@ -104,18 +112,18 @@ class MoEFamily:
         if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
             raise ModelLoadError(f"{source}: num_key_value_heads={kv_heads!r} must be a positive divisor of num_attention_heads={heads}")
         num_layers = c.positive_int("num_hidden_layers")
-        num_experts = c.positive_int("num_experts", "num_local_experts")
+        num_experts = self.num_experts(c)
         top_k = c.positive_int("num_experts_per_tok")
         if top_k > num_experts:
             raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} exceeds the number of experts ({num_experts})")
-        rope_type, rope_theta, rope_factor = self._rope(c, source)
+        rope_type, rope_theta, rope_factor, yarn = self._rope(c, source)
         hidden_act = str(c.get("hidden_act", "silu"))
         if hidden_act not in ACTIVATIONS:
             raise ModelLoadError(f"{source}: {unsupported_activation(hidden_act)}")
         moe_layers = self.moe_layer_indices(c, num_layers)
         if not moe_layers:
             raise ModelLoadError(f"{source}: no decoder layer is an MoE layer (check decoder_sparse_step / mlp_only_layers)")
-        return ModelSpec(
+        fields = dict(
             architecture=architecture,
             model_type=self.model_type,
             num_layers=num_layers,
@@ -148,14 +156,26 @@ class MoEFamily:
             clip_qkv=self.clip_qkv(c),
             sliding_windows=self.sliding_windows(c, num_layers),
             initializer_range=float(c.get("initializer_range", 0.02)),
+            rope_yarn=yarn,
         )
+        fields.update(self.extra_fields(c, fields))
+        return ModelSpec(**fields)
 
-    def _rope(self, c: ConfigReader, source: str) -> tuple[str, float, float]:
-        """transformers' priority: rope_scaling > rope_parameters; theta from the dict, then config, then default."""
+    def rope_parameters(self, c: ConfigReader, source: str) -> Mapping[str, Any]:
+        """transformers' priority: rope_scaling > rope_parameters."""
         params = c.cfg.get("rope_scaling") or c.cfg.get("rope_parameters") or {}
         if not isinstance(params, Mapping):
             raise ModelLoadError(f"{source}: rope_parameters must be a mapping, got {params!r}")
-        rope_type = params.get("rope_type", params.get("type", "default"))
+        return params
+
+    def rope_type(self, c: ConfigReader, source: str) -> str:
+        params = self.rope_parameters(c, source)
+        return params.get("rope_type", params.get("type", "default"))
+
+    def _rope(self, c: ConfigReader, source: str) -> tuple[str, float, float, YarnScaling | None]:
+        """theta from the dict, then config, then default; YaRN's parameters as transformers reads them."""
+        params = self.rope_parameters(c, source)
+        rope_type = self.rope_type(c, source)
         theta = params.get("rope_theta", c.cfg.get("rope_theta", self.default_rope_theta))
         factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
         if rope_type not in ROPE_TYPES:
@@ -164,7 +184,46 @@ class MoEFamily:
             )
         if params.get("partial_rotary_factor", 1.0) != 1.0 or c.cfg.get("partial_rotary_factor", 1.0) not in (1.0, None):
             raise ModelLoadError(f"{source}: partial_rotary_factor != 1 is not supported")
-        return rope_type, float(theta), factor
+        yarn = _yarn(params, c, source) if rope_type == "yarn" else None
+        return rope_type, float(theta), factor, yarn
+
+
+def _yarn(params: Mapping[str, Any], c: ConfigReader, source: str) -> YarnScaling:
+    """YaRN keys with transformers' defaults: original_max_position_embeddings from the config's
+    top level, then the rope dict, then max_position_embeddings; a missing factor to their ratio, beta_fast/beta_slow to 32/1."""
+    max_pos = c.positive_int("max_position_embeddings")
+    original = c.cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_pos / original
+    try:
+        return YarnScaling(factor=float(factor), original_max_position_embeddings=int(original),
+                           beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                           mscale=_opt_float(params.get("mscale")), mscale_all_dim=_opt_float(params.get("mscale_all_dim")),
+                           attention_factor=_opt_float(params.get("attention_factor")),
+                           truncate=bool(params.get("truncate", True)))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{source}: invalid yarn rope parameters {dict(params)!r} ({exc})") from None
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def refuse_quantized(cfg: Mapping[str, Any], source: str) -> None:
+    """Weights are read as bf16/fp16/fp32 values. A quantised checkpoint (FP8 blocks with their
+    weight_scale_inv tensors, int4 packs, ...) would load as garbage, so it stops here."""
+    quant = cfg.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else "?"
+    block = quant.get("weight_block_size") if isinstance(quant, Mapping) else None
+    what = f"FP8 block-quantised (weight_block_size={block})" if method == "fp8" and block else f"quant_method={method!r}"
+    raise ModelLoadError(
+        f"{source}: the checkpoint is quantised ({what}); epserve serves bf16/fp16/fp32 weights only. "
+        "Dequantise it to bf16 first (for DeepSeek-V3 FP8 checkpoints, DeepSeek's fp8_cast_bf16.py) and "
+        "drop quantization_config from config.json"
+    )
 
 
 def _eos_ids(value: Any, extra: tuple[int, ...]) -> tuple[int, ...]:

@@ -67,9 +67,9 @@ def check_graphable(model, block_size: int) -> None:
     if any(spec.sliding_windows):
         raise GraphsUnsupported("sliding-window attention has no kernel path (torch fallback needs host lists)")
     backend = model.attention_backend  # chosen when the model was built
-    if backend.name != "triton" or not backend.supports(spec.head_dim, block_size, model.dtype):
+    if backend.name != "triton" or not backend.supports(model.attention_width, block_size, model.dtype):
         raise GraphsUnsupported(f"attention on {model.device} does not use the Triton kernels "
-                                f"(head_dim={spec.head_dim}, block_size={block_size}, dtype={model.dtype})")
+                                f"(head width {model.attention_width}, block_size={block_size}, dtype={model.dtype})")
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,9 @@ CHECKS = {
 
 def main(argv: list[str]) -> None:
     from tests.kernels.support.interpret import enable_interpreter
+    from tests.kernels.support.mla_checks import MLA_CHECKS
+
+    CHECKS.update(MLA_CHECKS)
 
     name = argv[0]
     params = json.loads(argv[1]) if len(argv) > 1 else {}

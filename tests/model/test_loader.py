@@ -50,7 +50,7 @@ def _rewrite(folder: Path, edit) -> None:
 
 # ---- layouts ----
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
 def test_fused_and_per_expert_layouts_load_the_same_model(family, tmp_path):
     """transformers 5 save_pretrained writes per-expert tensors (Mixtral: block_sparse_moe.experts.{e}.w1/w2/w3);
     its in-memory layout is fused (mlp.experts.gate_up_proj / down_proj). Both load to identical weights."""
@@ -154,11 +154,12 @@ def test_index_naming_a_missing_shard(qwen3, tmp_path):
 def test_unsupported_architecture_names_supported_ones(qwen3, tmp_path):
     folder = _copy(qwen3[1], tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["architectures"] = ["JambaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="DeepseekV3ForCausalLM") as err:
+    with pytest.raises(ModelLoadError, match="JambaForCausalLM") as err:
         read_model_spec(ModelConfig(path=str(folder)))
-    for arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM"):
+    for arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM",
+                 "DeepseekV3ForCausalLM"):
         assert arch in str(err.value)
     assert set(supported_architectures()) >= {"Qwen3MoeForCausalLM", "MixtralForCausalLM"}
 
@@ -166,9 +167,9 @@ def test_unsupported_architecture_names_supported_ones(qwen3, tmp_path):
 def test_unsupported_rope_scaling(qwen3, tmp_path):
     folder = _copy(qwen3[1], tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="rope type 'yarn' is not supported; supported: \\['default', 'linear'\\]"):
+    with pytest.raises(ModelLoadError, match="rope type 'dynamic' is not supported; supported: \\['default', 'linear', 'yarn'\\]"):
         read_model_spec(ModelConfig(path=str(folder)))
 
 

@@ -28,6 +28,10 @@ CASES = [
     ("MixtralForCausalLM", "MixtralConfig", {"sliding_window": 128, "head_dim": 64}),
     ("OlmoeForCausalLM", "OlmoeConfig", {}),
     ("OlmoeForCausalLM", "OlmoeConfig", {"clip_qkv": 8.0, "num_key_value_heads": 4, "norm_topk_prob": True}),
+    ("DeepseekV3ForCausalLM", "DeepseekV3Config", {}),
+    ("DeepseekV3ForCausalLM", "DeepseekV3Config", {"q_lora_rank": None, "n_group": 1, "topk_group": 1,
+                                                   "first_k_dense_replace": 0, "rope_interleave": False,
+                                                   "rope_scaling": {"type": "yarn", "factor": 8.0}}),
 ]
 
 

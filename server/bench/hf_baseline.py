@@ -2,8 +2,8 @@
 
 The transformers model is built from the served model's own config (the checkpoint folder's
 config.json, or `model.shape`), with transformers' default attention (sdpa) and experts
-(grouped_mm where torch has it) implementations, and gets our weights copied in (module
-names mirror transformers', so the state dicts match key for key). It generates greedily
+(grouped_mm where torch has it) implementations, and shares our weight tensors (module names
+mirror transformers', so the state dicts match key for key). It generates greedily
 with its own `generate`: a static KV cache by default (`bench.hf_cache`), its auto-compile
 off unless `bench.hf_compile` (compiling takes minutes), EOS suppressed so every sequence
 makes exactly O tokens. Prefill is timed as generate(max_new_tokens=1); decode as the full
@@ -33,17 +33,43 @@ def hf_config(model_cfg, spec):
 
 
 def build_hf_model(model_cfg, ours) -> Any:
-    """transformers model on our device and dtype, holding a copy of our weights."""
+    """transformers model on our device and dtype, holding our very weight tensors (built on the
+    meta device, then our state dict assigned): no second copy, so a shape whose weights fill
+    most of the GPU (DeepSeek-V3 at 4 layers: ~74 GB) still gets its baseline in the same run.
+    Neither model writes its weights while generating."""
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(model_cfg, ours.spec)
-    with torch.device(ours.device):
+    with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=ours.dtype)
-    result = hf.load_state_dict(ours.state_dict(), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"transformers model and ours disagree on weights: missing {result.missing_keys[:5]}, "
+    result = hf.load_state_dict(ours.state_dict(), strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and ours.spec.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"transformers model and ours disagree on weights: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
+    if ours.spec.tie_word_embeddings:
+        hf.tie_weights()
+    _rebuild_meta_modules(hf, ours.device)
     return hf.eval()
+
+
+def _rebuild_meta_modules(hf, device: torch.device) -> None:
+    """Modules whose buffers are not in the state dict (rotary embeddings' inv_freq) are still on
+    the meta device: build them again from the config on `device`."""
+    for name, module in list(hf.named_modules()):
+        if not name or not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = hf.get_submodule(parent_name) if parent_name else hf
+        try:
+            with torch.device(device):
+                setattr(parent, attr, type(module)(config=hf.config))
+        except TypeError as exc:
+            raise RuntimeError(f"transformers module {name} ({type(module).__name__}) has buffers outside the state "
+                               f"dict and cannot be rebuilt from the config: {exc}") from exc
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"transformers model still has tensors without data: {left[:5]}")
 
 
 def _generation_config(new_tokens: int, cache: str, compile_: bool, pad: int):

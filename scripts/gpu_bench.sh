@@ -17,6 +17,13 @@
 #   policies  scripts/bench_policies.py --device cuda: one routing-policy call, E=256, k=8
 #   engine    scripts/bench_engine_loop.py: EngineCore's decode step at B=16, 128, 256 (L=64, O=64),
 #             engine.overlap false and true in the same process, with the host time per phase
+#   mla       scripts/bench_mla_decode.py: MLA decode over the latent cache (128 heads, 512 + 64),
+#             Triton kernel and batched matmuls, against copy bandwidth and matmul rate measured
+#             in the same run
+#   deepseek  epserve-bench on one GPU, DeepSeek-V3 shape cut to 4 layers (1 dense + 3 MoE, random
+#             bf16, ~74 GB), B=128 L=64 O=64, decode in CUDA graphs: natural and greedy_balanced
+#             with transformers on the same weights in the same process, then natural with
+#             EPSERVE_MLA_DECODE=dense (the batched-matmul decode instead of the Triton kernel)
 #   ep        at each EP size (>= 3: one hot rank at 2.5x the mean needs 3 ranks): natural,
 #             skewed hot_ranks 1.5 and 2.5, greedy_balanced, round_robin_balanced, then
 #             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)
@@ -109,6 +116,15 @@ for what in "$@"; do
     engine)
       logged engine_loop.log "$PY" scripts/bench_engine_loop.py --model "$MODEL" --batch 16 128 256 \
           --prompt-len 64 --new-tokens 64 --json "$DIR/engine_loop.json" ;;
+    mla)
+      logged mla_decode.log "$PY" scripts/bench_mla_decode.py --out "$DIR/mla_decode.json" ;;
+    deepseek)
+      ds=(model=deepseek_v3 model.shape.num_hidden_layers=4 model.shape.first_k_dense_replace=1 parallel=single
+          "bench.out_dir=$DIR/bench_deepseek")
+      logged deepseek.log "$PY" -m server.bench -m routing=natural,greedy_balanced "${ds[@]}" "${EXTRA[@]}"
+      EPSERVE_MLA_DECODE=dense logged deepseek.log "$PY" -m server.bench routing=natural "${ds[@]}" \
+          bench.tag=deepseek_v3-single-natural-dense_mla "${EXTRA[@]}"
+      "$PY" -m server.bench.report "$DIR/bench_deepseek" ;;
     ep)
       for ep in $(ep_sizes); do
         common=("parallel=ep$ep" bench.hf_baseline=false)
@@ -132,6 +148,6 @@ for what in "$@"; do
       done
       "$PY" -m server.bench.report "$DIR/bench_eplb" ;;
     *)
-      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, ep, eplb)" >&2; exit 2 ;;
+      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, mla, deepseek, ep, eplb)" >&2; exit 2 ;;
   esac
 done

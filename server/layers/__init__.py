@@ -5,9 +5,9 @@ Module guide:
   activation.py        `hidden_act` name -> function (transformers' ACT2FN names)
   layernorm.py         RMSNorm (transformers' rounding order; one Triton pass on CUDA)
   mlp.py               GatedMLP: down(act(gate(x)) * up(x)) (dense layers, shared experts)
-  rotary_embedding.py  RoPE tables (default / linear scaling) and their application
-  attention.py         paged attention: per-step metadata, KV-cache write, the torch loop,
-                       and the backend registry (torch on CPU, Triton kernels on CUDA)
+  rotary_embedding.py  RoPE tables (default / linear / YaRN scaling) and their application
+  attention.py         paged attention: per-step metadata, KV-cache write, the torch loop (also
+                       over an MLA latent cache), and the backend registry (torch on CPU, Triton on CUDA)
   attention_triton.py  KernelAttentionMetadata: the "triton" backend (decode / prefill kernels)
 Kernels come from server/kernels; nothing here imports server/moe or server/model.
 """

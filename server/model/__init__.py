@@ -10,6 +10,7 @@ Module guide (public entry points in loader.py: load_model, load_tokenizer, read
   causal_lm.py       MoECausalLM: forward(ForwardBatch, kv_caches) -> [S, V] logits, allocate_kv_cache
   decoder.py         one decoder layer (attention + MoE or dense MLP)
   self_attention.py  projections, q/k norm, RoPE, then paged attention (server/layers/attention.py)
+  mla_attention.py   multi-head latent attention (DeepSeek-V3): absorbed kv_b_proj over a latent cache
   gpu/               CUDA-only: decode CUDA graphs (gpu/__init__.py)
   forward_batch.py   ForwardBatch: the engine <-> model contract
 Building blocks (RMSNorm, activations, gated MLP, RoPE, paged attention) are in server/layers/;

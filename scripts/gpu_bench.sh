@@ -20,7 +20,7 @@
 #   mla       scripts/bench_mla_decode.py: MLA decode over the latent cache (128 heads, 512 + 64),
 #             Triton kernel and batched matmuls, against copy bandwidth and matmul rate measured
 #             in the same run
-#   deepseek  epserve-bench on one GPU, DeepSeek-V3 shape cut to 4 layers (1 dense + 3 MoE, random
+#   deepseek  epserve-bench bench.mode=static on one GPU, DeepSeek-V3 shape cut to 4 layers (1 dense + 3 MoE, random
 #             bf16, ~74 GB), B=128 L=64 O=64, decode in CUDA graphs: natural and greedy_balanced
 #             with transformers on the same weights in the same process, then natural with
 #             EPSERVE_MLA_DECODE=dense (the batched-matmul decode instead of the Triton kernel)
@@ -119,8 +119,8 @@ for what in "$@"; do
     mla)
       logged mla_decode.log "$PY" scripts/bench_mla_decode.py --out "$DIR/mla_decode.json" ;;
     deepseek)
-      ds=(model=deepseek_v3 model.shape.num_hidden_layers=4 model.shape.first_k_dense_replace=1 parallel=single
-          "bench.out_dir=$DIR/bench_deepseek")
+      ds=(bench.mode=static model=deepseek_v3 model.shape.num_hidden_layers=4 model.shape.first_k_dense_replace=1
+          parallel=single "bench.out_dir=$DIR/bench_deepseek")
       logged deepseek.log "$PY" -m server.bench -m routing=natural,greedy_balanced "${ds[@]}" "${EXTRA[@]}"
       EPSERVE_MLA_DECODE=dense logged deepseek.log "$PY" -m server.bench routing=natural "${ds[@]}" \
           bench.tag=deepseek_v3-single-natural-dense_mla "${EXTRA[@]}"

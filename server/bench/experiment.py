@@ -185,7 +185,8 @@ def _engine_info(core, app: AppConfig, load_s: float) -> dict:
     graphs = runner.decode_graphs
     return {"load_s": load_s, "ep_size": core.executor.num_ranks,
             "engine": {"max_num_seqs": app.engine.max_num_seqs, "max_num_batched_tokens": app.engine.max_num_batched_tokens,
-                       "kv_cache_tokens": app.engine.kv_cache_tokens, "kv_block_size": app.engine.kv_block_size},
+                       "kv_cache_tokens": app.engine.kv_cache_tokens, "kv_block_size": app.engine.kv_block_size,
+                       "overlap": app.engine.overlap},
             "decode_graphs": f"captured per policy: buckets {graphs.buckets}" if graphs is not None else "eager",
             "device": str(runner.device)}
 

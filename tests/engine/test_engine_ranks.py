@@ -109,7 +109,7 @@ def test_torchrun_launch(qwen3, tmp_path) -> None:
     script = tmp_path / "serve_once.py"
     script.write_text(TORCHRUN_SCRIPT)
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port("127.0.0.1")), str(script), str(folder),
          ",".join(map(str, PROMPTS[1])), str(MAX_NEW)],

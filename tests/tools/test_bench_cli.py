@@ -20,7 +20,7 @@ B, L, O, REPEATS, K, LAYERS, E = 4, 8, 4, 2, 2, 4, 16  # tiny: top-2 of 16 exper
 
 
 def _bench(tmp_path: Path, *args: str, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), **env_vars}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env_vars}
     env.pop("OUT", None)
     return subprocess.run([sys.executable, "-m", "server.bench", *args, f"bench.out_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

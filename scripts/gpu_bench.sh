@@ -120,7 +120,7 @@ for what in "$@"; do
       logged mla_decode.log "$PY" scripts/bench_mla_decode.py --out "$DIR/mla_decode.json" ;;
     deepseek)
       ds=(bench.mode=static model=deepseek_v3 model.shape.num_hidden_layers=4 model.shape.first_k_dense_replace=1
-          parallel=single "bench.out_dir=$DIR/bench_deepseek")
+          parallel=single bench.hf_experts=grouped_mm "bench.out_dir=$DIR/bench_deepseek")
       logged deepseek.log "$PY" -m server.bench -m routing=natural,greedy_balanced "${ds[@]}" "${EXTRA[@]}"
       EPSERVE_MLA_DECODE=dense logged deepseek.log "$PY" -m server.bench routing=natural "${ds[@]}" \
           bench.tag=deepseek_v3-single-natural-dense_mla "${EXTRA[@]}"

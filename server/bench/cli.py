@@ -14,6 +14,7 @@ A bad setting ends the job with one line naming the key, exit code 2.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shlex
@@ -65,6 +66,7 @@ def _hydra_main(cfg: DictConfig) -> None:
             _static(settings, out_dir)
         else:
             _engine(settings, out_dir)
+        _release_device()
     except ConfigError as exc:
         print(f"epserve-bench: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -86,6 +88,17 @@ def _static(settings, out_dir: Path) -> None:
     path = write_run(run_static(settings), out_dir)
     print(f"\nwrote {path} and {out_dir / 'summary.md'}", flush=True)
     print_table(load_runs(out_dir))
+
+
+def _release_device() -> None:
+    """Free the run's engine (CUDA graphs, KV cache, streams) now, while CUDA and torch are
+    whole: left to interpreter shutdown, the garbage collector can destroy captured graphs after
+    the allocator state they point into, which aborts the process after its results are written."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def main() -> None:

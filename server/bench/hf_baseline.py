@@ -32,16 +32,19 @@ def hf_config(model_cfg, spec):
     return AutoConfig.for_model(spec.model_type, **shape)
 
 
-def build_hf_model(model_cfg, ours) -> Any:
+def build_hf_model(model_cfg, ours, experts: str | None = None) -> Any:
     """transformers model on our device and dtype, holding our very weight tensors (built on the
     meta device, then our state dict assigned): no second copy, so a shape whose weights fill
     most of the GPU (DeepSeek-V3 at 4 layers: ~74 GB) still gets its baseline in the same run.
-    Neither model writes its weights while generating."""
+    Neither model writes its weights while generating. `experts` picks transformers'
+    experts_implementation (its default gathers each token's expert weights for small batches,
+    which for DeepSeek-V3's 256 experts asks for more memory than the GPU has left)."""
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(model_cfg, ours.spec)
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=ours.dtype)
+        extra = {"experts_implementation": experts} if experts else {}
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=ours.dtype, **extra)
     result = hf.load_state_dict(ours.state_dict(), strict=False, assign=True)
     missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and ours.spec.tie_word_embeddings)]
     if missing or result.unexpected_keys:
@@ -97,9 +100,9 @@ def _timed_generate(hf, prompts: torch.Tensor, new_tokens: int, cache: str, comp
 
 
 def measure_hf(model_cfg, ours, prompts: torch.Tensor, output_len: int, *, repeats: int, warmup: int,
-               cache: str = "static", compile_: bool = False, progress=None) -> dict:
+               cache: str = "static", compile_: bool = False, experts: str | None = None, progress=None) -> dict:
     """-> {"prefill_tok_s", "decode_tok_s", ... , "tokens": [B, O] host tensor} (tokens popped by the caller)."""
-    hf = build_hf_model(model_cfg, ours)
+    hf = build_hf_model(model_cfg, ours, experts)
     used_cache = cache
     try:
         for _ in range(max(warmup, 1)):  # both shapes timed below: each static cache size is built once here

@@ -186,10 +186,11 @@ def _hf_once(settings: BenchSettings, model, work: StaticWorkload, progress) -> 
 
     opts = settings.bench
     key = json.dumps([settings.to_dict()["model"], opts.batch, opts.input_len, opts.output_len, opts.seed, opts.repeats,
-                      opts.hf_cache, opts.hf_compile, str(model.device)], sort_keys=True, default=str)
+                      opts.hf_cache, opts.hf_compile, opts.hf_experts, str(model.device)], sort_keys=True, default=str)
     if key not in _HF_RESULTS:
         info = measure_hf(settings.model, model, work.prompts, opts.output_len, repeats=opts.repeats, warmup=opts.warmup,
-                          cache=opts.hf_cache, compile_=opts.hf_compile, progress=progress)
+                          cache=opts.hf_cache, compile_=opts.hf_compile, experts=opts.hf_experts,
+                          progress=progress)
         info["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         info["measured_in_run"] = settings.tag()
         _HF_RESULTS[key] = info

@@ -44,6 +44,7 @@ class BenchOptions:
     hf_baseline: bool = True  # time transformers on the same weights (ep_size 1 only)
     hf_cache: str = "static"  # static | dynamic (transformers' KV cache for generate)
     hf_compile: bool = False  # let transformers torch.compile its decode step (slow to start)
+    hf_experts: str | None = None  # transformers' experts_implementation (None: its default)
     # ---- both ----
     block_size: int = 16
     seed: int = 0  # prompt tokens and lengths

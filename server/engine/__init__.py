@@ -5,12 +5,18 @@ Module guide (one job per file):
   launcher.py      build_engine_core / start_engine(AppConfig); spawns or joins EP ranks (torchrun)
   core.py          EngineCore: add_request / abort / step() -> StepOutputs, synchronous, no text
   core_types.py    EngineRequest and StepOutputs (one batched object per step)
+  core_process.py  the engine-core process: EngineCore's step loop, inputs and outputs on their own threads
+  core_client.py   EngineProcess: the front end's Engine over that process (text, streams, failures)
+  ipc.py           the ZeroMQ + msgpack wire between the two (one frame per loop turn in, per step out)
   engine.py        ServingEngine: EngineCore driven by a step thread in this process (asyncio API)
   scheduler.py     rank 0's single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption
   block_manager.py paged KV-cache block ids of one rank
   sequence.py      one request as the scheduler sees it
   request_checks.py the invariants a request must meet to be admitted (validation is the rpc layer's)
   step_plan.py     what rank 0 sends each rank per step, and what comes back
+  plan_builder.py  one rank's share of a step, packed into numpy arrays in one go
+  slot_table.py    a rank's per-slot state (block tables, sampling) that plans only update
+  input_buffers.py a rank's persistent step inputs: pinned host staging, one device copy per step
   executor.py      running a step plan: in-process (ep 1) or scatter/gather over a gloo group
   rank_worker.py   an EP rank's start-up and plan loop
   model_runner.py  plan -> ForwardBatch -> model.forward -> sampled tokens, on one rank

@@ -6,6 +6,8 @@ Module guide:
   to_proto.py     engine dataclasses -> protobuf replies
   state.py        LOADING / SERVING / DRAINING / FAILED, mirrored into grpc.health.v1
   service.py      the GenerationService servicer (status mapping, limits, cancellation)
+  generation_call.py one Generate / GenerateStream call, from admission to its last message
+  active_calls.py the concurrency limits (in all, per connection), stalled readers, what draining waits for
   auth.py         bearer-token interceptor
   tls.py          start-up check of the TLS certificate and key (names a bad, mismatched or swapped file)
   metrics.py      Prometheus metrics and their HTTP endpoint

@@ -6,6 +6,8 @@ Public names for plugin authors and tools:
   RoutingContext    frozen dataclass: layer, num_experts, top_k, ep_rank, ep_size, token_offset, seed
   RoutingPolicy     base class to subclass (implement `route`)
 
+Beside the policies: hashing.py (the stateless hash behind the random policies) and
+trace_file.py (the trace `routing=record` writes and `routing=replay` reads).
 lightllm_rule.py holds LightLLM's fake-balance rule written plainly (the tests' oracle and the
 policy benchmark's baseline); it is not a policy and is not imported here.
 """

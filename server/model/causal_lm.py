@@ -14,7 +14,7 @@ from ..kernels.backend import KernelBackend
 from ..layers.attention import attention_backend_for
 from ..layers.layernorm import RMSNorm
 from ..layers.rotary_embedding import RotaryEmbedding
-from ..moe.dispatch import make_dispatcher
+from ..moe.dispatch import DispatchSettings, build_dispatcher
 from ..moe.eplb.placement import ExpertPlacement
 from ..moe.eplb.replica_map import ReplicaMap
 from ..moe.load_stats import ExpertLoadCounters
@@ -45,13 +45,15 @@ class DecoderStack(nn.Module):
 class MoECausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
                  ep_group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 placement: ExpertPlacement | None = None, kernels: KernelBackend | None = None) -> None:
+                 placement: ExpertPlacement | None = None, kernels: KernelBackend | None = None,
+                 dispatch: DispatchSettings | None = None) -> None:
         """Parameters are allocated uninitialised on `device` (built on the meta device, then
         `to_empty`: no init kernels for weights that are overwritten anyway); the loader or the
         random-weight builder fills every one of them. `placement` (EPLB): which logical
         expert each physical slot holds; None keeps the block layout with no replica map.
         `kernels`: which kernels every layer runs, chosen here once (None: by `device` and
-        EPSERVE_KERNEL_BACKEND, server/kernels/backend.py); so is the attention backend."""
+        EPSERVE_KERNEL_BACKEND, server/kernels/backend.py); so is the attention backend.
+        `dispatch` (parallel.dispatch) picks how tokens reach their experts' ranks."""
         super().__init__()
         spec.check_ep_size(ep_size)
         if not 0 <= ep_rank < ep_size:
@@ -72,7 +74,7 @@ class MoECausalLM(nn.Module):
                                                 num_slots=None if placement is None else num_slots)
         replicas = None if placement is None else ReplicaMap(placement, device)
         self.runtime = MoERuntime(policy=policy, counters=self.load_counters,
-                                  dispatcher=make_dispatcher(ep_rank, ep_size, num_slots, ep_group),
+                                  dispatcher=build_dispatcher(dispatch, ep_rank, ep_size, num_slots, ep_group),
                                   num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.top_k,
                                   ep_rank=ep_rank, ep_size=ep_size, replicas=replicas)
         self.model = DecoderStack(spec, self.runtime, self.kernels, dtype=dtype, device="meta").to_empty(device=device)
@@ -142,19 +144,27 @@ class MoECausalLM(nn.Module):
         if len(kv_caches) != self.spec.num_layers:
             raise ValueError(f"expected {self.spec.num_layers} KV caches (one per layer), got {len(kv_caches)}")
         meta = self.attention_backend.build(batch, kv_caches[0][0].shape[1])
+        rows = self.runtime.dispatcher.step_rows(batch.num_tokens, batch.ep_rows, self.device)
         return self.forward_tokens(batch.input_ids, batch.positions, meta, kv_caches, batch.logits_indices,
-                                   batch.token_offset)
+                                   batch.token_offset, ep_rows=rows)
+
+    @property
+    def dispatcher(self):
+        """How this model's MoE layers reach other ranks' experts (server/moe/dispatch/)."""
+        return self.runtime.dispatcher
 
     @torch.inference_mode()
     def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, meta,
                        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor,
-                       token_offset: int | torch.Tensor = 0, valid_rows: torch.Tensor | None = None) -> torch.Tensor:
+                       token_offset: int | torch.Tensor = 0, valid_rows: torch.Tensor | None = None,
+                       ep_rows: int | None = None) -> torch.Tensor:
         """The tensor-only part of `forward` (what a decode CUDA graph captures, gpu/cuda_graphs.py):
         input_ids/positions [T], attention metadata, logits_indices [S] -> [S, V] float32.
         `token_offset` may be a 0-d device tensor; `valid_rows` [T] bool marks real rows of a
-        padded batch, so padding stays out of the expert-load counters. Both travel to every MoE
-        layer in one MoEStepContext built here (server/moe/runtime.py)."""
-        moe_step = self.runtime.step(token_offset, valid_rows)
+        padded batch, so padding stays out of the expert-load counters and the experts; `ep_rows`
+        is the step's common MoE row count (every EP rank passes the same). All three travel to
+        every MoE layer in one MoEStepContext built here (server/moe/runtime.py)."""
+        moe_step = self.runtime.step(token_offset, valid_rows, ep_rows)
         cos_sin = self.rope.cos_sin(positions, self.dtype)  # [T, D] x2
         x = self.model.embed_tokens(input_ids)  # [T, H]
         for layer, kv in zip(self.model.layers, kv_caches):

@@ -28,6 +28,9 @@ class ForwardBatch:
     # so attention metadata needs no copy of its own); None: built from the lists when needed.
     context_lens_dev: torch.Tensor | None = None  # [S] int32
     cu_seqlens_dev: torch.Tensor | None = None  # [S+1] int32 prefix sums of query_lens
+    #: rows every EP rank's MoE layers pad to in this step (the scheduler's max over ranks, or
+    #: the decode bucket); None: the dispatcher agrees on it with the other ranks itself
+    ep_rows: int | None = None
 
     @property
     def num_tokens(self) -> int:

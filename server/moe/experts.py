@@ -6,14 +6,17 @@ KernelBackend: "torch" on CPU, "triton" on CUDA, EPSERVE_KERNEL_BACKEND / EPSERV
 override), and kept as `experts.path`:
   torch           `LocalExperts.forward`: rows grouped by expert, one pair of matmuls per expert
                   that has rows (one host sync for the group sizes). The CPU path and the oracle.
-  triton          server/moe/kernels: fused_moe straight from the router's top-k slots (ep = 1,
-                  no host sync, CUDA-graph safe); on dispatched rows (EP) an argsort groups them
-                  by expert for grouped_expert_mlp, then the output is scattered back.
+  triton          server/moe/kernels: fused_moe straight from the router's top-k slots (no host
+                  sync, CUDA-graph safe; slots with a local id of -1 are skipped, which is how the
+                  fixed-capacity EP dispatch runs only this rank's experts on every gathered
+                  token); on dispatched rows (variable-split EP) an argsort groups them by
+                  expert for grouped_expert_mlp, then the output is scattered back.
   grouped_mm      the same two calls through torch._grouped_mm.
   triton_unsorted as triton, but dispatched rows go through expert_mlp_rows in the order they
                   arrive: no argsort and no two row copies. Not the default until a GPU
                   measurement of the EP step says it is faster (EPSERVE_EXPERT_PATH=triton_unsorted).
-Dispatchers (dispatch.py) call `experts.path.local_topk(experts, ...)` / `.rows(experts, ...)`.
+Dispatchers (server/moe/dispatch/) call `experts.path.local_topk(experts, ...)` (every slot
+local), `.partial_topk(...)` (only slots with a local id >= 0) or `.rows(...)`.
 """
 from __future__ import annotations
 
@@ -84,6 +87,21 @@ class TorchExpertPath:
         pair_out = experts(x[token], ids.reshape(-1).long() - experts.first_expert)  # [N*k, H]
         return combine(pair_out, weights, x.dtype)
 
+    def partial_topk(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], local_ids [T, k] (-1: not on this rank), weights [T, k] -> [T, H]: for each
+        token the float32 sum of w * expert(x) over its local slots, in slot order; zero rows
+        for tokens with none. One host sync (which pairs are local): the CPU path."""
+        n, k = local_ids.shape
+        flat = local_ids.reshape(-1).long()  # [T*k]
+        pairs = (flat >= 0).nonzero(as_tuple=True)[0]  # [P] local pairs in (token, slot) order
+        token = pairs // k  # [P]
+        acc = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+        if pairs.numel():
+            y = experts(x[token], flat[pairs])  # [P, H]
+            acc.index_add_(0, token, y.float() * weights.reshape(-1)[pairs].float()[:, None])
+        return acc.to(x.dtype)
+
     def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x [R, H], local_ids [R] -> [R, H] (no routing weight: the EP combine applies it)."""
         return experts(x, local_ids)
@@ -100,6 +118,11 @@ class KernelExpertPath:
     def local_topk(self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         local = ids if experts.first_expert == 0 else ids - experts.first_expert  # [N, k]
         return self.fused_moe(x, experts.gate_up_proj, experts.down_proj, local, weights)  # [N, H]
+
+    def partial_topk(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """fused_moe over every token with -1 marking the slots it skips: no host sync."""
+        return self.fused_moe(x, experts.gate_up_proj, experts.down_proj, local_ids, weights)  # [T, H]
 
     def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:

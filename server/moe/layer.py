@@ -95,7 +95,7 @@ class MoELayer(nn.Module):
             physical = rt.replicas(self.moe_index, ids, ctx.token_offset)  # [N, k] slots
             rt.counters.record(self.moe_index, ids, valid=step.valid_rows, physical_ids=physical)
             ids = physical
-        out = rt.dispatcher(x, ids, weights, self.experts)  # [N, H]
+        out = rt.dispatcher(x, ids, weights, self.experts, valid=step.valid_rows, rows=step.ep_rows)  # [N, H]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         elif self.shared_experts is not None:

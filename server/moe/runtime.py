@@ -28,6 +28,9 @@ class MoEStepContext:
     #: [N] bool, True for real rows of a padded batch (CUDA-graph buckets): padding rows stay
     #: out of the load counters. None: every row is real.
     valid_rows: torch.Tensor | None = None
+    #: the step's common MoE row count (dispatcher.step_rows: every EP rank pads to it); None
+    #: where the dispatcher needs none. A host int: it fixes the shapes of the exchange.
+    ep_rows: int | None = None
 
     @property
     def token_offset(self) -> int | torch.Tensor:
@@ -41,7 +44,7 @@ class MoERuntime:
 
     policy: RoutingPolicy
     counters: ExpertLoadCounters
-    dispatcher: Any  # LocalDispatcher | AllToAllDispatcher (server/moe/dispatch.py)
+    dispatcher: Any  # a Dispatcher (server/moe/dispatch/)
     num_layers: int  # MoE layers of the model
     num_experts: int  # logical experts E
     top_k: int
@@ -54,10 +57,12 @@ class MoERuntime:
         """Physical expert slots per layer with EPLB (E + redundant), else None."""
         return None if self.replicas is None else self.replicas.num_slots
 
-    def step(self, token_offset: int | torch.Tensor = 0, valid_rows: torch.Tensor | None = None) -> MoEStepContext:
+    def step(self, token_offset: int | torch.Tensor = 0, valid_rows: torch.Tensor | None = None,
+             ep_rows: int | None = None) -> MoEStepContext:
         """The step context of one forward: `token_offset` as the scheduler planned it (a 0-d
-        device tensor under CUDA graphs), `valid_rows` [N] bool for a padded batch."""
+        device tensor under CUDA graphs), `valid_rows` [N] bool for a padded batch (padding
+        rows are left out of the counters and the experts), `ep_rows` the common row count."""
         routing = tuple(RoutingContext(layer=i, num_experts=self.num_experts, top_k=self.top_k, ep_rank=self.ep_rank,
                                        ep_size=self.ep_size, token_offset=token_offset)
                         for i in range(self.num_layers))
-        return MoEStepContext(routing, valid_rows)
+        return MoEStepContext(routing, valid_rows, ep_rows)

@@ -170,7 +170,61 @@ def engine_graph_replay(policy: str = "round_robin_balanced") -> dict:
     return {"ok": eager == graphed and replays > 0, "eager": eager, "graphs": graphed, "replays": replays}
 
 
-CASES = {"paths_agree": paths_agree, "graph_runner_static": graph_runner_static, "engine_graph_replay": engine_graph_replay}
+
+def _ep_runner_rank(rank: int, ep: int, policy: str) -> dict:
+    """One EP rank of `ep_graph_runner_static` (a spawned process: switch the interpreter on first)."""
+    _setup()
+    import copy
+
+    import torch
+
+    from server.config import ModelConfig
+    from server.model.forward_batch import ForwardBatch
+    from server.model.gpu.cuda_graphs import DecodeGraphRunner
+    from server.model.loader import load_model
+    from server.moe.dispatch import DispatchSettings
+    from server.moe.routing import build_policy
+    from tests.helpers.paged_driver import PagedDriver
+
+    model = load_model(ModelConfig(), policy=build_policy(policy), ep_rank=rank, ep_size=ep,
+                       dispatch=DispatchSettings("allgather"))
+    prompts = _prompts() if rank == 0 else [(10 + rank, list(b"rank %d" % rank))]  # 3 sequences on rank 0, 1 elsewhere
+    offset = 0 if rank == 0 else 3 * 1 + (rank - 1)  # decode tokens of lower ranks
+    driver = PagedDriver(model, num_blocks=32, block_size=16, seed=3 + rank)
+    first = driver.step(prompts)  # prefill: uneven lengths, rows agreed by the dispatcher
+    work = [(sid, [int(first[sid].argmax())]) for sid, _ in prompts]
+    batch = driver.build_batch(work, token_offset=offset)
+    kv_copy = [tuple(t.clone() for t in layer) for layer in driver.kv]
+    model.load_counters.reset()
+    direct = model(batch, driver.kv)  # eager, unpadded
+    direct_load = model.load_counters.snapshot(reset=True)
+    runner = DecodeGraphRunner(model, kv_copy, max_batch=4, max_blocks_per_seq=8, buckets=(1, 2, 4), capture=False)
+    via_runner = runner.run(batch, bucket=4).clone()  # every rank the same bucket: rank 0 pads 1 row, others 3
+    runner_load = model.load_counters.snapshot(reset=True)
+    # an idle step for every rank but 0: they replay the bucket with padding rows only
+    mine = copy.copy(batch) if rank == 0 else ForwardBatch.empty(model.device)
+    idle_direct = model(mine, driver.kv)
+    idle_runner = runner.run(mine, bucket=4).clone()
+    diff = float((direct - via_runner).abs().max())
+    idle_diff = float((idle_direct - idle_runner).abs().max()) if rank == 0 else 0.0
+    return {"ok": diff < 1e-4 and idle_diff < 1e-4 and direct_load == runner_load and runner.lockstep
+            and idle_runner.shape[0] == mine.num_seqs,
+            "max_diff": diff, "idle_diff": idle_diff, "same_load": direct_load == runner_load,
+            "tokens": direct_load.tokens}
+
+
+def ep_graph_runner_static(ep: int = 2, policy: str = "greedy_balanced") -> dict:
+    """The graph runner's static-buffer step at ep_size `ep` (gloo, the fixed-capacity dispatcher,
+    capture off): every rank replays the same bucket with its own padding, an idle rank with
+    padding only, and the real rows equal an eager unpadded step on every rank."""
+    from tests.helpers.ep_ranks import run_on_ranks
+
+    ranks = run_on_ranks(_ep_runner_rank, ep, policy)
+    return {"ok": all(r["ok"] for r in ranks), "ranks": ranks}
+
+
+CASES = {"paths_agree": paths_agree, "graph_runner_static": graph_runner_static,
+         "engine_graph_replay": engine_graph_replay, "ep_graph_runner_static": ep_graph_runner_static}
 
 if __name__ == "__main__":
     _setup()

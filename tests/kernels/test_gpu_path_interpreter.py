@@ -53,8 +53,16 @@ def test_engine_step_buffers_feed_the_graph_runner():
     assert [len(t) for t in result["graphs"]] == [3, 5, 7]
 
 
+def test_ep_graph_runner_replays_one_bucket_on_every_rank():
+    """ep 2 over gloo, fixed-capacity dispatch: both ranks run the 4-bucket (rank 0 with 3 real rows,
+    rank 1 with 1, then rank 1 idle): real rows match eager unpadded steps, loads count no padding."""
+    result = _run("ep_graph_runner_static", ep=2, policy="greedy_balanced")
+    assert result["ok"], result
+
+
 def test_graphs_refuse_what_they_cannot_capture():
-    """Buckets cover every batch size; ep_size > 1 and non-kernel attention say why they stay eager."""
+    """Buckets cover every batch size; a dispatcher needing host-side splits and non-kernel attention
+    say why they stay eager."""
     from server.config import ModelConfig
     from server.model.gpu.cuda_graphs import DecodeGraphRunner, GraphsUnsupported, bucket_sizes, maybe_decode_graphs
     from server.model.loader import load_model
@@ -68,6 +76,16 @@ def test_graphs_refuse_what_they_cannot_capture():
     with pytest.raises(GraphsUnsupported, match="Triton kernels"):
         DecodeGraphRunner(cpu, kv, max_batch=4, max_blocks_per_seq=4, capture=False)
     assert maybe_decode_graphs(cpu, kv, max_batch=4, max_blocks_per_seq=4) is None
-    ep2 = load_model(ModelConfig(), policy=build_policy("natural"), ep_rank=0, ep_size=2)
-    with pytest.raises(GraphsUnsupported, match="ep_size=2"):
+    from server.moe.dispatch import DispatchSettings
+
+    ep2 = load_model(ModelConfig(), policy=build_policy("natural"), ep_rank=0, ep_size=2,
+                     dispatch=DispatchSettings("alltoall"))
+    with pytest.raises(GraphsUnsupported, match="ep_size=2, parallel.dispatch=alltoall"):
         DecodeGraphRunner(ep2, ep2.allocate_kv_cache(8, 16), max_batch=4, max_blocks_per_seq=4, capture=False)
+    # the fixed-capacity path is graph-safe up to its row bound; beyond it, auto takes the variable splits
+    auto = load_model(ModelConfig(), policy=build_policy("natural"), ep_rank=0, ep_size=2,
+                      dispatch=DispatchSettings("auto", fixed_max_rows=4))
+    with pytest.raises(GraphsUnsupported, match="Triton kernels"):  # EP is no longer the reason (CPU is)
+        DecodeGraphRunner(auto, auto.allocate_kv_cache(8, 16), max_batch=4, max_blocks_per_seq=4, capture=False)
+    with pytest.raises(GraphsUnsupported, match="parallel.dispatch=auto"):
+        DecodeGraphRunner(auto, auto.allocate_kv_cache(8, 16), max_batch=8, max_blocks_per_seq=4, capture=False)

@@ -1,5 +1,6 @@
-"""Dispatch/combine: the all-to-all path equals the local path; local experts and the router
-rules equal transformers' modules."""
+"""Dispatch/combine: the variable-split all-to-all and the fixed-capacity all-gather paths equal
+the local path (gloo, ep 1 to 4); no (token, expert) pair is lost at the worst case; local
+experts and the router rules equal transformers' modules."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +9,10 @@ import torch
 from server.moe.dispatch import LocalDispatcher, combine
 from server.moe.experts import LocalExperts
 from server.moe.router import softmax_topk
-from tests.helpers.dispatch_worker import dispatch_rank, full_experts, make_inputs
+from tests.helpers.dispatch_worker import dispatch_rank, full_experts, gather_checks, make_inputs
 from tests.helpers.ep_ranks import run_on_ranks
 
-CASES = ["uneven", "one_rank_hot", "empty", "single"]
+CASES = ["uneven", "one_rank_hot", "empty", "single", "all_to_rank0"]
 
 
 def _dense(x, ids, weights, experts: LocalExperts) -> torch.Tensor:
@@ -39,6 +40,21 @@ def test_all_to_all_matches_local_on_three_ranks():
     for rank, errors in enumerate(results):
         for case, err in errors.items():
             assert err < 1e-6, f"rank {rank}, case {case}: max relative error {err}"
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_all_gather_matches_local(ep):
+    """The fixed-capacity path at ep 1 (a size-1 gloo group: the forced EP path), 2 and 4:
+      * rows agreed on by the ranks: uneven counts, idle ranks, all traffic to one rank, every
+        rank empty, a single token in the group;
+      * no (token, expert) pair is lost at the worst case: every slot of every token of every
+        rank on rank 0's experts (ep * N * k pairs on one rank), with a common row count
+        larger than any rank's tokens (16);
+      * graph-style padding (valid=False rows inside the batch, rows beyond it): real rows equal
+        the local path on the real rows alone, and nobody computes the padding."""
+    for rank, result in enumerate(run_on_ranks(gather_checks, ep, CASES)):
+        for check, err in result.items():
+            assert err < 1e-6 if check != "padding_out" else err == 0.0, f"ep {ep}, rank {rank}, {check}: {err}"
 
 
 def test_combine_sums_in_float32():

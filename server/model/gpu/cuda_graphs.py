@@ -17,14 +17,23 @@ token, so a decode step's input ids never leave the device, and calls `replay`. 
 (tests, the benchmark), the runner owns its buffers and `run(batch)` fills them from a
 ForwardBatch.
 
-The routing policy and the load counters run inside the graph (both are sync-free and keep
-their tensors in place). Padding rows come after every real row, so policies that walk
-tokens in order (greedy_balanced) assign the real rows exactly as an unpadded step would.
+The routing policy, the EPLB replica choice and the load counters run inside the graph (all
+are sync-free and keep their tensors in place). Padding rows come after every real row, so
+policies that walk tokens in order (greedy_balanced) assign the real rows exactly as an
+unpadded step would.
 
-Where graphs are not used (`GraphsUnsupported` says why): ep_size > 1 (the all-to-all needs
-split sizes on the host; the EP path stays eager), sliding-window layers (no kernel), and
-anything without the Triton attention backend. Prefill stays eager: one large step per
-prompt batch, already launch-bound only for tiny prompts.
+EP (ep_size > 1, or the fixed-capacity dispatcher forced at ep_size 1): each MoE layer's two
+collectives (all-gather, all-to-all; server/moe/dispatch/all_gather.py) are captured with it.
+Every rank captures the same buckets in the same order, and every step every rank replays the
+same bucket (`replay(num_seqs, bucket)`, `run(batch, bucket)`: the step plan carries the largest rank's
+batch), an idle rank with all rows padding. The warm-up runs each bucket's collectives
+eagerly first, so the communicator exists before capture, as NCCL requires; capture uses
+thread-local mode so the process group's watchdog thread cannot invalidate it.
+
+Where graphs are not used (`GraphsUnsupported` says why): a dispatcher that needs host-side
+split sizes (alltoall), sliding-window layers (no kernel), and anything without the Triton
+attention backend. Prefill stays eager: one large step per prompt batch, already
+launch-bound only for tiny prompts.
 
 `capture=False` keeps the static-buffer machinery but runs it eagerly (CPU tests under the
 Triton interpreter exercise the padding and bucketing logic that way).
@@ -55,13 +64,13 @@ def bucket_sizes(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> 
     return sorted({b for b in buckets if 0 < b < max_batch} | {max_batch})
 
 
-def check_graphable(model, block_size: int) -> None:
+def check_graphable(model, block_size: int, max_batch: int) -> None:
     """Raise GraphsUnsupported unless decode of `model` can be captured."""
     spec = model.spec
-    if model.ep_size != 1:
-        raise GraphsUnsupported(f"ep_size={model.ep_size}: the all-to-all needs host-side split sizes (EP decode stays eager)")
-    if getattr(model.runtime, "replicas", None) is not None:
-        raise GraphsUnsupported("EPLB replica maps are rebuilt by rebalances; decode stays eager")
+    dispatcher = model.dispatcher
+    if not dispatcher.graph_safe(max_batch):
+        raise GraphsUnsupported(f"ep_size={model.ep_size}, parallel.dispatch={dispatcher.name}: decode steps of up to "
+                                f"{max_batch} rows need host-side split sizes (EP decode stays eager)")
     if not model.runtime.policy.graph_safe:
         raise GraphsUnsupported(f"routing policy {model.runtime.policy.name!r} works host-side (not graph-safe)")
     if any(spec.sliding_windows):
@@ -102,17 +111,19 @@ class GraphInputs:
 
 
 class DecodeGraphRunner:
-    """Bucketed decode graphs for one model and its KV cache (one EP rank, ep_size 1)."""
+    """Bucketed decode graphs for one model and its KV cache (one EP rank)."""
 
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch: int,
                  max_blocks_per_seq: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool = True,
                  inputs: GraphInputs | None = None) -> None:
         block_size = kv_caches[0][0].shape[1]
-        check_graphable(model, block_size)
+        self.buckets = bucket_sizes(max_batch, buckets)
+        check_graphable(model, block_size, self.buckets[-1])
         if capture and model.device.type != "cuda":
             raise GraphsUnsupported(f"CUDA graphs need a CUDA model, this one is on {model.device}")
         self.model, self.kv_caches = model, kv_caches
-        self.buckets = bucket_sizes(max_batch, buckets)
+        #: every rank must replay the same bucket in the same step (the graphs hold collectives)
+        self.lockstep = model.dispatcher.collective
         self.max_batch = self.buckets[-1]
         self.width = max_blocks_per_seq
         self.capture_enabled = capture
@@ -145,7 +156,8 @@ class DecodeGraphRunner:
         def step() -> torch.Tensor:
             input_ids = pool.index_select(0, gather)  # [b]
             return self.model.forward_tokens(input_ids, self.positions[:b], meta, self.kv_caches,
-                                             self.logits_indices[:b], self.token_offset, self.valid_rows[:b])
+                                             self.logits_indices[:b], self.token_offset, self.valid_rows[:b],
+                                             ep_rows=b)
         return step
 
     @torch.inference_mode()
@@ -163,9 +175,10 @@ class DecodeGraphRunner:
                 self._steps[b]()  # warm-up on a side stream, as torch.cuda.graph expects
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize(self.model.device)
+        mode = "thread_local" if self.lockstep else "global"
         for b in reversed(self.buckets):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 self._outputs[b] = self._steps[b]()
             self._graphs[b] = graph
         torch.cuda.synchronize(self.model.device)
@@ -179,55 +192,69 @@ class DecodeGraphRunner:
                 return b
         return None
 
-    def can_run(self, batch: ForwardBatch) -> bool:
-        """A pure decode step that fits a bucket and the block-table width, with the policy captured."""
-        return (0 < batch.num_seqs <= self.max_batch and batch.num_tokens == batch.num_seqs
+    def can_run(self, batch: ForwardBatch, bucket: int | None = None) -> bool:
+        """A pure decode step that fits a bucket (`bucket`, or the smallest that holds it) and the
+        block-table width, with the policy captured. With an explicit bucket (EP lockstep) the
+        batch may be empty: an idle rank replays all-padding rows."""
+        if bucket is not None and bucket not in self._steps:
+            return False
+        low = 0 if bucket is not None else 1
+        return (low <= batch.num_seqs <= (bucket or self.max_batch) and batch.num_tokens == batch.num_seqs
                 and all(q == 1 for q in batch.query_lens) and batch.block_tables.shape[1] <= self.width
                 and self.model.runtime.policy is self.policy)
 
-    def can_replay(self, num_seqs: int) -> bool:
-        """A decode step of `num_seqs` rows fits a bucket and the captured policy is still in place."""
+    def can_replay(self, num_seqs: int, bucket: int | None = None) -> bool:
+        """A decode step of `num_seqs` rows fits a bucket (`bucket`, or the smallest that holds it)
+        and the captured policy is still in place. With an explicit bucket (EP lockstep) the
+        step may have no rows: an idle rank replays padding only."""
+        if bucket is not None:
+            return bucket in self._steps and 0 <= num_seqs <= bucket and self.model.runtime.policy is self.policy
         return 0 < num_seqs <= self.max_batch and self.model.runtime.policy is self.policy
 
     @torch.inference_mode()
-    def replay(self, num_seqs: int) -> torch.Tensor:
-        """Run the bucket of `num_seqs` on inputs the caller already put in place (rows up to the
-        bucket, padding included). -> [S, V] float32, a view valid until the next replay."""
-        b = self.bucket_for(num_seqs)
+    def replay(self, num_seqs: int, bucket: int | None = None) -> torch.Tensor:
+        """Run the bucket of `num_seqs` (or `bucket`: EP ranks all replay the same one) on inputs
+        the caller already put in place (rows up to the bucket, padding included).
+        -> [S, V] float32, a view valid until the next replay."""
+        b = bucket if bucket is not None else self.bucket_for(num_seqs)
         if self.capture_enabled:
             self._graphs[b].replay()
             return self._outputs[b][:num_seqs]
         return self._steps[b]()[:num_seqs]
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """-> [S, V] float32 logits, a view of the graph's output buffer: valid until the next run."""
+    def run(self, batch: ForwardBatch, bucket: int | None = None) -> torch.Tensor:
+        """-> [S, V] float32 logits, a view of the graph's output buffer: valid until the next run.
+        `bucket`: the graph to replay (EP: the same on every rank this step); None: the smallest
+        that holds the batch."""
         if not self._owns_inputs:
             raise RuntimeError("this runner reads the engine's step buffers: fill them and call replay()")
-        if not self.can_run(batch):
+        if not self.can_run(batch, bucket):
             raise ValueError(f"decode graphs cannot run this batch (seqs={batch.num_seqs}, tokens={batch.num_tokens}, "
+                             f"bucket {bucket} of {self.buckets}, "
                              f"block-table width {batch.block_tables.shape[1]} vs {self.width}, "
                              f"policy {'unchanged' if self.model.runtime.policy is self.policy else 'changed since capture'})")
         s = batch.num_seqs
-        b = self.bucket_for(s)
+        b = bucket if bucket is not None else self.bucket_for(s)
         for ctx in batch.context_lens:
             if not 1 <= ctx <= self.width * self.block_size:
                 raise ValueError(f"context_len {ctx} outside [1, {self.width * self.block_size}] (block-table width {self.width})")
-        self.inputs.pool[:s].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:s].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:s].copy_(batch.slot_mapping, non_blocking=True)
-        self.block_tables[:s, :batch.block_tables.shape[1]].copy_(batch.block_tables, non_blocking=True)
-        ctx_host = torch.tensor(batch.context_lens, dtype=torch.int32)
-        if self.context_lens.is_cuda:
-            ctx_host = ctx_host.pin_memory()
-        self.context_lens[:s].copy_(ctx_host, non_blocking=True)
-        self.valid_rows[:s].fill_(True)
+        if s:
+            self.inputs.pool[:s].copy_(batch.input_ids, non_blocking=True)
+            self.positions[:s].copy_(batch.positions, non_blocking=True)
+            self.slot_mapping[:s].copy_(batch.slot_mapping, non_blocking=True)
+            self.block_tables[:s, :batch.block_tables.shape[1]].copy_(batch.block_tables, non_blocking=True)
+            ctx_host = torch.tensor(batch.context_lens, dtype=torch.int32)
+            if self.context_lens.is_cuda:
+                ctx_host = ctx_host.pin_memory()
+            self.context_lens[:s].copy_(ctx_host, non_blocking=True)
+            self.valid_rows[:s].fill_(True)
         self._reset_padding(s, b)
         if isinstance(batch.token_offset, torch.Tensor):
             self.token_offset.copy_(batch.token_offset, non_blocking=True)
         else:
             self.token_offset.fill_(int(batch.token_offset))
-        return self.replay(s)
+        return self.replay(s, b)
 
     @property
     def block_size(self) -> int:
@@ -251,8 +278,9 @@ class DecodeGraphRunner:
 def maybe_decode_graphs(model, kv_caches, *, max_batch: int, max_blocks_per_seq: int,
                         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
                         inputs: GraphInputs | None = None) -> DecodeGraphRunner | None:
-    """Decode graphs where they apply (CUDA, ep_size 1, kernel attention), else None with the
-    reason logged. Set EPSERVE_CUDA_GRAPHS=0 to keep decode eager."""
+    """Decode graphs where they apply (CUDA, a graph-safe dispatcher, kernel attention), else None
+    with the reason logged. Set EPSERVE_CUDA_GRAPHS=0 to keep decode eager (on every EP rank:
+    ranks that capture and ranks that do not would run different collectives)."""
     import os
 
     if os.environ.get("EPSERVE_CUDA_GRAPHS", "1") == "0":

@@ -50,7 +50,8 @@ def fused_moe_triton(
     num_experts, inter = check_expert_weights(w13, w2, hidden.shape[1])
     _check_dtypes(hidden, w13, w2)
     num_tokens, top_k = topk_ids.shape
-    hidden = hidden.contiguous()
+    if hidden.stride(1) != 1:  # rows may be strided (a packed EP buffer): the kernel takes a row stride
+        hidden = hidden.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
     cfg = config or get_moe_config(num_experts, hidden.shape[1], inter, num_tokens * top_k, hidden.dtype, hidden.device)
     if out is not None:
@@ -103,7 +104,8 @@ def expert_mlp_rows_triton(
     if local_ids.dim() != 1 or local_ids.shape[0] != x.shape[0]:
         raise ValueError(f"local_ids must be [R={x.shape[0]}], got {tuple(local_ids.shape)}")
     num_rows, hidden = x.shape
-    x = x.contiguous()
+    if x.stride(1) != 1:  # strided rows (a packed EP buffer) are read in place
+        x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
     if out is None:
         out = workspace(tuple(x.shape), x.dtype, x.device)

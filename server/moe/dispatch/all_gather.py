@@ -1,0 +1,88 @@
+"""Fixed-capacity EP dispatch: all-gather every rank's tokens, compute local experts, send the
+partial sums back. No host sync, fixed shapes, no token can be dropped: CUDA graphs capture it.
+
+Per MoE layer, with R rows per rank (the step's common row count, see base.py):
+  1. pack x, ids, weights of this rank's R rows into one byte buffer (token_rows.py);
+     padding rows carry id -1;
+  2. all-gather (all_gather_into_tensor): every rank holds all ep*R packed rows (one exchange);
+  3. every rank runs only its own experts on all of them: fused_moe skips the slots whose
+     local id is -1, so the GEMMs see exactly the pairs this rank owns, whatever the routing;
+  4. all_to_all_single with equal splits sends rank s the partial sums of rank s's rows
+     (one exchange back);
+  5. the source rank adds the ep partials in float32 in rank order (deterministic), then
+     casts to the model dtype.
+
+Bytes per peer and direction: R * H (plus 8k bytes of ids and weights per row), against
+R * k * H for an all-to-all that reserves the worst case for every peer; for ep_size <= k
+it also moves no more than a perfectly balanced all-to-all (R * k / ep rows per peer).
+The cost is memory, not traffic: each rank's fused_moe addresses ep*R*k slots. DeepEP's
+low-latency kernels keep a [E_local, ranks * cap, H] receive layout instead; Megatron's
+inference all-gather dispatcher makes the same all-gather / reduce-scatter choice for the
+same reason (graphs need fixed shapes).
+
+gloo and NCCL both run it; at ep_size 1 it runs over a size-1 group (the EP path on one GPU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..experts import LocalExperts
+from .token_rows import TokenRows, local_slots
+
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there; the GPU
+# image's torch 2.11 has only the old name). Same signature, same collective.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def agree_rows(num_tokens: int, group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """Max of `num_tokens` over the group (a collective and a host sync: eager steps only)."""
+    n = torch.tensor([num_tokens], dtype=torch.int64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    return int(n.item())
+
+
+class GatherDispatcher:
+    """All-gather dispatch, all-to-all partial-sum combine (see the module docstring)."""
+
+    name = "allgather"
+    collective = True
+
+    def __init__(self, ep_rank: int, ep_size: int, num_experts: int, group: dist.ProcessGroup | None = None) -> None:
+        if num_experts % ep_size:
+            raise ValueError(f"{num_experts} experts (or slots) do not split over ep_size={ep_size}")
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.experts_per_rank = num_experts // ep_size
+        self.group = group  # None: the default group
+
+    def step_rows(self, num_tokens: int, planned: int | None, device: torch.device) -> int:
+        if planned is not None:
+            if planned < num_tokens:
+                raise ValueError(f"the step plans {planned} rows per rank but this rank has {num_tokens} tokens")
+            return planned
+        return num_tokens if self.ep_size == 1 else agree_rows(num_tokens, self.group, device)
+
+    def graph_safe(self, rows: int) -> bool:
+        return True
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: LocalExperts, *,
+                 valid: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+        """x [N, H], ids/weights [N, k], valid [N] bool -> [N, H]. `rows` >= N: the same on every rank."""
+        n, k = ids.shape
+        if rows is None:
+            rows = self.step_rows(n, None, x.device)
+        if rows < n:
+            raise ValueError(f"rows={rows} < this rank's {n} tokens")
+        if rows == 0:  # every rank is empty (rows is common): nothing to exchange
+            return torch.empty_like(x)
+        layout = TokenRows(x.shape[1], x.dtype, k)
+        send = layout.pack(x, ids, weights, rows, valid)  # [R, B] uint8
+        gathered = layout.empty(self.ep_size * rows, x.device)  # [ep*R, B]: rank s's rows at s*R
+        _all_gather(gathered, send, group=self.group)
+        hidden, all_ids, all_weights = layout.fields(gathered)  # [ep*R, H], [ep*R, k] x2 (views)
+        local = local_slots(all_ids, experts.first_expert, experts.num_local)  # [ep*R, k], -1 elsewhere
+        partial = experts.path.partial_topk(experts, hidden, local, all_weights)  # [ep*R, H]
+        returned = torch.empty_like(partial)  # [ep*R, H]: block s = rank s's partial sums of my rows
+        dist.all_to_all_single(returned, partial, group=self.group)
+        out = returned.view(self.ep_size, rows, -1).sum(0, dtype=torch.float32)  # [R, H], rank order
+        return out[:n].to(x.dtype)

@@ -110,6 +110,11 @@ class ParallelConfig:
     eplb_policy: str = "auto"  # auto | global | hierarchical (auto: hierarchical when nodes divide groups)
     eplb_num_groups: int = 0  # expert groups for the hierarchical policy (0: the model's, 1 if it has none)
     eplb_num_nodes: int = 0  # nodes the ranks span (0: from torchrun's LOCAL_WORLD_SIZE, else 1)
+    # EP dispatch (server/moe/dispatch): auto | local | allgather | alltoall. allgather at
+    # ep_size 1 forces the fixed-capacity EP path over a size-1 process group (measurement).
+    dispatch: str = "auto"
+    dispatch_fixed_max_rows: int = 0  # auto: steps up to this many rows per rank take the fixed-capacity
+    # path, larger ones the variable splits (0: every step the scheduler can plan)
 
     @property
     def eplb_enabled(self) -> bool:
@@ -121,7 +126,9 @@ class ParallelConfig:
         _require(self.backend in BACKENDS, f"parallel.backend={self.backend!r} is not one of {BACKENDS}")
         _require(self.device in DEVICES, f"parallel.device={self.device!r} is not one of {DEVICES}")
         _require(not (self.backend == "nccl" and self.device == "cpu"), "parallel.backend=nccl needs parallel.device=cuda (or auto)")
-        for key in ("redundant_experts", "eplb_interval", "eplb_num_groups", "eplb_num_nodes"):
+        _require(isinstance(self.dispatch, str) and self.dispatch != "",
+                 f"parallel.dispatch must name a dispatcher (auto, local, allgather, alltoall), got {self.dispatch!r}")
+        for key in ("redundant_experts", "eplb_interval", "eplb_num_groups", "eplb_num_nodes", "dispatch_fixed_max_rows"):
             value = getattr(self, key)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                      f"parallel.{key} must be an integer >= 0, got {value!r}")

@@ -86,6 +86,18 @@ def init_rank_groups(rank: int, world_size: int, backend: str, device: torch.dev
     return RankGroups(rank, world_size, ep_group, ctrl_group, backend)
 
 
+def single_rank_group(backend: str, device: torch.device, host: str = "127.0.0.1") -> tuple[RankGroups, bool]:
+    """A size-1 process group for the forced EP path at ep_size 1 (parallel.dispatch=allgather):
+    the EP collectives then run for real, on one device. -> (groups, created): this process's
+    default group is reused if it already is a size-1 one (then the caller must not destroy it)."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ConfigError(f"a forced EP dispatch at ep_size 1 needs a size-1 process group; this process is "
+                              f"already in one of size {dist.get_world_size()}")
+        return RankGroups(0, 1, dist.group.WORLD, dist.group.WORLD, dist.get_backend()), False
+    return init_rank_groups(0, 1, backend, device, f"tcp://{host}:{free_port(host)}"), True
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Rank 0's way of running a step plan on every rank.
 
-LocalExecutor: ep_size 1, the model runs in this process, no process group.
+LocalExecutor: ep_size 1, the model runs in this process, no process group (or a size-1 one
+for the forced EP dispatch path, destroyed at stop).
 DistributedExecutor: scatter each rank its plan over the gloo control group, run rank 0's
 share here, gather every rank's sampled tokens back. Spawned worker processes (if epserve
 started them) are watched, so a dead rank is noticed even while a collective hangs.
@@ -93,11 +94,12 @@ class LocalExecutor:
     num_ranks = 1
     needs_heartbeat = False
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, owned_groups=None) -> None:
         self.runner = runner
         self._thread: _StepThread | None = None
         if runner.device.type != "cuda":  # a CPU forward blocks: run it beside the engine loop
             self._thread = _StepThread(runner.bind_thread)
+        self.owned_groups = owned_groups  # a size-1 process group made for the forced EP path: ours to destroy
 
     def bind_thread(self) -> None:
         self.runner.bind_thread()
@@ -116,6 +118,9 @@ class LocalExecutor:
     def stop(self, graceful: bool) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=graceful)
+        if self.owned_groups is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owned_groups = None
 
 
 class DistributedExecutor:

@@ -1,6 +1,7 @@
 """Start the engine from an AppConfig: check, spawn or join the EP ranks, load, serve.
 
-  * ep_size 1: everything in this process, no process group.
+  * ep_size 1: everything in this process, no process group (a size-1 one when
+    parallel.dispatch forces the EP path: allgather / alltoall).
   * ep_size N: epserve spawns ranks 1..N-1 (torch.multiprocessing, spawn) on a free port;
     this process is rank 0 and serves.
   * under torchrun (RANK / WORLD_SIZE set): every process runs `python -m server`; rank 0
@@ -19,6 +20,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Callable
 
 from ..config import AppConfig, ConfigError, RoutingConfig, thaw
+from ..dispatch_setup import build_dispatch_settings, needs_group_at_ep1
 from ..eplb_setup import build_eplb_settings
 from ..routing_setup import build_routing_policy
 from .distributed import free_port, resolve_device, torchrun_env
@@ -75,6 +77,7 @@ def _model_setup(app: AppConfig, world_size: int):
     policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size,
                                   num_layers=spec.num_moe_layers)
     build_eplb_settings(app.parallel, spec, world_size)  # EPLB keys vs the model: ConfigError now, not on a rank
+    build_dispatch_settings(app.parallel, app.engine, world_size)  # parallel.dispatch: likewise
     max_model_len = app.model.max_model_len
     if spec.max_position_embeddings and max_model_len > spec.max_position_embeddings:
         log.warning("model.max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
@@ -104,7 +107,12 @@ def build_engine_core(app: AppConfig) -> EngineCore:
         if world > torch.cuda.device_count():
             raise ConfigError(f"parallel.ep_size={world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
     if world == 1:
-        executor = LocalExecutor(build_runner(app, policy, 0, 1, device, None))
+        groups, created = None, False
+        if needs_group_at_ep1(build_dispatch_settings(app.parallel, app.engine, 1)):  # the forced EP path
+            from .distributed import resolve_backend, single_rank_group
+
+            groups, created = single_rank_group(resolve_backend(app.parallel, device), device, app.parallel.master_addr)
+        executor = LocalExecutor(build_runner(app, policy, 0, 1, device, groups), groups if created else None)
     else:
         executor = _start_distributed(app, policy, world, local_rank, spawn=env is None)
     return EngineCore(app=app, spec=spec, policy=policy, executor=executor, device=str(device),

@@ -32,13 +32,15 @@ class ReadyReport:
 
 def build_runner(app: AppConfig, policy, rank: int, world_size: int, device: torch.device, groups: RankGroups | None) -> ModelRunner:
     """Load this rank's shard (its experts only) and allocate its KV cache."""
+    from ..dispatch_setup import build_dispatch_settings
     from ..eplb_setup import build_eplb_settings
     from ..model.loader import load_model, read_model_spec
 
     ep_group = groups.ep_group if groups is not None else None
     eplb = build_eplb_settings(app.parallel, read_model_spec(app.model), world_size)  # None: EPLB off
+    dispatch = build_dispatch_settings(app.parallel, app.engine, world_size)
     model = load_model(app.model, policy=policy, ep_rank=rank, ep_size=world_size, ep_group=ep_group, device=device,
-                       dtype=None, eplb=eplb)
+                       dtype=None, eplb=eplb, dispatch=dispatch)
     eng = app.engine
     return ModelRunner(model, rank=rank, num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
                        block_size=eng.kv_block_size, device=device, ep_group=ep_group,

@@ -71,6 +71,27 @@ def test_model_shape_checks_name_the_keys() -> None:
         build_routing_policy(skewed.routing, num_experts=64, top_k=8, ep_size=1)
 
 
+def test_dispatch_settings_are_checked_at_start_up() -> None:
+    from server.dispatch_setup import build_dispatch_settings, needs_group_at_ep1
+
+    default = AppConfig.from_dict(composed("parallel=ep2"))
+    settings = build_dispatch_settings(default.parallel, default.engine, 2)
+    assert settings.name == "auto"  # every step the scheduler can plan takes the fixed-capacity path
+    assert settings.fixed_max_rows == default.engine.max_num_batched_tokens + default.engine.max_num_seqs
+    forced = AppConfig.from_dict(composed("parallel.dispatch=allgather", "parallel.dispatch_fixed_max_rows=64"))
+    assert needs_group_at_ep1(build_dispatch_settings(forced.parallel, forced.engine, 1))
+    assert build_dispatch_settings(forced.parallel, forced.engine, 1).fixed_max_rows == 64
+    assert not needs_group_at_ep1(build_dispatch_settings(AppConfig.from_dict(composed()).parallel, forced.engine, 1))
+    wrong = AppConfig.from_dict(composed("parallel.dispatch=deepep"))
+    with pytest.raises(ConfigError, match="parallel.dispatch='deepep' is not one of .*allgather"):
+        build_dispatch_settings(wrong.parallel, wrong.engine, 1)
+    local = AppConfig.from_dict(composed("parallel=ep2", "parallel.dispatch=local"))
+    with pytest.raises(ConfigError, match="parallel.dispatch=local"):
+        build_dispatch_settings(local.parallel, local.engine, 2)
+    with pytest.raises(ConfigError, match="parallel.dispatch_fixed_max_rows"):
+        AppConfig.from_dict(composed("parallel.dispatch_fixed_max_rows=-1"))
+
+
 def test_cfg_job_prints_greedy_for_fake_balance(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "server", "--cfg", "job", "routing=fake_balance"],

@@ -43,6 +43,27 @@ def test_ep4_greedy_matches_transformers(qwen3) -> None:
         eng.shutdown()
 
 
+def test_forced_ep_dispatch_at_ep1_generates_like_transformers(qwen3) -> None:
+    """parallel.dispatch=allgather at ep_size 1: the engine runs the fixed-capacity EP path over a
+    size-1 gloo group (made for it, and gone after shutdown), with the same greedy tokens."""
+    import torch.distributed as dist
+
+    folder, _, expected = qwen3
+    from dataclasses import replace
+
+    app = make_app(folder, ep_size=1)
+    app = replace(app, parallel=replace(app.parallel, dispatch="allgather"))
+    eng = start_engine(app)
+    try:
+        assert eng.executor.runner.model.dispatcher.name == "allgather"
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
+        assert [r[0] for r in results] == expected
+    finally:
+        eng.shutdown()
+    assert not dist.is_initialized()
+
+
 def test_a_dead_rank_fails_requests_quickly_and_marks_the_engine_dead(qwen3) -> None:
     folder, _, _ = qwen3
     app = make_app(folder, ep_size=2)

@@ -25,8 +25,8 @@ unpadded step would.
 EP (ep_size > 1, or the fixed-capacity dispatcher forced at ep_size 1): each MoE layer's two
 collectives (all-gather, all-to-all; server/moe/dispatch/all_gather.py) are captured with it.
 Every rank captures the same buckets in the same order, and every step every rank replays the
-same bucket (`replay(num_seqs, bucket)`, `run(batch, bucket)`: the step plan carries the largest rank's
-batch), an idle rank with all rows padding. The warm-up runs each bucket's collectives
+same bucket (`replay(num_seqs, bucket)`, `run(batch, bucket)`: the step plan carries the
+largest rank's batch), an idle rank with all rows padding. The warm-up runs each bucket's collectives
 eagerly first, so the communicator exists before capture, as NCCL requires; capture uses
 thread-local mode so the process group's watchdog thread cannot invalidate it.
 

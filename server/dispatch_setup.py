@@ -1,0 +1,30 @@
+"""Turn `parallel.dispatch*` keys into dispatch settings checked against the EP size.
+
+Called before any rank is spawned (launcher) so a wrong name stops the server with a
+ConfigError listing the dispatchers that exist, and again on every rank to build the same
+dispatcher (server/moe/dispatch/).
+"""
+from __future__ import annotations
+
+from .config import ConfigError, EngineConfig, ParallelConfig
+from .moe.dispatch import DISPATCHERS, DispatchSettings
+
+#: dispatchers that run collectives at ep_size 1 too (over a size-1 process group)
+GROUP_AT_EP1 = ("allgather", "alltoall")
+
+
+def build_dispatch_settings(parallel: ParallelConfig, engine: EngineConfig, ep_size: int) -> DispatchSettings:
+    name = parallel.dispatch
+    if name not in DISPATCHERS:
+        raise ConfigError(f"parallel.dispatch={name!r} is not one of {sorted(DISPATCHERS)}")
+    if name == "local" and ep_size != 1:
+        raise ConfigError(f"parallel.dispatch=local keeps every expert on one rank; parallel.ep_size={ep_size} "
+                          "needs auto, allgather or alltoall")
+    # A rank's step holds at most its decodes plus one prefill chunk's tokens.
+    bound = parallel.dispatch_fixed_max_rows or engine.max_num_batched_tokens + engine.max_num_seqs
+    return DispatchSettings(name=name, fixed_max_rows=bound)
+
+
+def needs_group_at_ep1(settings: DispatchSettings) -> bool:
+    """The forced EP path at ep_size 1 runs over a real size-1 process group."""
+    return settings.name in GROUP_AT_EP1

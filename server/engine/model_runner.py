@@ -61,9 +61,9 @@ class ModelRunner:
         self.max_tokens = (max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS) + self.max_seqs
         self.slots = SlotTable(self.max_seqs, self.width)
         self.inputs = StepInputs(max_seqs=self.max_seqs, max_tokens=self.max_tokens, width=self.width, device=self.device)
-        # ---- decode CUDA graphs (server/model/gpu/cuda_graphs.py): CUDA and ep_size 1 only,
-        # captured once here for batch buckets up to max_num_seqs over this rank's step buffers;
-        # None keeps decode eager.
+        # ---- decode CUDA graphs (server/model/gpu/cuda_graphs.py): CUDA and a graph-safe
+        # dispatcher, captured once here for batch buckets up to max_num_seqs over this rank's
+        # step buffers (every EP rank captures the same ones); None keeps decode eager.
         self.decode_graphs = None
         capture = None
         if max_num_seqs and self.device.type == "cuda":
@@ -107,7 +107,7 @@ class ModelRunner:
         self.slots.apply(batch.fills, batch.appends)
         pending = PendingStep(result)
         if plan.run_forward:
-            pending = self._forward_and_sample(batch, plan.token_offset, result)
+            pending = self._forward_and_sample(batch, plan, result)
         if plan.rebalance and self.model.eplb is not None:  # every rank at once: a collective
             result.rebalance = self.model.eplb.rebalance(self.ep_group)
         if plan.load_snapshot is not None:
@@ -115,18 +115,39 @@ class ModelRunner:
         return pending
 
     # ---- one step ----
-    def _forward_and_sample(self, batch: RankBatch, token_offset: int, result: RankResult) -> PendingStep:
-        if batch.num_seqs == 0:
-            self.model.forward(_empty(self.device, token_offset), self.kv_caches)  # joins the collectives
+    def _bucket(self, batch: RankBatch, plan: RankPlan) -> tuple[int | None, bool]:
+        """(decode-graph bucket of this step or None, whether this rank can replay it).
+
+        With collectives in the graphs (EP) every rank takes the bucket of the plan's
+        decode_batch, the same on all ranks, an idle rank included; a rank that cannot replay
+        it runs the step eagerly padded to that bucket, so its collectives match the others'."""
+        graphs = self.decode_graphs
+        if graphs is None:
+            return None, False
+        decodes = batch.num_tokens == batch.num_seqs and bool(batch.samples.all())
+        if graphs.lockstep:
+            bucket = graphs.bucket_for(plan.decode_batch) if plan.decode_batch is not None else None
+        else:
+            bucket = graphs.bucket_for(batch.num_seqs) if decodes and batch.num_seqs else None
+        return bucket, bucket is not None and decodes and graphs.can_replay(batch.num_seqs, bucket)
+
+    def _forward_and_sample(self, batch: RankBatch, plan: RankPlan, result: RankResult) -> PendingStep:
+        token_offset = plan.token_offset
+        bucket, use_graph = self._bucket(batch, plan)
+        ep_rows = bucket if bucket is not None else (plan.ep_rows or None)  # the common MoE row count
+        if batch.num_seqs == 0 and not use_graph:
+            empty = _empty(self.device, token_offset)
+            empty.ep_rows = ep_rows
+            self.model.forward(empty, self.kv_caches)  # joins the collectives
             return PendingStep(result)
         graphs = self.decode_graphs
-        use_graph = (graphs is not None and batch.num_tokens == batch.num_seqs and bool(batch.samples.all())
-                     and graphs.can_replay(batch.num_seqs))
-        staged = self._stage(batch, token_offset, graphs.bucket_for(batch.num_seqs) if use_graph else None)
+        staged = self._stage(batch, token_offset, bucket if use_graph else None)
         if use_graph:
-            logits = graphs.replay(batch.num_seqs)  # [S, V]
+            logits = graphs.replay(batch.num_seqs, bucket)  # [S, V]
         else:
-            logits = self.model.forward(staged.forward_batch(self.inputs), self.kv_caches)  # [R, V]
+            eager = staged.forward_batch(self.inputs)
+            eager.ep_rows = ep_rows
+            logits = self.model.forward(eager, self.kv_caches)  # [R, V]
         if staged.num_samples == 0:
             return PendingStep(result)
         d, r, n = self.inputs.dev, staged.num_samples, staged.num_hot

@@ -128,6 +128,9 @@ class RankPlan:
     #: not None: before this step's forward, switch the rank's routing policy to the one this
     #: routing.* mapping names ({"name": ..., **params}); every rank gets it in the same step
     routing: dict[str, Any] | None = None
+    ep_rows: int = 0  # the most tokens any rank has this step: every rank's MoE layers pad to it (EP dispatch)
+    decode_batch: int | None = None  # every rank only decodes: the most sequences on any rank (all replay
+    # the decode-graph bucket that holds it, in lockstep); None: some rank runs a prompt chunk
 
     @classmethod
     def stop_plan(cls) -> "RankPlan":
@@ -179,8 +182,12 @@ def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | 
     """Per-rank batches -> per-rank plans with token offsets (rank r starts after ranks < r)."""
     counts = [b.num_tokens for b in batches]
     run_forward = sum(counts) > 0
+    ep_rows = max(counts, default=0)
+    decoding = all(bool((b.query_lens == 1).all()) for b in batches)
+    decode_batch = max(b.num_seqs for b in batches) if run_forward and decoding else None
     plans, offset = [], 0
     for b, n in zip(batches, counts):
-        plans.append(RankPlan(step, b, offset, run_forward, load_snapshot, stop))
+        plans.append(RankPlan(step, b, offset, run_forward, load_snapshot, stop, ep_rows=ep_rows,
+                              decode_batch=decode_batch))
         offset += n
     return StepPlan(step, plans, sampling if sampling is not None else [[] for _ in batches])

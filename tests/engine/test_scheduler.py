@@ -201,6 +201,28 @@ def test_an_idle_rank_still_runs_the_forward_when_another_has_work() -> None:
     assert plan.ranks[1].run_forward and plan.ranks[1].token_offset == 4
 
 
+def test_plans_carry_the_common_row_count_and_the_decode_bucket_size() -> None:
+    """Every rank gets the same ep_rows (the largest rank's tokens: fixed-capacity EP dispatch pads
+    to it) and, in pure-decode steps only, the same decode_batch (ranks replay one graph bucket)."""
+    sch = make_scheduler(num_ranks=3, max_num_batched_tokens=6)
+    for i, n in enumerate([5, 3, 9, 2]):
+        sch.add(make_seq(i, prompt_len=n, max_new=3))
+
+    def on_step(plan) -> None:
+        if not plan.ranks[0].run_forward:
+            return
+        counts = [p.batch.num_tokens for p in plan.ranks]
+        decoding = all(bool((p.batch.query_lens == 1).all()) for p in plan.ranks)
+        want = max(p.batch.num_seqs for p in plan.ranks) if decoding else None
+        assert {p.ep_rows for p in plan.ranks} == {max(counts)}
+        assert {p.decode_batch for p in plan.ranks} == {want}
+        seen.add(want is not None)
+
+    seen: set[bool] = set()
+    drive(sch, on_step=on_step, overlap=True)
+    assert seen == {True, False}  # both kinds of step happened
+
+
 def test_queue_bound_and_never_fitting_requests_are_refused() -> None:
     sch = make_scheduler(num_blocks=4, block_size=4, max_queue=2)  # 16 KV tokens per rank
     with pytest.raises(ResourceExhaustedError, match="kv_cache_tokens"):

@@ -207,10 +207,76 @@ def _ep_runner_rank(rank: int, ep: int, policy: str) -> dict:
     idle_runner = runner.run(mine, bucket=4).clone()
     diff = float((direct - via_runner).abs().max())
     idle_diff = float((idle_direct - idle_runner).abs().max()) if rank == 0 else 0.0
+    engine = _ep_model_runner_steps(model, rank, ep)
     return {"ok": diff < 1e-4 and idle_diff < 1e-4 and direct_load == runner_load and runner.lockstep
-            and idle_runner.shape[0] == mine.num_seqs,
+            and idle_runner.shape[0] == mine.num_seqs and engine["ok"],
             "max_diff": diff, "idle_diff": idle_diff, "same_load": direct_load == runner_load,
-            "tokens": direct_load.tokens}
+            "tokens": direct_load.tokens, "engine": engine}
+
+
+def _ep_model_runner_steps(model, rank: int, ep: int) -> dict:
+    """The engine's ModelRunner on a scheduler's plans (every rank keeps an identical scheduler
+    replica and all-gathers the sampled tokens, as rank 0's engine would), once with decode
+    graphs over its step buffers (capture off) and once without, on separate KV caches: the same
+    tokens every step. The run has uneven ranks, chunked prefill, idle ranks in graph steps, and
+    steps in which rank 0 cannot replay (its policy object was swapped, so it runs eagerly
+    padded to the bucket the others replay)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from server.engine.api import GenerationRequest, StopParams
+    from server.engine.model_runner import ModelRunner
+    from server.engine.scheduler import Scheduler
+    from server.engine.sequence import Sequence
+    from server.model.gpu.cuda_graphs import DecodeGraphRunner
+
+    kw = dict(rank=rank, num_blocks=32, block_size=16, device=torch.device("cpu"), max_num_seqs=4, max_model_len=64,
+              max_num_batched_tokens=16)
+    graphed, eager = ModelRunner(model, **kw), ModelRunner(model, **kw)
+    graphed.decode_graphs = DecodeGraphRunner(model, graphed.kv_caches, max_batch=4, max_blocks_per_seq=graphed.width,
+                                              capture=False, inputs=graphed.graph_inputs())
+    replays: list[tuple[int, int]] = []
+    replay = graphed.decode_graphs.replay
+
+    def counting(num_seqs, bucket=None):
+        replays.append((num_seqs, bucket))
+        return replay(num_seqs, bucket)
+
+    graphed.decode_graphs.replay = counting
+    sch = Scheduler(num_ranks=ep, num_blocks=32, block_size=16, max_num_seqs=4, max_num_batched_tokens=16, max_queue=16)
+    lengths, max_new = [6, 19, 3], [4, 1, 3]  # 19 > the 16-token chunk: two prefill steps
+    for i, (n, m) in enumerate(zip(lengths, max_new)):
+        req = GenerationRequest(f"r{i}", tuple((i * 13 + j) % 200 for j in range(n)), stops=StopParams(max_new_tokens=m))
+        sch.add(Sequence.create(i, req, seed=i, max_total_len=n + m, now=0.0))
+    policy = model.runtime.policy
+    same, decode_steps, fallback_steps = True, 0, 0
+    for step in range(200):
+        if not sch.has_work():
+            break
+        plan = sch.plan()
+        if not plan.ranks[0].run_forward:
+            continue
+        mine = plan.ranks[rank]
+        swap = rank == 0 and plan.ranks[0].decode_batch is not None and decode_steps == 1
+        if swap:  # same routing, another object: the graphs no longer match the policy on this rank only
+            model.runtime.policy = copy.copy(policy)
+            fallback_steps += 1
+        got = graphed.run(mine)
+        model.runtime.policy = policy
+        want = eager.run(mine)
+        same &= got.tokens.tolist() == want.tokens.tolist()
+        decode_steps += plan.ranks[0].decode_batch is not None
+        results = [None] * ep
+        dist.all_gather_object(results, want)
+        for seq, _, _ in sch.update(plan, results):
+            if seq.num_generated >= seq.request.stops.max_new_tokens:
+                sch.finish(seq)
+    idle = sum(1 for n, _ in replays if n == 0)
+    ok = same and not sch.has_work() and decode_steps >= 2 and all(b is not None for _, b in replays)
+    return {"ok": ok, "same_tokens": same, "decode_steps": decode_steps, "replays": len(replays), "idle_replays": idle,
+            "fallback_steps": fallback_steps}
 
 
 def ep_graph_runner_static(ep: int = 2, policy: str = "greedy_balanced") -> dict:
@@ -220,7 +286,9 @@ def ep_graph_runner_static(ep: int = 2, policy: str = "greedy_balanced") -> dict
     from tests.helpers.ep_ranks import run_on_ranks
 
     ranks = run_on_ranks(_ep_runner_rank, ep, policy)
-    return {"ok": all(r["ok"] for r in ranks), "ranks": ranks}
+    idle = sum(r["engine"]["idle_replays"] for r in ranks)
+    fallback = ranks[0]["engine"]["fallback_steps"]
+    return {"ok": all(r["ok"] for r in ranks) and idle > 0 and fallback > 0, "ranks": ranks}
 
 
 CASES = {"paths_agree": paths_agree, "graph_runner_static": graph_runner_static,

@@ -29,6 +29,10 @@
 #             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)
 #   eplb      at each EP size: skewed hot_ranks 1.8 as routed, with EPLB placement only (R=0),
 #             with REDUNDANT replicas, and greedy_balanced (the output-changing upper bound)
+#   dispatch  scripts/bench_ep_dispatch.py: decode step time at B=128 and B=8 of the fixed-capacity
+#             EP dispatch in CUDA graphs vs the local path on one GPU (forced, size-1 group), then
+#             at each EP size vs one GPU's local path and the variable-split path; eager prefill
+#             with both dispatches (MODEL's shape, 4 layers)
 #
 #   -o DIR       results (default ./gpu_out): DIR/device.txt, one log per step, and per
 #                benchmark DIR/<bench_...>/{summary.md,summary.json,throughput.png,runs/*.json}
@@ -49,11 +53,11 @@ while getopts "o:n:h" opt; do
   case $opt in
     o) DIR=$OPTARG ;;
     n) SIZES=${OPTARG//,/ } ;;
-    *) sed -n '2,36p' "$0"; exit 2 ;;
+    *) sed -n '2,47p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -gt 0 ] || { sed -n '2,36p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,47p' "$0"; exit 2; }
 
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-qwen3_30b_a3b}
@@ -147,7 +151,16 @@ for what in "$@"; do
         bench bench_eplb "eplb_ep$ep.log" routing=greedy_balanced "${common[@]}"
       done
       "$PY" -m server.bench.report "$DIR/bench_eplb" ;;
+    dispatch)
+      logged dispatch.log "$PY" scripts/bench_ep_dispatch.py --model "$MODEL" --ep 1 --batch 128 8 \
+          --json "$DIR/dispatch_ep1.json"
+      if [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -gt 1 ] || [ -n "$SIZES" ]; then
+        for ep in $(ep_sizes); do
+          logged dispatch.log "$PY" scripts/bench_ep_dispatch.py --model "$MODEL" --ep "$ep" --batch 128 8 \
+              --json "$DIR/dispatch_ep$ep.json"
+        done
+      fi ;;
     *)
-      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, mla, deepseek, ep, eplb)" >&2; exit 2 ;;
+      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, mla, deepseek, ep, eplb, dispatch)" >&2; exit 2 ;;
   esac
 done

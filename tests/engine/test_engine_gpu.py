@@ -49,6 +49,38 @@ def test_gpu_greedy_matches_transformers(qwen3_gpu, ep_size) -> None:
         eng.shutdown()
 
 
+@pytest.mark.parametrize("ep_size", [1, pytest.param(2, marks=pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs"))])
+def test_gpu_ep_decode_replays_graphs_with_the_collectives_inside(qwen3_gpu, ep_size, monkeypatch) -> None:
+    """parallel.dispatch=allgather (at ep 1: the forced EP path over a size-1 NCCL group): every
+    rank captures decode graphs holding the all-gather / all-to-all, the engine replays them in
+    lockstep, and greedy generations still equal transformers'."""
+    from dataclasses import replace
+
+    from server.model.gpu.cuda_graphs import DecodeGraphRunner
+
+    for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    replays = []
+    original = DecodeGraphRunner.replay
+
+    def counting(self, num_seqs, bucket=None):
+        replays.append((num_seqs, bucket))
+        return original(self, num_seqs, bucket)
+
+    monkeypatch.setattr(DecodeGraphRunner, "replay", counting)  # rank 0 (this process)
+    folder, expected = qwen3_gpu
+    app = make_app(folder, ep_size=ep_size)
+    eng = start_engine(replace(app, parallel=replace(app.parallel, dispatch="allgather")))
+    try:
+        graphs = eng.executor.runner.decode_graphs
+        assert graphs is not None and graphs.lockstep and graphs.capture_enabled
+        results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
+        assert [r[0] for r in results] == expected
+        assert replays and all(bucket is not None for _, bucket in replays)
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs")
 def test_gpu_dead_rank_fails_fast(qwen3_gpu) -> None:
     folder, _ = qwen3_gpu

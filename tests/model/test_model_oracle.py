@@ -1,6 +1,8 @@
 """Our sharded-EP model vs transformers, per family, at ep_size 1, 2 and 4 (CPU, fp32, gloo).
 
 * routing=natural: every step's logits match a plain transformers forward within 1e-4.
+  At ep 2/4 through both EP dispatchers: the fixed-capacity all-gather (every policy) and the
+  variable-split all-to-all (natural).
 * balanced policies: logits match a dense reference built from transformers' modules that
   applies the same rewritten ids and weights (tests/helpers/dense_reference.py), and the
   EP-reduced load counters match the ids that reference routed.
@@ -56,12 +58,18 @@ def hf_step_logits(checkpoints, scenario):
 
 @pytest.fixture(scope="module")
 def ep_runs(checkpoints, scenario):
-    """ep -> {(family, policy): (logits by (step, seq) merged over ranks, expert_tokens, per-rank bytes)}."""
-    cases = [(f"{f}/{p}", folder, p, VOCAB) for f, (_, folder) in checkpoints.items() for p in POLICIES]
+    """ep -> {(family, policy[, "alltoall"]): (logits by (step, seq) merged over ranks, expert_tokens,
+    per-rank bytes)}; the key without a dispatcher name ran parallel.dispatch=allgather (ep > 1)
+    or the local path (ep 1)."""
     cache: dict[int, dict] = {}
 
     def get(ep: int) -> dict:
         if ep not in cache:
+            default = ("allgather",) if ep > 1 else ()
+            cases = [(f"{f}/{p}", folder, p, VOCAB, *default) for f, (_, folder) in checkpoints.items() for p in POLICIES]
+            if ep > 1:
+                cases += [(f"{f}/natural/alltoall", folder, "natural", VOCAB, "alltoall")
+                          for f, (_, folder) in checkpoints.items()]
             if ep == 1:  # in-process: no process group at ep 1; one thread, like the spawned ranks
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
@@ -90,10 +98,11 @@ def _max_err(got: dict, want: dict) -> float:
     return max((got[k] - want[k]).abs().max().item() for k in want)
 
 
-@pytest.mark.parametrize("ep", EP_SIZES)
+@pytest.mark.parametrize("ep,dispatch", [(1, None), (2, None), (4, None), (2, "alltoall"), (4, "alltoall")])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_natural_matches_transformers(family, ep, ep_runs, hf_step_logits):
-    logits, _, _ = ep_runs(ep)[(family, "natural")]
+def test_natural_matches_transformers(family, ep, dispatch, ep_runs, hf_step_logits):
+    """dispatch None: the local path at ep 1, the fixed-capacity all-gather at ep 2/4."""
+    logits, _, _ = ep_runs(ep)[(family, "natural") + ((dispatch,) if dispatch else ())]
     assert _max_err(logits, hf_step_logits[family]) < ATOL
 
 

@@ -106,3 +106,15 @@ def test_router_rule_matches_transformers(family, dtype):
     assert torch.equal(got_ids, want_ids)
     assert got_w.dtype == want_w.dtype
     assert torch.equal(got_w, want_w)
+
+
+def test_unknown_or_misplaced_dispatcher_is_a_config_error():
+    """Names come from the DISPATCHERS registry; the error lists the ones that exist."""
+    from server.moe.dispatch import DISPATCHERS, DispatchConfigError, DispatchSettings, build_dispatcher
+
+    with pytest.raises(DispatchConfigError, match=r"unknown parallel.dispatch 'deepep'; available: allgather, alltoall, auto, local"):
+        build_dispatcher(DispatchSettings("deepep"), 0, 2, 8)
+    with pytest.raises(DispatchConfigError, match="needs ep_size 1"):
+        build_dispatcher(DispatchSettings("local"), 0, 2, 8)
+    assert build_dispatcher(DispatchSettings("auto"), 0, 1, 8).name == "local"
+    assert list(DISPATCHERS) == ["local", "allgather", "alltoall", "auto"]

@@ -145,7 +145,7 @@ def engine_graph_replay(policy: str = "round_robin_balanced") -> dict:
             runner.decode_graphs = DecodeGraphRunner(model, runner.kv_caches, max_batch=4, max_blocks_per_seq=runner.width,
                                                      buckets=(1, 2, 4), capture=False, inputs=runner.graph_inputs())
             replay = runner.decode_graphs.replay
-            runner.decode_graphs.replay = lambda s: (replays.__setitem__(0, replays[0] + 1), replay(s))[1]
+            runner.decode_graphs.replay = lambda s, b=None: (replays.__setitem__(0, replays[0] + 1), replay(s, b))[1]
         sch = Scheduler(num_ranks=1, num_blocks=32, block_size=16, max_num_seqs=4, max_num_batched_tokens=64, max_queue=8)
         seqs = []
         for (sid, prompt), new, temp in zip(prompts, (3, 5, 7), (0.0, 0.8, 0.0)):

@@ -11,6 +11,8 @@ the bucket with padding only (graph) or runs an empty batch (eager).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 QWEN3_2L = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 2,
@@ -21,6 +23,15 @@ PAGE = 16
 
 def _device(rank: int) -> str:
     return f"cuda:{rank}" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under the Triton interpreter
+
+
+def _cpu_dry_run() -> None:
+    """Without CUDA: the Triton kernels under the interpreter (what the graphs would capture)."""
+    if not torch.cuda.is_available():
+        from tests.kernels.support.interpret import enable_interpreter
+
+        enable_interpreter()
+        os.environ["EPSERVE_KERNEL_BACKEND"] = "triton"
 
 
 def build(model: str, policy: str, rank: int, ep: int, dispatch: str = "allgather"):
@@ -62,6 +73,7 @@ def graph_vs_eager_rank(rank: int, ep: int, policy: str, model_name: str, batche
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
+    _cpu_dry_run()
     model = build(model_name, policy, rank, ep)
     mine = batches[rank]
     work = StaticWorkload.build(batch=mine, input_len=20, output_len=steps + 2, vocab_size=model.spec.vocab_size,

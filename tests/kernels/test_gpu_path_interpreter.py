@@ -66,6 +66,22 @@ def test_ep_graph_runner_replays_one_bucket_on_every_rank():
     assert result["ok"], result
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ep_graph_gpu_helper_dry_run_at_ep2():
+    """The rank side of tests/model/test_gpu_ep_graphs.py on CPU (gloo, interpreter, capture off):
+    rank 0 with 4 sequences, rank 1 with 3 that goes idle, skewed routing: both replay the
+    4-bucket, the runner's steps equal the eager ones padded to it, no padding counted."""
+    from tests.helpers.ep_graph_worker import graph_vs_eager_rank
+    from tests.helpers.ep_ranks import run_on_ranks
+
+    results = run_on_ranks(graph_vs_eager_rank, 2, "skewed", "tiny", [4, 3], 3, 1)
+    for r in results:
+        assert r["lockstep"] and r["same_tokens"] and r["same_load"] and r["max_diff"] < 1e-4, r
+    assert results[1]["rows"] == [3, 0, 0]
+    assert results[0]["tokens_counted"] == [4 * 3 + 3 * 1] * len(results[0]["tokens_counted"])
+
+
 def test_graphs_refuse_what_they_cannot_capture():
     """Buckets cover every batch size; a dispatcher needing host-side splits and non-kernel attention
     say why they stay eager."""

@@ -29,10 +29,11 @@
 #             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)
 #   eplb      at each EP size: skewed hot_ranks 1.8 as routed, with EPLB placement only (R=0),
 #             with REDUNDANT replicas, and greedy_balanced (the output-changing upper bound)
-#   dispatch  scripts/bench_ep_dispatch.py: decode step time at B=128 and B=8 of the fixed-capacity
-#             EP dispatch in CUDA graphs vs the local path on one GPU (forced, size-1 group), then
-#             at each EP size vs one GPU's local path and the variable-split path; eager prefill
-#             with both dispatches (MODEL's shape, 4 layers)
+#   dispatch  scripts/bench_ep_dispatch.py, one command: decode step time at B=128 and B=8 of the
+#             fixed-capacity EP dispatch in CUDA graphs vs the local path on one GPU (forced,
+#             size-1 group), then at each EP size vs one GPU's local path and the variable-split
+#             path, and a last table of tok/s by EP size against the targets; eager prefill with
+#             both dispatches (MODEL's shape, 4 layers)
 #
 #   -o DIR       results (default ./gpu_out): DIR/device.txt, one log per step, and per
 #                benchmark DIR/<bench_...>/{summary.md,summary.json,throughput.png,runs/*.json}
@@ -152,14 +153,10 @@ for what in "$@"; do
       done
       "$PY" -m server.bench.report "$DIR/bench_eplb" ;;
     dispatch)
-      logged dispatch.log "$PY" scripts/bench_ep_dispatch.py --model "$MODEL" --ep 1 --batch 128 8 \
-          --json "$DIR/dispatch_ep1.json"
-      if [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -gt 1 ] || [ -n "$SIZES" ]; then
-        for ep in $(ep_sizes); do
-          logged dispatch.log "$PY" scripts/bench_ep_dispatch.py --model "$MODEL" --ep "$ep" --batch 128 8 \
-              --json "$DIR/dispatch_ep$ep.json"
-        done
-      fi ;;
+      sizes="1 ${SIZES:-2 4 8}"  # sizes above the machine's GPU count are skipped (and said so)
+      # shellcheck disable=SC2086
+      logged dispatch.log "$PY" scripts/bench_ep_dispatch.py --model "$MODEL" --ep $sizes --batch 128 8 \
+          --json "$DIR/dispatch.json" ;;
     *)
       echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, mla, deepseek, ep, eplb, dispatch)" >&2; exit 2 ;;
   esac

@@ -6,6 +6,7 @@ Module guide (this folder; each sub-package has its own guide in its __init__):
   config.py          frozen, validated AppConfig and its sections (ConfigError names the key)
   routing_setup.py   routing.* -> a policy checked against the served model's shape
   eplb_setup.py      parallel.* EPLB keys -> settings checked against the model
+  dispatch_setup.py  parallel.dispatch* -> the EP dispatcher's settings, checked before ranks spawn
   dry_run.py         dry_run=true: every start-up check, no weights, no port
   launch.py          start-up after the config: open the port, start the engine, serve, drain
   registry.py        the one Registry type behind every extensible name

@@ -14,11 +14,12 @@ from .channel import DEFAULT_TARGET, ConnectionSettings
 from .errors import EpserveError, UnavailableError, from_rpc_error
 from .pb import generation_pb2 as gen_pb
 from .pb import info_pb2 as info_pb
+from .pb import routing_pb2 as routing_pb
 from .pb.service_pb2_grpc import GenerationServiceStub
 from .retry import Deadline, RetryPolicy, is_retryable
 from .stream_state import StreamState
 from .sync_client import SERVICE_NAME
-from .types import Chunk, Completion, ExpertLoad, ModelInfo, ServerInfo
+from .types import Chunk, Completion, ExpertLoad, ModelInfo, RoutingPolicyInfo, ServerInfo
 
 _DEFAULT = object()
 
@@ -127,6 +128,15 @@ class AsyncClient:
     async def expert_load(self, reset: bool = False, *, timeout: Any = _DEFAULT) -> ExpertLoad:
         reply = await self._unary(lambda: self._stubs()[0].GetExpertLoad, info_pb.GetExpertLoadRequest(reset=reset), timeout)
         return convert.expert_load_from_pb(reply)
+
+    async def routing_policy(self, *, timeout: Any = _DEFAULT) -> RoutingPolicyInfo:
+        reply = await self._unary(lambda: self._stubs()[0].GetRoutingPolicy, routing_pb.GetRoutingPolicyRequest(), timeout)
+        return convert.routing_policy_from_pb(reply)
+
+    async def set_routing_policy(self, name: str, *, timeout: Any = _DEFAULT, **params: Any) -> RoutingPolicyInfo:
+        reply = await self._unary(lambda: self._stubs()[0].SetRoutingPolicy, convert.set_routing_request(name, params),
+                                  timeout)
+        return convert.routing_policy_from_pb(reply)
 
     async def server_info(self, *, timeout: Any = _DEFAULT) -> ServerInfo:
         reply = await self._unary(lambda: self._stubs()[0].GetServerInfo, info_pb.GetServerInfoRequest(), timeout)

@@ -1,6 +1,8 @@
 """Keyword arguments -> GenerateRequest, and protobuf replies -> the client's dataclasses."""
 from __future__ import annotations
 
+import sys
+from array import array
 from typing import Any, Sequence
 
 from google.protobuf import json_format
@@ -48,6 +50,8 @@ def build_request(
     logprobs: bool = False,
     request_id: str = "",
     text_output: bool = True,
+    return_routed_experts: bool = False,
+    include_prompt: bool = False,
 ) -> gen_pb.GenerateRequest:
     """Text prompt (str) or token ids (a sequence of ints) plus options -> GenerateRequest.
     Range rules are the server's; only what protobuf cannot even encode is refused here."""
@@ -76,7 +80,23 @@ def build_request(
     req.logprobs = bool(logprobs)
     _set("request_id", lambda: setattr(req, "request_id", request_id))
     req.output_format = gen_pb.OUTPUT_FORMAT_TEXT_AND_TOKEN_IDS if text_output else gen_pb.OUTPUT_FORMAT_TOKEN_IDS
+    req.return_routed_experts = bool(return_routed_experts)
+    req.include_prompt = bool(include_prompt)
     return req
+
+
+def routed_experts_from_pb(msg: gen_pb.RoutedExperts) -> list[list[list[int]]]:
+    """uint16 little-endian [rows, layers, k] -> nested lists (no numpy needed)."""
+    ids = array("H")
+    ids.frombytes(msg.ids)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    layers, k = msg.num_layers, msg.top_k
+    flat = ids.tolist()
+    per_row = layers * k
+    if per_row == 0 or len(flat) % per_row:
+        raise ValueError(f"routed_experts: {len(flat)} ids do not form rows of {layers} layers x {k}")
+    return [[flat[r + l * k:r + (l + 1) * k] for l in range(layers)] for r in range(0, len(flat), per_row)]
 
 
 def usage_from_pb(msg: gen_pb.Usage) -> Usage:
@@ -92,7 +112,22 @@ def chunk_from_pb(msg: gen_pb.GenerateResponse, logprobs: bool) -> Chunk:
         finish_reason=_FINISH.get(msg.finish_reason) if last else None,
         usage=usage_from_pb(msg.usage) if msg.HasField("usage") else None,
         request_id=msg.request_id,
+        routed_experts=routed_experts_from_pb(msg.routed_experts) if msg.HasField("routed_experts") else None,
     )
+
+
+def routing_policy_from_pb(msg: info_pb.RoutingPolicyInfo) -> RoutingPolicyInfo:
+    return RoutingPolicyInfo(msg.name, _plain(json_format.MessageToDict(msg.params)), msg.guarantee,
+                             msg.counters_reset_unix_s, msg.since_engine_step)
+
+
+def set_routing_request(name: str, params: dict[str, Any]):
+    from .pb import routing_pb2 as routing_pb
+
+    req = routing_pb.SetRoutingPolicyRequest(name=name)
+    if params:
+        _set("params", lambda: req.params.update(params))
+    return req
 
 
 def _plain(value: Any) -> Any:
@@ -107,13 +142,12 @@ def _plain(value: Any) -> Any:
 
 
 def model_info_from_pb(msg: info_pb.ModelInfo) -> ModelInfo:
-    params = _plain(json_format.MessageToDict(msg.routing.params))
     return ModelInfo(
         model_name=msg.model_name, architecture=msg.architecture, num_layers=msg.num_layers,
         num_moe_layers=msg.num_moe_layers, num_experts=msg.num_experts, top_k=msg.top_k,
         hidden_size=msg.hidden_size, vocab_size=msg.vocab_size, max_model_len=msg.max_model_len,
         dtype=msg.dtype, device=msg.device, ep_size=msg.ep_size,
-        routing=RoutingPolicyInfo(msg.routing.name, params, msg.routing.guarantee),
+        routing=routing_policy_from_pb(msg.routing),
         eos_token_ids=tuple(msg.eos_token_ids),
     )
 
@@ -124,6 +158,8 @@ def expert_load_from_pb(msg: info_pb.ExpertLoad) -> ExpertLoad:
             layer=l.layer, expert_tokens=tuple(l.expert_tokens), rank_tokens=tuple(l.rank_tokens),
             tokens=l.tokens, expert_max_over_mean=l.expert_max_over_mean,
             rank_max_over_mean=l.rank_max_over_mean, mean_ranks_per_token=l.mean_ranks_per_token,
+            rank_active_experts=tuple(l.rank_active_experts), rank_balancedness=l.rank_balancedness,
+            expert_balancedness=l.expert_balancedness,
         )
         for l in msg.layers
     )
@@ -133,7 +169,12 @@ def expert_load_from_pb(msg: info_pb.ExpertLoad) -> ExpertLoad:
         rank_totals=tuple(msg.rank_totals), expert_max_over_mean=s.expert_max_over_mean,
         rank_max_over_mean=s.rank_max_over_mean, mean_ranks_per_token=s.mean_ranks_per_token,
         tokens_per_layer=s.tokens_per_layer, seconds_since_reset=msg.seconds_since_reset, reset=msg.reset,
+        rank_balancedness=_stats(s.rank_balancedness), expert_balancedness=_stats(s.expert_balancedness),
     )
+
+
+def _stats(msg: info_pb.Balancedness) -> dict[str, float]:
+    return {"min": msg.min, "p50": msg.p50, "p90": msg.p90, "avg": msg.avg}
 
 
 def server_info_from_pb(msg: info_pb.ServerInfo) -> ServerInfo:

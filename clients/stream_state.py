@@ -15,6 +15,7 @@ class StreamState:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprob_values: list[float] = []
+        self.routed: list[list[list[int]]] | None = None
         self.last: Chunk | None = None
 
     def add(self, msg: gen_pb.GenerateResponse) -> Chunk:
@@ -22,6 +23,8 @@ class StreamState:
         self.text.append(chunk.text)
         self.token_ids.extend(chunk.token_ids)
         self.logprob_values.extend(chunk.logprobs or ())
+        if chunk.routed_experts is not None:
+            self.routed = (self.routed or []) + chunk.routed_experts
         self.last = chunk
         return chunk
 
@@ -44,4 +47,5 @@ class StreamState:
             usage=self.last.usage,
             logprobs=tuple(self.logprob_values) if self.logprobs else None,
             request_id=self.last.request_id,
+            routed_experts=self.routed,
         )

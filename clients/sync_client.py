@@ -13,10 +13,11 @@ from .channel import DEFAULT_TARGET, ConnectionSettings
 from .errors import EpserveError, UnavailableError, from_rpc_error
 from .pb import generation_pb2 as gen_pb
 from .pb import info_pb2 as info_pb
+from .pb import routing_pb2 as routing_pb
 from .pb.service_pb2_grpc import GenerationServiceStub
 from .retry import Deadline, RetryPolicy, is_retryable
 from .stream_state import StreamState
-from .types import Chunk, Completion, ExpertLoad, ModelInfo, ServerInfo
+from .types import Chunk, Completion, ExpertLoad, ModelInfo, RoutingPolicyInfo, ServerInfo
 
 _DEFAULT = object()  # "use the client's timeout"
 SERVICE_NAME = "epserve.v1.GenerationService"
@@ -103,7 +104,8 @@ class Client:
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Any) -> Completion:
         """Generate and return the whole completion. Options: max_new_tokens, temperature,
-        top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, request_id, text_output."""
+        top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, request_id, text_output,
+        return_routed_experts (Completion.routed_experts: [rows][MoE layers][k]), include_prompt."""
         request = convert.build_request(prompt, **options)
         reply = self._unary(self._stub.Generate, request, timeout)
         state = StreamState(bool(options.get("logprobs")))
@@ -125,6 +127,18 @@ class Client:
     def expert_load(self, reset: bool = False, *, timeout: Any = _DEFAULT) -> ExpertLoad:
         reply = self._unary(self._stub.GetExpertLoad, info_pb.GetExpertLoadRequest(reset=reset), timeout)
         return convert.expert_load_from_pb(reply)
+
+    def routing_policy(self, *, timeout: Any = _DEFAULT) -> RoutingPolicyInfo:
+        """The routing policy every EP rank runs now."""
+        reply = self._unary(self._stub.GetRoutingPolicy, routing_pb.GetRoutingPolicyRequest(), timeout)
+        return convert.routing_policy_from_pb(reply)
+
+    def set_routing_policy(self, name: str, *, timeout: Any = _DEFAULT, **params: Any) -> RoutingPolicyInfo:
+        """Switch every EP rank to policy `name` with `params` between two steps (the server needs
+        server.allow_routing_switch=true); the expert-load counters reset. Returns the policy now
+        running (canonical name: fake_balance answers greedy_balanced)."""
+        reply = self._unary(self._stub.SetRoutingPolicy, convert.set_routing_request(name, params), timeout)
+        return convert.routing_policy_from_pb(reply)
 
     def server_info(self, *, timeout: Any = _DEFAULT) -> ServerInfo:
         return convert.server_info_from_pb(self._unary(self._stub.GetServerInfo, info_pb.GetServerInfoRequest(), timeout))

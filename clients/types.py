@@ -39,6 +39,9 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     request_id: str = ""
+    #: [rows][MoE layers][top_k] logical expert ids, when the request asked for them (one row per
+    #: token, the first message also the prompt's rows with include_prompt)
+    routed_experts: list[list[list[int]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Completion:
     usage: Usage
     logprobs: tuple[float, ...] | None = None
     request_id: str = ""
+    #: [rows][MoE layers][top_k]: every position behind the tokens (prompt_tokens - 1 rows more
+    #: before them with include_prompt), when asked for with return_routed_experts
+    routed_experts: list[list[list[int]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class RoutingPolicyInfo:
     name: str
     params: Mapping[str, Any]
     guarantee: str
+    counters_reset_unix_s: float = 0.0  # when a switch to it reset the expert-load counters (0: never switched)
+    since_engine_step: int = 0  # engine steps before the first one that ran it
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class LayerExpertLoad:
     expert_max_over_mean: float
     rank_max_over_mean: float
     mean_ranks_per_token: float
+    rank_active_experts: tuple[int, ...] = ()  # [ep_size] experts on each rank that got >= 1 token
+    rank_balancedness: float = 0.0  # mean/max over ranks (1.0 perfect; 0 when nothing was routed)
+    expert_balancedness: float = 0.0  # mean/max over experts
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,9 @@ class ExpertLoad:
     tokens_per_layer: float
     seconds_since_reset: float
     reset: bool
+    #: per-layer mean/max load aggregated over layers: {"min", "p50", "p90", "avg"} (0s when idle)
+    rank_balancedness: Mapping[str, float] = field(default_factory=dict)
+    expert_balancedness: Mapping[str, float] = field(default_factory=dict)
 
     def matrix(self) -> list[list[int]]:
         """[layer][expert] token counts (for tables and heatmaps)."""

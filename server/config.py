@@ -177,6 +177,7 @@ class ServerConfig:
     max_calls_per_connection: int = 256  # generation calls one client connection may hold at once
     stalled_stream_timeout_s: float = 60.0  # a stream whose client read nothing this long is cancelled
     max_prompt_bytes: int = 1048576  # text prompts longer than this are refused before tokenizing
+    allow_routing_switch: bool = False  # SetRoutingPolicy may switch the routing policy of the running server
 
     def validate(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, f"server.port must be in [0, 65535], got {self.port!r}")
@@ -187,6 +188,8 @@ class ServerConfig:
         _require(isinstance(self.max_calls_per_connection, int) and self.max_calls_per_connection >= 1,
                  f"server.max_calls_per_connection must be an integer >= 1, got {self.max_calls_per_connection!r}")
         _require(self.stalled_stream_timeout_s > 0, "server.stalled_stream_timeout_s must be > 0")
+        _require(isinstance(self.allow_routing_switch, bool),
+                 f"server.allow_routing_switch must be true or false, got {self.allow_routing_switch!r}")
         _require(isinstance(self.max_prompt_bytes, int) and self.max_prompt_bytes >= 1,
                  f"server.max_prompt_bytes must be an integer >= 1, got {self.max_prompt_bytes!r}")
         _require(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65pserve/v1/info.proto\x12\nepserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x15\n\x13GetModelInfoRequest\"]\n\x11RoutingPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tguarantee\x18\x03 \x01(\t\"\xbc\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_moe_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x0f\n\x07\x65p_size\x18\x0c \x01(\r\x12.\n\x07routing\x18\r \x01(\x0b\x32\x1d.epserve.v1.RoutingPolicyInfo\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\"%\n\x14GetExpertLoadRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\xb4\x01\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x15\n\rexpert_tokens\x18\x02 \x03(\x04\x12\x13\n\x0brank_tokens\x18\x03 \x03(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x1c\n\x14\x65xpert_max_over_mean\x18\x05 \x01(\x01\x12\x1a\n\x12rank_max_over_mean\x18\x06 \x01(\x01\x12\x1c\n\x14mean_ranks_per_token\x18\x07 \x01(\x01\"\x85\x01\n\x11\x45xpertLoadSummary\x12\x1c\n\x14\x65xpert_max_over_mean\x18\x01 \x01(\x01\x12\x1a\n\x12rank_max_over_mean\x18\x02 \x01(\x01\x12\x1c\n\x14mean_ranks_per_token\x18\x03 \x01(\x01\x12\x18\n\x10tokens_per_layer\x18\x04 \x01(\x01\"\xe4\x01\n\nExpertLoad\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\x0f\n\x07\x65p_size\x18\x03 \x01(\r\x12+\n\x06layers\x18\x04 \x03(\x0b\x32\x1b.epserve.v1.LayerExpertLoad\x12\x13\n\x0brank_totals\x18\x05 \x03(\x04\x12.\n\x07summary\x18\x06 \x01(\x0b\x32\x1d.epserve.v1.ExpertLoadSummary\x12\x1b\n\x13seconds_since_reset\x18\x07 \x01(\x01\x12\r\n\x05reset\x18\x08 \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\xa9\x02\n\x13ServerConfigSummary\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03tls\x18\x02 \x01(\x08\x12\x0c\n\x04\x61uth\x18\x03 \x01(\x08\x12\x14\n\x0cmetrics_port\x18\x04 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x16\n\x0egrace_period_s\x18\x07 \x01(\x01\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\n \x01(\x04\x12\x16\n\x0erouting_policy\x18\x0b \x01(\t\x12\x0f\n\x07\x65p_size\x18\x0c \x01(\r\x12\x12\n\nmodel_name\x18\r \x01(\t\"\xd0\x02\n\x0bServerStats\x12\x14\n\x0c\x61\x63tive_calls\x18\x01 \x01(\r\x12\x19\n\x11running_sequences\x18\x02 \x01(\r\x12\x19\n\x11waiting_sequences\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\x04\x12\x14\n\x0c\x65ngine_steps\x18\x06 \x01(\x04\x12\x45\n\x10requests_by_code\x18\x07 \x03(\x0b\x32+.epserve.v1.ServerStats.RequestsByCodeEntry\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\x04\x1a\x35\n\x13RequestsByCodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb1\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.epserve.v1.ServingState\x12/\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1f.epserve.v1.ServerConfigSummary\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.epserve.v1.ServerStats*\x99\x01\n\x0cServingState\x12\x1d\n\x19SERVING_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVING_STATE_LOADING\x10\x01\x12\x19\n\x15SERVING_STATE_SERVING\x10\x02\x12\x1a\n\x16SERVING_STATE_DRAINING\x10\x03\x12\x18\n\x14SERVING_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65pserve/v1/info.proto\x12\nepserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x15\n\x13GetModelInfoRequest\"\x97\x01\n\x11RoutingPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tguarantee\x18\x03 \x01(\t\x12\x1d\n\x15\x63ounters_reset_unix_s\x18\x04 \x01(\x01\x12\x19\n\x11since_engine_step\x18\x05 \x01(\x04\"\xbc\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_moe_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x0f\n\x07\x65p_size\x18\x0c \x01(\r\x12.\n\x07routing\x18\r \x01(\x0b\x32\x1d.epserve.v1.RoutingPolicyInfo\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\"%\n\x14GetExpertLoadRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\x89\x02\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x15\n\rexpert_tokens\x18\x02 \x03(\x04\x12\x13\n\x0brank_tokens\x18\x03 \x03(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x1c\n\x14\x65xpert_max_over_mean\x18\x05 \x01(\x01\x12\x1a\n\x12rank_max_over_mean\x18\x06 \x01(\x01\x12\x1c\n\x14mean_ranks_per_token\x18\x07 \x01(\x01\x12\x1b\n\x13rank_active_experts\x18\x08 \x03(\r\x12\x19\n\x11rank_balancedness\x18\t \x01(\x01\x12\x1b\n\x13\x65xpert_balancedness\x18\n \x01(\x01\"B\n\x0c\x42\x61lancedness\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03p50\x18\x02 \x01(\x01\x12\x0b\n\x03p90\x18\x03 \x01(\x01\x12\x0b\n\x03\x61vg\x18\x04 \x01(\x01\"\xf1\x01\n\x11\x45xpertLoadSummary\x12\x1c\n\x14\x65xpert_max_over_mean\x18\x01 \x01(\x01\x12\x1a\n\x12rank_max_over_mean\x18\x02 \x01(\x01\x12\x1c\n\x14mean_ranks_per_token\x18\x03 \x01(\x01\x12\x18\n\x10tokens_per_layer\x18\x04 \x01(\x01\x12\x33\n\x11rank_balancedness\x18\x05 \x01(\x0b\x32\x18.epserve.v1.Balancedness\x12\x35\n\x13\x65xpert_balancedness\x18\x06 \x01(\x0b\x32\x18.epserve.v1.Balancedness\"\xe4\x01\n\nExpertLoad\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\x0f\n\x07\x65p_size\x18\x03 \x01(\r\x12+\n\x06layers\x18\x04 \x03(\x0b\x32\x1b.epserve.v1.LayerExpertLoad\x12\x13\n\x0brank_totals\x18\x05 \x03(\x04\x12.\n\x07summary\x18\x06 \x01(\x0b\x32\x1d.epserve.v1.ExpertLoadSummary\x12\x1b\n\x13seconds_since_reset\x18\x07 \x01(\x01\x12\r\n\x05reset\x18\x08 \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\xa9\x02\n\x13ServerConfigSummary\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03tls\x18\x02 \x01(\x08\x12\x0c\n\x04\x61uth\x18\x03 \x01(\x08\x12\x14\n\x0cmetrics_port\x18\x04 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x16\n\x0egrace_period_s\x18\x07 \x01(\x01\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\n \x01(\x04\x12\x16\n\x0erouting_policy\x18\x0b \x01(\t\x12\x0f\n\x07\x65p_size\x18\x0c \x01(\r\x12\x12\n\nmodel_name\x18\r \x01(\t\"\xd0\x02\n\x0bServerStats\x12\x14\n\x0c\x61\x63tive_calls\x18\x01 \x01(\r\x12\x19\n\x11running_sequences\x18\x02 \x01(\r\x12\x19\n\x11waiting_sequences\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\x04\x12\x14\n\x0c\x65ngine_steps\x18\x06 \x01(\x04\x12\x45\n\x10requests_by_code\x18\x07 \x03(\x0b\x32+.epserve.v1.ServerStats.RequestsByCodeEntry\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\x04\x1a\x35\n\x13RequestsByCodeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb1\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.epserve.v1.ServingState\x12/\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1f.epserve.v1.ServerConfigSummary\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.epserve.v1.ServerStats*\x99\x01\n\x0cServingState\x12\x1d\n\x19SERVING_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVING_STATE_LOADING\x10\x01\x12\x19\n\x15SERVING_STATE_SERVING\x10\x02\x12\x1a\n\x16SERVING_STATE_DRAINING\x10\x03\x12\x18\n\x14SERVING_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERSTATS_REQUESTSBYCODEENTRY']._loaded_options = None
   _globals['_SERVERSTATS_REQUESTSBYCODEENTRY']._serialized_options = b'8\001'
-  _globals['_SERVINGSTATE']._serialized_start=1937
-  _globals['_SERVINGSTATE']._serialized_end=2090
+  _globals['_SERVINGSTATE']._serialized_start=2257
+  _globals['_SERVINGSTATE']._serialized_end=2410
   _globals['_GETMODELINFOREQUEST']._serialized_start=67
   _globals['_GETMODELINFOREQUEST']._serialized_end=88
-  _globals['_ROUTINGPOLICYINFO']._serialized_start=90
-  _globals['_ROUTINGPOLICYINFO']._serialized_end=183
-  _globals['_MODELINFO']._serialized_start=186
-  _globals['_MODELINFO']._serialized_end=502
-  _globals['_GETEXPERTLOADREQUEST']._serialized_start=504
-  _globals['_GETEXPERTLOADREQUEST']._serialized_end=541
-  _globals['_LAYEREXPERTLOAD']._serialized_start=544
-  _globals['_LAYEREXPERTLOAD']._serialized_end=724
-  _globals['_EXPERTLOADSUMMARY']._serialized_start=727
-  _globals['_EXPERTLOADSUMMARY']._serialized_end=860
-  _globals['_EXPERTLOAD']._serialized_start=863
-  _globals['_EXPERTLOAD']._serialized_end=1091
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1093
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1115
-  _globals['_SERVERCONFIGSUMMARY']._serialized_start=1118
-  _globals['_SERVERCONFIGSUMMARY']._serialized_end=1415
-  _globals['_SERVERSTATS']._serialized_start=1418
-  _globals['_SERVERSTATS']._serialized_end=1754
-  _globals['_SERVERSTATS_REQUESTSBYCODEENTRY']._serialized_start=1701
-  _globals['_SERVERSTATS_REQUESTSBYCODEENTRY']._serialized_end=1754
-  _globals['_SERVERINFO']._serialized_start=1757
-  _globals['_SERVERINFO']._serialized_end=1934
+  _globals['_ROUTINGPOLICYINFO']._serialized_start=91
+  _globals['_ROUTINGPOLICYINFO']._serialized_end=242
+  _globals['_MODELINFO']._serialized_start=245
+  _globals['_MODELINFO']._serialized_end=561
+  _globals['_GETEXPERTLOADREQUEST']._serialized_start=563
+  _globals['_GETEXPERTLOADREQUEST']._serialized_end=600
+  _globals['_LAYEREXPERTLOAD']._serialized_start=603
+  _globals['_LAYEREXPERTLOAD']._serialized_end=868
+  _globals['_BALANCEDNESS']._serialized_start=870
+  _globals['_BALANCEDNESS']._serialized_end=936
+  _globals['_EXPERTLOADSUMMARY']._serialized_start=939
+  _globals['_EXPERTLOADSUMMARY']._serialized_end=1180
+  _globals['_EXPERTLOAD']._serialized_start=1183
+  _globals['_EXPERTLOAD']._serialized_end=1411
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1413
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1435
+  _globals['_SERVERCONFIGSUMMARY']._serialized_start=1438
+  _globals['_SERVERCONFIGSUMMARY']._serialized_end=1735
+  _globals['_SERVERSTATS']._serialized_start=1738
+  _globals['_SERVERSTATS']._serialized_end=2074
+  _globals['_SERVERSTATS_REQUESTSBYCODEENTRY']._serialized_start=2021
+  _globals['_SERVERSTATS_REQUESTSBYCODEENTRY']._serialized_end=2074
+  _globals['_SERVERINFO']._serialized_start=2077
+  _globals['_SERVERINFO']._serialized_end=2254
 # @@protoc_insertion_point(module_scope)

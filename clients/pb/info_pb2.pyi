@@ -26,14 +26,18 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoutingPolicyInfo(_message.Message):
-    __slots__ = ("name", "params", "guarantee")
+    __slots__ = ("name", "params", "guarantee", "counters_reset_unix_s", "since_engine_step")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GUARANTEE_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_RESET_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    SINCE_ENGINE_STEP_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _struct_pb2.Struct
     guarantee: str
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., guarantee: _Optional[str] = ...) -> None: ...
+    counters_reset_unix_s: float
+    since_engine_step: int
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., guarantee: _Optional[str] = ..., counters_reset_unix_s: _Optional[float] = ..., since_engine_step: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_name", "architecture", "num_layers", "num_moe_layers", "num_experts", "top_k", "hidden_size", "vocab_size", "max_model_len", "dtype", "device", "ep_size", "routing", "eos_token_ids")
@@ -74,7 +78,7 @@ class GetExpertLoadRequest(_message.Message):
     def __init__(self, reset: _Optional[bool] = ...) -> None: ...
 
 class LayerExpertLoad(_message.Message):
-    __slots__ = ("layer", "expert_tokens", "rank_tokens", "tokens", "expert_max_over_mean", "rank_max_over_mean", "mean_ranks_per_token")
+    __slots__ = ("layer", "expert_tokens", "rank_tokens", "tokens", "expert_max_over_mean", "rank_max_over_mean", "mean_ranks_per_token", "rank_active_experts", "rank_balancedness", "expert_balancedness")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RANK_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +86,9 @@ class LayerExpertLoad(_message.Message):
     EXPERT_MAX_OVER_MEAN_FIELD_NUMBER: _ClassVar[int]
     RANK_MAX_OVER_MEAN_FIELD_NUMBER: _ClassVar[int]
     MEAN_RANKS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RANK_ACTIVE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    RANK_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert_tokens: _containers.RepeatedScalarFieldContainer[int]
     rank_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -89,19 +96,38 @@ class LayerExpertLoad(_message.Message):
     expert_max_over_mean: float
     rank_max_over_mean: float
     mean_ranks_per_token: float
-    def __init__(self, layer: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., rank_tokens: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., expert_max_over_mean: _Optional[float] = ..., rank_max_over_mean: _Optional[float] = ..., mean_ranks_per_token: _Optional[float] = ...) -> None: ...
+    rank_active_experts: _containers.RepeatedScalarFieldContainer[int]
+    rank_balancedness: float
+    expert_balancedness: float
+    def __init__(self, layer: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., rank_tokens: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., expert_max_over_mean: _Optional[float] = ..., rank_max_over_mean: _Optional[float] = ..., mean_ranks_per_token: _Optional[float] = ..., rank_active_experts: _Optional[_Iterable[int]] = ..., rank_balancedness: _Optional[float] = ..., expert_balancedness: _Optional[float] = ...) -> None: ...
+
+class Balancedness(_message.Message):
+    __slots__ = ("min", "p50", "p90", "avg")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    P50_FIELD_NUMBER: _ClassVar[int]
+    P90_FIELD_NUMBER: _ClassVar[int]
+    AVG_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    p50: float
+    p90: float
+    avg: float
+    def __init__(self, min: _Optional[float] = ..., p50: _Optional[float] = ..., p90: _Optional[float] = ..., avg: _Optional[float] = ...) -> None: ...
 
 class ExpertLoadSummary(_message.Message):
-    __slots__ = ("expert_max_over_mean", "rank_max_over_mean", "mean_ranks_per_token", "tokens_per_layer")
+    __slots__ = ("expert_max_over_mean", "rank_max_over_mean", "mean_ranks_per_token", "tokens_per_layer", "rank_balancedness", "expert_balancedness")
     EXPERT_MAX_OVER_MEAN_FIELD_NUMBER: _ClassVar[int]
     RANK_MAX_OVER_MEAN_FIELD_NUMBER: _ClassVar[int]
     MEAN_RANKS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    RANK_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
     expert_max_over_mean: float
     rank_max_over_mean: float
     mean_ranks_per_token: float
     tokens_per_layer: float
-    def __init__(self, expert_max_over_mean: _Optional[float] = ..., rank_max_over_mean: _Optional[float] = ..., mean_ranks_per_token: _Optional[float] = ..., tokens_per_layer: _Optional[float] = ...) -> None: ...
+    rank_balancedness: Balancedness
+    expert_balancedness: Balancedness
+    def __init__(self, expert_max_over_mean: _Optional[float] = ..., rank_max_over_mean: _Optional[float] = ..., mean_ranks_per_token: _Optional[float] = ..., tokens_per_layer: _Optional[float] = ..., rank_balancedness: _Optional[_Union[Balancedness, _Mapping]] = ..., expert_balancedness: _Optional[_Union[Balancedness, _Mapping]] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("num_layers", "num_experts", "ep_size", "layers", "rank_totals", "summary", "seconds_since_reset", "reset")

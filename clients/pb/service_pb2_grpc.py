@@ -5,6 +5,7 @@ import warnings
 
 from . import generation_pb2 as epserve_dot_v1_dot_generation__pb2
 from . import info_pb2 as epserve_dot_v1_dot_info__pb2
+from . import routing_pb2 as epserve_dot_v1_dot_routing__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -64,6 +65,16 @@ class GenerationServiceStub:
                 request_serializer=epserve_dot_v1_dot_info__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=epserve_dot_v1_dot_info__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetRoutingPolicy = channel.unary_unary(
+                '/epserve.v1.GenerationService/GetRoutingPolicy',
+                request_serializer=epserve_dot_v1_dot_routing__pb2.GetRoutingPolicyRequest.SerializeToString,
+                response_deserializer=epserve_dot_v1_dot_info__pb2.RoutingPolicyInfo.FromString,
+                _registered_method=True)
+        self.SetRoutingPolicy = channel.unary_unary(
+                '/epserve.v1.GenerationService/SetRoutingPolicy',
+                request_serializer=epserve_dot_v1_dot_routing__pb2.SetRoutingPolicyRequest.SerializeToString,
+                response_deserializer=epserve_dot_v1_dot_info__pb2.RoutingPolicyInfo.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -107,6 +118,23 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoutingPolicy(self, request, context):
+        """The routing policy every EP rank runs now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRoutingPolicy(self, request, context):
+        """Switch the policy on every EP rank at once, between two steps (no step runs with two
+        policies); the expert-load counters reset. PERMISSION_DENIED unless the server runs with
+        server.allow_routing_switch=true; INVALID_ARGUMENT for an unknown name or bad params (the
+        policy is then unchanged). Answers once every rank runs the new policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +162,16 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=epserve_dot_v1_dot_info__pb2.GetServerInfoRequest.FromString,
                     response_serializer=epserve_dot_v1_dot_info__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetRoutingPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoutingPolicy,
+                    request_deserializer=epserve_dot_v1_dot_routing__pb2.GetRoutingPolicyRequest.FromString,
+                    response_serializer=epserve_dot_v1_dot_info__pb2.RoutingPolicyInfo.SerializeToString,
+            ),
+            'SetRoutingPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoutingPolicy,
+                    request_deserializer=epserve_dot_v1_dot_routing__pb2.SetRoutingPolicyRequest.FromString,
+                    response_serializer=epserve_dot_v1_dot_info__pb2.RoutingPolicyInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +313,60 @@ class GenerationService:
             '/epserve.v1.GenerationService/GetServerInfo',
             epserve_dot_v1_dot_info__pb2.GetServerInfoRequest.SerializeToString,
             epserve_dot_v1_dot_info__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoutingPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.GenerationService/GetRoutingPolicy',
+            epserve_dot_v1_dot_routing__pb2.GetRoutingPolicyRequest.SerializeToString,
+            epserve_dot_v1_dot_info__pb2.RoutingPolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRoutingPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.GenerationService/SetRoutingPolicy',
+            epserve_dot_v1_dot_routing__pb2.SetRoutingPolicyRequest.SerializeToString,
+            epserve_dot_v1_dot_info__pb2.RoutingPolicyInfo.FromString,
             options,
             channel_credentials,
             insecure,

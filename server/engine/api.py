@@ -32,6 +32,11 @@ class EngineUnavailableError(EngineError):
     """Engine loading, draining, or a rank died (-> UNAVAILABLE)."""
 
 
+class InvalidPolicyError(EngineError):
+    """A routing-policy switch names an unknown policy or bad parameters (-> INVALID_ARGUMENT);
+    the message names the key, or lists the registered policies. The policy is unchanged."""
+
+
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens or max_model_len reached
     STOP = "stop"  # EOS, a stop token id, or a stop string
@@ -63,6 +68,14 @@ class StopParams:
     ignore_eos: bool = False
 
 
+class RoutedExpertsMode(enum.IntEnum):
+    """Which forward positions' routed experts a request gets back (GenerationChunk.routed_experts)."""
+
+    NONE = 0
+    GENERATED = 1  # one row per generated token: the position that produced it
+    WITH_PROMPT = 2  # and, before the first, the prompt positions that produced no token
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
@@ -70,6 +83,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stops: StopParams = field(default_factory=StopParams)
     logprobs: bool = False  # return the log-probability of each sampled token
+    routed_experts: RoutedExpertsMode = RoutedExpertsMode.NONE
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,8 @@ class GenerationChunk:
     logprobs: tuple[float, ...] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    #: uint16 little-endian [rows, MoE layers, top_k] logical expert ids (routed_experts asked for)
+    routed_experts: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,17 @@ class ModelInfo:
     routing_policy: str  # canonical registered name
     routing_params: Mapping[str, Any]
     eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutingPolicyState:
+    """The policy every EP rank runs, and since when (GetRoutingPolicy / SetRoutingPolicy)."""
+
+    name: str  # canonical registered name
+    params: Mapping[str, Any]
+    guarantee: str
+    counters_reset_unix_s: float = 0.0  # when the switch to it reset the load counters (0: never switched)
+    since_step: int = 0  # forward steps before the first one it ran
 
 
 @dataclass(frozen=True)
@@ -136,6 +163,13 @@ class Engine(Protocol):
         ...
 
     async def expert_load(self, reset: bool = False) -> "ExpertLoadSnapshot": ...  # noqa: F821
+
+    def routing_policy(self) -> RoutingPolicyState: ...
+
+    async def set_routing_policy(self, routing: Mapping[str, Any]) -> RoutingPolicyState:
+        """Switch every rank to the policy the routing.* mapping names ({"name": ..., **params})
+        between two steps; returns once they run it. InvalidPolicyError: nothing changed."""
+        ...
 
     # Life cycle (server.engine.engine.ServingEngine implements these; a server should use them
     # to exit non-zero when the engine dies, even while no request is in flight).

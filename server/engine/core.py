@@ -4,6 +4,7 @@
     core.abort([req_id, ...])           frees the sequences and their KV blocks on return
     core.request_expert_load(reset)     -> ticket; answered by a later step's StepOutputs
     core.switch_routing_policy(routing) every rank switches policy before the next step's forward
+    core.routing_policy()               -> RoutingPolicyState: the policy all ranks run, since when
     core.step() -> StepOutputs          one engine step: every request's new tokens at once
 
 The core knows no text, no asyncio and no gRPC: whoever drives it (ServingEngine's step
@@ -34,9 +35,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .api import EngineStats, FinishReason, ModelInfo
+from .api import EngineStats, FinishReason, ModelInfo, RoutingPolicyState
 from .core_types import EngineRequest, StepOutputs
 from .executor import Executor
+from .routed_experts import to_wire
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .stops import stop_token_set
@@ -66,6 +68,7 @@ class EngineCore:
         self._inflight: deque = deque()  # (plan, StepFuture, load tickets): launched, not yet applied
         self._load_requests: list[tuple[int, bool]] = []  # (ticket, reset) not yet planned
         self._routing: dict[str, Any] | None = None  # a policy switch not yet planned
+        self._routing_state = policy_state(policy)
         self._tickets = itertools.count(1)
         self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
         self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
@@ -158,17 +161,25 @@ class EngineCore:
                 raise RuntimeError(f"EP ranks disagree on the routing policy after a switch: {sorted(map(str, switched))}")
             out.routing = switched.pop()
             self.policy = self.executor.runner.model.policy
+            # every rank reset its load counters before this step's forward
+            self._routing_state = policy_state(self.policy, time.time(), self._forward_steps)
         now = time.monotonic()
         with self._lock:
             if plan.ranks[0].run_forward:
                 self._forward_steps += 1
             req_ids, token_ids, logprobs, finished = out.req_ids, out.token_ids, out.logprobs, out.finished
+            routed = _collect_routed(plan, results)
+            if routed:
+                out.routed = []
             for seq, token, logprob in self.scheduler.update(plan, results):
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 req_ids.append(seq.seq_id)
                 token_ids.append([token])
                 logprobs.append([logprob] if logprob is not None else None)
+                if routed:
+                    out.routed.append(to_wire(seq.routed_pending) if seq.routed_pending else None)
+                    seq.routed_pending = []
                 # token-level stops (stops.token_stop_reason, with the sequence's stop set made once)
                 if token in seq.stop_ids:
                     finished[seq.seq_id] = FinishReason.STOP
@@ -181,6 +192,10 @@ class EngineCore:
         return out
 
     # ---- info --------------------------------------------------------------------------------
+    def routing_policy(self) -> RoutingPolicyState:
+        """As of the last step applied (a switch shows once the step that carried it is back)."""
+        return self._routing_state
+
     def stats(self) -> EngineStats:
         with self._lock:
             sch = self.scheduler
@@ -231,3 +246,25 @@ class EngineCore:
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every EP rank (graceful: tell them; else make sure they are gone)."""
         self.executor.stop(graceful=graceful)
+
+
+def _collect_routed(plan, results) -> bool:
+    """Hand each sequence its rows of the ranks' routed experts (kept until its next token goes
+    out: a prompt chunk's rows wait for the chunk that samples). -> whether the step had any."""
+    any_rows = False
+    for rank, owners in enumerate(plan.routed):
+        if not owners:
+            continue
+        rows, at = results[rank].routed, 0  # [R, L, k] int16
+        for seq, n in owners:
+            if not seq.is_finished:
+                seq.routed_pending.append(rows[at:at + n])
+            at += n
+        any_rows = True
+    return any_rows
+
+
+def policy_state(policy, counters_reset_unix_s: float = 0.0, since_step: int = 0) -> RoutingPolicyState:
+    """A built policy as the API reports it: canonical name, parameters, guarantee."""
+    return RoutingPolicyState(name=policy.name, params=dict(policy.params()), guarantee=type(policy).guarantee,
+                              counters_reset_unix_s=counters_reset_unix_s, since_step=since_step)

@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
 import zmq
@@ -29,8 +29,8 @@ from ..config import AppConfig, ConfigError
 from ..moe.load_stats import ExpertLoadSnapshot
 from . import ipc
 from .api import (
-    EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, InvalidRequestError, ModelInfo,
-    ResourceExhaustedError,
+    EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, InvalidPolicyError, InvalidRequestError,
+    ModelInfo, ResourceExhaustedError, RoutingPolicyState,
 )
 from .core_types import EngineRequest
 from .detokenizer import fast_decode
@@ -67,10 +67,14 @@ class EngineProcess:
         self._stats = EngineStats(0, 0, 0, 0, 0)
         self._requests: dict[int, _Live] = {}
         self._load_waiters: dict[int, asyncio.Future] = {}
+        self._switch_waiters: dict[int, asyncio.Future] = {}
+        self._routing: RoutingPolicyState | None = None
+        self._row_bytes = 0
         self._ids = itertools.count()
         self._adds: list[list] = []
         self._aborts: list[int] = []
         self._loads: list[list] = []
+        self._switches: list[list] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
@@ -111,6 +115,8 @@ class EngineProcess:
             raise
         self._decode_text = fast_decode(self.tokenizer)
         self._info = ipc.loads(frame[1])
+        self._routing = ipc.loads(frame[2])
+        self._row_bytes = self._info.num_moe_layers * self._info.top_k * 2  # one routed-experts row
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(proc.sentinel, self._on_process_exit)
         self._reader = asyncio.ensure_future(self._read_outputs())
@@ -154,6 +160,10 @@ class EngineProcess:
     def model_info(self) -> ModelInfo:
         return self._info
 
+    def routing_policy(self) -> RoutingPolicyState:
+        """As of the last switch the core confirmed."""
+        return self._routing
+
     def stats(self) -> EngineStats:
         """As of the core's last step or input batch (it sends them with every frame)."""
         return self._stats
@@ -184,9 +194,9 @@ class EngineProcess:
         self._check_alive()
         req_id = next(self._ids)
         stream = RequestStream(self.stream_interval)
-        self._requests[req_id] = _Live(RequestOutput(request, self._decode_text), stream)
+        self._requests[req_id] = _Live(RequestOutput(request, self._decode_text, routed_row_bytes=self._row_bytes), stream)
         self._adds.append(ipc.request_fields(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
-                                                           request.stops, request.logprobs)))
+                                                           request.stops, request.logprobs, request.routed_experts)))
         self._schedule_flush()
         try:
             while True:
@@ -211,6 +221,20 @@ class EngineProcess:
         finally:
             self._load_waiters.pop(call_id, None)
 
+    async def set_routing_policy(self, routing) -> RoutingPolicyState:
+        """Every rank switches between two steps; returns once the core applied it (or raises
+        InvalidPolicyError, nothing changed)."""
+        self._check_alive()
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._switch_waiters[call_id] = fut
+        self._switches.append([call_id, dict(routing)])
+        self._schedule_flush()
+        try:
+            return await fut
+        finally:
+            self._switch_waiters.pop(call_id, None)
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -219,10 +243,10 @@ class EngineProcess:
     def _flush(self) -> None:
         """Everything queued during this loop turn, as one frame."""
         self._flush_scheduled = False
-        if not (self._adds or self._aborts or self._loads) or self._failure is not None:
+        if not (self._adds or self._aborts or self._loads or self._switches) or self._failure is not None:
             return
-        frame = ipc.pack([ipc.BATCH, self._adds, self._aborts, self._loads])
-        self._adds, self._aborts, self._loads = [], [], []
+        frame = ipc.pack([ipc.BATCH, self._adds, self._aborts, self._loads, self._switches])
+        self._adds, self._aborts, self._loads, self._switches = [], [], [], []
         self._send(frame)
 
     def _send(self, frame: bytes, tries: int = 0) -> None:
@@ -246,6 +270,8 @@ class EngineProcess:
                     self._stats = ipc.stats_from_fields(frame[1])
                 elif kind == ipc.REJECTED:
                     self._on_rejected(*frame[1:])
+                elif kind == ipc.ROUTING:
+                    self._on_routing(*frame[1:])
                 elif kind == ipc.FAILED:
                     self._fail(frame[1])
                     return
@@ -256,7 +282,7 @@ class EngineProcess:
             self._fail(f"reading the engine core's outputs failed: {exc}")
 
     def _on_step(self, frame: list) -> None:
-        _, req_ids, token_ids, logprobs, finished, stats, load = frame
+        _, req_ids, token_ids, logprobs, finished, stats, load, routed = frame
         self._stats = ipc.stats_from_fields(stats)
         reasons = ipc.finish_reasons(finished) if finished else {}
         now = time.monotonic()
@@ -266,7 +292,8 @@ class EngineProcess:
             if live is None:  # cancelled meanwhile, or ended by a stop string
                 continue
             reason = reasons.get(req_id)
-            chunk = live.output.on_tokens(token_ids[i], logprobs[i], reason, now)
+            chunk = live.output.on_tokens(token_ids[i], logprobs[i], reason, now,
+                                          routed[i] if routed is not None else None)
             live.stream.put(chunk)
             if chunk.finish_reason is not None:
                 del requests[req_id]
@@ -281,6 +308,18 @@ class EngineProcess:
                 fut = self._load_waiters.get(call_id)
                 if fut is not None and not fut.done():
                     fut.set_result(snapshot)
+
+    def _on_routing(self, call_ids: list[int], ok: bool, reply) -> None:
+        if ok:
+            self._routing = ipc.loads(reply)
+            self._info = replace(self._info, routing_policy=self._routing.name, routing_params=self._routing.params)
+        for call_id in call_ids:
+            fut = self._switch_waiters.get(call_id)
+            if fut is not None and not fut.done():
+                if ok:
+                    fut.set_result(self._routing)
+                else:
+                    fut.set_exception(InvalidPolicyError(reply))
 
     def _on_rejected(self, req_id: int, kind: str, message: str) -> None:
         live = self._requests.pop(req_id, None)
@@ -311,7 +350,7 @@ class EngineProcess:
         for live in self._requests.values():
             live.stream.put(error)
         self._requests.clear()
-        for fut in self._load_waiters.values():
+        for fut in (*self._load_waiters.values(), *self._switch_waiters.values()):
             if not fut.done():
                 fut.set_exception(error)
         callbacks, self._failure_callbacks = self._failure_callbacks, []
@@ -335,6 +374,9 @@ class EngineProcess:
             for live in self._requests.values():
                 live.stream.put(error)
             self._requests.clear()
+            for fut in self._switch_waiters.values():
+                if not fut.done():
+                    fut.set_exception(error)
             if self.proc.exitcode is None:
                 try:
                     self._push.send(ipc.pack([ipc.SHUTDOWN]), zmq.NOBLOCK)

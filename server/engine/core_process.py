@@ -44,6 +44,7 @@ class CoreLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._load_calls: dict[int, int] = {}  # core ticket -> front-end call id
+        self._switch_calls: list[int] = []  # front-end call ids of the policy switch not yet applied
         self._lock = threading.Lock()
         self.failure: str | None = None
 
@@ -63,11 +64,13 @@ class CoreLoop:
                 self._stop.set()
                 self._wake.set()
                 return
-            _, adds, aborts, loads = frame
+            _, adds, aborts, loads, switches = frame
             if aborts:
                 self.core.abort(aborts)
             for fields in adds:
                 self._add(fields)
+            for call_id, routing in switches:
+                self._switch(call_id, routing)
             for call_id, reset in loads:
                 with self._lock:
                     self._load_calls[self.core.request_expert_load(reset)] = call_id
@@ -84,6 +87,18 @@ class CoreLoop:
         except (AssertionError, ValueError) as exc:  # the front end validates: this is a bug there
             log.error("request %d refused by the core: %s", req.req_id, exc)
             self.out.put(ipc.pack([ipc.REJECTED, req.req_id, "invalid", str(exc)]))
+
+    def _switch(self, call_id: int, routing: dict) -> None:
+        """Queue a policy switch for the next step; a mapping rank 0 cannot build is refused now."""
+        with self._lock:
+            self._switch_calls.append(call_id)
+        try:
+            self.core.switch_routing_policy(routing)
+        except Exception as exc:  # noqa: BLE001 - ConfigError names the key; anything else is reported too
+            with self._lock:
+                self._switch_calls.remove(call_id)
+            reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            self.out.put(ipc.pack([ipc.ROUTING, [call_id], False, reason]))
 
     # ---- step loop (main thread) ------------------------------------------------------------------
     def run(self) -> int:
@@ -104,6 +119,10 @@ class CoreLoop:
                 with self._lock:
                     calls = [self._load_calls.pop(t) for t in outputs.load_tickets if t in self._load_calls]
                 self.out.put(ipc.step_frame(outputs, core.stats(), calls))
+                if outputs.routing is not None:
+                    with self._lock:
+                        switched, self._switch_calls = self._switch_calls, []
+                    self.out.put(ipc.pack([ipc.ROUTING, switched, True, ipc.dumps(core.routing_policy())]))
         except BaseException as exc:  # noqa: BLE001 - any failure of a step is fatal
             log.error("engine step failed:\n%s", traceback.format_exc())
             self.fail(core.dead_rank_within(1.0) or f"engine step failed: {exc}")
@@ -206,7 +225,7 @@ def core_process_main(app_dict: dict, sockets: dict, parent_pid: int, log_level:
     sent = threading.Event()
     threading.Thread(target=_send_outputs, args=(out_sock, loop.out, sent), name="epserve-core-out",
                      daemon=True).start()
-    loop.out.put(ipc.pack([ipc.READY, ipc.dumps(core.model_info())]))
+    loop.out.put(ipc.pack([ipc.READY, ipc.dumps(core.model_info()), ipc.dumps(core.routing_policy())]))
     code = loop.run()
     loop.out.put(None)
     sent.wait(5.0)

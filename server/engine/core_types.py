@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..moe.load_stats import ExpertLoadSnapshot
-from .api import FinishReason, SamplingParams, StopParams
+from .api import FinishReason, RoutedExpertsMode, SamplingParams, StopParams
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stops: StopParams = field(default_factory=StopParams)
     logprobs: bool = False
+    routed_experts: RoutedExpertsMode = RoutedExpertsMode.NONE
 
 
 @dataclass
@@ -45,6 +46,9 @@ class StepOutputs:
     load_tickets: list[int] = field(default_factory=list)  # request_expert_load tickets this step answers
     rebalance: Any = None  # an EPLB RebalanceReport when this step rebalanced
     routing: str | None = None  # the policy (repr) every rank switched to before this step's forward
+    #: [R] per request, uint16 bytes [rows, MoE layers, k] of the positions behind its tokens
+    #: (RoutedExpertsMode; None where not asked for); None when no request of the step asked
+    routed: list[bytes | None] | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -21,8 +21,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from ..config import ConfigError
 from ..moe.load_stats import ExpertLoadSnapshot
-from .api import EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, ModelInfo
+from .api import (
+    EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, InvalidPolicyError, ModelInfo,
+    RoutingPolicyState,
+)
 from .core import EngineCore
 from .core_types import EngineRequest, StepOutputs
 from .detokenizer import fast_decode
@@ -54,6 +58,9 @@ class ServingEngine:
         self._cond = threading.Condition()
         self._requests: dict[int, _Live] = {}
         self._load_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}  # ticket ->
+        self._switch_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # the next switch's callers
+        spec = core.spec
+        self._row_bytes = spec.num_moe_layers * spec.top_k * 2  # one routed-experts row
         self._ids = itertools.count()
         self._stopping = False
         self._failure: str | None = None
@@ -102,6 +109,23 @@ class ServingEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def routing_policy(self) -> RoutingPolicyState:
+        return self.core.routing_policy()
+
+    async def set_routing_policy(self, routing) -> RoutingPolicyState:
+        """Every rank switches between two steps; returns once the step that carried it is back."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cond:
+            self._check_alive()
+            try:
+                self.core.switch_routing_policy(routing)
+            except ConfigError as exc:
+                raise InvalidPolicyError(str(exc)) from None
+            self._switch_waiters.append((loop, fut))
+            self._cond.notify_all()
+        return await fut
 
     # ---- health ----------------------------------------------------------------------------
     @property
@@ -166,8 +190,9 @@ class ServingEngine:
             self._check_alive()
             req_id = next(self._ids)
             self.core.add_request(EngineRequest(req_id, request.prompt_token_ids, request.sampling, request.stops,
-                                                request.logprobs))  # may raise ResourceExhaustedError
-            self._requests[req_id] = _Live(RequestOutput(request, self._decode_text), stream, loop)
+                                                request.logprobs, request.routed_experts))  # may raise ResourceExhaustedError
+            self._requests[req_id] = _Live(RequestOutput(request, self._decode_text, routed_row_bytes=self._row_bytes),
+                                           stream, loop)
             self._cond.notify_all()
         return req_id
 
@@ -203,7 +228,8 @@ class ServingEngine:
                 if live is None:
                     continue
                 reason = out.finished.get(req_id)
-                chunk = live.output.on_tokens(out.token_ids[i], out.logprobs[i], reason, now)
+                chunk = live.output.on_tokens(out.token_ids[i], out.logprobs[i], reason, now,
+                                              out.routed[i] if out.routed is not None else None)
                 by_loop[live.loop].append((req_id, live.stream, chunk))
                 if chunk.finish_reason is not None:
                     del self._requests[req_id]
@@ -212,12 +238,17 @@ class ServingEngine:
             if stopped:
                 self.core.abort(stopped)
             waiters = [self._load_waiters.pop(t) for t in out.load_tickets if t in self._load_waiters]
+            switched = []
+            if out.routing is not None:
+                switched, self._switch_waiters = self._switch_waiters, []
         for loop, items in by_loop.items():
             if not deliver_threadsafe(loop, [(stream, chunk) for _, stream, chunk in items]):
                 for req_id, _, _ in items:  # the consumer's loop is gone: nobody reads these
                     self.abort(req_id)
         for loop, fut in waiters:
             settle_future(loop, fut, out.expert_load)
+        for loop, fut in switched:
+            settle_future(loop, fut, self.core.routing_policy())
 
     def _watch_ranks(self) -> None:
         while not self._stopping and self._failure is None:
@@ -252,9 +283,10 @@ class ServingEngine:
         self._requests.clear()
         for loop, items in by_loop.items():
             deliver_threadsafe(loop, items)
-        for loop, fut in self._load_waiters.values():
+        for loop, fut in (*self._load_waiters.values(), *self._switch_waiters):
             settle_future(loop, fut, error)
         self._load_waiters.clear()
+        self._switch_waiters.clear()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the step loop and every rank; in-flight requests end with EngineUnavailableError."""

@@ -5,18 +5,26 @@ front end: `inputs` (front end -> core) and `outputs` (core -> front end). Nothi
 network interface. Every frame is one msgpack array whose first item says what it is:
 
   front end -> core
-    [BATCH, adds, aborts, loads]   everything the front end queued during one event-loop turn:
+    [BATCH, adds, aborts, loads, switches]
+                                    everything the front end queued during one event-loop turn:
                                     adds = [[req_id, prompt ids, temperature, top_p, top_k, seed,
-                                    max_new_tokens, stop token ids, ignore_eos, logprobs], ...],
-                                    aborts = [req_id, ...], loads = [[call_id, reset], ...]
+                                    max_new_tokens, stop token ids, ignore_eos, logprobs,
+                                    routed experts (0 no, 1 yes, 2 with the prompt)], ...],
+                                    aborts = [req_id, ...], loads = [[call_id, reset], ...],
+                                    switches = [[call_id, routing.* mapping], ...]
     [SHUTDOWN]                      drain is over: stop the ranks and exit 0
   core -> front end
-    [READY, model_info]             the core is up (model_info pickled: a frozen dataclass)
+    [READY, model_info, routing]    the core is up (model_info and the RoutingPolicyState
+                                    pickled: frozen dataclasses)
     [START_FAILED, kind, message]   kind: "config" (exit 2), "start" (exit 2) or "error"
-    [STEP, req_ids, token_ids, logprobs, finished, stats, load]
+    [STEP, req_ids, token_ids, logprobs, finished, stats, load, routed]
                                     ONE frame per engine step for every request at once;
                                     finished = [[req_id, reason], ...]; stats = EngineStats fields;
-                                    load = [call_ids, pickled ExpertLoadSnapshot] or None
+                                    load = [call_ids, pickled ExpertLoadSnapshot] or None;
+                                    routed = per request the uint16 bytes of its routed experts
+                                    (None where not asked for), or None when nobody asked
+    [ROUTING, call_ids, ok, reply]  answer to switches: ok -> pickled RoutingPolicyState (every
+                                    rank runs it), else the reason it was refused
     [STATS, stats]                  after inputs changed the queue while no step ran
     [REJECTED, req_id, kind, message]  an add the core refused (kind "exhausted" or "invalid")
     [FAILED, reason]                the core is dead (a rank died, a step failed); it exits 1
@@ -35,11 +43,11 @@ from typing import Any
 
 import msgpack
 
-from .api import EngineStats, FinishReason, SamplingParams, StopParams
+from .api import EngineStats, FinishReason, RoutedExpertsMode, SamplingParams, StopParams
 from .core_types import EngineRequest, StepOutputs
 
 BATCH, SHUTDOWN = 1, 2
-READY, START_FAILED, STEP, STATS, REJECTED, FAILED = 10, 11, 12, 13, 14, 15
+READY, START_FAILED, STEP, STATS, REJECTED, FAILED, ROUTING = 10, 11, 12, 13, 14, 15, 16
 
 _REASON_BY_VALUE = {r.value: r for r in FinishReason}
 
@@ -56,21 +64,21 @@ def unpack(data: bytes) -> list:
 def request_fields(req: EngineRequest) -> list:
     sp, st = req.sampling, req.stops
     return [req.req_id, list(req.prompt_token_ids), sp.temperature, sp.top_p, sp.top_k, sp.seed, st.max_new_tokens,
-            list(st.stop_token_ids), st.ignore_eos, req.logprobs]
+            list(st.stop_token_ids), st.ignore_eos, req.logprobs, int(req.routed_experts)]
 
 
 def request_from_fields(f: list) -> EngineRequest:
-    req_id, prompt, temperature, top_p, top_k, seed, max_new, stop_ids, ignore_eos, logprobs = f
+    req_id, prompt, temperature, top_p, top_k, seed, max_new, stop_ids, ignore_eos, logprobs, routed = f
     return EngineRequest(req_id, tuple(prompt), SamplingParams(temperature, top_p, top_k, seed),
                          StopParams(max_new_tokens=max_new, stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos),
-                         logprobs)
+                         logprobs, RoutedExpertsMode(routed))
 
 
 # ---- step outputs -------------------------------------------------------------------------------
 def step_frame(out: StepOutputs, stats: EngineStats, load_calls: list[int] | None) -> bytes:
     load = [load_calls, pickle.dumps(out.expert_load)] if load_calls else None
     finished = [[req_id, reason.value] for req_id, reason in out.finished.items()]
-    return pack([STEP, out.req_ids, out.token_ids, out.logprobs, finished, list(astuple(stats)), load])
+    return pack([STEP, out.req_ids, out.token_ids, out.logprobs, finished, list(astuple(stats)), load, out.routed])
 
 
 def finish_reasons(finished: list) -> dict[int, FinishReason]:

@@ -18,6 +18,7 @@ import torch
 from ..model.forward_batch import ForwardBatch
 from .input_buffers import StepInputs
 from .policy_switch import PolicySwitch
+from .routed_experts import RoutedExpertsRecorder
 from .sampler import SamplingBatch, SamplingFlags, sample, sample_keys
 from .slot_table import SlotTable
 from .step_plan import RankBatch, RankPlan, RankResult
@@ -30,8 +31,9 @@ class PendingStep:
     """A launched step; `result()` gives its RankResult once the device has finished it."""
 
     def __init__(self, result: RankResult, tokens: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
-                 event=None) -> None:
+                 event=None, routed: torch.Tensor | None = None) -> None:
         self._result, self._tokens, self._logprobs, self._event = result, tokens, logprobs, event
+        self._routed = routed  # [R, MoE layers, k] int16 on the host (routed_experts.py)
 
     def result(self) -> RankResult:
         if self._event is not None:
@@ -41,6 +43,9 @@ class PendingStep:
             self._result.tokens = self._tokens.numpy()
             self._result.logprobs = self._logprobs.numpy() if self._logprobs is not None else None
             self._tokens = self._logprobs = None
+        if self._routed is not None:
+            self._result.routed = self._routed.numpy()
+            self._routed = None
         return self._result
 
 
@@ -61,6 +66,7 @@ class ModelRunner:
         self.max_tokens = (max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS) + self.max_seqs
         self.slots = SlotTable(self.max_seqs, self.width)
         self.inputs = StepInputs(max_seqs=self.max_seqs, max_tokens=self.max_tokens, width=self.width, device=self.device)
+        self.routed = RoutedExpertsRecorder(model, self.max_tokens, self.device)
         # ---- decode CUDA graphs (server/model/gpu/cuda_graphs.py): CUDA and a graph-safe
         # dispatcher, captured once here for batch buckets up to max_num_seqs over this rank's
         # step buffers (every EP rank captures the same ones); None keeps decode eager.
@@ -71,9 +77,14 @@ class ModelRunner:
 
             inputs = self.graph_inputs()
 
-            def capture():  # over this rank's step buffers, for the model's current policy
-                return maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
-                                           max_blocks_per_seq=self.width, inputs=inputs)
+            def capture(record: bool = False):  # over this rank's step buffers, for the model's current policy
+                if record:  # graphs that also write routed experts (routed_experts.py)
+                    self.routed.arm()
+                try:
+                    return maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
+                                               max_blocks_per_seq=self.width, inputs=inputs)
+                finally:
+                    self.routed.disarm()
             self.decode_graphs = capture()
         # a plan's `routing` switches the policy between steps; graphs follow (policy_switch.py)
         self.policies = PolicySwitch(model, capture, self.decode_graphs)
@@ -100,8 +111,9 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: RankPlan) -> PendingStep:
         result = RankResult(step=plan.step, rank=self.rank)
-        if plan.routing is not None:
+        if plan.routing is not None:  # every rank in the same step; the counters start afresh with it
             self.decode_graphs = self.policies.switch(plan.routing)
+            self.model.load_counters.reset()
             result.routing = repr(self.model.policy)
         batch = plan.batch
         self.slots.apply(batch.fills, batch.appends)
@@ -115,13 +127,12 @@ class ModelRunner:
         return pending
 
     # ---- one step ----
-    def _bucket(self, batch: RankBatch, plan: RankPlan) -> tuple[int | None, bool]:
+    def _bucket(self, batch: RankBatch, plan: RankPlan, graphs) -> tuple[int | None, bool]:
         """(decode-graph bucket of this step or None, whether this rank can replay it).
 
         With collectives in the graphs (EP) every rank takes the bucket of the plan's
         decode_batch, the same on all ranks, an idle rank included; a rank that cannot replay
         it runs the step eagerly padded to that bucket, so its collectives match the others'."""
-        graphs = self.decode_graphs
         if graphs is None:
             return None, False
         decodes = batch.num_tokens == batch.num_seqs and bool(batch.samples.all())
@@ -133,23 +144,39 @@ class ModelRunner:
 
     def _forward_and_sample(self, batch: RankBatch, plan: RankPlan, result: RankResult) -> PendingStep:
         token_offset = plan.token_offset
-        bucket, use_graph = self._bucket(batch, plan)
+        record = len(batch.routed_rows) > 0  # some request wants its routed experts (routed_experts.py)
+        graphs = self.decode_graphs
+        if record and graphs is not None and not graphs.lockstep:
+            graphs = self.policies.recording_graphs()  # captured on first use, by this rank alone
+        bucket, use_graph = self._bucket(batch, plan, graphs)
+        if record and graphs is not None and graphs.lockstep:
+            # graphs with collectives are captured by every rank at once: a recording set cannot
+            # be captured by one rank on demand, so this rank runs the step eagerly, padded to
+            # the bucket (its collectives still match the other ranks')
+            use_graph = False
         ep_rows = bucket if bucket is not None else (plan.ep_rows or None)  # the common MoE row count
         if batch.num_seqs == 0 and not use_graph:
             empty = _empty(self.device, token_offset)
             empty.ep_rows = ep_rows
             self.model.forward(empty, self.kv_caches)  # joins the collectives
             return PendingStep(result)
-        graphs = self.decode_graphs
         staged = self._stage(batch, token_offset, bucket if use_graph else None)
+        routed = None
         if use_graph:
             logits = graphs.replay(batch.num_seqs, bucket)  # [S, V]
         else:
             eager = staged.forward_batch(self.inputs)
             eager.ep_rows = ep_rows
-            logits = self.model.forward(eager, self.kv_caches)  # [R, V]
+            if record:
+                self.routed.arm()
+            try:
+                logits = self.model.forward(eager, self.kv_caches)  # [R, V]
+            finally:
+                self.routed.disarm()
+        if record:
+            routed = self.routed.gather(batch.routed_rows)  # [rows, L, k] int16
         if staged.num_samples == 0:
-            return PendingStep(result)
+            return PendingStep(result, routed=routed, event=_event_after(self.device) if routed is not None else None)
         d, r, n = self.inputs.dev, staged.num_samples, staged.num_hot
         params = SamplingBatch(temperature=d["temperature"][:n], top_p=d["top_p"][:n], top_k=d["top_k"][:n],
                                keys=d["keys"][:n], want_logprobs=staged.flags.want_logprobs,
@@ -158,12 +185,10 @@ class ModelRunner:
         tokens, logprobs = sample(logits, params)  # [R] int64, [R] float32 | None
         d["next_token"].index_copy_(0, d["sample_slots"][:r], tokens)  # the next decode step's inputs
         if self.device.type != "cuda":
-            return PendingStep(result, tokens, logprobs)
+            return PendingStep(result, tokens, logprobs, routed=routed)
         tokens_host = tokens.to("cpu", non_blocking=True)  # pinned: the copy does not block
         logprobs_host = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
-        event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning (and holding a core)
-        event.record()
-        return PendingStep(result, tokens_host, logprobs_host, event)
+        return PendingStep(result, tokens_host, logprobs_host, _event_after(self.device), routed)
 
     def _stage(self, b: RankBatch, token_offset: int, bucket: int | None) -> "Staged":
         """Fill the host views for this step (numpy, per batch) and upload them in one copy.
@@ -249,6 +274,15 @@ class Staged:
                             slot_mapping=d["slot_mapping"][:t], logits_indices=d["logits_indices"][:self.num_samples],
                             token_offset=self.token_offset, context_lens_dev=d["context_lens"][:s],
                             cu_seqlens_dev=d["cu_seqlens"][:s + 1])
+
+
+def _event_after(device: torch.device):
+    """A CUDA event after the work queued so far (None on CPU, where the step ran to the end)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning (and holding a core)
+    event.record()
+    return event
 
 
 def _empty(device: torch.device, token_offset: int) -> ForwardBatch:

@@ -17,8 +17,10 @@ from .stops import StopStringMatcher
 
 
 class RequestOutput:
-    def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], arrival: float | None = None) -> None:
+    def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], arrival: float | None = None,
+                 routed_row_bytes: int = 0) -> None:
         self.request = request
+        self.routed_row_bytes = routed_row_bytes  # one routed-experts row: MoE layers x top_k x 2 bytes
         self.detok = IncrementalDetokenizer(decode, request.prompt_token_ids)
         self.matcher = StopStringMatcher(request.stops.stop)
         self.arrival = time.monotonic() if arrival is None else arrival
@@ -27,7 +29,7 @@ class RequestOutput:
         self.matched_stop = False  # a stop string ended the request (the caller aborts it in the core)
 
     def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, reason: FinishReason | None,
-                  now: float) -> GenerationChunk:
+                  now: float, routed: bytes | None = None) -> GenerationChunk:
         """The chunk for newly sampled tokens. `reason` is the core's finish reason (STOP: the
         last token is a stop token or EOS, whose text is left out; LENGTH). A stop-string match
         ends the request here too: the chunk then has finish_reason STOP and holds the tokens up
@@ -39,6 +41,7 @@ class RequestOutput:
         if self.matcher.stop:
             text, kept = self._feed_watching_stops(text_ids)
             if kept is not None:
+                routed = _keep_rows(routed, self.routed_row_bytes, len(token_ids), kept)
                 token_ids, logprobs, reason = token_ids[:kept], logprobs[:kept] if logprobs else logprobs, FinishReason.STOP
         else:
             text, _ = self.matcher.feed(self.detok.add_many(text_ids))
@@ -52,6 +55,7 @@ class RequestOutput:
             logprobs=tuple(logprobs) if self.request.logprobs and logprobs is not None else None,
             finish_reason=reason,
             usage=self.usage() if reason is not None else None,
+            routed_experts=routed,
         )
 
     def _feed_watching_stops(self, token_ids: list[int]) -> tuple[str, int | None]:
@@ -70,3 +74,11 @@ class RequestOutput:
         ttft = (self.first_token_time - self.arrival) if self.first_token_time is not None else 0.0
         return Usage(prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=self.num_generated,
                      time_to_first_token_s=ttft)
+
+
+def _keep_rows(routed: bytes | None, row_bytes: int, num_tokens: int, kept: int) -> bytes | None:
+    """Routed-expert rows of the first `kept` of `num_tokens` tokens (one row each, last in
+    `routed`); prompt rows before them stay."""
+    if not routed or kept >= num_tokens:
+        return routed
+    return routed[:len(routed) - (num_tokens - kept) * row_bytes]

@@ -8,6 +8,8 @@ from .sampler import sampling_temperature, seed_key
 from .sequence import Sequence
 from .step_plan import BlockAppends, RankBatch, SlotFill
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
 
 class RankBatchBuilder:
     def __init__(self) -> None:
@@ -18,6 +20,9 @@ class RankBatchBuilder:
         self.samples: list[bool] = []
         self.tokens: list[int] = []
         self.sampling: list[Sequence] = []  # sequences whose rows sample, in row order (rank 0 only)
+        self.num_tokens = 0
+        self.routed_rows: list[int] = []  # token rows whose routed experts come back (RankBatch.routed_rows)
+        self.routed: list[tuple[Sequence, int]] = []  # (sequence, rows of routed_rows) in order (rank 0 only)
         self._fills: list[Sequence] = []
         self._app_slots: list[int] = []
         self._app_cols: list[int] = []
@@ -28,6 +33,9 @@ class RankBatchBuilder:
         start = seq.num_computed
         from_device = seq.num_pending > 0  # its one new token is the one its slot sampled last step
         last = start + n == seq.total_len
+        if seq.routed_from >= 0:
+            self._route(seq, start, n)
+        self.num_tokens += n
         self.slots.append(seq.slot)
         self.query_lens.append(n)
         self.start_pos.append(start)
@@ -46,6 +54,9 @@ class RankBatchBuilder:
     def add_decode(self, seq: Sequence) -> None:
         """add(seq, 1) for a decoding sequence (its one new token is its last: it samples)."""
         start = seq.num_computed
+        if seq.routed_from >= 0:
+            self._route(seq, start, 1)
+        self.num_tokens += 1
         self.slots.append(seq.slot)
         self.query_lens.append(1)
         self.start_pos.append(start)
@@ -58,6 +69,15 @@ class RankBatchBuilder:
         seq.num_computed = start + 1
         seq.num_pending += 1
         self.sampling.append(seq)
+
+    def _route(self, seq: Sequence, start: int, n: int) -> None:
+        """Positions start..start+n-1 run this step: return the rows of those not yet sent."""
+        first = max(start, seq.routed_from)
+        if first < start + n:
+            base = self.num_tokens - start
+            self.routed_rows.extend(range(base + first, base + start + n))
+            self.routed.append((seq, start + n - first))
+            seq.routed_from = start + n
 
     def fill(self, seq: Sequence) -> None:
         """`seq` takes its slot this step (admission): the slot's sampling parameters and an empty table."""
@@ -94,4 +114,5 @@ class RankBatchBuilder:
             tokens=np.array(self.tokens, dtype=np.int64),
             fills=fills,
             appends=appends,
+            routed_rows=np.array(self.routed_rows, dtype=np.int64) if self.routed_rows else _NO_ROWS,
         )

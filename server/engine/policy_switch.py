@@ -7,6 +7,9 @@ follow one policy object (MoERuntime). Policies are kept by their canonical form
 parameters), so switching back and forth A B A B reuses the same objects — and their
 captured decode graphs: a graph bakes in the kernels of the policy it was captured with, so
 each policy gets its own captured set on first use, and up to `keep_graphs` sets stay.
+
+Entry-point plugins are discovered when the switch is built (start-up, on every rank), so a
+switch asked for later never imports anything: a name no plugin registered by then is unknown.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
 from ..config import RoutingConfig
+from ..moe.routing import available_policies
 from ..routing_setup import build_routing_policy
 
 log = logging.getLogger(__name__)
@@ -31,13 +35,15 @@ def routing_key(routing: Mapping[str, Any]) -> str:
 class PolicySwitch:
     """A rank's routing policies and the decode graphs captured with each.
 
-    `capture()` captures decode graphs for the model's current policy (None: decode stays
-    eager, e.g. a host-side policy or a CPU model); `graphs` are the ones captured at start-up.
+    `capture(record=False)` captures decode graphs for the model's current policy (None: decode
+    stays eager, e.g. a host-side policy or a CPU model), with `record` ones that also write
+    routed experts; `graphs` are the ones captured at start-up.
     """
 
     def __init__(self, model, capture: Callable[[], Any] | None, graphs: Any = None,
                  keep_graphs: int = KEEP_GRAPH_SETS) -> None:
         self.model = model
+        available_policies()  # discover entry-point plugins now, never at a switch
         self._capture = capture
         self._keep = max(1, keep_graphs)
         self._policies: dict[str, Any] = {}  # plan mapping -> policy
@@ -69,6 +75,20 @@ class PolicySwitch:
             return None
         if name not in self._graphs:
             self._graphs[name] = self._capture()  # graphs read model.policy: captured with the new one
+            while len(self._graphs) > self._keep:
+                dropped, _ = self._graphs.popitem(last=False)
+                log.info("dropped the decode graphs captured with %s", dropped)
+        self._graphs.move_to_end(name)
+        return self._graphs[name]
+
+    def recording_graphs(self) -> Any:
+        """Decode graphs of the current policy that also record routed experts
+        (engine/routed_experts.py), captured the first time a step asks for them."""
+        if self._capture is None:
+            return None
+        name = repr(self.model.policy) + " +routed experts"
+        if name not in self._graphs:
+            self._graphs[name] = self._capture(record=True)
             while len(self._graphs) > self._keep:
                 dropped, _ = self._graphs.popitem(last=False)
                 log.info("dropped the decode graphs captured with %s", dropped)

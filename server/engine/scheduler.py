@@ -143,7 +143,7 @@ class Scheduler:
     def plan(self, load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
         builders = self.schedule()
         return build_step_plan(self.step, [b.build() for b in builders], [b.sampling for b in builders],
-                               load_snapshot, stop)
+                               load_snapshot, stop, [b.routed for b in builders])
 
     def update(self, plan: StepPlan, results: list[RankResult]) -> list[tuple[Sequence, int, float | None]]:
         """Apply a finished step: append each sampled token to its sequence.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .api import GenerationRequest
+from .api import GenerationRequest, RoutedExpertsMode
 
 
 class SeqStatus(enum.Enum):
@@ -41,10 +41,19 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     stop_ids: frozenset[int] = frozenset()  # tokens that end it with STOP (stops.stop_token_set), set by the core
+    #: routed experts asked for: the first position whose rows are still to be returned (-1: not
+    #: asked for). Advanced when a step is planned, so a recomputed (preempted) prefix is not sent twice.
+    routed_from: int = -1
+    routed_pending: list = field(default_factory=list)  # [rows, MoE layers, k] int16 arrays not yet sent
 
     @classmethod
     def create(cls, seq_id: int, request: GenerationRequest, seed: int, max_total_len: int, now: float) -> "Sequence":
+        mode = getattr(request, "routed_experts", RoutedExpertsMode.NONE)
+        prompt = len(request.prompt_token_ids)
+        routed_from = {RoutedExpertsMode.NONE: -1, RoutedExpertsMode.GENERATED: prompt - 1,
+                       RoutedExpertsMode.WITH_PROMPT: 0}[mode]
         return cls(
+            routed_from=routed_from,
             seq_id=seq_id,
             request=request,
             seed=seed,

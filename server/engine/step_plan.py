@@ -94,6 +94,9 @@ class RankBatch:
     tokens: np.ndarray  # [sum(query_lens[~from_device])] int64 the other rows' new tokens, concatenated
     fills: SlotFill = field(default_factory=SlotFill.empty)
     appends: BlockAppends = field(default_factory=BlockAppends.empty)
+    #: [R] int64 token rows (into this step's T) whose routed experts the rank sends back
+    #: (requests that asked for them); empty: the forward records nothing
+    routed_rows: np.ndarray = field(default_factory=lambda: _i64([]))
 
     @classmethod
     def empty(cls) -> "RankBatch":
@@ -148,6 +151,7 @@ class RankResult:
     load: ExpertLoadSnapshot | None = None  # the reduced counters (every rank gets the same sum)
     rebalance: Any = None  # RebalanceReport (server/moe/eplb/rebalance.py) when the plan asked for one
     routing: str | None = None  # repr of the policy the rank runs, when the plan switched it
+    routed: np.ndarray | None = None  # [R, MoE layers, k] int16 logical expert ids of batch.routed_rows
 
 
 @dataclass
@@ -158,6 +162,8 @@ class StepPlan:
     step: int
     ranks: list[RankPlan]
     sampling: list[list] = field(default_factory=list)  # [rank][row] Sequence
+    #: [rank] (Sequence, rows) owning that rank's RankResult.routed rows, in order; stays on rank 0
+    routed: list[list] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -170,15 +176,15 @@ class StepPlan:
 
     def with_rebalance(self) -> "StepPlan":
         """The same step with every rank also joining an EPLB rebalance after its forward."""
-        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks], self.sampling)
+        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks], self.sampling, self.routed)
 
     def with_routing(self, routing: dict[str, Any]) -> "StepPlan":
         """The same step with every rank first switching to the routing policy `routing` names."""
-        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks], self.sampling)
+        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks], self.sampling, self.routed)
 
 
 def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | None = None,
-                    load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
+                    load_snapshot: bool | None = None, stop: bool = False, routed: list[list] | None = None) -> StepPlan:
     """Per-rank batches -> per-rank plans with token offsets (rank r starts after ranks < r)."""
     counts = [b.num_tokens for b in batches]
     run_forward = sum(counts) > 0
@@ -190,4 +196,5 @@ def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | 
         plans.append(RankPlan(step, b, offset, run_forward, load_snapshot, stop, ep_rows=ep_rows,
                               decode_batch=decode_batch))
         offset += n
-    return StepPlan(step, plans, sampling if sampling is not None else [[] for _ in batches])
+    return StepPlan(step, plans, sampling if sampling is not None else [[] for _ in batches],
+                    routed if routed is not None else [[] for _ in batches])

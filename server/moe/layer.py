@@ -89,6 +89,8 @@ class MoELayer(nn.Module):
         topk_weights, topk_ids = self.router(router_logits, self.top_k, **self.router_options, **extra)  # [N, k] each
         ctx = step.routing[self.moe_index]
         ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, router_logits, ctx)  # [N, k] each
+        if rt.routed_out is not None:  # logical ids, before EPLB; a Python check, so graphs bake it in or out
+            rt.routed_out[:ids.shape[0], self.moe_index].copy_(ids)
         if rt.replicas is None:
             rt.counters.record(self.moe_index, ids, valid=step.valid_rows)
         else:

@@ -41,6 +41,12 @@ class ExpertLoadSnapshot:
         per = len(rows[0]) // self.ep_size if rows else 0
         return [[sum(row[r * per:(r + 1) * per]) for r in range(self.ep_size)] for row in rows]
 
+    def rank_active_experts(self) -> list[list[int]]:
+        """[layer][rank] experts (with EPLB: physical slots) on each rank that got >= 1 token."""
+        rows = self.expert_tokens if self.physical_tokens is None else self.physical_tokens
+        per = len(rows[0]) // self.ep_size if rows else 0
+        return [[sum(1 for c in row[r * per:(r + 1) * per] if c) for r in range(self.ep_size)] for row in rows]
+
     def expert_max_over_mean(self) -> list[float]:
         return [_max_over_mean(row) for row in self.expert_tokens]
 

@@ -51,6 +51,9 @@ class MoERuntime:
     ep_rank: int = 0
     ep_size: int = 1
     replicas: Any = None  # ReplicaMap (server/moe/eplb) when EPLB places experts; None: blocks of E/ep
+    #: [max_tokens, MoE layers, k] int16 while some request of the step wants its routed experts:
+    #: every MoE layer writes its logical ids there (server/engine/routed_experts.py); else None
+    routed_out: Any = None
 
     @property
     def num_slots(self) -> int | None:

@@ -150,6 +150,8 @@ async def _validate(service: "GenerationService", received: ReceivedRequest):
 
 async def _stream_chunks(service: "GenerationService", request: GenerationRequest, text_output: bool, arrival: float, emit: Emit) -> None:
     metrics = service.metrics
+    info = service.engine.model_info()
+    routed_shape = (info.num_moe_layers, info.top_k)  # RoutedExperts.num_layers, top_k
     last_token_at: float | None = None
     async with aclosing(service.engine.generate(request)) as chunks:
         async for chunk in chunks:
@@ -166,7 +168,7 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
             if chunk.finish_reason is FinishReason.ERROR:
                 done = chunk.usage.completion_tokens if chunk.usage else "?"
                 raise GenerationFailed(f"the engine reported an error after {done} generated tokens")
-            msg = _to_message(chunk, request.request_id, text_output, now - arrival)
+            msg = _to_message(chunk, request.request_id, text_output, now - arrival, routed_shape)
             if chunk.finish_reason is not None:
                 await emit(msg)
                 return
@@ -195,10 +197,14 @@ def stream_writer(service: "GenerationService", context: grpc.aio.ServicerContex
     return write
 
 
-def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elapsed: float) -> gen_pb.GenerateResponse:
+def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elapsed: float,
+                routed_shape: tuple[int, int]) -> gen_pb.GenerateResponse:
     msg = gen_pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text if text_output else "")
     if chunk.logprobs is not None:
         msg.logprobs.extend(chunk.logprobs)
+    if chunk.routed_experts is not None:
+        r = msg.routed_experts
+        r.num_layers, r.top_k, r.ids = routed_shape[0], routed_shape[1], chunk.routed_experts
     if chunk.finish_reason is not None:
         msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
         msg.request_id = request_id
@@ -210,9 +216,13 @@ def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elap
 def merge_messages(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateResponse:
     """A whole stream -> the single reply of Generate."""
     out = gen_pb.GenerateResponse()
+    routed = [m.routed_experts for m in messages if m.HasField("routed_experts")]
     for m in messages:
         out.token_ids.extend(m.token_ids)
         out.logprobs.extend(m.logprobs)
+    if routed:
+        out.routed_experts.num_layers, out.routed_experts.top_k = routed[0].num_layers, routed[0].top_k
+        out.routed_experts.ids = b"".join(r.ids for r in routed)
     out.text = "".join(m.text for m in messages)
     if messages:
         last = messages[-1]

@@ -1,6 +1,7 @@
 """The epserve.v1.GenerationService servicer (grpc.aio)."""
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from concurrent.futures import ThreadPoolExecutor
 import logging
@@ -13,16 +14,17 @@ from google.protobuf.message import DecodeError
 
 from clients.pb import generation_pb2 as gen_pb
 from clients.pb import info_pb2 as info_pb
+from clients.pb import routing_pb2 as routing_pb
 from server.config import AppConfig
-from server.engine.api import Engine, EngineUnavailableError
-from server.moe.routing import get_policy_class
+from server.engine.api import Engine, EngineUnavailableError, InvalidPolicyError, RoutingPolicyState
 
 from .active_calls import ActiveCalls
 from .generation_call import merge_messages, run_generation, stream_writer
 from .metrics import EngineSample, ServerMetrics
 from .received import ReceivedRequest, parse_generate_request
 from .state import SERVICE_NAME, Phase, ServingState
-from .to_proto import expert_load_to_pb, model_info_to_pb
+from .routing_request import routing_mapping
+from .to_proto import expert_load_to_pb, model_info_to_pb, routing_policy_to_pb
 from .validation import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class GenerationService:
         self._model_info: info_pb.ModelInfo | None = None
         self.tls, self.auth = tls, auth
         self._started = self._load_window_start = time.monotonic()
+        self._switching = asyncio.Lock()  # one policy switch at a time
         self.address = f"{app.server.host}:{app.server.port}"  # the bound address, once listening
 
     def attach(self, engine: Engine) -> None:
@@ -79,8 +82,7 @@ class GenerationService:
         self.engine = engine
         self.limits = RequestLimits(vocab_size=engine.vocab_size, max_model_len=info.max_model_len,
                                     max_prompt_bytes=self.app.server.max_prompt_bytes)
-        guarantee = get_policy_class(info.routing_policy).guarantee
-        self._model_info = model_info_to_pb(info, guarantee)
+        self._model_info = model_info_to_pb(info, engine.routing_policy())
         self._load_window_start = time.monotonic()
 
     def engine_unavailable(self, exc: Exception) -> None:
@@ -106,8 +108,41 @@ class GenerationService:
         return self.engine  # type: ignore[return-value]
 
     async def GetModelInfo(self, request: info_pb.GetModelInfoRequest, context) -> info_pb.ModelInfo:
-        await self._require_engine(context)
-        return self._model_info
+        engine = await self._require_engine(context)
+        reply = info_pb.ModelInfo()
+        reply.CopyFrom(self._model_info)
+        reply.routing.CopyFrom(routing_policy_to_pb(engine.routing_policy()))  # as of the last switch
+        return reply
+
+    # -- routing control -------------------------------------------------------------------
+    async def GetRoutingPolicy(self, request: routing_pb.GetRoutingPolicyRequest, context) -> info_pb.RoutingPolicyInfo:
+        engine = await self._require_engine(context)
+        return routing_policy_to_pb(engine.routing_policy())
+
+    async def SetRoutingPolicy(self, request: routing_pb.SetRoutingPolicyRequest, context) -> info_pb.RoutingPolicyInfo:
+        if not self.app.server.allow_routing_switch:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "switching the routing policy is off: start the server with server.allow_routing_switch=true")
+        engine = await self._require_engine(context)
+        try:
+            routing = routing_mapping(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async with self._switching:
+            try:
+                state = await engine.set_routing_policy(routing)
+            except InvalidPolicyError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineUnavailableError as exc:
+                self.engine_unavailable(exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc) or "the engine is unavailable")
+            self._counters_reset(state)
+        log.info("routing policy switched to %s %s", state.name, dict(state.params))
+        return routing_policy_to_pb(state)
+
+    def _counters_reset(self, state: RoutingPolicyState) -> None:
+        """The switch zeroed the load counters: GetExpertLoad's window starts there."""
+        self._load_window_start = time.monotonic() - max(0.0, time.time() - state.counters_reset_unix_s)
 
     async def GetExpertLoad(self, request: info_pb.GetExpertLoadRequest, context) -> info_pb.ExpertLoad:
         engine = await self._require_engine(context)
@@ -179,4 +214,6 @@ class GenerationService:
             "GetModelInfo": unary(self.GetModelInfo, info_pb.GetModelInfoRequest),
             "GetExpertLoad": unary(self.GetExpertLoad, info_pb.GetExpertLoadRequest),
             "GetServerInfo": unary(self.GetServerInfo, info_pb.GetServerInfoRequest),
+            "GetRoutingPolicy": unary(self.GetRoutingPolicy, routing_pb.GetRoutingPolicyRequest),
+            "SetRoutingPolicy": unary(self.SetRoutingPolicy, routing_pb.SetRoutingPolicyRequest),
         })

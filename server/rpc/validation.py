@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from clients.pb import generation_pb2 as gen_pb
-from server.engine.api import GenerationRequest, InvalidRequestError, SamplingParams, StopParams
+from server.engine.api import GenerationRequest, InvalidRequestError, RoutedExpertsMode, SamplingParams, StopParams
 
 from .received import ReceivedRequest
 
@@ -75,6 +75,10 @@ def validate_request(received: ReceivedRequest, limits: RequestLimits,
            f"unknown value {req.output_format}; expected one of {sorted(_OUTPUT_FORMATS.values())}")
     text_output = req.output_format != gen_pb.OUTPUT_FORMAT_TOKEN_IDS
 
+    _check(req.return_routed_experts or not req.include_prompt, "include_prompt",
+           "adds prompt rows to the routed experts: set return_routed_experts too")
+    routed = (RoutedExpertsMode.NONE if not req.return_routed_experts else
+              RoutedExpertsMode.WITH_PROMPT if req.include_prompt else RoutedExpertsMode.GENERATED)
     sampling = _sampling(req, limits)
     stops = _stops(req, limits)
     prompt_ids = _prompt(req, limits, encode)  # last: tokenizing costs more than the cheap checks
@@ -85,6 +89,7 @@ def validate_request(received: ReceivedRequest, limits: RequestLimits,
             sampling=sampling,
             stops=stops,
             logprobs=req.logprobs,
+            routed_experts=routed,
         ),
         text_output,
     )

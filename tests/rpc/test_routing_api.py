@@ -1,0 +1,155 @@
+"""Routing as a live part of the API, against the real server in a subprocess: switching the
+policy under load, balanced load right after a switch, routed experts per token equal to what
+routing=record writes, and who may switch (PERMISSION_DENIED / UNAUTHENTICATED / bad names)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from clients import Client, FinishReason, NO_RETRY, errors
+from server.moe.routing.trace_file import read_trace
+from tests.helpers.server_process import ServerProcess
+
+TOKEN = "routing-test-token"
+
+
+@pytest.fixture(scope="module")
+def switchable(tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("routing"), "server.allow_routing_switch=true",
+                       "engine.max_num_batched_tokens=2048") as srv:
+        yield srv
+
+
+def test_switch_under_load_every_stream_completes(switchable):
+    new_tokens, results, errors_seen = 24, {}, []
+
+    def run(i: int) -> None:
+        try:
+            with Client(switchable.target, timeout=120) as c:
+                results[i] = c.generate([3 + i, 7, 11, 13 + i], max_new_tokens=new_tokens, ignore_eos=True,
+                                        temperature=0.7, seed=i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors_seen.append(exc)
+
+    with Client(switchable.target, timeout=120) as c:
+        assert c.routing_policy().name == "natural"
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        seen = []
+        for name in ("natural", "fake_balance", "round_robin_balanced"):
+            info = c.set_routing_policy(name)
+            seen.append(info.name)
+            assert c.routing_policy() == info and c.info().routing == info
+        for t in threads:
+            t.join(120)
+    assert not errors_seen, errors_seen
+    assert seen == ["natural", "greedy_balanced", "round_robin_balanced"]  # the alias answers its canonical name
+    assert len(results) == 6
+    for out in results.values():
+        assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == new_tokens
+
+
+def test_long_prefill_after_a_switch_is_balanced(switchable):
+    with Client(switchable.target, timeout=120) as c:
+        model = c.info()
+        before = c.routing_policy()
+        info = c.set_routing_policy("greedy_balanced", seed=3)
+        assert info.name == "greedy_balanced" and info.params["seed"] == 3 and "±1" in info.guarantee
+        assert info.counters_reset_unix_s > before.counters_reset_unix_s and info.since_engine_step >= before.since_engine_step
+        fresh = c.expert_load()
+        assert all(layer.tokens == 0 for layer in fresh.layers) and fresh.seconds_since_reset < 60  # the switch reset them
+        prompt, new = [5 + (i * 7) % 200 for i in range(1500)], 4
+        c.generate(prompt, max_new_tokens=new, ignore_eos=True)
+        load = c.expert_load(reset=True)
+    steps = 1 + (new - 1)  # one prefill step, then a decode step per token fed back
+    for layer in load.layers:
+        assert layer.tokens == len(prompt) + new - 1
+        mean = layer.tokens * model.top_k / model.num_experts
+        # greedy: within ±1 per expert in each call -> max <= mean + one per step
+        assert layer.expert_max_over_mean <= (mean + steps) / mean, layer
+        assert layer.expert_balancedness >= mean / (mean + steps)
+    assert load.expert_balancedness["min"] >= 0.95
+
+
+def test_unknown_name_or_bad_params_are_refused_and_change_nothing(switchable):
+    with Client(switchable.target, timeout=60, retry=NO_RETRY) as c:
+        before = c.routing_policy()
+        with pytest.raises(errors.InvalidRequestError) as exc:
+            c.set_routing_policy("no_such_policy")
+        assert "no_such_policy" in exc.value.details and "greedy_balanced" in exc.value.details  # the registry's list
+        with pytest.raises(errors.InvalidRequestError, match="bogus"):
+            c.set_routing_policy("round_robin_balanced", bogus=1)
+        with pytest.raises(errors.InvalidRequestError, match="target"):
+            c.set_routing_policy("skewed", target=0.5)
+        assert c.routing_policy() == before
+        out = c.generate([1, 2, 3], max_new_tokens=3, ignore_eos=True)  # still serving
+        assert len(out.token_ids) == 3
+
+
+def test_routed_experts_shape_and_prompt_rows(switchable):
+    with Client(switchable.target, timeout=60) as c:
+        model = c.info()
+        prompt = list(range(10, 30))
+        plain = c.generate(prompt, max_new_tokens=5, ignore_eos=True)
+        assert plain.routed_experts is None
+        out = c.generate(prompt, max_new_tokens=5, ignore_eos=True, return_routed_experts=True)
+        assert len(out.routed_experts) == 5
+        assert all(len(row) == model.num_moe_layers and all(len(ids) == model.top_k for ids in row)
+                   for row in out.routed_experts)
+        with_prompt = []
+        with c.stream(prompt, max_new_tokens=5, ignore_eos=True, return_routed_experts=True, include_prompt=True) as s:
+            for chunk in s:
+                with_prompt.extend(chunk.routed_experts or [])
+        assert len(with_prompt) == len(prompt) + 5 - 1
+        assert with_prompt[len(prompt) - 1:] == out.routed_experts  # the same positions, the same policy
+        for row in with_prompt:
+            for ids in row:
+                assert len(set(ids)) == model.top_k and all(0 <= e < model.num_experts for e in ids)
+
+
+def test_routed_experts_equal_what_record_writes(tmp_path):
+    path = tmp_path / "run.eptrace"
+    prompt, new = [2, 9, 4, 17, 33, 5, 8, 21, 40, 3, 6], 7
+    with ServerProcess(tmp_path, "routing=record", f"routing.path={path}") as srv:
+        with Client(srv.target, timeout=120) as c:
+            model = c.info()
+            out = c.generate(prompt, max_new_tokens=new, ignore_eos=True, return_routed_experts=True,
+                             include_prompt=True)
+    assert srv.proc.returncode == 0, srv.log()
+    rows = len(prompt) + new - 1  # every position the model ran
+    got = torch.tensor(out.routed_experts, dtype=torch.int32)  # [rows, L, k]
+    assert got.shape == (rows, model.num_moe_layers, model.top_k)
+    trace = read_trace(path)
+    for layer in range(model.num_moe_layers):
+        assert torch.equal(trace.layers[layer][-rows:], got[:, layer]), layer
+
+
+def test_switching_needs_the_flag_and_the_token(tmp_path):
+    with ServerProcess(tmp_path, f"server.auth_token={TOKEN}", wait_ready=False) as srv:
+        srv.wait_ready(token=TOKEN)
+        with Client(srv.target, token=TOKEN, timeout=30, retry=NO_RETRY) as c:
+            with pytest.raises(errors.AuthenticationError) as exc:
+                c.set_routing_policy("greedy_balanced")
+            assert exc.value.code == "PERMISSION_DENIED" and "allow_routing_switch" in exc.value.details
+            assert c.routing_policy().name == "natural"
+        with Client(srv.target, token=None, timeout=30, retry=NO_RETRY) as c:
+            for call in (lambda: c.set_routing_policy("greedy_balanced"), c.routing_policy):
+                with pytest.raises(errors.AuthenticationError) as exc:
+                    call()
+                assert exc.value.code == "UNAUTHENTICATED"
+
+
+def test_switching_with_auth_on_needs_the_token(tmp_path):
+    with ServerProcess(tmp_path, f"server.auth_token={TOKEN}", "server.allow_routing_switch=true",
+                       wait_ready=False) as srv:
+        srv.wait_ready(token=TOKEN)
+        with Client(srv.target, token=None, timeout=30, retry=NO_RETRY) as c:
+            with pytest.raises(errors.AuthenticationError) as exc:
+                c.set_routing_policy("greedy_balanced")
+            assert exc.value.code == "UNAUTHENTICATED"
+        with Client(srv.target, token=TOKEN, timeout=30, retry=NO_RETRY) as c:
+            assert c.routing_policy().name == "natural"
+            assert c.set_routing_policy("greedy_balanced").name == "greedy_balanced"

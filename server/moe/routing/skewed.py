@@ -1,15 +1,20 @@
-"""`skewed`: controlled imbalance with a target per-expert max/mean load.
+"""`skewed`: controlled imbalance with a target metric.
 
 Each expert e gets an inclusion probability p[e] (sum k, each <= 1) from a popularity profile:
-  * `zipf`: p[e] proportional to (popularity rank + 1) ** -s, with s solved so that
-    max(p) / mean(p) equals `target`; which expert holds which rank is a seeded shuffle per layer.
-  * `hot_ranks`: the experts of `hot_ranks` seeded ranks share a raised probability with
-    max/mean = `target`, the others share the rest evenly.
-Tokens then draw k distinct experts by systematic sampling: with cumulative sums C of p,
-token i takes the experts whose interval [C[e-1], C[e]) holds u_i, u_i + 1, ..., u_i + k - 1.
-That gives exact inclusion probabilities and k distinct experts (each p[e] <= 1). u_i is a
-golden-ratio sequence over the global token index, so measured loads track N * p[e] closely
-(max/mean within a few percent of the target at N >= 4096) without any generator state.
+  * `zipf`: p[e] proportional to (popularity rank + 1) ** -s; which expert holds which rank is
+    a seeded shuffle per layer;
+  * `lognormal`: p[e] proportional to exp(s * z_e), z_e seeded standard normal draws per layer
+    (DeepEP's measurement of real routing found log-normal popularity the best fit);
+  * `hot_ranks`: the experts of `hot_ranks` seeded ranks share a raised probability, the others
+    share the rest evenly.
+The shape s is solved so the expected loads read `target` in the chosen `metric`: per-expert
+max/mean (the default), MaxVio ((max - mean)/mean per expert), or rank balancedness (mean/max
+of the per-EP-rank load); skew_profiles.py. Tokens then draw k distinct experts by systematic
+sampling: with cumulative sums C of p, token i takes the experts whose interval
+[C[e-1], C[e]) holds u_i, u_i + 1, ..., u_i + k - 1. That gives exact inclusion probabilities
+and k distinct experts (each p[e] <= 1). u_i is a golden-ratio sequence over the global token
+index, so measured loads track N * p[e] closely (within a few percent of the target at
+N >= 4096) without any generator state: deterministic per layer and EP rank.
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ from .base import PolicyConfigError, RoutingPolicy
 from .context import RoutingContext
 from .hashing import stream_key
 from .registry import register_policy
+from .skew_profiles import PROFILES, solve_profile, target_imbalance
 
-MODES = ("zipf", "hot_ranks")
+MODES = ("zipf", "hot_ranks", "lognormal")
 _GOLDEN = 0.6180339887498949
 
 
@@ -52,58 +58,77 @@ def hot_rank_probabilities(num_experts: int, top_k: int, ep_size: int, hot_ranks
 
 @register_policy("skewed")
 class SkewedPolicy(RoutingPolicy):
-    guarantee = "the imbalance you ask for: per-expert max/mean = target"
+    guarantee = "the imbalance you ask for: target in its metric (per-expert max/mean, MaxVio or rank balancedness)"
 
-    def __init__(self, weights: str = "keep", seed: int = 0, target: float = 2.0, mode: str = "zipf", hot_ranks: int = 1) -> None:
+    def __init__(self, weights: str = "keep", seed: int = 0, target: float = 2.0, mode: str = "zipf", hot_ranks: int = 1,
+                 metric: str = "expert_max_over_mean") -> None:
         super().__init__(weights=weights, seed=seed)
         if mode not in MODES:
             raise PolicyConfigError(f"routing.mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(target, (int, float)) or target < 1.0:
-            raise PolicyConfigError(f"routing.target (per-expert max/mean) must be >= 1.0, got {target!r}")
+        if not isinstance(target, (int, float)) or isinstance(target, bool):
+            raise PolicyConfigError(f"routing.target must be a number, got {target!r}")
         if not isinstance(hot_ranks, int) or hot_ranks < 1:
             raise PolicyConfigError(f"routing.hot_ranks must be a positive integer, got {hot_ranks!r}")
+        self.goal = target_imbalance(metric, float(target))  # the target as a max/mean
         self.target = float(target)
+        self.metric = metric
         self.mode = mode
         self.hot_ranks = hot_ranks
-        # (layer, E, k, ep, seed, device) -> cumulative probabilities [E] float64; bounded by model shape.
+        # (layer, E, k, ep, seed) -> probabilities; (.., device) -> cumulative [E] float64; bounded by model shape.
+        self._probabilities: dict[tuple, list[float]] = {}
         self._cumulative: dict[tuple, torch.Tensor] = {}
 
     def params(self) -> dict:
-        return {**super().params(), "target": self.target, "mode": self.mode, "hot_ranks": self.hot_ranks}
+        return {**super().params(), "target": self.target, "mode": self.mode, "hot_ranks": self.hot_ranks,
+                "metric": self.metric}
 
     def validate(self, num_experts: int, top_k: int, ep_size: int, num_layers: int | None = None) -> None:
-        if self.target * top_k / num_experts > 1.0 + 1e-9:
+        expert_limit = num_experts / top_k  # the hottest expert cannot take more than every token
+        if self.metric != "rank_balancedness" and self.goal > expert_limit + 1e-9:
             raise PolicyConfigError(
-                f"routing.target={self.target} is unreachable with {num_experts} experts and top-k {top_k}: "
-                f"the hottest expert would need more than every token (max target is E/k = {num_experts / top_k:g})"
-            )
+                f"routing.target={self.target} ({self.metric}) is unreachable with {num_experts} experts and top-k "
+                f"{top_k}: the hottest expert would need more than every token (max per-expert max/mean is "
+                f"E/k = {expert_limit:g})")
+        if self.metric == "rank_balancedness":
+            rank_limit = min(top_k, num_experts // ep_size) * ep_size / top_k
+            if self.goal > rank_limit + 1e-9:
+                raise PolicyConfigError(
+                    f"routing.target={self.target} (rank balancedness) is unreachable at ep_size={ep_size} with "
+                    f"top-k {top_k}: the lowest is {1 / rank_limit:g} (every token's experts on one rank)")
         if self.mode == "hot_ranks":
             if self.hot_ranks >= ep_size:
                 raise PolicyConfigError(
                     f"routing.hot_ranks={self.hot_ranks} must be smaller than parallel.ep_size={ep_size} "
-                    "(with every rank hot there is no skew across ranks)"
-                )
-            if self.target > ep_size / self.hot_ranks + 1e-9:
+                    "(with every rank hot there is no skew across ranks)")
+            if self.goal > ep_size / self.hot_ranks + 1e-9:
                 raise PolicyConfigError(
                     f"routing.target={self.target} is unreachable with hot_ranks={self.hot_ranks} of ep_size={ep_size}: "
-                    f"max is ep_size/hot_ranks = {ep_size / self.hot_ranks:g}"
-                )
+                    f"max rank max/mean is ep_size/hot_ranks = {ep_size / self.hot_ranks:g}")
+        elif num_layers is not None:  # solve every layer now: an unreachable one fails at start-up
+            for layer in range(num_layers):
+                self.probabilities(RoutingContext(layer=layer, num_experts=num_experts, top_k=top_k, ep_size=ep_size))
 
     def probabilities(self, ctx: RoutingContext) -> list[float]:
         """Per-expert inclusion probability for this layer (sums to k)."""
-        self.validate(ctx.num_experts, ctx.top_k, ctx.ep_size)
+        key = (ctx.layer, ctx.num_experts, ctx.top_k, ctx.ep_size, ctx.seed)
+        p = self._probabilities.get(key)
+        if p is None:
+            p = self._solve(ctx)
+            self._probabilities[key] = p
+        return p
+
+    def _solve(self, ctx: RoutingContext) -> list[float]:
         rng = random.Random(stream_key(self.seed, ctx.seed, ctx.layer))
-        if self.mode == "zipf":
-            by_rank = zipf_probabilities(ctx.num_experts, ctx.top_k, self.target)
-            experts = list(range(ctx.num_experts))
-            rng.shuffle(experts)  # experts[r] holds popularity rank r
-            p = [0.0] * ctx.num_experts
-            for r, e in enumerate(experts):
-                p[e] = by_rank[r]
-            return p
-        ranks = list(range(ctx.ep_size))
-        rng.shuffle(ranks)
-        return hot_rank_probabilities(ctx.num_experts, ctx.top_k, ctx.ep_size, self.hot_ranks, self.target, ranks[: self.hot_ranks])
+        if self.mode == "hot_ranks":
+            self.validate(ctx.num_experts, ctx.top_k, ctx.ep_size)
+            ranks = list(range(ctx.ep_size))
+            rng.shuffle(ranks)
+            return hot_rank_probabilities(ctx.num_experts, ctx.top_k, ctx.ep_size, self.hot_ranks, self.goal,
+                                          ranks[: self.hot_ranks])
+        weights_at = PROFILES[self.mode](rng, ctx.num_experts)
+        return solve_profile(weights_at, ctx.top_k, ctx.ep_size, self.metric, self.goal,
+                             f"MoE layer {ctx.layer} ({self.mode}, {ctx.num_experts} experts, top-k {ctx.top_k}, "
+                             f"ep_size {ctx.ep_size})")
 
     def _cumulative_for(self, ctx: RoutingContext, device: torch.device) -> torch.Tensor:
         key = (ctx.layer, ctx.num_experts, ctx.top_k, ctx.ep_size, ctx.seed, device)

@@ -3,6 +3,9 @@
     epserve-client generate "Hello" --max-new-tokens 32 --stream
     epserve-client info
     epserve-client expert-load --json | --plot load.png [--reset]
+    epserve-client routing [get]                       # the policy every EP rank runs
+    epserve-client routing set greedy_balanced [seed=3 ...]   # needs server.allow_routing_switch=true
+    epserve-client generate "Hello" --routed-experts [--include-prompt] --json
 
 Connection: --target (default $EPSERVE_ADDRESS or 127.0.0.1:50051), --token (default
 $EPSERVE_TOKEN), --tls / --ca FILE. Errors print "CODE: details" and exit 1.
@@ -63,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", action="store_true")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--json", action="store_true", help="print the completion as JSON")
+    g.add_argument("--routed-experts", action="store_true",
+                   help="return the experts each token was routed to ([rows][MoE layers][k], in --json output)")
+    g.add_argument("--include-prompt", action="store_true", help="with --routed-experts: the prompt's rows too")
+
+    r = sub.add_parser("routing", help="read or switch the routing policy")
+    r.add_argument("action", nargs="?", choices=("get", "set"), default="get")
+    r.add_argument("name", nargs="?", default=None, help="set: a registered policy name (or alias)")
+    r.add_argument("params", nargs="*", default=[], help="set: key=value parameters (values parsed as JSON when they can be)")
+    r.add_argument("--json", action="store_true")
 
     i = sub.add_parser("info", help="model and server information")
     i.add_argument("--json", action="store_true")
@@ -83,7 +95,8 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         raise SystemExit(f"epserve-client generate: --ids must be comma-separated integers, got {args.ids!r}") from None
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id,
-                   ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+                   ignore_eos=args.ignore_eos, logprobs=args.logprobs, return_routed_experts=args.routed_experts,
+                   include_prompt=args.include_prompt)
     if args.stream:
         with client.stream(prompt, **options) as stream:
             for chunk in stream:
@@ -102,6 +115,37 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         u = completion.usage
         print(f"[{completion.finish_reason.value}: {u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, "
               f"first token after {u.time_to_first_token_s * 1000:.1f} ms, total {u.total_time_s:.3f} s]", file=sys.stderr)
+        for i, row in enumerate(completion.routed_experts or ()):
+            print(f"row {i:>4}: " + " | ".join(",".join(map(str, ids)) for ids in row))
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"epserve-client routing set: parameters are key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw  # a bare string (a path, a mode name)
+
+
+def _routing(client: Client, args: argparse.Namespace) -> None:
+    if args.action == "set":
+        if not args.name:
+            raise SystemExit("epserve-client routing set: name the policy, e.g. `routing set greedy_balanced`")
+        info = client.set_routing_policy(args.name, **dict(_param(p) for p in args.params))
+    else:
+        if args.name or args.params:
+            raise SystemExit("epserve-client routing get takes no arguments")
+        info = client.routing_policy()
+    if args.json:
+        _print_json(info)
+        return
+    print(f"routing      {info.name} {json.dumps(_jsonable(info.params))}")
+    print(f"guarantee    {info.guarantee}")
+    if info.counters_reset_unix_s:
+        print(f"since        engine step {info.since_engine_step}; expert-load counters reset at "
+              f"{info.counters_reset_unix_s:.3f} (Unix time)")
 
 
 def _info(client: Client, args: argparse.Namespace) -> None:
@@ -150,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(args.target, token=args.token, tls=args.tls, root_certificates=args.ca,
                     server_hostname=args.server_name, timeout=args.timeout) as client:
-            {"generate": _generate, "info": _info, "expert-load": _expert_load}[args.command](client, args)
+            {"generate": _generate, "info": _info, "expert-load": _expert_load,
+             "routing": _routing}[args.command](client, args)
     except EpserveError as exc:
         print(f"epserve-client: {exc}", file=sys.stderr)
         return 1

@@ -141,3 +141,15 @@ def _expert_load_families(load: ExpertLoadSnapshot) -> Iterator[GaugeMetricFamil
         fams["ratio"].add_metric(label, expert_ratio[i])
         fams["rank"].add_metric(label, rank_ratio[i])
     yield from fams.values()
+    bal = GaugeMetricFamily("epserve_balancedness",
+                            "Mean/max load per MoE layer over EP ranks or experts, aggregated over layers "
+                            "(1 = balanced; 0 when nothing was routed since the last reset).", labels=["axis", "stat"])
+    for axis, stats in load.balancedness().items():
+        for stat, value in stats.items():
+            bal.add_metric([axis, stat], value or 0.0)
+    yield bal
+    ranks = GaugeMetricFamily("epserve_rank_tokens", "(token, expert) assignments each EP rank computed since the "
+                              "last reset, summed over MoE layers.", labels=["rank"])
+    for r, total in enumerate(map(sum, zip(*load.rank_tokens()))):
+        ranks.add_metric([str(r)], total)
+    yield ranks

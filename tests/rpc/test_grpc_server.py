@@ -243,6 +243,8 @@ def test_metrics_scrape(server, client):
                    "epserve_time_to_first_token_seconds_count", "epserve_inter_token_latency_seconds_bucket",
                    "epserve_queue_depth", "epserve_running_sequences", 'epserve_expert_load_max{layer="0"}',
                    'epserve_expert_load_max_over_mean{layer="0"}', 'epserve_serving_state{state="serving"} 1.0',
+                   'epserve_balancedness{axis="rank",stat="p90"}', 'epserve_balancedness{axis="expert",stat="min"}',
+                   'epserve_rank_tokens{rank="0"}',
                    'epserve_requests_total{code="INVALID_ARGUMENT",method="Generate"}'):
         assert needle in body, needle
     ttft = [line for line in body.splitlines() if line.startswith("epserve_time_to_first_token_seconds_count")]

@@ -153,3 +153,50 @@ def test_switching_with_auth_on_needs_the_token(tmp_path):
         with Client(srv.target, token=TOKEN, timeout=30, retry=NO_RETRY) as c:
             assert c.routing_policy().name == "natural"
             assert c.set_routing_policy("greedy_balanced").name == "greedy_balanced"
+
+
+def _cli(srv, *args: str):
+    import subprocess
+    import sys
+
+    from tests.helpers.server_process import ROOT
+
+    return subprocess.run([sys.executable, "-m", "clients", "--target", srv.target, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_routing_set_get_and_routed_experts(switchable):
+    import json
+
+    run = _cli(switchable, "routing", "set", "fake_balance", "seed=2", "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["name"] == "greedy_balanced" and doc["params"]["seed"] == 2 and doc["counters_reset_unix_s"] > 0
+    run = _cli(switchable, "routing")
+    assert run.returncode == 0 and "greedy_balanced" in run.stdout and "guarantee" in run.stdout, run.stderr
+    run = _cli(switchable, "routing", "set", "no_such_policy")
+    assert run.returncode == 1 and "INVALID_ARGUMENT" in run.stderr
+    run = _cli(switchable, "generate", "--ids", "1,2,3", "--max-new-tokens", "3", "--ignore-eos", "--routed-experts",
+               "--json")
+    assert run.returncode == 0, run.stderr
+    routed = json.loads(run.stdout)["routed_experts"]
+    with Client(switchable.target) as c:
+        model = c.info()
+    assert len(routed) == 3 and all(len(row) == model.num_moe_layers for row in routed)
+
+
+def test_async_client_switches_and_returns_routed_experts(switchable):
+    import asyncio
+
+    from clients import AsyncClient
+
+    async def main():
+        async with AsyncClient(switchable.target) as c:
+            info = await c.set_routing_policy("round_robin_balanced")
+            assert info == await c.routing_policy()
+            out = await c.generate([4, 5, 6, 7], max_new_tokens=2, ignore_eos=True, return_routed_experts=True,
+                                   include_prompt=True)
+            return info, out
+
+    info, out = asyncio.run(main())
+    assert info.name == "round_robin_balanced" and len(out.routed_experts) == 4 + 2 - 1

@@ -254,3 +254,25 @@ def test_shipped_tiny_trace_gives_a_large_random_model_its_imbalance():
         counts = trace.expert_counts(layer % trace.num_layers).double()
         want = float(counts.max() / counts.mean())
         assert abs(got - want) < 0.1 * want, (layer, got, want)
+
+
+def test_replay_reads_the_routed_experts_layout(tmp_path) -> None:
+    """GenerateResponse.routed_experts bytes ([tokens, layers, k] little-endian uint16) replay
+    exactly; a file that does not form whole rows, or a missing shape key, is a config error."""
+    from server.moe.routing import PolicyConfigError, RoutingContext, build_policy
+
+    rows = torch.randint(0, 16, (9, 3, 2), dtype=torch.int32)
+    path = tmp_path / "routed.u16"
+    path.write_bytes(rows.numpy().astype("<u2").tobytes())
+    policy = build_policy("replay", path=str(path), layout="routed_experts", num_layers=3, top_k=2)
+    policy.validate(16, 2, 1, 3)
+    with pytest.raises(PolicyConfigError, match="MoE layers"):
+        policy.validate(16, 2, 1, 4)
+    for layer in range(3):
+        ctx = RoutingContext(layer=layer, num_experts=16, top_k=2)
+        ids, _ = policy(torch.zeros(9, 2, dtype=torch.int32), torch.ones(9, 2), torch.zeros(9, 16), ctx)
+        assert torch.equal(ids, rows[:, layer])
+    with pytest.raises(PolicyConfigError, match="num_layers"):
+        build_policy("replay", path=str(path), layout="routed_experts", top_k=2)
+    with pytest.raises(PolicyConfigError, match="do not form rows"):
+        build_policy("replay", path=str(path), layout="routed_experts", num_layers=4, top_k=2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clients import Client, FinishReason, NO_RETRY, errors
+from server.moe.routing import RoutingContext, build_policy
 from server.moe.routing.trace_file import read_trace
 from tests.helpers.server_process import ServerProcess
 
@@ -125,6 +126,17 @@ def test_routed_experts_equal_what_record_writes(tmp_path):
     trace = read_trace(path)
     for layer in range(model.num_moe_layers):
         assert torch.equal(trace.layers[layer][-rows:], got[:, layer]), layer
+    # the same bytes replayed: routing=replay reads the RoutedExperts layout back
+    captured = tmp_path / "captured.u16"
+    captured.write_bytes(got.numpy().astype("<u2").tobytes())
+    replay = build_policy("replay", path=str(captured), layout="routed_experts", num_layers=model.num_moe_layers,
+                          top_k=model.top_k)
+    replay.validate(model.num_experts, model.top_k, 1, model.num_moe_layers)
+    for layer in range(model.num_moe_layers):
+        ctx = RoutingContext(layer=layer, num_experts=model.num_experts, top_k=model.top_k)
+        ids, _ = replay(torch.zeros(rows, model.top_k, dtype=torch.int32), torch.ones(rows, model.top_k),
+                        torch.zeros(rows, model.num_experts), ctx)
+        assert torch.equal(ids, got[:, layer])
 
 
 def test_switching_needs_the_flag_and_the_token(tmp_path):

@@ -43,9 +43,11 @@ from .context import RoutingContext
 from .hashing import stream_key
 from .record import RANK_FIELD, rank_path
 from .registry import register_policy
+from .routed_layout import read_routed_experts
 from .trace_file import RoutingTrace, TraceError, read_header, read_trace
 
 MISMATCH_MODES = ("error", "remap")
+LAYOUTS = ("trace", "routed_experts")  # routing=record's trace file, or GenerateResponse.routed_experts ids
 _GOLDEN = 0.6180339887498949
 
 
@@ -90,8 +92,17 @@ class ReplayPolicy(RoutingPolicy):
     guarantee = "the recorded trace's load: exact ids, or its per-layer expert popularity (remap)"
 
     def __init__(self, path: str | None = None, weights: str = "keep", seed: int = 0, on_mismatch: str = "error",
-                 advance: bool = False, start: int = 0) -> None:
+                 advance: bool = False, start: int = 0, layout: str = "trace", num_layers: int | None = None,
+                 top_k: int | None = None) -> None:
         super().__init__(weights=weights, seed=seed)
+        if layout not in LAYOUTS:
+            raise PolicyConfigError(f"routing.layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout == "routed_experts":
+            for key, value in (("num_layers", num_layers), ("top_k", top_k)):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise PolicyConfigError(f"routing.layout=routed_experts needs routing.{key} (the RoutedExperts "
+                                            f"message's {key}), a positive integer; got {value!r}")
+        self.layout, self.num_layers, self.top_k = layout, num_layers, top_k
         if not isinstance(path, str) or not path:
             raise PolicyConfigError("routing.path must name a trace written by routing=record")
         if on_mismatch not in MISMATCH_MODES:
@@ -103,29 +114,43 @@ class ReplayPolicy(RoutingPolicy):
         self.path, self.on_mismatch, self.advance, self.start = path, on_mismatch, advance, start
         self.per_rank = RANK_FIELD in path
         try:  # fail at start-up, not in the first forward
-            self.header = read_header(rank_path(path, 0))
-            self._traces: dict[int, RoutingTrace] = {} if self.per_rank else {0: read_trace(rank_path(path, 0))}
+            self._traces: dict[int, RoutingTrace] = {} if self.per_rank else {0: self._read(0)}
+            self.header = self._traces[0].header if self._traces else self._read_header(0)
         except TraceError as exc:
             raise PolicyConfigError(f"routing.path: {exc}") from None
         self._device_cache: dict[tuple, torch.Tensor] = {}  # (kind, rank, layer, device) -> tensor; bounded by the model
 
     def params(self) -> dict:
-        return {**super().params(), "path": self.path, "on_mismatch": self.on_mismatch, "advance": self.advance,
-                "start": self.start}
+        out = {**super().params(), "path": self.path, "on_mismatch": self.on_mismatch, "advance": self.advance,
+               "start": self.start, "layout": self.layout}
+        if self.layout == "routed_experts":
+            out.update(num_layers=self.num_layers, top_k=self.top_k)
+        return out
+
+    def _read(self, rank: int) -> RoutingTrace:
+        if self.layout == "routed_experts":
+            return read_routed_experts(rank_path(self.path, rank), self.num_layers, self.top_k)
+        return read_trace(rank_path(self.path, rank))
+
+    def _read_header(self, rank: int):
+        if self.layout == "routed_experts":
+            return self._read(rank).header
+        return read_header(rank_path(self.path, rank))
 
     # ---- shape checks ----
     def trace(self, rank: int = 0) -> RoutingTrace:
         key = rank if self.per_rank else 0
         if key not in self._traces:
             try:
-                self._traces[key] = read_trace(rank_path(self.path, rank))
+                self._traces[key] = self._read(rank)
             except TraceError as exc:
                 raise PolicyConfigError(f"routing.path: {exc}") from None
         return self._traces[key]
 
     def mismatches(self, num_experts: int, top_k: int, num_layers: int | None = None) -> list[str]:
         h, out = self.header, []
-        if num_experts != h.num_experts:
+        # a routed-experts file only shows the largest id it holds, not the model's expert count
+        if num_experts < h.num_experts if self.layout == "routed_experts" else num_experts != h.num_experts:
             out.append(f"num_experts: model {num_experts}, trace {h.num_experts}")
         if top_k != h.top_k:
             out.append(f"top_k: model {top_k}, trace {h.top_k}")
@@ -136,10 +161,10 @@ class ReplayPolicy(RoutingPolicy):
     def validate(self, num_experts: int, top_k: int, ep_size: int, num_layers: int | None = None) -> None:
         for rank in range(ep_size if self.per_rank else 1):
             try:
-                h = read_header(rank_path(self.path, rank))
+                h = self._read_header(rank)
             except TraceError as exc:
                 raise PolicyConfigError(f"routing.path: {exc}") from None
-            if (h.num_experts, h.top_k) != (self.header.num_experts, self.header.top_k):
+            if h.top_k != self.header.top_k or (self.layout == "trace" and h.num_experts != self.header.num_experts):
                 raise PolicyConfigError(f"routing.path: rank {rank}'s trace has another shape than rank 0's")
         if self.advance and ep_size > 1 and not self.per_rank:
             raise PolicyConfigError(f"routing.advance=true with parallel.ep_size={ep_size} needs one trace per rank: "

@@ -110,9 +110,11 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._entries or name in self._aliases
 
-    def names(self) -> list[str]:
-        """Every selectable name, aliases and discovered plugins included, sorted."""
-        self._run_discovery()
+    def names(self, discover: bool = True) -> list[str]:
+        """Every selectable name, aliases and discovered plugins included, sorted
+        (`discover=False`: only those registered so far; nothing is imported)."""
+        if discover:
+            self._run_discovery()
         return sorted([*self._entries, *self._aliases])
 
     def __iter__(self) -> Iterator[str]:

@@ -8,8 +8,10 @@ parameters), so switching back and forth A B A B reuses the same objects — and
 captured decode graphs: a graph bakes in the kernels of the policy it was captured with, so
 each policy gets its own captured set on first use, and up to `keep_graphs` sets stay.
 
-Entry-point plugins are discovered when the switch is built (start-up, on every rank), so a
-switch asked for later never imports anything: a name no plugin registered by then is unknown.
+A switch never imports anything: it may name only policies registered when it is asked for
+(built-ins, and entry-point plugins discovered at start-up: with server.allow_routing_switch
+every rank discovers them when it builds its model, rank_worker.build_runner); any other name
+is unknown, and the error lists the registered ones.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import logging
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
-from ..config import RoutingConfig
-from ..moe.routing import available_policies
+from ..config import ConfigError, RoutingConfig
+from ..moe.routing.registry import POLICIES
 from ..routing_setup import build_routing_policy
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,6 @@ class PolicySwitch:
     def __init__(self, model, capture: Callable[[], Any] | None, graphs: Any = None,
                  keep_graphs: int = KEEP_GRAPH_SETS) -> None:
         self.model = model
-        available_policies()  # discover entry-point plugins now, never at a switch
         self._capture = capture
         self._keep = max(1, keep_graphs)
         self._policies: dict[str, Any] = {}  # plan mapping -> policy
@@ -57,6 +58,10 @@ class PolicySwitch:
         key = routing_key(routing)
         policy = self._policies.get(key)
         if policy is None:
+            name = routing.get("name", "natural")
+            if name not in POLICIES:  # checked without discovery: a switch imports nothing
+                known = ", ".join(POLICIES.names(discover=False))
+                raise ConfigError(f"routing.name: unknown routing policy {name!r}; known routing policies: {known}")
             spec = self.model.spec
             built = build_routing_policy(RoutingConfig.from_dict(routing), num_experts=spec.num_experts,
                                          top_k=spec.top_k, ep_size=self.model.ep_size, num_layers=spec.num_moe_layers)

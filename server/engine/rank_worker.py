@@ -37,6 +37,10 @@ def build_runner(app: AppConfig, policy, rank: int, world_size: int, device: tor
     from ..model.loader import load_model, read_model_spec
 
     ep_group = groups.ep_group if groups is not None else None
+    if app.server.allow_routing_switch:  # plugins a live switch may name are the ones found now
+        from ..moe.routing import available_policies
+
+        available_policies()
     eplb = build_eplb_settings(app.parallel, read_model_spec(app.model), world_size)  # None: EPLB off
     dispatch = build_dispatch_settings(app.parallel, app.engine, world_size)
     model = load_model(app.model, policy=policy, ep_rank=rank, ep_size=world_size, ep_group=ep_group, device=device,

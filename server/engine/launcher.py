@@ -145,7 +145,7 @@ def spawn_ranks(parallel, world: int, entry: Callable[..., None], args: tuple) -
 
     addr = parallel.master_addr
     port = parallel.master_port or free_port(addr)
-    init_method = f"tcp://{addr}:{port}"
+    init_method = f"tcp://[{addr}]:{port}" if ":" in addr else f"tcp://{addr}:{port}"
     ctx = mp.get_context("spawn")
     procs = []
     try:

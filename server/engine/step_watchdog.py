@@ -11,7 +11,7 @@ WINDOW steps), so a model whose steps are slow on this machine (a big prefill on
 its own limit. The first FIRST_STEPS steps of the engine, and the steps that switch the
 routing policy (CUDA graphs are captured again) or move experts (EPLB), may take
 engine.first_step_timeout_s instead: compiles, graph captures and first-touch allocation
-happen there. engine.step_timeout_s = 0 turns the watchdog off.
+happen there, and their times stay out of the p99. engine.step_timeout_s = 0 turns the watchdog off.
 
 Thread-safety: `begin`/`end`/`expect_long` are called by the stepping thread, `overdue` by
 the watching thread; each reads or writes a few attributes, under a lock.
@@ -49,7 +49,8 @@ class StepWatchdog:
         with self._lock:
             if self._started is None:
                 return
-            self._durations.append(time.monotonic() - self._started)
+            if not (self._steps < FIRST_STEPS or self._long_left > 0):  # compiles and captures are not the norm
+                self._durations.append(time.monotonic() - self._started)
             self._started = None
             self._steps += 1
             self._long_left = max(0, self._long_left - 1)

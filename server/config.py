@@ -148,6 +148,8 @@ class EngineConfig:
     kv_cache_tokens: int = 65536  # KV capacity per rank, in tokens
     max_queue: int = 512  # waiting requests before RESOURCE_EXHAUSTED (>= server.max_concurrent_streams)
     overlap: bool = True  # plan step n+1 and post-process step n while step n runs (false: one step at a time)
+    step_timeout_s: float = 30.0  # a step running longer (or 10x the recent p99, if more) means a hung rank; 0: off
+    first_step_timeout_s: float = 300.0  # the first steps, and policy switches / EPLB moves, may take this long
 
     def validate(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "kv_cache_tokens", "max_queue"):
@@ -155,6 +157,10 @@ class EngineConfig:
             _require(isinstance(value, int) and value > 0, f"engine.{key} must be a positive integer, got {value!r}")
         _require(isinstance(self.overlap, bool), f"engine.overlap must be true or false, got {self.overlap!r}")
         _require(self.kv_cache_tokens >= self.kv_block_size, "engine.kv_cache_tokens must hold at least one engine.kv_block_size block")
+        for key in ("step_timeout_s", "first_step_timeout_s"):
+            value = getattr(self, key)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                     f"engine.{key} must be a number of seconds >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -225,4 +231,8 @@ class AppConfig:
         )
         for section in (cfg.model, cfg.parallel, cfg.engine, cfg.server):
             section.validate()
+        _require(is_loopback(cfg.parallel.master_addr) or cfg.server.allow_remote,
+                 f"parallel.master_addr={cfg.parallel.master_addr!r} is not a loopback address: the EP ranks' "
+                 "rendezvous store (torch's TCPStore) and their gloo/NCCL sockets would listen on it, and the store "
+                 "has no authentication; set server.allow_remote=true to accept that (ranks on other machines)")
         return cfg

@@ -22,6 +22,9 @@ Module guide (one job per file):
   model_runner.py  plan -> ForwardBatch -> model.forward -> sampled tokens, on one rank
   policy_switch.py a plan's `routing`: switch the rank's routing policy between steps (graphs per policy)
   distributed.py   process groups, devices, backends, torchrun environment
+  rendezvous.py    the ranks' TCPStore bound to the master address, gloo/NCCL pinned to loopback
+  step_watchdog.py a step far longer than recent steps means a hung rank (engine.step_timeout_s)
+  group_signals.py the engine's processes ignore Ctrl-C on the process group and follow the drain
   sampler.py       greedy / temperature / top-k / top-p, reproducible per (seed, position)
   stops.py         token-level stops and stop strings
   detokenizer.py   incremental text deltas (no broken UTF-8)

@@ -41,6 +41,7 @@ from .executor import Executor
 from .routed_experts import to_wire
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .step_watchdog import StepWatchdog
 from .stops import stop_token_set
 
 
@@ -72,6 +73,7 @@ class EngineCore:
         self._tickets = itertools.count(1)
         self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
         self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
+        self.watchdog = StepWatchdog(eng.step_timeout_s, eng.first_step_timeout_s)  # a hung rank: step_watchdog.py
 
     # ---- inputs (any thread) ------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
@@ -124,7 +126,14 @@ class EngineCore:
         """Plan and launch the next step on every rank; apply the oldest step in flight and
         return its outputs (overlap: the step before the one just launched). An idle step runs
         only as a heartbeat for EP workers. Raises whatever the executor raises (a dead rank, a
-        failed forward): the core is then dead."""
+        failed forward): the core is then dead. Timed by the step watchdog (`hung_step`)."""
+        self.watchdog.begin()
+        try:
+            return self._step()
+        finally:
+            self.watchdog.end()
+
+    def _step(self) -> StepOutputs:
         with self._lock:
             loads, self._load_requests = self._load_requests, []
             snapshot = any(reset for _, reset in loads) if loads else None
@@ -135,6 +144,8 @@ class EngineCore:
                     plan = plan.with_rebalance()
             if self._routing is not None:
                 plan, self._routing = plan.with_routing(self._routing), None
+            if plan.ranks[0].routing is not None or plan.ranks[0].rebalance:
+                self.watchdog.expect_long()  # graphs captured again, experts moved
         launched = not (plan.is_idle and not self.executor.needs_heartbeat)
         tickets = [ticket for ticket, _ in loads]
         if launched and not self._overlap:
@@ -232,6 +243,10 @@ class EngineCore:
     def dead_rank(self) -> str | None:
         """Why an EP rank is gone ("EP rank 1 exited ..."), or None while all live."""
         return self.executor.dead_rank()
+
+    def hung_step(self) -> str | None:
+        """Why the step in flight counts as hung (it ran past the watchdog's limit), or None."""
+        return self.watchdog.overdue()
 
     def dead_rank_within(self, seconds: float) -> str | None:
         """A collective error usually means a rank died: name it if it did (its exit is

@@ -34,6 +34,7 @@ from .api import (
 )
 from .core_types import EngineRequest
 from .detokenizer import fast_decode
+from .group_signals import spawning_signal_proof
 from .output import RequestOutput
 from .request_checks import check_invariants
 from .stream import RequestStream
@@ -104,7 +105,8 @@ class EngineProcess:
             target=core_process.core_process_main, name="epserve-core",
             args=(app_to_dict(app), {"inputs": sockets.inputs, "outputs": sockets.outputs},
                   multiprocessing.current_process().pid, level))
-        proc.start()
+        with spawning_signal_proof():  # it ignores Ctrl-C from its first instruction (group_signals.py)
+            proc.start()
         self = cls(app, proc, sockets, ctx, push, pull)
         try:
             tokenizer = asyncio.ensure_future(asyncio.to_thread(_load_tokenizer, app))

@@ -7,8 +7,9 @@ Three threads, so that the step loop never waits on messages:
     expert-load calls, wake the step loop;
   * step loop (main thread): while there is work, `core.step()`; queue its StepOutputs;
   * output thread: pack each StepOutputs into one msgpack frame and send it.
-A watcher thread fails the process the moment an EP rank exits, even while the step loop is
-stuck in a collective. This process ignores SIGINT and SIGTERM: a signal to the whole process
+A watcher thread fails the process the moment an EP rank exits, or a step outruns the step
+watchdog's limit (a hung rank: step_watchdog.py), even while the step loop is stuck in a
+collective; it kills the ranks and exits without waiting for that step. This process ignores SIGINT and SIGTERM: a signal to the whole process
 group (Ctrl-C) must drain like one to the front end, which tells this process when to stop.
 It exits 0 after SHUTDOWN, 1 when the engine failed, and on its own if the front end vanishes.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -29,6 +29,7 @@ from ..config import AppConfig, ConfigError
 from . import ipc
 from .api import ResourceExhaustedError
 from .core import EngineCore
+from .group_signals import ignore_group_signals
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0  # idle distributed engines ping their workers this often
@@ -133,7 +134,7 @@ class CoreLoop:
 
     def _watch_ranks(self) -> None:
         while not self._stop.is_set() and self.failure is None:
-            dead = self.core.dead_rank()
+            dead = self.core.dead_rank() or self.core.hung_step()
             if dead is not None:
                 self.fail(dead)
                 # The step loop may sit in a collective that never returns: do not wait for it.
@@ -194,8 +195,7 @@ def share_cpu(app: AppConfig) -> None:
 
 def core_process_main(app_dict: dict, sockets: dict, parent_pid: int, log_level: str) -> None:
     """Entry point of the engine-core process (multiprocessing, spawn)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end drains and then says SHUTDOWN
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_group_signals()  # the front end drains and then says SHUTDOWN (group_signals.py)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     ctx = zmq.Context()

@@ -7,15 +7,16 @@ the sampled tokens as pickled Python objects, on the CPU, whatever the EP backen
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ParallelConfig
+from .rendezvous import free_port, pin_interfaces_to_loopback, tcp_store  # noqa: F401  (free_port: re-exported)
 
 # Collectives may legitimately wait this long (a huge first prefill, warm-up). Idle engines
 # send a heartbeat plan every few seconds, so a waiting worker never hits it while healthy.
@@ -57,12 +58,6 @@ def resolve_backend(parallel: ParallelConfig, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RankGroups:
     rank: int
@@ -73,10 +68,14 @@ class RankGroups:
 
 
 def init_rank_groups(rank: int, world_size: int, backend: str, device: torch.device, init_method: str | None) -> RankGroups:
-    """init_process_group + a gloo control group. `init_method` None means env:// (torchrun)."""
+    """init_process_group + a gloo control group. `init_method` None means env:// (torchrun).
+    Every socket this opens listens on the master address's side only (rendezvous.py)."""
     kwargs = dict(backend=backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     if init_method is not None:
-        kwargs["init_method"] = init_method
+        pin_interfaces_to_loopback(urlsplit(init_method).hostname or "")
+        kwargs["store"] = tcp_store(init_method, rank, world_size, COLLECTIVE_TIMEOUT)
+    else:
+        pin_interfaces_to_loopback(os.environ.get("MASTER_ADDR", ""))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device

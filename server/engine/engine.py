@@ -252,7 +252,7 @@ class ServingEngine:
 
     def _watch_ranks(self) -> None:
         while not self._stopping and self._failure is None:
-            dead = self.core.dead_rank()
+            dead = self.core.dead_rank() or self.core.hung_step()
             if dead is not None:
                 self._fail(dead)
                 return
@@ -296,8 +296,8 @@ class ServingEngine:
             self._stopping = True
             self._close_all(EngineUnavailableError("engine shut down"))
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._thread.is_alive():  # a failed engine's step may never return (a hung rank): do not wait long
+            self._thread.join(timeout if self._failure is None else min(timeout, 2.0))
         if self._thread.is_alive():
             log.error("engine thread did not stop within %.0fs; stopping ranks forcibly", timeout)
             self.core.shutdown(graceful=False)

@@ -166,13 +166,11 @@ class DistributedExecutor:
                 dist.scatter_object_list([None], stop, src=0, group=self.groups.ctrl_group)
             except Exception as exc:  # a worker already gone: nothing to tell it
                 log.warning("could not tell EP workers to stop: %s", exc)
-        for proc in self.procs:
+        for proc in self.procs:  # ranks ignore SIGTERM (they follow rank 0): a rank still there is killed
             proc.join(timeout=10 if graceful else 0.5)
             if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-            if proc.is_alive():
                 proc.kill()
+                proc.join(timeout=5)
         if not graceful:
             abandon(self.groups)
         elif dist.is_initialized():

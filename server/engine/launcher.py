@@ -27,6 +27,7 @@ from .distributed import free_port, resolve_device, torchrun_env
 from .core import EngineCore
 from .engine import ServingEngine
 from .executor import DistributedExecutor, LocalExecutor
+from .group_signals import ignore_group_signals, spawning_signal_proof
 from .rank_worker import build_runner, run_worker, spawned_worker_main, start_rank
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def spawn_ranks(parallel, world: int, entry: Callable[..., None], args: tuple) -
 
     addr = parallel.master_addr
     port = parallel.master_port or free_port(addr)
-    init_method = f"tcp://{addr}:{port}"
+    init_method = f"tcp://[{addr}]:{port}" if ":" in addr else f"tcp://{addr}:{port}"
     ctx = mp.get_context("spawn")
     procs = []
     try:
@@ -164,8 +165,9 @@ def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spaw
     init_method = None
     if spawn:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        procs, init_method = spawn_ranks(app.parallel, world, spawned_worker_main,
-                                         (app_to_dict(app), policy, os.getpid(), level))
+        with spawning_signal_proof():  # ranks follow rank 0's drain, never Ctrl-C (group_signals.py)
+            procs, init_method = spawn_ranks(app.parallel, world, spawned_worker_main,
+                                             (app_to_dict(app), policy, os.getpid(), level))
     try:
         runner, groups, reports = watching_ranks(procs, lambda: start_rank(app, policy, 0, world, local_rank, init_method))
     except BaseException:
@@ -207,14 +209,13 @@ def watching_ranks(procs: list, fn: Callable[[], Any], poll_s: float = 0.2, duri
 
 
 def kill_ranks(procs: list) -> None:
-    """Terminate spawned ranks that are still running (kill those that ignore it)."""
+    """Kill spawned ranks that are still running (SIGKILL: the engine's ranks ignore SIGTERM,
+    and a stopped one acts on nothing else)."""
     for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in procs:
-        proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
+    for proc in procs:
+        proc.join(timeout=5)
 
 
 def run_worker_rank(app: AppConfig) -> int:
@@ -222,6 +223,7 @@ def run_worker_rank(app: AppConfig) -> int:
     env = torchrun_env()
     if env is None or env.rank == 0:
         raise ConfigError("run_worker_rank is for torchrun ranks other than 0")
+    ignore_group_signals()  # Ctrl-C on torchrun's group: rank 0 drains and stops us
     world = _world_size(app)
     _, policy, _ = _model_setup(app, world)
     return run_worker(app, policy, env.rank, world, env.local_rank, init_method=None)

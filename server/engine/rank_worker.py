@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..config import AppConfig
 from .distributed import RankGroups, destroy, init_rank_groups, resolve_backend, resolve_device
+from .group_signals import ignore_group_signals
 from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 
 def spawned_worker_main(rank: int, world_size: int, init_method: str, app_dict: dict, policy, parent_pid: int, log_level: str) -> None:
-    """Entry point of a worker process spawned by epserve (multiprocessing, spawn)."""
+    """Entry point of a worker process spawned by epserve (multiprocessing, spawn). It ignores
+    SIGINT/SIGTERM: rank 0 tells it when to stop (group_signals.py)."""
+    ignore_group_signals()
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     app = AppConfig.from_dict(app_dict)

@@ -33,7 +33,7 @@ class ServerProcess:
     """`with ServerProcess(log_dir, "routing=fake_balance") as srv: Client(srv.target)...`"""
 
     def __init__(self, log_dir: Path, *overrides: str, env: dict[str, str] | None = None,
-                 metrics: bool = False, wait_ready: bool = True) -> None:
+                 metrics: bool = False, wait_ready: bool = True, own_group: bool = False) -> None:
         # EPSERVE_TEST_SERVER_OVERRIDES (space-separated) runs every server test on, e.g., another model.
         extra = os.environ.get("EPSERVE_TEST_SERVER_OVERRIDES", "").split()
         self.overrides = ["server.port=0", *extra, *overrides]
@@ -43,6 +43,7 @@ class ServerProcess:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = Path(log_dir) / f"server-{time.monotonic_ns()}.log"
         self._wait_ready = wait_ready
+        self._own_group = own_group  # a process group of its own, as a shell gives a job (os.killpg)
         self.proc: subprocess.Popen | None = None
         self.host, self.port = "127.0.0.1", 0
 
@@ -53,7 +54,8 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "server", *self.overrides], cwd=ROOT, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     process_group=0 if self._own_group else None)
         try:
             self.wait_listening()
             if self._wait_ready:
@@ -90,6 +92,11 @@ class ServerProcess:
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
 
+    def signal_group(self, sig: int) -> None:
+        """`sig` to every process of the server's group (Ctrl-C in a shell, systemd's KillMode)."""
+        assert self._own_group, "start with own_group=True"
+        os.killpg(self.proc.pid, sig)
+
     def wait_exit(self, timeout: float = 60.0) -> int:
         try:
             return self.proc.wait(timeout)
@@ -121,3 +128,8 @@ class ServerProcess:
         finally:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()
+            if self.proc is not None and self._own_group:
+                try:  # nothing of a failed test's server outlives it (ranks, engine core)
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

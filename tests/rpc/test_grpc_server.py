@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from clients import Client, FinishReason, errors
 from clients.pb import generation_pb2 as g
 from tests.helpers.bad_requests import BAD_REQUESTS, Limits, good
+from tests.helpers.process_sockets import listening_addresses
 from tests.helpers.server_process import ROOT, ServerProcess
 
 LONG = 2000  # more new tokens than any test waits for (the default max_model_len is 2048)
@@ -320,31 +321,6 @@ def test_server_log_has_no_progress_bar_junk(server, client):
     log = server.log()
     assert "\r" not in log, repr(log[:300])
     assert "loaded " in log and "MoE layers" in log
-
-
-def _proc_address(hex_address: str):
-    """/proc/net/tcp{,6} local address -> ipaddress (each 32-bit word is little-endian)."""
-    import ipaddress
-
-    raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
-    address = ipaddress.ip_address(raw)
-    return getattr(address, "ipv4_mapped", None) or address
-
-
-def listening_addresses(port: int) -> set:
-    """Local addresses of the TCP sockets listening on `port` (from /proc/net/tcp and tcp6)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            local, state = row.split()[1], row.split()[3]
-            address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(_proc_address(address))
-    return found
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp (Linux)")

@@ -1,6 +1,7 @@
-"""A worker rank killed (parallel=ep2 over gloo), mid-generation or while idle, or the
-engine-core process killed under load: the calls in flight fail with UNAVAILABLE within 10 s,
-health watchers see NOT_SERVING, and the process exits non-zero so that a supervisor restarts it."""
+"""A worker rank killed (parallel=ep2 over gloo), mid-generation or while idle, a worker rank
+stopped (SIGSTOP: alive but hung), or the engine-core process killed under load: the calls in
+flight fail with UNAVAILABLE within seconds, health watchers see NOT_SERVING, and the process
+exits non-zero so that a supervisor restarts it."""
 from __future__ import annotations
 
 import os
@@ -127,3 +128,57 @@ def test_killed_engine_process_ends_every_stream_with_unavailable(tmp_path):
         assert outcomes == ["UnavailableError"] * 24 and took < 10, (outcomes, took)
         assert srv.wait_exit(30) != 0
         assert "SERVING -> FAILED" in srv.log() and "engine-core process exited" in srv.log()
+
+
+STEP_TIMEOUT_S = 3.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker rank through /proc")
+def test_hung_rank_fails_every_stream_within_the_step_timeout(tmp_path):
+    """SIGSTOP on EP rank 1 while 16 streams run: it never exits, so only the step watchdog can
+    see it. Every stream ends with UNAVAILABLE within engine.step_timeout_s + a few s, health
+    turns NOT_SERVING, the server exits non-zero, and the stopped rank is gone (killed)."""
+    import asyncio
+
+    from clients import AsyncClient
+
+    with ServerProcess(tmp_path, "parallel=ep2", f"engine.step_timeout_s={STEP_TIMEOUT_S}",
+                       "engine.first_step_timeout_s=20") as srv:
+        workers = spawned_children(srv.proc.pid)
+        assert len(workers) == 1, workers
+        seen: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=watch_health, args=(srv.target, seen), daemon=True).start()
+        assert seen.get(timeout=10) == "SERVING"
+        try:
+            async def scenario():
+                async with AsyncClient(srv.target, retry=NO_RETRY, timeout=120) as client:
+                    chunks = [0] * 16
+
+                    async def one(i: int) -> str:
+                        try:
+                            async for _ in client.stream([1, 2, 3 + i], max_new_tokens=1500, ignore_eos=True):
+                                chunks[i] += 1
+                        except errors.EpserveError as exc:
+                            return f"{type(exc).__name__}: {exc}"
+                        return "finished"
+
+                    tasks = [asyncio.create_task(one(i)) for i in range(16)]
+                    while min(chunks) < 3:  # all 16 decoding, the watchdog past its first steps
+                        await asyncio.sleep(0.05)
+                    stopped_at = time.monotonic()
+                    os.kill(workers[0], signal.SIGSTOP)
+                    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                    return outcomes, time.monotonic() - stopped_at
+
+            outcomes, took = asyncio.run(scenario())
+            assert all(o.startswith("UnavailableError") and "hung" in o for o in outcomes), outcomes
+            assert took < STEP_TIMEOUT_S + 4, took
+            assert seen.get(timeout=10) == "NOT_SERVING"
+            assert srv.wait_exit(30) != 0
+            assert "SERVING -> FAILED" in srv.log() and "EP rank is hung" in srv.log()
+            assert not Path(f"/proc/{workers[0]}").exists() or "zombie" in Path(f"/proc/{workers[0]}/status").read_text()
+        finally:
+            try:
+                os.kill(workers[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -36,7 +36,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])  # rows change every step: one compile for all
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, stride_x, stride_o, eps,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]

@@ -28,7 +28,7 @@ def triton_available() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])  # one compile for every step size
     def _greedy_balanced_kernel(
         scores_ptr,  # [N, E] router scores, row stride `stride_n`
         out_ptr,  # [N, K] int32

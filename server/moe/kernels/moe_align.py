@@ -11,6 +11,10 @@ inside an expert is the slot order (stable), so results are reproducible run to 
 
 Two kernels for fused_moe: per-chunk expert histograms, then a scatter in which every chunk
 recomputes the (tiny) global prefix itself. A single chunk (<= 256 slots) skips the first.
+
+Slot, chunk and block counts are not specialised (do_not_specialize): a step of any size
+reuses the compiled kernel of its variant (`align_variant`: the constexprs chunk, single-chunk
+and CHUNK_ROWS, which change only at a few thresholds).
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def _label_blocks(pad_end, block_expert_ptr, max_blocks, pid, nprog,
         tl.store(block_expert_ptr + blocks, expert, mask=blocks < max_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _count_chunks_kernel(ids_ptr, counts_ptr, num_slots, E,
                          CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
     """counts[chunk, e] = slots of this chunk routed to local expert e (ids outside [0,E) skip)."""
@@ -72,7 +76,7 @@ def _count_chunks_kernel(ids_ptr, counts_ptr, num_slots, E,
     tl.store(counts_ptr + pid * E_PAD + experts, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "num_chunks", "max_blocks"])
 def _scatter_slots_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
                           num_slots, E, num_chunks, max_blocks,
                           CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr,
@@ -130,6 +134,14 @@ def default_chunk(num_slots: int) -> int:
     return min(1024, max(256, triton.next_power_of_2(triton.cdiv(num_slots, 64))))
 
 
+def align_variant(num_slots: int, block_m: int, chunk: int | None = None) -> tuple[int, int, bool, int]:
+    """The constexprs moe_align_block_size compiles for `num_slots` slots: (BLOCK_M, CHUNK,
+    SINGLE, CHUNK_ROWS). Counts are not specialised, so this is all that selects a variant."""
+    chunk = default_chunk(num_slots) if chunk is None else chunk
+    num_chunks = max(1, triton.cdiv(num_slots, chunk))
+    return block_m, chunk, num_chunks == 1, min(16, triton.next_power_of_2(num_chunks))
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, chunk: int | None = None) -> Alignment:
     """Group the T*k slots of topk_ids [T, k] by local expert, padded per expert to block_m.
 
@@ -151,6 +163,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     num_padded = workspace((1,), torch.int32, device)
     e_pad = triton.next_power_of_2(max(num_experts, 2))
     num_chunks = max(1, triton.cdiv(num_slots, chunk))
+    _, _, single, chunk_rows = align_variant(num_slots, block_m, chunk)
     counts = ids  # unused placeholder pointer when SINGLE
     if num_chunks > 1:
         counts = workspace((num_chunks, e_pad), torch.int32, device)
@@ -158,13 +171,12 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                                             CHUNK=chunk, SUB=COUNT_SUB, E_PAD=e_pad)
     _scatter_slots_kernel[(num_chunks,)](
         ids, counts, sorted_ids, block_expert, num_padded, num_slots, num_experts, num_chunks, max_blocks,
-        CHUNK=chunk, SUB=COUNT_SUB, E_PAD=e_pad, CHUNK_ROWS=min(16, triton.next_power_of_2(num_chunks)),
-        PAD_LANES=min(block_m, 32),
-        BLOCK_M=block_m, STEP=BLOCKS_PER_STEP, SINGLE=num_chunks == 1)
+        CHUNK=chunk, SUB=COUNT_SUB, E_PAD=e_pad, CHUNK_ROWS=chunk_rows, PAD_LANES=min(block_m, 32),
+        BLOCK_M=block_m, STEP=BLOCKS_PER_STEP, SINGLE=single)
     return Alignment(sorted_ids, block_expert, num_padded, block_m, num_slots)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "max_blocks"])
 def _align_offsets_kernel(offsets_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
                           num_rows, E, max_blocks,
                           E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr):

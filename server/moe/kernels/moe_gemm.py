@@ -12,6 +12,11 @@ combine_slots: y[t] = sum over valid j of slots[t*k + j]                    y [T
 
 Padding positions (sentinel ids) compute on a real row (row 0) and are never stored: GEMM
 rows are independent, so this costs nothing in correctness and saves masks in the K loop.
+
+Row counts change every step, so the kernels do not specialise on them (ROW_COUNTS): Triton
+would otherwise compile a new variant whenever a count turns 1 or a multiple of 16. Only the
+config's tile constexprs select a variant, and the engine compiles every config at start-up
+(server/engine/warmup.py). Strides and pointers keep their divisibility hints.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from .moe_config import GemmConfig
 from ...kernels.triton_helpers import cast_rtne, dot_operand
 from ...kernels.workspace import workspace
 
+ROW_COUNTS = ["num_rows", "max_blocks"]  # per-step sizes: one compiled kernel for all of them
+
 
 @triton.jit
 def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -37,7 +44,7 @@ def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNTS)
 def _gate_up_silu_kernel(
     x_ptr, w13_ptr, act_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_rows, max_blocks, I, H,
@@ -81,7 +88,7 @@ def _gate_up_silu_kernel(
     tl.store(out_ptrs, cast_rtne(act, act_ptr.dtype.element_ty, INTERP_BF16), mask=(offs_n < I)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNTS)
 def _down_scatter_kernel(
     act_ptr, w2_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_rows, max_blocks, H, I,

@@ -32,7 +32,7 @@ if triton is not None:
         x = x ^ (x >> 16)
         return x
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens", "token_offset", "key"])  # per step / per layer values
     def _uniform_random_kernel(
         out_ptr,  # [N, K] int32
         offset_ptr,  # [1] int64 token offset (when OFFSET_FROM_PTR)

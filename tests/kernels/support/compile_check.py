@@ -3,9 +3,10 @@
 The host wrappers run on `meta` tensors at real shapes while JITFunction.run is swapped for a
 recorder, so every launch they would make is captured with its exact arguments; each is then
 specialised the way Triton's launcher would (16-byte alignment, ints divisible by 16, ints
-equal to 1) and compiled with triton.compile for GPUTarget("cuda", 90). Triton's bundled
-cuobjdump reads registers, spills and shared memory from the cubin, and the SASS shows
-whether matrix kernels use wgmma (HGMMA) or the older mma.sync (HMMA) path.
+equal to 1, except where the kernel opted out) and compiled with triton.compile for
+GPUTarget("cuda", 90). Triton's bundled cuobjdump reads registers, spills and shared memory
+from the cubin, and the SASS shows whether matrix kernels use wgmma (HGMMA) or the older
+mma.sync (HMMA) path. `specialization` gives a launch's compile-cache key without compiling.
 
 This catches compile errors, shared-memory overflows and register spills before any device
 time is spent. It says nothing about speed.
@@ -72,6 +73,22 @@ class Compiled:
     hmma: bool
 
 
+def specialization(launch: Launch) -> tuple:
+    """What Triton's launcher keys its compile cache on for this launch (options aside): per
+    parameter, the constexpr value, or the type and specialisation attribute (16-byte aligned
+    pointers, ints divisible by 16 or equal to 1) unless the kernel opted out for it
+    (do_not_specialize / do_not_specialize_on_alignment)."""
+    key = []
+    for p in launch.kernel.params:
+        value = launch.bound[p.name]
+        if p.is_constexpr:
+            key.append(("constexpr", value))
+        else:
+            key.append(native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                              not p.do_not_specialize_on_alignment))
+    return (launch.kernel.fn.__name__, tuple(key), tuple(sorted(launch.options.items())))
+
+
 def compile_launch(launch: Launch) -> Compiled:
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(launch.kernel.params):
@@ -80,7 +97,8 @@ def compile_launch(launch: Launch) -> Compiled:
             signature[p.name] = "constexpr"
             constexprs[(i,)] = value
             continue
-        ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
         signature[p.name] = ty
         if ty == "constexpr":  # ints equal to 1 and None are specialised as constants
             constexprs[(i,)] = attr

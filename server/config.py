@@ -150,12 +150,18 @@ class EngineConfig:
     overlap: bool = True  # plan step n+1 and post-process step n while step n runs (false: one step at a time)
     step_timeout_s: float = 30.0  # a step running longer (or 10x the recent p99, if more) means a hung rank; 0: off
     first_step_timeout_s: float = 300.0  # the first steps, and policy switches / EPLB moves, may take this long
+    warmup: bool = True  # before serving, run every kernel variant a step can need (CUDA; server/engine/warmup.py)
+    slow_step_factor: float = 10.0  # log a step slower than this many times the recent median (0: never)
 
     def validate(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "kv_cache_tokens", "max_queue"):
             value = getattr(self, key)
             _require(isinstance(value, int) and value > 0, f"engine.{key} must be a positive integer, got {value!r}")
         _require(isinstance(self.overlap, bool), f"engine.overlap must be true or false, got {self.overlap!r}")
+        _require(isinstance(self.warmup, bool), f"engine.warmup must be true or false, got {self.warmup!r}")
+        _require(isinstance(self.slow_step_factor, (int, float)) and not isinstance(self.slow_step_factor, bool)
+                 and (self.slow_step_factor == 0 or self.slow_step_factor > 1),
+                 f"engine.slow_step_factor must be 0 (off) or a number > 1, got {self.slow_step_factor!r}")
         _require(self.kv_cache_tokens >= self.kv_block_size, "engine.kv_cache_tokens must hold at least one engine.kv_block_size block")
         for key in ("step_timeout_s", "first_step_timeout_s"):
             value = getattr(self, key)

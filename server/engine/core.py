@@ -28,6 +28,7 @@ its token.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -41,8 +42,11 @@ from .executor import Executor
 from .routed_experts import to_wire
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .slow_steps import SlowStepLog
 from .step_watchdog import StepWatchdog
 from .stops import stop_token_set
+
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -74,6 +78,8 @@ class EngineCore:
         self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
         self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)
         self.watchdog = StepWatchdog(eng.step_timeout_s, eng.first_step_timeout_s)  # a hung rank: step_watchdog.py
+        self._slow = SlowStepLog(eng.slow_step_factor) if eng.slow_step_factor else None
+        self._timed: tuple | None = None  # (launched, finished) forward plans of the step() call being timed
 
     # ---- inputs (any thread) ------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
@@ -126,10 +132,18 @@ class EngineCore:
         """Plan and launch the next step on every rank; apply the oldest step in flight and
         return its outputs (overlap: the step before the one just launched). An idle step runs
         only as a heartbeat for EP workers. Raises whatever the executor raises (a dead rank, a
-        failed forward): the core is then dead. Timed by the step watchdog (`hung_step`)."""
+        failed forward): the core is then dead. Timed by the step watchdog (`hung_step`); a call
+        far slower than the recent ones is logged with what it held (engine.slow_step_factor)."""
         self.watchdog.begin()
         try:
-            return self._step()
+            if self._slow is None:
+                return self._step()
+            start = time.perf_counter()
+            self._timed = None
+            out = self._step()
+            if self._timed is not None:
+                self._slow.observe(time.perf_counter() - start, *self._timed)
+            return out
         finally:
             self.watchdog.end()
 
@@ -148,12 +162,18 @@ class EngineCore:
                 self.watchdog.expect_long()  # graphs captured again, experts moved
         launched = not (plan.is_idle and not self.executor.needs_heartbeat)
         tickets = [ticket for ticket, _ in loads]
+        forward = plan if plan.ranks[0].run_forward else None
         if launched and not self._overlap:
+            self._timed = (forward, forward)
             return self._apply(plan, self.executor.execute(plan), tickets)
         if launched:
             self._inflight.append((plan, self.executor.submit(plan), tickets))
+            if forward is not None:
+                self._timed = (forward, None)
         if len(self._inflight) > (1 if launched else 0):  # keep one in flight while there is a next one
             done, future, done_tickets = self._inflight[0]
+            if forward is not None or done.ranks[0].run_forward:
+                self._timed = (forward, done if done.ranks[0].run_forward else None)
             try:
                 results = future.result()
             finally:
@@ -201,6 +221,36 @@ class EngineCore:
                 self.scheduler.finish(seq)
             out.forward_steps = self._forward_steps
         return out
+
+    # ---- start-up -----------------------------------------------------------------------------
+    def warm_up(self, force: bool = False) -> float | None:
+        """Run the start-up warm-up (server/engine/warmup.py) on every rank at once, before any
+        request: every kernel variant a step can need compiles now, not mid-stream. Skipped
+        off CUDA (nothing compiles; `force` runs it anyway) and under a host-side routing
+        policy (routing=record would write the warm-up into its trace). -> seconds, or None."""
+        from dataclasses import replace
+
+        from .step_plan import RankBatch, build_step_plan
+        from .warmup import plan_warmup
+
+        runner = self.executor.runner
+        if runner.device.type != "cuda" and not force:
+            log.info("warm-up skipped on %s: nothing is compiled there", runner.device)
+            return None
+        if not self.policy.graph_safe:
+            log.info("warm-up skipped: routing policy %r works host-side and would record it", self.policy.name)
+            return None
+        start = time.perf_counter()
+        warm = plan_warmup(runner.model, max_tokens=runner.max_tokens, max_seqs=runner.max_seqs, width=runner.width,
+                           block_size=runner.block_size)
+        plan = build_step_plan(0, [RankBatch.empty() for _ in range(self.executor.num_ranks)])
+        plan.ranks = [replace(p, warmup=warm) for p in plan.ranks]
+        results = self.executor.execute(plan)
+        seconds = time.perf_counter() - start
+        log.info("warm-up: %d forwards (prompt tokens %s; decode batches %s; mixed %s) and %d expert calls in %.2f s "
+                 "(slowest rank %.2f s)", warm.num_forwards, list(warm.prefill_tokens), list(warm.decode_seqs),
+                 warm.mixed, len(warm.expert_rows), seconds, max(r.warmup_s or 0.0 for r in results))
+        return seconds
 
     # ---- info --------------------------------------------------------------------------------
     def routing_policy(self) -> RoutingPolicyState:

@@ -116,8 +116,15 @@ def build_engine_core(app: AppConfig) -> EngineCore:
         executor = LocalExecutor(build_runner(app, policy, 0, 1, device, groups), groups if created else None)
     else:
         executor = _start_distributed(app, policy, world, local_rank, spawn=env is None)
-    return EngineCore(app=app, spec=spec, policy=policy, executor=executor, device=str(device),
+    core = EngineCore(app=app, spec=spec, policy=policy, executor=executor, device=str(device),
                       max_model_len=max_model_len)
+    if app.engine.warmup:
+        try:
+            watching_ranks(getattr(executor, "procs", []), core.warm_up, during="the start-up warm-up")
+        except BaseException:
+            core.shutdown(graceful=False)
+            raise
+    return core
 
 
 def start_engine(app: AppConfig) -> ServingEngine:

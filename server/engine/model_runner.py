@@ -111,6 +111,10 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: RankPlan) -> PendingStep:
         result = RankResult(step=plan.step, rank=self.rank)
+        if plan.warmup is not None:
+            from .warmup import run_warmup
+
+            result.warmup_s = run_warmup(self, plan.warmup)
         if plan.routing is not None:  # every rank in the same step; the counters start afresh with it
             self.decode_graphs = self.policies.switch(plan.routing)
             self.model.load_counters.reset()

@@ -134,6 +134,8 @@ class RankPlan:
     ep_rows: int = 0  # the most tokens any rank has this step: every rank's MoE layers pad to it (EP dispatch)
     decode_batch: int | None = None  # every rank only decodes: the most sequences on any rank (all replay
     # the decode-graph bucket that holds it, in lockstep); None: some rank runs a prompt chunk
+    #: not None: run this start-up warm-up (server/engine/warmup.py, a WarmupPlan) before anything else
+    warmup: Any = None
 
     @classmethod
     def stop_plan(cls) -> "RankPlan":
@@ -152,6 +154,7 @@ class RankResult:
     rebalance: Any = None  # RebalanceReport (server/moe/eplb/rebalance.py) when the plan asked for one
     routing: str | None = None  # repr of the policy the rank runs, when the plan switched it
     routed: np.ndarray | None = None  # [R, MoE layers, k] int16 logical expert ids of batch.routed_rows
+    warmup_s: float | None = None  # seconds the plan's warm-up took on this rank
 
 
 @dataclass
@@ -172,7 +175,7 @@ class StepPlan:
     @property
     def is_idle(self) -> bool:
         return not any(p.run_forward or p.load_snapshot is not None or p.stop or p.rebalance or p.routing is not None
-                       for p in self.ranks)
+                       or p.warmup is not None for p in self.ranks)
 
     def with_rebalance(self) -> "StepPlan":
         """The same step with every rank also joining an EPLB rebalance after its forward."""

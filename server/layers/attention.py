@@ -111,7 +111,8 @@ class PagedAttentionMetadata:
         `decode` is the kernel backend's decode choice; this loop serves every step."""
         dk = cache.shape[-1]
         flat = cache.view(-1, dk)  # [NB*B, Dk]
-        flat[self.slot_mapping] = latent
+        slots, rows = written_rows(self.slot_mapping, latent)
+        flat[slots] = rows
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         for i, seq in enumerate(self.seqs):
             qs = q[seq.q_start:seq.q_start + seq.q_len]  # [q, H, Dk]
@@ -123,11 +124,21 @@ class PagedAttentionMetadata:
         return out
 
 
+def written_rows(slot_mapping: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(slots, *rows) without the padding rows (slot < 0), which the kernels skip too: a
+    negative index would otherwise write the cache's last slot. One host check per call."""
+    keep = slot_mapping >= 0  # [T] bool
+    if bool(keep.all()):
+        return (slot_mapping, *rows)
+    return (slot_mapping[keep], *(r[keep] for r in rows))
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v [T, Hkv, D] -> cache slots `slot_mapping` [T]."""
+    """k, v [T, Hkv, D] -> cache slots `slot_mapping` [T]; slots < 0 (padding) are not written."""
     hkv, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, hkv, d)[slot_mapping] = k
-    v_cache.view(-1, hkv, d)[slot_mapping] = v
+    slots, k, v = written_rows(slot_mapping, k, v)
+    k_cache.view(-1, hkv, d)[slots] = k
+    v_cache.view(-1, hkv, d)[slots] = v
 
 
 def paged_attention(

@@ -96,6 +96,20 @@ class KernelAttentionMetadata:
         return cls(slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
                    cu_seqlens_q=None, max_query_len=1)
 
+    @staticmethod
+    def decode_variant(model, num_seqs: int, max_context: int) -> int:
+        """The NUM_SPLITS an eager decode step of num_seqs sequences launches with (chosen from
+        static shapes: batch, block-table width). The start-up warm-up runs one step per value."""
+        from ..kernels import attention_decode, mla_attention
+
+        spec = model.spec
+        if spec.mla is not None:  # one token per sequence: ceil(heads / BLOCK_M) row blocks each
+            block_m = mla_attention.default_blocks(model.dtype, spec.mla.kv_lora_rank)[0]
+            programs = -(-spec.num_heads // block_m) * num_seqs
+            return mla_attention.choose_num_splits(programs, max_context, mla_attention._num_sms(model.device))
+        return attention_decode.choose_num_splits(num_seqs, spec.num_kv_heads, max_context,
+                                                  attention_decode._num_sms(model.device))
+
     @property
     def is_decode(self) -> bool:
         return self.cu_seqlens_q is None

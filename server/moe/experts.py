@@ -77,6 +77,8 @@ class LocalExperts(nn.Module):
 class TorchExpertPath:
     """Plain torch (CPU, baselines): LocalExperts.forward on gathered rows, float32 combine."""
 
+    compiles = False  # nothing JIT-compiled: the start-up warm-up has no variants to cover
+
     def __init__(self, kernels: KernelBackend) -> None:
         self.name = "torch"
 
@@ -110,10 +112,28 @@ class TorchExpertPath:
 class KernelExpertPath:
     """The fused Triton kernels (or torch._grouped_mm with backend "grouped_mm")."""
 
+    compiles = True
+    rows_grouped = True  # `rows` groups by expert first: grouped_expert_mlp (no count constexprs)
+
     def __init__(self, kernels: KernelBackend) -> None:
         self.name = kernels.name
         self.fused_moe = kernels.op("fused_moe")
         self.grouped_expert_mlp = kernels.op("grouped_expert_mlp")
+
+    def topk_variant(self, experts: LocalExperts, num_tokens: int, top_k: int):
+        """The compiled variant `local_topk` on num_tokens tokens uses (kernels/variants.py)."""
+        from .kernels.variants import topk_variant  # imports triton: only where kernels run
+
+        w = experts.gate_up_proj
+        return topk_variant(num_tokens, top_k, experts.num_local, experts.hidden, experts.intermediate, w.dtype, w.device)
+
+    def rows_variant(self, experts: LocalExperts, num_rows: int):
+        """The compiled variant `rows` on num_rows dispatched rows uses."""
+        from .kernels.variants import rows_variant
+
+        w = experts.gate_up_proj
+        return rows_variant(num_rows, experts.num_local, experts.hidden, experts.intermediate, w.dtype, w.device,
+                            grouped=self.rows_grouped)
 
     def local_topk(self, experts: LocalExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         local = ids if experts.first_expert == 0 else ids - experts.first_expert  # [N, k]
@@ -144,6 +164,7 @@ class UnsortedRowsExpertPath(KernelExpertPath):
     def __init__(self, kernels: KernelBackend) -> None:
         super().__init__(kernels)
         self.name = "triton_unsorted"
+        self.rows_grouped = False
         self.expert_mlp_rows = kernels.op("expert_mlp_rows")
 
     def rows(self, experts: LocalExperts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,9 @@ Module guide (one job per file):
   distributed.py   process groups, devices, backends, torchrun environment
   rendezvous.py    the ranks' TCPStore bound to the master address, gloo/NCCL pinned to loopback
   step_watchdog.py a step far longer than recent steps means a hung rank (engine.step_timeout_s)
+  warmup.py        start-up warm-up: every compiled kernel variant a step can need, before the first request
+  slow_steps.py    one WARNING for a step far slower than the recent ones, with what it held
+  routed_experts.py routed experts per token for the requests that ask (recorded in the forward)
   group_signals.py the engine's processes ignore Ctrl-C on the process group and follow the drain
   sampler.py       greedy / temperature / top-k / top-p, reproducible per (seed, position)
   stops.py         token-level stops and stop strings

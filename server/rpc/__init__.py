@@ -3,6 +3,7 @@
 Module guide:
   received.py     raw bytes -> GenerateRequest, noticing what protobuf would hide (both prompt kinds)
   validation.py   GenerateRequest -> engine GenerationRequest, or InvalidRequestError naming the field
+  routing_request.py SetRoutingPolicyRequest -> the routing.* mapping the engine switches to
   to_proto.py     engine dataclasses -> protobuf replies
   state.py        LOADING / SERVING / DRAINING / FAILED, mirrored into grpc.health.v1
   service.py      the GenerationService servicer (status mapping, limits, cancellation)

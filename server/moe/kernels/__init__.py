@@ -6,6 +6,7 @@ Module guide (the model calls the MoE ops through `ops`):
   ops.py                 fused_moe, grouped_expert_mlp, expert_mlp_rows in the kernel-op table
                          (server/kernels/ops.py); backends "triton" | "torch" | "grouped_mm"
   moe_reference.py       torch twins + torch._grouped_mm baseline; the oracle in tests
+  variants.py            which compiled variants a fused-MoE call of n rows uses (the warm-up's list)
   moe_align.py           token->expert alignment (sorted ids padded per expert, block->expert)
   moe_gemm.py            grouped GEMMs (gate_up with SiLU*up epilogue; down with routing weight)
                          and the deterministic k-way combine

@@ -6,8 +6,10 @@ Public names for plugin authors and tools:
   RoutingContext    frozen dataclass: layer, num_experts, top_k, ep_rank, ep_size, token_offset, seed
   RoutingPolicy     base class to subclass (implement `route`)
 
-Beside the policies: hashing.py (the stateless hash behind the random policies) and
-trace_file.py (the trace `routing=record` writes and `routing=replay` reads).
+Beside the policies: hashing.py (the stateless hash behind the random policies),
+skew_profiles.py (`skewed`'s popularity profiles and the solve for a target metric),
+trace_file.py (the trace `routing=record` writes and `routing=replay` reads) and
+routed_layout.py (routed experts as the API returns them, read as a replay trace).
 lightllm_rule.py holds LightLLM's fake-balance rule written plainly (the tests' oracle and the
 policy benchmark's baseline); it is not a policy and is not imported here.
 """

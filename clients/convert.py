@@ -117,7 +117,7 @@ def chunk_from_pb(msg: gen_pb.GenerateResponse, logprobs: bool) -> Chunk:
 
 
 def routing_policy_from_pb(msg: info_pb.RoutingPolicyInfo) -> RoutingPolicyInfo:
-    return RoutingPolicyInfo(msg.name, _plain(json_format.MessageToDict(msg.params)), msg.guarantee,
+    return RoutingPolicyInfo(msg.name, struct_to_dict(msg.params), msg.guarantee,
                              msg.counters_reset_unix_s, msg.since_engine_step)
 
 
@@ -128,6 +128,11 @@ def set_routing_request(name: str, params: dict[str, Any]):
     if params:
         _set("params", lambda: req.params.update(params))
     return req
+
+
+def struct_to_dict(struct) -> dict[str, Any]:
+    """A google.protobuf.Struct as plain Python values (used by the server for SetRoutingPolicy too)."""
+    return _plain(json_format.MessageToDict(struct))
 
 
 def _plain(value: Any) -> Any:

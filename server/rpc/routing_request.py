@@ -8,26 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import json_format
-
+from clients.convert import struct_to_dict
 from clients.pb import routing_pb2 as routing_pb
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def routing_mapping(request: routing_pb.SetRoutingPolicyRequest) -> dict[str, Any]:
     """ValueError naming the field when the request cannot name a policy at all."""
     if not request.name:
         raise ValueError("name: give the registered name of a routing policy (e.g. greedy_balanced)")
-    params = _plain(json_format.MessageToDict(request.params)) if request.HasField("params") else {}
+    params = struct_to_dict(request.params) if request.HasField("params") else {}
     if "name" in params:
         raise ValueError("params.name: the policy is named by the request's name field, not a parameter")
     return {"name": request.name, **params}

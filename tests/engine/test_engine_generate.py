@@ -41,10 +41,10 @@ def save_tokenizer(folder: Path, vocab: int = VOCAB) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(folder)
 
 
-def build_model_folder(folder: Path, family: str = "qwen3_moe", seed: int = 0):
+def build_model_folder(folder: Path, family: str = "qwen3_moe", seed: int = 0, **overrides):
     from tests.helpers.hf_models import build_hf_model, save_hf_model
 
-    model = build_hf_model(family, seed=seed, vocab_size=VOCAB)
+    model = build_hf_model(family, seed=seed, vocab_size=VOCAB, **overrides)
     save_hf_model(model, folder)
     save_tokenizer(folder)
     model.generation_config.eos_token_id = None  # the oracle must not stop early

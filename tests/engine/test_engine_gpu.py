@@ -20,16 +20,27 @@ def two_gpus() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= 2
 
 
-@pytest.fixture(scope="module")
-def qwen3_gpu(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3_moe_gpu")
-    model = build_model_folder(folder, seed=3).cuda()
+def _folder_and_greedy(folder, **overrides):
+    """A random Qwen3-MoE folder and transformers' greedy generations of PROMPTS on this GPU."""
+    model = build_model_folder(folder, seed=3, **overrides).cuda()
     expected = []
     with torch.no_grad():
         for p in PROMPTS:
             out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=MAX_NEW, do_sample=False)
             expected.append(out[0, len(p):].tolist())
     return folder, expected
+
+
+@pytest.fixture(scope="module")
+def qwen3_gpu(tmp_path_factory):
+    return _folder_and_greedy(tmp_path_factory.mktemp("qwen3_moe_gpu"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_gpu_graphable(tmp_path_factory):
+    """head_dim 16: the Triton attention kernels (tl.dot needs >= 16) run it, so decode can be
+    captured; the default test model's head_dim 8 keeps decode eager."""
+    return _folder_and_greedy(tmp_path_factory.mktemp("qwen3_moe_gpu16"), head_dim=16)
 
 
 @pytest.mark.parametrize("ep_size", [1, pytest.param(2, marks=pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs"))])
@@ -50,7 +61,7 @@ def test_gpu_greedy_matches_transformers(qwen3_gpu, ep_size) -> None:
 
 
 @pytest.mark.parametrize("ep_size", [1, pytest.param(2, marks=pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs"))])
-def test_gpu_ep_decode_replays_graphs_with_the_collectives_inside(qwen3_gpu, ep_size, monkeypatch) -> None:
+def test_gpu_ep_decode_replays_graphs_with_the_collectives_inside(qwen3_gpu_graphable, ep_size, monkeypatch) -> None:
     """parallel.dispatch=allgather (at ep 1: the forced EP path over a size-1 NCCL group): every
     rank captures decode graphs holding the all-gather / all-to-all, the engine replays them in
     lockstep, and greedy generations still equal transformers'."""
@@ -68,7 +79,7 @@ def test_gpu_ep_decode_replays_graphs_with_the_collectives_inside(qwen3_gpu, ep_
         return original(self, num_seqs, bucket)
 
     monkeypatch.setattr(DecodeGraphRunner, "replay", counting)  # rank 0 (this process)
-    folder, expected = qwen3_gpu
+    folder, expected = qwen3_gpu_graphable
     app = make_app(folder, ep_size=ep_size)
     eng = start_engine(replace(app, parallel=replace(app.parallel, dispatch="allgather")))
     try:

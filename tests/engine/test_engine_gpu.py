@@ -92,6 +92,25 @@ def test_gpu_ep_decode_replays_graphs_with_the_collectives_inside(qwen3_gpu_grap
         eng.shutdown()
 
 
+def test_gpu_policy_switch_right_after_a_prefill_recaptures_and_still_matches(qwen3_gpu_graphable) -> None:
+    """A switch re-captures the decode graphs over the engine's step buffers. When the step
+    before it was a prefill (max_new_tokens=1: the request's only step), those buffers still
+    hold its logits indices, row ends of a 13-token prompt past the largest bucket (3); the
+    capture must not read them (it once did: a device-side assert that killed the engine)."""
+    folder, expected = qwen3_gpu_graphable
+    eng = start_engine(make_app(folder))
+    try:
+        assert eng.executor.runner.decode_graphs is not None
+        for policy in ("greedy_balanced", "natural"):
+            assert len(serve_all(eng, [request(0, PROMPTS[2], max_new=1)])[0][0]) == 1
+            asyncio.run(eng.set_routing_policy({"name": policy}))
+        assert eng.executor.runner.decode_graphs is not None
+        results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
+        assert [r[0] for r in results] == expected
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs")
 def test_gpu_dead_rank_fails_fast(qwen3_gpu) -> None:
     folder, _ = qwen3_gpu

@@ -9,7 +9,8 @@ the step reads lives in static device buffers (GraphInputs), refilled before eac
   block_tables [Bmax, W], context_lens [Bmax] padding: block 0, length 1 (a valid, ignored read)
   valid_rows [Bmax] bool                      padding rows stay out of the expert-load counters
   token_offset 0-d int64                      the routing policy reads it at replay time
-  logits_indices [Bmax] int64                 0..Bmax-1
+  logits_indices [Bmax] int64                 0..Bmax-1 (reset before every capture: the engine's
+                                              buffer still holds the last prefill's row ends)
 
 The engine passes views of its own step buffers (server/engine/input_buffers.py): it fills
 them with its one host-to-device copy per step, where the pool holds each slot's last sampled
@@ -273,6 +274,9 @@ class DecodeGraphRunner:
         self.block_tables[start:end, 0].zero_()
         self.context_lens[start:end].fill_(1)
         self.valid_rows[start:end].fill_(False)
+        # Row i samples from row i. A (re)capture after a prefill step would otherwise read that
+        # step's logits indices (row ends of whole prompts, far past the bucket): out of bounds.
+        torch.arange(start, end, out=self.logits_indices[start:end])
 
 
 def maybe_decode_graphs(model, kv_caches, *, max_batch: int, max_blocks_per_seq: int,

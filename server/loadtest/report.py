@@ -96,6 +96,11 @@ def _s(value: float | None, unit: str = "s") -> str:
     return "-" if value is None else f"{value:.3f} {unit}"
 
 
+def _ms(value: float | None) -> str:
+    """Per-token times are a millisecond or two on a GPU: seconds to 3 places cannot tell 1.0 from 1.4."""
+    return "-" if value is None else f"{value * 1e3:.2f} ms"
+
+
 def to_text(report: LoadReport) -> str:
     spec, lines = report.spec, []
     lines.append(f"epserve-load: {spec.streams} streams x {spec.new_tokens} tokens (prompt {spec.prompt_tokens} ids, "
@@ -127,10 +132,10 @@ def to_text(report: LoadReport) -> str:
         engine, served = report.in_process[-1], run_numbers(report.runs[-1]) if report.runs else None
         lines.append(f"  in-process engine (same prompts, last run): {engine.tokens} tokens in {engine.wall_s:.2f} s = "
                      f"{engine.tokens_per_s:.1f} tokens/s, TTFT p50 {_s(engine.ttft_p50_s)}, "
-                     f"time per output token p50 {_s(engine.tpot_p50_s)}")
+                     f"time per output token p50 {_ms(engine.tpot_p50_s)}")
         if served:
             lines.append(f"  served / in-process: {served['tokens_per_s']:.1f} / {engine.tokens_per_s:.1f} tokens/s = "
                          f"{_ratio(report):.2f}; TTFT p50 {_s(served['ttft_p50_s'])} vs {_s(engine.ttft_p50_s)}; "
-                         f"time per output token p50 {_s(served['tpot_p50_s'])} vs {_s(engine.tpot_p50_s)}")
+                         f"time per output token p50 {_ms(served['tpot_p50_s'])} vs {_ms(engine.tpot_p50_s)}")
     lines.append("PASS" if report.ok else "FAIL:\n  " + "\n  ".join(report.failures))
     return "\n".join(lines)

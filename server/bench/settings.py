@@ -29,7 +29,7 @@ class BenchOptions:
     workload: str = "fixed"  # fixed | lightllm (request_sets.py)
     length_spread: float = 0.5  # lightllm: prompt lengths uniform in L*(1 -+ spread)
     policies: tuple = DEFAULT_POLICIES  # compared policies: names or {name: ..., params}; natural is the baseline
-    prefill_runs: int = 3  # prefill-only runs of the main set per policy and round, beside the full run
+    prefill_runs: int = 7  # prefill-only runs of the main set per policy and round, beside the full run
     sweep: tuple = DEFAULT_SWEEP  # per-rank decode batches of the sweep ([]: none)
     sweep_output_len: int = 16  # new tokens per request at each sweep point
     sweep_repeats: int = 3  # timed repetitions of the sweep (interleaved like the phases)

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,12 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARRIVALS_METHOD = "/epserve.floor.v1.Floor/TakeArrivals"  # -> JSON list of call arrival times (monotonic)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StepClock:
@@ -133,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
 
+    from server.engine.rendezvous import free_port
     from server.loadtest.procs import run_load_procs
     from server.loadtest.workload import LoadSpec
 
     ctx = multiprocessing.get_context("spawn")
-    port, ready = _free_port(), ctx.Event()
+    port, ready = free_port("127.0.0.1"), ctx.Event()
     server = ctx.Process(target=_serve, args=(port, a.step_ms, a.interval, ready), daemon=True)
     server.start()
     if not ready.wait(60):

@@ -168,6 +168,10 @@ class DecodeGraphRunner:
         the smaller graphs reuse its memory pool."""
         start = time.perf_counter()
         self._reset_padding(0, self.max_batch)
+        # Row i samples from row i. Over the engine's step buffers a (re)capture right after a
+        # prefill would read that step's logits indices (prompt row ends, past the bucket): out
+        # of bounds. Replays need no reset: the engine writes 0..bucket-1 before each.
+        torch.arange(self.max_batch, out=self.logits_indices[:self.max_batch])
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=self.model.device)
         stream.wait_stream(torch.cuda.current_stream())
@@ -274,9 +278,6 @@ class DecodeGraphRunner:
         self.block_tables[start:end, 0].zero_()
         self.context_lens[start:end].fill_(1)
         self.valid_rows[start:end].fill_(False)
-        # Row i samples from row i. A (re)capture after a prefill step would otherwise read that
-        # step's logits indices (row ends of whole prompts, far past the bucket): out of bounds.
-        torch.arange(start, end, out=self.logits_indices[start:end])
 
 
 def maybe_decode_graphs(model, kv_caches, *, max_batch: int, max_blocks_per_seq: int,

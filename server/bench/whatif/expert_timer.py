@@ -10,10 +10,10 @@ them out (TokenRows: a strided view of the packed buffer).
 On CUDA each row count gets one captured graph over static buffers; a layout's ids are
 copied in and the graph replayed `reps` times, each replay after the L2 cache is flushed
 (writing twice its size), timed with events; the median, less the replay floor of an empty
-graph measured the same way, is the kernel's time. Keys (rows and the multiset of slot
-loads: all the kernel's work depends on) are timed once. On CPU the torch path runs under
-the host clock. `standalone_ms` times the bare fused-MoE op on the same rows, eagerly, for the
-run's self-check.
+graph measured the same way, is the kernel's time. On CPU the torch path runs under the
+host clock. A key (rows and each expert's row tiles, see `time`) is timed once.
+`standalone_ms` times the bare fused-MoE op on the same rows, eagerly, for the run's
+self-check.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class ExpertKernelTimer:
                 p.normal_(0.0, spec.initializer_range, generator=gen)
         self.cuda = device.type == "cuda"
         self.cache: dict[tuple, float] = {}
+        self._tiles: dict[int, int] = {}  # rows -> BLOCK_M of the kernel at that row count
         self._inputs: dict[tuple, tuple] = {}  # (kind, rows) -> (ids buffer, call, graph or None)
         self.floor_ms = 0.0
         if self.cuda:
@@ -106,9 +107,24 @@ class ExpertKernelTimer:
             x.add_(1)
         return self._replay_ms(graph.replay)
 
+    def tile_rows(self, rows: int) -> int:
+        """Rows per expert tile of the fused kernel at this row count (its BLOCK_M); 1 off CUDA."""
+        if not self.cuda or self.experts.path.name == "torch":
+            return 1
+        from ...moe.kernels.moe_config import get_moe_config
+
+        e = self.experts
+        return get_moe_config(e.num_local, e.hidden, e.intermediate, rows * self.top_k, self.dtype, self.device).BLOCK_M
+
     def time(self, layout: LayerLayout, rank: int) -> float:
-        """ms of rank `rank`'s expert kernel on its rows of `layout` (cached by its timing key)."""
-        key = layout.timing_key(rank)
+        """ms of rank `rank`'s expert kernel on its rows of `layout`. Cached by what the kernel
+        does: the row count and each local expert's number of BLOCK_M row tiles (loads that
+        fill the same tiles run the same tiles; the rest, gathering the rows and summing the
+        slots, follows the row count)."""
+        rows = layout.kernel_rows()
+        if rows not in self._tiles:
+            self._tiles[rows] = self.tile_rows(rows)
+        key = layout.tile_key(rank, self._tiles[rows])
         if key in self.cache:
             return self.cache[key]
         ids, call, graph = self._prepared(layout.kind, layout.kernel_rows())

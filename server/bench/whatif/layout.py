@@ -62,10 +62,12 @@ class LayerLayout:
             self._host_counts = self.slot_counts.cpu().numpy()
         return self._host_counts
 
-    def timing_key(self, rank: int) -> tuple:
-        """Everything the kernel's time depends on: kind, rows, and the multiset of slot loads."""
-        counts = sorted(self.host_counts()[rank].tolist(), reverse=True)
-        return (self.kind, self.kernel_rows(), tuple(counts))
+    def tile_key(self, rank: int, tile_rows: int) -> tuple:
+        """What rank `rank`'s kernel does: kind, rows, and the multiset of its experts' row tiles
+        (ceil(pairs / tile_rows) per local slot; tile_rows 1: the exact loads)."""
+        counts = self.host_counts()[rank]
+        tiles = sorted(((counts + tile_rows - 1) // tile_rows).tolist(), reverse=True)
+        return (self.kind, self.kernel_rows(), tuple(t for t in tiles if t))
 
 
 class Layouter:

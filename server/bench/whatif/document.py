@@ -107,6 +107,7 @@ def _document(settings: BenchSettings, w: WhatIf, source_note: str, results: dic
         "interconnect": {"name": w.wire.name, "source": w.wire.source, "gpus_per_node": w.wire.gpus_per_node},
         "routing_source": source_note,
         "workload": {"name": o.workload, "batch": o.batch, "input_len": o.input_len, "output_len": o.output_len,
+                     "lengths": list(w.sets.main.lengths),
                      "small_batch": o.small_batch, "sweep": list(o.sweep), "decode_steps_timed": o.whatif_decode_steps},
         "engine": {"max_num_seqs": w.app.engine.max_num_seqs,
                    "max_num_batched_tokens": w.app.engine.max_num_batched_tokens},

@@ -2,9 +2,10 @@
 
 source=model runs the routing model (bench.routing_model: the simulated model itself, or a
 named model such as the trained tiny one) through the real engine in this process, at
-ep_size 1 with the natural policy, asking every request for its routed experts with the
-prompt (GenerateRequest.return_routed_experts): per request and position, the router's
-top-k at every MoE layer. Decoding is greedy, so the generated positions are the model's own
+ep_size 1 with the natural policy, on prompts of real text of the run's lengths (Python
+standard library source, what the embedded model was trained on), asking every request for
+its routed experts with the prompt (GenerateRequest.return_routed_experts): per request and
+position, the router's top-k at every MoE layer. Decoding is greedy, so the generated positions are the model's own
 continuations. Each token of the what-if's steps then reads the row of its (request,
 position): under natural routing a token's choice does not depend on the batch it ran in.
 Sets larger than bench.routing_pool record that many requests of the set's longest length
@@ -20,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...config import AppConfig, ConfigError, ModelConfig
+from ...config import AppConfig, ConfigError, ModelConfig, thaw
 from ...engine.api import RoutedExpertsMode, SamplingParams, StopParams
 from ...engine.core_types import EngineRequest
 from ...model.loader import TINY_MODEL_DIR, read_model_spec
 from ...moe.routing.trace_file import TraceError, read_trace
-from ..request_sets import RequestSet, build_request_set
+from ..request_sets import RequestSet
 from .shape_map import ShapeMap
 from .sources import SOURCES, SourceRequest, StreamSource, TableSource, run_offsets
 
@@ -40,7 +41,7 @@ def record_routed_experts(model: ModelConfig, requests: RequestSet, device: str 
     per_seq = -(-requests.max_total_len // 16) + 1
     seqs = min(requests.batch, 256)
     app = AppConfig.from_dict({
-        "model": {"name": model.name, "path": model.path, "shape": None if model.shape is None else dict(model.shape),
+        "model": {"name": model.name, "path": model.path, "shape": None if model.shape is None else thaw(model.shape),
                   "dtype": model.dtype, "max_model_len": max(model.max_model_len, requests.max_total_len + 1),
                   "seed": model.seed},
         "parallel": {"ep_size": 1, "device": device}, "routing": {"name": "natural"},
@@ -78,23 +79,43 @@ def _routing_model(req: SourceRequest) -> ModelConfig:
     return ModelConfig(name=str(name), path=str(name))
 
 
-def _pool(req: SourceRequest, model: ModelConfig, vocab: int) -> RequestSet:
-    """The requests the routing model runs: the set itself, or `routing_pool` of its longest length."""
+def text_prompts(model: ModelConfig, lengths: list[int], output_len: int, seed: int) -> RequestSet:
+    """Prompts of real text with the given token lengths: Python standard library source (what
+    the embedded model was trained on) tokenized by the routing model's tokenizer, each prompt
+    a slice at a seeded offset of the files' concatenated tokens."""
+    import logging
+    import sysconfig
+
+    from ...model.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)  # long-input warning
+    need = sum(lengths) * 4 + 4096
+    ids: list[int] = []
+    for f in files:
+        ids.extend(tokenizer.encode(f.read_text(errors="replace"), add_special_tokens=False))
+        if len(ids) >= need:
+            break
+    if len(ids) < max(lengths) + 1:
+        raise ConfigError(f"bench.routing_source=model: too little text to build {max(lengths)}-token prompts")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - max(lengths), size=len(lengths))
+    return RequestSet(tuple(tuple(ids[a:a + n]) for a, n in zip(starts.tolist(), lengths)), output_len)
+
+
+def _pool(req: SourceRequest, model: ModelConfig) -> RequestSet:
+    """The requests the routing model runs: the set's lengths, or `routing_pool` of its longest."""
     o, reqs = req.settings.bench, req.requests
-    if reqs.batch <= o.routing_pool:
-        return build_request_set(o.workload, batch=reqs.batch, input_len=o.input_len, output_len=reqs.output_len,
-                                 vocab_size=vocab, seed=o.seed, spread=o.length_spread)
-    return build_request_set("fixed", batch=o.routing_pool, input_len=max(reqs.lengths), output_len=reqs.output_len,
-                             vocab_size=vocab, seed=o.seed + 7)
+    lengths = reqs.lengths if reqs.batch <= o.routing_pool else [max(reqs.lengths)] * o.routing_pool
+    return text_prompts(model, lengths, reqs.output_len, o.seed)
 
 
 @SOURCES.register("model")
 def build_model_source(req: SourceRequest) -> TableSource:
     model = _routing_model(req)
     src_spec = read_model_spec(model)
-    pool = _pool(req, model, src_spec.vocab_size)
-    if pool.batch == req.requests.batch and pool.lengths != req.requests.lengths:
-        raise ConfigError("the routing model's request set does not match the run's lengths")
+    pool = _pool(req, model)
     per_request = record_routed_experts(model, pool, req.settings.parallel.device)
     width = max(r.shape[0] for r in per_request)
     table = np.zeros((len(per_request), width, src_spec.num_moe_layers, src_spec.top_k), dtype=np.int16)
@@ -103,7 +124,7 @@ def build_model_source(req: SourceRequest) -> TableSource:
     if pool.batch < req.requests.batch:  # request i reads recorded request i mod pool
         table = table[np.arange(req.requests.batch) % pool.batch]
     shape = _shape_map(src_spec.num_experts, src_spec.top_k, src_spec.num_moe_layers, req.spec)
-    note = (f"router of {model.name} (natural, greedy decode) on {pool.batch} requests"
+    note = (f"router of {model.name} (natural, greedy decode) on {pool.batch} prompts of Python source"
             + ("" if shape.identity else f", carried from {src_spec.num_experts} experts top-{src_spec.top_k}"))
     return TableSource(torch.from_numpy(table).to(req.device), shape, note)
 

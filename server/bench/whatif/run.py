@@ -26,6 +26,7 @@ import torch
 from ...config import ConfigError, RoutingConfig
 from ...dispatch_setup import build_dispatch_settings
 from ...model.loader import read_model_spec
+from ...model.spec import ModelLoadError
 from ...moe.eplb.placement import ExpertPlacement
 from ...moe.eplb.replica_map import ReplicaMap
 from ...moe.routing import RoutingContext  # noqa: F401  (policies read it)
@@ -92,7 +93,10 @@ class WhatIf:
     def __init__(self, settings: BenchSettings, progress=None) -> None:
         self.settings, self.o, self.ep = settings, settings.bench, settings.ep_size
         self.spec = read_model_spec(settings.model)
-        self.spec.check_ep_size(self.ep)
+        try:
+            self.spec.check_ep_size(self.ep)
+        except ModelLoadError as exc:
+            raise ConfigError(f"parallel.ep_size: {exc}") from None
         self.device = _resolve_device(settings)
         self.dtype = getattr(torch, self.spec.dtype)
         self.wire = load_interconnect(self.o.interconnect)

@@ -27,15 +27,19 @@ from ...moe.dispatch.token_rows import TokenRows
 
 
 class _ZeroRows:
-    """Zero [n, H] blocks, one buffer per (H, dtype, device), grown when asked for more rows."""
+    """Zero [n, H] blocks, one buffer per (H, dtype, device), grown when asked for more rows.
+    A buffer that was outgrown is kept: a decode graph captured earlier still reads it."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._outgrown: list[torch.Tensor] = []
 
     def __call__(self, n: int, like: torch.Tensor) -> torch.Tensor:
         key = (like.shape[-1], like.dtype, like.device)
         buf = self._buffers.get(key)
         if buf is None or buf.shape[0] < n:
+            if buf is not None:
+                self._outgrown.append(buf)
             buf = torch.zeros(max(n, 1), like.shape[-1], dtype=like.dtype, device=like.device)
             self._buffers[key] = buf
         return buf[:n]

@@ -54,7 +54,7 @@ class BenchOptions:
     profile: str | None = None  # source=profile: conf/routing_profile/<name>.yaml, or a path
     interconnect: str = "ib400_h100"  # conf/interconnect/<name>.yaml, or a path (calibrate_interconnect.py)
     eplb_redundant_per_rank: tuple = (0, 1)  # EPLB variants beside the policies (natural + placement), R = this x ep
-    whatif_decode_steps: int = 16  # decode steps timed per request set, evenly spread (0: all)
+    whatif_decode_steps: int = 8  # decode steps timed per request set, evenly spread (0: all)
     whatif_reps: int = 10  # graph replays per timed expert-kernel shape (median)
     whatif_validate: bool = False  # ep_size 1: then run the real engine on the same sets and compare step times
     # ---- all modes ----

@@ -38,7 +38,7 @@ def test_whatif_writes_every_variant_and_phase_consistently(tmp_path, ep, extra)
     assert doc["emulated"] and doc["ep_size"] == ep and doc["dispatch"] == "allgather" and doc["measured"]
     variants = ["natural", "greedy_balanced", "round_robin_balanced", "natural+eplb0", f"natural+eplb{ep}"]
     phases = ("prefill", "decode", "small_decode") + (("sweep2_decode",) if doc["workload"]["sweep"] else ())
-    assert set(phases) <= set(doc["phases"])
+    assert set(doc["phases"]) == set(phases)  # other sets report their decode only
     for phase in phases:
         assert list(doc["phases"][phase]) == variants, phase
         for label, s in doc["phases"][phase].items():

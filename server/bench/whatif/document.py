@@ -51,7 +51,7 @@ def run_whatif(settings: BenchSettings) -> dict:
                               max_num_batched_tokens=engine.max_num_batched_tokens,
                               kv_block_size=engine.kv_block_size, kv_cache_tokens=engine.kv_cache_tokens,
                               max_queue=engine.max_queue) for name, reqs in sets}
-    timed = {name: timed_steps(steps, o.whatif_decode_steps) for name, steps in plans.items()}
+    timed = {name: timed_steps(steps, o.whatif_decode_steps, prefill=name == "main") for name, steps in plans.items()}
     sources = {name: SOURCES.get(o.routing_source)(SourceRequest(settings, w.spec, reqs, plans[name], w.device))
                for name, reqs in sets}
     placements = w.placements(sources["main"], plans["main"])

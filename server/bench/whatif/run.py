@@ -70,9 +70,10 @@ def dispatch_kind(settings: BenchSettings, engine) -> str:
                       "local at ep_size 1, the fixed-capacity all-gather above, or allgather forced)")
 
 
-def timed_steps(steps: list[PlannedStep], max_decode: int) -> list[tuple[PlannedStep, float]]:
-    """Every prefill step; decode steps evenly spread, each weighted by the steps it stands for."""
-    prefill = [(s, 1.0) for s in steps if not s.is_decode]
+def timed_steps(steps: list[PlannedStep], max_decode: int, prefill: bool = True) -> list[tuple[PlannedStep, float]]:
+    """Every prefill step (unless `prefill` is False: sets whose decode alone is reported);
+    decode steps evenly spread, each weighted by the steps it stands for."""
+    prefill = [(s, 1.0) for s in steps if not s.is_decode] if prefill else []
     decode = [s for s in steps if s.is_decode]
     if max_decode and len(decode) > max_decode:
         picks = np.linspace(0, len(decode) - 1, max_decode).round().astype(int)

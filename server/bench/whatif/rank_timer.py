@@ -34,31 +34,34 @@ from .local_work import NoExpertsLocalDispatcher, NoWireGatherDispatcher, has_de
 
 
 class StepClock:
-    """start() / stop() around a step's device work: CUDA events, or the host clock on CPU."""
+    """start() / stop() around each step's device work (ModelRunner.clock): CUDA events, or the
+    host clock on CPU. Keeps every interval until `take_ms`."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._a = self._b = None
+        self._open = None
+        self._intervals: list[tuple] = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     def start(self) -> None:
-        if self.cuda:
-            self._a = torch.cuda.Event(enable_timing=True)
-            self._a.record()
-        else:
-            self._a = time.perf_counter()
+        self._open = self._mark()
 
     def stop(self) -> None:
-        if self.cuda:
-            self._b = torch.cuda.Event(enable_timing=True)
-            self._b.record()
-        else:
-            self._b = time.perf_counter()
+        self._intervals.append((self._open, self._mark()))
 
-    def elapsed_ms(self) -> float:
-        if self.cuda:
-            self._b.synchronize()
-            return self._a.elapsed_time(self._b)
-        return (self._b - self._a) * 1e3
+    def take_ms(self) -> list[float]:
+        """ms of every step since the last take (synchronises), oldest first."""
+        if self.cuda and self._intervals:
+            self._intervals[-1][1].synchronize()
+        out = [a.elapsed_time(b) if self.cuda else (b - a) * 1e3 for a, b in self._intervals]
+        self._intervals.clear()
+        return out
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class RankWorkTimer:
     def _run(self, runner: ModelRunner, plan: RankPlan) -> float:
         runner.run(plan)  # compiles and warms; the slot updates it repeats are idempotent
         runner.run(plan)
-        return runner.clock.elapsed_ms()
+        return runner.clock.take_ms()[-1]
 
     def time_rank(self, plans: list[RankPlan], timed: set[int]) -> dict[int, RankStepTimes]:
         """One rank's plans in step order -> its local work at the positions in `timed` (the

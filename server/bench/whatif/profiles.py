@@ -25,7 +25,7 @@ import conf
 
 from ...config import ConfigError
 from ...moe.routing import PolicyConfigError, build_policy
-from .sources import SOURCES, PolicySource, SourceRequest, run_offsets
+from .sources import PolicySource, SourceRequest, run_offsets
 
 PROFILE_DIR = Path(conf.__file__).resolve().parent / "routing_profile"
 _KEYS = {"mode", "metric", "target", "calibrated_ep", "shape", "seed"}
@@ -52,7 +52,6 @@ def read_profile(name: str) -> dict[str, Any]:
     return {**data, "path": str(path)}
 
 
-@SOURCES.register("profile")
 def build_profile_source(req: SourceRequest) -> PolicySource:
     name = req.settings.bench.profile
     if not name:

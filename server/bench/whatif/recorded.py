@@ -28,7 +28,7 @@ from ...model.loader import TINY_MODEL_DIR, read_model_spec
 from ...moe.routing.trace_file import TraceError, read_trace
 from ..request_sets import RequestSet
 from .shape_map import ShapeMap
-from .sources import SOURCES, SourceRequest, StreamSource, TableSource, run_offsets
+from .sources import SourceRequest, StreamSource, TableSource, run_offsets
 
 DEFAULT_TRACE = TINY_MODEL_DIR / "heldout_routing.eptrace"
 
@@ -111,7 +111,6 @@ def _pool(req: SourceRequest, model: ModelConfig) -> RequestSet:
     return text_prompts(model, lengths, reqs.output_len, o.seed)
 
 
-@SOURCES.register("model")
 def build_model_source(req: SourceRequest) -> TableSource:
     model = _routing_model(req)
     src_spec = read_model_spec(model)
@@ -129,7 +128,6 @@ def build_model_source(req: SourceRequest) -> TableSource:
     return TableSource(torch.from_numpy(table).to(req.device), shape, note)
 
 
-@SOURCES.register("trace")
 def build_trace_source(req: SourceRequest) -> StreamSource:
     path = Path(req.settings.bench.routing_trace or DEFAULT_TRACE)
     try:

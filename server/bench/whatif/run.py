@@ -29,18 +29,15 @@ from ...model.loader import read_model_spec
 from ...model.spec import ModelLoadError
 from ...moe.eplb.placement import ExpertPlacement
 from ...moe.eplb.replica_map import ReplicaMap
-from ...moe.routing import RoutingContext  # noqa: F401  (policies read it)
 from ...routing_setup import build_routing_policy
 from ..experiment import build_sets, engine_app
 from ..settings import BenchSettings
-from . import profiles, recorded  # noqa: F401  (register their sources)
 from .compose import PhaseTime, compose_step
 from .expert_timer import ExpertKernelTimer
 from .layout import Layouter
 from .phase_stats import PhaseLoads
-from .plans import PlannedStep, plan_steps
+from .plans import PlannedStep
 from .rank_timer import RankWorkTimer
-from .sources import SOURCES, SourceRequest
 from .wire import load_interconnect
 
 log = logging.getLogger(__name__)

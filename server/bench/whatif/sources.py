@@ -146,5 +146,8 @@ class SourceRequest:
 
 
 SourceBuilder = Callable[[SourceRequest], RoutingSource]
-#: bench.routing_source -> builder (recorded.py and profiles.py register theirs)
-SOURCES: Registry[SourceBuilder] = Registry("routing source")
+#: bench.routing_source -> builder (imported on first use)
+SOURCES: Registry[SourceBuilder] = Registry("routing source", lazy=True)
+SOURCES.register("model", "server.bench.whatif.recorded:build_model_source")
+SOURCES.register("trace", "server.bench.whatif.recorded:build_trace_source")
+SOURCES.register("profile", "server.bench.whatif.profiles:build_profile_source")

@@ -413,7 +413,7 @@ class EngineProcess:
             for live in self._requests.values():
                 live.stream.put(error)
             self._requests.clear()
-            for fut in self._switch_waiters.values():
+            for fut in (*self._load_waiters.values(), *self._switch_waiters.values()):
                 if not fut.done():
                     fut.set_exception(error)
             if self.proc.exitcode is None:
@@ -421,6 +421,9 @@ class EngineProcess:
                     self._push.send(ipc.pack([ipc.SHUTDOWN]), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
+            if self._reader is not None:  # nothing the core says now is needed
+                self._reader.cancel()
+            loop.call_soon(self._close_outputs)
             done.set()
 
         try:
@@ -433,9 +436,16 @@ class EngineProcess:
         if self.proc.exitcode is None:
             log.error("the engine core did not stop within %.0fs; killing it", timeout)
             self._kill()
+        self._push.close(linger=0)  # the core is gone: SHUTDOWN was read or no longer matters
         self._sockets.close()
         if self.proc.exitcode != 0 and self._failure is None:
             raise RuntimeError(f"the engine-core process exited with code {self.proc.exitcode} while stopping")
+
+    def _close_outputs(self) -> None:
+        """On the loop, once the reader is cancelled: close the outputs socket and its context
+        (an open one blocks the interpreter's exit, where the context is terminated)."""
+        self._pull.close(linger=0)
+        self._ctx.term()
 
     def _kill(self) -> None:
         if self.proc.exitcode is None:

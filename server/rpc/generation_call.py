@@ -63,7 +63,7 @@ async def run_generation(service: "GenerationService", received: ReceivedRequest
         try:
             if not service.state.serving:
                 raise CallAborted(grpc.StatusCode.UNAVAILABLE, service.state.unavailable_reason())
-            if service.calls.full():
+            if service.calls.full() and not service.calls.make_room(asyncio.get_running_loop().time()):
                 raise CallAborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"too many concurrent generation calls (server.max_concurrent_streams="
                                   f"{service.calls.limit}); retry later")

@@ -214,10 +214,20 @@ def test_stopped_engine_core_ends_every_stream_within_the_step_timeout(tmp_path)
         assert seen.get(timeout=10) == "SERVING"
         health: dict[str, float] = {}
 
+        states: list[tuple[float, str]] = []  # (s after the stop, the core's state) until NOT_SERVING
+
         def note_not_serving(stopped_at: float) -> None:
-            if seen.get(timeout=STEP_TIMEOUT_S + 10) == "NOT_SERVING":
-                health["after_s"] = time.monotonic() - stopped_at
-                health["core_state"] = _process_state(core)
+            while True:
+                states.append((time.monotonic() - stopped_at, _process_state(core)))
+                try:
+                    status = seen.get(timeout=0.05)
+                except queue.Empty:
+                    if states[-1][0] > STEP_TIMEOUT_S + 10:
+                        return
+                    continue
+                if status == "NOT_SERVING":
+                    health["after_s"] = time.monotonic() - stopped_at
+                    return
 
         try:
             async def scenario():
@@ -248,7 +258,9 @@ def test_stopped_engine_core_ends_every_stream_within_the_step_timeout(tmp_path)
             assert all(o.startswith("UnavailableError") and "stopped or frozen" in o for o in outcomes), outcomes
             assert took < STEP_TIMEOUT_S + 2, took
             assert health.get("after_s", 99) < STEP_TIMEOUT_S + 2, health
-            assert health["core_state"] in ("T", "t", "Z", "gone"), health  # never resumed: stopped, or killed
+            # stopped all along until the front end killed it (a killed process passes through R on its way out)
+            before_kill = [state for at, state in states if at < health["after_s"] - 0.5]
+            assert before_kill and set(before_kill) <= {"T", "t"}, states
             assert srv.wait_exit(30) != 0
             assert "SERVING -> FAILED" in srv.log() and "stopped or frozen" in srv.log()
             end = time.monotonic() + 15  # the front end killed the core; rank 1 follows its parent

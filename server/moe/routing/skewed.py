@@ -21,6 +21,7 @@ N >= 4096) without any generator state: deterministic per layer and EP rank.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -68,9 +69,9 @@ class SkewedPolicy(RoutingPolicy):
         super().__init__(weights=weights, seed=seed)
         if mode not in MODES:
             raise PolicyConfigError(f"routing.mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(target, (int, float)) or isinstance(target, bool):
-            raise PolicyConfigError(f"routing.target must be a number, got {target!r}")
-        if not isinstance(hot_ranks, int) or hot_ranks < 1:
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+            raise PolicyConfigError(f"routing.target must be a finite number, got {target!r}")
+        if not isinstance(hot_ranks, int) or isinstance(hot_ranks, bool) or hot_ranks < 1:
             raise PolicyConfigError(f"routing.hot_ranks must be a positive integer, got {hot_ranks!r}")
         if shape is not None and (not isinstance(shape, (int, float)) or isinstance(shape, bool) or not 0 <= shape <= S_MAX
                                   or mode == "hot_ranks"):

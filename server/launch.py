@@ -7,7 +7,8 @@ no gRPC.
 Processes: this one is the front end (gRPC, tokenizer, stream output). By default
 (server.engine_process=true) it spawns the engine-core process, which holds rank 0 and spawns
 ranks 1.. (or, under torchrun, joins the process group as rank 0 with the environment torchrun
-gave this process, while torchrun's other processes are ranks 1..)."""
+gave this process, while torchrun's other processes are ranks 1..); false runs the same core
+on a thread of this process."""
 from __future__ import annotations
 
 import asyncio
@@ -37,18 +38,19 @@ def launch(app: AppConfig) -> int:
         print(f"epserve: configuration error: server.log_level={app.server.log_level!r} is not one of "
               "DEBUG, INFO, WARNING, ERROR, CRITICAL", file=sys.stderr)
         return 2
-    from .engine.core_client import CoreStartError, start_engine_process
-    from .engine.launcher import EngineStartError, run_worker_rank, start_engine, torchrun_rank
+    from .engine.api import EngineStartError
+    from .engine.engine_start import start_engine
+    from .engine.launcher import run_worker_rank, torchrun_rank
     from .rpc.app import serve
 
     try:
         if torchrun_rank() not in (None, 0):
             return run_worker_rank(app)
-        return asyncio.run(serve(app, start_engine_process if app.server.engine_process else start_engine))
+        return asyncio.run(serve(app, start_engine))
     except ConfigError as exc:
         print(f"epserve: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (EngineStartError, CoreStartError, FileNotFoundError) as exc:
+    except (EngineStartError, FileNotFoundError) as exc:
         print(f"epserve: start-up failed: {exc}", file=sys.stderr)
         return 2
     except Exception:

@@ -2,13 +2,20 @@
 
 Module guide (one job per file):
   api.py           the public surface the gRPC layer uses (dataclasses, errors, Engine protocol)
-  launcher.py      build_engine_core / start_engine(AppConfig); spawns or joins EP ranks (torchrun)
+  engine_start.py  start_engine(AppConfig): the core in its own process or on a thread, an EngineClient on it
+  core_client.py   EngineClient: the front end's Engine over the core (requests, text, streams)
+  core_link.py     the client's live connection: event loop in use, reader, failure, shutdown
+  request_table.py what the client awaits from the core: live requests, calls, frame confirmations
+  core_pipes.py    the front end's end of the two ZeroMQ pipes (ipc:// or inproc://)
+  ipc.py           the msgpack frames on those pipes (one frame per loop turn in, per step out)
+  core_liveness.py the front end's judgement that the core still runs (heartbeat silence)
+  core_host.py     what every host of the core does: connect, build, READY, run the loop
+  core_loop.py     CoreLoop: the one driver of EngineCore (input, step, output and watch threads)
+  core_process.py  the engine-core process: its entry point and the front end's handle on it
+  core_thread.py   the same core host on a thread of the front end's process
+  launcher.py      build_engine_core(AppConfig); spawns or joins EP ranks (torchrun)
   core.py          EngineCore: add_request / abort / step() -> StepOutputs, synchronous, no text
   core_types.py    EngineRequest and StepOutputs (one batched object per step)
-  core_process.py  the engine-core process: EngineCore's step loop, inputs and outputs on their own threads
-  core_client.py   EngineProcess: the front end's Engine over that process (text, streams, failures)
-  ipc.py           the ZeroMQ + msgpack wire between the two (one frame per loop turn in, per step out)
-  engine.py        ServingEngine: EngineCore driven by a step thread in this process (asyncio API)
   scheduler.py     rank 0's single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption
   block_manager.py paged KV-cache block ids of one rank
   sequence.py      one request as the scheduler sees it
@@ -32,15 +39,17 @@ Module guide (one job per file):
   stops.py         token-level stops and stop strings
   detokenizer.py   incremental text deltas (no broken UTF-8)
   output.py        new token ids -> GenerationChunk per request (text, stop strings, usage)
-  stream.py        chunks -> stream messages (merged; server.stream_interval), thread hand-off
+  stream.py        chunks -> stream messages (merged; server.stream_interval)
 """
-__all__ = ["EngineStartError", "run_worker_rank", "start_engine", "torchrun_rank"]
+_EXPORTS = {"EngineStartError": "api", "run_worker_rank": "launcher", "start_engine": "engine_start",
+            "torchrun_rank": "launcher"}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     """Lazy: `import server.engine.api` must stay light (no torch.distributed, no model code)."""
-    if name in __all__:
-        from . import launcher
+    if name in _EXPORTS:
+        from importlib import import_module
 
-        return getattr(launcher, name)
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,10 @@ class EngineUnavailableError(EngineError):
     """Engine loading, draining, or a rank died (-> UNAVAILABLE)."""
 
 
+class EngineStartError(EngineError, RuntimeError):
+    """A rank or the engine core could not start (model load failed, a worker died during start-up)."""
+
+
 class InvalidPolicyError(EngineError):
     """A routing-policy switch names an unknown policy or bad parameters (-> INVALID_ARGUMENT);
     the message names the key, or lists the registered policies. The policy is unchanged."""
@@ -146,7 +150,7 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    """What the gRPC service needs from the engine (implemented by server.engine.engine)."""
+    """What the gRPC service needs from the engine (implemented by server.engine.core_client)."""
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
@@ -171,7 +175,7 @@ class Engine(Protocol):
         between two steps; returns once they run it. InvalidPolicyError: nothing changed."""
         ...
 
-    # Life cycle (server.engine.engine.ServingEngine implements these; a server should use them
+    # Life cycle (server.engine.core_client.EngineClient implements these; a server should use them
     # to exit non-zero when the engine dies, even while no request is in flight).
     @property
     def failure(self) -> str | None:

@@ -7,9 +7,9 @@
     core.routing_policy()               -> RoutingPolicyState: the policy all ranks run, since when
     core.step() -> StepOutputs          one engine step: every request's new tokens at once
 
-The core knows no text, no asyncio and no gRPC: whoever drives it (ServingEngine's step
-thread in-process, or the engine-core process loop in server/engine/core_process.py) turns
-StepOutputs into stream chunks. Token-level stops (EOS, stop token ids, max_new_tokens,
+The core knows no text, no asyncio and no gRPC: CoreLoop (core_loop.py) drives it, in the
+engine-core process or on a thread, and sends each StepOutputs to the front end, which turns
+it into stream chunks. Token-level stops (EOS, stop token ids, max_new_tokens,
 max_model_len) end sequences here; stop strings are the caller's, who aborts on a match.
 
 Overlapped steps (`engine.overlap`, the default): `step()` plans and launches step n+1, then
@@ -36,7 +36,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .api import EngineStats, FinishReason, ModelInfo, RoutingPolicyState
+from .api import EngineStats, ModelInfo, RoutingPolicyState
 from .core_types import EngineRequest, StepOutputs
 from .executor import Executor
 from .routed_experts import to_wire
@@ -44,7 +44,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .slow_steps import SlowStepLog
 from .step_watchdog import StepWatchdog
-from .stops import stop_token_set
+from .stops import token_stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ class EngineCore:
             if req.req_id in self.scheduler.seqs:
                 raise ValueError(f"request id {req.req_id} is already in the engine")
             seq = Sequence.create(req.req_id, req, seed, max_total, time.monotonic())
-            seq.stop_ids = stop_token_set(req.stops, self._eos)
             self.scheduler.add(seq)
 
     def abort(self, req_ids: Iterable[int]) -> None:
@@ -211,14 +210,10 @@ class EngineCore:
                 if routed:
                     out.routed.append(to_wire(seq.routed_pending) if seq.routed_pending else None)
                     seq.routed_pending = []
-                # token-level stops (stops.token_stop_reason, with the sequence's stop set made once)
-                if token in seq.stop_ids:
-                    finished[seq.seq_id] = FinishReason.STOP
-                elif len(seq.token_ids) >= seq.max_total_len:
-                    finished[seq.seq_id] = FinishReason.LENGTH
-                else:
-                    continue
-                self.scheduler.finish(seq)
+                reason = token_stop_reason(seq, token, self._eos)
+                if reason is not None:
+                    finished[seq.seq_id] = reason
+                    self.scheduler.finish(seq)
             out.forward_steps = self._forward_steps
         return out
 

@@ -1,173 +1,28 @@
-"""The engine-core process: EngineCore (rank 0's scheduler and model runner, and the EP ranks
-it spawns or joins) stepping as fast as it can, with the front end at the far end of ZeroMQ.
+"""The engine-core process: the default host of the CoreLoop (core_host.py), spawned by the
+front end (core_handle.py) so that the step loop never shares a GIL with gRPC work.
 
-Three threads, so that the step loop never waits on messages:
-  * input thread: receive a frame, apply its adds and aborts to the core at once (the core is
-    thread-safe for inputs: a cancelled sequence is freed even while a step runs), register
-    expert-load calls, wake the step loop;
-  * step loop (main thread): while there is work, `core.step()`; queue its StepOutputs;
-  * output thread: pack each StepOutputs into one msgpack frame and send it.
-A watcher thread fails the process the moment an EP rank exits, or a step outruns the step
-watchdog's limit (a hung rank: step_watchdog.py), even while the step loop is stuck in a
-collective; it kills the ranks and exits without waiting for that step. It also sends a
-HEARTBEAT frame every ipc.HEARTBEAT_S: a watchdog cannot see its own process stopped
-(SIGSTOP, a frozen VM), so the front end judges that by the silence (core_liveness.py). This process ignores SIGINT and SIGTERM: a signal to the whole process
-group (Ctrl-C) must drain like one to the front end, which tells this process when to stop.
-It exits 0 after SHUTDOWN, 1 when the engine failed, and on its own if the front end vanishes.
+This process ignores SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C) must
+drain like one to the front end, which tells this process when to stop (group_signals.py).
+It exits 0 after SHUTDOWN, 1 when the engine failed (at once, after sending FAILED: the step
+loop may be stuck in a collective with a dead rank), 2 for a start-up error, and on its own
+if the front end vanishes.
 """
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-import traceback
 
 import zmq
 
-from ..config import AppConfig, ConfigError
-from . import ipc
-from .api import ResourceExhaustedError
-from .core import EngineCore
+from ..config import AppConfig
+from .core_host import CoreEndpoints, serve_core
+from .core_loop import EXIT_FAILED, EXIT_OK, WATCH_S, CoreLoop
 from .group_signals import ignore_group_signals
-from .policy_switch import refuse_file_policies
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 2.0  # idle distributed engines ping their workers this often
-WATCH_S = 0.2  # dead-rank and orphan polling period
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-
-class CoreLoop:
-    def __init__(self, core: EngineCore, inputs: zmq.Socket) -> None:
-        self.core = core
-        self.inputs = inputs
-        self.out: "queue.Queue[bytes | None]" = queue.Queue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._load_calls: dict[int, int] = {}  # core ticket -> front-end call id
-        self._switch_calls: list[int] = []  # front-end call ids of the policy switch not yet applied
-        self._lock = threading.Lock()
-        self.failure: str | None = None
-
-    # ---- input thread ---------------------------------------------------------------------------
-    def _read_inputs(self) -> None:
-        try:
-            self._serve_inputs()
-        except BaseException as exc:  # noqa: BLE001 - without inputs the core is useless
-            log.error("engine input thread failed:\n%s", traceback.format_exc())
-            self.fail(f"engine input thread failed: {exc}")
-            self._wake.set()
-
-    def _serve_inputs(self) -> None:
-        while True:
-            frame = ipc.unpack(self.inputs.recv())
-            if frame[0] == ipc.SHUTDOWN:
-                self._stop.set()
-                self._wake.set()
-                return
-            _, adds, aborts, loads, switches = frame
-            if aborts:
-                self.core.abort(aborts)
-            for fields in adds:
-                self._add(fields)
-            for call_id, routing in switches:
-                self._switch(call_id, routing)
-            for call_id, reset in loads:
-                with self._lock:
-                    self._load_calls[self.core.request_expert_load(reset)] = call_id
-            self._wake.set()
-            if aborts or adds:
-                self.out.put(ipc.pack([ipc.STATS, list(_stats_fields(self.core))]))
-
-    def _add(self, fields: list) -> None:
-        req = ipc.request_from_fields(fields)
-        try:
-            self.core.add_request(req)
-        except ResourceExhaustedError as exc:
-            self.out.put(ipc.pack([ipc.REJECTED, req.req_id, "exhausted", str(exc)]))
-        except (AssertionError, ValueError) as exc:  # the front end validates: this is a bug there
-            log.error("request %d refused by the core: %s", req.req_id, exc)
-            self.out.put(ipc.pack([ipc.REJECTED, req.req_id, "invalid", str(exc)]))
-
-    def _switch(self, call_id: int, routing: dict) -> None:
-        """Queue a policy switch for the next step; a mapping rank 0 cannot build is refused now."""
-        with self._lock:
-            self._switch_calls.append(call_id)
-        try:
-            refuse_file_policies(routing)  # a switch from the API never gets the server's file access
-            self.core.switch_routing_policy(routing)
-        except Exception as exc:  # noqa: BLE001 - ConfigError names the key; anything else is reported too
-            with self._lock:
-                self._switch_calls.remove(call_id)
-            reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            self.out.put(ipc.pack([ipc.ROUTING, [call_id], False, reason]))
-
-    # ---- step loop (main thread) ------------------------------------------------------------------
-    def run(self) -> int:
-        threading.Thread(target=self._read_inputs, name="epserve-core-in", daemon=True).start()
-        threading.Thread(target=self._watch_ranks, name="epserve-core-watch", daemon=True).start()
-        core = self.core
-        try:
-            core.bind_thread()
-            while not self._stop.is_set() and self.failure is None:
-                self._wake.clear()
-                if not core.has_work():
-                    self._wake.wait(HEARTBEAT_S)
-                    if self._stop.is_set() or self.failure is not None:
-                        break
-                outputs = core.step()
-                if outputs.is_empty:
-                    continue
-                with self._lock:
-                    calls = [self._load_calls.pop(t) for t in outputs.load_tickets if t in self._load_calls]
-                self.out.put(ipc.step_frame(outputs, core.stats(), calls))
-                if outputs.routing is not None:
-                    with self._lock:
-                        switched, self._switch_calls = self._switch_calls, []
-                    self.out.put(ipc.pack([ipc.ROUTING, switched, True, ipc.dumps(core.routing_policy())]))
-        except BaseException as exc:  # noqa: BLE001 - any failure of a step is fatal
-            log.error("engine step failed:\n%s", traceback.format_exc())
-            self.fail(core.dead_rank_within(1.0) or f"engine step failed: {exc}")
-        if self.failure is not None:
-            return EXIT_FAILED
-        core.shutdown(graceful=True)
-        return EXIT_OK
-
-    def _watch_ranks(self) -> None:
-        heartbeat = ipc.pack([ipc.HEARTBEAT])
-        last_beat = 0.0
-        while not self._stop.is_set() and self.failure is None:
-            dead = self.core.dead_rank() or self.core.hung_step()
-            if dead is not None:
-                self.fail(dead)
-                # The step loop may sit in a collective that never returns: do not wait for it.
-                _flush_and_exit(self, EXIT_FAILED)
-            if time.monotonic() - last_beat >= ipc.HEARTBEAT_S:
-                self.out.put(heartbeat)
-                last_beat = time.monotonic()
-            time.sleep(WATCH_S)
-
-    def fail(self, reason: str) -> None:
-        with self._lock:
-            if self.failure is not None:
-                return
-            self.failure = reason
-        log.error("engine failed: %s", reason)
-        self.out.put(ipc.pack([ipc.FAILED, reason]))
-
-
-def _stats_fields(core: EngineCore) -> tuple:
-    s = core.stats()
-    return (s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_total, s.steps)
-
-
-def _send_outputs(out_sock: zmq.Socket, frames: "queue.Queue[bytes | None]", done: threading.Event) -> None:
-    while (frame := frames.get()) is not None:
-        out_sock.send(frame, copy=False)
-    done.set()
 
 
 def _flush_and_exit(loop: CoreLoop | None, code: int, wait_s: float = 2.0) -> None:
@@ -202,46 +57,28 @@ def share_cpu(app: AppConfig) -> None:
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // app.parallel.ep_size))
 
 
-def core_process_main(app_dict: dict, sockets: dict, parent_pid: int, log_level: str) -> None:
+def core_process_main(app_dict: dict, endpoints: CoreEndpoints, parent_pid: int, log_level: str) -> None:
     """Entry point of the engine-core process (multiprocessing, spawn)."""
     ignore_group_signals()  # the front end drains and then says SHUTDOWN (group_signals.py)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-    ctx = zmq.Context()
-    out_sock = ctx.socket(zmq.PUSH)
-    out_sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block on a burst: frames are few and small
-    out_sock.setsockopt(zmq.LINGER, 5000)
-    out_sock.connect(sockets["outputs"])
-    in_sock = ctx.socket(zmq.PULL)  # connected now, so that it is up by the time READY is read
-    in_sock.connect(sockets["inputs"])
-    from .launcher import EngineStartError, build_engine_core
+    from .launcher import build_engine_core
 
-    try:
+    def build():
         app = AppConfig.from_dict(app_dict)
         share_cpu(app)
-        core = build_engine_core(app)
-    except (ConfigError, EngineStartError, FileNotFoundError) as exc:
-        kind = "config" if isinstance(exc, ConfigError) else "start"
-        out_sock.send(ipc.pack([ipc.START_FAILED, kind, str(exc)]))
-        ctx.destroy(linger=5000)  # the frame goes out before the exit
-        os._exit(EXIT_CONFIG)
-    except BaseException as exc:  # noqa: BLE001 - reported to the front end, then exit
-        log.error("engine start-up failed:\n%s", traceback.format_exc())
-        out_sock.send(ipc.pack([ipc.START_FAILED, "error", f"{type(exc).__name__}: {exc}"]))
+        return build_engine_core(app)
+
+    ctx = zmq.Context()
+    run = serve_core(ctx, endpoints, build, on_fatal=lambda loop: _flush_and_exit(loop, EXIT_FAILED))
+    if run.loop is None:  # START_FAILED is on its way out
         ctx.destroy(linger=5000)
-        os._exit(EXIT_FAILED)
-    loop = CoreLoop(core, in_sock)
-    sent = threading.Event()
-    threading.Thread(target=_send_outputs, args=(out_sock, loop.out, sent), name="epserve-core-out",
-                     daemon=True).start()
-    loop.out.put(ipc.pack([ipc.READY, ipc.dumps(core.model_info()), ipc.dumps(core.routing_policy())]))
-    code = loop.run()
-    loop.out.put(None)
-    sent.wait(5.0)
-    if code != EXIT_OK:
-        _flush_and_exit(loop, code)
-    in_sock.close(linger=0)  # its thread returned at SHUTDOWN
-    out_sock.close(linger=2000)  # frames still queued go out first
+        os._exit(run.code)
+    run.loop.drain_outputs(5.0)
+    if run.code != EXIT_OK:
+        _flush_and_exit(run.loop, run.code)
+    run.inputs.close(linger=0)  # its thread returned at SHUTDOWN
+    run.outputs.close(linger=2000)  # frames still queued go out first
     ctx.term()
     # Finalizers registered with multiprocessing (routing=record closes its trace) run as at any
     # worker's exit; then leave without interpreter teardown, where native threads of torch or
@@ -252,4 +89,63 @@ def core_process_main(app_dict: dict, sockets: dict, parent_pid: int, log_level:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(run.code)
+
+
+class CoreProcess:
+    """The front end's handle on the engine-core process it spawned."""
+
+    join_after_failure_s = None  # a failed core process exits on its own (after stopping its ranks)
+
+    def __init__(self, app: AppConfig, pipes) -> None:
+        import multiprocessing
+
+        from .launcher import app_to_dict
+
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=core_process_main, name="epserve-core",
+            args=(app_to_dict(app), pipes.endpoints, multiprocessing.current_process().pid, level))
+        self._join_lock = threading.Lock()  # Process.join is not thread-safe: one reaper at a time
+        self.core = None  # the core lives in the other process
+
+    def start(self) -> "CoreProcess":
+        from .group_signals import spawning_signal_proof
+
+        with spawning_signal_proof():  # it ignores Ctrl-C from its first instruction (group_signals.py)
+            self.proc.start()
+        return self
+
+    @property
+    def description(self) -> str:
+        return f"the engine-core process (pid {self.proc.pid})"
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.exitcode
+
+    def join(self, timeout: float | None) -> None:
+        with self._join_lock:
+            self.proc.join(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL (a stopped process takes it too); its ranks exit when it is gone."""
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.join(10)
+
+    def watch_exit(self, loop, callback) -> None:
+        """`callback()` on `loop` once the process has exited (its sentinel turns readable)."""
+        def on_exit() -> None:
+            loop.remove_reader(self.proc.sentinel)
+            if self._join_lock.acquire(blocking=False):  # else shutdown() is reaping it
+                try:
+                    self.proc.join(0)
+                finally:
+                    self._join_lock.release()
+            callback()
+        loop.add_reader(self.proc.sentinel, on_exit)
+
+    def unwatch_exit(self, loop) -> None:
+        if not loop.is_closed():
+            loop.remove_reader(self.proc.sentinel)

@@ -33,12 +33,13 @@ class InputBatch:
     def __bool__(self) -> bool:
         return bool(self.adds or self.aborts or self.loads or self.switches)
 
-    def take_frame(self) -> tuple[bytes | None, list[Unpackable]]:
-        """Empty the batch -> (the frame, or None if nothing is left to send; the items left out)."""
+    def take_frame(self, number: int) -> tuple[bytes | None, list[Unpackable]]:
+        """Empty the batch into input frame `number` -> (the frame, or None if nothing is left to
+        send; the items left out)."""
         adds, aborts, loads, switches = self.adds, self.aborts, self.loads, self.switches
         self.adds, self.aborts, self.loads, self.switches = [], [], [], []
         try:
-            return ipc.pack([ipc.BATCH, adds, aborts, loads, switches]), []
+            return ipc.pack([ipc.BATCH, number, adds, aborts, loads, switches]), []
         except (OverflowError, TypeError, ValueError):
             pass
         left_out: list[Unpackable] = []
@@ -46,7 +47,7 @@ class InputBatch:
         switches = _packable(switches, "switch", left_out)
         if not (adds or aborts or loads or switches):
             return None, left_out
-        return ipc.pack([ipc.BATCH, adds, aborts, loads, switches]), left_out
+        return ipc.pack([ipc.BATCH, number, adds, aborts, loads, switches]), left_out
 
 
 def _packable(items: list[list], kind: str, left_out: list[Unpackable]) -> list[list]:

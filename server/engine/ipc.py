@@ -1,12 +1,13 @@
 """The wire between the front end and the engine-core process: ZeroMQ sockets, msgpack frames.
 
-Two PUSH/PULL pipes over ipc:// sockets in a private (0700) temporary folder, both bound by the
-front end: `inputs` (front end -> core) and `outputs` (core -> front end). Nothing listens on a
-network interface. Every frame is one msgpack array whose first item says what it is:
+Two PUSH/PULL pipes, both bound by the front end (core_pipes.py): `inputs` (front end -> core)
+and `outputs` (core -> front end). Every frame is one msgpack array whose first item says what
+it is:
 
   front end -> core
-    [BATCH, adds, aborts, loads, switches]
-                                    everything the front end queued during one event-loop turn:
+    [BATCH, number, adds, aborts, loads, switches]
+                                    everything the front end queued during one event-loop turn
+                                    (frames numbered 0, 1, ...):
                                     adds = [[req_id, prompt ids, temperature, top_p, top_k, seed,
                                     max_new_tokens, stop token ids, ignore_eos, logprobs,
                                     routed experts (0 no, 1 yes, 2 with the prompt)], ...],
@@ -25,7 +26,7 @@ network interface. Every frame is one msgpack array whose first item says what i
                                     (None where not asked for), or None when nobody asked
     [ROUTING, call_ids, ok, reply]  answer to switches: ok -> pickled RoutingPolicyState (every
                                     rank runs it), else the reason it was refused
-    [STATS, stats]                  after inputs changed the queue while no step ran
+    [STATS, stats, number]          after the core applied input frame `number`: its queue now
     [REJECTED, req_id, kind, message]  an add the core refused (kind "exhausted" or "invalid")
     [FAILED, reason]                the core is dead (a rank died, a step failed); it exits 1
     [HEARTBEAT]                     the core process runs: its watcher thread sends one every
@@ -37,10 +38,7 @@ can reach.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import astuple
 from typing import Any
 
@@ -89,6 +87,10 @@ def finish_reasons(finished: list) -> dict[int, FinishReason]:
     return {req_id: _REASON_BY_VALUE[value] for req_id, value in finished}
 
 
+def stats_fields(stats: EngineStats) -> list:
+    return list(astuple(stats))
+
+
 def stats_from_fields(fields: list) -> EngineStats:
     return EngineStats(*fields)
 
@@ -99,17 +101,3 @@ def dumps(obj: Any) -> bytes:
 
 def loads(data: bytes) -> Any:
     return pickle.loads(data)
-
-
-# ---- where the sockets live ------------------------------------------------------------------------
-class SocketDir:
-    """A private folder holding the two ipc:// socket files; removed on close."""
-
-    def __init__(self) -> None:
-        self.path = tempfile.mkdtemp(prefix="epserve-")  # mode 0700
-        os.chmod(self.path, 0o700)
-        self.inputs = f"ipc://{self.path}/in"
-        self.outputs = f"ipc://{self.path}/out"
-
-    def close(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)

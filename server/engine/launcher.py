@@ -1,12 +1,12 @@
-"""Start the engine from an AppConfig: check, spawn or join the EP ranks, load, serve.
+"""Build the engine core from an AppConfig: check, spawn or join the EP ranks, load rank 0.
 
   * ep_size 1: everything in this process, no process group (a size-1 one when
     parallel.dispatch forces the EP path: allgather / alltoall).
   * ep_size N: epserve spawns ranks 1..N-1 (torch.multiprocessing, spawn) on a free port;
     this process is rank 0 and serves.
   * under torchrun (RANK / WORLD_SIZE set): every process runs `python -m server`; rank 0
-    calls start_engine, the others `run_worker_rank` (server.launch dispatches on
-    `torchrun_rank()`).
+    builds the core (engine_start.py), the others `run_worker_rank` (server.launch dispatches
+    on `torchrun_rank()`).
 
 Everything that can be checked without loading weights — model shape, routing policy,
 ep_size, devices — is checked before any process is spawned, and raises ConfigError.
@@ -24,17 +24,13 @@ from ..dispatch_setup import build_dispatch_settings, needs_group_at_ep1
 from ..eplb_setup import build_eplb_settings
 from ..routing_setup import build_routing_policy
 from .distributed import free_port, resolve_device, torchrun_env
+from .api import EngineStartError
 from .core import EngineCore
-from .engine import ServingEngine
 from .executor import DistributedExecutor, LocalExecutor
 from .group_signals import ignore_group_signals, spawning_signal_proof
 from .rank_worker import build_runner, run_worker, spawned_worker_main, start_rank
 
 log = logging.getLogger(__name__)
-
-
-class EngineStartError(RuntimeError):
-    """A rank could not start (model load failed, a worker died during start-up)."""
 
 
 def app_to_dict(app: AppConfig) -> dict[str, Any]:
@@ -93,7 +89,7 @@ def _model_setup(app: AppConfig, world_size: int):
 
 def build_engine_core(app: AppConfig) -> EngineCore:
     """Check the config, spawn or join the EP ranks, load rank 0's shard: the EngineCore of this
-    process (no tokenizer, no step thread). Raises ConfigError (bad setting, before anything is
+    process (no tokenizer, no core loop). Raises ConfigError (bad setting, before anything is
     spawned) or EngineStartError (a rank failed to come up)."""
     env = torchrun_env()
     if env is not None and env.rank != 0:
@@ -125,22 +121,6 @@ def build_engine_core(app: AppConfig) -> EngineCore:
             core.shutdown(graceful=False)
             raise
     return core
-
-
-def start_engine(app: AppConfig) -> ServingEngine:
-    """Build the engine core in this process and start its step thread (the in-process Engine).
-    Raises ConfigError or EngineStartError as build_engine_core does."""
-    from ..model.loader import load_tokenizer
-
-    if (env := torchrun_env()) is not None and env.rank != 0:
-        raise ConfigError(f"start_engine runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
-    core = build_engine_core(app)
-    try:
-        tokenizer = load_tokenizer(app.model)
-    except BaseException:
-        core.shutdown(graceful=True)
-        raise
-    return ServingEngine(core, tokenizer, stream_interval=app.server.stream_interval).start()
 
 
 def spawn_ranks(parallel, world: int, entry: Callable[..., None], args: tuple) -> tuple[list, str]:

@@ -1,7 +1,7 @@
 """One request's text side, wherever the text is: new token ids -> a GenerationChunk.
 
-Used by every driver of EngineCore: the in-process ServingEngine and the front end of the
-engine-core process (server/engine/core_client.py). It detokenizes incrementally, matches stop
+Used by the front end's client of the engine core (server/engine/core_client.py), wherever the
+core runs. It detokenizes incrementally, matches stop
 strings (the caller aborts the request in the core on a match; tokens the core produced after
 the matching one are dropped), and keeps usage. Tokens come in batches: one step's token, or
 several when the caller has fallen behind; the result is the same token and text sequence.

@@ -40,7 +40,6 @@ class Sequence:
     admit_order: int = -1  # increasing per admission; preemption picks the newest
     num_preemptions: int = 0
     first_token_time: float | None = None
-    stop_ids: frozenset[int] = frozenset()  # tokens that end it with STOP (stops.stop_token_set), set by the core
     #: routed experts asked for: the first position whose rows are still to be returned (-1: not
     #: asked for). Advanced when a step is planned, so a recomputed (preempted) prefix is not sent twice.
     routed_from: int = -1

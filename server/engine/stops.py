@@ -25,13 +25,6 @@ def token_stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) 
     return None
 
 
-def stop_token_set(stops, eos_token_ids: frozenset[int]) -> frozenset[int]:
-    """The token ids that end a request with STOP (its stop ids, and EOS unless ignore_eos):
-    made once per request, so the per-step check is one set lookup."""
-    ids = frozenset(stops.stop_token_ids)
-    return ids if stops.ignore_eos else ids | eos_token_ids
-
-
 def is_stop_token(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> bool:
     stops = seq.request.stops
     return token in stops.stop_token_ids or (not stops.ignore_eos and token in eos_token_ids)

@@ -1,8 +1,7 @@
 """One request's chunks on their way to its asyncio consumer, merged into stream messages.
 
-The producer puts chunks on the consumer's loop: directly (the engine-core front end runs
-there) or, from the in-process step thread, through `deliver_threadsafe`, which hands a whole
-step's chunks over in one call_soon_threadsafe. `get` returns every token that is ready,
+The producer (the client's reader task, core_client.py) puts chunks on the stream from the
+consumer's own event loop. `get` returns every token that is ready,
 merged into one chunk, so a consumer that falls behind (a slow reader, a busy loop) costs one
 message, not one per token. With `interval` > 1 the consumer is woken only once that many
 tokens are pending, or the request ended, or the first token is there (TTFT does not grow);
@@ -13,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from itertools import chain
-from typing import Iterable, Union
+from typing import Union
 
 from .api import GenerationChunk
 
@@ -82,36 +81,3 @@ def merge_chunks(parts: list[GenerationChunk]) -> GenerationChunk:
         usage=last.usage,
         routed_experts=routed,
     )
-
-
-def deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: Iterable[tuple[RequestStream, Item]]) -> bool:
-    """From any thread: put every (stream, item) on `loop` in one hand-off. False if the loop is gone."""
-    batch = list(items)
-    if not batch:
-        return True
-
-    def deliver() -> None:
-        for stream, item in batch:
-            stream.put(item)
-
-    try:
-        loop.call_soon_threadsafe(deliver)
-        return True
-    except RuntimeError:  # loop closed
-        return False
-
-
-def settle_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value) -> None:
-    """From any thread: set `fut`'s result (or exception, if `value` is one) on its loop."""
-    def settle() -> None:
-        if fut.done():
-            return
-        if isinstance(value, BaseException):
-            fut.set_exception(value)
-        else:
-            fut.set_result(value)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the caller's loop is gone
-        pass

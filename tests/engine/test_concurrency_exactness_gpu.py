@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import conf
 from server.config import AppConfig
 from server.engine.api import GenerationRequest, SamplingParams, StopParams
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_generate import serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -38,7 +38,7 @@ def test_fp32_greedy_is_the_same_alone_and_under_128_way_concurrency() -> None:
     rng = random.Random(0)
     vocab = 1000
     prompts = [tuple(rng.randrange(vocab) for _ in range(rng.randrange(8, 64))) for _ in range(128)]
-    eng = start_engine(app)
+    eng = start_engine(app, in_thread=True)
     try:
         alone = [serve_all(eng, [_request(i, p)])[0][0] for i, p in enumerate(prompts[:32])]
         together = serve_all(eng, [_request(i, p) for i, p in enumerate(prompts)], stagger=0.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_generate import PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 NEW_TOKENS = 16
@@ -19,7 +19,7 @@ def test_greedy_matches_transformers_for_a_concurrent_mixed_length_batch(family,
     limit that queues two, staggered arrivals)."""
     model = build_model_folder(tmp_path, family=family, seed=5)
     expected = [hf_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
-    eng = start_engine(make_app(tmp_path, ep_size=ep))
+    eng = start_engine(make_app(tmp_path, ep_size=ep), in_thread=True)
     try:
         results = serve_all(eng, [request(i, p, max_new=NEW_TOKENS) for i, p in enumerate(PROMPTS)])
         assert [r[0] for r in results] == expected

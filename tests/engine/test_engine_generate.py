@@ -19,7 +19,7 @@ from server.engine.api import (
     SamplingParams,
     StopParams,
 )
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 
 VOCAB = 320
 PROMPTS = [[5, 6], [7, 8, 9, 10, 11], list(range(20, 33)), [100, 3, 250, 17, 9, 41, 2, 8], [300]]
@@ -99,7 +99,7 @@ def qwen3(tmp_path_factory):
 @pytest.fixture(scope="module", params=[1, 2], ids=["ep1", "ep2"])
 def engine(request, qwen3):
     folder, _, _ = qwen3
-    eng = start_engine(make_app(folder, ep_size=request.param))
+    eng = start_engine(make_app(folder, ep_size=request.param), in_thread=True)
     yield eng
     eng.shutdown()
     assert not eng.is_alive
@@ -176,7 +176,7 @@ def test_embedded_tiny_model_serves_text_like_transformers() -> None:
     from server.model.loader import TINY_MODEL_DIR
 
     app = AppConfig.from_dict({"engine": {"kv_cache_tokens": 256, "kv_block_size": 16}})
-    eng = start_engine(app)
+    eng = start_engine(app, in_thread=True)
     try:
         prompts = ["Hello, world!", "The quick brown fox", "日本語 😀"]
         reqs = [GenerationRequest(f"t{i}", tuple(eng.encode(p)), SamplingParams(temperature=0.0),
@@ -203,7 +203,7 @@ def test_other_families_match_transformers_under_continuous_batching(family, tmp
     model = build_model_folder(tmp_path, family=family, seed=4)
     prompts = PROMPTS[1:4]  # 5, 13 and 8 tokens: chunked by a 5-token budget, past Mixtral's window of 6
     expected = [hf_greedy(model, p, MAX_NEW) for p in prompts]
-    eng = start_engine(make_app(tmp_path, max_num_batched_tokens=5))
+    eng = start_engine(make_app(tmp_path, max_num_batched_tokens=5), in_thread=True)
     try:
         results = serve_all(eng, [request(i, p) for i, p in enumerate(prompts)])
         assert [r[0] for r in results] == expected

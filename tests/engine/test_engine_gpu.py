@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.engine.api import EngineUnavailableError
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, make_app, request, serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -46,7 +46,7 @@ def qwen3_gpu_graphable(tmp_path_factory):
 @pytest.mark.parametrize("ep_size", [1, pytest.param(2, marks=pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs"))])
 def test_gpu_greedy_matches_transformers(qwen3_gpu, ep_size) -> None:
     folder, expected = qwen3_gpu
-    eng = start_engine(make_app(folder, ep_size=ep_size))
+    eng = start_engine(make_app(folder, ep_size=ep_size), in_thread=True)
     try:
         assert eng.model_info().device == "cuda:0"
         results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
@@ -81,9 +81,9 @@ def test_gpu_ep_decode_replays_graphs_with_the_collectives_inside(qwen3_gpu_grap
     monkeypatch.setattr(DecodeGraphRunner, "replay", counting)  # rank 0 (this process)
     folder, expected = qwen3_gpu_graphable
     app = make_app(folder, ep_size=ep_size)
-    eng = start_engine(replace(app, parallel=replace(app.parallel, dispatch="allgather")))
+    eng = start_engine(replace(app, parallel=replace(app.parallel, dispatch="allgather")), in_thread=True)
     try:
-        graphs = eng.executor.runner.decode_graphs
+        graphs = eng.core.executor.runner.decode_graphs
         assert graphs is not None and graphs.lockstep and graphs.capture_enabled
         results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
         assert [r[0] for r in results] == expected
@@ -98,13 +98,13 @@ def test_gpu_policy_switch_right_after_a_prefill_recaptures_and_still_matches(qw
     hold its logits indices, row ends of a 13-token prompt past the largest bucket (3); the
     capture must not read them (it once did: a device-side assert that killed the engine)."""
     folder, expected = qwen3_gpu_graphable
-    eng = start_engine(make_app(folder))
+    eng = start_engine(make_app(folder), in_thread=True)
     try:
-        assert eng.executor.runner.decode_graphs is not None
+        assert eng.core.executor.runner.decode_graphs is not None
         for policy in ("greedy_balanced", "natural"):
             assert len(serve_all(eng, [request(0, PROMPTS[2], max_new=1)])[0][0]) == 1
             asyncio.run(eng.set_routing_policy({"name": policy}))
-        assert eng.executor.runner.decode_graphs is not None
+        assert eng.core.executor.runner.decode_graphs is not None
         results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
         assert [r[0] for r in results] == expected
     finally:
@@ -117,12 +117,12 @@ def test_gpu_dead_rank_fails_fast(qwen3_gpu) -> None:
     from dataclasses import replace
 
     app = make_app(folder, ep_size=2)
-    eng = start_engine(replace(app, model=replace(app.model, max_model_len=256)))
+    eng = start_engine(replace(app, model=replace(app.model, max_model_len=256)), in_thread=True)
     try:
         async def main():
             gen = eng.generate(request(0, PROMPTS[2], max_new=200))
             await gen.__anext__()
-            eng.executor.procs[0].kill()
+            eng.core.executor.procs[0].kill()
             start = time.monotonic()
             with pytest.raises(EngineUnavailableError):
                 async for _ in gen:

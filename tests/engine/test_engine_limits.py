@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from server.engine.api import EngineUnavailableError, FinishReason, InvalidRequestError, ResourceExhaustedError
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 
@@ -33,7 +33,7 @@ def make_engine():
             from dataclasses import replace
 
             app = replace(app, model=replace(app.model, max_model_len=max_model_len))
-        eng = start_engine(app)
+        eng = start_engine(app, in_thread=True)
         engines.append(eng)
         return eng
 
@@ -106,7 +106,7 @@ def test_preemption_under_memory_pressure_changes_no_result(qwen3, make_engine) 
     eng = make_engine(folder, kv_cache_tokens=40, max_num_seqs=5)  # 10 blocks for ~74 tokens of demand
     results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)], stagger=0.0)
     assert [r[0] for r in results] == expected
-    assert eng.scheduler.num_preemptions > 0
+    assert eng.core.scheduler.num_preemptions > 0
     assert eng.stats().kv_blocks_used == 0
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from server.config import AppConfig
 from server.engine.api import FinishReason, GenerationRequest, SamplingParams, StopParams
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 
 PROMPTS = [list(b"Hello, world"), list(b"MoE"), list(b"The quick brown fox jumps"), [7], list(b"expert parallel!"),
            list(b"abc" * 9), list(b"serving"), list(b"z")]
@@ -78,7 +78,7 @@ def record_updates_and_finishes(scheduler, monkeypatch) -> list:
 
 @pytest.fixture(scope="module")
 def engines():
-    on, off = start_engine(app(True)), start_engine(app(False))
+    on, off = start_engine(app(True), in_thread=True), start_engine(app(False), in_thread=True)
     yield on, off
     on.shutdown()
     off.shutdown()
@@ -94,7 +94,7 @@ def test_overlap_gives_the_same_streams_with_stops_and_cancels_in_flight(engines
     cancels = {2: 2, 5: 1, 9: 3}
     results = {}
     for name, eng in (("off", off), ("on", on)):
-        log = record_updates_and_finishes(eng.scheduler, monkeypatch)
+        log = record_updates_and_finishes(eng.core.scheduler, monkeypatch)
         results[name] = serve(eng, requests(stops), cancels)
         ended: set[int] = set()
         for kind, ids in log:  # in lock order: no token for a sequence after it ended
@@ -127,12 +127,12 @@ def test_overlap_counts_each_planned_forward_step_once(engines) -> None:
 
 
 def test_ep2_overlap_matches_one_step_at_a_time() -> None:
-    on, off = start_engine(app(True, ep_size=2)), None
+    on, off = start_engine(app(True, ep_size=2), in_thread=True), None
     try:
         got = serve(on, requests())
     finally:
         on.shutdown()
-    off = start_engine(app(False))
+    off = start_engine(app(False), in_thread=True)
     try:
         want = serve(off, requests())
     finally:

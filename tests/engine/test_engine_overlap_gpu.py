@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.config import AppConfig
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_generate import request, serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -34,9 +34,9 @@ def _requests():
 def test_overlap_equals_one_step_at_a_time_in_fp32() -> None:
     out = {}
     for overlap in (False, True):
-        eng = start_engine(_app(overlap))
+        eng = start_engine(_app(overlap), in_thread=True)
         try:
-            assert eng.executor.runner.decode_graphs is not None
+            assert eng.core.executor.runner.decode_graphs is not None
             out[overlap] = [r[0] for r in serve_all(eng, _requests(), stagger=0.0)]
             stats = eng.stats()
             assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)

@@ -16,7 +16,7 @@ import pytest
 from server.config import ConfigError
 from server.engine.api import EngineUnavailableError
 from server.engine.distributed import free_port
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def qwen3(tmp_path_factory):
 @pytest.mark.slow
 def test_ep4_greedy_matches_transformers(qwen3) -> None:
     folder, _, expected = qwen3
-    eng = start_engine(make_app(folder, ep_size=4, max_num_seqs=2))
+    eng = start_engine(make_app(folder, ep_size=4, max_num_seqs=2), in_thread=True)
     try:
         results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
         assert [r[0] for r in results] == expected
@@ -53,9 +53,9 @@ def test_forced_ep_dispatch_at_ep1_generates_like_transformers(qwen3) -> None:
 
     app = make_app(folder, ep_size=1)
     app = replace(app, parallel=replace(app.parallel, dispatch="allgather"))
-    eng = start_engine(app)
+    eng = start_engine(app, in_thread=True)
     try:
-        assert eng.executor.runner.model.dispatcher.name == "allgather"
+        assert eng.core.executor.runner.model.dispatcher.name == "allgather"
         assert dist.is_initialized() and dist.get_world_size() == 1
         results = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
         assert [r[0] for r in results] == expected
@@ -69,14 +69,14 @@ def test_a_dead_rank_fails_requests_quickly_and_marks_the_engine_dead(qwen3) -> 
     app = make_app(folder, ep_size=2)
     from dataclasses import replace
 
-    eng = start_engine(replace(app, model=replace(app.model, max_model_len=4096)))
+    eng = start_engine(replace(app, model=replace(app.model, max_model_len=4096)), in_thread=True)
     failures = []
     eng.add_failure_callback(failures.append)
     try:
         async def main():
             gen = eng.generate(request(0, PROMPTS[2], max_new=4000))
             await gen.__anext__()
-            eng.executor.procs[0].kill()
+            eng.core.executor.procs[0].kill()
             start = time.monotonic()
             with pytest.raises(EngineUnavailableError, match="rank 1"):
                 async for _ in gen:
@@ -97,7 +97,7 @@ def test_a_dead_rank_fails_requests_quickly_and_marks_the_engine_dead(qwen3) -> 
 def test_bad_parallel_settings_fail_before_spawning(qwen3) -> None:
     folder, _, _ = qwen3
     with pytest.raises(ConfigError, match="ep_size=3"):
-        start_engine(make_app(folder, ep_size=3))  # 8 experts
+        start_engine(make_app(folder, ep_size=3), in_thread=True)  # 8 experts
     assert multiprocessing.active_children() == []
 
 
@@ -111,7 +111,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
                                "engine": {"kv_cache_tokens": 256, "kv_block_size": 4}})
     if torchrun_rank() != 0:
         sys.exit(run_worker_rank(app))
-    engine = start_engine(app)
+    engine = start_engine(app, in_thread=True)
 
     async def main():
         req = GenerationRequest("t", tuple(int(t) for t in sys.argv[2].split(",")), SamplingParams(temperature=0.0),

@@ -18,23 +18,23 @@ def test_an_unpackable_item_is_left_out_and_never_stays_queued() -> None:
     batch.switches.append([11, {"name": "uniform_random", "seed": 2**64}])
     batch.switches.append([12, {"name": "natural"}])
     batch.aborts.append(3)
-    frame, left_out = batch.take_frame()
+    frame, left_out = batch.take_frame(0)
     assert not batch
     assert [(u.kind, u.item_id) for u in left_out] == [("switch", 11)] and "engine core" in left_out[0].reason
-    kind, adds, aborts, loads, switches = ipc.unpack(frame)
+    kind, _, adds, aborts, loads, switches = ipc.unpack(frame)
     assert kind == ipc.BATCH and [a[0] for a in adds] == [7] and aborts == [3] and switches == [[12, {"name": "natural"}]]
     batch.switches.append([13, {"seed": -(2**70)}])
-    frame, left_out = batch.take_frame()  # nothing packable: no frame at all
+    frame, left_out = batch.take_frame(1)  # nothing packable: no frame at all
     assert frame is None and [u.item_id for u in left_out] == [13] and not batch
 
 
 def test_the_engine_process_refuses_an_unpackable_switch_and_serves_on() -> None:
     from server.config import AppConfig
     from server.engine.api import GenerationRequest, InvalidPolicyError, SamplingParams, StopParams
-    from server.engine.core_client import EngineProcess
+    from server.engine.engine_start import start_engine
 
     async def scenario() -> list[int]:
-        engine = await EngineProcess.start(AppConfig.from_dict({"server": {"allow_routing_switch": True}}))
+        engine = await asyncio.to_thread(start_engine, AppConfig.from_dict({"server": {"allow_routing_switch": True}}))
         try:
             with pytest.raises(InvalidPolicyError, match="engine core"):
                 await asyncio.wait_for(engine.set_routing_policy({"name": "uniform_random", "seed": 2**64}), 10)

@@ -114,8 +114,7 @@ def test_warm_up_leaves_kv_blocks_and_load_counters_clean() -> None:
 def test_warm_up_runs_on_every_ep_rank_at_once() -> None:
     import asyncio
 
-    from server.engine.engine import ServingEngine
-    from server.model.loader import load_tokenizer
+    from server.engine.engine_start import start_engine
     from tests.engine.test_engine_overlap import requests, serve
 
     config = app(warmup=False, ep_size=2)
@@ -125,7 +124,7 @@ def test_warm_up_runs_on_every_ep_rank_at_once() -> None:
     except BaseException:
         core.shutdown(graceful=False)
         raise
-    eng = ServingEngine(core, load_tokenizer(config.model)).start()
+    eng = start_engine(config, core=core)
     try:
         load = asyncio.run(eng.expert_load())
         assert sum(map(sum, load.expert_tokens)) == 0 and sum(load.tokens) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.config import AppConfig
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from tests.engine.test_engine_overlap import serve
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -43,7 +43,7 @@ def test_no_kernel_compiles_after_warm_up() -> None:
     from server.engine.api import GenerationRequest, SamplingParams, StopParams
 
     app = AppConfig.from_dict({"engine": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "warmup": True}})
-    eng = start_engine(app)
+    eng = start_engine(app, in_thread=True)
     try:
         before = compiled_variants()
         assert sum(before.values()) > 0, "the warm-up compiled nothing"

@@ -10,7 +10,7 @@ import multiprocessing
 import pytest
 
 from server.config import AppConfig, ConfigError
-from server.engine.launcher import start_engine
+from server.engine.engine_start import start_engine
 from server.moe.eplb.stats import write_expert_load
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, request, serve_all
 
@@ -35,11 +35,11 @@ def test_online_rebalance_keeps_greedy_generations(qwen3, tmp_path, ep_size) -> 
     # Start from a placement built for a very different load (expert 7 hot): the live
     # counters then disagree with it, so online rebalances have weights to move.
     stats = write_expert_load(tmp_path / "stats.json", [[1, 1, 1, 1, 1, 1, 1, 50]] * 2, source="test: expert 7 hot")
-    eng = start_engine(eplb_app(folder, ep_size, redundant_experts=ep_size, eplb_stats=str(stats), eplb_interval=3))
+    eng = start_engine(eplb_app(folder, ep_size, redundant_experts=ep_size, eplb_stats=str(stats), eplb_interval=3), in_thread=True)
     try:
         first = serve_all(eng, [request(i, p) for i, p in enumerate(PROMPTS)])
         assert [r[0] for r in first] == expected
-        reports = list(eng.eplb_reports)
+        reports = list(eng.core.eplb_reports)
         assert reports and sum(r.experts_moved for r in reports) > 0, reports
         assert all(r.rank_max_over_mean_after <= r.rank_max_over_mean_before + 1e-9 for r in reports)
         second = serve_all(eng, [request(10 + i, p) for i, p in enumerate(PROMPTS)])  # after the rebalances
@@ -58,10 +58,10 @@ def test_online_rebalance_keeps_greedy_generations(qwen3, tmp_path, ep_size) -> 
 def test_eplb_settings_fail_before_spawning(qwen3, tmp_path) -> None:
     folder, _ = qwen3
     with pytest.raises(ConfigError, match=r"parallel.redundant_experts=1.*parallel.ep_size=2"):
-        start_engine(eplb_app(folder, 2, redundant_experts=1))  # 9 slots over 2 ranks
+        start_engine(eplb_app(folder, 2, redundant_experts=1), in_thread=True)  # 9 slots over 2 ranks
     with pytest.raises(ConfigError, match="parallel.eplb_stats.*does not exist"):
-        start_engine(eplb_app(folder, 2, redundant_experts=2, eplb_stats=str(tmp_path / "missing.json")))
+        start_engine(eplb_app(folder, 2, redundant_experts=2, eplb_stats=str(tmp_path / "missing.json")), in_thread=True)
     bad = write_expert_load(tmp_path / "bad.json", [[1] * 6] * 2, source="wrong width")
     with pytest.raises(ConfigError, match="has 6 experts per layer, the model has 8"):
-        start_engine(eplb_app(folder, 2, eplb_stats=str(bad)))
+        start_engine(eplb_app(folder, 2, eplb_stats=str(bad)), in_thread=True)
     assert multiprocessing.active_children() == []

@@ -150,7 +150,7 @@ def test_engine_decodes_through_graphs_with_the_same_tokens(monkeypatch):
     """The serving engine (ModelRunner hook) captures decode graphs on CUDA at ep 1 and generates
     exactly what it generates with them off (EPSERVE_CUDA_GRAPHS=0)."""
     from server.config import AppConfig
-    from server.engine.launcher import start_engine
+    from server.engine.engine_start import start_engine
     from tests.engine.test_engine_generate import request, serve_all
 
     prompts = [list(b"Hello, world"), list(b"The quick brown fox"), list(b"MoE")]
@@ -159,9 +159,9 @@ def test_engine_decodes_through_graphs_with_the_same_tokens(monkeypatch):
         monkeypatch.setenv("EPSERVE_CUDA_GRAPHS", "1" if graphs else "0")
         app = AppConfig.from_dict({"model": {"name": "tiny"},
                                    "engine": {"max_num_seqs": 4, "kv_cache_tokens": 2048, "kv_block_size": 16}})
-        eng = start_engine(app)
+        eng = start_engine(app, in_thread=True)
         try:
-            runner = eng.executor.runner
+            runner = eng.core.executor.runner
             assert (runner.decode_graphs is not None) == graphs
             if graphs:
                 assert runner.decode_graphs.buckets == [1, 2, 4]

@@ -1,0 +1,115 @@
+"""start_engine(app): the one way to get an Engine — the core started where the config says,
+the tokenizer loaded meanwhile, an EngineClient returned once the core reports READY.
+
+`server.engine_process=true` (the default) spawns the engine-core process (core_process.py);
+false, or `in_thread=True`, runs the same core host on a thread of this process
+(core_thread.py; `core=` hands it an EngineCore built already, e.g. after a forced warm-up).
+Raises ConfigError (a bad setting, reported by the core before anything is loaded) or
+EngineStartError (a rank or the core could not start); nothing is left running then.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import zmq
+
+from ..config import AppConfig, ConfigError
+from . import ipc
+from .api import EngineStartError
+from .core import EngineCore
+from .core_client import EngineClient
+from .core_pipes import CorePipes
+
+READY_POLL_MS = 200
+
+
+def start_engine(app: AppConfig, *, in_thread: bool | None = None, core: EngineCore | None = None) -> EngineClient:
+    """The Engine for `app`: blocks until it serves (run it off an event loop that must stay responsive)."""
+    from .distributed import torchrun_env
+
+    if (env := torchrun_env()) is not None and env.rank != 0:
+        raise ConfigError(f"start_engine runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
+    in_thread = (not app.server.engine_process) if in_thread is None else in_thread
+    pipes = CorePipes(in_process=in_thread or core is not None)
+    host = _start_host(app, pipes, core)
+    tokenizer = _Background(lambda: _load_tokenizer(app))  # while the core starts
+    try:
+        info, routing = _wait_ready(pipes, host)
+        return EngineClient(app, host, pipes, tokenizer.result(), info, routing)
+    except BaseException:
+        _abandon(host, pipes)
+        raise
+
+
+def _start_host(app: AppConfig, pipes: CorePipes, core: EngineCore | None):
+    if pipes.in_process:
+        from .core_thread import CoreThread
+        from .launcher import build_engine_core
+
+        return CoreThread(pipes, (lambda: core) if core is not None else (lambda: build_engine_core(app))).start()
+    from .core_process import CoreProcess
+
+    return CoreProcess(app, pipes).start()
+
+
+def _wait_ready(pipes: CorePipes, host) -> tuple[Any, Any]:
+    """-> (ModelInfo, RoutingPolicyState) from READY; START_FAILED raises what the core met."""
+    while True:
+        exited = host.exitcode is not None  # read before polling: its last frame is then in
+        if pipes.pull.poll(READY_POLL_MS):
+            frame = ipc.unpack(pipes.pull.recv())
+            if frame[0] == ipc.READY:
+                return ipc.loads(frame[1]), ipc.loads(frame[2])
+            if frame[0] == ipc.START_FAILED:
+                _, kind, message = frame
+                host.join(10)
+                if kind == "config":
+                    raise ConfigError(message)
+                if kind == "start":
+                    raise EngineStartError(message)
+                raise RuntimeError(f"the engine core failed to start: {message}")
+        elif exited:
+            raise EngineStartError(f"{host.description} exited during start-up (exit code {host.exitcode}); "
+                                   "see its log above")
+
+
+def _abandon(host, pipes: CorePipes) -> None:
+    """Stop a core that will not be served: SHUTDOWN if it listens, else kill; close the pipes."""
+    if host.exitcode is None:
+        try:
+            pipes.push.send(ipc.pack([ipc.SHUTDOWN]), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        host.join(10)
+    if host.exitcode is None:
+        host.kill()
+        host.join(10)
+    pipes.close(term=host.exitcode is not None)
+
+
+def _load_tokenizer(app: AppConfig):
+    from ..model.loader import load_tokenizer
+
+    return load_tokenizer(app.model)
+
+
+class _Background:
+    """fn() on a thread; `result()` joins it and returns or raises what it did."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="epserve-tokenizer", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._box["error"] = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]

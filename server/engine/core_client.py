@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import pickle
 import time
 from dataclasses import replace
 from typing import AsyncIterator, Callable
 
 from ..config import AppConfig
 from ..moe.load_stats import ExpertLoadSnapshot
-from . import ipc
 from .api import (
     EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, InvalidPolicyError, InvalidRequestError,
     ModelInfo, ResourceExhaustedError, RoutingPolicyState,
@@ -30,6 +30,7 @@ from .core_link import CoreLink
 from .core_types import EngineRequest
 from .detokenizer import fast_decode
 from .input_batch import InputBatch, Unpackable
+from .messages import AddRequest, LoadCall, Rejected, RoutingReply, Stats, StepFrame, SwitchCall
 from .output import RequestOutput
 from .request_checks import check_invariants
 from .request_table import LiveRequest, RequestTable
@@ -137,8 +138,8 @@ class EngineClient:
         live = LiveRequest(RequestOutput(request, self._decode_text, routed_row_bytes=self._row_bytes),
                            RequestStream(self.stream_interval))
         self._table.requests[req_id] = live
-        self._batch.adds.append(ipc.request_fields(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
-                                                           request.stops, request.logprobs, request.routed_experts)))
+        self._batch.adds.append(AddRequest.of(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
+                                                            request.stops, request.logprobs, request.routed_experts)))
         self._schedule_flush()
         try:
             while True:
@@ -165,12 +166,12 @@ class EngineClient:
 
     async def expert_load(self, reset: bool = False) -> ExpertLoadSnapshot:
         """Expert-load counters summed over EP ranks (every rank joins at the next step)."""
-        return await self._call(self._table.loads, lambda call_id: self._batch.loads.append([call_id, bool(reset)]))
+        return await self._call(self._table.loads, lambda call_id: self._batch.loads.append(LoadCall(call_id, bool(reset))))
 
     async def set_routing_policy(self, routing) -> RoutingPolicyState:
         """Every rank switches between two steps; returns once the core applied it (or raises
         InvalidPolicyError, nothing changed)."""
-        return await self._call(self._table.switches, lambda call_id: self._batch.switches.append([call_id, dict(routing)]))
+        return await self._call(self._table.switches, lambda call_id: self._batch.switches.append(SwitchCall(call_id, dict(routing))))
 
     async def _call(self, waiters: dict[int, asyncio.Future], queue_it: Callable[[int], None]):
         loop = self._attach()
@@ -212,48 +213,44 @@ class EngineClient:
         if live is not None:
             live.stream.put(InvalidRequestError("request", item.reason))
 
-    # ---- output frames ---------------------------------------------------------------------------------
-    def _on_frame(self, frame: list) -> None:
-        kind = frame[0]
-        if kind == ipc.STEP:
-            self._on_step(frame)
-        elif kind == ipc.STATS:
-            self._stats = ipc.stats_from_fields(frame[1])
-            self._table.confirm(frame[2])
-        elif kind == ipc.REJECTED:
-            self._on_rejected(*frame[1:])
-        elif kind == ipc.ROUTING:
-            self._on_routing(*frame[1:])
+    # ---- output messages -------------------------------------------------------------------------------
+    def _on_frame(self, message) -> None:
+        self._handlers[type(message)](self, message)
 
-    def _on_step(self, frame: list) -> None:
-        _, req_ids, token_ids, logprobs, finished, stats, load, routed = frame
-        self._stats = ipc.stats_from_fields(stats)
-        reasons = ipc.finish_reasons(finished) if finished else {}
+    def _on_step(self, step: StepFrame) -> None:
+        self._stats = step.stats
         now = time.monotonic()
-        requests = self._table.requests
-        for i, req_id in enumerate(req_ids):
+        requests, routed = self._table.requests, step.routed
+        for i, req_id in enumerate(step.req_ids):
             live = requests.get(req_id)
             if live is None:  # cancelled meanwhile, or ended by a stop string
                 continue
-            reason = reasons.get(req_id)
-            chunk = live.output.on_tokens(token_ids[i], logprobs[i], reason, now,
+            reason = step.finish_reason(req_id) if step.finished else None
+            chunk = live.output.on_tokens(step.token_ids[i], step.logprobs[i], reason, now,
                                           routed[i] if routed is not None else None)
             live.stream.put(chunk)
             if chunk.finish_reason is not None:
                 del requests[req_id]
                 if reason is None:  # a stop string: the core still runs it
                     self._abort(req_id, live)
-        if load is not None:
-            self._table.settle(self._table.loads, load[0], ipc.loads(load[1]))
+        if step.load is not None:
+            self._table.settle(self._table.loads, step.load.call_ids, step.load.snapshot)
 
-    def _on_routing(self, call_ids: list[int], ok: bool, reply) -> None:
-        if ok:
-            self._routing = ipc.loads(reply)
+    def _on_stats(self, message: Stats) -> None:
+        self._stats = message.stats
+        self._table.confirm(message.confirmed)
+
+    def _on_routing(self, message: RoutingReply) -> None:
+        if message.ok:
+            self._routing = pickle.loads(message.reply)
             self._info = replace(self._info, routing_policy=self._routing.name, routing_params=self._routing.params)
-        self._table.settle(self._table.switches, call_ids, self._routing if ok else InvalidPolicyError(reply))
+        self._table.settle(self._table.switches, message.call_ids,
+                           self._routing if message.ok else InvalidPolicyError(message.reply))
 
-    def _on_rejected(self, req_id: int, kind: str, message: str) -> None:
-        live = self._table.requests.pop(req_id, None)
+    def _on_rejected(self, message: Rejected) -> None:
+        live = self._table.requests.pop(message.req_id, None)
         if live is not None:
-            live.stream.put(ResourceExhaustedError(message) if kind == "exhausted"
-                            else InvalidRequestError("request", message))
+            live.stream.put(ResourceExhaustedError(message.message) if message.kind == "exhausted"
+                            else InvalidRequestError("request", message.message))
+
+    _handlers = {StepFrame: _on_step, Stats: _on_stats, RoutingReply: _on_routing, Rejected: _on_rejected}

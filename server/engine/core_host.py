@@ -15,10 +15,10 @@ from typing import Callable
 import zmq
 
 from ..config import ConfigError
-from . import ipc
 from .api import EngineStartError
 from .core import EngineCore
 from .core_loop import EXIT_CONFIG, EXIT_FAILED, CoreLoop
+from .messages import Ready, StartFailed, encode
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ def serve_core(ctx: zmq.Context, endpoints: CoreEndpoints, build_core: Callable[
         core = build_core()
     except (ConfigError, EngineStartError, FileNotFoundError) as exc:
         kind = "config" if isinstance(exc, ConfigError) else "start"
-        outputs.send(ipc.pack([ipc.START_FAILED, kind, str(exc)]))
+        outputs.send(encode(StartFailed(kind, str(exc))))
         return CoreRun(EXIT_CONFIG, None, inputs, outputs)
     except BaseException as exc:  # noqa: BLE001 - reported to the front end
         log.error("engine start-up failed:\n%s", traceback.format_exc())
-        outputs.send(ipc.pack([ipc.START_FAILED, "error", f"{type(exc).__name__}: {exc}"]))
+        outputs.send(encode(StartFailed("error", f"{type(exc).__name__}: {exc}")))
         return CoreRun(EXIT_FAILED, None, inputs, outputs)
     loop = CoreLoop(core, inputs, outputs, on_fatal)
-    loop.send(ipc.pack([ipc.READY, ipc.dumps(core.model_info()), ipc.dumps(core.routing_policy())]))
+    loop.send(encode(Ready.of(core.model_info(), core.routing_policy())))
     return CoreRun(loop.run(), loop, inputs, outputs)

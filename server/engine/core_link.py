@@ -1,7 +1,7 @@
 """CoreLink: the front end's live connection to one engine core, wherever it runs.
 
 It owns what the client must not get wrong twice: the event loop in use, the one reader task
-(each frame goes to `on_frame`), the sending of input frames, the judgement that the core is
+(each message but Failed and Heartbeat goes to `on_frame`), the sending of input frames, the judgement that the core is
 gone — its exit (a process's sentinel; FAILED read first, EXIT_GRACE_S), its silence (no frame,
 not even a heartbeat, for engine.step_timeout_s: core_liveness.py), a broken pipe — and the
 shutdown sequence. A failure runs `on_failure(reason)` (the client ends every stream) and then
@@ -20,15 +20,15 @@ from typing import Callable
 
 import zmq
 
-from . import ipc
 from .core_liveness import CoreHeartbeat
+from .messages import Failed, Heartbeat, Shutdown, decode, encode
 
 log = logging.getLogger(__name__)
 EXIT_GRACE_S = 0.3  # after the core process exits, frames it sent just before still get read
 
 
 class CoreLink:
-    def __init__(self, host, pipes, step_timeout_s: float, on_frame: Callable[[list], None],
+    def __init__(self, host, pipes, step_timeout_s: float, on_frame: Callable[[object], None],
                  on_failure: Callable[[str], None], on_stop: Callable[[], None]) -> None:
         self.host, self.pipes = host, pipes
         self._on_frame, self._on_failure, self._on_stop = on_frame, on_failure, on_stop
@@ -78,14 +78,14 @@ class CoreLink:
         reader = self.pipes.reader
         try:
             while True:
-                frame = ipc.unpack(await reader.recv())
+                message = decode(await reader.recv())
                 if self._heartbeat is not None:
                     self._heartbeat.beat()
-                if frame[0] == ipc.FAILED:
-                    self.fail(frame[1])
+                if isinstance(message, Failed):
+                    self.fail(message.reason)
                     return
-                if frame[0] != ipc.HEARTBEAT:
-                    self._on_frame(frame)
+                if not isinstance(message, Heartbeat):
+                    self._on_frame(message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken output path is a dead engine
@@ -179,7 +179,7 @@ class CoreLink:
         self._on_stop()
         if self.host.exitcode is None:
             try:
-                self.pipes.push.send(ipc.pack([ipc.SHUTDOWN]), zmq.NOBLOCK)
+                self.pipes.push.send(encode(Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         if self._reader is not None:  # nothing the core says now is needed

@@ -3,7 +3,7 @@
 The step watchdog (step_watchdog.py) lives in the engine-core process, so it cannot see that
 process itself stopped: under SIGSTOP (or a frozen VM, a debugger on it) every thread of it
 halts, nothing exits, no frame comes, and streams used to hang with health SERVING until the
-process went on. The core's watcher thread sends a HEARTBEAT frame every ipc.HEARTBEAT_S
+process went on. The core's watcher thread sends a Heartbeat every messages.HEARTBEAT_S
 whatever its step loop does (a long first step, a graph capture), so any frame counts as a
 sign of life, and silence longer than `timeout_s` (engine.step_timeout_s, at least
 MIN_TIMEOUT_S; engine.step_timeout_s=0 turns this off with the watchdog) means the process
@@ -18,7 +18,7 @@ import asyncio
 import time
 from typing import Callable
 
-from .ipc import HEARTBEAT_S
+from .messages import HEARTBEAT_S
 
 CHECK_S = 0.25  # how often the silence is measured
 MIN_TIMEOUT_S = 4 * HEARTBEAT_S  # a shorter deadline would call a few late heartbeats a stopped process

@@ -12,7 +12,7 @@ on messages:
   * output thread: send the queued frames in order;
   * watcher: fail the loop the moment an EP rank exits or a step outruns the step watchdog
     (a hung rank: step_watchdog.py), even while the step loop is stuck in a collective, and
-    send a HEARTBEAT frame every ipc.HEARTBEAT_S whatever the step loop does: a watchdog
+    send a Heartbeat every messages.HEARTBEAT_S whatever the step loop does: a watchdog
     cannot see its own process stopped, so the front end judges that by the silence
     (core_liveness.py).
 Stats go out with every frame that changes them, snapshot and queueing under one lock, so the
@@ -21,6 +21,7 @@ front end never reads an older snapshot after a newer one.
 from __future__ import annotations
 
 import logging
+import pickle
 import queue
 import threading
 import time
@@ -30,9 +31,12 @@ from typing import Callable
 import zmq
 
 from ..config import ConfigError
-from . import ipc
 from .api import ResourceExhaustedError
 from .core import EngineCore
+from .messages import (
+    HEARTBEAT_S, Failed, Heartbeat, InputFrame, Rejected, RoutingReply, Shutdown, Stats, StepFrame, SwitchCall, encode,
+    decode,
+)
 from .policy_switch import refuse_file_policies
 
 log = logging.getLogger(__name__)
@@ -79,47 +83,48 @@ class CoreLoop:
 
     def _serve_inputs(self) -> None:
         while True:
-            frame = ipc.unpack(self.inputs.recv())
-            if frame[0] == ipc.SHUTDOWN:
+            message = decode(self.inputs.recv())
+            if isinstance(message, Shutdown):
                 self._stop.set()
                 self._wake.set()
                 return
-            _, number, adds, aborts, loads, switches = frame
-            if aborts:
-                self.core.abort(aborts)
-            for fields in adds:
-                self._add(fields)
-            for call_id, routing in switches:
-                self._switch(call_id, routing)
-            for call_id, reset in loads:
-                with self._lock:
-                    self._load_calls[self.core.request_expert_load(reset)] = call_id
-            self._wake.set()
-            with self._out_lock:
-                self.out.put(ipc.pack([ipc.STATS, ipc.stats_fields(self.core.stats()), number]))
+            self._apply(message)
 
-    def _add(self, fields: list) -> None:
-        req = ipc.request_from_fields(fields)
+    def _apply(self, frame: InputFrame) -> None:
+        if frame.aborts:
+            self.core.abort(frame.aborts)
+        for add in frame.adds:
+            self._add(add.request())
+        for switch in frame.switches:
+            self._switch(switch)
+        for load in frame.loads:
+            with self._lock:
+                self._load_calls[self.core.request_expert_load(load.reset)] = load.call_id
+        self._wake.set()
+        with self._out_lock:
+            self.out.put(encode(Stats(self.core.stats(), frame.number)))
+
+    def _add(self, req) -> None:
         try:
             self.core.add_request(req)
         except ResourceExhaustedError as exc:
-            self.out.put(ipc.pack([ipc.REJECTED, req.req_id, "exhausted", str(exc)]))
+            self.out.put(encode(Rejected(req.req_id, "exhausted", str(exc))))
         except (AssertionError, ValueError) as exc:  # the front end validates: this is a bug there
             log.error("request %d refused by the core: %s", req.req_id, exc)
-            self.out.put(ipc.pack([ipc.REJECTED, req.req_id, "invalid", str(exc)]))
+            self.out.put(encode(Rejected(req.req_id, "invalid", str(exc))))
 
-    def _switch(self, call_id: int, routing: dict) -> None:
+    def _switch(self, switch: SwitchCall) -> None:
         """Queue a policy switch for the next step; a mapping rank 0 cannot build is refused now."""
         with self._lock:
-            self._switch_calls.append(call_id)
+            self._switch_calls.append(switch.call_id)
         try:
-            refuse_file_policies(routing)  # a switch from the API never gets the server's file access
-            self.core.switch_routing_policy(routing)
+            refuse_file_policies(switch.routing)  # a switch from the API never gets the server's file access
+            self.core.switch_routing_policy(switch.routing)
         except Exception as exc:  # noqa: BLE001 - ConfigError names the key; anything else is reported too
             with self._lock:
-                self._switch_calls.remove(call_id)
+                self._switch_calls.remove(switch.call_id)
             reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            self.out.put(ipc.pack([ipc.ROUTING, [call_id], False, reason]))
+            self.out.put(encode(RoutingReply([switch.call_id], False, reason)))
 
     # ---- step loop (the caller's thread) -----------------------------------------------------------
     def run(self) -> int:
@@ -142,11 +147,11 @@ class CoreLoop:
                 with self._lock:
                     calls = [self._load_calls.pop(t) for t in outputs.load_tickets if t in self._load_calls]
                 with self._out_lock:
-                    self.out.put(ipc.step_frame(outputs, core.stats(), calls))
+                    self.out.put(encode(StepFrame.of(outputs, core.stats(), calls)))
                 if outputs.routing is not None:
                     with self._lock:
                         switched, self._switch_calls = self._switch_calls, []
-                    self.out.put(ipc.pack([ipc.ROUTING, switched, True, ipc.dumps(core.routing_policy())]))
+                    self.out.put(encode(RoutingReply(switched, True, pickle.dumps(core.routing_policy()))))
         except BaseException as exc:  # noqa: BLE001 - any failure of a step is fatal
             log.error("engine step failed:\n%s", traceback.format_exc())
             self.fail(core.dead_rank_within(1.0) or f"engine step failed: {exc}")
@@ -156,7 +161,7 @@ class CoreLoop:
         return EXIT_OK
 
     def _watch_ranks(self) -> None:
-        heartbeat = ipc.pack([ipc.HEARTBEAT])
+        heartbeat = encode(Heartbeat())
         last_beat = 0.0
         while not self._stop.is_set() and self.failure is None:
             dead = self.core.dead_rank() or self.core.hung_step()
@@ -165,7 +170,7 @@ class CoreLoop:
                 if self.on_fatal is not None:
                     self.on_fatal(self)
                 return
-            if time.monotonic() - last_beat >= ipc.HEARTBEAT_S:
+            if time.monotonic() - last_beat >= HEARTBEAT_S:
                 self.out.put(heartbeat)
                 last_beat = time.monotonic()
             time.sleep(WATCH_S)
@@ -176,7 +181,7 @@ class CoreLoop:
                 return
             self.failure = reason
         log.error("engine failed: %s", reason)
-        self.out.put(ipc.pack([ipc.FAILED, reason]))
+        self.out.put(encode(Failed(reason)))
         self._wake.set()
 
     # ---- output thread ----------------------------------------------------------------------------

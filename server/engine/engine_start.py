@@ -15,13 +15,20 @@ from typing import Any, Callable
 import zmq
 
 from ..config import AppConfig, ConfigError
-from . import ipc
 from .api import EngineStartError
 from .core import EngineCore
 from .core_client import EngineClient
 from .core_pipes import CorePipes
+from .messages import Ready, Shutdown, StartFailed, decode, encode
 
 READY_POLL_MS = 200
+
+
+def _core_error(message: str) -> RuntimeError:
+    return RuntimeError(f"the engine core failed to start: {message}")
+
+
+_START_ERRORS = {"config": ConfigError, "start": EngineStartError}  # StartFailed.kind -> what start_engine raises
 
 
 def start_engine(app: AppConfig, *, in_thread: bool | None = None, core: EngineCore | None = None) -> EngineClient:
@@ -58,17 +65,12 @@ def _wait_ready(pipes: CorePipes, host) -> tuple[Any, Any]:
     while True:
         exited = host.exitcode is not None  # read before polling: its last frame is then in
         if pipes.pull.poll(READY_POLL_MS):
-            frame = ipc.unpack(pipes.pull.recv())
-            if frame[0] == ipc.READY:
-                return ipc.loads(frame[1]), ipc.loads(frame[2])
-            if frame[0] == ipc.START_FAILED:
-                _, kind, message = frame
+            message = decode(pipes.pull.recv())
+            if isinstance(message, Ready):
+                return message.unpacked()
+            if isinstance(message, StartFailed):
                 host.join(10)
-                if kind == "config":
-                    raise ConfigError(message)
-                if kind == "start":
-                    raise EngineStartError(message)
-                raise RuntimeError(f"the engine core failed to start: {message}")
+                raise _START_ERRORS.get(message.kind, _core_error)(message.message)
         elif exited:
             raise EngineStartError(f"{host.description} exited during start-up (exit code {host.exitcode}); "
                                    "see its log above")
@@ -78,7 +80,7 @@ def _abandon(host, pipes: CorePipes) -> None:
     """Stop a core that will not be served: SHUTDOWN if it listens, else kill; close the pipes."""
     if host.exitcode is None:
         try:
-            pipes.push.send(ipc.pack([ipc.SHUTDOWN]), zmq.NOBLOCK)
+            pipes.push.send(encode(Shutdown()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         host.join(10)

@@ -1,9 +1,9 @@
-"""What the front end sends the engine core in one event-loop turn, as one BATCH frame.
+"""What the front end sends the engine core in one event-loop turn, as one InputFrame.
 
 Adds, aborts, expert-load calls and policy switches queued during a turn go out together
-(engine/ipc.py). Packing can fail on a value msgpack cannot hold (an integer past 64 bits,
-say): then every item is packed on its own, the ones that cannot be are handed back to be
-refused with the reason, and the rest still go out. The queue is emptied before packing, so a
+(messages.py). Encoding can fail on a value msgpack cannot hold (an integer past 64 bits,
+say): then every item is encoded on its own, the ones that cannot be are handed back to be
+refused with the reason, and the rest still go out. The queue is emptied before encoding, so a
 bad item can never stay queued and fail every later frame (it once did: one switch with
 seed=2**64 left every later call, Generate included, waiting forever).
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import ipc
+from .messages import AddRequest, InputFrame, LoadCall, SwitchCall, encode
+
+_ENCODING_ERRORS = (OverflowError, TypeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -25,38 +27,35 @@ class Unpackable:
 
 class InputBatch:
     def __init__(self) -> None:
-        self.adds: list[list] = []  # ipc.request_fields(...)
+        self.adds: list[AddRequest] = []
         self.aborts: list[int] = []  # req_ids
-        self.loads: list[list] = []  # [call_id, reset]
-        self.switches: list[list] = []  # [call_id, routing mapping]
+        self.loads: list[LoadCall] = []
+        self.switches: list[SwitchCall] = []
 
     def __bool__(self) -> bool:
         return bool(self.adds or self.aborts or self.loads or self.switches)
 
     def take_frame(self, number: int) -> tuple[bytes | None, list[Unpackable]]:
-        """Empty the batch into input frame `number` -> (the frame, or None if nothing is left to
-        send; the items left out)."""
-        adds, aborts, loads, switches = self.adds, self.aborts, self.loads, self.switches
+        """Empty the batch into input frame `number` -> (the encoded frame, or None if nothing
+        is left to send; the items left out)."""
+        frame = InputFrame(number, self.adds, self.aborts, self.loads, self.switches)
         self.adds, self.aborts, self.loads, self.switches = [], [], [], []
         try:
-            return ipc.pack([ipc.BATCH, number, adds, aborts, loads, switches]), []
-        except (OverflowError, TypeError, ValueError):
+            return encode(frame), []
+        except _ENCODING_ERRORS:
             pass
         left_out: list[Unpackable] = []
-        adds = _packable(adds, "add", left_out)
-        switches = _packable(switches, "switch", left_out)
-        if not (adds or aborts or loads or switches):
+        frame.adds = [a for a in frame.adds if _encodes(a, "add", a.req_id, left_out)]
+        frame.switches = [s for s in frame.switches if _encodes(s, "switch", s.call_id, left_out)]
+        if not (frame.adds or frame.aborts or frame.loads or frame.switches):
             return None, left_out
-        return ipc.pack([ipc.BATCH, number, adds, aborts, loads, switches]), left_out
+        return encode(frame), left_out
 
 
-def _packable(items: list[list], kind: str, left_out: list[Unpackable]) -> list[list]:
-    kept = []
-    for item in items:
-        try:
-            ipc.pack(item)
-        except (OverflowError, TypeError, ValueError) as exc:
-            left_out.append(Unpackable(kind, item[0], f"cannot be sent to the engine core ({exc})"))
-        else:
-            kept.append(item)
-    return kept
+def _encodes(item, kind: str, item_id: int, left_out: list[Unpackable]) -> bool:
+    try:
+        encode(item)
+    except _ENCODING_ERRORS as exc:
+        left_out.append(Unpackable(kind, item_id, f"cannot be sent to the engine core ({exc})"))
+        return False
+    return True

@@ -8,22 +8,23 @@ import asyncio
 
 import pytest
 
-from server.engine import ipc
 from server.engine.input_batch import InputBatch
+from server.engine.messages import AddRequest, InputFrame, SwitchCall, decode
 
 
 def test_an_unpackable_item_is_left_out_and_never_stays_queued() -> None:
     batch = InputBatch()
-    batch.adds.append([7, [1, 2], 0.0, 1.0, 0, 0, 4, [], True, False, 0])
-    batch.switches.append([11, {"name": "uniform_random", "seed": 2**64}])
-    batch.switches.append([12, {"name": "natural"}])
+    batch.adds.append(AddRequest(7, [1, 2], 0.0, 1.0, 0, 0, 4, [], True, False, 0))
+    batch.switches.append(SwitchCall(11, {"name": "uniform_random", "seed": 2**64}))
+    batch.switches.append(SwitchCall(12, {"name": "natural"}))
     batch.aborts.append(3)
     frame, left_out = batch.take_frame(0)
     assert not batch
     assert [(u.kind, u.item_id) for u in left_out] == [("switch", 11)] and "engine core" in left_out[0].reason
-    kind, _, adds, aborts, loads, switches = ipc.unpack(frame)
-    assert kind == ipc.BATCH and [a[0] for a in adds] == [7] and aborts == [3] and switches == [[12, {"name": "natural"}]]
-    batch.switches.append([13, {"seed": -(2**70)}])
+    sent = decode(frame)
+    assert isinstance(sent, InputFrame) and [a.req_id for a in sent.adds] == [7] and sent.aborts == [3]
+    assert sent.switches == [SwitchCall(12, {"name": "natural"})]
+    batch.switches.append(SwitchCall(13, {"seed": -(2**70)}))
     frame, left_out = batch.take_frame(1)  # nothing packable: no frame at all
     assert frame is None and [u.item_id for u in left_out] == [13] and not batch
 

@@ -7,7 +7,7 @@ Module guide (one job per file):
   core_link.py     the client's live connection: event loop in use, reader, failure, shutdown
   request_table.py what the client awaits from the core: live requests, calls, frame confirmations
   core_pipes.py    the front end's end of the two ZeroMQ pipes (ipc:// or inproc://)
-  ipc.py           the msgpack frames on those pipes (one frame per loop turn in, per step out)
+  messages.py      the typed messages on those pipes and their one codec (one per loop turn in, per step out)
   core_liveness.py the front end's judgement that the core still runs (heartbeat silence)
   core_host.py     what every host of the core does: connect, build, READY, run the loop
   core_loop.py     CoreLoop: the one driver of EngineCore (input, step, output and watch threads)

@@ -141,7 +141,7 @@ class CoreLink:
     def _on_core_exit(self) -> None:
         if not self.stopping:  # the FAILED frame (naming the dead rank) may still be in the socket: read it first
             self.loop.call_later(EXIT_GRACE_S, lambda: self.fail(
-                f"{self.host.description} exited (exit code {self.host.exitcode})"))
+                f"{self.host.name} exited (exit code {self.host.exitcode})"))
 
     # ---- shutdown -----------------------------------------------------------------------------------
     def shutdown(self, timeout: float) -> None:

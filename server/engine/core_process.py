@@ -116,9 +116,11 @@ class CoreProcess:
             self.proc.start()
         return self
 
+    name = "the engine-core process"
+
     @property
     def description(self) -> str:
-        return f"the engine-core process (pid {self.proc.pid})"
+        return f"{self.name} (pid {self.proc.pid})"
 
     @property
     def exitcode(self) -> int | None:

@@ -37,9 +37,7 @@ class CoreThread:
         self._thread.start()
         return self
 
-    @property
-    def description(self) -> str:
-        return "the engine-core thread"
+    name = description = "the engine-core thread"
 
     def _build(self) -> EngineCore:
         self.core = self._build_core()

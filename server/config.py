@@ -170,6 +170,30 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which kernels and decode path the model runs, chosen once when it is built (names are
+    checked against the kernel registries when the launch plan is built: server/launch_plan.py).
+    Each key has one environment variable that overrides it (KERNEL_ENV), for tools and
+    baselines; an override in effect is logged at start-up."""
+
+    backend: str = "auto"  # auto (triton on CUDA when it imports, else torch) | torch | triton | grouped_mm
+    expert_path: str = "auto"  # auto: the backend's own; else a name of server/moe/experts.py EXPERT_PATHS
+    mla_decode: str = "triton"  # MLA decode on the Triton backend: triton (the kernel) | dense (batched matmuls)
+    cuda_graphs: bool = True  # decode as CUDA graphs where they apply (false: eager, on every EP rank)
+
+    def validate(self) -> None:
+        for key in ("backend", "expert_path", "mla_decode"):
+            value = getattr(self, key)
+            _require(isinstance(value, str) and value != "", f"kernels.{key} must be a name, got {value!r}")
+        _require(isinstance(self.cuda_graphs, bool), f"kernels.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+
+
+#: kernels.<key> -> the environment variable that overrides it
+KERNEL_ENV = {"backend": "EPSERVE_KERNEL_BACKEND", "expert_path": "EPSERVE_EXPERT_PATH",
+              "mla_decode": "EPSERVE_MLA_DECODE", "cuda_graphs": "EPSERVE_CUDA_GRAPHS"}
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -210,20 +234,39 @@ class ServerConfig:
                  f"server.host={self.host!r} is not a loopback address; set server.allow_remote=true to serve beyond this machine")
 
 
+def app_to_dict(app: "AppConfig") -> dict[str, Any]:
+    """AppConfig -> the plain dict AppConfig.from_dict accepts (picklable: frozen mappings are not)."""
+    out: dict[str, Any] = {}
+    for f in fields(app):
+        value = getattr(app, f.name)
+        if isinstance(value, RoutingConfig):
+            out[f.name] = {"name": value.name, **thaw(value.params)}
+        elif hasattr(value, "__dataclass_fields__"):
+            out[f.name] = {g.name: thaw(getattr(value, g.name)) for g in fields(value)}
+        else:
+            out[f.name] = thaw(value)
+    return out
+
+
 @dataclass(frozen=True)
 class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     dry_run: bool = False  # validate everything against the model's shape, print the plan, exit
+
+    def __reduce__(self):
+        """Pickled as its plain dict (spawned processes, the launch plan shipped to ranks)."""
+        return AppConfig.from_dict, (app_to_dict(self),)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AppConfig":
         """Plain dict (e.g. OmegaConf.to_container(cfg, resolve=True)) -> validated AppConfig."""
         data = dict(data)
-        sections = {"model", "routing", "parallel", "engine", "server", "dry_run"}
+        sections = {"model", "routing", "parallel", "engine", "kernels", "server", "dry_run"}
         unknown = sorted(set(data) - sections)
         if unknown:
             raise ConfigError(f"unknown top-level config key(s) {unknown}; known: {sorted(sections)}")
@@ -232,10 +275,11 @@ class AppConfig:
             routing=RoutingConfig.from_dict(data.get("routing")),
             parallel=_build(ParallelConfig, "parallel", data.get("parallel")),
             engine=_build(EngineConfig, "engine", data.get("engine")),
+            kernels=_build(KernelConfig, "kernels", data.get("kernels")),
             server=_build(ServerConfig, "server", data.get("server")),
             dry_run=bool(data.get("dry_run", False)),
         )
-        for section in (cfg.model, cfg.parallel, cfg.engine, cfg.server):
+        for section in (cfg.model, cfg.parallel, cfg.engine, cfg.kernels, cfg.server):
             section.validate()
         _require(is_loopback(cfg.parallel.master_addr) or cfg.server.allow_remote,
                  f"parallel.master_addr={cfg.parallel.master_addr!r} is not a loopback address: the EP ranks' "

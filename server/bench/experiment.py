@@ -27,8 +27,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..config import AppConfig, ConfigError, RoutingConfig
-from ..model.loader import read_model_spec
-from ..routing_setup import build_routing_policy
+from ..launch_plan import build_launch_plan, read_spec
 from .drive import CoreDriver
 from .probe import phase_balance, probe_run, summed_expert_tokens
 from .request_sets import RequestSet, build_request_set
@@ -80,12 +79,11 @@ def engine_app(settings: BenchSettings, sets: RequestSets) -> AppConfig:
     })
 
 
-def check_policies(settings: BenchSettings, spec) -> None:
-    """Every compared policy against the model's shape, before any rank starts (ConfigError)."""
-    for routing in settings.bench.policies:
+def check_policies(app: AppConfig, policies, spec) -> None:
+    """The launch plan of every compared policy, before any rank starts (ConfigError)."""
+    for routing in policies:
         try:
-            build_routing_policy(RoutingConfig.from_dict(routing), num_experts=spec.num_experts, top_k=spec.top_k,
-                                 ep_size=settings.ep_size, num_layers=spec.num_moe_layers)
+            build_launch_plan(replace(app, routing=RoutingConfig.from_dict(routing)), spec=spec)
         except ConfigError as exc:
             raise ConfigError(f"bench.policies: {routing}: {exc}") from None
 
@@ -149,10 +147,10 @@ def run_experiment(settings: BenchSettings) -> dict:
 
     os.environ.update(NO_MULTICAST)
     o = settings.bench
-    spec = read_model_spec(settings.model)
-    check_policies(settings, spec)
+    spec = read_spec(AppConfig(model=settings.model))
     sets = build_sets(settings, spec.vocab_size)
     app = engine_app(settings, sets)
+    check_policies(app, o.policies, spec)
     t_start = time.perf_counter()
     core = build_engine_core(app)
     load_s = time.perf_counter() - t_start

@@ -17,11 +17,12 @@ from typing import Any, Callable
 import torch
 
 from ..model.gpu.cuda_graphs import DecodeGraphRunner, GraphsUnsupported
-from ..eplb_setup import build_eplb_settings
-from ..model.loader import load_model, read_model_spec
+from ..config import AppConfig
+from ..kernels.backend import KernelBackend
+from ..launch_plan import build_launch_plan
+from ..model.loader import load_model
 from ..moe.router import ROUTER_RULES
 from ..moe.routing import RoutingContext
-from ..routing_setup import build_routing_policy
 from .generate import generate, synchronize
 from .moe_timer import MoETimer
 from .settings import BenchSettings
@@ -79,13 +80,13 @@ def _moe_times(model, kv, work: StaticWorkload, steps: int) -> tuple[list[float]
 def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
     """This rank's numbers (plain data). Collective calls inside: every rank must run it."""
     opts = settings.bench
-    spec = read_model_spec(settings.model)
-    policy = build_routing_policy(settings.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=env.world,
-                                  num_layers=spec.num_moe_layers)
+    plan = build_launch_plan(AppConfig(model=settings.model, routing=settings.routing, parallel=settings.parallel),
+                             ep_size=env.world)
+    spec = plan.spec
     t_load = time.perf_counter()
-    eplb = build_eplb_settings(settings.parallel, spec, env.world)  # parallel.redundant_experts / eplb_stats; None: off
-    model = load_model(settings.model, policy=policy, ep_rank=env.rank, ep_size=env.world, ep_group=env.ep_group,
-                       device=env.device, eplb=eplb)
+    # the kernel-level loop: dispatch as the model's default (auto), EPLB as parallel.* says (None: off)
+    model = load_model(settings.model, policy=plan.policy, ep_rank=env.rank, ep_size=env.world, ep_group=env.ep_group,
+                       device=env.device, eplb=plan.eplb, spec=spec, kernels=KernelBackend.for_device(env.device, plan.kernels))
     synchronize(env.device)
     load_s = time.perf_counter() - t_load
     per_rank, small = opts.batch // env.world, opts.small_batch // env.world
@@ -137,9 +138,9 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
     prefill_ms, decode_ms, eager_tokens = _moe_times(model, kv, work, opts.moe_timing_steps)
     tick(1)
     cost = {
-        "decode": {"rows": per_rank, "us": policy_cost_us(policy, spec, per_rank, env, opts.policy_cost_repeats, model.dtype)},
+        "decode": {"rows": per_rank, "us": policy_cost_us(plan.policy, spec, per_rank, env, opts.policy_cost_repeats, model.dtype)},
         "prefill": {"rows": per_rank * opts.input_len,
-                    "us": policy_cost_us(policy, spec, per_rank * opts.input_len, env, opts.policy_cost_repeats, model.dtype)},
+                    "us": policy_cost_us(plan.policy, spec, per_rank * opts.input_len, env, opts.policy_cost_repeats, model.dtype)},
     }
     tick(1)
     steps = eager_tokens.shape[1]

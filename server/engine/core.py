@@ -50,11 +50,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, *, app, spec, policy, executor: Executor, device: str, max_model_len: int) -> None:
-        self.app, self.spec, self.policy = app, spec, policy
+    def __init__(self, plan, *, executor: Executor, device: str) -> None:
+        """`plan`: the LaunchPlan the ranks were built from (server/launch_plan.py)."""
+        self.app, self.spec, self.policy = plan.app, plan.spec, plan.policy
+        app = plan.app
         self.executor = executor
         self.device = device
-        self.max_model_len = max_model_len
+        self.max_model_len = plan.max_model_len
         eng = app.engine
         self.scheduler = Scheduler(
             num_ranks=executor.num_ranks,
@@ -64,7 +66,7 @@ class EngineCore:
             max_num_batched_tokens=eng.max_num_batched_tokens,
             max_queue=eng.max_queue,
         )
-        self._eos = frozenset(spec.eos_token_ids)
+        self._eos = frozenset(plan.spec.eos_token_ids)
         self._lock = threading.Lock()
         self._seeds = random.SystemRandom()
         self._forward_steps = 0  # forward steps applied
@@ -73,7 +75,7 @@ class EngineCore:
         self._inflight: deque = deque()  # (plan, StepFuture, load tickets): launched, not yet applied
         self._load_requests: list[tuple[int, bool]] = []  # (ticket, reset) not yet planned
         self._routing: dict[str, Any] | None = None  # a policy switch not yet planned
-        self._routing_state = policy_state(policy)
+        self._routing_state = policy_state(plan.policy)
         self._tickets = itertools.count(1)
         self._eplb_interval = app.parallel.eplb_interval  # forward steps between EPLB rebalances (0: never)
         self.eplb_reports: deque = deque(maxlen=64)  # RebalanceReport of recent rebalances (rank 0's view)

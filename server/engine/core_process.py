@@ -57,7 +57,7 @@ def share_cpu(app: AppConfig) -> None:
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) - 1) // app.parallel.ep_size))
 
 
-def core_process_main(app_dict: dict, endpoints: CoreEndpoints, parent_pid: int, log_level: str) -> None:
+def core_process_main(app: AppConfig, endpoints: CoreEndpoints, parent_pid: int, log_level: str) -> None:
     """Entry point of the engine-core process (multiprocessing, spawn)."""
     ignore_group_signals()  # the front end drains and then says SHUTDOWN (group_signals.py)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
@@ -65,7 +65,6 @@ def core_process_main(app_dict: dict, endpoints: CoreEndpoints, parent_pid: int,
     from .launcher import build_engine_core
 
     def build():
-        app = AppConfig.from_dict(app_dict)
         share_cpu(app)
         return build_engine_core(app)
 
@@ -100,12 +99,10 @@ class CoreProcess:
     def __init__(self, app: AppConfig, pipes) -> None:
         import multiprocessing
 
-        from .launcher import app_to_dict
-
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         self.proc = multiprocessing.get_context("spawn").Process(
             target=core_process_main, name="epserve-core",
-            args=(app_to_dict(app), pipes.endpoints, multiprocessing.current_process().pid, level))
+            args=(app, pipes.endpoints, multiprocessing.current_process().pid, level))
         self._join_lock = threading.Lock()  # Process.join is not thread-safe: one reaper at a time
         self.core = None  # the core lives in the other process
 

@@ -9,20 +9,19 @@
     on `torchrun_rank()`).
 
 Everything that can be checked without loading weights — model shape, routing policy,
-ep_size, devices — is checked before any process is spawned, and raises ConfigError.
+ep_size, devices — is checked before any process is spawned (the launch plan,
+server/launch_plan.py, which every rank then receives), and raises ConfigError.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from dataclasses import fields, is_dataclass
 from typing import Any, Callable
 
-from ..config import AppConfig, ConfigError, RoutingConfig, thaw
-from ..dispatch_setup import build_dispatch_settings, needs_group_at_ep1
-from ..eplb_setup import build_eplb_settings
-from ..routing_setup import build_routing_policy
+from ..config import AppConfig, ConfigError
+from ..dispatch_setup import needs_group_at_ep1
+from ..launch_plan import LaunchPlan, build_launch_plan
 from .distributed import free_port, resolve_device, torchrun_env
 from .api import EngineStartError
 from .core import EngineCore
@@ -33,27 +32,14 @@ from .rank_worker import build_runner, run_worker, spawned_worker_main, start_ra
 log = logging.getLogger(__name__)
 
 
-def app_to_dict(app: AppConfig) -> dict[str, Any]:
-    """AppConfig -> the plain dict AppConfig.from_dict accepts (picklable: for spawned ranks)."""
-    out: dict[str, Any] = {}
-    for f in fields(app):
-        value = getattr(app, f.name)
-        if isinstance(value, RoutingConfig):
-            out[f.name] = {"name": value.name, **thaw(value.params)}
-        elif is_dataclass(value):
-            out[f.name] = {g.name: thaw(getattr(value, g.name)) for g in fields(value)}
-        else:
-            out[f.name] = thaw(value)
-    return out
-
-
 def torchrun_rank() -> int | None:
     """This process's rank when launched by torchrun, else None."""
     env = torchrun_env()
     return env.rank if env is not None else None
 
 
-def _world_size(app: AppConfig) -> int:
+def world_size(app: AppConfig) -> int:
+    """parallel.ep_size, or torchrun's WORLD_SIZE (ConfigError if they disagree)."""
     env = torchrun_env()
     if env is None:
         return app.parallel.ep_size
@@ -62,40 +48,15 @@ def _world_size(app: AppConfig) -> int:
     return env.world_size
 
 
-def _model_setup(app: AppConfig, world_size: int):
-    """(spec, routing policy, effective max_model_len), or ConfigError. Loads no weights."""
-    from ..model.loader import read_model_spec
-    from ..model.spec import ModelLoadError
-
-    try:
-        spec = read_model_spec(app.model)
-    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"model: {exc}") from exc
-    policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=world_size,
-                                  num_layers=spec.num_moe_layers)
-    build_eplb_settings(app.parallel, spec, world_size)  # EPLB keys vs the model: ConfigError now, not on a rank
-    build_dispatch_settings(app.parallel, app.engine, world_size)  # parallel.dispatch: likewise
-    max_model_len = app.model.max_model_len
-    if spec.max_position_embeddings and max_model_len > spec.max_position_embeddings:
-        log.warning("model.max_model_len=%d exceeds the model's max_position_embeddings=%d; using %d",
-                    max_model_len, spec.max_position_embeddings, spec.max_position_embeddings)
-        max_model_len = spec.max_position_embeddings
-    cache_tokens = app.engine.kv_cache_tokens
-    if max_model_len > cache_tokens:
-        log.warning("max_model_len=%d exceeds one rank's KV cache (engine.kv_cache_tokens=%d): requests needing "
-                    "more than the cache will be refused", max_model_len, cache_tokens)
-    return spec, policy, max_model_len
-
-
 def build_engine_core(app: AppConfig) -> EngineCore:
-    """Check the config, spawn or join the EP ranks, load rank 0's shard: the EngineCore of this
-    process (no tokenizer, no core loop). Raises ConfigError (bad setting, before anything is
-    spawned) or EngineStartError (a rank failed to come up)."""
+    """Build the launch plan, spawn or join the EP ranks, load rank 0's shard: the EngineCore of
+    this process (no tokenizer, no core loop). Raises ConfigError (bad setting, before anything
+    is spawned) or EngineStartError (a rank failed to come up)."""
     env = torchrun_env()
     if env is not None and env.rank != 0:
         raise ConfigError(f"the engine core runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
-    world = _world_size(app)
-    spec, policy, max_model_len = _model_setup(app, world)
+    plan = build_launch_plan(app, world_size(app))
+    world = plan.ep_size
     local_rank = env.local_rank if env is not None else 0
     device = resolve_device(app.parallel, local_rank)
     if device.type == "cuda" and env is None:
@@ -105,15 +66,14 @@ def build_engine_core(app: AppConfig) -> EngineCore:
             raise ConfigError(f"parallel.ep_size={world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
     if world == 1:
         groups, created = None, False
-        if needs_group_at_ep1(build_dispatch_settings(app.parallel, app.engine, 1)):  # the forced EP path
+        if needs_group_at_ep1(plan.dispatch):  # the forced EP path
             from .distributed import resolve_backend, single_rank_group
 
             groups, created = single_rank_group(resolve_backend(app.parallel, device), device, app.parallel.master_addr)
-        executor = LocalExecutor(build_runner(app, policy, 0, 1, device, groups), groups if created else None)
+        executor = LocalExecutor(build_runner(plan, 0, device, groups), groups if created else None)
     else:
-        executor = _start_distributed(app, policy, world, local_rank, spawn=env is None)
-    core = EngineCore(app=app, spec=spec, policy=policy, executor=executor, device=str(device),
-                      max_model_len=max_model_len)
+        executor = _start_distributed(plan, local_rank, spawn=env is None)
+    core = EngineCore(plan, executor=executor, device=str(device))
     if app.engine.warmup:
         try:
             watching_ranks(getattr(executor, "procs", []), core.warm_up, during="the start-up warm-up")
@@ -147,16 +107,16 @@ def spawn_ranks(parallel, world: int, entry: Callable[..., None], args: tuple) -
     return procs, init_method
 
 
-def _start_distributed(app: AppConfig, policy, world: int, local_rank: int, spawn: bool) -> DistributedExecutor:
+def _start_distributed(plan: LaunchPlan, local_rank: int, spawn: bool) -> DistributedExecutor:
+    parallel, world = plan.app.parallel, plan.ep_size
     procs: list = []
     init_method = None
     if spawn:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         with spawning_signal_proof():  # ranks follow rank 0's drain, never Ctrl-C (group_signals.py)
-            procs, init_method = spawn_ranks(app.parallel, world, spawned_worker_main,
-                                             (app_to_dict(app), policy, os.getpid(), level))
+            procs, init_method = spawn_ranks(parallel, world, spawned_worker_main, (parallel, os.getpid(), level))
     try:
-        runner, groups, reports = watching_ranks(procs, lambda: start_rank(app, policy, 0, world, local_rank, init_method))
+        runner, groups, reports = watching_ranks(procs, lambda: start_rank(plan, parallel, 0, world, local_rank, init_method))
     except BaseException:
         kill_ranks(procs)
         raise
@@ -206,11 +166,10 @@ def kill_ranks(procs: list) -> None:
 
 
 def run_worker_rank(app: AppConfig) -> int:
-    """Entry for torchrun ranks != 0: serve rank 0's plans until told to stop. Exit code."""
+    """Entry for torchrun ranks != 0: serve rank 0's plans until told to stop. Exit code. The
+    launch plan comes from rank 0 once the process group is up."""
     env = torchrun_env()
     if env is None or env.rank == 0:
         raise ConfigError("run_worker_rank is for torchrun ranks other than 0")
     ignore_group_signals()  # Ctrl-C on torchrun's group: rank 0 drains and stops us
-    world = _world_size(app)
-    _, policy, _ = _model_setup(app, world)
-    return run_worker(app, policy, env.rank, world, env.local_rank, init_method=None)
+    return run_worker(app.parallel, env.rank, world_size(app), env.local_rank, init_method=None)

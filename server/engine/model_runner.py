@@ -54,7 +54,8 @@ class ModelRunner:
 
     def __init__(self, model, *, rank: int, num_blocks: int, block_size: int, device: torch.device, ep_group=None,
                  max_num_seqs: int | None = None, max_model_len: int | None = None,
-                 max_num_batched_tokens: int | None = None) -> None:
+                 max_num_batched_tokens: int | None = None, cuda_graphs: bool | None = None) -> None:
+        """`cuda_graphs`: kernels.cuda_graphs (None: the environment decides, cuda_graphs.py)."""
         self.model = model
         self.rank = rank
         self.block_size = block_size
@@ -82,7 +83,7 @@ class ModelRunner:
                     self.routed.arm()
                 try:
                     return maybe_decode_graphs(model, self.kv_caches, max_batch=self.max_seqs,
-                                               max_blocks_per_seq=self.width, inputs=inputs)
+                                               max_blocks_per_seq=self.width, inputs=inputs, enabled=cuda_graphs)
                 finally:
                     self.routed.disarm()
             self.decode_graphs = capture()

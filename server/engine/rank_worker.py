@@ -1,8 +1,9 @@
 """An EP rank: load this rank's part of the model, then execute rank 0's step plans.
 
 Rank 0 runs the same `build_runner` and start-up handshake in its own process (launcher);
-ranks 1.. run `run_worker` — in a process epserve spawned, or under torchrun. A worker keeps
-no per-request state beyond its slot table, which each plan updates (step_plan.py).
+ranks 1.. run `run_worker` — in a process epserve spawned, or under torchrun. Every rank loads
+what rank 0's launch plan says (server/launch_plan.py; received once the group is up). A
+worker keeps no per-request state beyond its slot table, which each plan updates (step_plan.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import AppConfig
+from ..config import ParallelConfig
+from ..launch_plan import LaunchPlan
 from .distributed import RankGroups, destroy, init_rank_groups, resolve_backend, resolve_device
 from .group_signals import ignore_group_signals
 from .model_runner import ModelRunner
@@ -31,40 +33,49 @@ class ReadyReport:
     error: str | None = None
 
 
-def build_runner(app: AppConfig, policy, rank: int, world_size: int, device: torch.device, groups: RankGroups | None) -> ModelRunner:
-    """Load this rank's shard (its experts only) and allocate its KV cache."""
-    from ..dispatch_setup import build_dispatch_settings
-    from ..eplb_setup import build_eplb_settings
-    from ..model.loader import load_model, read_model_spec
+def build_runner(plan: LaunchPlan, rank: int, device: torch.device, groups: RankGroups | None) -> ModelRunner:
+    """Load this rank's shard (its experts only) and allocate its KV cache, as the plan says."""
+    from ..kernels.backend import KernelBackend
+    from ..model.loader import load_model
 
+    app = plan.app
     ep_group = groups.ep_group if groups is not None else None
     if app.server.allow_routing_switch:  # plugins a live switch may name are the ones found now
         from ..moe.routing import available_policies
 
         available_policies()
-    eplb = build_eplb_settings(app.parallel, read_model_spec(app.model), world_size)  # None: EPLB off
-    dispatch = build_dispatch_settings(app.parallel, app.engine, world_size)
-    model = load_model(app.model, policy=policy, ep_rank=rank, ep_size=world_size, ep_group=ep_group, device=device,
-                       dtype=None, eplb=eplb, dispatch=dispatch)
+    model = load_model(app.model, policy=plan.policy, ep_rank=rank, ep_size=plan.ep_size, ep_group=ep_group,
+                       device=device, dtype=None, eplb=plan.eplb, dispatch=plan.dispatch, spec=plan.spec,
+                       kernels=KernelBackend.for_device(device, plan.kernels))
     eng = app.engine
     return ModelRunner(model, rank=rank, num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
                        block_size=eng.kv_block_size, device=device, ep_group=ep_group,
                        max_num_seqs=eng.max_num_seqs, max_model_len=app.model.max_model_len,
-                       max_num_batched_tokens=eng.max_num_batched_tokens)
+                       max_num_batched_tokens=eng.max_num_batched_tokens, cuda_graphs=plan.kernels.cuda_graphs)
 
 
-def start_rank(app: AppConfig, policy, rank: int, world_size: int, local_rank: int, init_method: str | None) -> tuple[ModelRunner | None, RankGroups, list[ReadyReport]]:
-    """Join the process group, load the model, and learn whether every rank did too.
+def share_plan(plan: LaunchPlan | None, groups: RankGroups) -> LaunchPlan:
+    """Rank 0's launch plan, on every rank (rank 0 passes it, the others None)."""
+    box = [plan]
+    dist.broadcast_object_list(box, src=0, group=groups.ctrl_group)
+    return box[0]
+
+
+def start_rank(plan: LaunchPlan | None, parallel: ParallelConfig, rank: int, world_size: int, local_rank: int,
+               init_method: str | None) -> tuple[ModelRunner | None, RankGroups, list[ReadyReport]]:
+    """Join the process group, receive rank 0's launch plan, load the model, and learn whether
+    every rank did too.
 
     Every rank reports (all_gather_object), so a load failure on any rank stops all of them
     cleanly instead of leaving the others waiting for a first plan.
     """
-    device = resolve_device(app.parallel, local_rank)
-    backend = resolve_backend(app.parallel, device)
+    device = resolve_device(parallel, local_rank)
+    backend = resolve_backend(parallel, device)
     groups = init_rank_groups(rank, world_size, backend, device, init_method)
+    plan = share_plan(plan, groups)
     runner, error = None, None
     try:
-        runner = build_runner(app, policy, rank, world_size, device, groups)
+        runner = build_runner(plan, rank, device, groups)
     except Exception:
         error = traceback.format_exc()
         log.error("EP rank %d failed to load the model:\n%s", rank, error)
@@ -85,11 +96,11 @@ def serve_plans(runner: ModelRunner, groups: RankGroups) -> None:
         dist.gather_object(result, None, dst=0, group=groups.ctrl_group)
 
 
-def run_worker(app: AppConfig, policy, rank: int, world_size: int, local_rank: int, init_method: str | None) -> int:
+def run_worker(parallel: ParallelConfig, rank: int, world_size: int, local_rank: int, init_method: str | None) -> int:
     """A rank >= 1 from start to exit; returns the process exit code."""
-    if resolve_device(app.parallel, local_rank).type == "cpu":
+    if resolve_device(parallel, local_rank).type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    runner, groups, reports = start_rank(app, policy, rank, world_size, local_rank, init_method)
+    runner, groups, reports = start_rank(None, parallel, rank, world_size, local_rank, init_method)
     if runner is None or any(r.error for r in reports):
         destroy()
         return 1
@@ -112,13 +123,13 @@ def _exit_when_orphaned(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
-def spawned_worker_main(rank: int, world_size: int, init_method: str, app_dict: dict, policy, parent_pid: int, log_level: str) -> None:
+def spawned_worker_main(rank: int, world_size: int, init_method: str, parallel: ParallelConfig, parent_pid: int,
+                        log_level: str) -> None:
     """Entry point of a worker process spawned by epserve (multiprocessing, spawn). It ignores
     SIGINT/SIGTERM: rank 0 tells it when to stop (group_signals.py)."""
     ignore_group_signals()
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-    app = AppConfig.from_dict(app_dict)
-    code = run_worker(app, policy, rank, world_size, local_rank=rank, init_method=init_method)
+    code = run_worker(parallel, rank, world_size, local_rank=rank, init_method=init_method)
     if code:
         os._exit(code)

@@ -1,13 +1,17 @@
 """Which kernels a model runs: chosen once, when the model is built.
 
-The choice comes from the model's device, whether Triton imports, and two environment
-variables read at that moment (never per call):
+The serving path passes the `kernels.*` config keys (server/launch_plan.py resolves them once,
+their environment overrides applied and logged); "auto" then follows the model's device and
+whether Triton imports. A model built without them (tools, tests) reads the same environment
+variables at that moment (never per call):
   EPSERVE_KERNEL_BACKEND  "torch": the torch twins on GPU too (baselines); "triton": the
                           kernels, also on CPU under Triton's interpreter (tests); "grouped_mm":
                           the MoE ops through torch._grouped_mm, every other op through its twin.
                           Unset: "triton" on CUDA when Triton imports, else "torch".
   EPSERVE_EXPERT_PATH     how routed experts run (server/moe/experts.py EXPERT_PATHS); unset:
                           the path of the kernel backend's name.
+  EPSERVE_MLA_DECODE      MLA decode on the Triton backend: "triton" (the kernel, default) or
+                          "dense" (batched torch matmuls).
 Modules keep the callables `op()` returns, so a forward step resolves nothing, reads no
 environment and imports nothing. An op without an implementation for the chosen backend
 (grouped_mm has only the MoE ops) runs its torch twin.
@@ -25,24 +29,34 @@ from .availability import BACKEND_ENV, default_backend
 from .ops import KERNEL_OPS
 
 EXPERT_PATH_ENV = "EPSERVE_EXPERT_PATH"
+MLA_DECODE_ENV = "EPSERVE_MLA_DECODE"
 KERNEL_BACKENDS = ("torch", "triton", "grouped_mm")
+MLA_DECODE_BACKENDS = ("triton", "dense")
 
 
 @dataclass(frozen=True)
 class KernelBackend:
     name: str  # one of KERNEL_BACKENDS
     expert_path: str = ""  # EXPERT_PATHS name; "": the one named like the backend
+    mla_decode: str = "triton"  # one of MLA_DECODE_BACKENDS (MLA decode on the Triton backend)
 
     def __post_init__(self) -> None:
         if self.name not in KERNEL_BACKENDS:
             raise UnknownNameError("kernel backend", self.name, KERNEL_BACKENDS, scope=BACKEND_ENV)
+        if self.mla_decode not in MLA_DECODE_BACKENDS:
+            raise UnknownNameError("MLA decode backend", self.mla_decode, MLA_DECODE_BACKENDS, scope=MLA_DECODE_ENV)
         if not self.expert_path:
             object.__setattr__(self, "expert_path", self.name)
 
     @classmethod
-    def for_device(cls, device: torch.device | str | None = None) -> "KernelBackend":
-        """The backend for a model on `device` (None: CPU), environment overrides applied."""
-        return cls(default_backend(device), os.environ.get(EXPERT_PATH_ENV, "").strip())
+    def for_device(cls, device: torch.device | str | None = None, config=None) -> "KernelBackend":
+        """The backend for a model on `device` (None: CPU). `config`: the resolved `kernels.*`
+        keys (server.config.KernelConfig); None reads the environment variables now."""
+        if config is not None:
+            name = default_backend(device) if config.backend == "auto" else config.backend
+            return cls(name, "" if config.expert_path == "auto" else config.expert_path, config.mla_decode)
+        return cls(default_backend(device), os.environ.get(EXPERT_PATH_ENV, "").strip(),
+                   os.environ.get(MLA_DECODE_ENV, "").strip() or "triton")
 
     def op(self, name: str) -> Callable:
         """The implementation of kernel op `name` for this backend (its torch twin where it has none)."""

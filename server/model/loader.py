@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ModelConfig, thaw
+from ..kernels.backend import KernelBackend
 from ..moe.dispatch import DispatchSettings
 from ..moe.eplb.rebalance import ExpertRebalancer
 from ..moe.eplb.settings import EplbSettings
@@ -102,14 +103,16 @@ def read_model_spec(model_cfg: ModelConfig) -> ModelSpec:
 
 def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
                ep_group=None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               eplb: EplbSettings | None = None, dispatch: DispatchSettings | None = None) -> MoECausalLM:
+               eplb: EplbSettings | None = None, dispatch: DispatchSettings | None = None,
+               spec: ModelSpec | None = None, kernels: KernelBackend | None = None) -> MoECausalLM:
     """Build this rank's shard: all non-expert weights, experts [r*E/ep, (r+1)*E/ep) — or with
     `eplb` the experts of this rank's slots in the start-up placement (from eplb's stats file).
 
     `dtype` overrides model.dtype. With ep_size > 1, `ep_group` is the EP process group
     (None: the default group, as under torchrun). `dispatch` (parallel.dispatch): how tokens
-    reach other ranks' experts (None: auto)."""
-    spec = read_model_spec(model_cfg)
+    reach other ranks' experts (None: auto). `spec`: the model's spec as the launch plan read it
+    (None: read now). `kernels`: which kernels it runs (None: by device and environment)."""
+    spec = spec if spec is not None else read_model_spec(model_cfg)
     if dtype is not None:
         if dtype not in _DTYPE_NAMES:
             raise ModelLoadError(f"dtype {dtype} cannot be served; use one of {list(_DTYPE_NAMES)}")
@@ -118,7 +121,7 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
     torch_dtype = getattr(torch, spec.dtype)
     placement = None if eplb is None else eplb.initial_placement(spec.num_moe_layers, spec.num_experts, ep_size)
     model = MoECausalLM(spec, policy=policy, ep_rank=ep_rank, ep_size=ep_size, ep_group=ep_group,
-                        dtype=torch_dtype, device=device, placement=placement, dispatch=dispatch)
+                        dtype=torch_dtype, device=device, placement=placement, dispatch=dispatch, kernels=kernels)
     folder = model_folder(model_cfg)
     if folder is None:
         init_random_weights(model, model_cfg.seed)

@@ -16,12 +16,11 @@ weight (nothing copied: checkpoints and the transformers baseline see kv_b_proj 
 
 The attention itself is the step metadata's `attend_latent` (server/layers/attention.py: the
 torch loop; server/layers/attention_triton.py: the Triton kernels). Decode on the Triton
-backend runs EPSERVE_MLA_DECODE, read once when the layer is built: "triton" (the kernel,
-default) or "dense" (batched torch matmuls; scripts/bench_mla_decode.py times both).
+backend runs the kernel backend's `mla_decode` (kernels.mla_decode, or EPSERVE_MLA_DECODE:
+server/kernels/backend.py), fixed when the layer is built: "triton" (the kernel, default) or
+"dense" (batched torch matmuls; scripts/bench_mla_decode.py times both).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -31,18 +30,9 @@ from ..kernels.ops import KERNEL_OPS
 from ..layers.attention import PagedAttentionMetadata
 from ..layers.layernorm import RMSNorm
 from ..layers.rotary_embedding import deinterleave
-from .spec import ModelLoadError, ModelSpec
+from .spec import ModelSpec
 
-MLA_DECODE_ENV = "EPSERVE_MLA_DECODE"
-MLA_DECODE_BACKENDS = ("triton", "dense")
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default, not rms_norm_eps
-
-
-def mla_decode_backend() -> str:
-    name = os.environ.get(MLA_DECODE_ENV, "triton").strip() or "triton"
-    if name not in MLA_DECODE_BACKENDS:
-        raise ModelLoadError(f"{MLA_DECODE_ENV}={name!r}: choose one of {MLA_DECODE_BACKENDS}")
-    return name
 
 
 class MLAttention(nn.Module):
@@ -64,7 +54,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False, **kw)
         self.o_proj = nn.Linear(heads * mla.v_head_dim, h, bias=spec.o_bias, **kw)
         self.rope = kernels.op("rope")  # x [T, heads, D], cos/sin [T, D] -> x*cos + rotate_half(x)*sin
-        self.decode_backend = mla_decode_backend()
+        self.decode_backend = kernels.mla_decode
         #: decode over the latent cache on the Triton backend (the torch backend loops over sequences)
         self.decode = KERNEL_OPS["mla_decode"][self.decode_backend] if kernels.name == "triton" else None
 

@@ -171,3 +171,18 @@ def test_unknown_group_option_is_one_paragraph_and_exit_2(tmp_path: Path, overri
     group, option = override.lstrip("+").split("=")
     assert f"config group '{group}' has no option '{option}'" in out.stderr and options in out.stderr, out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_yaml_defaults_are_the_dataclass_defaults() -> None:
+    """The composed defaults (what --cfg job shows) and the frozen dataclasses' defaults (what
+    AppConfig.from_dict fills in) are the same settings; ep2/ep4/ep8 differ from single in
+    ep_size alone."""
+    from dataclasses import replace
+
+    from server.config import EngineConfig, KernelConfig, ParallelConfig, ServerConfig
+
+    app = AppConfig.from_dict(composed())
+    assert (app.parallel, app.engine, app.kernels, app.server) == (ParallelConfig(), EngineConfig(), KernelConfig(),
+                                                                  ServerConfig())
+    for n in (2, 4, 8):
+        assert AppConfig.from_dict(composed(f"parallel=ep{n}")).parallel == replace(ParallelConfig(), ep_size=n)

@@ -146,7 +146,7 @@ def test_spawned_ranks_get_the_same_config() -> None:
     import pickle
 
     from server.config import AppConfig
-    from server.engine.launcher import app_to_dict
+    from server.config import app_to_dict
 
     app = AppConfig.from_dict({"routing": {"name": "skewed", "target": 3.0, "mode": "hot_ranks", "seed": 3},
                                "model": {"shape": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64}},

@@ -13,7 +13,7 @@ from server.engine.api import SamplingParams, StopParams
 from server.engine.core_types import EngineRequest
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.routing_setup import build_routing_policy
+from server.launch_plan import build_launch_plan
 from tests.helpers.ep_ranks import run_on_ranks
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [40, 41, 42, 43]]
@@ -27,8 +27,7 @@ def _app(ep_size: int, routing: str) -> AppConfig:
 
 
 def _runner(app: AppConfig, rank: int, world: int, groups=None):
-    spec_policy = build_routing_policy(app.routing, num_experts=16, top_k=2, ep_size=world, num_layers=4)
-    return build_runner(app, spec_policy, rank, world, torch.device("cpu"), groups)
+    return build_runner(build_launch_plan(app, world), rank, torch.device("cpu"), groups)
 
 
 def _generate(runner, rank: int, world: int, steps: int, routing: dict | None = None):
@@ -106,9 +105,7 @@ def test_every_ep_rank_switches_in_the_same_step() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_graphs_are_captured_per_policy_and_reused(monkeypatch) -> None:
     def cuda_runner():
-        app = _app(1, "natural")
-        policy = build_routing_policy(app.routing, num_experts=16, top_k=2, ep_size=1, num_layers=4)
-        return build_runner(app, policy, 0, 1, torch.device("cuda"), None)
+        return build_runner(build_launch_plan(_app(1, "natural"), 1), 0, torch.device("cuda"), None)
 
     runner = cuda_runner()
     first = runner.decode_graphs

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("moe", ("server.moe",)),  # router rules, experts, dispatch, load counters, the MoE block
     ("eplb", ("server.moe.eplb",)),  # expert placement, replicas, rebalancing
     ("model", ("server.model",)),  # families, checkpoints, the decoder, decode CUDA graphs
-    ("setup", ("server.routing_setup", "server.eplb_setup", "server.dispatch_setup")),  # config -> policy / placement / dispatch
+    ("setup", ("server.routing_setup", "server.eplb_setup", "server.dispatch_setup",
+               "server.launch_plan")),  # config -> policy / placement / dispatch -> the launch plan
     ("engine", ("server.engine",)),
     ("rpc", ("server.rpc",)),
     ("entry points and tools", ("server.__main__", "server.cli", "server.launch", "server.dry_run",

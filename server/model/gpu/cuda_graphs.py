@@ -282,14 +282,17 @@ class DecodeGraphRunner:
 
 def maybe_decode_graphs(model, kv_caches, *, max_batch: int, max_blocks_per_seq: int,
                         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                        inputs: GraphInputs | None = None) -> DecodeGraphRunner | None:
+                        inputs: GraphInputs | None = None, enabled: bool | None = None) -> DecodeGraphRunner | None:
     """Decode graphs where they apply (CUDA, a graph-safe dispatcher, kernel attention), else None
-    with the reason logged. Set EPSERVE_CUDA_GRAPHS=0 to keep decode eager (on every EP rank:
-    ranks that capture and ranks that do not would run different collectives)."""
-    import os
+    with the reason logged. `enabled=False` (kernels.cuda_graphs=false; None: EPSERVE_CUDA_GRAPHS,
+    read now, "0" is off) keeps decode eager, on every EP rank alike: ranks that capture and
+    ranks that do not would run different collectives."""
+    if enabled is None:
+        import os
 
-    if os.environ.get("EPSERVE_CUDA_GRAPHS", "1") == "0":
-        log.info("decode CUDA graphs off (EPSERVE_CUDA_GRAPHS=0)")
+        enabled = os.environ.get("EPSERVE_CUDA_GRAPHS", "1") != "0"
+    if not enabled:
+        log.info("decode CUDA graphs off (kernels.cuda_graphs=false)")
         return None
     if model.device.type != "cuda":
         return None

@@ -140,14 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _collect(args: argparse.Namespace) -> tuple[list[list[int]], str]:
     if args.source == "policy":
-        from ...config import RoutingConfig
-        from ...routing_setup import build_routing_policy
+        from ...config import AppConfig, RoutingConfig
+        from ...launch_plan import build_launch_plan
 
         spec = _model_spec(args.model, args.overrides)
         routing = dict(item.partition("=")[::2] for item in args.routing)
         cfg = RoutingConfig.from_dict({k: _value(v) if k != "name" else v for k, v in routing.items()})
-        policy = build_routing_policy(cfg, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=args.ep_size,
-                                      num_layers=spec.num_moe_layers)
+        policy = build_launch_plan(AppConfig(routing=cfg), ep_size=args.ep_size, spec=spec).policy
         loads = policy_expert_load(policy, num_layers=spec.num_moe_layers, num_experts=spec.num_experts,
                                    top_k=spec.top_k, ep_size=args.ep_size, tokens_per_rank=args.tokens)
         source = f"policy {policy!r} at ep {args.ep_size}, {args.tokens} tokens per rank per layer, model {args.model}"

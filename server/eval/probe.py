@@ -45,6 +45,7 @@ class PolicyProbe(RoutingPolicy):
         super().__init__(weights=inner.weights, seed=inner.seed)
         self.inner, self.ep_size, self.top_k = inner, ep_size, top_k
         self.name = inner.name
+        self.wants_selection_scores = inner.wants_selection_scores  # the layer then hands selection scores
         self.sim_rank = 0
         self.loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the policy's ids, whole run
         self.step_loads = ExpertLoadCounters(num_layers, num_experts, ep_size)  # the same, current step
@@ -56,7 +57,8 @@ class PolicyProbe(RoutingPolicy):
 
     def __call__(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext):
         sim = RoutingContext(layer=ctx.layer, num_experts=ctx.num_experts, top_k=ctx.top_k, ep_rank=self.sim_rank,
-                             ep_size=self.ep_size, token_offset=ctx.token_offset, seed=ctx.seed)
+                             ep_size=self.ep_size, token_offset=ctx.token_offset, seed=ctx.seed,
+                             router_groups=ctx.router_groups, router_topk_groups=ctx.router_topk_groups)
         ids, weights = self.inner(topk_ids, topk_weights, router_logits, sim)  # [N, k] each
         natural = topk_ids.to(torch.int32)  # [N, k]
         self.loads.record(ctx.layer, ids)

@@ -38,6 +38,9 @@ class RoutingPolicy:
     guarantee: ClassVar[str] = ""
     #: False for policies that work host-side (routing=record): decode then stays eager.
     graph_safe: ClassVar[bool] = True
+    #: True: `router_logits` is handed over as the router rule's selection scores (the values its
+    #: top-k ranks, server/moe/router.py SELECTION_SCORES) instead of the raw gate logits.
+    wants_selection_scores: ClassVar[bool] = False
 
     def __init__(self, weights: str = "keep", seed: int = 0) -> None:
         if weights not in WEIGHT_MODES:

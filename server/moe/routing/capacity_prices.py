@@ -1,0 +1,102 @@
+"""Bin prices that make every token's own top-k respect bin capacities: the dual half of the
+capacitated assignment behind `optimal_balanced` and `rank_balanced`.
+
+The problem: n tokens each choose k distinct experts; experts are split into B equal bins of w
+consecutive experts (w = 1: each expert its own bin; w = E/ep_size: one bin per EP rank); bin b
+may receive at most cap[b] (token, expert) pairs. Maximise the sum of the router's scores over
+chosen pairs. It is a transportation problem, and its LP dual gives one price per bin: with the
+right prices, each token's top-k of (score - price of the expert's bin) is an optimal
+assignment, up to ties at the margin. So we look for prices, not for an assignment.
+
+How: Jacobi coordinate ascent, the parallel form of an auction. With every other price fixed,
+token i takes j experts of bin b exactly when price[b] < tau[i, b, j] := (its j-th best score
+in b) - (the (k-j+1)-th best adjusted score outside b); tau falls with j. So the price at which
+bin b receives exactly cap[b] pairs lies between the cap[b]-th and (cap[b]+1)-th largest tau over
+(i, j). Every bin moves there at once, damped by half (undamped, bins that share tokens
+overshoot together). Each step is a few dense tensor ops, no host sync, fixed count: the same
+work in every call, so a CUDA graph can hold it. On the tiny eval model 20 steps leave about two
+pairs out of 2048 over capacity (the repair, capacity_repair.py, moves those).
+
+`allowed` restricts which experts a token may use (group-limited routing, group_limit.py):
+disallowed scores are treated as absent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+#: stands in for +/- infinity in threshold arithmetic (scores are O(10); no nan from inf - inf)
+BIG = 1.0e9
+DAMPING = 0.5
+
+
+def bin_thresholds(scores: torch.Tensor, adjusted: torch.Tensor, top_k: int, width: int) -> torch.Tensor:
+    """scores, adjusted [n, E] (adjusted = scores - price of the expert's bin; -BIG: not
+    allowed) -> tau [n, B, m], m = min(k, width): token i takes >= j experts of bin b iff
+    price[b] < tau[i, b, j-1]. +BIG: always taken (too few experts elsewhere); -BIG: never."""
+    n, num_experts = scores.shape
+    bins = num_experts // width
+    m = min(top_k, width)
+    depth = min(num_experts, top_k + m)  # the best k outside any bin are among the global top k+m
+    values, index = adjusted.topk(depth, dim=1)  # [n, D] descending
+    # own[i, b, j]: j-th best score of bin b, without its own price (adjusted + price = scores where allowed)
+    own_scores = torch.where(adjusted > -BIG / 2, scores, torch.full_like(scores, -BIG))
+    own = own_scores.view(n, bins, width).topk(m, dim=2).values  # [n, B, m]
+    ranks_needed = torch.arange(top_k, top_k - m, -1, device=scores.device)  # [m]: k, k-1, ..., k-m+1
+    # A bin absent from the token's top list: the t-th best outside it is the global t-th best.
+    padded = torch.cat([values, values.new_full((n, 1), -BIG)], dim=1)  # [n, D+1]; rank past D: absent
+    untouched = padded[:, (ranks_needed - 1).clamp(max=depth)]  # [n, m]
+    outside = untouched[:, None, :].expand(n, bins, m).clone()  # [n, B, m]
+    # Bins present in the list: rank every list entry among the entries of other bins.
+    entry_bin = index // width  # [n, D]
+    same = entry_bin[:, :, None] == entry_bin[:, None, :]  # [n, D(bin of p), D(entry q)]
+    rank_outside = (~same).cumsum(dim=2)  # [n, D, D] 1-based rank of entry q among non-b entries
+    hit = (~same)[:, :, :, None] & (rank_outside[:, :, :, None] == ranks_needed)  # [n, D, D, m]
+    found = hit.any(dim=2)  # [n, D, m]
+    picked = (hit.to(values.dtype) * values[:, None, :, None]).sum(dim=2)  # [n, D, m] (one hit at most)
+    touched = torch.where(found, picked, torch.full_like(picked, -BIG))  # [n, D, m]
+    outside.scatter_(1, entry_bin[:, :, None].expand(n, depth, m), touched)  # same bin -> same values
+    tau = own - outside  # [n, B, m]
+    tau = torch.where(own <= -BIG / 2, torch.full_like(tau, -BIG), tau)  # no j-th allowed expert: never
+    return tau.clamp(-BIG, BIG)
+
+
+def price_for_capacity(tau: torch.Tensor, cap: torch.Tensor, max_cap: int) -> torch.Tensor:
+    """tau [n, B, m], cap [B] int64 -> [B] the midpoint between the cap-th and (cap+1)-th largest
+    tau of each bin (the price at which the bin receives cap pairs, others fixed)."""
+    n, bins, m = tau.shape
+    flat = tau.permute(1, 0, 2).reshape(bins, n * m)  # [B, n*m]
+    depth = min(max_cap + 1, n * m)
+    top = flat.topk(depth, dim=1).values  # [B, depth] descending
+    top = torch.cat([top[:, :1] + 1.0, top, top.new_full((bins, 1), -BIG)], dim=1)  # [B, depth+2]: 0-th above all
+    cap = cap.clamp(max=depth)
+    upper = top.gather(1, cap[:, None]).squeeze(1)  # cap-th largest (0-th: above the largest)
+    lower = top.gather(1, (cap + 1)[:, None]).squeeze(1)  # (cap+1)-th largest
+    return (upper.clamp(-BIG, BIG) + lower.clamp(-BIG, BIG)) / 2
+
+
+def solve_bin_prices(scores: torch.Tensor, top_k: int, width: int, cap: torch.Tensor, max_cap: int, steps: int,
+                     upper_only: bool, allowed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """scores [n, E] float32, cap [B] int64 -> prices [B] float32 after `steps` damped Jacobi steps.
+
+    upper_only: caps are ceilings with slack (the rank tolerance), so a bin is never paid to take
+    more (price >= 0); otherwise caps are exact shares and prices may go negative.
+    allowed_fn: adjusted [n, E] -> allowed [n, E] bool (group-limited routing), or None."""
+    n, num_experts = scores.shape
+    bins = num_experts // width
+    price = scores.new_zeros(bins)  # [B]
+    # A price beyond the scores' spread already excludes (or forces) a bin; keeping prices there
+    # keeps adjusted scores exact in float32 when a bin cannot reach its cap.
+    spread = (scores.max() - scores.min()).clamp(max=BIG / 4) + 1.0  # 0-d, on the device
+    for _ in range(steps):
+        adjusted = scores - price.repeat_interleave(width)  # [n, E]
+        if allowed_fn is not None:
+            adjusted = torch.where(allowed_fn(adjusted), adjusted, torch.full_like(adjusted, -BIG))
+        tau = bin_thresholds(scores, adjusted, top_k, width)  # [n, B, m]
+        target = price_for_capacity(tau, cap, max_cap)  # [B]
+        target = torch.maximum(torch.minimum(target, spread), -spread)
+        if upper_only:
+            target = target.clamp(min=0.0)
+        price = price + DAMPING * (target - price)
+    return price

@@ -7,9 +7,16 @@ cyclic assignment below (exactly balanced per expert and per rank, router-blind)
 chosen on the device with torch.where: no host sync. `fallback_calls()` counts such calls
 (a device counter per device, read only when someone asks), so an evaluation can say how often
 it happened.
+
+`keep_bonus` adds that much to the score of each pair the router itself chose, so the objective
+becomes (sum of selection scores) + keep_bonus x (router pairs kept). 0 (the default) is the
+router's own objective; a bonus above the scores' spread keeps as many router pairs as balance
+allows first and uses the scores to decide the rest. On the tiny eval model a bonus of 1 keeps
+more pairs at the same perplexity (docs/EVAL.md).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,20 +43,28 @@ def positive_int(key: str, value: Any, minimum: int = 0) -> int:
     return value
 
 
+def finite_number(key: str, value: Any, minimum: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not minimum <= value < math.inf:
+        raise PolicyConfigError(f"routing.{key} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
 class CapacityPolicy(RoutingPolicy):
     """Base of the capacity-solving policies; subclasses say which capacities a call has."""
 
     wants_selection_scores = True
 
-    def __init__(self, weights: str = "keep", seed: int = 0, price_steps: int = PRICE_STEPS,
+    def __init__(self, weights: str = "keep", seed: int = 0, keep_bonus: float = 0.0, price_steps: int = PRICE_STEPS,
                  repair_rounds: int = REPAIR_ROUNDS) -> None:
         super().__init__(weights=weights, seed=seed)
+        self.keep_bonus = finite_number("keep_bonus", keep_bonus, 0.0)
         self.price_steps = positive_int("price_steps", price_steps)
         self.repair_rounds = positive_int("repair_rounds", repair_rounds)
         self._fallbacks: dict[torch.device, torch.Tensor] = {}  # device -> [1] int64; one per device
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "price_steps": self.price_steps, "repair_rounds": self.repair_rounds}
+        return {**super().params(), "keep_bonus": self.keep_bonus, "price_steps": self.price_steps,
+                "repair_rounds": self.repair_rounds}
 
     def capacities(self, n: int, ctx: RoutingContext) -> Capacities:
         raise NotImplementedError
@@ -66,6 +81,10 @@ class CapacityPolicy(RoutingPolicy):
         n, device = router_logits.shape[0], router_logits.device
         if n == 0:
             return torch.empty(0, ctx.top_k, dtype=torch.int32, device=device)
+        scores = router_logits  # [n, E] selection scores
+        if self.keep_bonus:
+            scores = router_logits.float().scatter_add(
+                1, topk_ids.long(), torch.full(topk_ids.shape, self.keep_bonus, device=device))
         allowed_fn = take_filter = None
         if self.keeps_groups() and ctx.router_groups > 1:
             groups, topk_groups, num_experts = ctx.router_groups, ctx.router_topk_groups, ctx.num_experts
@@ -76,7 +95,7 @@ class CapacityPolicy(RoutingPolicy):
             def take_filter(held, ids, giving):
                 return group_keeping_takes(ids, giving, num_experts, groups, topk_groups)
 
-        ids, ok = capacitated_topk(router_logits, ctx.top_k, self.capacities(n, ctx), allowed_fn, take_filter,
+        ids, ok = capacitated_topk(scores, ctx.top_k, self.capacities(n, ctx), allowed_fn, take_filter,
                                    self.price_steps, self.repair_rounds)  # [n, k], 0-d bool
         fallback = cyclic_balanced_ids(n, ctx.num_experts, ctx.top_k, ctx.ep_size, device)  # [n, k]
         counter = self._fallbacks.get(device)

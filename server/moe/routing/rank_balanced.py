@@ -12,7 +12,11 @@ on the tiny eval model at EP4 it keeps about 0.69 of the router's pairs against 
   small cap may buy back speed that rank-only balance gives up.
 * Group-limited routers (DeepSeek-V3's n_group/topk_group, told by the routing context): a
   token's experts stay within topk_group groups. Prices steer whole groups through the router's
-  own group rule, and repair moves never open a group past the limit.
+  own group rule, and repair moves never open a group past the limit. Where the limit leaves a
+  token no single expert it can move (k = topk_group x group size, or topk_group = 1 with a
+  group spanning ranks), balancing ranks needs whole-group swaps that the repair does not make;
+  such calls fall back. DeepSeek-V3's own shape (256 experts, 8 groups, 4 used, top-8) is not
+  tight (tests/routing/test_capacity_groups.py).
 Rank balance is the hard guarantee: the closed-form fallback (capacity_policy.py) keeps it even
 in a call where the repair did not finish, at the price of the group limit and the expert cap
 in that call (fallback_calls() counts them).
@@ -22,17 +26,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .base import PolicyConfigError
-from .capacity_policy import CapacityPolicy
+from .capacity_policy import CapacityPolicy, finite_number
 from .capacity_solver import PRICE_STEPS, REPAIR_ROUNDS, Capacities
 from .context import RoutingContext
 from .registry import register_policy
-
-
-def _number(key: str, value: Any, minimum: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= minimum or math.isinf(value):
-        raise PolicyConfigError(f"routing.{key} must be a finite number >= {minimum}, got {value!r}")
-    return float(value)
 
 
 @register_policy("rank_balanced")
@@ -41,10 +38,11 @@ class RankBalancedPolicy(CapacityPolicy):
                  "expert loads inside a rank free (or capped); keeps the router's group limit")
 
     def __init__(self, weights: str = "keep", seed: int = 0, tolerance: float = 0.0, expert_cap: float | None = None,
-                 price_steps: int = PRICE_STEPS, repair_rounds: int = REPAIR_ROUNDS) -> None:
-        super().__init__(weights=weights, seed=seed, price_steps=price_steps, repair_rounds=repair_rounds)
-        self.tolerance = _number("tolerance", tolerance, 0.0)
-        self.expert_cap = None if expert_cap is None else _number("expert_cap", expert_cap, 1.0)
+                 keep_bonus: float = 0.0, price_steps: int = PRICE_STEPS, repair_rounds: int = REPAIR_ROUNDS) -> None:
+        super().__init__(weights=weights, seed=seed, keep_bonus=keep_bonus, price_steps=price_steps,
+                         repair_rounds=repair_rounds)
+        self.tolerance = finite_number("tolerance", tolerance, 0.0)
+        self.expert_cap = None if expert_cap is None else finite_number("expert_cap", expert_cap, 1.0)
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "tolerance": self.tolerance, "expert_cap": self.expert_cap}

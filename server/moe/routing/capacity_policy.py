@@ -77,14 +77,19 @@ class CapacityPolicy(RoutingPolicy):
         """Calls so far that returned the closed-form fallback (a host read: call it off the hot path)."""
         return int(sum(int(c.item()) for c in self._fallbacks.values()))
 
+    def objective_scores(self, topk_ids: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """[n, E] what this policy maximises the sum of: selection scores, plus keep_bonus on the
+        router's own pairs."""
+        if not self.keep_bonus:
+            return router_logits
+        bonus = torch.full(topk_ids.shape, self.keep_bonus, device=router_logits.device)  # [n, k]
+        return router_logits.float().scatter_add(1, topk_ids.long(), bonus)
+
     def route(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext) -> torch.Tensor:
         n, device = router_logits.shape[0], router_logits.device
         if n == 0:
             return torch.empty(0, ctx.top_k, dtype=torch.int32, device=device)
-        scores = router_logits  # [n, E] selection scores
-        if self.keep_bonus:
-            scores = router_logits.float().scatter_add(
-                1, topk_ids.long(), torch.full(topk_ids.shape, self.keep_bonus, device=device))
+        scores = self.objective_scores(topk_ids, router_logits)  # [n, E]
         allowed_fn = take_filter = None
         if self.keeps_groups() and ctx.router_groups > 1:
             groups, topk_groups, num_experts = ctx.router_groups, ctx.router_topk_groups, ctx.num_experts

@@ -32,12 +32,15 @@ def write_tradeoff_png(path: Path, rows: list[dict[str, Any]], title: str) -> No
     if curve:
         ax.plot([r["rank_max_over_mean"] for r in curve], [r["perplexity"] for r in curve], "-o", color="tab:blue",
                 label="natural and rank_balanced (tolerance 0 ... 0.5)")
+    placed: list[tuple[float, float]] = []
     for r in rows:
         in_curve = any(r is c for c in curve)
-        ax.plot(r["rank_max_over_mean"], r["perplexity"], "o" if in_curve else "s",
-                color="tab:blue" if in_curve else "tab:red")
-        ax.annotate(f"{r['policy']} (fidelity {r['fidelity']:.2f})", (r["rank_max_over_mean"], r["perplexity"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+        x, y = r["rank_max_over_mean"], r["perplexity"]
+        ax.plot(x, y, "o" if in_curve else "s", color="tab:blue" if in_curve else "tab:red")
+        near = sum(1 for px, py in placed if abs(px - x) < 0.02 and abs(py / y - 1) < 0.03)  # labels would overlap
+        placed.append((x, y))
+        ax.annotate(f"{r['policy']} (fidelity {r['fidelity']:.2f})", (x, y), textcoords="offset points",
+                    xytext=(6, 4 - 10 * near), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("rank max/mean load (1.0 = every EP rank equally busy; a step waits for the busiest)")
     ax.set_ylabel("held-out perplexity (log scale; lower is better)")

@@ -31,6 +31,11 @@ BIG = 1.0e9
 DAMPING = 0.5
 
 
+def expert_bins(num_experts: int, width: int, device: torch.device) -> torch.Tensor:
+    """[E] int64 bin of each expert (a gather index: no data-dependent output size)."""
+    return torch.arange(num_experts, device=device) // width
+
+
 def bin_thresholds(scores: torch.Tensor, adjusted: torch.Tensor, top_k: int, width: int) -> torch.Tensor:
     """scores, adjusted [n, E] (adjusted = scores - price of the expert's bin; -BIG: not
     allowed) -> tau [n, B, m], m = min(k, width): token i takes >= j experts of bin b iff
@@ -90,7 +95,7 @@ def solve_bin_prices(scores: torch.Tensor, top_k: int, width: int, cap: torch.Te
     # keeps adjusted scores exact in float32 when a bin cannot reach its cap.
     spread = (scores.max() - scores.min()).clamp(max=BIG / 4) + 1.0  # 0-d, on the device
     for _ in range(steps):
-        adjusted = scores - price.repeat_interleave(width)  # [n, E]
+        adjusted = scores - price[expert_bins(num_experts, width, scores.device)]  # [n, E]
         if allowed_fn is not None:
             adjusted = torch.where(allowed_fn(adjusted), adjusted, torch.full_like(adjusted, -BIG))
         tau = bin_thresholds(scores, adjusted, top_k, width)  # [n, B, m]

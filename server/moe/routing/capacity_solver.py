@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .capacity_prices import BIG, solve_bin_prices
+from .capacity_prices import BIG, expert_bins, solve_bin_prices
 from .capacity_repair import TakeFilter, bin_loads, repair
 
 PRICE_STEPS = 20
@@ -74,7 +74,7 @@ def capacitated_topk(scores: torch.Tensor, top_k: int, capacities: Capacities,
         max_cap = capacities.ceiling
     price = solve_bin_prices(scores, top_k, width, price_cap, max_cap, price_steps,
                              upper_only=not capacities.exact, allowed_fn=allowed_fn)  # [B]
-    adjusted = scores - price.repeat_interleave(width)  # [n, E]
+    adjusted = scores - price[expert_bins(num_experts, width, scores.device)]  # [n, E]
     if allowed_fn is not None:
         adjusted = torch.where(allowed_fn(adjusted), adjusted, torch.full_like(adjusted, -BIG))
     ids = adjusted.topk(top_k, dim=1).indices  # [n, k]

@@ -27,26 +27,25 @@ def write_tradeoff_png(path: Path, rows: list[dict[str, Any]], title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(15, 6))
+    fig.subplots_adjust(left=0.06, right=0.64, top=0.88, bottom=0.1)
     curve = curve_points(rows)
     if curve:
         ax.plot([r["rank_max_over_mean"] for r in curve], [r["perplexity"] for r in curve], "-o", color="tab:blue",
                 label="natural and rank_balanced (tolerance 0 ... 0.5)")
-    placed: list[tuple[float, float]] = []
-    for r in rows:
+    key = []  # numbered points, named in a box beside the plot (names are too long to print at the points)
+    for number, r in enumerate(rows, 1):
         in_curve = any(r is c for c in curve)
         x, y = r["rank_max_over_mean"], r["perplexity"]
         ax.plot(x, y, "o" if in_curve else "s", color="tab:blue" if in_curve else "tab:red")
-        near = sum(1 for px, py in placed if abs(px - x) < 0.02 and abs(py / y - 1) < 0.03)  # labels would overlap
-        placed.append((x, y))
-        ax.annotate(f"{r['policy']} (fidelity {r['fidelity']:.2f})", (x, y), textcoords="offset points",
-                    xytext=(6, 4 - 10 * near), fontsize=7)
+        ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(5, 3 if number % 2 else -9), fontsize=8)
+        key.append(f"{number}  {r['policy']}: perplexity {y:.2f}, fidelity {r['fidelity']:.2f}, rank max/mean {x:.2f}")
+    fig.text(0.66, 0.5, "\n".join(key), fontsize=7, va="center", family="monospace")
     ax.set_yscale("log")
     ax.set_xlabel("rank max/mean load (1.0 = every EP rank equally busy; a step waits for the busiest)")
     ax.set_ylabel("held-out perplexity (log scale; lower is better)")
     ax.set_title("balance against quality\n" + title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

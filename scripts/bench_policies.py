@@ -35,7 +35,7 @@ from server.moe.routing import RoutingContext, build_policy  # noqa: E402
 from server.moe.routing.lightllm_rule import lightllm_generator_torch  # noqa: E402
 
 POLICIES = ["natural", "round_robin_balanced", "greedy_balanced", "uniform_random", "skewed", "optimal_balanced",
-            "rank_balanced", "rank_balanced:tolerance=0.1"]
+            "optimal_balanced:price_steps=12,repair_rounds=8", "rank_balanced", "rank_balanced:tolerance=0.1"]
 LAYER_CALLS = 48  # MoE layers of a Qwen3-30B-A3B-sized model: calls per captured forward
 #: experts -> (hidden, expert intermediate) of the MoE block timed beside the policies
 MOE_BLOCKS = {128: (2048, 768), 256: (7168, 2048)}

@@ -5,11 +5,10 @@ A move takes one expert o from a token and gives it an expert u it lacks: o's bi
 capacity, u's bin under it. One always exists while some bin is over: if every token holding
 an expert of an over-capacity bin X also held every expert of an under-capacity bin Y, Y would
 receive at least as many pairs as X, which it does not. Each round, in parallel, every token
-proposes its cheapest move (the o it scores lowest among over-capacity bins, then the best u it
-may take given o), and each bin accepts the proposals that lose least, up to its excess on the
-giving side and its room on the taking side. The single cheapest proposal is always accepted,
-so every round makes progress; in practice a handful of rounds clear what 20 price steps
-leave. The number of rounds is fixed (no host sync, the same work in every call); the policy
+names the o it scores lowest among over-capacity bins, under-capacity bins offer their room to
+the tokens that lose least by moving in, and over-capacity bins release at most their excess.
+The single cheapest move is always made, so every round makes progress; in practice a few
+rounds clear what 20 price steps leave. The number of rounds is fixed (no host sync, the same work in every call); the policy
 checks the result on the device and falls back to a closed-form balanced assignment in the
 rare call where the rounds did not finish (capacity_solver.py).
 """
@@ -53,8 +52,13 @@ def repair_round(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch
                  take_filter: TakeFilter | None = None, expert_room: torch.Tensor | None = None) -> torch.Tensor:
     """One round of moves. scores [n, E] float32, ids [n, k] int64, cap [B] -> new ids [n, k].
 
+    Every token picks the expert it would give up (its lowest-scored one in an over-capacity
+    bin); every under-capacity bin offers its room to the tokens that lose least by taking
+    their best expert in it; every token takes its best offer; every over-capacity bin lets go
+    of at most its excess, least loss first. Offers come from the bins' side so that bins
+    wanted by the same tokens do not all wait for one token per round.
     expert_room [E] int64 or None: how many more pairs each expert may take (a per-expert cap
-    inside the bins), enforced as a third acceptance quota."""
+    inside the bins), enforced as one more acceptance quota."""
     n, num_experts = scores.shape
     bins = cap.shape[0]
     load = bin_loads(ids, width, bins)  # [B]
@@ -68,11 +72,17 @@ def repair_round(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch
         takeable = takeable & (expert_room > 0)
     if take_filter is not None:
         takeable = takeable & take_filter(held, ids, give)
-    take_score, take = torch.where(takeable, scores, -inf).max(dim=1)  # [n]: best expert to take
-    valid = torch.isfinite(give_score) & torch.isfinite(take_score)  # [n]
-    gain = torch.where(valid, take_score - give_score, torch.full_like(give_score, -float("inf")))  # [n] <= 0 mostly
+    best_in_bin, local = torch.where(takeable, scores, -inf).view(n, bins, width).max(dim=2)  # [n, B] each
+    bin_gain = best_in_bin - give_score[:, None]  # [n, B]; -inf / nan where no move exists
+    possible = torch.isfinite(bin_gain)
+    bin_gain = torch.where(possible, bin_gain, torch.full_like(bin_gain, -float("inf")))
+    order = torch.argsort(bin_gain, dim=0, descending=True, stable=True)  # [n, B] tokens by loss, per bin
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=scores.device)[:, None].expand(n, bins))
+    offered = possible & (place < (cap - load).clamp(min=0)[None, :])  # [n, B]
+    gain, take_bin = torch.where(offered, bin_gain, torch.full_like(bin_gain, -float("inf"))).max(dim=1)  # [n]
+    take = take_bin * width + local.gather(1, take_bin[:, None]).squeeze(1)  # [n] expert taken
+    valid = offered.any(dim=1)  # [n]
     accept = accepted_within_quota(bin_of[give], (load - cap).clamp(min=0), gain, valid)
-    accept = accept & accepted_within_quota(bin_of[take], (cap - load).clamp(min=0), gain, valid)
     if expert_room is not None:
         accept = accept & accepted_within_quota(take, expert_room.clamp(min=0), gain, valid)
     swap = accept[:, None] & (ids == give[:, None])  # [n, k]

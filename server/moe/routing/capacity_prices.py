@@ -54,19 +54,23 @@ def bin_thresholds(scores: torch.Tensor, adjusted: torch.Tensor, top_k: int, wid
     own_scores = torch.where(adjusted > -BIG / 2, scores, torch.full_like(scores, -BIG))
     own = own_scores.view(n, bins, width).topk(m, dim=2).values  # [n, B, m]
     ranks_needed = torch.arange(top_k, top_k - m, -1, device=scores.device)  # [m]: k, k-1, ..., k-m+1
-    # A bin absent from the token's top list: the t-th best outside it is the global t-th best.
-    padded = torch.cat([values, values.new_full((n, 1), -BIG)], dim=1)  # [n, D+1]; rank past D: absent
-    untouched = padded[:, (ranks_needed - 1).clamp(max=depth)]  # [n, m]
-    outside = untouched[:, None, :].expand(n, bins, m).clone()  # [n, B, m]
-    # Bins present in the list: rank every list entry among the entries of other bins.
-    entry_bin = index // width  # [n, D]
-    same = entry_bin[:, :, None] == entry_bin[:, None, :]  # [n, D(bin of p), D(entry q)]
-    rank_outside = (~same).cumsum(dim=2)  # [n, D, D] 1-based rank of entry q among non-b entries
-    hit = (~same)[:, :, :, None] & (rank_outside[:, :, :, None] == ranks_needed)  # [n, D, D, m]
-    found = hit.any(dim=2)  # [n, D, m]
-    picked = (hit.to(values.dtype) * values[:, None, :, None]).sum(dim=2)  # [n, D, m] (one hit at most)
-    touched = torch.where(found, picked, torch.full_like(picked, -BIG))  # [n, D, m]
-    outside.scatter_(1, entry_bin[:, :, None].expand(n, depth, m), touched)  # same bin -> same values
+    padded = torch.cat([values, values.new_full((n, 1), -BIG)], dim=1)  # [n, D+1]; past the list: absent
+    if width == 1:
+        # One expert per bin: the k-th best outside expert e is the (k+1)-th overall if e is in
+        # the token's top k, else the k-th.
+        in_top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index[:, :top_k], True)  # [n, E]
+        outside = torch.where(in_top, padded[:, top_k:top_k + 1], padded[:, top_k - 1:top_k])[:, :, None]  # [n, E, 1]
+    else:
+        # The best adjusted scores outside bin b: the token's list without b's entries, in order.
+        entry_bin = index // width  # [n, D]
+        in_bin = entry_bin[:, None, :] == torch.arange(bins, device=scores.device)[None, :, None]  # [n, B, D]
+        order = torch.argsort(in_bin.to(torch.int8), dim=2, stable=True)  # [n, B, D] entries of other bins first
+        others = torch.cat([values[:, None, :].expand(n, bins, depth).gather(2, order),
+                            values.new_full((n, bins, 1), -BIG)], dim=2)  # [n, B, D+1]
+        count = depth - in_bin.sum(dim=2, keepdim=True)  # [n, B, 1] entries of other bins in the list
+        want = (ranks_needed - 1)[None, None, :].expand(n, bins, m)  # [n, B, m]
+        at = torch.where(want < count, want, torch.full_like(want, depth))  # [n, B, m]; depth: the -BIG pad
+        outside = others.gather(2, at)  # [n, B, m]
     tau = own - outside  # [n, B, m]
     tau = torch.where(own <= -BIG / 2, torch.full_like(tau, -BIG), tau)  # no j-th allowed expert: never
     return tau.clamp(-BIG, BIG)

@@ -12,13 +12,16 @@ from server.moe.routing.group_limit import within_group_limit
 
 TOKENS = 96
 
-# (experts, groups, topk_groups, top-k, ep). Roomy: a token has groups with a single expert, so
-# single-pair moves can change its groups; DeepSeek-V3's 256/8/4/8 scaled down is roomy.
-ROOMY = [(12, 3, 2, 3, 4), (64, 8, 4, 8, 8), (256, 8, 4, 8, 8), (32, 8, 4, 8, 4), (48, 6, 3, 6, 4)]
-# Tight: the limit forces tokens into whole groups (k = topk_group x group size, or one group
-# spanning two ranks), so balancing ranks needs a token to swap a whole group, which single-pair
-# moves cannot do; such calls fall back (rank balance exact, group limit not kept), counted.
-TIGHT = [(16, 4, 2, 4, 4), (16, 2, 1, 4, 8), (16, 8, 3, 4, 2)]
+# (experts, groups, topk_groups, top-k, ep). Roomy: single-pair moves can change a token's
+# groups (it has a group with one expert, or a group spans ranks), or its groups lie inside ranks
+# and whole-group moves do it: DeepSeek-V3 (256/8/4/8) at EP8-32, DeepSeek-V2's 160/8/3/6 at EP8
+# (one group per rank), groups of 2 inside ranks of 8.
+ROOMY = [(12, 3, 2, 3, 4), (64, 8, 4, 8, 8), (256, 8, 4, 8, 8), (256, 8, 4, 8, 16), (256, 8, 4, 8, 32), (32, 8, 4, 8, 4),
+         (48, 6, 3, 6, 4), (160, 8, 3, 6, 8), (16, 8, 3, 4, 2)]
+# Tight: a token must move whole groups, and either its groups span ranks (topk_group 1, a group
+# over two ranks) or the last excess is smaller than any token's group; such calls fall back
+# (rank balance exact, group limit not kept), counted.
+TIGHT = [(16, 4, 2, 4, 4), (16, 2, 1, 4, 8)]
 
 
 def grouped_router(num_experts: int, groups: int, topk_groups: int, top_k: int, seed: int):

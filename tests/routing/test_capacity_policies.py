@@ -162,3 +162,44 @@ def test_registered_and_parameters_checked() -> None:
                               ("optimal_balanced", {"tolerance": 0.1}, "tolerance")]:
         with pytest.raises(PolicyConfigError, match=key):
             build_policy(name, **params)
+
+
+@st.composite
+def grouped_calls(draw):
+    """A call after a group-limited router: E = groups x group size, ranks dividing E."""
+    groups = draw(st.sampled_from([2, 4, 8]))
+    per_group = draw(st.integers(2, 8))  # the router rule ranks groups by their two best experts
+    num_experts = groups * per_group
+    ep = draw(st.sampled_from([d for d in (1, 2, 4, 8, 16) if num_experts % d == 0]))
+    topk_groups = draw(st.integers(1, groups))
+    top_k = draw(st.integers(1, min(8, topk_groups * per_group)))
+    n = draw(st.integers(1, 48))
+    return groups, topk_groups, num_experts, ep, top_k, n, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=grouped_calls(), tolerance=st.sampled_from([0.0, 0.2]))
+def test_rank_balance_is_exact_under_group_limits(call, tolerance: float) -> None:
+    """Rank balance holds whatever the group limit; the limit holds in every call that did not
+    fall back (tests/routing/test_capacity_groups.py: which layouts never fall back)."""
+    from server.moe.router import sigmoid_group_topk
+    from server.moe.routing.group_limit import within_group_limit
+
+    groups, topk_groups, num_experts, ep, top_k, n, seed = call
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, num_experts, generator=g) + 2 * torch.linspace(1, 0, num_experts)
+    weights, ids_in = sigmoid_group_topk(logits, top_k, correction_bias=torch.zeros(num_experts), num_groups=groups,
+                                         topk_groups=topk_groups, renormalize=True, scaling_factor=1.0)
+    policy = build_policy("rank_balanced", tolerance=tolerance)
+    ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k, ep_size=ep, router_groups=groups,
+                         router_topk_groups=topk_groups)
+    ids, _ = policy(ids_in.to(torch.int32), weights, logits.sigmoid(), ctx)
+    assert (ids.sort(dim=1).values.diff(dim=1) != 0).all()
+    pairs = n * top_k
+    rank_load = expert_loads(ids, num_experts).view(ep, -1).sum(1)
+    if tolerance == 0:
+        assert int(rank_load.min()) >= pairs // ep and int(rank_load.max()) <= -(-pairs // ep), rank_load
+    else:
+        assert int(rank_load.max()) <= policy.capacities(n, ctx).ceiling, rank_load
+    if policy.fallback_calls() == 0:
+        assert within_group_limit(ids, num_experts, groups, topk_groups).all()

@@ -25,6 +25,7 @@ from .base import PolicyConfigError, RoutingPolicy
 from .capacity_solver import PRICE_STEPS, REPAIR_ROUNDS, Capacities, capacitated_topk
 from .context import RoutingContext
 from .group_limit import allowed_by_group_rule, group_keeping_takes
+from .group_swap import groups_nest_in_bins
 
 
 def cyclic_balanced_ids(n: int, num_experts: int, top_k: int, ep_size: int, device: torch.device) -> torch.Tensor:
@@ -90,7 +91,7 @@ class CapacityPolicy(RoutingPolicy):
         if n == 0:
             return torch.empty(0, ctx.top_k, dtype=torch.int32, device=device)
         scores = self.objective_scores(topk_ids, router_logits)  # [n, E]
-        allowed_fn = take_filter = None
+        allowed_fn = take_filter = swap_groups = None
         if self.keeps_groups() and ctx.router_groups > 1:
             groups, topk_groups, num_experts = ctx.router_groups, ctx.router_topk_groups, ctx.num_experts
 
@@ -100,8 +101,12 @@ class CapacityPolicy(RoutingPolicy):
             def take_filter(held, ids, giving):
                 return group_keeping_takes(ids, giving, num_experts, groups, topk_groups)
 
+            capacities = self.capacities(n, ctx)
+            if capacities.width > 1 and groups_nest_in_bins(num_experts, groups, capacities.width):
+                swap_groups = groups
+
         ids, ok = capacitated_topk(scores, ctx.top_k, self.capacities(n, ctx), allowed_fn, take_filter,
-                                   self.price_steps, self.repair_rounds)  # [n, k], 0-d bool
+                                   self.price_steps, self.repair_rounds, swap_groups)  # [n, k], 0-d bool
         fallback = cyclic_balanced_ids(n, ctx.num_experts, ctx.top_k, ctx.ep_size, device)  # [n, k]
         counter = self._fallbacks.get(device)
         if counter is None:

@@ -99,9 +99,11 @@ def solve_bin_prices(scores: torch.Tensor, top_k: int, width: int, cap: torch.Te
     upper_only: caps are ceilings with slack (the rank tolerance), so a bin is never paid to take
     more (price >= 0); otherwise caps are exact shares and prices may go negative.
     allowed_fn: adjusted [n, E] -> allowed [n, E] bool (group-limited routing), or None. Its
-    response jumps when a token switches groups, which keeps prices from settling; so for the
-    first half of the steps tokens re-pick their groups under the current prices (smaller
-    steps), then the picks are frozen and the prices settle for them."""
+    response jumps when a token switches groups, which keeps prices from settling; so for
+    `steps` steps tokens re-pick their groups under the current prices (smaller steps), then
+    the picks are frozen and steps // 2 more steps settle the prices for them. (Half live, half
+    frozen at 20 steps left 5 of 16 skewed DeepSeek-V3-shaped calls at EP16/32 where no single
+    move could finish the balance; 20 live + 10 frozen left none.)"""
     n, num_experts = scores.shape
     bins = num_experts // width
     bin_of = expert_bins(num_experts, width, scores.device)  # [E]
@@ -110,9 +112,10 @@ def solve_bin_prices(scores: torch.Tensor, top_k: int, width: int, cap: torch.Te
     # keeps adjusted scores exact in float32 when a bin cannot reach its cap.
     spread = (scores.max() - scores.min()).clamp(max=BIG / 4) + 1.0  # 0-d, on the device
     allowed = None
-    for step in range(steps):
+    total = steps if allowed_fn is None else steps + steps // 2
+    for step in range(total):
         adjusted = scores - price[bin_of]  # [n, E]
-        live = allowed_fn is not None and step < steps // 2
+        live = allowed_fn is not None and step < steps
         if live or (allowed_fn is not None and allowed is None):
             allowed = allowed_fn(adjusted)  # [n, E]: re-picked while live, then frozen
         if allowed is not None:

@@ -33,19 +33,23 @@ def held_mask(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(ids.shape[0], num_experts, dtype=torch.bool, device=ids.device).scatter_(1, ids.long(), True)
 
 
-def accepted_within_quota(group: torch.Tensor, quota: torch.Tensor, gain: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """group [n] long, quota [G], gain [n], valid [n] bool -> [n] bool: the `quota[g]` valid
-    proposals of highest gain in each group g (ties: lower token index)."""
+def accepted_within_quota(group: torch.Tensor, quota: torch.Tensor, gain: torch.Tensor, valid: torch.Tensor,
+                          amount: torch.Tensor | None = None) -> torch.Tensor:
+    """group [n] long, quota [G], gain [n], valid [n] bool -> [n] bool: in each group g, valid
+    proposals in order of gain (ties: lower token index) while their summed `amount` [n] (1 each
+    by default) stays within quota[g]."""
     n, groups = group.shape[0], quota.shape[0]
     g = torch.where(valid, group, torch.full_like(group, groups))  # invalid proposals: a spare group
     by_gain = torch.argsort(gain, descending=True, stable=True)  # [n]
     order = by_gain[torch.argsort(g[by_gain], stable=True)]  # [n] sorted by (group, -gain)
     sorted_group = g[order]
     first = torch.searchsorted(sorted_group, sorted_group)  # [n] start of each token's group
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(n, device=group.device) - first  # [n] place within its group
+    size = torch.ones_like(order) if amount is None else amount[order].long()  # [n]
+    total = size.cumsum(0)
+    used = torch.empty_like(order)
+    used[order] = total - (total - size)[first]  # [n] amount up to and including this proposal, in its group
     room = torch.cat([quota, quota.new_zeros(1)])  # [G+1]
-    return valid & (rank < room[g])
+    return valid & (used <= room[g])
 
 
 def repair_round(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch.Tensor,
@@ -101,12 +105,17 @@ def same_bin_takes(width: int, num_experts: int, base: TakeFilter | None) -> Tak
 
 
 def repair(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch.Tensor, rounds: int,
-           take_filter: TakeFilter | None = None, expert_cap: torch.Tensor | None = None) -> torch.Tensor:
+           take_filter: TakeFilter | None = None, expert_cap: torch.Tensor | None = None,
+           swap_groups: int | None = None) -> torch.Tensor:
     """`rounds` rounds of moves (a round with nothing over capacity changes nothing).
 
     With `expert_cap` [E], each round first moves pairs off experts above their ceiling to
     experts of the same bin (bin loads unchanged), then balances the bins without pushing any
-    expert past its ceiling."""
+    expert past its ceiling. With `swap_groups` (the router's group count, groups inside bins),
+    each round ends with whole-group moves (group_swap.py) for tokens whose group limit leaves
+    no single pair free to move."""
+    from .group_swap import group_swap_round
+
     num_experts = scores.shape[1]
     inside_bin = same_bin_takes(width, num_experts, take_filter) if expert_cap is not None else None
     for _ in range(rounds):
@@ -115,4 +124,6 @@ def repair(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch.Tenso
             ids = repair_round(scores, ids, 1, expert_cap, inside_bin)
             room = expert_cap - bin_loads(ids, 1, num_experts)  # [E]
         ids = repair_round(scores, ids, width, cap, take_filter, room)
+        if swap_groups is not None:
+            ids = group_swap_round(scores, ids, width, cap, swap_groups)
     return ids

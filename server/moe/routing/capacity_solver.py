@@ -60,8 +60,9 @@ def order_by_score(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 def capacitated_topk(scores: torch.Tensor, top_k: int, capacities: Capacities,
                      allowed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      take_filter: TakeFilter | None = None, price_steps: int = PRICE_STEPS,
-                     repair_rounds: int = REPAIR_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [n, E] -> (ids [n, k] int64 ordered by score, ok 0-d bool: every capacity holds)."""
+                     repair_rounds: int = REPAIR_ROUNDS, swap_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [n, E] -> (ids [n, k] int64 ordered by score, ok 0-d bool: every capacity holds).
+    swap_groups: the router's group count when its groups lie inside bins (whole-group moves)."""
     n, num_experts = scores.shape
     width = capacities.width
     bins = num_experts // width
@@ -83,7 +84,7 @@ def capacitated_topk(scores: torch.Tensor, top_k: int, capacities: Capacities,
     expert_cap = None
     if capacities.expert_ceiling is not None:
         expert_cap = torch.full((num_experts,), capacities.expert_ceiling, dtype=torch.int64, device=scores.device)
-    ids = repair(scores, ids, width, cap, repair_rounds, take_filter, expert_cap)
+    ids = repair(scores, ids, width, cap, repair_rounds, take_filter, expert_cap, swap_groups)
     ok = (bin_loads(ids, width, bins) <= cap).all()
     if expert_cap is not None:
         ok = ok & (bin_loads(ids, 1, num_experts) <= expert_cap).all()

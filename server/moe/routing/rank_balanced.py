@@ -12,14 +12,16 @@ on the tiny eval model at EP4 it keeps about 0.69 of the router's pairs against 
   small cap may buy back speed that rank-only balance gives up.
 * Group-limited routers (DeepSeek-V3's n_group/topk_group, told by the routing context): a
   token's experts stay within topk_group groups. Prices steer whole groups through the router's
-  own group rule, and repair moves never open a group past the limit. Where the limit leaves a
-  token no single expert it can move (k = topk_group x group size, or topk_group = 1 with a
-  group spanning ranks), balancing ranks needs whole-group swaps that the repair does not make;
-  such calls fall back. DeepSeek-V3's own shape (256 experts, 8 groups, 4 used, top-8) is not
-  tight (tests/routing/test_capacity_groups.py).
+  own group rule, repair moves never open a group past the limit, and where groups lie inside
+  ranks (DeepSeek-V2 at EP8) whole-group moves carry a token's experts from one rank to
+  another. Where a token can only move whole groups that span ranks (topk_group = 1 with a
+  group over two ranks, in small synthetic layouts) the call may fall back;
+  tests/routing/test_capacity_groups.py lists both kinds of layout.
 Rank balance is the hard guarantee: the closed-form fallback (capacity_policy.py) keeps it even
-in a call where the repair did not finish, at the price of the group limit and the expert cap
-in that call (fallback_calls() counts them).
+in a call where the repair did not finish, at the price of the group limit in that call (its
+per-expert balance stays within any expert cap; fallback_calls() counts such calls). Some calls
+cannot have both: one token at EP8 has 8 pairs for 8 ranks, which DeepSeek-V3's limit of 4
+groups (one per rank at EP8) cannot reach.
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ class MoELayer(nn.Module):
         topk_weights, topk_ids = self.router(router_logits, self.top_k, **self.router_options, **extra)  # [N, k] each
         ctx = step.routing[self.moe_index]
         scores = router_logits
-        if rt.policy.wants_selection_scores:  # a Python attribute: a CUDA graph bakes the choice in
+        if getattr(rt.policy, "wants_selection_scores", False):  # a Python attribute: a graph bakes the choice in
             scores = self.selection_scores(router_logits, **self.router_options, **extra)  # [N, E]
         ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, scores, ctx)  # [N, k] each
         if rt.routed_out is not None:  # logical ids, before EPLB; a Python check, so graphs bake it in or out

@@ -131,7 +131,7 @@ def set_routing_request(name: str, params: dict[str, Any]):
 
 
 def struct_to_dict(struct) -> dict[str, Any]:
-    """A google.protobuf.Struct as plain Python values (used by the server for SetRoutingPolicy too)."""
+    """A google.protobuf.Struct as plain Python values (the server judges SetRoutingPolicy params itself)."""
     return _plain(json_format.MessageToDict(struct))
 
 

@@ -35,6 +35,12 @@
 #             path, and a last table of tok/s by EP size against the targets; eager prefill with
 #             both dispatches (MODEL's shape, 4 layers)
 #
+#   whatif    the EP what-if on this one GPU (bench.mode=whatif, LightLLM's workload plus decode at 256 per
+#             rank): first Qwen3-30B-A3B's 4-layer shape at ep 1 beside the real engine (the composition's
+#             check), then at each -n EP size (default 8 16 32) Qwen3-30B-A3B at 48 layers and DeepSeek-V3
+#             at 61 layers, routing from the tiny model's held-out trace and from each model's published
+#             skew profile. Results: DIR/bench_whatif/whatif/<tag>.{json,md,png}
+#
 #   -o DIR       results (default ./gpu_out): DIR/device.txt, one log per step, and per
 #                benchmark DIR/<bench_...>/{summary.md,summary.json,throughput.png,runs/*.json}
 #   -n EP_SIZES  EP sizes for ep/eplb, e.g. "2,4" (default: every GPU of the machine)
@@ -54,11 +60,11 @@ while getopts "o:n:h" opt; do
   case $opt in
     o) DIR=$OPTARG ;;
     n) SIZES=${OPTARG//,/ } ;;
-    *) sed -n '2,47p' "$0"; exit 2 ;;
+    *) sed -n '2,53p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -gt 0 ] || { sed -n '2,47p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,53p' "$0"; exit 2; }
 
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-qwen3_30b_a3b}
@@ -157,7 +163,21 @@ for what in "$@"; do
       # shellcheck disable=SC2086
       logged dispatch.log "$PY" scripts/bench_ep_dispatch.py --model "$MODEL" --ep $sizes --batch 128 8 \
           --json "$DIR/dispatch.json" ;;
+    whatif)
+      wi=("$PY" -m server.bench bench.mode=whatif bench.workload=lightllm "bench.out_dir=$DIR/bench_whatif")
+      logged whatif.log "${wi[@]}" model=qwen3_30b_a3b parallel.ep_size=1 'bench.sweep=[]' bench.whatif_validate=true \
+          'bench.policies=[natural]' 'bench.eplb_redundant_per_rank=[]' "${EXTRA[@]}"
+      for ep in ${SIZES:-8 16 32}; do
+        for model in "qwen3_30b_a3b model.shape.num_hidden_layers=48" deepseek_v3; do
+          profile=$([ "${model%% *}" = deepseek_v3 ] && echo trtllm_r1_ep32_decode || echo aic_qwen3_power_law)
+          # shellcheck disable=SC2086
+          for source in bench.routing_source=trace "bench.routing_source=profile bench.profile=$profile"; do
+            logged whatif.log "${wi[@]}" model=$model "parallel.ep_size=$ep" 'bench.sweep=[256]' $source "${EXTRA[@]}"
+          done
+        done
+      done ;;
     *)
-      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, mla, deepseek, ep, eplb, dispatch)" >&2; exit 2 ;;
+      echo "unknown WHAT: $what (tests, balance, 1gpu, policies, engine, mla, deepseek, ep, eplb, dispatch, whatif)" >&2
+      exit 2 ;;
   esac
 done

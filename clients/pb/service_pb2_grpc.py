@@ -128,8 +128,10 @@ class GenerationServiceServicer:
     def SetRoutingPolicy(self, request, context):
         """Switch the policy on every EP rank at once, between two steps (no step runs with two
         policies); the expert-load counters reset. PERMISSION_DENIED unless the server runs with
-        server.allow_routing_switch=true; INVALID_ARGUMENT for an unknown name or bad params (the
-        policy is then unchanged). Answers once every rank runs the new policy.
+        server.allow_routing_switch=true; INVALID_ARGUMENT for an unknown name or bad params (out
+        of range, integers past 2^53, a file `path`, or a policy that uses files: record and replay
+        are chosen in the server's config only); the policy is then unchanged. Answers once every
+        rank runs the new policy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,4 +1,5 @@
-"""`epserve-bench`: what does balance buy, measured on the product's path; and a static mode.
+"""`epserve-bench`: what does balance buy, measured on the product's path; the EP what-if; and
+a static mode.
 
 Module guide (entry: cli.py, `python -m server.bench` / console script `epserve-bench`):
   cli.py            Hydra entry (conf/bench/config.yaml + the server's model/routing/parallel groups)
@@ -13,6 +14,9 @@ Module guide (entry: cli.py, `python -m server.bench` / console script `epserve-
   summary.py        measurements -> the run's JSON document
   balance_report.py JSON, Markdown table and PNG of a run
   served.py         bench.served: the same requests through gRPC (server subprocess, N clients)
+  -- bench.mode=whatif: each policy at EP N from one device (the package's own guide) --
+  whatif/           ranks' local work and expert kernels measured one after the other through
+                    the engine's code, the collectives modelled (conf/interconnect), composed
   -- bench.mode=static: the kernel-level loop, a regression check beside transformers --
   static_run.py     every EP rank (ranks from the launcher), results to rank 0
   workload.py       StaticWorkload: B prompts of L random tokens, block tables, prefill/decode batches

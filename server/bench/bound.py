@@ -40,6 +40,12 @@ def balance_bound(steps: Sequence[ProbeStep], phase_s: float) -> dict:
     moe_s = sum(sum(s.moe_ms) for s in steps) / 1e3
     busiest = sum(max(row) for s in steps for row in s.rank_pairs)
     mean = sum(sum(row) / len(row) for s in steps for row in s.rank_pairs)
+    return linear_bound(phase_s, moe_s, busiest, mean)
+
+
+def linear_bound(phase_s: float, moe_s: float, busiest: float, mean: float) -> dict:
+    """The bound from a phase's totals: wall time, MoE time, and the busiest and mean rank's
+    (token, expert) pairs summed over its steps and layers (see the module docstring)."""
     s_per_pair = moe_s / busiest if busiest else 0.0
     balanced_moe_s = s_per_pair * mean
     balanced_phase_s = phase_s - moe_s + balanced_moe_s

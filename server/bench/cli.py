@@ -6,6 +6,9 @@ multirun combination) runs in its mode —
   bench.mode=engine (default)  experiment.py: every policy of bench.policies through the real
                                engine, switched in place and interleaved; writes
                                <out>/balance/<tag>.{json,md,png} and prints the table
+  bench.mode=whatif            whatif/: every policy at parallel.ep_size emulated on one device
+                               (ranks' work measured one after the other, the wire modelled);
+                               writes <out>/whatif/<tag>.{json,md,png} and prints the table
   bench.mode=static            static_run.py: the kernel-level loop for the composed routing
                                policy beside transformers; writes <out>/runs/<tag>.json,
                                refreshes <out>/summary.md and prints the summary table
@@ -62,10 +65,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         out_dir = Path(settings.bench.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         logging.getLogger(__name__).info("run %s (%s mode) -> %s", settings.tag(), settings.bench.mode, out_dir)
-        if settings.bench.mode == "static":
-            _static(settings, out_dir)
-        else:
-            _engine(settings, out_dir)
+        {"static": _static, "whatif": _whatif}.get(settings.bench.mode, _engine)(settings, out_dir)
         _release_device()
     except ConfigError as exc:
         print(f"epserve-bench: configuration error: {exc}", file=sys.stderr)
@@ -79,6 +79,16 @@ def _engine(settings, out_dir: Path) -> None:
     paths = write_balance_run(run_experiment(settings), out_dir)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}\n", flush=True)
     print(markdown(json.loads(paths["json"].read_text())), end="", flush=True)
+
+
+def _whatif(settings, out_dir: Path) -> None:
+    from .whatif.document import run_whatif
+    from .whatif.report import markdown, write_whatif_run
+
+    doc = run_whatif(settings)
+    paths = write_whatif_run(doc, out_dir, settings.tag())
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}\n", flush=True)
+    print(markdown(doc), end="", flush=True)
 
 
 def _static(settings, out_dir: Path) -> None:

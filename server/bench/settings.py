@@ -9,7 +9,8 @@ from typing import Any, Mapping
 from ..config import AppConfig, ConfigError, ModelConfig, ParallelConfig, RoutingConfig, thaw
 
 HF_CACHES = ("static", "dynamic")
-MODES = ("engine", "static")
+MODES = ("engine", "static", "whatif")
+ROUTING_SOURCES = ("model", "trace", "profile")
 DEFAULT_POLICIES = ({"name": "natural"}, {"name": "greedy_balanced"}, {"name": "round_robin_balanced"})
 DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -45,7 +46,18 @@ class BenchOptions:
     hf_cache: str = "static"  # static | dynamic (transformers' KV cache for generate)
     hf_compile: bool = False  # let transformers torch.compile its decode step (slow to start)
     hf_experts: str | None = None  # transformers' experts_implementation (None: its default)
-    # ---- both ----
+    # ---- whatif mode (server/bench/whatif): EP-N from one device ----
+    routing_source: str = "model"  # model | trace | profile: what the router chose (whatif/sources.py)
+    routing_model: str = "same"  # source=model: same (the simulated model) | tiny | a model folder
+    routing_trace: str | None = None  # source=trace: a routing=record file (None: the tiny model's held-out trace)
+    routing_pool: int = 512  # source=model: requests recorded at most (larger sets reuse them)
+    profile: str | None = None  # source=profile: conf/routing_profile/<name>.yaml, or a path
+    interconnect: str = "ib400_h100"  # conf/interconnect/<name>.yaml, or a path (calibrate_interconnect.py)
+    eplb_redundant_per_rank: tuple = (0, 1)  # EPLB variants beside the policies (natural + placement), R = this x ep
+    whatif_decode_steps: int = 8  # decode steps timed per request set, evenly spread (0: all)
+    whatif_reps: int = 10  # graph replays per timed expert-kernel shape (median)
+    whatif_validate: bool = False  # ep_size 1: then run the real engine on the same sets and compare step times
+    # ---- all modes ----
     block_size: int = 16
     seed: int = 0  # prompt tokens and lengths
     out_dir: str = "gpu_out/bench"
@@ -64,10 +76,20 @@ class BenchOptions:
                 raise ConfigError(f"bench.{key} must be an integer >= 0, got {value!r}")
         if self.mode not in MODES:
             raise ConfigError(f"bench.mode={self.mode!r} is not one of {MODES}")
-        if self.batch % ep_size:
+        if self.mode != "whatif" and self.batch % ep_size:  # the what-if deals sets as the scheduler does
             raise ConfigError(f"bench.batch={self.batch} must divide evenly over parallel.ep_size={ep_size} ranks")
-        if self.small_batch % ep_size:
+        if self.mode != "whatif" and self.small_batch % ep_size:
             raise ConfigError(f"bench.small_batch={self.small_batch} must divide evenly over parallel.ep_size={ep_size} ranks")
+        for key in ("routing_pool", "whatif_reps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"bench.{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.whatif_decode_steps, int) or self.whatif_decode_steps < 0:
+            raise ConfigError(f"bench.whatif_decode_steps must be an integer >= 0 (0: all), got {self.whatif_decode_steps!r}")
+        if self.routing_source not in ROUTING_SOURCES:
+            raise ConfigError(f"bench.routing_source={self.routing_source!r} is not one of {ROUTING_SOURCES}")
+        if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in self.eplb_redundant_per_rank):
+            raise ConfigError(f"bench.eplb_redundant_per_rank must list integers >= 0, got {list(self.eplb_redundant_per_rank)}")
         if self.hf_cache not in HF_CACHES:
             raise ConfigError(f"bench.hf_cache={self.hf_cache!r} is not one of {HF_CACHES}")
         if self.block_size & (self.block_size - 1):
@@ -130,8 +152,9 @@ class BenchSettings:
             raise ConfigError(f"unknown key(s) {', '.join('bench.' + k for k in bad)}; known: {sorted(known)}")
         if "policies" in raw:
             raw["policies"] = _policy_list(raw["policies"])
-        if "sweep" in raw:
-            raw["sweep"] = tuple(raw["sweep"] or ())
+        for key in ("sweep", "eplb_redundant_per_rank"):
+            if key in raw:
+                raw[key] = tuple(raw[key] or ())
         bench = BenchOptions(**raw)
         bench.validate(app.parallel.ep_size)
         return cls(model=app.model, routing=app.routing, parallel=app.parallel, bench=bench, command=command,
@@ -158,6 +181,9 @@ class BenchSettings:
             par += f"-eplb{self.parallel.redundant_experts}"
         if self.bench.mode == "engine":  # every policy in one run: named by its workload
             return f"{self.model.name}-{par}-{self.bench.workload}".replace("/", "_")
+        if self.bench.mode == "whatif":
+            source = self.bench.profile if self.bench.routing_source == "profile" else self.bench.routing_source
+            return f"{self.model.name}-{par}-{self.bench.workload}-{source}".replace("/", "_")
         defaults = _policy_defaults(self.routing.name)
         params = "".join(f"-{k}{v}" for k, v in sorted(self.routing.params.items())
                          if k not in defaults or defaults[k] != v)  # only what differs from the policy's defaults

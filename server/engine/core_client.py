@@ -9,7 +9,10 @@ loads the tokenizer meanwhile, and returns once the core reports READY. Then, on
     the request in the core at once) and puts them on the requests' streams;
   * the core process's exit is watched through its sentinel: if it dies (or reports FAILED),
     every open stream and expert-load call ends with EngineUnavailableError and the failure
-    callbacks run, so the server turns NOT_SERVING and exits non-zero; no call hangs.
+    callbacks run, so the server turns NOT_SERVING and exits non-zero; no call hangs;
+  * so is its silence: a core process that sends nothing, not even its heartbeat, for
+    engine.step_timeout_s is stopped (SIGSTOP) or frozen; it is failed the same way and
+    killed (core_liveness.py).
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from .api import (
 from .core_types import EngineRequest
 from .detokenizer import fast_decode
 from .group_signals import spawning_signal_proof
+from .core_liveness import CoreHeartbeat
+from .input_batch import InputBatch, Unpackable
 from .output import RequestOutput
 from .request_checks import check_invariants
 from .stream import RequestStream
@@ -72,13 +77,12 @@ class EngineProcess:
         self._routing: RoutingPolicyState | None = None
         self._row_bytes = 0
         self._ids = itertools.count()
-        self._adds: list[list] = []
-        self._aborts: list[int] = []
-        self._loads: list[list] = []
-        self._switches: list[list] = []
+        self._batch = InputBatch()  # what goes to the core at the end of this event-loop turn
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task | None = None
+        self._heartbeat: CoreHeartbeat | None = None
+        self._heartbeat_watch: asyncio.Task | None = None
         self._stopping = False
         self._failure: str | None = None
         self._failure_callbacks: list[Callable[[str], None]] = []
@@ -122,6 +126,9 @@ class EngineProcess:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(proc.sentinel, self._on_process_exit)
         self._reader = asyncio.ensure_future(self._read_outputs())
+        if app.engine.step_timeout_s > 0:  # 0: no watchdog, no deadline (e.g. a debugger on the core)
+            self._heartbeat = CoreHeartbeat(app.engine.step_timeout_s, self._frame_waiting, self._on_silence)
+            self._heartbeat_watch = asyncio.ensure_future(self._heartbeat.watch())
         log.info("engine core up in process %d", proc.pid)
         return self
 
@@ -197,7 +204,7 @@ class EngineProcess:
         req_id = next(self._ids)
         stream = RequestStream(self.stream_interval)
         self._requests[req_id] = _Live(RequestOutput(request, self._decode_text, routed_row_bytes=self._row_bytes), stream)
-        self._adds.append(ipc.request_fields(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
+        self._batch.adds.append(ipc.request_fields(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
                                                            request.stops, request.logprobs, request.routed_experts)))
         self._schedule_flush()
         try:
@@ -208,7 +215,7 @@ class EngineProcess:
                     return
         finally:
             if self._requests.pop(req_id, None) is not None and self._failure is None:
-                self._aborts.append(req_id)
+                self._batch.aborts.append(req_id)
                 self._schedule_flush()
 
     async def expert_load(self, reset: bool = False) -> ExpertLoadSnapshot:
@@ -216,7 +223,7 @@ class EngineProcess:
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._load_waiters[call_id] = fut
-        self._loads.append([call_id, bool(reset)])
+        self._batch.loads.append([call_id, bool(reset)])
         self._schedule_flush()
         try:
             return await fut
@@ -230,7 +237,7 @@ class EngineProcess:
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._switch_waiters[call_id] = fut
-        self._switches.append([call_id, dict(routing)])
+        self._batch.switches.append([call_id, dict(routing)])
         self._schedule_flush()
         try:
             return await fut
@@ -243,13 +250,26 @@ class EngineProcess:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Everything queued during this loop turn, as one frame."""
+        """Everything queued during this loop turn, as one frame; an item that cannot be packed
+        is refused to its caller, never left queued (input_batch.py)."""
         self._flush_scheduled = False
-        if not (self._adds or self._aborts or self._loads or self._switches) or self._failure is not None:
+        if not self._batch or self._failure is not None:
             return
-        frame = ipc.pack([ipc.BATCH, self._adds, self._aborts, self._loads, self._switches])
-        self._adds, self._aborts, self._loads, self._switches = [], [], [], []
-        self._send(frame)
+        frame, left_out = self._batch.take_frame()
+        for item in left_out:
+            self._refuse(item)
+        if frame is not None:
+            self._send(frame)
+
+    def _refuse(self, item: Unpackable) -> None:
+        if item.kind == "switch":
+            fut = self._switch_waiters.get(item.item_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(InvalidPolicyError(f"routing parameters {item.reason}"))
+            return
+        live = self._requests.pop(item.item_id, None)
+        if live is not None:
+            live.stream.put(InvalidRequestError("request", item.reason))
 
     def _send(self, frame: bytes, tries: int = 0) -> None:
         try:
@@ -265,7 +285,11 @@ class EngineProcess:
         try:
             while True:
                 frame = ipc.unpack(await self._pull.recv())
+                if self._heartbeat is not None:
+                    self._heartbeat.beat()
                 kind = frame[0]
+                if kind == ipc.HEARTBEAT:
+                    continue
                 if kind == ipc.STEP:
                     self._on_step(frame)
                 elif kind == ipc.STATS:
@@ -302,7 +326,7 @@ class EngineProcess:
                 if reason is None:
                     stopped.append(req_id)
         if stopped:
-            self._aborts.extend(stopped)
+            self._batch.aborts.extend(stopped)
             self._schedule_flush()
         if load is not None:
             call_ids, snapshot = load[0], ipc.loads(load[1])
@@ -330,6 +354,17 @@ class EngineProcess:
                             else InvalidRequestError("request", message))
 
     # ---- failure and shutdown ------------------------------------------------------------------------
+    def _frame_waiting(self) -> bool:
+        return bool(self._pull.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def _on_silence(self, seconds: float) -> None:
+        """The core sent nothing, not even a heartbeat, for too long: it does not run."""
+        if self._stopping or self._failure is not None:
+            return
+        self._fail(f"the engine-core process (pid {self.proc.pid}) sent nothing for {seconds:.1f}s, over "
+                   f"engine.step_timeout_s={self._heartbeat.timeout_s:g}s: it is stopped or frozen")
+        self.proc.kill()  # a stopped process takes SIGKILL too; its ranks exit when it is gone
+
     def _on_process_exit(self) -> None:
         self._loop.remove_reader(self.proc.sentinel)
         if not self._join_lock.acquire(blocking=False):
@@ -372,11 +407,13 @@ class EngineProcess:
 
         def stop_on_loop() -> None:
             self._stopping = True
+            if self._heartbeat_watch is not None:
+                self._heartbeat_watch.cancel()
             error = EngineUnavailableError("engine shut down")
             for live in self._requests.values():
                 live.stream.put(error)
             self._requests.clear()
-            for fut in self._switch_waiters.values():
+            for fut in (*self._load_waiters.values(), *self._switch_waiters.values()):
                 if not fut.done():
                     fut.set_exception(error)
             if self.proc.exitcode is None:
@@ -384,6 +421,9 @@ class EngineProcess:
                     self._push.send(ipc.pack([ipc.SHUTDOWN]), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
+            if self._reader is not None:  # nothing the core says now is needed
+                self._reader.cancel()
+            loop.call_soon(self._close_outputs)
             done.set()
 
         try:
@@ -396,9 +436,16 @@ class EngineProcess:
         if self.proc.exitcode is None:
             log.error("the engine core did not stop within %.0fs; killing it", timeout)
             self._kill()
+        self._push.close(linger=0)  # the core is gone: SHUTDOWN was read or no longer matters
         self._sockets.close()
         if self.proc.exitcode != 0 and self._failure is None:
             raise RuntimeError(f"the engine-core process exited with code {self.proc.exitcode} while stopping")
+
+    def _close_outputs(self) -> None:
+        """On the loop, once the reader is cancelled: close the outputs socket and its context
+        (an open one blocks the interpreter's exit, where the context is terminated)."""
+        self._pull.close(linger=0)
+        self._ctx.term()
 
     def _kill(self) -> None:
         if self.proc.exitcode is None:

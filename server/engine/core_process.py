@@ -9,7 +9,9 @@ Three threads, so that the step loop never waits on messages:
   * output thread: pack each StepOutputs into one msgpack frame and send it.
 A watcher thread fails the process the moment an EP rank exits, or a step outruns the step
 watchdog's limit (a hung rank: step_watchdog.py), even while the step loop is stuck in a
-collective; it kills the ranks and exits without waiting for that step. This process ignores SIGINT and SIGTERM: a signal to the whole process
+collective; it kills the ranks and exits without waiting for that step. It also sends a
+HEARTBEAT frame every ipc.HEARTBEAT_S: a watchdog cannot see its own process stopped
+(SIGSTOP, a frozen VM), so the front end judges that by the silence (core_liveness.py). This process ignores SIGINT and SIGTERM: a signal to the whole process
 group (Ctrl-C) must drain like one to the front end, which tells this process when to stop.
 It exits 0 after SHUTDOWN, 1 when the engine failed, and on its own if the front end vanishes.
 """
@@ -30,6 +32,7 @@ from . import ipc
 from .api import ResourceExhaustedError
 from .core import EngineCore
 from .group_signals import ignore_group_signals
+from .policy_switch import refuse_file_policies
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0  # idle distributed engines ping their workers this often
@@ -94,6 +97,7 @@ class CoreLoop:
         with self._lock:
             self._switch_calls.append(call_id)
         try:
+            refuse_file_policies(routing)  # a switch from the API never gets the server's file access
             self.core.switch_routing_policy(routing)
         except Exception as exc:  # noqa: BLE001 - ConfigError names the key; anything else is reported too
             with self._lock:
@@ -133,12 +137,17 @@ class CoreLoop:
         return EXIT_OK
 
     def _watch_ranks(self) -> None:
+        heartbeat = ipc.pack([ipc.HEARTBEAT])
+        last_beat = 0.0
         while not self._stop.is_set() and self.failure is None:
             dead = self.core.dead_rank() or self.core.hung_step()
             if dead is not None:
                 self.fail(dead)
                 # The step loop may sit in a collective that never returns: do not wait for it.
                 _flush_and_exit(self, EXIT_FAILED)
+            if time.monotonic() - last_beat >= ipc.HEARTBEAT_S:
+                self.out.put(heartbeat)
+                last_beat = time.monotonic()
             time.sleep(WATCH_S)
 
     def fail(self, reason: str) -> None:

@@ -31,6 +31,7 @@ from .core import EngineCore
 from .core_types import EngineRequest, StepOutputs
 from .detokenizer import fast_decode
 from .output import RequestOutput
+from .policy_switch import refuse_file_policies
 from .request_checks import check_invariants
 from .stream import RequestStream, deliver_threadsafe, settle_future
 
@@ -120,6 +121,7 @@ class ServingEngine:
         with self._cond:
             self._check_alive()
             try:
+                refuse_file_policies(routing)  # a switch from the API never gets the server's file access
                 self.core.switch_routing_policy(routing)
             except ConfigError as exc:
                 raise InvalidPolicyError(str(exc)) from None

@@ -28,6 +28,9 @@ network interface. Every frame is one msgpack array whose first item says what i
     [STATS, stats]                  after inputs changed the queue while no step ran
     [REJECTED, req_id, kind, message]  an add the core refused (kind "exhausted" or "invalid")
     [FAILED, reason]                the core is dead (a rank died, a step failed); it exits 1
+    [HEARTBEAT]                     the core process runs: its watcher thread sends one every
+                                    HEARTBEAT_S, whatever the step loop does, so the front end
+                                    sees a stopped process by the silence (core_liveness.py)
 
 Pickle only travels for rare replies between our own two processes, on sockets only this user
 can reach.
@@ -47,7 +50,8 @@ from .api import EngineStats, FinishReason, RoutedExpertsMode, SamplingParams, S
 from .core_types import EngineRequest, StepOutputs
 
 BATCH, SHUTDOWN = 1, 2
-READY, START_FAILED, STEP, STATS, REJECTED, FAILED, ROUTING = 10, 11, 12, 13, 14, 15, 16
+READY, START_FAILED, STEP, STATS, REJECTED, FAILED, ROUTING, HEARTBEAT = 10, 11, 12, 13, 14, 15, 16, 17
+HEARTBEAT_S = 0.5  # how often the core says it runs
 
 _REASON_BY_VALUE = {r.value: r for r in FinishReason}
 

@@ -88,6 +88,9 @@ class ModelRunner:
             self.decode_graphs = capture()
         # a plan's `routing` switches the policy between steps; graphs follow (policy_switch.py)
         self.policies = PolicySwitch(model, capture, self.decode_graphs)
+        #: None, or an object whose start() / stop() bracket each step's device work (the forward
+        #: and the sampler, after the inputs are staged): the EP what-if times rank steps with it
+        self.clock = None
 
     def graph_inputs(self):
         """The step buffers' device views, as the decode graphs read them (cuda_graphs.GraphInputs)."""
@@ -147,6 +150,12 @@ class ModelRunner:
         return bucket, bucket is not None and decodes and graphs.can_replay(batch.num_seqs, bucket)
 
     def _forward_and_sample(self, batch: RankBatch, plan: RankPlan, result: RankResult) -> PendingStep:
+        pending = self._run_step(batch, plan, result)
+        if self.clock is not None:
+            self.clock.stop()
+        return pending
+
+    def _run_step(self, batch: RankBatch, plan: RankPlan, result: RankResult) -> PendingStep:
         token_offset = plan.token_offset
         record = len(batch.routed_rows) > 0  # some request wants its routed experts (routed_experts.py)
         graphs = self.decode_graphs
@@ -162,9 +171,13 @@ class ModelRunner:
         if batch.num_seqs == 0 and not use_graph:
             empty = _empty(self.device, token_offset)
             empty.ep_rows = ep_rows
+            if self.clock is not None:
+                self.clock.start()
             self.model.forward(empty, self.kv_caches)  # joins the collectives
             return PendingStep(result)
         staged = self._stage(batch, token_offset, bucket if use_graph else None)
+        if self.clock is not None:
+            self.clock.start()
         routed = None
         if use_graph:
             logits = graphs.replay(batch.num_seqs, bucket)  # [S, V]

@@ -12,6 +12,13 @@ A switch never imports anything: it may name only policies registered when it is
 (built-ins, and entry-point plugins discovered at start-up: with server.allow_routing_switch
 every rank discovers them when it builds its model, rank_worker.build_runner); any other name
 is unknown, and the error lists the registered ones.
+
+What a rank keeps is bounded whatever callers ask for: at most `keep_policies` built policies
+(the current one always among them, the least recently used dropped first, with their
+graphs), and a policy that uses files (routing=record) is released the moment the rank
+switches away from it: its trace is completed and its descriptor closed, and it is forgotten,
+so asking for it again builds a new one. A switch from the API may not name such a policy at
+all (`refuse_file_policies`): it would hand callers the server's file access.
 """
 from __future__ import annotations
 
@@ -27,6 +34,18 @@ from ..routing_setup import build_routing_policy
 log = logging.getLogger(__name__)
 
 KEEP_GRAPH_SETS = 4  # captured decode-graph sets kept per rank (one per recently used policy)
+RECORDING = " +routed experts"  # graph-set name suffix: graphs that also write routed experts
+KEEP_POLICIES = 16  # built policies kept per rank for switching back (the current one always)
+
+
+def refuse_file_policies(routing: Mapping[str, Any]) -> None:
+    """ConfigError if `routing` names a policy that writes or reads files: the server's own
+    config may choose one, a live switch (SetRoutingPolicy) may not."""
+    name = routing.get("name", "natural")
+    if isinstance(name, str) and name in POLICIES and POLICIES.get(name).uses_files:
+        raise ConfigError(f"routing.name: {name} writes or reads the file routing.path names, so a live switch "
+                          f"cannot select it (that would give callers the server's file access); start the "
+                          f"server with routing={name} instead")
 
 
 def routing_key(routing: Mapping[str, Any]) -> str:
@@ -43,12 +62,13 @@ class PolicySwitch:
     """
 
     def __init__(self, model, capture: Callable[[], Any] | None, graphs: Any = None,
-                 keep_graphs: int = KEEP_GRAPH_SETS) -> None:
+                 keep_graphs: int = KEEP_GRAPH_SETS, keep_policies: int = KEEP_POLICIES) -> None:
         self.model = model
         self._capture = capture
         self._keep = max(1, keep_graphs)
+        self._keep_policies = max(1, keep_policies)
         self._policies: dict[str, Any] = {}  # plan mapping -> policy
-        self._canonical: dict[str, Any] = {repr(model.policy): model.policy}  # repr -> policy
+        self._canonical: OrderedDict[str, Any] = OrderedDict({repr(model.policy): model.policy})  # repr -> policy, recent last
         self._graphs: OrderedDict[str, Any] = OrderedDict()  # repr -> graph set (or None), recent last
         if capture is not None:
             self._graphs[repr(model.policy)] = graphs
@@ -66,16 +86,41 @@ class PolicySwitch:
             built = build_routing_policy(RoutingConfig.from_dict(routing), num_experts=spec.num_experts,
                                          top_k=spec.top_k, ep_size=self.model.ep_size, num_layers=spec.num_moe_layers)
             policy = self._canonical.setdefault(repr(built), built)
+            if policy is not built:
+                built.release()
             self._policies[key] = policy
+        self._canonical.move_to_end(repr(policy))
+        while len(self._canonical) > self._keep_policies:
+            self._forget(next(kept for kept in self._canonical.values() if kept is not self.model.policy))
         return policy
+
+    @property
+    def kept_policies(self) -> int:
+        """How many built policies this rank holds now."""
+        return len(self._canonical)
+
+    def _forget(self, policy) -> None:
+        """Release `policy` and drop it, the mappings that led to it and its graphs."""
+        name = repr(policy)
+        for kept_name in [n for n, kept in self._canonical.items() if kept is policy]:
+            del self._canonical[kept_name]
+        for key in [k for k, kept in self._policies.items() if kept is policy]:
+            del self._policies[key]
+        self._graphs.pop(name, None)
+        self._graphs.pop(name + RECORDING, None)
+        policy.release()
+        log.info("released routing policy %s", name)
 
     def switch(self, routing: Mapping[str, Any]) -> Any:
         """Make the policy `routing` names the model's; -> the decode graphs to use with it."""
         policy = self.policy_for(routing)
         name = repr(policy)
-        if policy is not self.model.policy:
+        previous = self.model.policy
+        if policy is not previous:
             self.model.policy = policy
             log.info("routing policy switched to %s", name)
+            if previous.uses_files:  # its trace is complete now, and its descriptor closed
+                self._forget(previous)
         if self._capture is None:
             return None
         if name not in self._graphs:
@@ -91,7 +136,7 @@ class PolicySwitch:
         (engine/routed_experts.py), captured the first time a step asks for them."""
         if self._capture is None:
             return None
-        name = repr(self.model.policy) + " +routed experts"
+        name = repr(self.model.policy) + RECORDING
         if name not in self._graphs:
             self._graphs[name] = self._capture(record=True)
             while len(self._graphs) > self._keep:

@@ -5,6 +5,13 @@ client connection (gRPC's peer: address and port), so that one connection cannot
 slot. Stalled readers: a call's write that has not completed for
 `server.stalled_stream_timeout_s` means its client stopped reading (HTTP/2 flow control holds
 the write); `watch_stalls` cancels such a call, which frees its slot and its sequence.
+
+Stalled calls hold slots only while nobody else wants them: when the server is full,
+`make_room` cancels the call whose write has waited longest, once it has waited
+GIVE_WAY_AFTER_S, so the new call gets its slot. Clients that open many connections and never
+read (which the per-connection limit cannot stop) can then keep slots from others for a few
+seconds, not for the stall timeout over and over. A share per client address would not do it:
+every client of a loopback server, and every client behind one proxy, has the same address.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import logging
 from collections import Counter
 
 log = logging.getLogger(__name__)
+GIVE_WAY_AFTER_S = 2.0  # a write pending this long on a full server gives its slot to a new call
 
 
 class ActiveCalls:
@@ -33,7 +41,23 @@ class ActiveCalls:
         return len(self._tasks)
 
     def full(self) -> bool:
-        return len(self._tasks) >= self.limit
+        """No slot free (calls cancelled for not reading are as good as gone)."""
+        return len(self._tasks) - len(self.stalled) >= self.limit
+
+    def make_room(self, now: float, min_wait_s: float = GIVE_WAY_AFTER_S) -> bool:
+        """The server is full: cancel the call whose write has waited longest (loop time `now`)
+        if it waited `min_wait_s` or more; True if one was cancelled."""
+        waiting = [(since, task) for task, since in self.writing.items() if task not in self.stalled and not task.done()]
+        if not waiting:
+            return False
+        since, task = min(waiting, key=lambda pair: pair[0])
+        if now - since < min_wait_s:
+            return False
+        self.stalled[task] = (f"the client read nothing for {now - since:.1f}s while the server was full "
+                              "(server.max_concurrent_streams); the server cancelled the stream to serve another call")
+        log.warning("cancelling a stream from %s to make room: its client stopped reading", self._tasks.get(task, "?"))
+        task.cancel()
+        return True
 
     def peer_full(self, peer: str) -> bool:
         return self._per_peer[peer] >= self.per_connection

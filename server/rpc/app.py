@@ -29,6 +29,7 @@ from server.engine.api import Engine, GenerationRequest, SamplingParams, StopPar
 
 from .auth import BearerTokenInterceptor, resolve_token
 from .metrics import ServerMetrics
+from .metrics_http import MetricsHttpServer
 from .service import GenerationService
 from .state import SERVICE_NAME, Phase, ServingState
 from .tls import check_key_pair
@@ -96,7 +97,7 @@ class Server:
         self.exit_code = EXIT_OK
         self._stop = asyncio.Event()
         self._signals = 0
-        self._stop_metrics: Callable[[], None] | None = None
+        self._metrics_http: MetricsHttpServer | None = None
 
     async def run(self) -> int:
         cfg = self.app.server
@@ -111,6 +112,13 @@ class Server:
         if not bound:
             raise ConfigError(f"server.host/server.port: cannot listen on {address} "
                               "(the port is in use, or the host is not an address of this machine)")
+        if cfg.metrics_port:  # on this event loop, never a thread per scrape (metrics_http.py)
+            try:
+                self._metrics_http = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port,
+                                                             self.service.sample_for_metrics)
+            except OSError as exc:
+                raise ConfigError(f"server.metrics_host/server.metrics_port: cannot listen on "
+                                  f"{cfg.metrics_host}:{cfg.metrics_port} ({exc.strerror or exc})") from None
         await self.grpc.start()
         self.service.address = f"{host}:{bound}"
         log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self.service.tls, self.service.auth)
@@ -118,15 +126,14 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         stalls = asyncio.ensure_future(self.service.calls.watch_stalls(cfg.stalled_stream_timeout_s))
-        if cfg.metrics_port:
-            self._stop_metrics = self.metrics.serve_http(cfg.metrics_host, cfg.metrics_port, loop,
-                                                         self.service.sample_for_metrics)
         try:
             if await self._load_engine():
                 await self._stop.wait()
             await self._shut_down()
         except BaseException:
             await self.grpc.stop(None)
+            if self._metrics_http is not None:
+                await self._metrics_http.stop()
             if self.engine is not None:  # e.g. the warm-up failed: stop the engine's processes too
                 await asyncio.to_thread(self.engine.shutdown)
             raise
@@ -219,8 +226,8 @@ class Server:
             except Exception:
                 log.exception("engine shutdown failed")
                 self.exit_code = self.exit_code or EXIT_ENGINE_FAILED
-        if self._stop_metrics is not None:
-            self._stop_metrics()
+        if self._metrics_http is not None:
+            await self._metrics_http.stop()
         log.info("epserve stopped (exit code %d)", self.exit_code)
 
 

@@ -23,6 +23,7 @@ from server.engine.api import (
 
 from .metrics import observe_many
 from .received import ReceivedRequest
+from .reply_size import ReplyTooLarge, split_to_fit
 from .to_proto import FINISH_REASONS, usage_to_pb
 from .validation import validate_request
 
@@ -62,7 +63,7 @@ async def run_generation(service: "GenerationService", received: ReceivedRequest
         try:
             if not service.state.serving:
                 raise CallAborted(grpc.StatusCode.UNAVAILABLE, service.state.unavailable_reason())
-            if service.calls.full():
+            if service.calls.full() and not service.calls.make_room(asyncio.get_running_loop().time()):
                 raise CallAborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"too many concurrent generation calls (server.max_concurrent_streams="
                                   f"{service.calls.limit}); retry later")
@@ -80,6 +81,8 @@ async def run_generation(service: "GenerationService", received: ReceivedRequest
             await _stream_chunks(service, request, valid.text_output, arrival, emit)
         except CallAborted as exc:
             code, details = exc.code, exc.details
+        except ReplyTooLarge as exc:  # what the client would have seen from grpc, without the traceback
+            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except InvalidRequestError as exc:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except ResourceExhaustedError as exc:
@@ -178,21 +181,24 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
 
 
 def stream_writer(service: "GenerationService", context: grpc.aio.ServicerContext) -> Emit:
-    """`context.write`, with the time each write began kept while it is pending (a write that
-    never completes means the client stopped reading: ActiveCalls.watch_stalls)."""
+    """`context.write` of each message, split to fit server.max_message_bytes (reply_size.py),
+    with the time each write began kept while it is pending (a write that never completes
+    means the client stopped reading: ActiveCalls.watch_stalls)."""
     writing, task = service.calls.writing, asyncio.current_task()
     loop = asyncio.get_running_loop()
+    limit = service.app.server.max_message_bytes
 
     async def write(msg: gen_pb.GenerateResponse) -> None:
-        writing[task] = loop.time()
-        try:
-            await context.write(msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # grpc reports a dead transport as a failed batch, before the
-            raise ClientGone(repr(exc)) from exc  # call is marked cancelled or done
-        finally:
-            writing.pop(task, None)
+        for part in split_to_fit(msg, limit):
+            writing[task] = loop.time()
+            try:
+                await context.write(part)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # grpc reports a dead transport as a failed batch, before the
+                raise ClientGone(repr(exc)) from exc  # call is marked cancelled or done
+            finally:
+                writing.pop(task, None)
 
     return write
 
@@ -211,22 +217,3 @@ def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elap
         if chunk.usage is not None:
             msg.usage.CopyFrom(usage_to_pb(chunk.usage, elapsed))
     return msg
-
-
-def merge_messages(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateResponse:
-    """A whole stream -> the single reply of Generate."""
-    out = gen_pb.GenerateResponse()
-    routed = [m.routed_experts for m in messages if m.HasField("routed_experts")]
-    for m in messages:
-        out.token_ids.extend(m.token_ids)
-        out.logprobs.extend(m.logprobs)
-    if routed:
-        out.routed_experts.num_layers, out.routed_experts.top_k = routed[0].num_layers, routed[0].top_k
-        out.routed_experts.ids = b"".join(r.ids for r in routed)
-    out.text = "".join(m.text for m in messages)
-    if messages:
-        last = messages[-1]
-        out.finish_reason, out.request_id = last.finish_reason, last.request_id
-        if last.HasField("usage"):
-            out.usage.CopyFrom(last.usage)
-    return out

@@ -1,5 +1,6 @@
 """Prometheus metrics: call outcomes, tokens, latencies (pushed by the service as calls run)
-and engine gauges plus per-layer expert load (pulled from the engine at scrape time).
+and engine gauges plus per-layer expert load (read from the engine at scrape time, on the
+server's event loop; the endpoint itself is metrics_http.py).
 
 Labels are bounded: method x status code for calls, the MoE layer index for expert load (one
 series per layer, never per expert or per request). The registry is private to the server, so
@@ -12,12 +13,14 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.api import EngineStats
 from server.moe.load_stats import ExpertLoadSnapshot
+
+from .metrics_http import MetricsHttpServer
 
 log = logging.getLogger(__name__)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -80,35 +83,41 @@ class ServerMetrics:
 
         return value(self.prompt_tokens), value(self.generation_tokens)
 
-    def serve_http(self, host: str, port: int, loop: asyncio.AbstractEventLoop,
-                   sample: Callable[[], Awaitable[EngineSample]]) -> Callable[[], None]:
-        """Start the endpoint (a daemon thread); returns a function that stops it."""
-        self.registry.register(EngineCollector(loop, sample))
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, sample: Callable[[], Awaitable[EngineSample]]) -> MetricsHttpServer:
+        """Start the endpoint on the running event loop (OSError if it cannot listen)."""
+        engine = EngineCollector()
+        self.registry.register(engine)
+
+        async def render() -> bytes:
+            try:
+                engine.sample = await asyncio.wait_for(sample(), SCRAPE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the engine is busy or gone
+                engine.sample = None
+                log.warning("metrics scrape could not read the engine: %r", exc)
+            try:
+                return generate_latest(self.registry)
+            finally:
+                engine.sample = None
+
+        server = MetricsHttpServer(host, port, render)
+        server.start()
         log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
-
-        def stop() -> None:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
-
-        return stop
+        return server
 
 
 class EngineCollector(Collector):
-    """Reads engine stats and expert load on the server's event loop when scraped."""
+    """The engine's stats and expert load, as read for the scrape being rendered (`sample`,
+    set by the endpoint on the event loop just before it renders)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sample: Callable[[], Awaitable[EngineSample]]) -> None:
-        self._loop, self._sample = loop, sample
+    def __init__(self) -> None:
+        self.sample: EngineSample | None = None
 
     def describe(self) -> list:
         return []  # names are dynamic; never sample the engine at registration time
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        try:
-            s = asyncio.run_coroutine_threadsafe(self._sample(), self._loop).result(SCRAPE_TIMEOUT_S)
-        except Exception as exc:  # a scrape must not fail because the engine is busy or gone
-            log.warning("metrics scrape could not read the engine: %r", exc)
+        s = self.sample
+        if s is None:
             return
         state = GaugeMetricFamily("epserve_serving_state", "1 for the server's current state.", labels=["state"])
         for phase in ("LOADING", "SERVING", "DRAINING", "FAILED"):

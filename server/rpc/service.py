@@ -19,9 +19,10 @@ from server.config import AppConfig
 from server.engine.api import Engine, EngineUnavailableError, InvalidPolicyError, RoutingPolicyState
 
 from .active_calls import ActiveCalls
-from .generation_call import merge_messages, run_generation, stream_writer
+from .generation_call import run_generation, stream_writer
 from .metrics import EngineSample, ServerMetrics
 from .received import ReceivedRequest, parse_generate_request
+from .reply_size import UnaryReply
 from .state import SERVICE_NAME, Phase, ServingState
 from .routing_request import routing_mapping
 from .to_proto import expert_load_to_pb, model_info_to_pb, routing_policy_to_pb
@@ -90,13 +91,9 @@ class GenerationService:
 
     # -- generation ------------------------------------------------------------------------
     async def Generate(self, received: ReceivedRequest, context: grpc.aio.ServicerContext) -> gen_pb.GenerateResponse:
-        messages: list[gen_pb.GenerateResponse] = []
-
-        async def collect(msg: gen_pb.GenerateResponse) -> None:
-            messages.append(msg)
-
-        await run_generation(self, received, context, "Generate", collect)
-        return merge_messages(messages)
+        reply = UnaryReply(self.app.server.max_message_bytes)  # merged and size-checked (reply_size.py)
+        await run_generation(self, received, context, "Generate", reply.add)
+        return reply.result()
 
     async def GenerateStream(self, received: ReceivedRequest, context: grpc.aio.ServicerContext) -> None:
         await run_generation(self, received, context, "GenerateStream", stream_writer(self, context))

@@ -175,3 +175,38 @@ def test_engine_core_switches_every_rank_before_the_next_forward(ep_size) -> Non
         assert all(max(row) - min(row) <= 1 for row in balanced), balanced
     finally:
         core.shutdown(graceful=True)
+
+
+def test_a_rank_keeps_few_policies_and_releases_a_recorder_when_switched_away(tmp_path) -> None:
+    """Callers choose the mappings (a seed per switch), so what a rank keeps must be bounded:
+    at most KEEP_POLICIES built policies. A policy that uses files is released the moment the
+    rank leaves it: its trace is complete and its descriptor closed (150 record switches used to
+    leave 150 descriptors open until the server ran out)."""
+    import os
+    from pathlib import Path
+
+    from server.engine.policy_switch import KEEP_POLICIES, refuse_file_policies
+    from server.moe.routing.trace_file import read_trace
+
+    runner = _runner(_app(1, "natural"), 0, 1)
+    for seed in range(3 * KEEP_POLICIES):
+        runner.policies.switch({"name": "uniform_random", "seed": seed})
+        assert runner.policies.kept_policies <= KEEP_POLICIES
+    path = tmp_path / "t.eptrace"
+    record = {"name": "record", "path": str(path)}
+    _generate(runner, 0, 1, steps=2, routing=record)
+    recorder = runner.model.policy
+
+    def descriptors_on_trace() -> int:
+        return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+    assert recorder.name == "record" and descriptors_on_trace() == 1
+    runner.policies.switch({"name": "natural"})
+    assert descriptors_on_trace() == 0
+    assert read_trace(path).layers[0].shape[0] == sum(map(len, PROMPTS)) + len(PROMPTS)  # prefill + 1 decode step
+    assert runner.policies.policy_for(record) is not recorder  # forgotten: a new one if asked again
+    with pytest.raises(ConfigError, match="live switch"):
+        refuse_file_policies(record)
+    with pytest.raises(ConfigError, match="live switch"):
+        refuse_file_policies({"name": "replay"})
+    refuse_file_policies({"name": "uniform_random", "seed": 3})  # no file: nothing to refuse

@@ -182,6 +182,36 @@ def test_record_config_errors(tmp_path):
         rec(*router_outputs(3, 16, 2, 0), RoutingContext(layer=0, num_experts=16, top_k=2))
 
 
+@pytest.mark.parametrize("params, field", [
+    ({"flush_tokens": 10**15}, "routing.flush_tokens"),  # a device buffer of 10**15 rows killed the engine
+    ({"flush_tokens": 0}, "routing.flush_tokens"),
+    ({"seed": 2**64}, "routing.seed"),
+    ({"seed": -(2**70)}, "routing.seed"),
+])
+def test_record_parameters_out_of_range_are_refused(tmp_path, params, field):
+    with pytest.raises(PolicyConfigError, match=field):
+        build_policy("record", path=str(tmp_path / "t.eptrace"), **params)
+
+
+def test_release_completes_the_trace_and_closes_its_descriptor(tmp_path):
+    """A policy switched away from gives back what it holds: the trace is complete and its
+    file descriptor closed at release, not at the process's exit."""
+    import os
+
+    path = tmp_path / "t.eptrace"
+    rec = build_policy("record", path=str(path), flush_tokens=64)
+    rec(*router_outputs(5, 16, 2, 0), RoutingContext(layer=0, num_experts=16, top_k=2))
+
+    def open_on_trace() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path.resolve()))
+
+    assert open_on_trace() == 1
+    rec.release()
+    assert open_on_trace() == 0 and rec.trace_path == path
+    assert read_trace(path).layers[0].shape == (5, 2)  # the buffered rows were written
+
+
 def test_remap_carries_popularity_to_a_larger_model(tmp_path):
     """E 16 -> 64, k 2 -> 4, 3 -> 8 layers: per-expert max/mean of each layer carries over
     (each recorded expert becomes 4 equally popular ones), ids obey the contract."""

@@ -178,6 +178,47 @@ def test_a_connection_that_stops_reading_cannot_lock_others_out(tmp_path):
         assert "stopped reading" in srv.log()
 
 
+def test_streams_that_stop_reading_give_way_when_the_server_is_full(tmp_path):
+    """Two connections fill every slot with streams they never read (the per-connection limit
+    cannot stop a client that opens several). With the stall timeout at 60 s, another client
+    is still served within seconds: on a full server the stream whose write has waited longest
+    gives its slot away (before: RESOURCE_EXHAUSTED for the whole 60 s, and again after)."""
+    overrides = ["server.max_concurrent_streams=8", "server.max_calls_per_connection=4",
+                 "server.stalled_stream_timeout_s=60"]
+    with ServerProcess(tmp_path, *overrides) as srv:
+        async def scenario():
+            options = [("grpc.http2.lookahead_bytes", 1), ("grpc.http2.bdp_probe", 0),
+                       ("grpc.use_local_subchannel_pool", 1)]  # a connection of its own each
+            channels = [grpc.aio.insecure_channel(srv.target, options=options) for _ in range(2)]
+            calls = [GenerationServiceStub(ch).GenerateStream(g.GenerateRequest(
+                token_ids=g.TokenIds(ids=[7, 8, i]), max_new_tokens=2000, ignore_eos=True))
+                for i, ch in enumerate(channels * 4)]
+            for c in calls:  # held open, never read past the first message
+                await c.read()
+            start, refused = time.monotonic(), 0
+            async with AsyncClient(srv.target, retry=NO_RETRY, timeout=60) as other:
+                while True:
+                    try:
+                        served = await other.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+                        break
+                    except errors.ResourceExhaustedError:
+                        refused += 1
+                        assert time.monotonic() - start < 15, "a full server of stalled streams kept refusing"
+                        await asyncio.sleep(0.2)
+            took = time.monotonic() - start
+            for ch in channels:
+                await ch.close()
+            return served, refused, took
+
+        served, refused, took = asyncio.run(scenario())
+        assert len(served.token_ids) == 4 and took < 15, took
+        assert "to make room" in srv.log()
+        with Client(srv.target) as c:
+            by_code = c.server_info().stats.requests_by_code
+        assert "INTERNAL" not in by_code, by_code
+    print(f"served after {took:.1f}s ({refused} refusals first)")
+
+
 VANISHING_CLIENT = """
 import asyncio, sys, time
 import grpc

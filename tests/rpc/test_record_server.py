@@ -42,3 +42,36 @@ def test_server_writes_a_complete_trace(tmp_path, ep):
             assert sum(t.layers[layer].shape[0] for t in traces) >= total
     # Ranks run in lockstep: a rank with no tokens still makes every call (recorded with 0 rows).
     assert len({t.num_steps for t in traces}) == 1 and len({len(t.calls) for t in traces}) == 1
+
+
+def test_switching_away_from_record_completes_the_trace_and_closes_it(tmp_path):
+    """A server started with routing=record, switched live to natural: the trace is complete
+    and no process of the server holds it open any more, before the server exits (a policy
+    switched away from used to keep its descriptor to the end). Switching back is refused: a
+    live switch cannot select a policy that writes files."""
+    import os
+    from pathlib import Path
+
+    from clients import NO_RETRY, errors
+    from tests.rpc.test_server_faults import engine_core_process
+
+    path = tmp_path / "live.eptrace"
+
+    def holders() -> int:
+        core = engine_core_process(srv.proc.pid)
+        fds = [*Path(f"/proc/{core}/fd").iterdir(), *Path(f"/proc/{srv.proc.pid}/fd").iterdir()]
+        return sum(1 for fd in fds if os.path.realpath(fd) == str(path))
+
+    with ServerProcess(tmp_path, "routing=record", f"routing.path={path}", "routing.flush_tokens=4096",
+                       "server.allow_routing_switch=true") as srv:
+        with Client(srv.target, timeout=60, retry=NO_RETRY) as client:
+            client.generate([5, 6, 7, 8], max_new_tokens=3, ignore_eos=True)
+            assert holders() == 1
+            assert client.set_routing_policy("natural").name == "natural"
+            assert holders() == 0
+            trace = read_trace(path)  # complete: every block flushed, no truncated tail
+            assert trace.num_layers == client.info().num_moe_layers and trace.layers[0].shape[0] >= 4 + 2
+            with pytest.raises(errors.InvalidRequestError, match="live switch"):
+                client.set_routing_policy("record")
+            assert client.generate([1, 2], max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+    assert srv.proc.returncode == 0, srv.log()

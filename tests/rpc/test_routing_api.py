@@ -90,6 +90,73 @@ def test_unknown_name_or_bad_params_are_refused_and_change_nothing(switchable):
         assert len(out.token_ids) == 3
 
 
+HOSTILE_SWITCHES = [  # (name, params, what the refusal names)
+    ("uniform_random", {"seed": 1e20}, "params.seed"),  # these four once wedged the server: the
+    ("greedy_balanced", {"seed": 2**64}, "params.seed"),  # switch could not be packed for the engine
+    ("round_robin_balanced", {"seed": -(2**70)}, "params.seed"),  # core and stayed queued, so every
+    ("skewed", {"mode": "hot_ranks", "hot_ranks": 1e30}, "params.hot_ranks"),  # later call timed out
+    ("skewed", {"target": float("nan")}, "params.target"),
+    ("skewed", {"target": float("inf")}, "params.target"),
+    ("uniform_random", {"seed": 2**53 + 2}, "params.seed"),  # rounded on the wire already
+    ("uniform_random", {"seed": "7" * 300}, "params.seed"),
+    ("uniform_random", {f"k{i}": i for i in range(65)}, "params"),
+    ("skewed", {"mode": "hot_ranks", "hot_ranks": 4}, "hot_ranks"),  # fits the wire; the policy refuses it
+    ("x" * 65, {}, "name"),
+]
+
+
+@pytest.mark.parametrize("name, params, field", HOSTILE_SWITCHES,
+                         ids=[f"{n[:20]}-{'-'.join(p)[:30]}" for n, p, _ in HOSTILE_SWITCHES])
+def test_out_of_range_parameters_are_refused_and_the_server_keeps_serving(switchable, name, params, field):
+    """Every parameter is judged before the switch is queued: INVALID_ARGUMENT naming it,
+    nothing changed, and the next calls are served at once."""
+    with Client(switchable.target, timeout=10, retry=NO_RETRY) as c:
+        before = c.routing_policy()
+        with pytest.raises(errors.InvalidRequestError) as exc:
+            c.set_routing_policy(name, **params)
+        assert field in exc.value.details.split(":")[0], exc.value.details
+        assert c.routing_policy() == before
+        assert len(c.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True).token_ids) == 2
+        assert c.set_routing_policy("uniform_random", seed=2**53).params["seed"] == 2**53  # the edge is accepted
+        assert c.set_routing_policy(before.name, **before.params) == c.routing_policy()
+        assert c.health() == "SERVING"
+
+
+def test_a_live_switch_cannot_write_or_read_files(switchable, tmp_path):
+    """record and replay would write or read whatever file `path` names with the server's
+    rights (overwrite a file, fill /dev/full, learn whether a file exists and what it holds).
+    A live switch takes no path and cannot select a policy that uses files: each attempt is
+    INVALID_ARGUMENT, the answer does not depend on the file, nothing is touched, and the
+    server keeps serving (a directory or /dev/full used to make the next step kill it)."""
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(bytes(range(256)) * 4)
+    before_stat = victim.stat()
+    attempts = [
+        ("record", {"path": str(victim)}), ("record", {"path": str(victim), "flush_tokens": 1}),
+        ("record", {"path": str(tmp_path)}), ("record", {"path": "/dev/full", "flush_tokens": 1}),
+        ("record", {"path": str(tmp_path / "new.eptrace"), "flush_tokens": 1e15}),
+        ("replay", {"path": str(victim), "layout": "routed_experts", "num_layers": 2, "top_k": 2}),
+        ("replay", {"path": str(tmp_path / "missing.u16"), "layout": "routed_experts", "num_layers": 2, "top_k": 2}),
+        ("natural", {"path": str(victim)}),
+        ("record", {}), ("replay", {}),
+    ]
+    with Client(switchable.target, timeout=10, retry=NO_RETRY) as c:
+        before = c.routing_policy()
+        answers = []
+        for name, params in attempts:
+            with pytest.raises(errors.InvalidRequestError) as exc:
+                c.set_routing_policy(name, **params)
+            answers.append(exc.value.details)
+            assert c.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+        assert c.routing_policy() == before and c.health() == "SERVING"
+    assert all(a.startswith("params.path: a live switch takes no file path") for a in answers[:8]), answers
+    assert all(a.startswith("routing.name:") and "live switch" in a for a in answers[8:]), answers
+    # the same answer whether the file exists or not, and nothing from inside it
+    assert answers[5].replace(str(victim), "P") == answers[6].replace(str(tmp_path / "missing.u16"), "P")
+    assert victim.read_bytes() == bytes(range(256)) * 4 and victim.stat().st_mtime_ns == before_stat.st_mtime_ns
+    assert not (tmp_path / "new.eptrace").exists()
+
+
 def test_routed_experts_shape_and_prompt_rows(switchable):
     with Client(switchable.target, timeout=60) as c:
         model = c.info()

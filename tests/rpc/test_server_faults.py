@@ -182,3 +182,94 @@ def test_hung_rank_fails_every_stream_within_the_step_timeout(tmp_path):
                 os.kill(workers[0], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _process_state(pid: int) -> str:
+    """'T' stopped, 'Z' zombie, 'gone', ... (the State letter of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "gone"
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the engine core through /proc")
+def test_stopped_engine_core_ends_every_stream_within_the_step_timeout(tmp_path):
+    """SIGSTOP on the engine-core process (EP rank 0) while 16 streams decode: its own step
+    watchdog is stopped with it, so the front end must see the silence. Every stream ends with
+    UNAVAILABLE and health turns NOT_SERVING within engine.step_timeout_s + 2 s, with the core
+    never resumed; the server exits non-zero and nothing of the engine is left (before: no
+    stream ended and health stayed SERVING until the process was continued)."""
+    import asyncio
+
+    from clients import AsyncClient
+
+    with ServerProcess(tmp_path, "parallel=ep2", f"engine.step_timeout_s={STEP_TIMEOUT_S}",
+                       "engine.first_step_timeout_s=20") as srv:
+        core = engine_core_process(srv.proc.pid)
+        workers = spawned_children(srv.proc.pid)
+        assert len(workers) == 1 and workers[0] != core, workers
+        seen: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=watch_health, args=(srv.target, seen), daemon=True).start()
+        assert seen.get(timeout=10) == "SERVING"
+        health: dict[str, float] = {}
+
+        states: list[tuple[float, str]] = []  # (s after the stop, the core's state) until NOT_SERVING
+
+        def note_not_serving(stopped_at: float) -> None:
+            while True:
+                states.append((time.monotonic() - stopped_at, _process_state(core)))
+                try:
+                    status = seen.get(timeout=0.05)
+                except queue.Empty:
+                    if states[-1][0] > STEP_TIMEOUT_S + 10:
+                        return
+                    continue
+                if status == "NOT_SERVING":
+                    health["after_s"] = time.monotonic() - stopped_at
+                    return
+
+        try:
+            async def scenario():
+                async with AsyncClient(srv.target, retry=NO_RETRY, timeout=120) as client:
+                    chunks = [0] * 16
+
+                    async def one(i: int) -> str:
+                        try:
+                            async for _ in client.stream([1, 2, 3 + i], max_new_tokens=1500, ignore_eos=True):
+                                chunks[i] += 1
+                        except errors.EpserveError as exc:
+                            return f"{type(exc).__name__}: {exc}"
+                        return "finished"
+
+                    tasks = [asyncio.create_task(one(i)) for i in range(16)]
+                    while min(chunks) < 3:  # all 16 decoding
+                        await asyncio.sleep(0.05)
+                    stopped_at = time.monotonic()
+                    os.kill(core, signal.SIGSTOP)
+                    watcher = threading.Thread(target=note_not_serving, args=(stopped_at,), daemon=True)
+                    watcher.start()
+                    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                    took = time.monotonic() - stopped_at
+                    await asyncio.to_thread(watcher.join, STEP_TIMEOUT_S + 10)
+                    return outcomes, took
+
+            outcomes, took = asyncio.run(scenario())
+            assert all(o.startswith("UnavailableError") and "stopped or frozen" in o for o in outcomes), outcomes
+            assert took < STEP_TIMEOUT_S + 2, took
+            assert health.get("after_s", 99) < STEP_TIMEOUT_S + 2, health
+            # stopped all along until the front end killed it (a killed process passes through R on its way out)
+            before_kill = [state for at, state in states if at < health["after_s"] - 0.5]
+            assert before_kill and set(before_kill) <= {"T", "t"}, states
+            assert srv.wait_exit(30) != 0
+            assert "SERVING -> FAILED" in srv.log() and "stopped or frozen" in srv.log()
+            end = time.monotonic() + 15  # the front end killed the core; rank 1 follows its parent
+            while time.monotonic() < end and any(_process_state(p) not in ("Z", "gone") for p in (core, *workers)):
+                time.sleep(0.1)
+            assert all(_process_state(p) in ("Z", "gone") for p in (core, *workers))
+        finally:
+            for pid in (core, *workers):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -77,12 +77,46 @@ class GatherDispatcher:
             return torch.empty_like(x)
         layout = TokenRows(x.shape[1], x.dtype, k)
         send = layout.pack(x, ids, weights, rows, valid)  # [R, B] uint8
-        gathered = layout.empty(self.ep_size * rows, x.device)  # [ep*R, B]: rank s's rows at s*R
+        gathered = self.gather_rows(send, layout)  # [ep*R, B]: rank s's rows at s*R
+        hidden, local, all_weights = self.expert_inputs(gathered, layout, experts)  # [ep*R, H], [ep*R, k] x2
+        partial = self.run_experts(experts, hidden, local, all_weights)  # [ep*R, H]
+        returned = self.return_partials(partial)  # [ep*R, H]: block s = rank s's partial sums of my rows
+        return self.reduce_partials(returned, n, x.dtype)  # [N, H]
+
+    # ---- the stages of one call: collectives (gather_rows, return_partials) and this rank's
+    # local work around them. The EP what-if (server/bench/whatif) runs the local stages of
+    # every rank in one process and models the two collectives instead of running them.
+    def gather_rows(self, send: torch.Tensor, layout: TokenRows) -> torch.Tensor:
+        """send [R, B] uint8 -> [ep*R, B]: every rank's packed rows, rank order (one collective)."""
+        gathered = layout.empty(self.ep_size * send.shape[0], send.device)
         _all_gather(gathered, send, group=self.group)
-        hidden, all_ids, all_weights = layout.fields(gathered)  # [ep*R, H], [ep*R, k] x2 (views)
-        local = local_slots(all_ids, experts.first_expert, experts.num_local)  # [ep*R, k], -1 elsewhere
-        partial = experts.path.partial_topk(experts, hidden, local, all_weights)  # [ep*R, H]
-        returned = torch.empty_like(partial)  # [ep*R, H]: block s = rank s's partial sums of my rows
+        return gathered
+
+    def expert_inputs(self, gathered: torch.Tensor, layout: TokenRows,
+                      experts: LocalExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gathered rows as this rank's expert kernel reads them: hidden [T, H] (a strided
+        view), local ids [T, k] (-1 for every slot another rank owns) and weights [T, k]."""
+        hidden, all_ids, all_weights = layout.fields(gathered)
+        return hidden, self.local_ids(all_ids, experts.first_expert, experts.num_local), all_weights
+
+    @staticmethod
+    def local_ids(all_ids: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """[T, k] gathered global ids (or EPLB slots) -> [T, k] local ids of experts [first, first+count)."""
+        return local_slots(all_ids, first, count)
+
+    def run_experts(self, experts: LocalExperts, hidden: torch.Tensor, local: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+        """[T, H], [T, k] local ids and weights -> [T, H]: this rank's experts on the gathered rows."""
+        return experts.path.partial_topk(experts, hidden, local, weights)
+
+    def return_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        """partial [ep*R, H] -> [ep*R, H]: block s of the result is rank s's partial sums of this
+        rank's rows (one equal-split all-to-all)."""
+        returned = torch.empty_like(partial)
         dist.all_to_all_single(returned, partial, group=self.group)
-        out = returned.view(self.ep_size, rows, -1).sum(0, dtype=torch.float32)  # [R, H], rank order
-        return out[:n].to(x.dtype)
+        return returned
+
+    def reduce_partials(self, returned: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """returned [ep*R, H] -> [N, H]: the ep partial sums of each row added in float32, rank order."""
+        out = returned.view(self.ep_size, -1, returned.shape[-1]).sum(0, dtype=torch.float32)  # [R, H]
+        return out[:n].to(dtype)

@@ -58,14 +58,23 @@ class TokenRows:
         buf = self.empty(rows, x.device)
         hidden_v, ids_v, weights_v = self.fields(buf)
         hidden_v[:n].copy_(x)
-        if valid is None:
-            ids_v[:n].copy_(ids)
-        else:
-            ids_v[:n].copy_(torch.where(valid[:, None], ids.to(torch.int32), -1))
-        ids_v[n:].fill_(-1)
+        write_send_ids(ids_v, ids, valid)
         weights_v[:n].copy_(weights)
         weights_v[n:].zero_()
         return buf
+
+
+def write_send_ids(out: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The ids a rank sends, written into out [R, k] int32 (R >= N): ids [N, k] of its real
+    rows, -1 in every slot of a padding row (valid[i] False, or i >= N). Nobody computes a
+    slot of -1. Shared by `TokenRows.pack` and the EP what-if, which lays out the same rows."""
+    n = ids.shape[0]
+    if valid is None:
+        out[:n].copy_(ids)
+    else:
+        out[:n].copy_(torch.where(valid[:, None], ids.to(torch.int32), -1))
+    out[n:].fill_(-1)
+    return out
 
 
 def local_slots(ids: torch.Tensor, first: int, count: int) -> torch.Tensor:

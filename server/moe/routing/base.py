@@ -19,6 +19,7 @@ import torch
 from .context import RoutingContext
 
 WEIGHT_MODES = ("keep", "uniform")
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed seed: what every layer below can carry
 
 
 class PolicyConfigError(ValueError):
@@ -41,12 +42,15 @@ class RoutingPolicy:
     #: True: `router_logits` is handed over as the router rule's selection scores (the values its
     #: top-k ranks, server/moe/router.py SELECTION_SCORES) instead of the raw gate logits.
     wants_selection_scores: ClassVar[bool] = False
+    #: True for policies that write or read the file `routing.path` names (record, replay): the
+    #: server's config may choose them, a live switch from the API may not (engine/policy_switch.py).
+    uses_files: ClassVar[bool] = False
 
     def __init__(self, weights: str = "keep", seed: int = 0) -> None:
         if weights not in WEIGHT_MODES:
             raise PolicyConfigError(f"routing.weights must be one of {WEIGHT_MODES}, got {weights!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise PolicyConfigError(f"routing.seed must be an integer, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX:
+            raise PolicyConfigError(f"routing.seed must be an integer in [-2**63, 2**63 - 1], got {seed!r}")
         self.weights = weights
         self.seed = seed
 
@@ -80,6 +84,10 @@ class RoutingPolicy:
         Called once at start-up, so an impossible combination stops the server with a message
         naming the keys instead of failing inside the first forward pass.
         """
+
+    def release(self) -> None:
+        """Give back what the policy holds (open files, device tables) when the engine stops
+        using it: a policy switched away from must not keep a file descriptor per switch."""
 
     def params(self) -> dict[str, Any]:
         """The parameters this policy was built with (for GetModelInfo and logs)."""

@@ -36,6 +36,7 @@ from .registry import register_policy
 from .trace_file import TraceHeader, TraceWriter, id_dtype_name, torch_id_dtype
 
 RANK_FIELD = "{rank}"
+MAX_FLUSH_TOKENS = 1 << 22  # rows kept on the device between writes (4M x k ids: tens of MB at most)
 
 
 def rank_path(path: str, rank: int) -> Path:
@@ -87,16 +88,21 @@ class RecordPolicy(RoutingPolicy):
     guarantee = "none: the router's own choice (natural), written to a trace file"
     #: host bookkeeping per call: an engine must not capture this policy in a CUDA graph
     graph_safe: ClassVar[bool] = False
+    uses_files: ClassVar[bool] = True
 
     def __init__(self, path: str | None = None, weights: str = "keep", seed: int = 0, flush_tokens: int = 65536) -> None:
         super().__init__(weights=weights, seed=seed)
         if not isinstance(path, str) or not path:
             raise PolicyConfigError("routing.path must name the trace file to write, e.g. routing.path=/tmp/run.eptrace")
-        if not isinstance(flush_tokens, int) or isinstance(flush_tokens, bool) or flush_tokens < 1:
-            raise PolicyConfigError(f"routing.flush_tokens must be a positive integer, got {flush_tokens!r}")
+        if (not isinstance(flush_tokens, int) or isinstance(flush_tokens, bool)
+                or not 1 <= flush_tokens <= MAX_FLUSH_TOKENS):
+            raise PolicyConfigError(f"routing.flush_tokens must be an integer in [1, {MAX_FLUSH_TOKENS}] (rows kept "
+                                    f"on the device between writes), got {flush_tokens!r}")
         self.path = path
         self.flush_tokens = flush_tokens
         self._recorder: _Recorder | None = None
+        self._finalizer: Finalize | None = None
+        self._trace_file: Path | None = None
         self._closed = False
 
     def params(self) -> dict:
@@ -125,8 +131,10 @@ class RecordPolicy(RoutingPolicy):
             raise RuntimeError(f"routing=record: the trace {self.path!r} was closed; build a new policy to record again")
         if self._recorder is None:
             extra = {"policy": "record", "seed": self.seed, "weights": self.weights}
-            self._recorder = _Recorder(rank_path(self.path, ctx.ep_rank), ctx, device, self.flush_tokens, extra)
-            Finalize(self, self._recorder.close, exitpriority=10)  # also runs at a spawned worker's exit
+            self._trace_file = rank_path(self.path, ctx.ep_rank)
+            self._recorder = _Recorder(self._trace_file, ctx, device, self.flush_tokens, extra)
+            # also runs at a spawned worker's exit; close() runs it sooner, once
+            self._finalizer = Finalize(self, self._recorder.close, exitpriority=10)
         return self._recorder
 
     def flush(self) -> None:
@@ -136,14 +144,21 @@ class RecordPolicy(RoutingPolicy):
 
     def close(self) -> None:
         """Flush and close the trace. Later calls raise (they would overwrite a finished file)."""
-        if self._recorder is not None:
+        if self._finalizer is not None:
+            self._finalizer()  # the recorder's close, once; the exit hook no longer holds it
+        elif self._recorder is not None:
             self._recorder.close()
+        self._recorder, self._finalizer = None, None  # the device buffer goes with it
         self._closed = True
+
+    def release(self) -> None:
+        """Switched away from: the trace is complete and its descriptor closed now, not at exit."""
+        self.close()
 
     @property
     def trace_path(self) -> Path | None:
         """The file this process writes (known after the first call)."""
-        return self._recorder.writer.path if self._recorder is not None else None
+        return self._trace_file
 
     def __getstate__(self) -> dict:
         # Shipped to spawned EP workers before any call: each process opens its own file.

@@ -35,6 +35,7 @@ a layer the trace does not have.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -90,6 +91,7 @@ def systematic_ids(cumulative: torch.Tensor, n: int, top_k: int, token_offset, s
 @register_policy("replay")
 class ReplayPolicy(RoutingPolicy):
     guarantee = "the recorded trace's load: exact ids, or its per-layer expert popularity (remap)"
+    uses_files: ClassVar[bool] = True
 
     def __init__(self, path: str | None = None, weights: str = "keep", seed: int = 0, on_mismatch: str = "error",
                  advance: bool = False, start: int = 0, layout: str = "trace", num_layers: int | None = None,
@@ -221,6 +223,12 @@ class ReplayPolicy(RoutingPolicy):
         if value is None:
             value = self._device_cache[key] = make()
         return value
+
+    def release(self) -> None:
+        """Switched away from: drop the traces read and the tables built from them (read again
+        from the file if the policy is used again)."""
+        self._traces = {}
+        self._device_cache = {}
 
     def reset(self) -> None:
         """Rewind every `advance` cursor to row `start`."""

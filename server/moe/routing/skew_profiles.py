@@ -10,9 +10,11 @@ the expected loads give the asked-for figure of the chosen metric:
                         auxiliary-loss-free balancing work (Wang et al., 2024) reports
   rank_balancedness     mean/max of the per-EP-rank load (in (0, 1]; 1 is perfect balance)
 
-Profiles: `zipf` (weight (rank + 1) ** -s, ranks a seeded shuffle of the experts) and
+Profiles: `zipf` (weight (rank + 1) ** -s, ranks a seeded shuffle of the experts),
 `lognormal` (weight exp(s * z_e) with z_e standard normal draws, seeded): DeepEP's measurements
-of real routing found log-normal expert popularity the best fit. Both draw from a generator
+of real routing found log-normal expert popularity the best fit, and `power_law` (each
+expert's weight a draw from p(x) ~ x ** -s on [1, 3276.8]: AIConfigurator's expert-load model,
+s its alpha; s = 0 is uniform draws, not uniform weights). Both draw from a generator
 seeded by (policy seed, context seed, layer): deterministic per layer, different across layers.
 """
 from __future__ import annotations
@@ -93,7 +95,27 @@ def lognormal_weights(rng: random.Random, num_experts: int) -> Callable[[float],
     return lambda s: [math.exp(s * x) for x in z]
 
 
-PROFILES = {"zipf": zipf_weights, "lognormal": lognormal_weights}
+#: largest value of a power_law draw (smallest: 1): AIConfigurator's choice for a 4096-token
+#: step, 0.8 x num_tokens (its collect_moe.py power_law_logits)
+POWER_LAW_XMAX = 0.8 * 4096
+
+
+def power_law_weights(rng: random.Random, num_experts: int) -> Callable[[float], list[float]]:
+    """Weight of each expert drawn from a power law p(x) ~ x ** -s on [1, POWER_LAW_XMAX], by the
+    inverse CDF of seeded uniforms (AIConfigurator's expert-load model; s is its alpha). s = 1 is
+    the log-uniform limit."""
+    u = [rng.random() for _ in range(num_experts)]
+    hi = POWER_LAW_XMAX
+
+    def at(s: float) -> list[float]:
+        if abs(s - 1.0) < 1e-9:
+            return [hi ** x for x in u]
+        a = 1.0 - s
+        return [((hi ** a - 1.0) * x + 1.0) ** (1.0 / a) for x in u]
+    return at
+
+
+PROFILES = {"zipf": zipf_weights, "lognormal": lognormal_weights, "power_law": power_law_weights}
 
 
 def solve_profile(weights_at: Callable[[float], list[float]], top_k: int, ep_size: int, metric: str,

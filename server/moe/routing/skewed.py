@@ -5,11 +5,14 @@ Each expert e gets an inclusion probability p[e] (sum k, each <= 1) from a popul
     a seeded shuffle per layer;
   * `lognormal`: p[e] proportional to exp(s * z_e), z_e seeded standard normal draws per layer
     (DeepEP's measurement of real routing found log-normal popularity the best fit);
+  * `power_law`: p[e] proportional to a draw from x ** -s on [1, 3276.8] (AIConfigurator's
+    expert-load model, s its alpha);
   * `hot_ranks`: the experts of `hot_ranks` seeded ranks share a raised probability, the others
     share the rest evenly.
 The shape s is solved so the expected loads read `target` in the chosen `metric`: per-expert
 max/mean (the default), MaxVio ((max - mean)/mean per expert), or rank balancedness (mean/max
-of the per-EP-rank load); skew_profiles.py. Tokens then draw k distinct experts by systematic
+of the per-EP-rank load); skew_profiles.py. With `shape` set the profile's shape is used as
+given (a published alpha, say) and `target` is not solved. Tokens then draw k distinct experts by systematic
 sampling: with cumulative sums C of p, token i takes the experts whose interval
 [C[e-1], C[e]) holds u_i, u_i + 1, ..., u_i + k - 1. That gives exact inclusion probabilities
 and k distinct experts (each p[e] <= 1). u_i is a golden-ratio sequence over the global token
@@ -18,6 +21,7 @@ N >= 4096) without any generator state: deterministic per layer and EP rank.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -26,9 +30,9 @@ from .base import PolicyConfigError, RoutingPolicy
 from .context import RoutingContext
 from .hashing import stream_key
 from .registry import register_policy
-from .skew_profiles import PROFILES, solve_profile, target_imbalance
+from .skew_profiles import PROFILES, S_MAX, inclusion_probabilities, solve_profile, target_imbalance
 
-MODES = ("zipf", "hot_ranks", "lognormal")
+MODES = ("zipf", "hot_ranks", "lognormal", "power_law")
 _GOLDEN = 0.6180339887498949
 
 
@@ -61,14 +65,19 @@ class SkewedPolicy(RoutingPolicy):
     guarantee = "the imbalance you ask for: target in its metric (per-expert max/mean, MaxVio or rank balancedness)"
 
     def __init__(self, weights: str = "keep", seed: int = 0, target: float = 2.0, mode: str = "zipf", hot_ranks: int = 1,
-                 metric: str = "expert_max_over_mean") -> None:
+                 metric: str = "expert_max_over_mean", shape: float | None = None) -> None:
         super().__init__(weights=weights, seed=seed)
         if mode not in MODES:
             raise PolicyConfigError(f"routing.mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(target, (int, float)) or isinstance(target, bool):
-            raise PolicyConfigError(f"routing.target must be a number, got {target!r}")
-        if not isinstance(hot_ranks, int) or hot_ranks < 1:
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+            raise PolicyConfigError(f"routing.target must be a finite number, got {target!r}")
+        if not isinstance(hot_ranks, int) or isinstance(hot_ranks, bool) or hot_ranks < 1:
             raise PolicyConfigError(f"routing.hot_ranks must be a positive integer, got {hot_ranks!r}")
+        if shape is not None and (not isinstance(shape, (int, float)) or isinstance(shape, bool) or not 0 <= shape <= S_MAX
+                                  or mode == "hot_ranks"):
+            raise PolicyConfigError(f"routing.shape must be a number in [0, {S_MAX:g}] for mode zipf, lognormal or "
+                                    f"power_law (used as given instead of solving routing.target), got {shape!r}")
+        self.shape = None if shape is None else float(shape)  # a profile's own shape: `target` is not solved
         self.goal = target_imbalance(metric, float(target))  # the target as a max/mean
         self.target = float(target)
         self.metric = metric
@@ -80,7 +89,7 @@ class SkewedPolicy(RoutingPolicy):
 
     def params(self) -> dict:
         return {**super().params(), "target": self.target, "mode": self.mode, "hot_ranks": self.hot_ranks,
-                "metric": self.metric}
+                "metric": self.metric, **({} if self.shape is None else {"shape": self.shape})}
 
     def validate(self, num_experts: int, top_k: int, ep_size: int, num_layers: int | None = None) -> None:
         expert_limit = num_experts / top_k  # the hottest expert cannot take more than every token
@@ -104,7 +113,7 @@ class SkewedPolicy(RoutingPolicy):
                 raise PolicyConfigError(
                     f"routing.target={self.target} is unreachable with hot_ranks={self.hot_ranks} of ep_size={ep_size}: "
                     f"max rank max/mean is ep_size/hot_ranks = {ep_size / self.hot_ranks:g}")
-        elif num_layers is not None:  # solve every layer now: an unreachable one fails at start-up
+        elif num_layers is not None and self.shape is None:  # solve every layer now: an unreachable one fails at start-up
             for layer in range(num_layers):
                 self.probabilities(RoutingContext(layer=layer, num_experts=num_experts, top_k=top_k, ep_size=ep_size))
 
@@ -126,6 +135,8 @@ class SkewedPolicy(RoutingPolicy):
             return hot_rank_probabilities(ctx.num_experts, ctx.top_k, ctx.ep_size, self.hot_ranks, self.goal,
                                           ranks[: self.hot_ranks])
         weights_at = PROFILES[self.mode](rng, ctx.num_experts)
+        if self.shape is not None:
+            return inclusion_probabilities(weights_at(self.shape), ctx.top_k)
         return solve_profile(weights_at, ctx.top_k, ctx.ep_size, self.metric, self.goal,
                              f"MoE layer {ctx.layer} ({self.mode}, {ctx.num_experts} experts, top-k {ctx.top_k}, "
                              f"ep_size {ctx.ep_size})")

@@ -1,0 +1,95 @@
+"""An EP step's time from its parts, the way DP attention + EP runs it.
+
+Every collective is a barrier: no rank starts a layer's dispatch before all ranks have
+packed, and no rank goes on before its partial sums are back. So a step is a chain of
+segments, each ending at a barrier:
+
+  local work   first: embedding, the dense layers and the first MoE layer's local work (plus
+               the final norm, head and sampler, which close the last segment); then one MoE
+               layer's local work per further layer. Each segment takes its slowest rank.
+  per MoE layer: all-gather (modelled) + the slowest rank's experts (measured) + all-to-all
+               back (modelled).
+
+    step = max_r(edge_r + dense_layers * D_r + M_r) + (moe_layers - 1) * max_r(M_r)
+         + sum over MoE layers l of [ gather_l + max_r X_r,l + return_l ]
+
+(edge, D, M: rank_timer.py; X: expert_timer.py; gather/return: wire.py). The engine overlaps
+nothing across a barrier, so nothing else is overlapped here. Folding the head into the first
+segment takes max(a + b) for max(a) + max(b) once per step: at most one segment's spread.
+
+Waiting for stragglers: what each segment and each layer's experts take beyond the mean rank.
+The ceiling of rank balance: the same step with every layer's experts at the mean rank's time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .rank_timer import RankStepTimes
+
+
+@dataclass
+class StepTime:
+    """One step's composition (ms); `critical` names the slowest rank of each MoE layer."""
+
+    local_ms: float
+    expert_ms: float
+    expert_mean_ms: float
+    wire_ms: float
+    local_wait_ms: float  # local segments beyond the mean rank
+    critical: list[int] = field(default_factory=list)  # [MoE layer] rank whose experts finish last
+
+    @property
+    def total_ms(self) -> float:
+        return self.local_ms + self.expert_ms + self.wire_ms
+
+    @property
+    def straggler_ms(self) -> float:
+        return self.expert_ms - self.expert_mean_ms + self.local_wait_ms
+
+    @property
+    def ceiling_ms(self) -> float:
+        """The step with every layer's experts at the mean rank's time."""
+        return self.total_ms - (self.expert_ms - self.expert_mean_ms)
+
+
+def compose_step(local: Sequence[RankStepTimes], experts: np.ndarray, wire_per_layer_ms: float, *,
+                 dense_layers: int) -> StepTime:
+    """local [ep] per-rank local work, experts [moe layers, ep] ms, the two collectives of one layer (ms)."""
+    edge = np.array([t.edge_ms for t in local])
+    dense = np.array([t.dense_layer_ms for t in local])
+    layer = np.array([t.moe_layer_ms for t in local])
+    moe_layers = experts.shape[0]
+    first = edge + dense_layers * dense + layer  # [ep]
+    local_ms = float(first.max() + (moe_layers - 1) * layer.max())
+    local_mean = float(first.mean() + (moe_layers - 1) * layer.mean())
+    return StepTime(local_ms=local_ms, expert_ms=float(experts.max(1).sum()), expert_mean_ms=float(experts.mean(1).sum()),
+                    wire_ms=moe_layers * wire_per_layer_ms, local_wait_ms=local_ms - local_mean,
+                    critical=experts.argmax(1).tolist())
+
+
+@dataclass
+class PhaseTime:
+    """Steps of one phase, each weighted by how many steps of the run it stands for."""
+
+    steps: list[tuple[StepTime, float]] = field(default_factory=list)
+
+    def add(self, step: StepTime, weight: float = 1.0) -> None:
+        self.steps.append((step, weight))
+
+    def total(self, attr: str) -> float:
+        return sum(getattr(s, attr) * w for s, w in self.steps)
+
+    def summary(self, tokens: int) -> dict:
+        total = self.total("total_ms")
+        ceiling = self.total("ceiling_ms")
+        return {
+            "tokens": tokens, "step_ms": total / max(sum(w for _, w in self.steps), 1e-9), "time_ms": total,
+            "tok_s": tokens / (total / 1e3) if total else 0.0,
+            "breakdown_ms": {"local": self.total("local_ms"), "experts": self.total("expert_ms"),
+                             "wire": self.total("wire_ms")},
+            "straggler_ms": self.total("straggler_ms"), "straggler_share": self.total("straggler_ms") / total if total else 0.0,
+            "ceiling_speedup": total / ceiling if ceiling else 1.0,
+        }

@@ -1,0 +1,156 @@
+"""One EP rank's expert kernel, timed on the rows its layout gives it: the production path.
+
+The kernel is the one the rank's dispatcher calls (experts.path, chosen by the model's
+kernel backend): `partial_topk` on the gathered rows for the all-gather dispatch (slots of
+-1 skipped), `local_topk` at ep_size 1. Its experts are one LocalExperts of the rank's slot
+count with random weights (one layer's weights serve every layer and every rank: a kernel's
+time does not depend on the values), its hidden rows random, laid out as the dispatcher lays
+them out (TokenRows: a strided view of the packed buffer).
+
+On CUDA each row count gets one captured graph over static buffers; a layout's ids are
+copied in and the graph replayed `reps` times, each replay after the L2 cache is flushed
+(writing twice its size), timed with events; the median, less the replay floor of an empty
+graph measured the same way, is the kernel's time. On CPU the torch path runs under the
+host clock. A key (rows and each expert's row tiles, see `time`) is timed once.
+`standalone_ms` times the bare fused-MoE op on the same rows, eagerly, for the run's
+self-check.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from ...kernels.backend import KernelBackend
+from ...moe.dispatch.token_rows import TokenRows
+from ...moe.experts import LocalExperts
+from .layout import LayerLayout
+
+
+class ExpertKernelTimer:
+    def __init__(self, spec, slots_per_rank: int, device: torch.device, dtype: torch.dtype, reps: int = 10,
+                 seed: int = 0) -> None:
+        self.device, self.dtype, self.reps, self.top_k = device, dtype, reps, spec.top_k
+        self.hidden = spec.hidden_size
+        self.experts = LocalExperts(slots_per_rank, spec.hidden_size, spec.moe_intermediate_size, spec.hidden_act,
+                                    dtype=dtype, device=device, kernels=KernelBackend.for_device(device))
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for p in (self.experts.gate_up_proj, self.experts.down_proj):
+                p.normal_(0.0, spec.initializer_range, generator=gen)
+        self.cuda = device.type == "cuda"
+        self.cache: dict[tuple, float] = {}
+        self._tiles: dict[int, int] = {}  # rows -> BLOCK_M of the kernel at that row count
+        self._inputs: dict[tuple, tuple] = {}  # (kind, rows) -> (ids buffer, call, graph or None)
+        self.floor_ms = 0.0
+        if self.cuda:
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self._flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=device)
+            self.floor_ms = self._floor()
+
+    # ---- inputs ----
+    def _call(self, kind: str, rows: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        gen = torch.Generator(device=self.device).manual_seed(rows)
+        ids = torch.zeros(rows, self.top_k, dtype=torch.int32, device=self.device)  # [T, k], refilled per key
+        path, experts = self.experts.path, self.experts
+        if kind == "local":
+            x = torch.randn(rows, self.hidden, generator=gen, device=self.device).to(self.dtype)  # [T, H]
+            w = torch.full((rows, self.top_k), 1.0 / self.top_k, device=self.device)
+            return ids, lambda: path.local_topk(experts, x, ids, w)
+        layout = TokenRows(self.hidden, self.dtype, self.top_k)
+        packed = layout.empty(rows, self.device)  # [T, B] as the all-gather leaves it
+        hidden, _, weights = layout.fields(packed)
+        hidden.copy_(torch.randn(rows, self.hidden, generator=gen, device=self.device).to(self.dtype))
+        weights.fill_(1.0 / self.top_k)
+        return ids, lambda: path.partial_topk(experts, hidden, ids, weights)
+
+    def _prepared(self, kind: str, rows: int) -> tuple:
+        key = (kind, rows)
+        if key not in self._inputs:
+            ids, call = self._call(kind, rows)
+            graph = None
+            if self.cuda:
+                ids.copy_((torch.arange(rows * self.top_k, device=self.device) % self.experts.num_local)
+                          .view(rows, self.top_k).to(torch.int32))
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    call()  # compiles, allocates
+                    call()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    call()
+            self._inputs[key] = (ids, call, graph)
+        return self._inputs[key]
+
+    # ---- timing ----
+    def _replay_ms(self, replay: Callable[[], None]) -> float:
+        times = []
+        for _ in range(self.reps):
+            self._flush.zero_()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            replay()
+            b.record()
+            times.append((a, b))
+        torch.cuda.synchronize(self.device)
+        return statistics.median(a.elapsed_time(b) for a, b in times)
+
+    def _floor(self) -> float:
+        """An (almost) empty graph's replay, timed like a kernel's: what every replay adds."""
+        x = torch.zeros(1, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.add_(1)
+        return self._replay_ms(graph.replay)
+
+    def tile_rows(self, rows: int) -> int:
+        """Rows per expert tile of the fused kernel at this row count (its BLOCK_M); 1 off CUDA."""
+        if not self.cuda or self.experts.path.name == "torch":
+            return 1
+        from ...moe.kernels.moe_config import get_moe_config
+
+        e = self.experts
+        return get_moe_config(e.num_local, e.hidden, e.intermediate, rows * self.top_k, self.dtype, self.device).BLOCK_M
+
+    def time(self, layout: LayerLayout, rank: int) -> float:
+        """ms of rank `rank`'s expert kernel on its rows of `layout`. Cached by what the kernel
+        does: the row count and each local expert's number of BLOCK_M row tiles (loads that
+        fill the same tiles run the same tiles; the rest, gathering the rows and summing the
+        slots, follows the row count)."""
+        rows = layout.kernel_rows()
+        if rows not in self._tiles:
+            self._tiles[rows] = self.tile_rows(rows)
+        key = layout.tile_key(rank, self._tiles[rows])
+        if key in self.cache:
+            return self.cache[key]
+        ids, call, graph = self._prepared(layout.kind, layout.kernel_rows())
+        ids.copy_(layout.local_ids(rank))
+        if graph is not None:
+            ms = max(self._replay_ms(graph.replay) - self.floor_ms, 0.0)
+        else:
+            call()  # first-call work (allocations, thread pools) stays out
+            samples = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                call()
+                samples.append((time.perf_counter() - t0) * 1e3)
+            ms = statistics.median(samples)
+        self.cache[key] = ms
+        return ms
+
+    def standalone_ms(self, layout: LayerLayout, rank: int) -> float:
+        """The fused-MoE op alone, eagerly, on contiguous copies of the same rows (CUDA)."""
+        if not self.cuda:
+            return float("nan")
+        ids = layout.local_ids(rank).contiguous()
+        gen = torch.Generator(device=self.device).manual_seed(1)
+        x = torch.randn(ids.shape[0], self.hidden, generator=gen, device=self.device).to(self.dtype)
+        w = torch.full(ids.shape, 1.0 / self.top_k, device=self.device)
+        fused = self.experts.path.fused_moe
+        run = lambda: fused(x, self.experts.gate_up_proj, self.experts.down_proj, ids, w)  # noqa: E731
+        run()
+        return self._replay_ms(run)

@@ -1,0 +1,170 @@
+"""Each EP rank's own work per step, measured: the real ModelRunner on probe models.
+
+Three probes of the served model (local_work.probe_spec), each driven through a real
+ModelRunner with the rank's own step plans in order (slot fills, block appends, decode-graph
+buckets, padding, the sampler), the experts and collectives taken out:
+
+  base   one MoE layer                      F1 = edge + M
+  moe    two MoE layers                     F2 = edge + 2M     -> M = F2 - F1, edge = F1 - M
+  dense  one dense layer, then one MoE one  Fd = edge + D + M  -> D = Fd - F1 (models with dense layers)
+
+M is one MoE layer's local work (attention, norms, gate, router, the policy under test, the
+dispatcher's pack and reduce, shared experts), D one dense layer, edge the rest of the step
+(embedding, final norm, head, sampler). The runner's clock brackets the device work of a
+step after its inputs are staged (engine.overlap hides the staging behind the previous step).
+A step whose shape was timed already (prefill: the same rows; decode: the same bucket, rows
+and mean context to 16 tokens) reuses the time and only applies its slot updates. A timed
+step is run twice and the second run counted, so Triton compiles stay out. A difference of
+two timings that noise makes negative counts as 0.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...engine.model_runner import ModelRunner
+from ...engine.step_plan import RankPlan
+from ...model.causal_lm import MoECausalLM
+from ...model.random_weights import init_random_weights
+from ...moe.routing import build_policy
+from .local_work import NoExpertsLocalDispatcher, NoWireGatherDispatcher, has_dense_layers, probe_spec
+
+
+class StepClock:
+    """start() / stop() around each step's device work (ModelRunner.clock): CUDA events, or the
+    host clock on CPU. Keeps every interval until `take_ms`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._open = None
+        self._intervals: list[tuple] = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._open = self._mark()
+
+    def stop(self) -> None:
+        self._intervals.append((self._open, self._mark()))
+
+    def take_ms(self) -> list[float]:
+        """ms of every step since the last take (synchronises), oldest first."""
+        if self.cuda and self._intervals:
+            self._intervals[-1][1].synchronize()
+        out = [a.elapsed_time(b) if self.cuda else (b - a) * 1e3 for a, b in self._intervals]
+        self._intervals.clear()
+        return out
+
+
+@dataclass(frozen=True)
+class RankStepTimes:
+    """One rank's measured local work in one step (ms)."""
+
+    edge_ms: float  # embedding, final norm, head, sampler
+    moe_layer_ms: float  # one MoE layer without its experts and collectives
+    dense_layer_ms: float  # one dense decoder layer (0 where the model has none)
+
+
+def shape_key(plan: RankPlan) -> tuple:
+    """What a rank step's local work depends on (see the module docstring)."""
+    b = plan.batch
+    if plan.decode_batch is not None:
+        ctx = int(b.context_lens.sum()) // max(16 * b.num_seqs, 1)
+        return ("decode", plan.decode_batch, b.num_seqs, ctx, plan.ep_rows)
+    return ("prefill", tuple(b.query_lens.tolist()), tuple((b.start_pos // 16).tolist()), plan.ep_rows)
+
+
+class RankWorkTimer:
+    """The probes of one model at one simulated EP size, switched between policies in place."""
+
+    def __init__(self, spec, *, engine, ep_size: int, kind: str, num_slots: int, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, seed: int = 0) -> None:
+        self.device = device
+        self.kind = kind
+        self.runners: dict[str, ModelRunner] = {}
+        shared = None
+        layouts = {"base": (0, 1), "moe": (0, 2)}
+        if has_dense_layers(spec):
+            layouts["dense"] = (1, 1)
+        for name, (dense, moe) in layouts.items():
+            cut = probe_spec(spec, dense, moe)
+            model = MoECausalLM(cut, policy=build_policy("natural"), ep_rank=0, ep_size=cut.num_experts,
+                                dtype=dtype, device=device)
+            model.runtime.dispatcher = (NoExpertsLocalDispatcher() if kind == "local"
+                                        else NoWireGatherDispatcher(ep_size, num_slots))
+            init_random_weights(model, seed)
+            if shared is None:
+                shared = model
+            else:  # one embedding and head for every probe: they are the largest tensors
+                model.model.embed_tokens = shared.model.embed_tokens
+                model.lm_head = shared.lm_head
+            self.runners[name] = ModelRunner(
+                model.eval(), rank=0, num_blocks=engine.kv_cache_tokens // engine.kv_block_size,
+                block_size=engine.kv_block_size, device=device, max_num_seqs=engine.max_num_seqs,
+                max_model_len=max_model_len, max_num_batched_tokens=engine.max_num_batched_tokens)
+            self.runners[name].clock = StepClock(device)
+        self._cache: dict[tuple, dict[str, float]] = {}
+
+    @property
+    def graphs(self) -> bool:
+        """Decode runs as CUDA graphs here (so the engine would, on this device)."""
+        return self.runners["base"].decode_graphs is not None
+
+    def rows(self, plan: RankPlan) -> int:
+        """The step's common MoE row count, as the engine's runner picks it."""
+        graphs = self.runners["base"].decode_graphs
+        if graphs is not None and plan.decode_batch is not None:
+            bucket = graphs.bucket_for(plan.decode_batch)
+            if bucket is not None:
+                return bucket
+        return plan.ep_rows
+
+    def switch(self, routing: dict) -> None:
+        """Every probe to the policy `routing` names (its decode graphs captured with it)."""
+        self._cache.clear()
+        for runner in self.runners.values():
+            runner.decode_graphs = runner.policies.switch(routing)
+
+    def _apply(self, plan: RankPlan) -> None:
+        """A step not run here still fills and grows slots: later steps read those tables."""
+        for runner in self.runners.values():
+            runner.slots.apply(plan.batch.fills, plan.batch.appends)
+
+    def _run(self, runner: ModelRunner, plan: RankPlan) -> float:
+        runner.run(plan)  # compiles and warms; the slot updates it repeats are idempotent
+        runner.run(plan)
+        return runner.clock.take_ms()[-1]
+
+    def time_rank(self, plans: list[RankPlan], timed: set[int]) -> dict[int, RankStepTimes]:
+        """One rank's plans in step order -> its local work at the positions in `timed` (the
+        other steps only apply their slot updates, as the rank's runner would)."""
+        out = {}
+        for i, plan in enumerate(plans):
+            if i not in timed:
+                self._apply(plan)
+                continue
+            key = shape_key(plan)
+            ms = self._cache.get(key)
+            if ms is None:
+                ms = {name: self._run(runner, plan) for name, runner in self.runners.items()}
+                self._cache[key] = ms
+            else:
+                self._apply(plan)
+            layer = max(ms["moe"] - ms["base"], 0.0)
+            dense = max(ms["dense"] - ms["base"], 0.0) if "dense" in ms else 0.0
+            out[i] = RankStepTimes(edge_ms=max(ms["base"] - layer, 0.0), moe_layer_ms=layer, dense_layer_ms=dense)
+        return out
+
+
+def mean_times(times: list[RankStepTimes]) -> RankStepTimes:
+    """Field-wise mean (for reports)."""
+    arr = np.array([[t.edge_ms, t.moe_layer_ms, t.dense_layer_ms] for t in times]) if times else np.zeros((1, 3))
+    return RankStepTimes(*arr.mean(0).tolist())

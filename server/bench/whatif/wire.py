@@ -1,0 +1,100 @@
+"""The wire: an alpha-beta time for each collective the EP dispatcher issues.
+
+One GPU cannot measure the wire, so the what-if models it, per interconnect profile
+(conf/interconnect/<name>.yaml, each number with its source, or a file that
+scripts/calibrate_interconnect.py wrote from NCCL on the machine at hand):
+
+  inside a node (N <= gpus_per_node)
+      t = latency + (N - 1)/N * bytes / bus_bw
+  across nodes (N > gpus_per_node, G = gpus_per_node; the profile's `inter` section)
+      t = latency_inter + max((G - 1)/N * bytes / bus_bw_intra, (N - G)/N * bytes / bus_bw_inter)
+
+with nccl-tests' conventions: `bytes` is the all-gather's output per rank, or the all-to-all's
+buffer per rank, and bus_bw is what nccl-tests prints as busbw. At N = 1 nothing travels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+import conf
+
+from ...config import ConfigError
+
+INTERCONNECT_DIR = Path(conf.__file__).resolve().parent / "interconnect"
+COLLECTIVES = ("all_gather", "all_to_all")
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    latency_us: float
+    bus_bw_gbps: float  # GB/s (1e9 bytes per second)
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    name: str
+    gpus_per_node: int
+    intra: Mapping[str, LinkCost]
+    inter: Mapping[str, LinkCost] | None
+    source: str  # the file it came from
+
+    def max_ep(self) -> int | None:
+        """The largest EP group the profile describes (None: any)."""
+        return None if self.inter is not None else self.gpus_per_node
+
+    def seconds(self, collective: str, ep_size: int, nbytes: float) -> float:
+        """Modelled time of one `collective` of `nbytes` (per rank, nccl-tests' size) over `ep_size` ranks."""
+        if ep_size <= 1 or nbytes <= 0:
+            return 0.0
+        g = self.gpus_per_node
+        intra = self.intra[collective]
+        if ep_size <= g:
+            return intra.latency_us * 1e-6 + (ep_size - 1) / ep_size * nbytes / (intra.bus_bw_gbps * 1e9)
+        if self.inter is None:
+            raise ConfigError(f"interconnect {self.name} describes one node of {g} GPUs; ep_size={ep_size} needs a "
+                              "profile with an `inter` section (e.g. bench.interconnect=ib400_h100)")
+        inter = self.inter[collective]
+        over_nvlink = (g - 1) / ep_size * nbytes / (intra.bus_bw_gbps * 1e9)
+        over_nic = (ep_size - g) / ep_size * nbytes / (inter.bus_bw_gbps * 1e9)
+        return inter.latency_us * 1e-6 + max(over_nvlink, over_nic)
+
+
+def _links(data: Any, where: str) -> dict[str, LinkCost]:
+    if not isinstance(data, Mapping) or set(data) != set(COLLECTIVES):
+        raise ConfigError(f"{where} must map exactly {list(COLLECTIVES)} to {{latency_us, bus_bw_gbps}}")
+    out = {}
+    for name, cost in data.items():
+        try:
+            link = LinkCost(float(cost["latency_us"]), float(cost["bus_bw_gbps"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{where}.{name} needs numbers latency_us and bus_bw_gbps, got {cost!r}") from None
+        if link.latency_us < 0 or link.bus_bw_gbps <= 0:
+            raise ConfigError(f"{where}.{name}: latency_us must be >= 0 and bus_bw_gbps > 0, got {cost!r}")
+        out[name] = link
+    return out
+
+
+def available_interconnects() -> list[str]:
+    return sorted(p.stem for p in INTERCONNECT_DIR.glob("*.yaml"))
+
+
+def load_interconnect(name: str) -> Interconnect:
+    """A shipped profile by name, or a YAML file by path (ConfigError naming what is wrong)."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        path = INTERCONNECT_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"bench.interconnect={name!r} is neither a file nor a shipped profile; shipped: "
+                          f"{', '.join(available_interconnects())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    where = f"interconnect {path}"
+    if not isinstance(data, Mapping) or not isinstance(data.get("gpus_per_node"), int) or data["gpus_per_node"] < 1:
+        raise ConfigError(f"{where}: needs gpus_per_node (a positive integer), intra and optionally inter")
+    inter = data.get("inter")
+    return Interconnect(name=str(data.get("name", path.stem)), gpus_per_node=data["gpus_per_node"],
+                        intra=_links(data.get("intra"), f"{where}: intra"),
+                        inter=None if inter is None else _links(inter, f"{where}: inter"), source=str(path))

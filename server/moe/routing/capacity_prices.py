@@ -52,15 +52,16 @@ def bin_thresholds(scores: torch.Tensor, adjusted: torch.Tensor, top_k: int, wid
     values, index = adjusted.topk(depth, dim=1)  # [n, D] descending
     # own[i, b, j]: j-th best score of bin b, without its own price (adjusted + price = scores where allowed)
     own_scores = torch.where(adjusted > -BIG / 2, scores, torch.full_like(scores, -BIG))
-    own = own_scores.view(n, bins, width).topk(m, dim=2).values  # [n, B, m]
-    ranks_needed = torch.arange(top_k, top_k - m, -1, device=scores.device)  # [m]: k, k-1, ..., k-m+1
-    padded = torch.cat([values, values.new_full((n, 1), -BIG)], dim=1)  # [n, D+1]; past the list: absent
     if width == 1:
         # One expert per bin: the k-th best outside expert e is the (k+1)-th overall if e is in
         # the token's top k, else the k-th.
-        in_top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index[:, :top_k], True)  # [n, E]
-        outside = torch.where(in_top, padded[:, top_k:top_k + 1], padded[:, top_k - 1:top_k])[:, :, None]  # [n, E, 1]
+        own = own_scores[:, :, None]  # [n, E, 1]
+        kth = values[:, top_k - 1:top_k]  # [n, 1]
+        next_ = values[:, top_k:top_k + 1] if depth > top_k else torch.full_like(kth, -BIG)  # [n, 1]
+        outside = torch.where(adjusted >= kth, next_, kth)[:, :, None]  # [n, E, 1]
     else:
+        own = own_scores.view(n, bins, width).topk(m, dim=2).values  # [n, B, m]
+        ranks_needed = torch.arange(top_k, top_k - m, -1, device=scores.device)  # [m]: k, k-1, ..., k-m+1
         # The best adjusted scores outside bin b: the token's list without b's entries, in order.
         entry_bin = index // width  # [n, D]
         in_bin = entry_bin[:, None, :] == torch.arange(bins, device=scores.device)[None, :, None]  # [n, B, D]

@@ -2,15 +2,17 @@
 capacity; rounds of single-pair moves bring every bin within it, losing as little score as they can.
 
 A move takes one expert o from a token and gives it an expert u it lacks: o's bin is over
-capacity, u's bin under it. One always exists while some bin is over: if every token holding
+capacity, u's bin under it. Without a group limit or expert cap, one always exists while some
+bin is over: if every token holding
 an expert of an over-capacity bin X also held every expert of an under-capacity bin Y, Y would
 receive at least as many pairs as X, which it does not. Each round, in parallel, every token
 names the o it scores lowest among over-capacity bins, under-capacity bins offer their room to
 the tokens that lose least by moving in, and over-capacity bins release at most their excess.
 The single cheapest move is always made, so every round makes progress; in practice a few
-rounds clear what 20 price steps leave. The number of rounds is fixed (no host sync, the same work in every call); the policy
-checks the result on the device and falls back to a closed-form balanced assignment in the
-rare call where the rounds did not finish (capacity_solver.py).
+rounds clear what 20 price steps leave (at most 5 at n=8192, E=256, k=8 in our measurements).
+The number of rounds is fixed (no host sync, the same work in every call); the policy checks
+the result on the device and falls back to a closed-form balanced assignment in the rare call
+where the rounds did not finish (capacity_policy.py).
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def repair(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch.Tenso
     expert past its ceiling. With `swap_groups` (the router's group count, groups inside bins),
     each round ends with whole-group moves (group_swap.py) for tokens whose group limit leaves
     no single pair free to move."""
-    from .group_swap import group_swap_round
+    from .group_swap import group_swap_round  # group_swap builds on this module: import at call time
 
     num_experts = scores.shape[1]
     inside_bin = same_bin_takes(width, num_experts, take_filter) if expert_cap is not None else None

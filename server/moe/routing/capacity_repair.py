@@ -3,9 +3,9 @@ capacity; rounds of single-pair moves bring every bin within it, losing as littl
 
 A move takes one expert o from a token and gives it an expert u it lacks: o's bin is over
 capacity, u's bin under it. Without a group limit or expert cap, one always exists while some
-bin is over: if every token holding
-an expert of an over-capacity bin X also held every expert of an under-capacity bin Y, Y would
-receive at least as many pairs as X, which it does not. Each round, in parallel, every token
+bin is over: if every token holding an expert of an over-capacity bin X also held every expert
+of an under-capacity bin Y, Y would receive at least as many pairs as X, which it does not. Each
+round, in parallel, every token
 names the o it scores lowest among over-capacity bins, under-capacity bins offer their room to
 the tokens that lose least by moving in, and over-capacity bins release at most their excess.
 The single cheapest move is always made, so every round makes progress; in practice a few

@@ -38,7 +38,7 @@ def cyclic_balanced_ids(n: int, num_experts: int, top_k: int, ep_size: int, devi
     return ((position % ep_size) * per_rank + position // ep_size).view(n, top_k)
 
 
-def positive_int(key: str, value: Any, minimum: int = 0) -> int:
+def non_negative_int(key: str, value: Any, minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise PolicyConfigError(f"routing.{key} must be an integer >= {minimum}, got {value!r}")
     return value
@@ -59,8 +59,8 @@ class CapacityPolicy(RoutingPolicy):
                  repair_rounds: int = REPAIR_ROUNDS) -> None:
         super().__init__(weights=weights, seed=seed)
         self.keep_bonus = finite_number("keep_bonus", keep_bonus, 0.0)
-        self.price_steps = positive_int("price_steps", price_steps)
-        self.repair_rounds = positive_int("repair_rounds", repair_rounds)
+        self.price_steps = non_negative_int("price_steps", price_steps)
+        self.repair_rounds = non_negative_int("repair_rounds", repair_rounds)
         self._fallbacks: dict[torch.device, torch.Tensor] = {}  # device -> [1] int64; one per device
 
     def params(self) -> dict[str, Any]:

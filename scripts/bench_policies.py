@@ -4,13 +4,17 @@
     python scripts/bench_policies.py --device cpu
     python scripts/bench_policies.py --device cuda --out policies.json
 
-Times one policy call on router outputs of N tokens (E experts, top-k): eager (a loop of calls
-between two device syncs, so launch overhead and the host's Python count) and, on CUDA, the
-replay of a CUDA graph holding one call, and per call in a graph of LAYER_CALLS calls (what a
-policy costs each MoE layer of a captured forward, where the graph launch is paid once per
-step). LightLLM's generator (server/moe/routing/lightllm_rule.py) is timed once per N as the
-baseline of the speed-up column. On CUDA the greedy kernels and the torch paths are timed
-beside the policies. Prints a markdown table; --out writes JSON.
+Times one policy call on router outputs of N tokens (E experts, top-k; every E of --experts):
+eager (a loop of calls between two device syncs, so launch overhead and the host's Python
+count) and, on CUDA, the replay of a CUDA graph holding one call, and per call in a graph of
+LAYER_CALLS calls (what a policy costs each MoE layer of a captured forward, where the graph
+launch is paid once per step). LightLLM's generator (server/moe/routing/lightllm_rule.py) is
+timed once per N as the baseline of the speed-up column. On CUDA the greedy kernels and the
+torch paths are timed beside the policies, and so is the MoE block a policy precedes (the
+fused Triton MoE on random bf16 weights: Qwen3-30B-A3B's experts at E=128, DeepSeek-V3's at
+E=256), so the last column reads as "policy cost / MoE block cost" in a graph. The routing
+context has --ep-size ranks (rank_balanced balances them). Prints a markdown table; --out
+writes JSON.
 """
 from __future__ import annotations
 
@@ -30,8 +34,12 @@ sys.path.insert(0, str(ROOT))
 from server.moe.routing import RoutingContext, build_policy  # noqa: E402
 from server.moe.routing.lightllm_rule import lightllm_generator_torch  # noqa: E402
 
-POLICIES = ["natural", "round_robin_balanced", "greedy_balanced", "uniform_random", "skewed"]
+POLICIES = ["natural", "round_robin_balanced", "greedy_balanced", "uniform_random", "skewed", "optimal_balanced",
+            "optimal_balanced:price_steps=12,repair_rounds=8", "rank_balanced", "rank_balanced:tolerance=0.1"]
 LAYER_CALLS = 48  # MoE layers of a Qwen3-30B-A3B-sized model: calls per captured forward
+#: experts -> (hidden, expert intermediate) of the MoE block timed beside the policies
+MOE_BLOCKS = {128: (2048, 768), 256: (7168, 2048)}
+BATCH_SECONDS = 0.1  # each timed batch of eager calls lasts about this long (slow policies get fewer calls)
 
 
 def sync(device: str) -> None:
@@ -39,10 +47,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_eager(fn, device: str, iters: int) -> float:
-    """Median over 5 batches of the mean seconds per call (launch overhead included)."""
+def build(spec: str):
+    """'rank_balanced:tolerance=0.1' -> that policy (the eval's name:key=value form)."""
+    from server.eval.cli import parse_policy
+
+    name, params = parse_policy(spec)
+    return build_policy(name, **params)
+
+
+def calls_per_batch(fn, device: str, iters: int) -> int:
+    """At most `iters`, fewer for a slow call, so a batch lasts about BATCH_SECONDS."""
     fn()
     sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return max(3, min(iters, int(BATCH_SECONDS / max(time.perf_counter() - t0, 1e-9))))
+
+
+def time_eager(fn, device: str, iters: int) -> float:
+    """Median over 5 batches of the mean seconds per call (launch overhead included)."""
+    iters = calls_per_batch(fn, device, iters)
     samples = []
     for _ in range(5):
         sync(device)
@@ -84,17 +109,48 @@ def time_graph(fn, iters: int, calls: int = 1) -> float:
 
 def comparison_row(label: str, n: int, fn, device: str, iters: int) -> dict:
     """A row for a kernel or path timed beside the policies (eager and one-call graph, no speed-up)."""
+    iters = calls_per_batch(fn, device, iters)
     return {"policy": label, "n": n, "eager_us": time_eager(fn, device, iters) * 1e6,
             "graph_us": time_graph(fn, iters) * 1e6, "speedup_vs_lightllm": None}
 
 
-def bench(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max_n: int, iters: int, dtype: torch.dtype) -> list[dict]:
+def moe_block_row(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weights: torch.Tensor, iters: int) -> dict:
+    """The fused MoE block (Triton, bf16 random weights) on the router's own ids: what a policy precedes."""
+    from server.moe.kernels.fused_moe import fused_moe_triton
+
+    hidden, inter = MOE_BLOCKS[num_experts]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, hidden, device="cuda", generator=g, dtype=torch.bfloat16)  # [N, H]
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, 2I, H]
+    w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, H, I]
+    fn = lambda: fused_moe_triton(x, w13, w2, ids, weights.to(torch.bfloat16))  # noqa: E731
+    row = comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, bf16)", n, fn, "cuda", iters)
+    del w13, w2
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench(device: str, ns: list[int], experts: list[int], top_k: int, lightllm_max_n: int, iters: int,
+          dtype: torch.dtype, ep_size: int) -> list[dict]:
+    rows = []
+    for num_experts in experts:
+        for row in bench_experts(device, ns, num_experts, top_k, lightllm_max_n, iters, dtype, ep_size):
+            rows.append({"experts": num_experts, **row})
+    return rows
+
+
+def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max_n: int, iters: int,
+                  dtype: torch.dtype, ep_size: int) -> list[dict]:
     rows = []
     for n in ns:
         logits = torch.randn(n, num_experts, device=device).to(dtype)  # [N, E] router logits
         weights, ids = logits.softmax(-1).topk(top_k)  # [N, k]
         ids = ids.to(torch.int32)
-        ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k)
+        ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k, ep_size=ep_size)
+        moe = None
+        if device.startswith("cuda") and num_experts in MOE_BLOCKS:
+            moe = moe_block_row(n, num_experts, top_k, ids, weights, iters)
+            rows.append(moe)
         lightllm_s = None
         if n <= lightllm_max_n:
             sync(device)
@@ -103,16 +159,18 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max
             sync(device)
             lightllm_s = time.perf_counter() - t0
             rows.append({"policy": "LightLLM generator", "n": n, "eager_us": lightllm_s * 1e6, "graph_us": None, "speedup_vs_lightllm": 1.0})
-        for name in POLICIES:
-            policy = build_policy(name)
+        for spec in POLICIES:
+            policy = build(spec)
             fn = lambda: policy(ids, weights, logits, ctx)  # noqa: E731
-            eager = time_eager(fn, device, iters)
-            graph = time_graph(fn, iters) if device.startswith("cuda") else None
-            layers = time_graph(fn, max(iters // 8, 10), LAYER_CALLS) if device.startswith("cuda") else None
+            calls = calls_per_batch(fn, device, iters)
+            eager = time_eager(fn, device, calls)
+            graph = time_graph(fn, calls) if device.startswith("cuda") else None
+            layers = time_graph(fn, max(calls // 8, 3), LAYER_CALLS) if device.startswith("cuda") else None
             rows.append({
-                "policy": name, "n": n, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
+                "policy": spec, "n": n, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
                 "graph_layers_us": None if layers is None else layers * 1e6,
                 "speedup_vs_lightllm": None if lightllm_s is None else lightllm_s / min(x for x in (eager, graph) if x is not None),
+                "vs_moe_block": None if moe is None or graph is None else graph * 1e6 / moe["graph_us"],
             })
         if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
             from server.moe.routing.greedy import greedy_balanced_torch
@@ -142,12 +200,14 @@ def bench(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max
 def table(rows: list[dict]) -> str:
     def fmt(x):
         return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
-    lines = [f"| policy | N | eager µs/call | graph replay µs/call | µs/call, {LAYER_CALLS} calls per graph | vs LightLLM generator |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| policy | E | N | eager µs/call | graph replay µs/call | µs/call, {LAYER_CALLS} calls per graph | "
+             "vs LightLLM generator | graph vs MoE block |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sp = "-" if r["speedup_vs_lightllm"] is None else f"{r['speedup_vs_lightllm']:,.0f}x"
-        lines.append(f"| {r['policy']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | "
-                     f"{fmt(r.get('graph_layers_us'))} | {sp} |")
+        share = "-" if r.get("vs_moe_block") is None else f"{r['vs_moe_block']:.1%}"
+        lines.append(f"| {r['policy']} | {r['experts']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | "
+                     f"{fmt(r.get('graph_layers_us'))} | {sp} | {share} |")
     return "\n".join(lines)
 
 
@@ -155,7 +215,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n", type=int, nargs="+", default=[128, 8192])
-    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--experts", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--ep-size", type=int, default=8, help="EP ranks in the routing context (rank_balanced balances them)")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--lightllm-max-n", type=int, default=8192, help="time LightLLM's generator only up to this N")
     ap.add_argument("--iters", type=int, default=200)
@@ -163,14 +224,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = bench(args.device, args.n, args.experts, args.top_k, args.lightllm_max_n, args.iters, getattr(torch, args.dtype))
+    rows = bench(args.device, args.n, args.experts, args.top_k, args.lightllm_max_n, args.iters, getattr(torch, args.dtype),
+                 args.ep_size)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    header = f"device: {name}; torch {torch.__version__}; E={args.experts}, k={args.top_k}; router logits {args.dtype}"
+    header = (f"device: {name}; torch {torch.__version__}; E={args.experts}, k={args.top_k}, ep_size {args.ep_size}; "
+              f"router logits {args.dtype}")
     print(header)
     print(table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "experts": args.experts, "top_k": args.top_k, "logits_dtype": args.dtype, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "experts": args.experts, "top_k": args.top_k, "ep_size": args.ep_size, "logits_dtype": args.dtype, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ from ..moe.routing import PolicyConfigError, UnknownPolicyError, build_policy
 from .corpus import heldout_windows, load_corpus
 from .probe import PolicyProbe
 from .report import markdown_table, write_json, write_markdown, write_png
+from .tradeoff import write_tradeoff_png
 from .teacher_forcing import heldout_nll
 
-DEFAULT_POLICIES = ["natural", "greedy_balanced", "round_robin_balanced", "uniform_random", "skewed"]
+DEFAULT_POLICIES = ["natural", "greedy_balanced", "round_robin_balanced", "uniform_random", "skewed", "optimal_balanced",
+                    "rank_balanced", "rank_balanced:tolerance=0.05", "rank_balanced:tolerance=0.1",
+                    "rank_balanced:tolerance=0.25", "rank_balanced:tolerance=0.5", "rank_balanced:keep_bonus=1"]
 log = logging.getLogger("epserve.eval")
 
 
@@ -52,6 +55,14 @@ def parse_policy(spec: str) -> tuple[str, dict]:
             raise SystemExit(f"--policies: {spec!r}: parameters are key=value, separated by commas")
         params[key.strip()] = parse_value(value.strip())
     return name.strip(), params
+
+
+def scipy_available() -> bool:
+    try:
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def training_meta(folder: Path | None) -> dict:
@@ -96,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]
     for label, policy in policies:
         t0 = time.perf_counter()
         probe = PolicyProbe(policy, num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.top_k,
-                            ep_size=args.ep_size)
+                            ep_size=args.ep_size, exact=args.exact)
         nll, count = heldout_nll(model, probe, windows, args.ep_size, args.seqs_per_rank)
         if hasattr(policy, "close"):  # record: finish the trace now, so a later replay can read it
             policy.close()
@@ -114,6 +125,10 @@ def evaluate(args: argparse.Namespace) -> tuple[list[dict], dict, list[list[int]
                           "mean_ranks_per_token": snap.mean_ranks_per_token(), "fidelity": fidelity_layers},
             "expert_tokens": snap.expert_tokens, "seconds": round(time.perf_counter() - t0, 1),
         }
+        if hasattr(policy, "fallback_calls"):  # optimal_balanced, rank_balanced: calls that took the closed form
+            row["fallback_calls"] = policy.fallback_calls()
+        if probe.optimum_summary() is not None:
+            row.update(probe.optimum_summary())
         if policy.name == "natural" and natural_loads is None:
             natural_loads, natural_ppl = snap.expert_tokens, row["perplexity"]
         rows.append(row)
@@ -143,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqs-per-rank", type=int, default=4, help="sequences per simulated rank per step")
     p.add_argument("--heldout-permille", type=int, default=0, help="held-out split (default: the model's training.json, else 50)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=scipy_available(),
+                   help="solve each call of optimal_balanced / rank_balanced exactly too (scipy LP) and report the "
+                        "optimum beside the policy (default: on when scipy is installed)")
     p.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for policies.md, policies.json, policies.png")
     return p
 
@@ -163,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     title = (f"{setup['model']}: E={setup['num_experts']}, top-{setup['top_k']}, {setup['moe_layers']} MoE layers, "
              f"ep_size {setup['ep_size']}, {setup['scored_tokens']} held-out bytes")
     write_png(args.out / "policies.png", rows, natural_loads, title)
+    write_tradeoff_png(args.out / "tradeoff.png", rows, title)
     print(markdown_table(rows))
-    print(f"wrote {args.out}/policies.md, policies.json, policies.png in {setup['seconds']} s")
+    print(f"wrote {args.out}/policies.md, policies.json, policies.png, tradeoff.png in {setup['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,33 @@ COLUMNS = [
 ]
 
 
+#: beside the policies that solve a capacitated top-k: the exact optimum of the same calls
+OPTIMUM_COLUMNS = [
+    ("policy", "policy", "{}"),
+    ("fidelity", "fidelity", "{:.3f}"),
+    ("optimum_fidelity", "exact optimum's fidelity", "{:.3f}"),
+    ("objective_per_pair", "objective per pair", "{:.4f}"),
+    ("optimum_objective_per_pair", "exact optimum per pair", "{:.4f}"),
+    ("objective_gap", "gap (share of balance's cost)", "{:.2%}"),
+    ("fallback_calls", "fallback calls", "{}"),
+]
+
+
 def _cell(fmt: str, value: Any) -> str:
     return "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if key == "policy" else "---:" for key, _, _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(fmt, row[key]) for key, _, fmt in COLUMNS) + " |" for row in rows]
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" if key == "policy" else "---:" for key, _, _ in columns) + "|"
+    body = ["| " + " | ".join(_cell(fmt, row[key]) for key, _, fmt in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body]) + "\n"
+
+
+def optimum_table(rows: list[dict[str, Any]]) -> str:
+    """The policies with an exact optimum beside them (empty string when there are none)."""
+    solved = [row for row in rows if "optimum_fidelity" in row]
+    return markdown_table(solved, OPTIMUM_COLUMNS) if solved else ""
 
 
 def write_markdown(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any]) -> None:
@@ -46,6 +64,14 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], setup: dict[str, Any]
         f"(LightLLM's rule) does, can keep at most {rows[0]['walk_fidelity_ceiling']:.3f}.",
         "",
     ]
+    if optimum_table(rows):
+        lines += [
+            "Capacity-solving policies against the exact optimum of the same calls (an LP per call, scipy): objective = "
+            "summed selection scores (+ keep_bonus per router pair kept), per (token, expert) pair; gap = policy's "
+            "shortfall below the optimum as a share of what balance costs (natural - optimum).",
+            "",
+            optimum_table(rows),
+        ]
     path.write_text("\n".join(lines))
 
 

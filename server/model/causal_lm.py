@@ -76,7 +76,8 @@ class MoECausalLM(nn.Module):
         self.runtime = MoERuntime(policy=policy, counters=self.load_counters,
                                   dispatcher=build_dispatcher(dispatch, ep_rank, ep_size, num_slots, ep_group),
                                   num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.top_k,
-                                  ep_rank=ep_rank, ep_size=ep_size, replicas=replicas)
+                                  ep_rank=ep_rank, ep_size=ep_size, replicas=replicas,
+                                  router_groups=spec.router_groups, router_topk_groups=spec.router_topk_groups)
         self.model = DecoderStack(spec, self.runtime, self.kernels, dtype=dtype, device="meta").to_empty(device=device)
         self.lm_head = None  # tied: the embedding matrix is the output projection
         if not spec.tie_word_embeddings:

@@ -12,7 +12,7 @@ from torch import nn
 from ..kernels.backend import KernelBackend
 from ..layers.mlp import GatedMLP
 from .experts import LocalExperts
-from .router import ROUTER_RULES
+from .router import ROUTER_RULES, SELECTION_SCORES
 from .runtime import MoERuntime, MoEStepContext
 
 
@@ -59,6 +59,7 @@ class MoELayer(nn.Module):
         self.moe_index, self.num_experts, self.top_k = moe_index, num_experts, top_k
         self.runtime = runtime
         self.router = ROUTER_RULES[router_rule]  # an unknown name lists the known rules
+        self.selection_scores = SELECTION_SCORES[router_rule]
         self.biased_gate = router_rule in _BIASED_RULES
         if self.biased_gate:  # DeepSeek-V3: groups, scaling factor (router_options), bias read per call
             self.router_options = {"renormalize": renormalize, **(router_options or {})}
@@ -88,7 +89,10 @@ class MoELayer(nn.Module):
         extra = {"correction_bias": self.gate.e_score_correction_bias} if self.biased_gate else {}
         topk_weights, topk_ids = self.router(router_logits, self.top_k, **self.router_options, **extra)  # [N, k] each
         ctx = step.routing[self.moe_index]
-        ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, router_logits, ctx)  # [N, k] each
+        scores = router_logits
+        if getattr(rt.policy, "wants_selection_scores", False):  # a Python attribute: a graph bakes the choice in
+            scores = self.selection_scores(router_logits, **self.router_options, **extra)  # [N, E]
+        ids, weights = rt.policy(topk_ids.to(torch.int32), topk_weights, scores, ctx)  # [N, k] each
         if rt.routed_out is not None:  # logical ids, before EPLB; a Python check, so graphs bake it in or out
             rt.routed_out[:ids.shape[0], self.moe_index].copy_(ids)
         if rt.replicas is None:

@@ -7,6 +7,10 @@ Each family names its rule; the math follows transformers exactly:
                       steers the choice only, top-k restricted to the best groups of experts,
                       weights from the unbiased scores (renormalised, then scaled)
 Routing policies run after the rule, on its ids (server/moe/layer.py).
+
+Each rule also names its *selection scores* (SELECTION_SCORES): the [N, E] values its top-k
+ranks, which policies that re-assign experts to keep as much of the router's intent as they can
+(`optimal_balanced`, `rank_balanced`) maximise over the pairs they choose.
 """
 from __future__ import annotations
 
@@ -21,9 +25,33 @@ RouterRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 ROUTER_RULES: Registry[RouterRule] = Registry("router rule")
 
 
+#: rule name -> (router_logits [N, E], **the rule's options) -> [N, E] float32 selection scores
+SELECTION_SCORES: Registry[Callable[..., torch.Tensor]] = Registry("router selection scores")
+
+
 def register_router(name: str) -> Callable[[RouterRule], RouterRule]:
     """Function decorator: make a router rule selectable by name."""
     return ROUTER_RULES.register(name)
+
+
+def register_selection_scores(name: str) -> Callable:
+    """Function decorator: the selection scores of router rule `name`."""
+    return SELECTION_SCORES.register(name)
+
+
+@register_selection_scores("softmax_topk")
+def softmax_selection_scores(router_logits: torch.Tensor, **_options) -> torch.Tensor:
+    """The logits themselves: a token's log-probabilities are its logits minus one per-token
+    constant, so over any k experts per token both sums rank assignments identically, and the
+    logits cost no [N, E] log-softmax."""
+    return router_logits.float()
+
+
+@register_selection_scores("sigmoid_group_topk")
+def sigmoid_selection_scores(router_logits: torch.Tensor, *, correction_bias: torch.Tensor, **_options) -> torch.Tensor:
+    """sigmoid(logits) + correction bias: what DeepSeek-V3's top-k ranks (group limits are the
+    policy's to keep: RoutingContext.router_groups / router_topk_groups)."""
+    return router_logits.float().sigmoid() + correction_bias
 
 
 @register_router("softmax_topk")

@@ -54,6 +54,8 @@ class MoERuntime:
     #: [max_tokens, MoE layers, k] int16 while some request of the step wants its routed experts:
     #: every MoE layer writes its logical ids there (server/engine/routed_experts.py); else None
     routed_out: Any = None
+    router_groups: int = 1  # the router's group limit (n_group / topk_group), told to every policy call
+    router_topk_groups: int = 1
 
     @property
     def num_slots(self) -> int | None:
@@ -66,6 +68,7 @@ class MoERuntime:
         device tensor under CUDA graphs), `valid_rows` [N] bool for a padded batch (padding
         rows are left out of the counters and the experts), `ep_rows` the common row count."""
         routing = tuple(RoutingContext(layer=i, num_experts=self.num_experts, top_k=self.top_k, ep_rank=self.ep_rank,
-                                       ep_size=self.ep_size, token_offset=token_offset)
+                                       ep_size=self.ep_size, token_offset=token_offset,
+                                       router_groups=self.router_groups, router_topk_groups=self.router_topk_groups)
                         for i in range(self.num_layers))
         return MoEStepContext(routing, valid_rows, ep_rows)

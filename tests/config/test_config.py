@@ -27,7 +27,8 @@ def test_fake_balance_composes_like_greedy_balanced() -> None:
     assert composed("routing=fake_balance")["routing"]["name"] == "greedy_balanced"
 
 
-@pytest.mark.parametrize("routing", ["natural", "greedy_balanced", "fake_balance", "round_robin_balanced", "uniform_random", "skewed"])
+@pytest.mark.parametrize("routing", ["natural", "greedy_balanced", "fake_balance", "round_robin_balanced", "uniform_random", "skewed",
+                                     "optimal_balanced", "rank_balanced"])
 @pytest.mark.parametrize("parallel", ["single", "ep2", "ep4", "ep8"])
 def test_every_group_option_validates(routing: str, parallel: str) -> None:
     app = AppConfig.from_dict(composed(f"routing={routing}", f"parallel={parallel}"))

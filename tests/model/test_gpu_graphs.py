@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 QWEN3_2L = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 2,
             "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "moe_intermediate_size": 768,
             "intermediate_size": 6144, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True}
-POLICIES = ["natural", "greedy_balanced", "round_robin_balanced", "skewed", "uniform_random"]
+POLICIES = ["natural", "greedy_balanced", "round_robin_balanced", "skewed", "uniform_random", "optimal_balanced",
+            "rank_balanced"]
 PAGE = 16
 
 
@@ -78,7 +79,7 @@ def _decode_both(model, work: StaticWorkload, max_batch: int, steps: int):
     return out["eager"][0], out["graph"][0], out["eager"][1], out["graph"][1]
 
 
-@pytest.mark.parametrize("policy", ["natural", "greedy_balanced", "round_robin_balanced"])
+@pytest.mark.parametrize("policy", ["natural", "greedy_balanced", "round_robin_balanced", "optimal_balanced", "rank_balanced"])
 def test_graph_decode_is_bitwise_eager_at_a_bucket_size(policy):
     """8 sequences = the 8-bucket, same block-table width: the graph runs exactly the eager kernels."""
     model = _real(policy)

@@ -20,9 +20,12 @@ ARGS = ["--num-seqs", "8", "--seq-len", "64", "--seqs-per-rank", "1", "--ep-size
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     main([*ARGS, "--out", str(out), "--policies", "natural", "greedy_balanced", "round_robin_balanced",
-          "uniform_random", "skewed:target=2.5"])
+          "uniform_random", "skewed:target=2.5", "optimal_balanced", "rank_balanced", "rank_balanced:tolerance=0.25"])
     data = json.loads((out / "policies.json").read_text())
-    return out, data, {row["policy"].split("(")[0]: row for row in data["policies"]}
+    def key(label: str) -> str:  # 'skewed(target=2.5)' -> 'skewed'; the loose rank_balanced keeps its tolerance
+        return "rank_balanced:0.25" if label == "rank_balanced(tolerance=0.25)" else label.split("(")[0]
+
+    return out, data, {key(row["policy"]): row for row in data["policies"]}
 
 
 def test_writes_table_json_and_png(results):
@@ -52,6 +55,25 @@ def test_balanced_policies_reach_their_guarantee(results):
     assert rows["greedy_balanced"]["fidelity"] > rows["round_robin_balanced"]["fidelity"]
     assert rows["uniform_random"]["expert_max_over_mean"] > 1.0  # balanced only in expectation
     assert rows["round_robin_balanced"]["mean_ranks_per_token"] == 2.0  # a token's 2 experts on 2 ranks
+
+
+def test_capacity_policies_balance_and_keep_more(results):
+    """optimal_balanced: greedy's exact balance, more of the router kept, lower perplexity;
+    rank_balanced: exact rank balance with experts free; both beside their exact optimum."""
+    out, _, rows = results
+    optimal, rank, loose = rows["optimal_balanced"], rows["rank_balanced"], rows["rank_balanced:0.25"]
+    assert optimal["expert_max_over_mean"] == 1.0 and optimal["step_expert_max_over_mean"] == 1.0
+    assert optimal["fidelity"] > rows["greedy_balanced"]["fidelity"]
+    assert optimal["perplexity"] < rows["greedy_balanced"]["perplexity"]
+    assert rank["rank_max_over_mean"] == 1.0 and rank["expert_max_over_mean"] > 1.0
+    assert rank["fidelity"] > optimal["fidelity"]
+    assert 1.0 < loose["rank_max_over_mean"] <= 1.25 and loose["fidelity"] > rank["fidelity"]
+    for row in (optimal, rank, loose):
+        assert row["fallback_calls"] == 0
+        assert row["objective_per_pair"] <= row["optimum_objective_per_pair"] + 1e-4
+        assert 0.0 <= row["objective_gap"] < 0.01
+    assert "exact optimum" in (out / "policies.md").read_text()
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_natural_perplexity_is_transformers_perplexity(results):

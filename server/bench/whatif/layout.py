@@ -74,11 +74,12 @@ class Layouter:
     """Lays out the MoE layers of planned steps for one policy (and EPLB placement)."""
 
     def __init__(self, policy: RoutingPolicy, *, num_experts: int, top_k: int, ep_size: int, kind: str,
-                 replicas=None, seed: int = 0) -> None:
+                 replicas=None, seed: int = 0, router_groups: int = 1, router_topk_groups: int = 1) -> None:
         if kind not in KINDS:
             raise ValueError(f"the what-if lays out the dispatchers {KINDS}, not {kind!r}")
         self.policy, self.num_experts, self.top_k, self.ep_size = policy, num_experts, top_k, ep_size
         self.kind, self.replicas, self.seed = kind, replicas, seed
+        self.groups = (router_groups, router_topk_groups)  # the router's group limit, as MoERuntime passes it
         self.num_slots = num_experts if replicas is None else replicas.num_slots
 
     def rank_ids(self, step: PlannedStep, layer: int, router: RouterOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +88,8 @@ class Layouter:
         for rank, (plan, tokens) in enumerate(zip(step.ranks, step.tokens)):
             lo, n = plan.token_offset, tokens.num_tokens
             ctx = RoutingContext(layer=layer, num_experts=self.num_experts, top_k=self.top_k, ep_rank=rank,
-                                 ep_size=self.ep_size, token_offset=plan.token_offset, seed=self.seed)
+                                 ep_size=self.ep_size, token_offset=plan.token_offset, seed=self.seed,
+                                 router_groups=self.groups[0], router_topk_groups=self.groups[1])
             ids, _ = self.policy(router.ids[lo:lo + n], router.weights[lo:lo + n], router.scores[lo:lo + n], ctx)
             ids = ids.to(torch.int32)
             physical = ids if self.replicas is None else self.replicas(layer, ids, plan.token_offset)

@@ -63,6 +63,18 @@ def markdown(doc: dict) -> str:
                 f"{s['straggler_share'] * 100:.1f}%", _f(s["rank_max_over_mean"]), _f(s["in_rank_expert_max_over_mean"]),
                 f"{min(active):.1f}-{max(active):.1f}" if active else "-", _f(s["ceiling_speedup"], 3),
                 _f(s["linear_bound"], 3) + " |"]))
+    lines += ["", "Critical path under natural routing (the rank whose experts finish last, by the number of MoE "
+              "layers it holds up, and the step's time spent waiting for the slowest rank):", ""]
+    for phase in _phases(doc):
+        s = doc["phases"][phase].get("natural")
+        if s is None:
+            continue
+        counts: dict = {}
+        for layer in s["critical_path"]:
+            counts[layer["rank"]] = counts.get(layer["rank"], 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        ranks = ", ".join(f"rank {r} ({n} of {len(s['critical_path'])} layers)" for r, n in top)
+        lines.append(f"- {phase}: {ranks}; waiting {s['straggler_share'] * 100:.1f}% of the step")
     if doc.get("validation"):
         lines += ["", "Validation against the real engine at ep_size 1 (same sets, same process; the engine's "
                   "step device time from the same clock, its wall time per step beside it):", "",

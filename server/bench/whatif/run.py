@@ -171,7 +171,8 @@ class WhatIf:
                                       top_k=spec.top_k, ep_size=self.ep, num_layers=self.moe_layers)
         replicas = None if placement is None else ReplicaMap(placement, self.device)
         layouter = Layouter(policy, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=self.ep, kind=self.kind,
-                            replicas=replicas)
+                            replicas=replicas, router_groups=spec.router_groups,
+                            router_topk_groups=spec.router_topk_groups)
         slots = (spec.num_experts + (variant.redundant or 0)) // self.ep
         timer = self.expert_timer(slots if self.kind == "allgather" else spec.num_experts)
         self.ranks.switch(variant.routing)

@@ -10,6 +10,9 @@ Beside the policies: hashing.py (the stateless hash behind the random policies),
 skew_profiles.py (`skewed`'s popularity profiles and the solve for a target metric),
 trace_file.py (the trace `routing=record` writes and `routing=replay` reads) and
 routed_layout.py (routed experts as the API returns them, read as a replay trace).
+capacity_prices.py, capacity_repair.py and capacity_solver.py solve the capacitated top-k behind
+optimal_balanced and rank_balanced (capacity_policy.py, their shared base); group_limit.py keeps
+DeepSeek-style group limits.
 lightllm_rule.py holds LightLLM's fake-balance rule written plainly (the tests' oracle and the
 policy benchmark's baseline); it is not a policy and is not imported here.
 """
@@ -27,6 +30,7 @@ from .registry import (
 
 # Built-in policies register themselves on import.
 from . import natural, round_robin, greedy, uniform_random, skewed, record, replay  # noqa: E402,F401
+from . import optimal_balanced, rank_balanced  # noqa: E402,F401
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -39,6 +39,9 @@ class RoutingPolicy:
     guarantee: ClassVar[str] = ""
     #: False for policies that work host-side (routing=record): decode then stays eager.
     graph_safe: ClassVar[bool] = True
+    #: True: `router_logits` is handed over as the router rule's selection scores (the values its
+    #: top-k ranks, server/moe/router.py SELECTION_SCORES) instead of the raw gate logits.
+    wants_selection_scores: ClassVar[bool] = False
     #: True for policies that write or read the file `routing.path` names (record, replay): the
     #: server's config may choose them, a live switch from the API may not (engine/policy_switch.py).
     uses_files: ClassVar[bool] = False

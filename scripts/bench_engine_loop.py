@@ -1,7 +1,7 @@
 """The engine's own step loop, in process (no gRPC, no asyncio, no text): time per decode step
 and where the host time goes, with overlapped scheduling on and off in the same run.
 
-A direct driver of EngineCore (server/engine/core.py): B requests (prompt P tokens, N new
+A direct driver of EngineCore (server/core/engine_core.py): B requests (prompt P tokens, N new
 tokens each, half greedy, half seeded sampling) are added at once, then `core.step()` runs
 until every request has finished. Timers wrap the loop's phases:
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from server.config import AppConfig
-from server.engine import model_runner
-from server.engine.core_types import EngineRequest
+from server.worker import model_runner
+from server.core.step_io import EngineRequest
 from server.engine.api import SamplingParams, StopParams
-from server.engine.launcher import build_engine_core
+from server.core.startup import build_engine_core
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("plan", "stage", "forward", "sample", "wait", "apply")

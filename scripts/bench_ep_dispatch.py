@@ -139,7 +139,7 @@ def sweep_table(docs: dict[int, dict]) -> str:
 
 def run_size(args, ep: int) -> dict:
     """Spawn `ep` ranks (in-process at ep 1), time every path, return the report document."""
-    from server.engine.distributed import free_port
+    from server.worker.distributed import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "ranks.pt")

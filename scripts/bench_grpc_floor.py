@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
 
-    from server.engine.rendezvous import free_port
+    from server.worker.rendezvous import free_port
     from server.loadtest.procs import run_load_procs
     from server.loadtest.workload import LoadSpec
 

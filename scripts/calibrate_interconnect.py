@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ranks} GPU here: nothing to measure (a collective needs two ranks). The what-if uses a shipped "
               "profile (conf/interconnect/*.yaml) until this runs where several GPUs are.", flush=True)
         return 0
-    from server.engine.rendezvous import free_port
+    from server.worker.rendezvous import free_port
 
     mp.spawn(_rank, args=(ranks, ranks, args, free_port("127.0.0.1")), nprocs=ranks, join=True)
     return 0

@@ -150,7 +150,7 @@ class EngineConfig:
     overlap: bool = True  # plan step n+1 and post-process step n while step n runs (false: one step at a time)
     step_timeout_s: float = 30.0  # a step running longer (or 10x the recent p99, if more) means a hung rank; 0: off
     first_step_timeout_s: float = 300.0  # the first steps, and policy switches / EPLB moves, may take this long
-    warmup: bool = True  # before serving, run every kernel variant a step can need (CUDA; server/engine/warmup.py)
+    warmup: bool = True  # before serving, run every kernel variant a step can need (CUDA; server/worker/warmup.py)
     slow_step_factor: float = 10.0  # log a step slower than this many times the recent median (0: never)
 
     def validate(self) -> None:

@@ -39,8 +39,8 @@ def launch(app: AppConfig) -> int:
               "DEBUG, INFO, WARNING, ERROR, CRITICAL", file=sys.stderr)
         return 2
     from .engine.api import EngineStartError
-    from .engine.engine_start import start_engine
-    from .engine.launcher import run_worker_rank, torchrun_rank
+    from .frontend.start import start_engine
+    from .core.startup import run_worker_rank, torchrun_rank
     from .rpc.app import serve
 
     try:

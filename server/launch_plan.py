@@ -4,7 +4,7 @@
 the EPLB settings, the dispatch settings, the kernel choices (their environment overrides
 applied and logged) and the effective max_model_len; every rule that can be checked without
 loading weights is checked here and raises ConfigError naming the key. Rank 0 builds it (the
-engine core, before any rank is spawned) and ships it to every rank (engine/rank_worker.py);
+engine core, before any rank is spawned) and ships it to every rank (worker/rank.py);
 nothing below re-reads the spec or re-checks a rule. `dry_run`, the benchmark and EPLB's
 build_stats build the same plan.
 """

@@ -1,6 +1,6 @@
 """Drive the engine core in this process: submit a request set, step it to the end, time it.
 
-The same EngineCore the server runs (server/engine/core.py): its scheduler plans every step,
+The same EngineCore the server runs (server/core/engine_core.py): its scheduler plans every step,
 every EP rank's model runner executes it, token-level stops end the requests. A run's
 phases, as a server's client sees them:
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 from ..engine.api import SamplingParams, StopParams
-from ..engine.core_types import EngineRequest, StepOutputs
+from ..core.step_io import EngineRequest, StepOutputs
 from .request_sets import RequestSet
 
 GREEDY = SamplingParams(temperature=0.0, seed=0)

@@ -142,7 +142,7 @@ class _Rounds:
 
 
 def run_experiment(settings: BenchSettings) -> dict:
-    from ..engine.launcher import build_engine_core
+    from ..core.startup import build_engine_core
     from .summary import build_document
 
     os.environ.update(NO_MULTICAST)

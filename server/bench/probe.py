@@ -13,7 +13,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..engine.core_types import StepOutputs
+from ..core.step_io import StepOutputs
 from ..moe.load_stats import ExpertLoadSnapshot, aggregate_layers, balancedness
 from .bound import ProbeStep, balance_bound
 from .drive import CoreDriver, RunTiming

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..engine.distributed import init_rank_groups, resolve_backend, resolve_device
-from ..engine.launcher import kill_ranks, spawn_ranks, watching_ranks
+from ..worker.distributed import init_rank_groups, resolve_backend, resolve_device
+from ..core.startup import kill_ranks, spawn_ranks, watching_ranks
 from .measure import RankEnv, device_info, measure_rank, progress_total, summarize
 from .settings import BenchSettings
 

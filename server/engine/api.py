@@ -150,7 +150,7 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    """What the gRPC service needs from the engine (implemented by server.engine.core_client)."""
+    """What the gRPC service needs from the engine (implemented by server.frontend.client)."""
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
@@ -175,7 +175,7 @@ class Engine(Protocol):
         between two steps; returns once they run it. InvalidPolicyError: nothing changed."""
         ...
 
-    # Life cycle (server.engine.core_client.EngineClient implements these; a server should use them
+    # Life cycle (server.frontend.client.EngineClient implements these; a server should use them
     # to exit non-zero when the engine dies, even while no request is in flight).
     @property
     def failure(self) -> str | None:

@@ -43,9 +43,9 @@ def compose_app(overrides: list[str]) -> AppConfig:
 def run_in_process(overrides: list[str], spec: LoadSpec, runs: int = 2) -> list[InProcessResult]:
     """`runs` identical runs (the first warms up) of `spec`'s prompts, greedy, ignore_eos."""
     from ..engine.api import SamplingParams, StopParams
-    from ..engine.core_process import share_cpu
-    from ..engine.core_types import EngineRequest
-    from ..engine.launcher import build_engine_core
+    from ..core.process import share_cpu
+    from ..core.step_io import EngineRequest
+    from ..core.startup import build_engine_core
 
     app = compose_app(overrides)
     share_cpu(app)

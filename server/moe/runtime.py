@@ -52,7 +52,7 @@ class MoERuntime:
     ep_size: int = 1
     replicas: Any = None  # ReplicaMap (server/moe/eplb) when EPLB places experts; None: blocks of E/ep
     #: [max_tokens, MoE layers, k] int16 while some request of the step wants its routed experts:
-    #: every MoE layer writes its logical ids there (server/engine/routed_experts.py); else None
+    #: every MoE layer writes its logical ids there (server/worker/routed_experts.py); else None
     routed_out: Any = None
     router_groups: int = 1  # the router's group limit (n_group / topk_group), told to every policy call
     router_topk_groups: int = 1

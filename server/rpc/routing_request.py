@@ -11,7 +11,7 @@ value is INVALID_ARGUMENT naming its field, and nothing changes.
   * No file path: a live switch takes no `path` parameter. routing=record and routing=replay
     write or read the file it names with the server's rights, so a caller could overwrite a
     file, fill a disk, or learn whether a file exists. The engine also refuses a live switch
-    to any policy that uses files (engine/policy_switch.py); such policies are chosen in the
+    to any policy that uses files (worker/policy_switch.py); such policies are chosen in the
     server's config at start-up.
 What a policy makes of its parameters (ranges that depend on the model, such as
 hot_ranks < ep_size) is checked by the engine when it builds the policy, also before the

@@ -1,7 +1,7 @@
 """Check every GenerateRequest field and build the engine's GenerationRequest.
 
 This is where requests are validated, once: the engine only asserts its own invariants
-(server/engine/request_checks.py), which everything accepted here meets. Each rule raises
+(server/frontend/request_checks.py), which everything accepted here meets. Each rule raises
 InvalidRequestError(field, rule) with the proto field path, so the caller gets INVALID_ARGUMENT
 with a message like "sampling.top_p: must be in (0, 1], got 1.5". Defaults for unset fields live here and in the
 .proto comments, nowhere else.

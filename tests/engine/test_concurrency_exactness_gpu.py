@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import conf
 from server.config import AppConfig
 from server.engine.api import GenerationRequest, SamplingParams, StopParams
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from tests.engine.test_engine_generate import serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

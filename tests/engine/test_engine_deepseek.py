@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from tests.engine.test_engine_generate import PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 NEW_TOKENS = 16

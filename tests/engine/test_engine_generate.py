@@ -19,7 +19,7 @@ from server.engine.api import (
     SamplingParams,
     StopParams,
 )
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 
 VOCAB = 320
 PROMPTS = [[5, 6], [7, 8, 9, 10, 11], list(range(20, 33)), [100, 3, 250, 17, 9, 41, 2, 8], [300]]

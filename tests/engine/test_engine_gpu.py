@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.engine.api import EngineUnavailableError
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, make_app, request, serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

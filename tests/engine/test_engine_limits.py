@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from server.engine.api import EngineUnavailableError, FinishReason, InvalidRequestError, ResourceExhaustedError
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from server.config import AppConfig
 from server.engine.api import FinishReason, GenerationRequest, SamplingParams, StopParams
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 
 PROMPTS = [list(b"Hello, world"), list(b"MoE"), list(b"The quick brown fox jumps"), [7], list(b"expert parallel!"),
            list(b"abc" * 9), list(b"serving"), list(b"z")]

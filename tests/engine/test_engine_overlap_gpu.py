@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.config import AppConfig
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from tests.engine.test_engine_generate import request, serve_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -50,9 +50,9 @@ def test_overlap_equals_one_step_at_a_time_in_fp32() -> None:
 def test_launching_a_decode_step_makes_no_host_sync(graphs, monkeypatch) -> None:
     from server.config import ModelConfig
     from server.engine.api import SamplingParams, StopParams, GenerationRequest
-    from server.engine.model_runner import ModelRunner
-    from server.engine.scheduler import Scheduler
-    from server.engine.sequence import Sequence
+    from server.worker.model_runner import ModelRunner
+    from server.core.scheduler import Scheduler
+    from server.core.sequence import Sequence
     from server.model.loader import load_model
     from server.moe.routing import build_policy
 

@@ -15,8 +15,8 @@ import pytest
 
 from server.config import ConfigError
 from server.engine.api import EngineUnavailableError
-from server.engine.distributed import free_port
-from server.engine.engine_start import start_engine
+from server.worker.distributed import free_port
+from server.frontend.start import start_engine
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, make_app, request, serve_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,8 @@ def test_bad_parallel_settings_fail_before_spawning(qwen3) -> None:
 TORCHRUN_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from server.config import AppConfig
-    from server.engine import run_worker_rank, start_engine, torchrun_rank
+    from server.core.startup import run_worker_rank, torchrun_rank
+    from server.frontend.start import start_engine
     from server.engine.api import GenerationRequest, SamplingParams, StopParams
 
     app = AppConfig.from_dict({"model": {"name": "t", "path": sys.argv[1], "max_model_len": 64},

@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from server.engine.input_batch import InputBatch
-from server.engine.messages import AddRequest, InputFrame, SwitchCall, decode
+from server.frontend.input_batch import InputBatch
+from server.core.messages import AddRequest, InputFrame, SwitchCall, decode
 
 
 def test_an_unpackable_item_is_left_out_and_never_stays_queued() -> None:
@@ -32,7 +32,7 @@ def test_an_unpackable_item_is_left_out_and_never_stays_queued() -> None:
 def test_the_engine_process_refuses_an_unpackable_switch_and_serves_on() -> None:
     from server.config import AppConfig
     from server.engine.api import GenerationRequest, InvalidPolicyError, SamplingParams, StopParams
-    from server.engine.engine_start import start_engine
+    from server.frontend.start import start_engine
 
     async def scenario() -> list[int]:
         engine = await asyncio.to_thread(start_engine, AppConfig.from_dict({"server": {"allow_routing_switch": True}}))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.engine.api import EngineStats, FinishReason, RoutedExpertsMode, SamplingParams, StopParams
-from server.engine.core_types import EngineRequest, StepOutputs
-from server.engine.messages import (
+from server.core.step_io import EngineRequest, StepOutputs
+from server.core.messages import (
     MESSAGE_TYPES, AddRequest, Failed, Heartbeat, InputFrame, LoadCall, Ready, Rejected, RoutingReply, Shutdown,
     StartFailed, Stats, StepFrame, SwitchCall, decode, encode,
 )

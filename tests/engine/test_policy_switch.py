@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from server.config import AppConfig, ConfigError
-from server.engine.distributed import RankGroups
-from server.engine.rank_worker import build_runner
+from server.worker.distributed import RankGroups
+from server.worker.rank import build_runner
 from server.engine.api import SamplingParams, StopParams
-from server.engine.core_types import EngineRequest
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.core.step_io import EngineRequest
+from server.core.scheduler import Scheduler
+from server.core.sequence import Sequence
 from server.launch_plan import build_launch_plan
 from tests.helpers.ep_ranks import run_on_ranks
 
@@ -138,7 +138,7 @@ def _step_until(core, done, max_steps: int = 8):
 def _prefill_load(core, prompts) -> list[list[int]]:
     """One step over `prompts` with the load counters reset: that step's [layer][expert] counts."""
     from server.engine.api import SamplingParams, StopParams
-    from server.engine.core_types import EngineRequest
+    from server.core.step_io import EngineRequest
 
     ticket = core.request_expert_load(reset=True)
     _step_until(core, lambda out: ticket in out.load_tickets)  # clears the counters
@@ -153,7 +153,7 @@ def _prefill_load(core, prompts) -> list[list[int]]:
 
 @pytest.mark.parametrize("ep_size", [1, 2])
 def test_engine_core_switches_every_rank_before_the_next_forward(ep_size) -> None:
-    from server.engine.launcher import build_engine_core
+    from server.core.startup import build_engine_core
 
     core = build_engine_core(_core_app(ep_size))
     try:
@@ -182,7 +182,7 @@ def test_a_rank_keeps_few_policies_and_releases_a_recorder_when_switched_away(tm
     import os
     from pathlib import Path
 
-    from server.engine.policy_switch import KEEP_POLICIES, refuse_file_policies
+    from server.worker.policy_switch import KEEP_POLICIES, refuse_file_policies
     from server.moe.routing.trace_file import read_trace
 
     runner = _runner(_app(1, "natural"), 0, 1)

@@ -9,7 +9,7 @@ import torch
 
 from server.config import AppConfig
 from server.engine.api import RoutedExpertsMode, SamplingParams, StopParams
-from server.engine.core_types import EngineRequest
+from server.core.step_io import EngineRequest
 
 PROMPTS = [list(range(3, 40)), [5, 6, 7], list(range(50, 61))]
 NEW = 6
@@ -44,7 +44,7 @@ def _generate(core, mode: RoutedExpertsMode) -> dict[int, tuple[list[int], np.nd
 
 @pytest.mark.parametrize("ep_size", [1, 2])
 def test_one_row_per_position_and_prompt_rows_on_request(ep_size) -> None:
-    from server.engine.launcher import build_engine_core
+    from server.core.startup import build_engine_core
 
     core = build_engine_core(_app(ep_size))
     try:
@@ -68,7 +68,7 @@ def test_one_row_per_position_and_prompt_rows_on_request(ep_size) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", ["natural", "greedy_balanced"])
 def test_routed_experts_under_cuda_graphs_equal_eager(monkeypatch, policy) -> None:
-    from server.engine.launcher import build_engine_core
+    from server.core.startup import build_engine_core
 
     def run(graphs: bool):
         monkeypatch.setenv("EPSERVE_CUDA_GRAPHS", "1" if graphs else "0")

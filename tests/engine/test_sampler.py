@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from server.engine.api import MIN_TEMPERATURE
-from server.engine.sampler import SamplingBatch, hashed_uniform, sample, top_k_top_p_mask
-from server.engine.step_plan import SampleSpec
+from server.worker.sampler import SamplingBatch, hashed_uniform, sample, top_k_top_p_mask
+from server.worker.step_plan import SampleSpec
 
 
 def spec(temperature=1.0, top_p=1.0, top_k=0, seed=0, logprobs=False) -> SampleSpec:

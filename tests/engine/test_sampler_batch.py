@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from server.engine.sampler import SamplingBatch, sample, sample_key, sample_keys, seed_key
-from server.engine.step_plan import SampleSpec
+from server.worker.sampler import SamplingBatch, sample, sample_key, sample_keys, seed_key
+from server.worker.step_plan import SampleSpec
 
 
 def test_batch_keys_equal_per_row_keys() -> None:

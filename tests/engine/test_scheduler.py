@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from server.engine.api import GenerationRequest, ResourceExhaustedError, StopParams
-from server.engine.block_manager import BlockManager, blocks_for
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence, SeqStatus
-from server.engine.step_plan import RankPlan, RankResult
+from server.core.block_manager import BlockManager, blocks_for
+from server.core.scheduler import Scheduler
+from server.core.sequence import Sequence, SeqStatus
+from server.worker.step_plan import RankPlan, RankResult
 
 VOCAB = 97
 

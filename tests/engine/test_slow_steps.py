@@ -5,8 +5,8 @@ import logging
 
 import numpy as np
 
-from server.engine.slow_steps import REFRESH, SlowStepLog
-from server.engine.step_plan import RankBatch, build_step_plan
+from server.core.slow_steps import REFRESH, SlowStepLog
+from server.worker.step_plan import RankBatch, build_step_plan
 
 
 def plan(query_lens: list[int]):
@@ -20,7 +20,7 @@ def plan(query_lens: list[int]):
 def test_one_warning_for_a_stall_with_its_composition(caplog) -> None:
     slow = SlowStepLog(factor=10.0)
     decode = plan([1] * 8)
-    with caplog.at_level(logging.WARNING, logger="server.engine.slow_steps"):
+    with caplog.at_level(logging.WARNING, logger="server.core.slow_steps"):
         for _ in range(2 * REFRESH):
             slow.observe(0.004, decode, decode)
         assert not caplog.records
@@ -35,7 +35,7 @@ def test_one_warning_for_a_stall_with_its_composition(caplog) -> None:
 def test_no_warning_while_the_median_is_unknown_or_below_the_floor(caplog) -> None:
     slow = SlowStepLog(factor=10.0)
     decode = plan([1])
-    with caplog.at_level(logging.WARNING, logger="server.engine.slow_steps"):
+    with caplog.at_level(logging.WARNING, logger="server.core.slow_steps"):
         slow.observe(5.0, decode, None)  # first step: no median yet
         for _ in range(REFRESH):
             slow.observe(0.0001, decode, decode)

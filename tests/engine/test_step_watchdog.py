@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine import step_watchdog
-from server.engine.step_watchdog import FIRST_STEPS, P99_FACTOR, StepWatchdog
+from server.core import step_watchdog
+from server.core.step_watchdog import FIRST_STEPS, P99_FACTOR, StepWatchdog
 
 
 class Clock:

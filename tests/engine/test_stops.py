@@ -8,9 +8,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from server.engine.api import FinishReason, GenerationRequest, StopParams
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.sequence import Sequence
-from server.engine.stops import StopStringMatcher, token_stop_reason
+from server.frontend.detokenizer import IncrementalDetokenizer
+from server.core.sequence import Sequence
+from server.core.stops import token_stop_reason
+from server.frontend.stop_strings import StopStringMatcher
 
 
 def feed_all(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, bool]:

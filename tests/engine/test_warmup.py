@@ -1,4 +1,4 @@
-"""The start-up warm-up (server/engine/warmup.py): it covers every fused-MoE variant a step can
+"""The start-up warm-up (server/worker/warmup.py): it covers every fused-MoE variant a step can
 select, leaves no trace a request could see (KV cache, blocks, expert-load counters), runs on
 every EP rank at once, and engine.warmup=false turns it off."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from server.config import AppConfig, ConfigError
-from server.engine.core_types import EngineRequest
-from server.engine.launcher import build_engine_core
+from server.core.step_io import EngineRequest
+from server.core.startup import build_engine_core
 
 pytest.importorskip("triton")
 
@@ -54,7 +54,7 @@ def test_distinct_runs_cover_a_stored_config_table() -> None:
 
 def test_plan_covers_every_moe_config_of_the_kernel_path(monkeypatch) -> None:
     """The tiny model built with the Triton expert path (nothing runs: only the plan)."""
-    from server.engine.warmup import first_experts, plan_warmup
+    from server.worker.warmup import first_experts, plan_warmup
     from server.model.loader import load_model
     from server.moe.routing.registry import build_policy
 
@@ -114,7 +114,7 @@ def test_warm_up_leaves_kv_blocks_and_load_counters_clean() -> None:
 def test_warm_up_runs_on_every_ep_rank_at_once() -> None:
     import asyncio
 
-    from server.engine.engine_start import start_engine
+    from server.frontend.start import start_engine
     from tests.engine.test_engine_overlap import requests, serve
 
     config = app(warmup=False, ep_size=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.config import AppConfig
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from tests.engine.test_engine_overlap import serve
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -10,7 +10,7 @@ import multiprocessing
 import pytest
 
 from server.config import AppConfig, ConfigError
-from server.engine.engine_start import start_engine
+from server.frontend.start import start_engine
 from server.moe.eplb.stats import write_expert_load
 from tests.engine.test_engine_generate import MAX_NEW, PROMPTS, build_model_folder, hf_greedy, request, serve_all
 

@@ -129,9 +129,9 @@ def engine_graph_replay(policy: str = "round_robin_balanced") -> dict:
     without: overlapped steps (plan n+1 before applying n), 3 sequences of different lengths
     (padded to the 4-bucket, then 2, then 1), greedy and seeded sampling: same tokens."""
     from server.engine.api import GenerationRequest, SamplingParams, StopParams
-    from server.engine.model_runner import ModelRunner
-    from server.engine.scheduler import Scheduler
-    from server.engine.sequence import Sequence
+    from server.worker.model_runner import ModelRunner
+    from server.core.scheduler import Scheduler
+    from server.core.sequence import Sequence
     from server.model.gpu.cuda_graphs import DecodeGraphRunner
 
     prompts = _prompts()
@@ -227,9 +227,9 @@ def _ep_model_runner_steps(model, rank: int, ep: int) -> dict:
     import torch.distributed as dist
 
     from server.engine.api import GenerationRequest, StopParams
-    from server.engine.model_runner import ModelRunner
-    from server.engine.scheduler import Scheduler
-    from server.engine.sequence import Sequence
+    from server.worker.model_runner import ModelRunner
+    from server.core.scheduler import Scheduler
+    from server.core.sequence import Sequence
     from server.model.gpu.cuda_graphs import DecodeGraphRunner
 
     kw = dict(rank=rank, num_blocks=32, block_size=16, device=torch.device("cpu"), max_num_seqs=4, max_model_len=64,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from server.config import ModelConfig
-from server.engine.model_runner import ModelRunner
+from server.worker.model_runner import ModelRunner
 from server.model.loader import load_model
 from server.moe.dispatch import DispatchSettings
 from server.moe.eplb.settings import EplbSettings

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: lowest first: (layer, module prefixes). Kernels <- layers <- moe <- model <- engine <- rpc.
+#: lowest first: (layer, module prefixes). Kernels <- layers <- moe <- model <- worker <- core <- front end <- rpc.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("server", "server.config", "server.registry")),  # frozen config, the generic Registry
     ("kernels", ("server.kernels",)),  # non-MoE kernels and the plumbing every kernel shares
@@ -27,7 +27,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("server.model",)),  # families, checkpoints, the decoder, decode CUDA graphs
     ("setup", ("server.routing_setup", "server.eplb_setup", "server.dispatch_setup",
                "server.launch_plan")),  # config -> policy / placement / dispatch -> the launch plan
-    ("engine", ("server.engine",)),
+    ("engine api", ("server.engine",)),  # the engine's vocabulary, shared by every process
+    ("rank worker", ("server.worker",)),  # one EP rank: model runner, buffers, sampler, rank start-up
+    ("engine core", ("server.core",)),  # the engine-core process: CoreLoop, EngineCore, scheduler, executor
+    ("front end", ("server.frontend",)),  # the front end's client of the core: requests, text, streams
     ("rpc", ("server.rpc",)),
     ("entry points and tools", ("server.__main__", "server.cli", "server.launch", "server.dry_run",
                                 "server.bench", "server.eval", "server.loadtest",

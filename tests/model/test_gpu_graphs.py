@@ -151,7 +151,7 @@ def test_engine_decodes_through_graphs_with_the_same_tokens(monkeypatch):
     """The serving engine (ModelRunner hook) captures decode graphs on CUDA at ep 1 and generates
     exactly what it generates with them off (EPSERVE_CUDA_GRAPHS=0)."""
     from server.config import AppConfig
-    from server.engine.engine_start import start_engine
+    from server.frontend.start import start_engine
     from tests.engine.test_engine_generate import request, serve_all
 
     prompts = [list(b"Hello, world"), list(b"The quick brown fox"), list(b"MoE")]

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 
 from clients.pb import generation_pb2 as g
 from server.engine.api import InvalidRequestError
-from server.engine.request_checks import check_invariants
+from server.frontend.request_checks import check_invariants
 from server.rpc.received import parse_generate_request
 from server.rpc.validation import DEFAULT_MAX_NEW_TOKENS, RequestLimits, validate_request
 from tests.helpers.bad_requests import BAD_REQUESTS, Limits, good

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from server.config import AppConfig, ConfigError
-from server.engine import rendezvous
+from server.worker import rendezvous
 from tests.helpers.process_sockets import process_tree, tree_listeners
 from tests.helpers.server_process import ServerProcess
 from tests.rpc.test_server_faults import engine_core_process, spawned_children

@@ -106,7 +106,7 @@ def test_bad_config_is_one_paragraph_and_exit_2(overrides, needle):
 ], ids=["unreadable TLS files", "unset token variable", "remote metrics without allow_remote"])
 def test_front_end_settings_are_checked_before_anything_starts(server_cfg, needle, monkeypatch):
     from server.config import AppConfig, ConfigError
-    from server.engine.engine_start import start_engine
+    from server.frontend.start import start_engine
     from server.rpc.app import serve
 
     monkeypatch.delenv("EPSERVE_TEST_UNSET_VARIABLE", raising=False)

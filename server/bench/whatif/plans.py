@@ -1,6 +1,6 @@
 """The step plans an EP-N engine would run for a request set: the real scheduler, no ranks.
 
-The what-if drives the engine's own Scheduler (server/engine/scheduler.py) with the engine
+The what-if drives the engine's own Scheduler (server/core/scheduler.py) with the engine
 settings the engine-mode bench uses for the same sets (experiment.engine_app), so the
 sequences are dealt to DP ranks, chunked and batched exactly as the engine would do it. Each
 step's RankPlans are kept as they are: the what-if's rank timers run them through a real
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...engine.api import GenerationRequest, SamplingParams, StopParams
-from ...engine.scheduler import Scheduler
-from ...engine.sequence import Sequence
-from ...engine.step_plan import RankPlan, RankResult
+from ...core.scheduler import Scheduler
+from ...core.sequence import Sequence
+from ...worker.step_plan import RankPlan, RankResult
 from ..request_sets import RequestSet
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...engine.model_runner import ModelRunner
-from ...engine.step_plan import RankPlan
+from ...worker.model_runner import ModelRunner
+from ...worker.step_plan import RankPlan
 from ...model.causal_lm import MoECausalLM
 from ...model.random_weights import init_random_weights
 from ...moe.routing import build_policy

@@ -23,7 +23,7 @@ import torch
 
 from ...config import AppConfig, ConfigError, ModelConfig, thaw
 from ...engine.api import RoutedExpertsMode, SamplingParams, StopParams
-from ...engine.core_types import EngineRequest
+from ...core.step_io import EngineRequest
 from ...model.loader import TINY_MODEL_DIR, read_model_spec
 from ...moe.routing.trace_file import TraceError, read_trace
 from ..request_sets import RequestSet
@@ -36,7 +36,7 @@ DEFAULT_TRACE = TINY_MODEL_DIR / "heldout_routing.eptrace"
 def record_routed_experts(model: ModelConfig, requests: RequestSet, device: str = "auto") -> list[np.ndarray]:
     """[B] per request [prompt + output - 1, MoE layers, k] int16: the router's top-k at every
     position the engine runs, from a real in-process engine at ep_size 1 (natural routing)."""
-    from ...engine.launcher import build_engine_core
+    from ...core.startup import build_engine_core
 
     per_seq = -(-requests.max_total_len // 16) + 1
     seqs = min(requests.batch, 256)

@@ -17,7 +17,7 @@ from .rank_timer import StepClock
 
 
 def engine_reference(app, sets, predicted: dict, repeats: int) -> dict:
-    from ...engine.launcher import build_engine_core
+    from ...core.startup import build_engine_core
 
     core = build_engine_core(app)
     device: dict[str, list[float]] = {"prefill": [], "decode": [], "small_decode": []}

@@ -12,7 +12,7 @@ the step reads lives in static device buffers (GraphInputs), refilled before eac
   logits_indices [Bmax] int64                 0..Bmax-1 (reset before every capture: the engine's
                                               buffer still holds the last prefill's row ends)
 
-The engine passes views of its own step buffers (server/engine/input_buffers.py): it fills
+The engine passes views of its own step buffers (server/worker/input_buffers.py): it fills
 them with its one host-to-device copy per step, where the pool holds each slot's last sampled
 token, so a decode step's input ids never leave the device, and calls `replay`. Used alone
 (tests, the benchmark), the runner owns its buffers and `run(batch)` fills them from a

@@ -16,7 +16,7 @@ rows are independent, so this costs nothing in correctness and saves masks in th
 Row counts change every step, so the kernels do not specialise on them (ROW_COUNTS): Triton
 would otherwise compile a new variant whenever a count turns 1 or a multiple of 16. Only the
 config's tile constexprs select a variant, and the engine compiles every config at start-up
-(server/engine/warmup.py). Strides and pointers keep their divisibility hints.
+(server/worker/warmup.py). Strides and pointers keep their divisibility hints.
 """
 from __future__ import annotations
 

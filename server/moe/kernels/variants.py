@@ -4,7 +4,7 @@ The kernels do not specialise on counts (do_not_specialize), so what selects a c
 variant is the config get_moe_config picks for the row count (tiles, warps, stages) and, for
 the slot alignment, align_variant's constexprs. Both are threshold functions of n: each
 variant owns one contiguous run of counts. The engine's start-up warm-up runs one call per
-run, so no count a step can bring compiles anything later (server/engine/warmup.py).
+run, so no count a step can bring compiles anything later (server/worker/warmup.py).
 """
 from __future__ import annotations
 

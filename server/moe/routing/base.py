@@ -43,7 +43,7 @@ class RoutingPolicy:
     #: top-k ranks, server/moe/router.py SELECTION_SCORES) instead of the raw gate logits.
     wants_selection_scores: ClassVar[bool] = False
     #: True for policies that write or read the file `routing.path` names (record, replay): the
-    #: server's config may choose them, a live switch from the API may not (engine/policy_switch.py).
+    #: server's config may choose them, a live switch from the API may not (worker/policy_switch.py).
     uses_files: ClassVar[bool] = False
 
     def __init__(self, weights: str = "keep", seed: int = 0) -> None:

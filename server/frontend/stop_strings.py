@@ -1,33 +1,10 @@
-"""When a sequence ends: token-level stops and stop strings.
+"""Stop strings, matched where the text is (the front end; the core aborts the request on a match).
 
-Token-level (checked on each sampled token, in this order): a stop token id or EOS (unless
-`ignore_eos`) -> STOP; `max_new_tokens` generated, or the sequence reached its length cap
-(max_model_len) -> LENGTH. The stopping token's id is returned in the stream and counted in
-usage, but its text is not added to the output.
-
-Stop strings are matched on the decoded text: the output is cut just before the earliest
-match. Text that might be the start of a stop string is held back until it either completes
-a match (and is dropped) or cannot anymore (and is released); at the end of the sequence
-whatever is held back is released.
+The output is cut just before the earliest match. Text that might be the start of a stop
+string is held back until it either completes a match (and is dropped) or cannot anymore (and
+is released); at the end of the sequence whatever is held back is released.
 """
 from __future__ import annotations
-
-from .api import FinishReason
-from .sequence import Sequence
-
-
-def token_stop_reason(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
-    """Finish reason caused by `seq`'s newest token `token` (already appended), if any."""
-    if is_stop_token(seq, token, eos_token_ids):
-        return FinishReason.STOP
-    if seq.num_generated >= seq.request.stops.max_new_tokens or len(seq) >= seq.max_total_len:
-        return FinishReason.LENGTH
-    return None
-
-
-def is_stop_token(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> bool:
-    stops = seq.request.stops
-    return token in stops.stop_token_ids or (not stops.ignore_eos and token in eos_token_ids)
 
 
 class StopStringMatcher:

@@ -1,7 +1,7 @@
 """The engine core on a thread of the front end's process (`server.engine_process=false`, and
 what tests and tools that look inside the core start).
 
-The thread runs the same host as the engine-core process (core_host.py: connect, build,
+The thread runs the same host as the engine-core process (host.py: connect, build,
 READY, CoreLoop) over inproc:// pipes, so the front end's client cannot tell the two apart.
 What a process gets from exiting, the thread does by hand: after a failure it stops the
 ranks without waiting on them, and it closes its sockets once the front end said SHUTDOWN.
@@ -14,10 +14,9 @@ import logging
 import threading
 from typing import Callable
 
-from .core import EngineCore
-from .core_host import CoreRun, serve_core
-from .core_loop import EXIT_OK
-from .core_pipes import CorePipes
+from .engine_core import EngineCore
+from .host import CoreEndpoints, CoreRun, serve_core
+from .loop import EXIT_OK
 
 log = logging.getLogger(__name__)
 SHUTDOWN_WAIT_S = 60.0  # after a failure, how long the thread waits for the front end's SHUTDOWN
@@ -27,8 +26,9 @@ JOIN_AFTER_FAILURE_S = 2.0  # a failed core's step may never return (a hung rank
 class CoreThread:
     join_after_failure_s = JOIN_AFTER_FAILURE_S
 
-    def __init__(self, pipes: CorePipes, build_core: Callable[[], EngineCore]) -> None:
-        self._pipes, self._build_core = pipes, build_core
+    def __init__(self, ctx, endpoints: CoreEndpoints, build_core: Callable[[], EngineCore]) -> None:
+        """`ctx`: the front end's zmq.Context (inproc:// pipes need the one context)."""
+        self._ctx, self._endpoints, self._build_core = ctx, endpoints, build_core
         self.core: EngineCore | None = None
         self._run: CoreRun | None = None
         self._thread = threading.Thread(target=self._main, name="epserve-core", daemon=True)
@@ -44,7 +44,7 @@ class CoreThread:
         return self.core
 
     def _main(self) -> None:
-        run = self._run = serve_core(self._pipes.ctx, self._pipes.endpoints, self._build)
+        run = self._run = serve_core(self._ctx, self._endpoints, self._build)
         if run.loop is not None:
             run.loop.drain_outputs(5.0)
             if run.code != EXIT_OK:

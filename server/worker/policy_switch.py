@@ -10,7 +10,7 @@ each policy gets its own captured set on first use, and up to `keep_graphs` sets
 
 A switch never imports anything: it may name only policies registered when it is asked for
 (built-ins, and entry-point plugins discovered at start-up: with server.allow_routing_switch
-every rank discovers them when it builds its model, rank_worker.build_runner); any other name
+every rank discovers them when it builds its model, worker/rank.py build_runner); any other name
 is unknown, and the error lists the registered ones.
 
 What a rank keeps is bounded whatever callers ask for: at most `keep_policies` built policies
@@ -133,7 +133,7 @@ class PolicySwitch:
 
     def recording_graphs(self) -> Any:
         """Decode graphs of the current policy that also record routed experts
-        (engine/routed_experts.py), captured the first time a step asks for them."""
+        (worker/routed_experts.py), captured the first time a step asks for them."""
         if self._capture is None:
             return None
         name = repr(self.model.policy) + RECORDING

@@ -7,7 +7,7 @@ int16, while that attribute is set. The runner sets it only for steps in which s
 asked (RankBatch.routed_rows), so other steps run exactly the kernels they always ran: nothing
 is recorded, copied or allocated (the buffer is allocated on first use). A CUDA graph captured
 with the attribute set contains the copies, so decode graphs come in two sets per policy, the
-recording one captured on first use (engine/policy_switch.py). After the forward, the rows the
+recording one captured on first use (worker/policy_switch.py). After the forward, the rows the
 requests want are gathered on the device and copied to the host asynchronously, beside the
 sampled tokens. int16 holds any expert id below 32768; the wire format is uint16.
 """

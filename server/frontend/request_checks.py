@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .api import GenerationRequest, InvalidRequestError
+from ..engine.api import GenerationRequest, InvalidRequestError
 
 _INTS = {int}
 

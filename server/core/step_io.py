@@ -1,7 +1,7 @@
 """What goes into EngineCore and what comes out of one step: plain data, no tokenizer, no asyncio.
 
 The same objects are used by the core loop and across the pipe to the front end
-(server/engine/messages.py carries them as msgpack), so they hold only ints, floats,
+(server/core/messages.py carries them as msgpack), so they hold only ints, floats,
 strings, lists and enums. Text never reaches the core: prompts arrive as token ids, stop
 strings are matched where the text is (the front end), which aborts the request on a match.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..moe.load_stats import ExpertLoadSnapshot
-from .api import FinishReason, RoutedExpertsMode, SamplingParams, StopParams
+from ..engine.api import FinishReason, RoutedExpertsMode, SamplingParams, StopParams
 
 
 @dataclass(frozen=True)

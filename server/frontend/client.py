@@ -1,5 +1,5 @@
 """EngineClient: the Engine every front end uses (gRPC, bench, load tool, tests), over a CoreLoop
-in its own process or on a thread (engine_start.py picks; the client cannot tell them apart).
+in its own process or on a thread (start.py picks; the client cannot tell them apart).
 
 On the event loop that uses it:
   * `generate` validates, queues an add (all adds and aborts of one loop turn go out as one
@@ -22,15 +22,15 @@ from typing import AsyncIterator, Callable
 
 from ..config import AppConfig
 from ..moe.load_stats import ExpertLoadSnapshot
-from .api import (
+from ..engine.api import (
     EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, InvalidPolicyError, InvalidRequestError,
     ModelInfo, ResourceExhaustedError, RoutingPolicyState,
 )
 from .core_link import CoreLink
-from .core_types import EngineRequest
+from ..core.step_io import EngineRequest
 from .detokenizer import fast_decode
 from .input_batch import InputBatch, Unpackable
-from .messages import AddRequest, LoadCall, Rejected, RoutingReply, Stats, StepFrame, SwitchCall
+from ..core.messages import AddRequest, LoadCall, Rejected, RoutingReply, Stats, StepFrame, SwitchCall
 from .output import RequestOutput
 from .request_checks import check_invariants
 from .request_table import LiveRequest, RequestTable

@@ -3,7 +3,7 @@
 It owns what the client must not get wrong twice: the event loop in use, the one reader task
 (each message but Failed and Heartbeat goes to `on_frame`), the sending of input frames, the judgement that the core is
 gone — its exit (a process's sentinel; FAILED read first, EXIT_GRACE_S), its silence (no frame,
-not even a heartbeat, for engine.step_timeout_s: core_liveness.py), a broken pipe — and the
+not even a heartbeat, for engine.step_timeout_s: liveness.py), a broken pipe — and the
 shutdown sequence. A failure runs `on_failure(reason)` (the client ends every stream) and then
 the failure callbacks, once.
 
@@ -20,8 +20,8 @@ from typing import Callable
 
 import zmq
 
-from .core_liveness import CoreHeartbeat
-from .messages import Failed, Heartbeat, Shutdown, decode, encode
+from .liveness import CoreHeartbeat
+from ..core.messages import Failed, Heartbeat, Shutdown, decode, encode
 
 log = logging.getLogger(__name__)
 EXIT_GRACE_S = 0.3  # after the core process exits, frames it sent just before still get read

@@ -7,7 +7,7 @@
     core.routing_policy()               -> RoutingPolicyState: the policy all ranks run, since when
     core.step() -> StepOutputs          one engine step: every request's new tokens at once
 
-The core knows no text, no asyncio and no gRPC: CoreLoop (core_loop.py) drives it, in the
+The core knows no text, no asyncio and no gRPC: CoreLoop (loop.py) drives it, in the
 engine-core process or on a thread, and sends each StepOutputs to the front end, which turns
 it into stream chunks. Token-level stops (EOS, stop token ids, max_new_tokens,
 max_model_len) end sequences here; stop strings are the caller's, who aborts on a match.
@@ -36,10 +36,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .api import EngineStats, ModelInfo, RoutingPolicyState
-from .core_types import EngineRequest, StepOutputs
+from ..engine.api import EngineStats, ModelInfo, RoutingPolicyState
+from .step_io import EngineRequest, StepOutputs
 from .executor import Executor
-from .routed_experts import to_wire
+from ..worker.routed_experts import to_wire
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .slow_steps import SlowStepLog
@@ -116,7 +116,7 @@ class EngineCore:
 
     def switch_routing_policy(self, routing: Mapping[str, Any]) -> None:
         """Every EP rank switches to the policy the routing.* mapping `routing` names, before the
-        next step's forward (one plan carries it to all ranks; engine/policy_switch.py). Rank 0
+        next step's forward (one plan carries it to all ranks; worker/policy_switch.py). Rank 0
         builds the policy first, so a mapping the model cannot serve raises ConfigError here
         and never reaches a worker. The StepOutputs of that step names the policy (`routing`)."""
         self.executor.runner.policies.policy_for(routing)
@@ -221,14 +221,14 @@ class EngineCore:
 
     # ---- start-up -----------------------------------------------------------------------------
     def warm_up(self, force: bool = False) -> float | None:
-        """Run the start-up warm-up (server/engine/warmup.py) on every rank at once, before any
+        """Run the start-up warm-up (server/worker/warmup.py) on every rank at once, before any
         request: every kernel variant a step can need compiles now, not mid-stream. Skipped
         off CUDA (nothing compiles; `force` runs it anyway) and under a host-side routing
         policy (routing=record would write the warm-up into its trace). -> seconds, or None."""
         from dataclasses import replace
 
-        from .step_plan import RankBatch, build_step_plan
-        from .warmup import plan_warmup
+        from ..worker.step_plan import RankBatch, build_step_plan
+        from ..worker.warmup import plan_warmup
 
         runner = self.executor.runner
         if runner.device.type != "cuda" and not force:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..moe.routing.hashing import MASK32, mix32, stream_key
-from .api import MIN_TEMPERATURE
+from ..engine.api import MIN_TEMPERATURE
 from .step_plan import SampleSpec
 
 _SAMPLER_STREAM = 0x53414D50  # "SAMP": keeps these draws apart from the routing policies'

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from collections import deque
 
-from .api import ResourceExhaustedError
+from ..engine.api import ResourceExhaustedError
 from .block_manager import BlockManager, blocks_for
 from .plan_builder import RankBatchBuilder
 from .sequence import Sequence, SeqStatus
-from .step_plan import RankResult, StepPlan, build_step_plan
+from ..worker.step_plan import RankResult, StepPlan, build_step_plan
 
 
 class Scheduler:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .api import GenerationRequest, RoutedExpertsMode
+from ..engine.api import GenerationRequest, RoutedExpertsMode
 
 
 class SeqStatus(enum.Enum):

@@ -1,6 +1,6 @@
 """One request's chunks on their way to its asyncio consumer, merged into stream messages.
 
-The producer (the client's reader task, core_client.py) puts chunks on the stream from the
+The producer (the client's reader task, client.py) puts chunks on the stream from the
 consumer's own event loop. `get` returns every token that is ready,
 merged into one chunk, so a consumer that falls behind (a slow reader, a busy loop) costs one
 message, not one per token. With `interval` > 1 the consumer is woken only once that many
@@ -14,7 +14,7 @@ from collections import deque
 from itertools import chain
 from typing import Union
 
-from .api import GenerationChunk
+from ..engine.api import GenerationChunk
 
 Item = Union[GenerationChunk, BaseException]
 

@@ -5,7 +5,7 @@
   * ep_size N: epserve spawns ranks 1..N-1 (torch.multiprocessing, spawn) on a free port;
     this process is rank 0 and serves.
   * under torchrun (RANK / WORLD_SIZE set): every process runs `python -m server`; rank 0
-    builds the core (engine_start.py), the others `run_worker_rank` (server.launch dispatches
+    builds the core (frontend/start.py), the others `run_worker_rank` (server.launch dispatches
     on `torchrun_rank()`).
 
 Everything that can be checked without loading weights — model shape, routing policy,
@@ -22,12 +22,12 @@ from typing import Any, Callable
 from ..config import AppConfig, ConfigError
 from ..dispatch_setup import needs_group_at_ep1
 from ..launch_plan import LaunchPlan, build_launch_plan
-from .distributed import free_port, resolve_device, torchrun_env
-from .api import EngineStartError
-from .core import EngineCore
+from ..worker.distributed import free_port, resolve_device, torchrun_env
+from ..engine.api import EngineStartError
+from .engine_core import EngineCore
 from .executor import DistributedExecutor, LocalExecutor
-from .group_signals import ignore_group_signals, spawning_signal_proof
-from .rank_worker import build_runner, run_worker, spawned_worker_main, start_rank
+from ..worker.group_signals import ignore_group_signals, spawning_signal_proof
+from ..worker.rank import build_runner, run_worker, spawned_worker_main, start_rank
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def build_engine_core(app: AppConfig) -> EngineCore:
     if world == 1:
         groups, created = None, False
         if needs_group_at_ep1(plan.dispatch):  # the forced EP path
-            from .distributed import resolve_backend, single_rank_group
+            from ..worker.distributed import resolve_backend, single_rank_group
 
             groups, created = single_rank_group(resolve_backend(app.parallel, device), device, app.parallel.master_addr)
         executor = LocalExecutor(build_runner(plan, 0, device, groups), groups if created else None)
@@ -123,7 +123,7 @@ def _start_distributed(plan: LaunchPlan, local_rank: int, spawn: bool) -> Distri
     errors = [r for r in reports if r.error]
     if errors:
         kill_ranks(procs)
-        from .distributed import destroy
+        from ..worker.distributed import destroy
 
         destroy()
         raise EngineStartError("; ".join(f"EP rank {r.rank} failed to start: {r.error.strip().splitlines()[-1]}" for r in errors))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sampler import sampling_temperature, seed_key
+from ..worker.sampler import sampling_temperature, seed_key
 from .sequence import Sequence
-from .step_plan import BlockAppends, RankBatch, SlotFill
+from ..worker.step_plan import BlockAppends, RankBatch, SlotFill
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 

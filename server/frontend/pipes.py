@@ -15,7 +15,7 @@ import tempfile
 import zmq
 import zmq.asyncio
 
-from .core_host import CoreEndpoints
+from ..core.host import CoreEndpoints
 
 _names = itertools.count()
 

@@ -1,9 +1,9 @@
 """start_engine(app): the one way to get an Engine — the core started where the config says,
 the tokenizer loaded meanwhile, an EngineClient returned once the core reports READY.
 
-`server.engine_process=true` (the default) spawns the engine-core process (core_process.py);
+`server.engine_process=true` (the default) spawns the engine-core process (core/process.py);
 false, or `in_thread=True`, runs the same core host on a thread of this process
-(core_thread.py; `core=` hands it an EngineCore built already, e.g. after a forced warm-up).
+(core/thread.py; `core=` hands it an EngineCore built already, e.g. after a forced warm-up).
 Raises ConfigError (a bad setting, reported by the core before anything is loaded) or
 EngineStartError (a rank or the core could not start); nothing is left running then.
 """
@@ -15,11 +15,11 @@ from typing import Any, Callable
 import zmq
 
 from ..config import AppConfig, ConfigError
-from .api import EngineStartError
-from .core import EngineCore
-from .core_client import EngineClient
-from .core_pipes import CorePipes
-from .messages import Ready, Shutdown, StartFailed, decode, encode
+from ..engine.api import EngineStartError
+from ..core.engine_core import EngineCore
+from .client import EngineClient
+from .pipes import CorePipes
+from ..core.messages import Ready, Shutdown, StartFailed, decode, encode
 
 READY_POLL_MS = 200
 
@@ -33,7 +33,7 @@ _START_ERRORS = {"config": ConfigError, "start": EngineStartError}  # StartFaile
 
 def start_engine(app: AppConfig, *, in_thread: bool | None = None, core: EngineCore | None = None) -> EngineClient:
     """The Engine for `app`: blocks until it serves (run it off an event loop that must stay responsive)."""
-    from .distributed import torchrun_env
+    from ..worker.distributed import torchrun_env
 
     if (env := torchrun_env()) is not None and env.rank != 0:
         raise ConfigError(f"start_engine runs on rank 0; this is rank {env.rank} (call run_worker_rank)")
@@ -51,13 +51,14 @@ def start_engine(app: AppConfig, *, in_thread: bool | None = None, core: EngineC
 
 def _start_host(app: AppConfig, pipes: CorePipes, core: EngineCore | None):
     if pipes.in_process:
-        from .core_thread import CoreThread
-        from .launcher import build_engine_core
+        from ..core.thread import CoreThread
+        from ..core.startup import build_engine_core
 
-        return CoreThread(pipes, (lambda: core) if core is not None else (lambda: build_engine_core(app))).start()
-    from .core_process import CoreProcess
+        build = (lambda: core) if core is not None else (lambda: build_engine_core(app))
+        return CoreThread(pipes.ctx, pipes.endpoints, build).start()
+    from ..core.process import CoreProcess
 
-    return CoreProcess(app, pipes).start()
+    return CoreProcess(app, pipes.endpoints).start()
 
 
 def _wait_ready(pipes: CorePipes, host) -> tuple[Any, Any]:

@@ -18,7 +18,7 @@ import asyncio
 import time
 from typing import Callable
 
-from .messages import HEARTBEAT_S
+from ..core.messages import HEARTBEAT_S
 
 CHECK_S = 0.25  # how often the silence is measured
 MIN_TIMEOUT_S = 4 * HEARTBEAT_S  # a shorter deadline would call a few late heartbeats a stopped process

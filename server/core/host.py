@@ -2,8 +2,8 @@
 pipes, build the core (report START_FAILED, or READY with the model and policy), run the
 CoreLoop until SHUTDOWN or a failure.
 
-The host decides what to do after: the process exits (core_process.py), the thread stops
-the ranks and closes its sockets (core_thread.py).
+The host decides what to do after: the process exits (process.py), the thread stops
+the ranks and closes its sockets (thread.py).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Callable
 import zmq
 
 from ..config import ConfigError
-from .api import EngineStartError
-from .core import EngineCore
-from .core_loop import EXIT_CONFIG, EXIT_FAILED, CoreLoop
+from ..engine.api import EngineStartError
+from .engine_core import EngineCore
+from .loop import EXIT_CONFIG, EXIT_FAILED, CoreLoop
 from .messages import Ready, StartFailed, encode
 
 log = logging.getLogger(__name__)

@@ -134,7 +134,7 @@ class RankPlan:
     ep_rows: int = 0  # the most tokens any rank has this step: every rank's MoE layers pad to it (EP dispatch)
     decode_batch: int | None = None  # every rank only decodes: the most sequences on any rank (all replay
     # the decode-graph bucket that holds it, in lockstep); None: some rank runs a prompt chunk
-    #: not None: run this start-up warm-up (server/engine/warmup.py, a WarmupPlan) before anything else
+    #: not None: run this start-up warm-up (server/worker/warmup.py, a WarmupPlan) before anything else
     warmup: Any = None
 
     @classmethod

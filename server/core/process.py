@@ -1,4 +1,4 @@
-"""The engine-core process: the default host of the CoreLoop (core_host.py), spawned by the
+"""The engine-core process: the default host of the CoreLoop (host.py), spawned by the
 front end (core_handle.py) so that the step loop never shares a GIL with gRPC work.
 
 This process ignores SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C) must
@@ -18,9 +18,9 @@ import time
 import zmq
 
 from ..config import AppConfig
-from .core_host import CoreEndpoints, serve_core
-from .core_loop import EXIT_FAILED, EXIT_OK, WATCH_S, CoreLoop
-from .group_signals import ignore_group_signals
+from .host import CoreEndpoints, serve_core
+from .loop import EXIT_FAILED, EXIT_OK, WATCH_S, CoreLoop
+from ..worker.group_signals import ignore_group_signals
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 def share_cpu(app: AppConfig) -> None:
     """On CPU, leave one core to the front end: a torch thread team that owns every core stalls
     at each barrier whenever the front end (tokenizing, writing streams) takes one of them."""
-    from .distributed import resolve_device
+    from ..worker.distributed import resolve_device
 
     if resolve_device(app.parallel, 0).type == "cpu":
         import torch
@@ -62,7 +62,7 @@ def core_process_main(app: AppConfig, endpoints: CoreEndpoints, parent_pid: int,
     ignore_group_signals()  # the front end drains and then says SHUTDOWN (group_signals.py)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [core] %(name)s: %(message)s")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-    from .launcher import build_engine_core
+    from .startup import build_engine_core
 
     def build():
         share_cpu(app)
@@ -96,18 +96,18 @@ class CoreProcess:
 
     join_after_failure_s = None  # a failed core process exits on its own (after stopping its ranks)
 
-    def __init__(self, app: AppConfig, pipes) -> None:
+    def __init__(self, app: AppConfig, endpoints: CoreEndpoints) -> None:
         import multiprocessing
 
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         self.proc = multiprocessing.get_context("spawn").Process(
             target=core_process_main, name="epserve-core",
-            args=(app, pipes.endpoints, multiprocessing.current_process().pid, level))
+            args=(app, endpoints, multiprocessing.current_process().pid, level))
         self._join_lock = threading.Lock()  # Process.join is not thread-safe: one reaper at a time
         self.core = None  # the core lives in the other process
 
     def start(self) -> "CoreProcess":
-        from .group_signals import spawning_signal_proof
+        from ..worker.group_signals import spawning_signal_proof
 
         with spawning_signal_proof():  # it ignores Ctrl-C from its first instruction (group_signals.py)
             self.proc.start()

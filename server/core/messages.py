@@ -1,6 +1,6 @@
 """The typed messages between the front end and the engine core, and their one codec.
 
-Two PUSH/PULL pipes, both bound by the front end (core_pipes.py): `inputs` (front end -> core)
+Two PUSH/PULL pipes, both bound by the front end (frontend/pipes.py): `inputs` (front end -> core)
 and `outputs` (core -> front end). Every frame is one message below, encoded by `encode` and
 read back by `decode`: msgpack, each message an extension type whose code names its class
 and whose payload is its fields in order (nested messages the same way). A field holds only
@@ -18,7 +18,7 @@ what msgpack holds: ints, floats, strings, bytes, lists, dicts, None, or another
     Rejected      an add the core refused ("exhausted" or "invalid")
     Failed        the core is dead (a rank died, a step failed)
     Heartbeat     the core runs: its watcher sends one every HEARTBEAT_S whatever the step loop
-                  does, so the front end sees a stopped process by the silence (core_liveness.py)
+                  does, so the front end sees a stopped process by the silence (frontend/liveness.py)
 
 ModelInfo and RoutingPolicyState travel pickled inside Ready and RoutingReply (frozen
 dataclasses with tuples and mappings msgpack would turn into lists): rare replies between our
@@ -33,8 +33,8 @@ from typing import Any
 import msgpack
 
 from ..moe.load_stats import ExpertLoadSnapshot
-from .api import EngineStats, FinishReason, RoutedExpertsMode, SamplingParams, StopParams
-from .core_types import EngineRequest, StepOutputs
+from ..engine.api import EngineStats, FinishReason, RoutedExpertsMode, SamplingParams, StopParams
+from .step_io import EngineRequest, StepOutputs
 
 HEARTBEAT_S = 0.5  # how often the core says it runs
 
@@ -121,7 +121,7 @@ class LoadReply:
 
 @dataclass
 class StepFrame:
-    """One engine step for every request at once (core_types.StepOutputs, columns aligned)."""
+    """One engine step for every request at once (step_io.StepOutputs, columns aligned)."""
 
     req_ids: list[int]
     token_ids: list[list[int]]

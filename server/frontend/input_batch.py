@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .messages import AddRequest, InputFrame, LoadCall, SwitchCall, encode
+from ..core.messages import AddRequest, InputFrame, LoadCall, SwitchCall, encode
 
 _ENCODING_ERRORS = (OverflowError, TypeError, ValueError)
 

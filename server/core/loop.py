@@ -1,7 +1,7 @@
 """CoreLoop: the one driver of EngineCore, wherever the core runs.
 
-The core runs in its own process (core_process.py, the default) or on a thread of the front
-end's process (core_thread.py); both run this loop over the same two ZeroMQ pipes, and only
+The core runs in its own process (process.py, the default) or on a thread of the front
+end's process (thread.py); both run this loop over the same two ZeroMQ pipes, and only
 the transport differs (ipc:// or inproc://). Four threads, so that the step loop never waits
 on messages:
   * input thread: receive a frame, apply its adds and aborts to the core at once (the core is
@@ -14,7 +14,7 @@ on messages:
     (a hung rank: step_watchdog.py), even while the step loop is stuck in a collective, and
     send a Heartbeat every messages.HEARTBEAT_S whatever the step loop does: a watchdog
     cannot see its own process stopped, so the front end judges that by the silence
-    (core_liveness.py).
+    (frontend/liveness.py).
 Stats go out with every frame that changes them, snapshot and queueing under one lock, so the
 front end never reads an older snapshot after a newer one.
 """
@@ -31,13 +31,13 @@ from typing import Callable
 import zmq
 
 from ..config import ConfigError
-from .api import ResourceExhaustedError
-from .core import EngineCore
+from ..engine.api import ResourceExhaustedError
+from .engine_core import EngineCore
 from .messages import (
     HEARTBEAT_S, Failed, Heartbeat, InputFrame, Rejected, RoutingReply, Shutdown, Stats, StepFrame, SwitchCall, encode,
     decode,
 )
-from .policy_switch import refuse_file_policies
+from ..worker.policy_switch import refuse_file_policies
 
 log = logging.getLogger(__name__)
 IDLE_STEP_S = 2.0  # an idle engine with EP workers steps this often (a heartbeat plan to every rank)

@@ -1,6 +1,6 @@
 """One request's text side, wherever the text is: new token ids -> a GenerationChunk.
 
-Used by the front end's client of the engine core (server/engine/core_client.py), wherever the
+Used by the front end's client of the engine core (server/frontend/client.py), wherever the
 core runs. It detokenizes incrementally, matches stop
 strings (the caller aborts the request in the core on a match; tokens the core produced after
 the matching one are dropped), and keeps usage. Tokens come in batches: one step's token, or
@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .api import FinishReason, GenerationChunk, GenerationRequest, Usage
+from ..engine.api import FinishReason, GenerationChunk, GenerationRequest, Usage
 from .detokenizer import IncrementalDetokenizer
-from .stops import StopStringMatcher
+from .stop_strings import StopStringMatcher
 
 
 class RequestOutput:

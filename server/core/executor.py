@@ -22,9 +22,9 @@ from typing import Callable, Protocol
 
 import torch.distributed as dist
 
-from .distributed import abandon
-from .model_runner import ModelRunner, PendingStep
-from .step_plan import RankPlan, RankResult, StepPlan
+from ..worker.distributed import abandon
+from ..worker.model_runner import ModelRunner, PendingStep
+from ..worker.step_plan import RankPlan, RankResult, StepPlan
 
 log = logging.getLogger(__name__)
 

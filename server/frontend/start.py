@@ -9,8 +9,8 @@ EngineStartError (a rank or the core could not start); nothing is left running t
 """
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import zmq
 
@@ -40,7 +40,9 @@ def start_engine(app: AppConfig, *, in_thread: bool | None = None, core: EngineC
     in_thread = (not app.server.engine_process) if in_thread is None else in_thread
     pipes = CorePipes(in_process=in_thread or core is not None)
     host = _start_host(app, pipes, core)
-    tokenizer = _Background(lambda: _load_tokenizer(app))  # while the core starts
+    loading = ThreadPoolExecutor(1, thread_name_prefix="epserve-tokenizer")
+    tokenizer = loading.submit(_load_tokenizer, app)  # while the core starts
+    loading.shutdown(wait=False)
     try:
         info, routing = _wait_ready(pipes, host)
         return EngineClient(app, host, pipes, tokenizer.result(), info, routing)
@@ -95,24 +97,3 @@ def _load_tokenizer(app: AppConfig):
     from ..model.loader import load_tokenizer
 
     return load_tokenizer(app.model)
-
-
-class _Background:
-    """fn() on a thread; `result()` joins it and returns or raises what it did."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._box: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="epserve-tokenizer", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-            self._box["error"] = exc
-
-    def result(self) -> Any:
-        self._thread.join()
-        if "error" in self._box:
-            raise self._box["error"]
-        return self._box["value"]

@@ -31,11 +31,11 @@ from .layout import LayerLayout
 
 class ExpertKernelTimer:
     def __init__(self, spec, slots_per_rank: int, device: torch.device, dtype: torch.dtype, reps: int = 10,
-                 seed: int = 0) -> None:
+                 seed: int = 0, kernels: KernelBackend | None = None) -> None:
         self.device, self.dtype, self.reps, self.top_k = device, dtype, reps, spec.top_k
         self.hidden = spec.hidden_size
         self.experts = LocalExperts(slots_per_rank, spec.hidden_size, spec.moe_intermediate_size, spec.hidden_act,
-                                    dtype=dtype, device=device, kernels=KernelBackend.for_device(device))
+                                    dtype=dtype, device=device, kernels=kernels or KernelBackend.for_device(device))
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for p in (self.experts.gate_up_proj, self.experts.down_proj):

@@ -86,7 +86,9 @@ class RankWorkTimer:
     """The probes of one model at one simulated EP size, switched between policies in place."""
 
     def __init__(self, spec, *, engine, ep_size: int, kind: str, num_slots: int, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, seed: int = 0) -> None:
+                 dtype: torch.dtype, max_model_len: int, seed: int = 0, kernels=None,
+                 cuda_graphs: bool | None = None) -> None:
+        """`kernels` (KernelBackend) and `cuda_graphs`: the launch plan's choices, as the engine's."""
         self.device = device
         self.kind = kind
         self.runners: dict[str, ModelRunner] = {}
@@ -97,7 +99,7 @@ class RankWorkTimer:
         for name, (dense, moe) in layouts.items():
             cut = probe_spec(spec, dense, moe)
             model = MoECausalLM(cut, policy=build_policy("natural"), ep_rank=0, ep_size=cut.num_experts,
-                                dtype=dtype, device=device)
+                                dtype=dtype, device=device, kernels=kernels)
             model.runtime.dispatcher = (NoExpertsLocalDispatcher() if kind == "local"
                                         else NoWireGatherDispatcher(ep_size, num_slots))
             init_random_weights(model, seed)
@@ -109,7 +111,8 @@ class RankWorkTimer:
             self.runners[name] = ModelRunner(
                 model.eval(), rank=0, num_blocks=engine.kv_cache_tokens // engine.kv_block_size,
                 block_size=engine.kv_block_size, device=device, max_num_seqs=engine.max_num_seqs,
-                max_model_len=max_model_len, max_num_batched_tokens=engine.max_num_batched_tokens)
+                max_model_len=max_model_len, max_num_batched_tokens=engine.max_num_batched_tokens,
+                cuda_graphs=cuda_graphs)
             self.runners[name].clock = StepClock(device)
         self._cache: dict[tuple, dict[str, float]] = {}
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ...config import ConfigError, RoutingConfig
-from ...dispatch_setup import build_dispatch_settings
+from ...kernels.backend import KernelBackend
+from ...launch_plan import build_launch_plan
 from ...model.loader import read_model_spec
 from ...model.spec import ModelLoadError
 from ...moe.eplb.placement import ExpertPlacement
@@ -57,10 +58,10 @@ def variants(settings: BenchSettings) -> list[Variant]:
     return out
 
 
-def dispatch_kind(settings: BenchSettings, engine) -> str:
-    name = build_dispatch_settings(settings.parallel, engine, settings.ep_size).name
+def dispatch_kind(name: str, ep_size: int) -> str:
+    """parallel.dispatch as resolved by the launch plan -> the layout the what-if runs."""
     if name == "auto":
-        return "local" if settings.ep_size == 1 else "allgather"
+        return "local" if ep_size == 1 else "allgather"
     if name in ("local", "allgather"):
         return name
     raise ConfigError(f"parallel.dispatch={name}: the what-if models the dispatch the engine plans with (auto: "
@@ -90,8 +91,8 @@ def _resolve_device(settings: BenchSettings) -> torch.device:
 class WhatIf:
     def __init__(self, settings: BenchSettings, progress=None) -> None:
         self.settings, self.o, self.ep = settings, settings.bench, settings.ep_size
-        self.spec = read_model_spec(settings.model)
         try:
+            self.spec = read_model_spec(settings.model)
             self.spec.check_ep_size(self.ep)
         except ModelLoadError as exc:
             raise ConfigError(f"parallel.ep_size: {exc}") from None
@@ -103,7 +104,10 @@ class WhatIf:
                               f"parallel.ep_size={self.ep} needs a multi-node profile (e.g. ib400_h100)")
         self.sets = build_sets(settings, self.spec.vocab_size)
         self.app = engine_app(settings, self.sets)
-        self.kind = dispatch_kind(settings, self.app.engine)
+        # the engine's own resolution of this config at EP N (dispatch, kernels, max_model_len, rules)
+        self.plan = build_launch_plan(self.app, ep_size=self.ep, spec=self.spec)
+        self.kind = dispatch_kind(self.plan.dispatch.name, self.ep)
+        self.kernels = KernelBackend.for_device(self.device, self.plan.kernels)
         self.variants = variants(settings)
         for v in self.variants:
             if v.redundant is not None and (self.spec.num_experts + v.redundant) % self.ep:
@@ -114,14 +118,16 @@ class WhatIf:
         self.dense_layers = self.spec.num_layers - self.moe_layers
         self.ranks = RankWorkTimer(self.spec, engine=self.app.engine, ep_size=self.ep, kind=self.kind,
                                    num_slots=self.spec.num_experts, device=self.device, dtype=self.dtype,
-                                   max_model_len=self.app.model.max_model_len, seed=settings.model.seed)
+                                   max_model_len=self.plan.max_model_len, seed=settings.model.seed,
+                                   kernels=self.kernels, cuda_graphs=self.plan.kernels.cuda_graphs)
         self._expert_timers: dict[int, ExpertKernelTimer] = {}
         self.self_check: list = []
 
     def expert_timer(self, slots_per_rank: int) -> ExpertKernelTimer:
         if slots_per_rank not in self._expert_timers:
             self._expert_timers[slots_per_rank] = ExpertKernelTimer(self.spec, slots_per_rank, self.device, self.dtype,
-                                                                    reps=self.o.whatif_reps, seed=self.settings.model.seed)
+                                                                    reps=self.o.whatif_reps, seed=self.settings.model.seed,
+                                                                    kernels=self.kernels)
         return self._expert_timers[slots_per_rank]
 
     def request_sets(self) -> list[tuple[str, object]]:

@@ -140,8 +140,6 @@ def test_hung_rank_fails_every_stream_within_the_step_timeout(tmp_path):
     turns NOT_SERVING, the server exits non-zero, and the stopped rank is gone (killed)."""
     import asyncio
 
-    from clients import AsyncClient
-
     with ServerProcess(tmp_path, "parallel=ep2", f"engine.step_timeout_s={STEP_TIMEOUT_S}",
                        "engine.first_step_timeout_s=20") as srv:
         workers = spawned_children(srv.proc.pid)
@@ -150,27 +148,7 @@ def test_hung_rank_fails_every_stream_within_the_step_timeout(tmp_path):
         threading.Thread(target=watch_health, args=(srv.target, seen), daemon=True).start()
         assert seen.get(timeout=10) == "SERVING"
         try:
-            async def scenario():
-                async with AsyncClient(srv.target, retry=NO_RETRY, timeout=120) as client:
-                    chunks = [0] * 16
-
-                    async def one(i: int) -> str:
-                        try:
-                            async for _ in client.stream([1, 2, 3 + i], max_new_tokens=1500, ignore_eos=True):
-                                chunks[i] += 1
-                        except errors.EpserveError as exc:
-                            return f"{type(exc).__name__}: {exc}"
-                        return "finished"
-
-                    tasks = [asyncio.create_task(one(i)) for i in range(16)]
-                    while min(chunks) < 3:  # all 16 decoding, the watchdog past its first steps
-                        await asyncio.sleep(0.05)
-                    stopped_at = time.monotonic()
-                    os.kill(workers[0], signal.SIGSTOP)
-                    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-                    return outcomes, time.monotonic() - stopped_at
-
-            outcomes, took = asyncio.run(scenario())
+            outcomes, took = asyncio.run(_stop_while_decoding(srv.target, workers[0]))
             assert all(o.startswith("UnavailableError") and "hung" in o for o in outcomes), outcomes
             assert took < STEP_TIMEOUT_S + 4, took
             assert seen.get(timeout=10) == "NOT_SERVING"
@@ -182,6 +160,38 @@ def test_hung_rank_fails_every_stream_within_the_step_timeout(tmp_path):
                 os.kill(workers[0], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+async def _stop_while_decoding(target: str, pid: int, on_stop=None, join_s: float = 0.0) -> tuple[list[str], float]:
+    """16 streams decode; once each has 3 chunks (the watchdog past its first steps), SIGSTOP
+    `pid` -> (each stream's outcome, seconds from the stop until every stream ended).
+    `on_stop(stopped_at)` runs right after the signal and may return a thread, joined after."""
+    import asyncio
+
+    from clients import AsyncClient
+
+    async with AsyncClient(target, retry=NO_RETRY, timeout=120) as client:
+        chunks = [0] * 16
+
+        async def one(i: int) -> str:
+            try:
+                async for _ in client.stream([1, 2, 3 + i], max_new_tokens=1500, ignore_eos=True):
+                    chunks[i] += 1
+            except errors.EpserveError as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return "finished"
+
+        tasks = [asyncio.create_task(one(i)) for i in range(16)]
+        while min(chunks) < 3:
+            await asyncio.sleep(0.05)
+        stopped_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        watcher = on_stop(stopped_at) if on_stop is not None else None
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        took = time.monotonic() - stopped_at
+        if watcher is not None:
+            await asyncio.to_thread(watcher.join, join_s)
+        return outcomes, took
 
 
 def _process_state(pid: int) -> str:
@@ -201,8 +211,6 @@ def test_stopped_engine_core_ends_every_stream_within_the_step_timeout(tmp_path)
     never resumed; the server exits non-zero and nothing of the engine is left (before: no
     stream ended and health stayed SERVING until the process was continued)."""
     import asyncio
-
-    from clients import AsyncClient
 
     with ServerProcess(tmp_path, "parallel=ep2", f"engine.step_timeout_s={STEP_TIMEOUT_S}",
                        "engine.first_step_timeout_s=20") as srv:
@@ -230,36 +238,20 @@ def test_stopped_engine_core_ends_every_stream_within_the_step_timeout(tmp_path)
                     return
 
         try:
-            async def scenario():
-                async with AsyncClient(srv.target, retry=NO_RETRY, timeout=120) as client:
-                    chunks = [0] * 16
+            def start_watcher(stopped_at: float) -> threading.Thread:
+                watcher = threading.Thread(target=note_not_serving, args=(stopped_at,), daemon=True)
+                watcher.start()
+                return watcher
 
-                    async def one(i: int) -> str:
-                        try:
-                            async for _ in client.stream([1, 2, 3 + i], max_new_tokens=1500, ignore_eos=True):
-                                chunks[i] += 1
-                        except errors.EpserveError as exc:
-                            return f"{type(exc).__name__}: {exc}"
-                        return "finished"
-
-                    tasks = [asyncio.create_task(one(i)) for i in range(16)]
-                    while min(chunks) < 3:  # all 16 decoding
-                        await asyncio.sleep(0.05)
-                    stopped_at = time.monotonic()
-                    os.kill(core, signal.SIGSTOP)
-                    watcher = threading.Thread(target=note_not_serving, args=(stopped_at,), daemon=True)
-                    watcher.start()
-                    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-                    took = time.monotonic() - stopped_at
-                    await asyncio.to_thread(watcher.join, STEP_TIMEOUT_S + 10)
-                    return outcomes, took
-
-            outcomes, took = asyncio.run(scenario())
+            outcomes, took = asyncio.run(_stop_while_decoding(srv.target, core, start_watcher, STEP_TIMEOUT_S + 10))
             assert all(o.startswith("UnavailableError") and "stopped or frozen" in o for o in outcomes), outcomes
             assert took < STEP_TIMEOUT_S + 2, took
             assert health.get("after_s", 99) < STEP_TIMEOUT_S + 2, health
-            # stopped all along until the front end killed it (a killed process passes through R on its way out)
-            before_kill = [state for at, state in states if at < health["after_s"] - 0.5]
+            # stopped all along until the front end killed it (a killed process passes through R on its way
+            # out, and SIGSTOP takes a moment to land: the samples count from the first stopped one)
+            stopped = next((i for i, (_, state) in enumerate(states) if state in ("T", "t")), None)
+            assert stopped is not None and states[stopped][0] < 1.0, states
+            before_kill = [state for at, state in states[stopped:] if at < health["after_s"] - 0.5]
             assert before_kill and set(before_kill) <= {"T", "t"}, states
             assert srv.wait_exit(30) != 0
             assert "SERVING -> FAILED" in srv.log() and "stopped or frozen" in srv.log()

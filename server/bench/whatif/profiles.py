@@ -19,12 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import conf
 
 from ...config import ConfigError
 from ...moe.routing import PolicyConfigError, build_policy
+from .named_yaml import read_named_yaml, shipped
 from .sources import PolicySource, SourceRequest, run_offsets
 
 PROFILE_DIR = Path(conf.__file__).resolve().parent / "routing_profile"
@@ -32,18 +31,13 @@ _KEYS = {"mode", "metric", "target", "calibrated_ep", "shape", "seed"}
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return shipped(PROFILE_DIR)
 
 
 def read_profile(name: str) -> dict[str, Any]:
     """The profile's keys from conf/routing_profile/<name>.yaml, or from a path; ConfigError if bad."""
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"bench.profile={name!r} is neither a file nor a shipped profile; shipped: "
-                          f"{', '.join(available_profiles())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    path, data = read_named_yaml(name, PROFILE_DIR, "bench.profile")
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"bench.profile {path}: expected a mapping of {sorted(_KEYS)}")
     unknown = sorted(set(data) - _KEYS)

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 import conf
 
 from ...config import ConfigError
+from .named_yaml import read_named_yaml, shipped
 
 INTERCONNECT_DIR = Path(conf.__file__).resolve().parent / "interconnect"
 COLLECTIVES = ("all_gather", "all_to_all")
@@ -79,18 +78,13 @@ def _links(data: Any, where: str) -> dict[str, LinkCost]:
 
 
 def available_interconnects() -> list[str]:
-    return sorted(p.stem for p in INTERCONNECT_DIR.glob("*.yaml"))
+    return shipped(INTERCONNECT_DIR)
 
 
 def load_interconnect(name: str) -> Interconnect:
     """A shipped profile by name, or a YAML file by path (ConfigError naming what is wrong)."""
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = INTERCONNECT_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"bench.interconnect={name!r} is neither a file nor a shipped profile; shipped: "
-                          f"{', '.join(available_interconnects())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    path, data = read_named_yaml(name, INTERCONNECT_DIR, "bench.interconnect")
+    data = data or {}
     where = f"interconnect {path}"
     if not isinstance(data, Mapping) or not isinstance(data.get("gpus_per_node"), int) or data["gpus_per_node"] < 1:
         raise ConfigError(f"{where}: needs gpus_per_node (a positive integer), intra and optionally inter")

@@ -131,6 +131,17 @@ class PolicySwitch:
         self._graphs.move_to_end(name)
         return self._graphs[name]
 
+    def recapture(self) -> Any:
+        """Drop every captured set and capture the current policy's anew -> its decode graphs.
+        For a model whose graphed code changed (a dispatcher swapped in), not for new weights
+        written in place (graphs read those as they are)."""
+        self._graphs.clear()
+        if self._capture is None:
+            return None
+        name = repr(self.model.policy)
+        self._graphs[name] = self._capture()
+        return self._graphs[name]
+
     def recording_graphs(self) -> Any:
         """Decode graphs of the current policy that also record routed experts
         (worker/routed_experts.py), captured the first time a step asks for them."""

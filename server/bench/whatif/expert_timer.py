@@ -12,8 +12,8 @@ copied in and the graph replayed `reps` times, each replay after the L2 cache is
 (writing twice its size), timed with events; the median, less the replay floor of an empty
 graph measured the same way, is the kernel's time. On CPU the torch path runs under the
 host clock. A key (rows and each expert's row tiles, see `time`) is timed once.
-`standalone_ms` times the bare fused-MoE op on the same rows, eagerly, for the run's
-self-check.
+`standalone_ms` times the bare fused-MoE op on the same rows in a graph of its own (and
+eagerly, to show what launches add) for the run's self-check.
 """
 from __future__ import annotations
 
@@ -142,15 +142,25 @@ class ExpertKernelTimer:
         self.cache[key] = ms
         return ms
 
-    def standalone_ms(self, layout: LayerLayout, rank: int) -> float:
-        """The fused-MoE op alone, eagerly, on contiguous copies of the same rows (CUDA)."""
+    def standalone_ms(self, layout: LayerLayout, rank: int) -> tuple[float, float]:
+        """The bare fused-MoE op on contiguous copies of the same rows (CUDA) -> (ms in its own
+        CUDA graph, timed as `time` times: the figure to compare; ms eagerly: launches included).
+        No cache, no TokenRows view, no shared buffers with the timed path."""
         if not self.cuda:
-            return float("nan")
-        ids = layout.local_ids(rank).contiguous()
+            return float("nan"), float("nan")
+        ids = layout.local_ids(rank).contiguous()  # [T, k]
         gen = torch.Generator(device=self.device).manual_seed(1)
-        x = torch.randn(ids.shape[0], self.hidden, generator=gen, device=self.device).to(self.dtype)
-        w = torch.full(ids.shape, 1.0 / self.top_k, device=self.device)
+        x = torch.randn(ids.shape[0], self.hidden, generator=gen, device=self.device).to(self.dtype)  # [T, H]
+        w = torch.full(ids.shape, 1.0 / self.top_k, device=self.device)  # [T, k]
         fused = self.experts.path.fused_moe
         run = lambda: fused(x, self.experts.gate_up_proj, self.experts.down_proj, ids, w)  # noqa: E731
-        run()
-        return self._replay_ms(run)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graphed = max(self._replay_ms(graph.replay) - self.floor_ms, 0.0)
+        return graphed, self._replay_ms(run)

@@ -14,8 +14,9 @@ dispatcher's pack and reduce, shared experts), D one dense layer, edge the rest 
 step after its inputs are staged (engine.overlap hides the staging behind the previous step).
 A step whose shape was timed already (prefill: the same rows; decode: the same bucket, rows
 and mean context to 16 tokens) reuses the time and only applies its slot updates. A timed
-step is run twice and the second run counted, so Triton compiles stay out. A difference of
-two timings that noise makes negative counts as 0.
+step is run once to warm (Triton compiles stay out), then `reps` times with the probes
+interleaved, and the median counts. A difference of two timings that noise makes negative
+counts as 0.
 """
 from __future__ import annotations
 
@@ -87,9 +88,11 @@ class RankWorkTimer:
 
     def __init__(self, spec, *, engine, ep_size: int, kind: str, num_slots: int, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, seed: int = 0, kernels=None,
-                 cuda_graphs: bool | None = None) -> None:
-        """`kernels` (KernelBackend) and `cuda_graphs`: the launch plan's choices, as the engine's."""
+                 cuda_graphs: bool | None = None, reps: int = 5) -> None:
+        """`kernels` (KernelBackend) and `cuda_graphs`: the launch plan's choices, as the engine's;
+        `reps`: timed runs per step shape and probe (the median counts)."""
         self.device = device
+        self.reps = max(1, reps)
         self.kind = kind
         self.runners: dict[str, ModelRunner] = {}
         shared = None
@@ -141,10 +144,20 @@ class RankWorkTimer:
         for runner in self.runners.values():
             runner.slots.apply(plan.batch.fills, plan.batch.appends)
 
-    def _run(self, runner: ModelRunner, plan: RankPlan) -> float:
-        runner.run(plan)  # compiles and warms; the slot updates it repeats are idempotent
-        runner.run(plan)
-        return runner.clock.take_ms()[-1]
+    def _measure(self, plan: RankPlan) -> dict[str, float]:
+        """Every probe on `plan`: one warm run each, then `reps` rounds, the probes interleaved
+        in each (drift in clocks or load touches them alike); the median per probe. A layer's
+        time is a difference of two probes multiplied by the layer count, so a single noisy
+        run would be magnified that many times."""
+        for runner in self.runners.values():
+            runner.run(plan)  # compiles and warms; the slot updates it repeats are idempotent
+            runner.clock.take_ms()
+        samples: dict[str, list[float]] = {name: [] for name in self.runners}
+        for _ in range(self.reps):
+            for name, runner in self.runners.items():
+                runner.run(plan)
+                samples[name].append(runner.clock.take_ms()[-1])
+        return {name: float(np.median(v)) for name, v in samples.items()}
 
     def time_rank(self, plans: list[RankPlan], timed: set[int]) -> dict[int, RankStepTimes]:
         """One rank's plans in step order -> its local work at the positions in `timed` (the
@@ -157,7 +170,7 @@ class RankWorkTimer:
             key = shape_key(plan)
             ms = self._cache.get(key)
             if ms is None:
-                ms = {name: self._run(runner, plan) for name, runner in self.runners.items()}
+                ms = self._measure(plan)
                 self._cache[key] = ms
             else:
                 self._apply(plan)

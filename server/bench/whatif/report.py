@@ -78,16 +78,19 @@ def markdown(doc: dict) -> str:
     if doc.get("validation"):
         lines += ["", "Validation against the real engine at ep_size 1 (same sets, same process; the engine's "
                   "step device time from the same clock, its wall time per step beside it):", "",
-                  "| phase | engine step ms | predicted step ms | predicted / engine | engine wall ms per step |",
-                  "|---|---|---|---|---|"]
+                  "| phase | engine step ms | predicted step ms | predicted / engine | engine local ms (experts out) "
+                  "| predicted local ms | engine experts ms | predicted experts ms | engine wall ms per step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for phase, v in doc["validation"].items():
             lines.append(f"| {phase} | {v['engine_step_ms']:.3f} | {v['predicted_step_ms']:.3f} | "
-                         f"{v['predicted_over_engine']:.3f} | {v['engine_wall_step_ms']:.3f} |")
+                         f"{v['predicted_over_engine']:.3f} | {v['engine_local_ms']:.3f} | {v['predicted_local_ms']:.3f} | "
+                         f"{v['engine_experts_ms']:.3f} | {v['predicted_experts_ms']:.3f} | {v['engine_wall_step_ms']:.3f} |")
     if doc.get("self_check"):
         lines += ["", "Self-check, the busiest rank's expert kernel against the bare fused-MoE op on the same rows:", ""]
         for c in doc["self_check"]:
             lines.append(f"- {c['phase']} step {c['step']}, rank {c['rank']}, {c['rows']} rows: what-if "
-                         f"{c['whatif_ms']:.4f} ms, standalone {c['standalone_ms']:.4f} ms")
+                         f"{c['whatif_ms']:.4f} ms, standalone {c['standalone_ms']:.4f} ms in its own graph "
+                         f"({c.get('standalone_eager_ms', float('nan')):.4f} ms eagerly)")
     lines += ["", f"{doc['cost']['expert_shapes_timed']} expert-kernel shapes timed in {doc['cost']['wall_s']:.0f} s. "
               f"Command: `{doc['command']}` ({doc['date']})."]
     return "\n".join(lines) + "\n"

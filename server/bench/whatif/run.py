@@ -119,7 +119,8 @@ class WhatIf:
         self.ranks = RankWorkTimer(self.spec, engine=self.app.engine, ep_size=self.ep, kind=self.kind,
                                    num_slots=self.spec.num_experts, device=self.device, dtype=self.dtype,
                                    max_model_len=self.plan.max_model_len, seed=settings.model.seed,
-                                   kernels=self.kernels, cuda_graphs=self.plan.kernels.cuda_graphs)
+                                   kernels=self.kernels, cuda_graphs=self.plan.kernels.cuda_graphs,
+                                   reps=max(3, self.o.whatif_reps // 2))
         self._expert_timers: dict[int, ExpertKernelTimer] = {}
         self.self_check: list = []
 
@@ -198,9 +199,10 @@ class WhatIf:
                     self.progress.update(self.ep)
                 if self.device.type == "cuda" and len(self.self_check) < 2 and layer == 0 and variant.label == "natural":
                     busiest = int(experts[0].argmax())
+                    graphed, eager = timer.standalone_ms(layout, busiest)
                     self.self_check.append({"phase": name, "step": step.index, "rank": busiest,
                                             "rows": layout.kernel_rows(), "whatif_ms": float(experts[0, busiest]),
-                                            "standalone_ms": timer.standalone_ms(layout, busiest)})
+                                            "standalone_ms": graphed, "standalone_eager_ms": eager})
             phase_loads.end_step(weight)
             phase = phases.setdefault(name, PhaseTime())
             phase.add(compose_step([local[r][step.index] for r in range(self.ep)], experts, self.wire_ms(rows),

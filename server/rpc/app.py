@@ -163,8 +163,9 @@ class Server:
         await self._warm_up()
         await self.state.set(Phase.SERVING)
         info = self.engine.model_info()
-        log.info("serving model %s (%s, %d experts, top-%d) with routing %s at ep_size=%d",
-                 info.model_name, info.architecture, info.num_experts, info.top_k, info.routing_policy, info.ep_size)
+        log.info("serving model %s (%s, %d layers, %d experts, top-%d) with routing %s at ep_size=%d",
+                 info.model_name, info.architecture, info.num_layers, info.num_experts, info.top_k,
+                 info.routing_policy, info.ep_size)
         return True
 
     async def _warm_up(self) -> None:

@@ -6,6 +6,7 @@ engine.max_num_seqs=1 and engine.max_queue=1 (RESOURCE_EXHAUSTED from the engine
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -362,3 +363,9 @@ def test_a_burst_of_unary_calls_is_answered_or_shed_with_cancelled(server, clien
     assert set(codes) <= {"OK", "CANCELLED"} and codes["OK"] >= 1000, codes
     assert client.health() == "SERVING"
     assert client.generate([1, 2], max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+
+
+def test_start_up_log_names_the_model_depth(server, client):
+    """A shape may be cut short for benchmarks: the log says how many layers are served."""
+    client.health()
+    assert re.search(r"serving model tiny \(Qwen3MoeForCausalLM, 4 layers, 16 experts, top-2\)", server.log()), server.log()

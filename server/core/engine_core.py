@@ -161,8 +161,12 @@ class EngineCore:
                 plan, self._routing = plan.with_routing(self._routing), None
             if plan.ranks[0].routing is not None or plan.ranks[0].rebalance:
                 self.watchdog.expect_long()  # graphs captured again, experts moved
-        launched = not (plan.is_idle and not self.executor.needs_heartbeat)
         tickets = [ticket for ticket, _ in loads]
+        if plan.is_idle and not self._inflight and self.executor.needs_heartbeat:
+            # A heartbeat runs to completion: left in flight, it would keep has_work() true and
+            # the loop would spin heartbeats back to back instead of blocking until work comes.
+            return self._apply(plan, self.executor.execute(plan), tickets)
+        launched = not plan.is_idle  # idle with a step in flight: finish that one first
         forward = plan if plan.ranks[0].run_forward else None
         if launched and not self._overlap:
             self._timed = (forward, forward)

@@ -60,7 +60,7 @@ class EngineCore:
         eng = app.engine
         self.scheduler = Scheduler(
             num_ranks=executor.num_ranks,
-            num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
+            num_blocks=executor.runner.kv_size.num_blocks,  # what every rank allocated (worker/kv_sizing.py)
             block_size=eng.kv_block_size,
             max_num_seqs=eng.max_num_seqs,
             max_num_batched_tokens=eng.max_num_batched_tokens,

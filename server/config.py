@@ -214,6 +214,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     stream_interval: int = 1  # tokens per stream message (the first and the last go out at once)
+    log_interval_s: float = 10.0  # while busy, one log line this often (throughput, queue, KV, balance); 0: off
     engine_process: bool = True  # run the engine core in its own process (false: a thread of this one)
     max_calls_per_connection: int = 256  # generation calls one client connection may hold at once
     stalled_stream_timeout_s: float = 60.0  # a stream whose client read nothing this long is cancelled
@@ -233,6 +234,8 @@ class ServerConfig:
                  f"server.allow_routing_switch must be true or false, got {self.allow_routing_switch!r}")
         _require(isinstance(self.max_prompt_bytes, int) and self.max_prompt_bytes >= 1,
                  f"server.max_prompt_bytes must be an integer >= 1, got {self.max_prompt_bytes!r}")
+        _require(isinstance(self.log_interval_s, (int, float)) and not isinstance(self.log_interval_s, bool)
+                 and self.log_interval_s >= 0, f"server.log_interval_s must be seconds >= 0 (0: off), got {self.log_interval_s!r}")
         _require(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
                  and self.stream_interval >= 1, f"server.stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         _require(is_loopback(self.host) or self.allow_remote,

@@ -5,10 +5,13 @@
 * SIGTERM with nothing in flight: the process exits within 3 s.
 * SIGTERM with a stream in flight: it drains, cuts the stream at the grace period, and exits
   within the grace period plus 3 s, with "stopped" the last line it logs.
+* Every server.log_interval_s while busy (and never while idle) one line: tok/s, running and
+  waiting sequences, KV use, balancedness.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -40,14 +43,15 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
 def test_idle_ep_server_blocks_and_exits_fast(tmp_path):
-    with ServerProcess(tmp_path, "parallel=ep2") as srv:
+    with ServerProcess(tmp_path, "parallel=ep2", "server.log_interval_s=0.5") as srv:
         pids = _process_tree(srv.proc.pid)
         assert len(pids) >= 3, pids  # front end, engine core, rank 1
         time.sleep(1.0)  # the warm-up generation's last frames
-        before, start = _cpu_seconds(pids), time.monotonic()
+        before, start, idle_from = _cpu_seconds(pids), time.monotonic(), len(srv.log())
         time.sleep(4.0)
         cores = (_cpu_seconds(pids) - before) / (time.monotonic() - start)
         assert cores < IDLE_CORES, f"an idle ep2 server uses {cores:.3f} of a core"
+        assert "busy:" not in srv.log()[idle_from:], srv.log()[idle_from:]  # 8 intervals, all idle: no line
         started = time.monotonic()
         srv.signal(signal.SIGTERM)
         assert srv.wait_exit(30) == 0
@@ -57,7 +61,7 @@ def test_idle_ep_server_blocks_and_exits_fast(tmp_path):
 
 def test_draining_server_exits_within_the_grace_period_and_logs_stopped_last(tmp_path):
     grace = 2.0
-    with ServerProcess(tmp_path, "parallel=ep2", f"server.grace_period_s={grace}") as srv:
+    with ServerProcess(tmp_path, "parallel=ep2", f"server.grace_period_s={grace}", "server.log_interval_s=0.5") as srv:
         with Client(srv.target, retry=NO_RETRY) as client:
             outcome: list[BaseException | None] = []
 
@@ -72,7 +76,9 @@ def test_draining_server_exits_within_the_grace_period_and_logs_stopped_last(tmp
 
             reader = threading.Thread(target=read_long_stream)
             reader.start()
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while "busy:" not in srv.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
             started = time.monotonic()
             srv.signal(signal.SIGTERM)
             assert srv.wait_exit(60) == 0
@@ -81,3 +87,13 @@ def test_draining_server_exits_within_the_grace_period_and_logs_stopped_last(tmp
         assert outcome and isinstance(outcome[0], errors.UnavailableError), outcome
         assert took < grace + EXIT_S, f"draining ep2 server took {took:.1f} s to exit (grace {grace} s)\n{srv.log()}"
         assert "epserve stopped" in srv.log().strip().splitlines()[-1], srv.log()[-2000:]
+        busy = next(line for line in srv.log().splitlines() if "busy:" in line)
+        assert re.search(r"busy: [\d.]+ tok/s generated, 1 running, 0 waiting, KV cache [\d.]+% of \d+ blocks, "
+                         r"balancedness \(mean/max\) expert 0\.\d+ rank (0\.\d+|1\.000) over 2 rank\(s\)", busy), busy
+
+
+def test_balancedness_is_mean_over_max_averaged_over_layers():
+    from server.rpc.busy_log import balancedness
+
+    assert balancedness([[2, 2], [1, 3]]) == (1.0 + 2 / 3) / 2
+    assert balancedness([[0, 0]]) is None

@@ -64,5 +64,5 @@ class BusyLog:
         used = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         return (f"busy: {made / elapsed_s:.1f} tok/s generated, {stats.running} running, {stats.waiting} waiting, "
-                f"KV cache {used:.1%} of {stats.kv_blocks_total} blocks, balancedness (mean/max) expert "
+                f"KV cache {stats.kv_blocks_used}/{stats.kv_blocks_total} blocks ({used:.1%}), balancedness (mean/max) expert "
                 f"{fmt(expert_bal)} rank {fmt(rank_bal)} over {snapshot.ep_size} rank(s), last {elapsed_s:.0f} s")

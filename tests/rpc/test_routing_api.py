@@ -201,6 +201,7 @@ def test_routed_experts_shape_and_prompt_rows(switchable):
         assert plain.routed_experts is None
         out = c.generate(prompt, max_new_tokens=5, ignore_eos=True, return_routed_experts=True)
         assert len(out.routed_experts) == 5
+        assert out.prompt_routed_experts is None and out.completion_routed_experts == out.routed_experts[1:]
         assert all(len(row) == model.num_moe_layers and all(len(ids) == model.top_k for ids in row)
                    for row in out.routed_experts)
         with_prompt = []
@@ -226,6 +227,12 @@ def test_routed_experts_equal_what_record_writes(tmp_path):
     rows = len(prompt) + new - 1  # every position the model ran
     got = torch.tensor(out.routed_experts, dtype=torch.int32)  # [rows, L, k]
     assert got.shape == (rows, model.num_moe_layers, model.top_k)
+    # vLLM's layout: one row per prompt token [P, L, k], then the fed-back generated tokens [C - 1, L, k]
+    prompt_rows = torch.tensor(out.prompt_routed_experts, dtype=torch.int32)
+    completion_rows = torch.tensor(out.completion_routed_experts, dtype=torch.int32)
+    assert prompt_rows.shape == (len(prompt), model.num_moe_layers, model.top_k)
+    assert completion_rows.shape == (new - 1, model.num_moe_layers, model.top_k)
+    assert torch.equal(torch.cat([prompt_rows, completion_rows]), got)
     trace = read_trace(path)
     for layer in range(model.num_moe_layers):
         assert torch.equal(trace.layers[layer][-rows:], got[:, layer]), layer

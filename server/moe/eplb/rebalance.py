@@ -39,6 +39,8 @@ class RebalanceReport:
     rank_max_over_mean_before: float  # expected on the window's loads, mean over layers
     rank_max_over_mean_after: float
     seconds: float
+    loads: tuple[tuple[int, ...], ...] = ()  # [layer][expert] the window it was computed from
+    slots: tuple[tuple[int, ...], ...] = ()  # [layer][physical slot] the placement served after it
 
 
 class ExpertRebalancer:
@@ -87,6 +89,7 @@ class ExpertRebalancer:
             window_tokens=int(sum(map(sum, loads))), layers_changed=changed, experts_moved=moved, local_copies=local,
             bytes_moved=moved * per_expert, rank_max_over_mean_before=_mean(before), rank_max_over_mean_after=_mean(after),
             seconds=time.perf_counter() - start,
+            loads=tuple(tuple(int(x) for x in row) for row in loads), slots=model.placement.slots,
         )
         if model.ep_rank == 0:
             log.info("EPLB rebalance: %d of %d layers re-placed, %d experts moved (%.1f MiB), expected rank max/mean "

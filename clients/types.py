@@ -137,6 +137,7 @@ class ExpertLoad:
     #: per-layer mean/max load aggregated over layers: {"min", "p50", "p90", "avg"} (0s when idle)
     rank_balancedness: Mapping[str, float] = field(default_factory=dict)
     expert_balancedness: Mapping[str, float] = field(default_factory=dict)
+    engine_step: int = 0  # forward steps run when read; the counts include that step
 
     def matrix(self) -> list[list[int]]:
         """[layer][expert] token counts (for tables and heatmaps)."""

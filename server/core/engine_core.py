@@ -33,6 +33,7 @@ import random
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -203,6 +204,8 @@ class EngineCore:
         with self._lock:
             if plan.ranks[0].run_forward:
                 self._forward_steps += 1
+            if out.expert_load is not None:  # read after this step's forward: its counts are in
+                out.expert_load = replace(out.expert_load, engine_step=self._forward_steps)
             req_ids, token_ids, logprobs, finished = out.req_ids, out.token_ids, out.logprobs, out.finished
             routed = _collect_routed(plan, results)
             if routed:

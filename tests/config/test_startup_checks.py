@@ -4,6 +4,7 @@ group and key; --version is epserve's."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,12 @@ def test_help_lists_group_options_and_what_each_key_means() -> None:
     keys = [line for line in page.splitlines() if line.startswith("  ") and "=" in line and "." in line.split("=")[0]]
     bare = [line for line in keys if "#" not in line]
     assert len(keys) > 50 and not bare, bare
+
+
+def test_bench_help_lists_the_groups_it_takes_from_the_server_conf(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "server.bench", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("epserve-bench ")
+    assert "qwen3_30b_a3b*" in run.stdout and "routing=  fake_balance, greedy_balanced" in run.stdout
+    assert re.search(r"^  bench\.mode=engine    # ", run.stdout, re.M), run.stdout

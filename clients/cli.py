@@ -3,6 +3,7 @@
     epserve-client generate "Hello" --max-new-tokens 32 --stream
     epserve-client info
     epserve-client expert-load --json | --plot load.png [--reset]
+    epserve-client expert-load --steps 1 [--plot step.png]   # the balance of one engine step alone
     epserve-client routing [get]                       # the policy every EP rank runs
     epserve-client routing set greedy_balanced [seed=3 ...]   # needs server.allow_routing_switch=true
     epserve-client generate "Hello" --routed-experts [--include-prompt] --json
@@ -18,6 +19,7 @@ import enum
 import json
 import os
 import sys
+import time
 from typing import Any, Sequence
 
 from .channel import DEFAULT_TARGET
@@ -83,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--reset", action="store_true", help="zero the counters after reading")
     e.add_argument("--json", action="store_true")
     e.add_argument("--plot", metavar="FILE.png", default=None, help="write a layer x expert heatmap")
+    e.add_argument("--steps", type=int, default=0, metavar="N",
+                   help="the load of the next N engine steps alone (or more: the exact range is printed), "
+                        "from two reads; 1 shows a single step")
+    e.add_argument("--wait-s", type=float, default=60.0, help="with --steps: give up after this many seconds")
     return p
 
 
@@ -166,6 +172,38 @@ def _info(client: Client, args: argparse.Namespace) -> None:
           f"KV {s.kv_blocks_used}/{s.kv_blocks_total} blocks, {s.completion_tokens} tokens generated")
 
 
+def _expert_load_steps(client: Client, args: argparse.Namespace) -> None:
+    """The balance of N steps alone: read, wait for N more engine steps, read again, subtract."""
+    from .load_window import load_window
+
+    first = client.expert_load()
+    deadline = time.monotonic() + args.wait_s
+    while client.server_info().stats.engine_steps < first.engine_step + args.steps:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"epserve-client: fewer than {args.steps} engine steps in {args.wait_s:g} s (is it idle?)")
+        time.sleep(0.02)
+    window = load_window(first, client.expert_load(reset=args.reset))
+    if args.plot:
+        from .plot import plot_load_window
+
+        print(f"wrote {plot_load_window(window, args.plot, policy=client.routing_policy().name)}", file=sys.stderr)
+    if args.json:
+        _print_json({"first_step": window.first_step, "last_step": window.last_step, "ep_size": window.ep_size,
+                     "expert_tokens": window.expert_tokens, "rank_tokens": window.rank_tokens,
+                     "expert_balancedness": window.expert_balancedness(), "rank_balancedness": window.rank_balancedness()})
+    elif not args.plot:
+        print(f"engine steps {window.first_step + 1}..{window.last_step} ({window.steps} steps), mean/max per layer")
+        print(f"{'layer':>5} {'tokens':>8} {'expert bal':>11} {'rank bal':>9}  per-rank tokens")
+        top_k = client.info().top_k
+        for i, (experts, ranks) in enumerate(zip(window.expert_tokens, window.rank_tokens)):
+            eb, rb = window.expert_balancedness()[i], window.rank_balancedness()[i]
+            print(f"{i:>5} {sum(experts) // top_k:>8} {_bal(eb):>11} {_bal(rb):>9}  {' '.join(map(str, ranks))}")
+
+
+def _bal(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _load_table(load: ExpertLoad) -> None:
     print(f"{load.num_layers} MoE layers x {load.num_experts} experts, ep_size {load.ep_size}, "
           f"{load.seconds_since_reset:.1f} s since reset{' (reset now)' if load.reset else ''}")
@@ -178,11 +216,13 @@ def _load_table(load: ExpertLoad) -> None:
 
 
 def _expert_load(client: Client, args: argparse.Namespace) -> None:
+    if args.steps:
+        return _expert_load_steps(client, args)
     load = client.expert_load(reset=args.reset)
     if args.plot:
         from .plot import plot_expert_load
 
-        print(f"wrote {plot_expert_load(load, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot_expert_load(load, args.plot, policy=client.routing_policy().name)}", file=sys.stderr)
     if args.json:
         _print_json(load)
     elif not args.plot:

@@ -174,7 +174,7 @@ def expert_load_from_pb(msg: info_pb.ExpertLoad) -> ExpertLoad:
         rank_totals=tuple(msg.rank_totals), expert_max_over_mean=s.expert_max_over_mean,
         rank_max_over_mean=s.rank_max_over_mean, mean_ranks_per_token=s.mean_ranks_per_token,
         tokens_per_layer=s.tokens_per_layer, seconds_since_reset=msg.seconds_since_reset, reset=msg.reset,
-        rank_balancedness=_stats(s.rank_balancedness), expert_balancedness=_stats(s.expert_balancedness),
+        engine_step=msg.engine_step, rank_balancedness=_stats(s.rank_balancedness), expert_balancedness=_stats(s.expert_balancedness),
     )
 
 

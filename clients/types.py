@@ -55,8 +55,27 @@ class Completion:
     logprobs: tuple[float, ...] | None = None
     request_id: str = ""
     #: [rows][MoE layers][top_k]: every position behind the tokens (prompt_tokens - 1 rows more
-    #: before them with include_prompt), when asked for with return_routed_experts
+    #: before them with include_prompt), when asked for with return_routed_experts. Row i is the
+    #: forward that produced token i, so it is one position behind: the first row is the prompt's
+    #: last position. For vLLM's layout use prompt_routed_experts / completion_routed_experts.
     routed_experts: list[list[list[int]]] | None = None
+
+    @property
+    def prompt_routed_experts(self) -> list[list[list[int]]] | None:
+        """vLLM's prompt_routed_experts: [prompt_tokens][MoE layers][top_k], one row per prompt
+        token (its forward position). None unless the request set include_prompt."""
+        rows, prompt = self.routed_experts, self.usage.prompt_tokens
+        if rows is None or len(rows) != prompt + len(self.token_ids) - 1:
+            return None
+        return rows[:prompt]
+
+    @property
+    def completion_routed_experts(self) -> list[list[list[int]]] | None:
+        """vLLM's layout for the generated tokens: [completion_tokens - 1][MoE layers][top_k], the
+        positions of the generated tokens that were fed back (the last one never runs a forward)."""
+        if self.routed_experts is None:
+            return None
+        return self.routed_experts[len(self.routed_experts) - len(self.token_ids) + 1:]
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,7 @@ class ExpertLoad:
     #: per-layer mean/max load aggregated over layers: {"min", "p50", "p90", "avg"} (0s when idle)
     rank_balancedness: Mapping[str, float] = field(default_factory=dict)
     expert_balancedness: Mapping[str, float] = field(default_factory=dict)
+    engine_step: int = 0  # forward steps run when read; the counts include that step
 
     def matrix(self) -> list[list[int]]:
         """[layer][expert] token counts (for tables and heatmaps)."""

@@ -3,6 +3,8 @@
 Module guide (this folder; each sub-package has its own guide in its __init__):
   __main__.py, cli.py  `python -m server` / `epserve`: the Hydra entry point (Hydra lives only here)
   command_line.py    what the entry point adds around Hydra's command line (one-paragraph errors, exit 2)
+  command_help.py    --help (groups, options, every key and its meaning) and --version
+  startup_checks.py  every check that needs no device, run before anything listens or spawns
   config.py          frozen, validated AppConfig and its sections (ConfigError names the key)
   routing_setup.py   routing.* -> a policy checked against the served model's shape
   eplb_setup.py      parallel.* EPLB keys -> settings checked against the model

@@ -5,6 +5,9 @@
   own report is several lines, a search-path dump and exit code 1. The options are the
   `*.yaml` files of the group's folder in conf/; with --config-dir/--config-path/--config-name
   other folders may add options, so the check then leaves the verdict to Hydra.
+* A key that does not exist (`server.prot=50053`) is one paragraph with the nearest key that
+  does ("did you mean server.port"), exit 2; Hydra's own report says "not in struct" and
+  suggests `+server.prot`, which would only make the typo silent. An unknown `--flag` the same.
 * Hydra prints the composed config for --cfg, --help and --info. A bearer token set with
   `server.auth_token` would appear in clear in that output (and in whatever log or CI
   transcript keeps it), so those modes run with stdout captured and every `auth_token:` value
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import re
 import sys
@@ -56,6 +60,69 @@ def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | No
             return (f"{o.key_or_group}={option}: config group '{o.key_or_group}' has no option {option!r}; "
                     f"the options are: {', '.join(options)}")
     return None
+
+
+def unknown_flag(argv: list[str], extra_flags: tuple[str, ...] = ()) -> str | None:
+    """The error for the first `--flag` neither Hydra nor the entry point knows, else None."""
+    from hydra._internal.utils import get_args_parser
+
+    known = [s for action in get_args_parser()._actions for s in action.option_strings] + list(extra_flags)
+    for arg in argv:
+        flag = _flag(arg)
+        if flag and flag not in known:
+            near = difflib.get_close_matches(flag, [k for k in known if k.startswith("--")], n=1, cutoff=0.7)
+            hint = f"; did you mean {near[0]}" if near else ""
+            return f"{flag}: no such option{hint} (--help lists the options, groups and keys)"
+    return None
+
+
+def unknown_key(argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config") -> str | None:
+    """The error for the first `key=value` override naming a key the composed config lacks
+    (Hydra would refuse it too), with the nearest existing key, else None."""
+    if any(_flag(a) in _OTHER_CONFIG_FLAGS for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # a grammar error: Hydra reports it itself
+        return None
+    plain = [o for o in overrides if not o.is_force_add() and not o.is_add() and not o.is_delete()
+             and not o.key_or_group.startswith("hydra") and not _is_group(o.key_or_group, conf_dir)]
+    if not plain:
+        return None
+    groups = [o.input_line for o in overrides if o not in plain]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            tree = OmegaConf.to_container(compose(config_name=config_name, overrides=groups), resolve=False)
+    except Exception:  # Hydra reports a bad composition itself
+        return None
+    keys = list(_dotted_keys(tree))
+    for o in plain:
+        node, path = tree, o.key_or_group.split(".")
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                near = difflib.get_close_matches(o.key_or_group, keys, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                return (f"{o.input_line}: there is no key {o.key_or_group}{hint} "
+                        "(--help lists every key; +key=value adds a new one)")
+            node = node[part]
+    return None
+
+
+def _is_group(name: str, conf_dir: Path) -> bool:
+    return (conf_dir / name).is_dir() or (CONF_DIR / name).is_dir()
+
+
+def _dotted_keys(node, prefix: str = ""):
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        yield dotted
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, dotted)
 
 
 def shows_config(argv: list[str]) -> bool:

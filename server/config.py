@@ -145,7 +145,8 @@ class EngineConfig:
     max_num_seqs: int = 64  # running sequences per EP rank
     max_num_batched_tokens: int = 4096  # prefill token budget per step per rank
     kv_block_size: int = 16
-    kv_cache_tokens: int = 65536  # KV capacity per rank, in tokens
+    kv_cache_tokens: int = 65536  # KV capacity per rank, in tokens (CPU, or gpu_memory_utilization=0)
+    gpu_memory_utilization: float = 0.9  # CUDA: the KV cache fills this fraction of device memory (0: kv_cache_tokens)
     max_queue: int = 512  # waiting requests before RESOURCE_EXHAUSTED (>= server.max_concurrent_streams)
     overlap: bool = True  # plan step n+1 and post-process step n while step n runs (false: one step at a time)
     step_timeout_s: float = 30.0  # a step running longer (or 10x the recent p99, if more) means a hung rank; 0: off
@@ -162,6 +163,10 @@ class EngineConfig:
         _require(isinstance(self.slow_step_factor, (int, float)) and not isinstance(self.slow_step_factor, bool)
                  and (self.slow_step_factor == 0 or self.slow_step_factor > 1),
                  f"engine.slow_step_factor must be 0 (off) or a number > 1, got {self.slow_step_factor!r}")
+        _require(isinstance(self.gpu_memory_utilization, (int, float)) and not isinstance(self.gpu_memory_utilization, bool)
+                 and 0 <= self.gpu_memory_utilization <= 1,
+                 f"engine.gpu_memory_utilization must be a fraction in [0, 1] (0: size the cache by "
+                 f"engine.kv_cache_tokens), got {self.gpu_memory_utilization!r}")
         _require(self.kv_cache_tokens >= self.kv_block_size, "engine.kv_cache_tokens must hold at least one engine.kv_block_size block")
         for key in ("step_timeout_s", "first_step_timeout_s"):
             value = getattr(self, key)
@@ -209,6 +214,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     stream_interval: int = 1  # tokens per stream message (the first and the last go out at once)
+    log_interval_s: float = 10.0  # while busy, one log line this often (throughput, queue, KV, balance); 0: off
     engine_process: bool = True  # run the engine core in its own process (false: a thread of this one)
     max_calls_per_connection: int = 256  # generation calls one client connection may hold at once
     stalled_stream_timeout_s: float = 60.0  # a stream whose client read nothing this long is cancelled
@@ -228,6 +234,8 @@ class ServerConfig:
                  f"server.allow_routing_switch must be true or false, got {self.allow_routing_switch!r}")
         _require(isinstance(self.max_prompt_bytes, int) and self.max_prompt_bytes >= 1,
                  f"server.max_prompt_bytes must be an integer >= 1, got {self.max_prompt_bytes!r}")
+        _require(isinstance(self.log_interval_s, (int, float)) and not isinstance(self.log_interval_s, bool)
+                 and self.log_interval_s >= 0, f"server.log_interval_s must be seconds >= 0 (0: off), got {self.log_interval_s!r}")
         _require(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
                  and self.stream_interval >= 1, f"server.stream_interval must be an integer >= 1, got {self.stream_interval!r}")
         _require(is_loopback(self.host) or self.allow_remote,

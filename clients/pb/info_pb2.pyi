@@ -130,7 +130,7 @@ class ExpertLoadSummary(_message.Message):
     def __init__(self, expert_max_over_mean: _Optional[float] = ..., rank_max_over_mean: _Optional[float] = ..., mean_ranks_per_token: _Optional[float] = ..., tokens_per_layer: _Optional[float] = ..., rank_balancedness: _Optional[_Union[Balancedness, _Mapping]] = ..., expert_balancedness: _Optional[_Union[Balancedness, _Mapping]] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
-    __slots__ = ("num_layers", "num_experts", "ep_size", "layers", "rank_totals", "summary", "seconds_since_reset", "reset")
+    __slots__ = ("num_layers", "num_experts", "ep_size", "layers", "rank_totals", "summary", "seconds_since_reset", "reset", "engine_step")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class ExpertLoad(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_RESET_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_STEP_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_experts: int
     ep_size: int
@@ -147,7 +148,8 @@ class ExpertLoad(_message.Message):
     summary: ExpertLoadSummary
     seconds_since_reset: float
     reset: bool
-    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., ep_size: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerExpertLoad, _Mapping]]] = ..., rank_totals: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[ExpertLoadSummary, _Mapping]] = ..., seconds_since_reset: _Optional[float] = ..., reset: _Optional[bool] = ...) -> None: ...
+    engine_step: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., ep_size: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerExpertLoad, _Mapping]]] = ..., rank_totals: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[ExpertLoadSummary, _Mapping]] = ..., seconds_since_reset: _Optional[float] = ..., reset: _Optional[bool] = ..., engine_step: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -112,5 +112,18 @@ def _release_device() -> None:
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if "--version" in argv:
+        from ..command_help import epserve_version
+
+        print(f"epserve-bench {epserve_version()}")
+        sys.exit(0)
+    if "--help" in argv or "-h" in argv:  # Hydra's own lists no groups: they come through the search path
+        from ..command_help import help_text
+        from ..command_line import CONF_DIR
+
+        overrides = [a for a in argv if not a.startswith("-")]
+        sys.stdout.write(help_text("epserve-bench", CONF_DIR / "bench", "config", overrides))
+        sys.exit(0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _hydra_main()

@@ -75,6 +75,7 @@ def engine_app(settings: BenchSettings, sets: RequestSets) -> AppConfig:
         "model": data["model"], "parallel": data["parallel"], "routing": dict(natural),
         "engine": {"max_num_seqs": per_rank, "max_num_batched_tokens": per_rank * max(max(s.lengths) for s in sets.all()),
                    "kv_block_size": o.block_size, "kv_cache_tokens": (blocks + blocks // 20 + 8) * o.block_size,
+                   "gpu_memory_utilization": 0,  # the cache the workload needs, sized above, on any device
                    "max_queue": max(s.batch for s in sets.all())},
     })
 

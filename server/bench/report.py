@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [  # (header, getter)
     ("run", lambda d: d["tag"]),
+    ("model", lambda d: f'{d["model"]["name"]} ({d["model"]["layers"]} layers)'),  # shapes may be cut short
     ("device", lambda d: f'{d["device"].get("name", "?")} x{d["parallel"]["ep_size"]}'),
     ("policy", lambda d: _policy(d)),
     ("B x L -> O", lambda d: f'{d["workload"]["batch"]}x{d["workload"]["input_len"]}->{d["workload"]["output_len"]}'),
@@ -39,7 +40,7 @@ COLUMNS = [  # (header, getter)
     ("x HF (prefill/decode)", lambda d: (f'{d["speedup_vs_hf"]["prefill"]:.2f} / {d["speedup_vs_hf"]["decode"]:.2f}'
                                           if d.get("speedup_vs_hf") else "-")),
 ]
-SHORT = ["run", "prefill tok/s", "decode tok/s", "small-batch decode tok/s", "MoE ms/layer decode", "expert max/mean",
+SHORT = ["run", "model", "prefill tok/s", "decode tok/s", "small-batch decode tok/s", "MoE ms/layer decode", "expert max/mean",
          "rank max/mean", "x HF (prefill/decode)"]
 
 

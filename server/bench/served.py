@@ -27,7 +27,8 @@ def server_overrides(settings: BenchSettings, app: AppConfig) -> list[str]:
     eng = app.engine
     return [*chosen, "routing=natural", f"engine.max_num_seqs={eng.max_num_seqs}",
             f"engine.max_num_batched_tokens={eng.max_num_batched_tokens}", f"engine.kv_block_size={eng.kv_block_size}",
-            f"engine.kv_cache_tokens={eng.kv_cache_tokens}", f"engine.max_queue={eng.max_queue}"]
+            f"engine.kv_cache_tokens={eng.kv_cache_tokens}", f"engine.max_queue={eng.max_queue}",
+            f"engine.gpu_memory_utilization={eng.gpu_memory_utilization}"]
 
 
 def run_served(settings: BenchSettings, app: AppConfig, requests: RequestSet, in_process_e2e: list[float]) -> dict:

@@ -38,7 +38,7 @@ class BenchOptions:
     served: bool = False  # also run the workload through gRPC (a server subprocess, N client processes)
     served_clients: int = 4  # client processes driving the served run
     # ---- static mode ----
-    cuda_graphs: bool = True  # decode through CUDA graphs where they apply (ep_size 1, CUDA)
+    cuda_graphs: bool = True  # decode through CUDA graphs where they apply (CUDA, a graph-safe dispatcher)
     sync_every_step: bool = True  # bring each step's tokens to the host, as a server must
     moe_timing_steps: int = 4  # eager decode steps timed with events around each MoE block
     policy_cost_repeats: int = 50

@@ -33,6 +33,7 @@ import random
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -60,7 +61,7 @@ class EngineCore:
         eng = app.engine
         self.scheduler = Scheduler(
             num_ranks=executor.num_ranks,
-            num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
+            num_blocks=executor.runner.kv_size.num_blocks,  # what every rank allocated (worker/kv_sizing.py)
             block_size=eng.kv_block_size,
             max_num_seqs=eng.max_num_seqs,
             max_num_batched_tokens=eng.max_num_batched_tokens,
@@ -161,8 +162,12 @@ class EngineCore:
                 plan, self._routing = plan.with_routing(self._routing), None
             if plan.ranks[0].routing is not None or plan.ranks[0].rebalance:
                 self.watchdog.expect_long()  # graphs captured again, experts moved
-        launched = not (plan.is_idle and not self.executor.needs_heartbeat)
         tickets = [ticket for ticket, _ in loads]
+        if plan.is_idle and not self._inflight and self.executor.needs_heartbeat:
+            # A heartbeat runs to completion: left in flight, it would keep has_work() true and
+            # the loop would spin heartbeats back to back instead of blocking until work comes.
+            return self._apply(plan, self.executor.execute(plan), tickets)
+        launched = not plan.is_idle  # idle with a step in flight: finish that one first
         forward = plan if plan.ranks[0].run_forward else None
         if launched and not self._overlap:
             self._timed = (forward, forward)
@@ -199,6 +204,8 @@ class EngineCore:
         with self._lock:
             if plan.ranks[0].run_forward:
                 self._forward_steps += 1
+            if out.expert_load is not None:  # read after this step's forward: its counts are in
+                out.expert_load = replace(out.expert_load, engine_step=self._forward_steps)
             req_ids, token_ids, logprobs, finished = out.req_ids, out.token_ids, out.logprobs, out.finished
             routed = _collect_routed(plan, results)
             if routed:

@@ -74,6 +74,7 @@ def build_engine_core(app: AppConfig) -> EngineCore:
     else:
         executor = _start_distributed(plan, local_rank, spawn=env is None)
     core = EngineCore(plan, executor=executor, device=str(device))
+    log.info("%s", executor.runner.kv_size.describe(plan.max_model_len, app.engine.max_num_seqs, world))
     if app.engine.warmup:
         try:
             watching_ranks(getattr(executor, "procs", []), core.warm_up, during="the start-up warm-up")

@@ -20,6 +20,34 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files (index shards, model.safetensors, or every *.safetensors),
+    or ModelLoadError saying what is missing: start-up checks this before anything listens."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    extra = ""
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        extra = " (found PyTorch .bin/.pt weights: convert them to safetensors first)"
+    raise ModelLoadError(
+        f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards{extra}"
+    )
+
+
 class CheckpointReader:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -35,29 +63,7 @@ class CheckpointReader:
         self.consumed: set[str] = set()
 
     def _weight_files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise ModelLoadError(f"{index}: not a valid safetensors index ({exc})") from None
-            files = sorted({self.folder / f for f in weight_map.values()})
-            missing = [str(f.name) for f in files if not f.is_file()]
-            if missing:
-                raise ModelLoadError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
-            return files
-        single = self.folder / SINGLE_FILE
-        if single.is_file():
-            return [single]
-        others = sorted(self.folder.glob("*.safetensors"))
-        if others:
-            return others
-        extra = ""
-        if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
-            extra = " (found PyTorch .bin/.pt weights: convert them to safetensors first)"
-        raise ModelLoadError(
-            f"no weights in {self.folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards{extra}"
-        )
+        return weight_files(self.folder)
 
     def _open(self, path: Path):
         handle = self._handles.get(path)

@@ -22,7 +22,7 @@ from ..moe.eplb.rebalance import ExpertRebalancer
 from ..moe.eplb.settings import EplbSettings
 from ..moe.routing import RoutingPolicy
 from .causal_lm import MoECausalLM
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, weight_files
 from .families import get_family
 from .random_weights import init_random_weights
 from .spec import ModelLoadError, ModelSpec
@@ -133,13 +133,28 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
     return model.eval()
 
 
+def check_model_files(model_cfg: ModelConfig) -> None:
+    """Fail now, naming what is missing, if the model folder lacks weights or tokenizer files:
+    start-up runs this before anything listens or spawns, so a bad folder is a configuration
+    error in a second rather than a failure once the port is open."""
+    folder = model_folder(model_cfg)
+    if folder is not None:
+        weight_files(folder)
+    _tokenizer_folder(model_cfg)
+
+
+def _tokenizer_folder(model_cfg: ModelConfig) -> Path:
+    folder = model_folder(model_cfg) or TINY_MODEL_DIR
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelLoadError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return folder
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """The HF tokenizer of the model folder (a `shape` model borrows the embedded byte-level one)."""
     from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
 
-    folder = model_folder(model_cfg) or TINY_MODEL_DIR
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ModelLoadError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    folder = _tokenizer_folder(model_cfg)
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:

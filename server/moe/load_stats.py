@@ -25,6 +25,7 @@ class ExpertLoadSnapshot:
     ranks_touched: list[int]  # [layer] sum over tokens of distinct EP ranks its experts live on
     ep_size: int
     physical_tokens: list[list[int]] | None = None  # [layer][physical slot] with EPLB, else None
+    engine_step: int = 0  # forward steps run when read (the counts include that step); set by the core
 
     @property
     def num_layers(self) -> int:

@@ -32,6 +32,7 @@ from .metrics import ServerMetrics
 from .metrics_http import MetricsHttpServer
 from .service import GenerationService
 from .state import SERVICE_NAME, Phase, ServingState
+from .busy_log import BusyLog
 from .tls import check_key_pair
 
 log = logging.getLogger("epserve.server")
@@ -126,9 +127,14 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         stalls = asyncio.ensure_future(self.service.calls.watch_stalls(cfg.stalled_stream_timeout_s))
+        busy = None
         try:
             if await self._load_engine():
+                if cfg.log_interval_s:
+                    busy = asyncio.ensure_future(BusyLog(self.engine, self.metrics, cfg.log_interval_s).run())
                 await self._stop.wait()
+            if busy is not None:
+                busy.cancel()
             await self._shut_down()
         except BaseException:
             await self.grpc.stop(None)
@@ -139,6 +145,8 @@ class Server:
             raise
         finally:
             stalls.cancel()
+            if busy is not None:
+                busy.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return self.exit_code
@@ -163,8 +171,9 @@ class Server:
         await self._warm_up()
         await self.state.set(Phase.SERVING)
         info = self.engine.model_info()
-        log.info("serving model %s (%s, %d experts, top-%d) with routing %s at ep_size=%d",
-                 info.model_name, info.architecture, info.num_experts, info.top_k, info.routing_policy, info.ep_size)
+        log.info("serving model %s (%s, %d layers, %d experts, top-%d) with routing %s at ep_size=%d",
+                 info.model_name, info.architecture, info.num_layers, info.num_experts, info.top_k,
+                 info.routing_policy, info.ep_size)
         return True
 
     async def _warm_up(self) -> None:

@@ -80,5 +80,5 @@ def expert_load_to_pb(snap: ExpertLoadSnapshot, seconds_since_reset: float, rese
             mean_ranks_per_token=summary["mean_ranks_per_token"], tokens_per_layer=summary["tokens"],
             rank_balancedness=_balancedness_pb(agg["rank"]), expert_balancedness=_balancedness_pb(agg["expert"]),
         ),
-        seconds_since_reset=seconds_since_reset, reset=reset,
+        seconds_since_reset=seconds_since_reset, reset=reset, engine_step=snap.engine_step,
     )

@@ -3,6 +3,7 @@
 Module guide (one job per file):
   rank.py           an EP rank's start-up (the launch plan from rank 0, the model shard) and plan loop
   step_plan.py      what rank 0 sends each rank per step, and what comes back
+  kv_sizing.py      how many KV blocks a rank gets (free device memory on CUDA, engine.kv_cache_tokens on CPU)
   model_runner.py   plan -> ForwardBatch -> model.forward -> sampled tokens, on one rank
   input_buffers.py  a rank's persistent step inputs: pinned host staging, one device copy per step
   slot_table.py     a rank's per-slot state (block tables, sampling) that plans only update

@@ -21,6 +21,7 @@ from ..config import ParallelConfig
 from ..launch_plan import LaunchPlan
 from .distributed import RankGroups, destroy, init_rank_groups, resolve_backend, resolve_device
 from .group_signals import ignore_group_signals
+from .kv_sizing import KvCacheSize, kv_cache_size
 from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,11 @@ class ReadyReport:
     rank: int
     device: str
     error: str | None = None
+    kv: KvCacheSize | None = None  # the KV cache this rank can hold (first round), or the one agreed
 
 
-def build_runner(plan: LaunchPlan, rank: int, device: torch.device, groups: RankGroups | None) -> ModelRunner:
-    """Load this rank's shard (its experts only) and allocate its KV cache, as the plan says."""
+def load_rank_model(plan: LaunchPlan, rank: int, device: torch.device, groups: RankGroups | None):
+    """Load this rank's shard (its experts only), as the plan says."""
     from ..kernels.backend import KernelBackend
     from ..model.loader import load_model
 
@@ -44,14 +46,28 @@ def build_runner(plan: LaunchPlan, rank: int, device: torch.device, groups: Rank
         from ..moe.routing import available_policies
 
         available_policies()
-    model = load_model(app.model, policy=plan.policy, ep_rank=rank, ep_size=plan.ep_size, ep_group=ep_group,
-                       device=device, dtype=None, eplb=plan.eplb, dispatch=plan.dispatch, spec=plan.spec,
-                       kernels=KernelBackend.for_device(device, plan.kernels))
-    eng = app.engine
-    return ModelRunner(model, rank=rank, num_blocks=eng.kv_cache_tokens // eng.kv_block_size,
-                       block_size=eng.kv_block_size, device=device, ep_group=ep_group,
-                       max_num_seqs=eng.max_num_seqs, max_model_len=app.model.max_model_len,
-                       max_num_batched_tokens=eng.max_num_batched_tokens, cuda_graphs=plan.kernels.cuda_graphs)
+    return load_model(app.model, policy=plan.policy, ep_rank=rank, ep_size=plan.ep_size, ep_group=ep_group,
+                      device=device, dtype=None, eplb=plan.eplb, dispatch=plan.dispatch, spec=plan.spec,
+                      kernels=KernelBackend.for_device(device, plan.kernels))
+
+
+def make_runner(model, plan: LaunchPlan, rank: int, device: torch.device, groups: RankGroups | None,
+                kv: KvCacheSize) -> ModelRunner:
+    """Allocate the KV cache the ranks agreed on (`kv`) and the step buffers around `model`."""
+    eng, app = plan.app.engine, plan.app
+    runner = ModelRunner(model, rank=rank, num_blocks=kv.num_blocks,
+                         block_size=eng.kv_block_size, device=device,
+                         ep_group=groups.ep_group if groups is not None else None,
+                         max_num_seqs=eng.max_num_seqs, max_model_len=app.model.max_model_len,
+                         max_num_batched_tokens=eng.max_num_batched_tokens, cuda_graphs=plan.kernels.cuda_graphs)
+    runner.kv_size = kv
+    return runner
+
+
+def build_runner(plan: LaunchPlan, rank: int, device: torch.device, groups: RankGroups | None) -> ModelRunner:
+    """One rank on its own: load its shard and size its KV cache (kv_sizing.py) by itself."""
+    model = load_rank_model(plan, rank, device, groups)
+    return make_runner(model, plan, rank, device, groups, kv_cache_size(model, plan.app.engine, device))
 
 
 def share_plan(plan: LaunchPlan | None, groups: RankGroups) -> LaunchPlan:
@@ -73,15 +89,33 @@ def start_rank(plan: LaunchPlan | None, parallel: ParallelConfig, rank: int, wor
     backend = resolve_backend(parallel, device)
     groups = init_rank_groups(rank, world_size, backend, device, init_method)
     plan = share_plan(plan, groups)
-    runner, error = None, None
+    model, kv, error = None, None, None
     try:
-        runner = build_runner(plan, rank, device, groups)
+        model = load_rank_model(plan, rank, device, groups)
+        kv = kv_cache_size(model, plan.app.engine, device)
     except Exception:
         error = traceback.format_exc()
         log.error("EP rank %d failed to load the model:\n%s", rank, error)
+    reports = _gather_reports(ReadyReport(rank, str(device), error, kv), world_size, groups)
+    if any(r.error for r in reports):
+        return None, groups, reports
+    # one scheduler plans every rank with one block count: the smallest any rank can hold
+    agreed = min((r.kv for r in reports), key=lambda k: k.num_blocks)
+    runner = None
+    try:
+        runner = make_runner(model, plan, rank, device, groups, agreed)
+    except Exception:
+        error = traceback.format_exc()
+        log.error("EP rank %d failed to allocate its KV cache and step buffers:\n%s", rank, error)
+    reports = _gather_reports(ReadyReport(rank, str(device), error, agreed), world_size, groups)
+    return runner, groups, reports
+
+
+def _gather_reports(mine: ReadyReport, world_size: int, groups: RankGroups) -> list[ReadyReport]:
+    """Every rank's report, on every rank: a failure anywhere stops all of them cleanly."""
     reports: list[ReadyReport | None] = [None] * world_size
-    dist.all_gather_object(reports, ReadyReport(rank, str(device), error), group=groups.ctrl_group)
-    return runner, groups, reports  # type: ignore[return-value]
+    dist.all_gather_object(reports, mine, group=groups.ctrl_group)
+    return reports  # type: ignore[return-value]
 
 
 def serve_plans(runner: ModelRunner, groups: RankGroups) -> None:

@@ -151,3 +151,34 @@ def test_cli_generate_info_and_expert_load(server, tmp_path):
 def test_cli_reports_errors_with_the_status(server):
     run = _cli(server, "generate", "hi", "--temperature", "-1")
     assert run.returncode == 1 and "INVALID_ARGUMENT: sampling.temperature" in run.stderr
+
+
+def test_cli_expert_load_of_single_steps(server, tmp_path):
+    """--steps N: two reads stamped with their engine step, subtracted. One decoding sequence
+    routes exactly one token per MoE layer per step, so the window holds top_k x steps
+    assignments in every layer, however many steps passed between the reads."""
+    from clients.load_window import load_window
+    from clients.plot import window_title
+
+    with Client(server.target, timeout=120) as c:
+        model = c.info()
+        first = c.expert_load()
+        assert first.engine_step >= 1  # the warm-up generation ran
+        with c.stream([1, 2, 3], max_new_tokens=model.max_model_len - 8, ignore_eos=True) as stream:
+            next(stream)
+            next(stream)  # decoding now
+            run = _cli(server, "expert-load", "--steps", "1", "--json")
+            assert run.returncode == 0, run.stderr
+            window = json.loads(run.stdout)
+            png = tmp_path / "step.png"
+            plotted = _cli(server, "expert-load", "--steps", "2", "--plot", str(png))
+        assert plotted.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plotted.stderr
+        steps = window["last_step"] - window["first_step"]
+        assert steps >= 1
+        assert [sum(row) for row in window["expert_tokens"]] == [model.top_k * steps] * model.num_moe_layers
+        assert [sum(row) for row in window["rank_tokens"]] == [model.top_k * steps] * model.num_moe_layers
+        assert all(0 < b <= 1 for b in window["expert_balancedness"])
+        last = c.expert_load()
+        whole = load_window(first, last)
+        assert whole.steps == last.engine_step - first.engine_step and whole.steps >= steps
+        assert "natural: expert load of engine " in window_title(whole, "natural")

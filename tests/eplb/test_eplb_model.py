@@ -53,6 +53,30 @@ def _rank(rank: int, ep_size: int, folder: str, stats: str, device: str = "cpu")
     return out
 
 
+def reversed_placement(placement: ExpertPlacement) -> ExpertPlacement:
+    """Every layer's slots in reverse order: the same experts, each copy somewhere else."""
+    return ExpertPlacement(placement.num_experts, placement.ep_size, tuple(tuple(reversed(s)) for s in placement.slots))
+
+
+def test_forced_placement_at_ep1_moves_weights_and_keeps_logits() -> None:
+    """A rebalance at ep 1 never moves anything (one rank is always balanced), so this forces a
+    placement: every copy changes slot, and the logits stay those of the block layout."""
+    prompts = [(0, list(b"The quick brown fox")), (1, list(b"jumps over")), (2, list(range(40, 100)))]
+    base = load_model(ModelConfig(), policy=build_policy("natural"))
+    eplb = resolve_eplb(ParallelConfig(redundant_experts=8), num_layers=4, num_experts=16, ep_size=1)
+    placed = load_model(ModelConfig(), policy=build_policy("natural"), eplb=eplb)
+
+    def logits(model):
+        return torch.stack(list(PagedDriver(model, num_blocks=64, block_size=16).step(prompts).values()))
+
+    want = logits(base)
+    assert placed.eplb.rebalance(loads=[[100] + [1] * 15] * 4).layers_changed == 0
+    old = placed.placement
+    changed, moved, local = placed.eplb.apply(reversed_placement(old))
+    assert (changed, moved) == (4, 0) and local > 0 and placed.placement.slots != old.slots
+    torch.testing.assert_close(logits(placed), want, rtol=0, atol=2e-5)
+
+
 @pytest.fixture(scope="module")
 def qwen3_folder(tmp_path_factory):
     from tests.helpers.hf_models import build_hf_model, save_hf_model

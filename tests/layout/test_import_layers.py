@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eplb", ("server.moe.eplb",)),  # expert placement, replicas, rebalancing
     ("model", ("server.model",)),  # families, checkpoints, the decoder, decode CUDA graphs
     ("setup", ("server.routing_setup", "server.eplb_setup", "server.dispatch_setup",
-               "server.launch_plan")),  # config -> policy / placement / dispatch -> the launch plan
+               "server.launch_plan", "server.startup_checks")),  # config -> policy / placement / dispatch -> the launch plan
     ("engine api", ("server.engine",)),  # the engine's vocabulary, shared by every process
     ("rank worker", ("server.worker",)),  # one EP rank: model runner, buffers, sampler, rank start-up
     ("engine core", ("server.core",)),  # the engine-core process: CoreLoop, EngineCore, scheduler, executor

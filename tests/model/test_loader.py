@@ -111,7 +111,11 @@ def test_bfloat16_serving_dtype_casts_weights(qwen3):
     assert model.spec.dtype == "bfloat16"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.expert_bytes_loaded * 2 == model.expert_bytes_read  # held in bf16, read in fp32
-    assert torch.allclose(_logits(model), _logits(_load(folder)), atol=0.25)
+    # bf16 weights (8-bit mantissa) against the fp32 load: on this model (logits std ~1.1) the
+    # kernels give a max error of 0.037-0.055 over seeds; 0.08 leaves room for the platform
+    # and still fails on an error twice what bf16 rounding gives (the old 0.25 did not).
+    error = (_logits(model) - _logits(_load(folder))).abs().max().item()
+    assert 0 < error < 0.08, error
 
 
 # ---- errors ----

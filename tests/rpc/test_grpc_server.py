@@ -6,6 +6,7 @@ engine.max_num_seqs=1 and engine.max_queue=1 (RESOURCE_EXHAUSTED from the engine
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -362,3 +363,13 @@ def test_a_burst_of_unary_calls_is_answered_or_shed_with_cancelled(server, clien
     assert set(codes) <= {"OK", "CANCELLED"} and codes["OK"] >= 1000, codes
     assert client.health() == "SERVING"
     assert client.generate([1, 2], max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+
+
+def test_start_up_log_names_the_model_depth_and_the_kv_cache(server, client):
+    """A shape may be cut short for benchmarks: the log says how many layers are served, and
+    how many KV blocks each rank holds and how many full-length sequences fit."""
+    client.health()
+    log = server.log()
+    assert re.search(r"serving model tiny \(Qwen3MoeForCausalLM, 4 layers, 16 experts, top-2\)", log), log
+    assert re.search(r"KV cache per rank: 4096 blocks x 16 tokens = 65536 tokens, [\d.]+ GiB \(engine.kv_cache_tokens\); "
+                     r"max concurrency at max_model_len=2048: 1 sequences per rank, 1 in all", log), log  # engine.max_num_seqs=1

@@ -53,6 +53,42 @@ def test_switch_under_load_every_stream_completes(switchable):
         assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == new_tokens
 
 
+def test_flapping_switch_with_natural_at_both_ends_keeps_greedy_tokens(switchable):
+    """Switches land between steps on every rank and change nothing else: greedy streams that run
+    while the policy is switched again and again (natural each time: every switch still resets
+    counters and swaps the policy object) produce the tokens a run without switches produces, and
+    after natural -> greedy_balanced -> natural the same prompts give those tokens again."""
+    prompts = [[3 + i, 7, 11, 13 + i, 17, 19 + 2 * i] for i in range(6)]
+    new_tokens, results, errors_seen = 24, {}, []
+
+    def greedy(c: Client, prompt: list[int]) -> list[int]:
+        return list(c.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids)
+
+    def run(i: int) -> None:
+        try:
+            with Client(switchable.target, timeout=120) as c:
+                results[i] = greedy(c, prompts[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors_seen.append(exc)
+
+    with Client(switchable.target, timeout=120) as c:
+        c.set_routing_policy("natural")
+        reference = [greedy(c, p) for p in prompts]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for seed in range(1, 9):
+            assert c.set_routing_policy("natural", seed=seed).name == "natural"
+        for t in threads:
+            t.join(120)
+        assert not errors_seen, errors_seen
+        assert [results[i] for i in range(len(prompts))] == reference
+        assert c.set_routing_policy("greedy_balanced").name == "greedy_balanced"
+        assert greedy(c, prompts[0]) != reference[0] or greedy(c, prompts[1]) != reference[1]  # it did switch
+        assert c.set_routing_policy("natural").name == "natural"
+        assert [greedy(c, p) for p in prompts] == reference
+
+
 def test_long_prefill_after_a_switch_is_balanced(switchable):
     with Client(switchable.target, timeout=120) as c:
         model = c.info()
@@ -165,6 +201,7 @@ def test_routed_experts_shape_and_prompt_rows(switchable):
         assert plain.routed_experts is None
         out = c.generate(prompt, max_new_tokens=5, ignore_eos=True, return_routed_experts=True)
         assert len(out.routed_experts) == 5
+        assert out.prompt_routed_experts is None and out.completion_routed_experts == out.routed_experts[1:]
         assert all(len(row) == model.num_moe_layers and all(len(ids) == model.top_k for ids in row)
                    for row in out.routed_experts)
         with_prompt = []
@@ -190,6 +227,12 @@ def test_routed_experts_equal_what_record_writes(tmp_path):
     rows = len(prompt) + new - 1  # every position the model ran
     got = torch.tensor(out.routed_experts, dtype=torch.int32)  # [rows, L, k]
     assert got.shape == (rows, model.num_moe_layers, model.top_k)
+    # vLLM's layout: one row per prompt token [P, L, k], then the fed-back generated tokens [C - 1, L, k]
+    prompt_rows = torch.tensor(out.prompt_routed_experts, dtype=torch.int32)
+    completion_rows = torch.tensor(out.completion_routed_experts, dtype=torch.int32)
+    assert prompt_rows.shape == (len(prompt), model.num_moe_layers, model.top_k)
+    assert completion_rows.shape == (new - 1, model.num_moe_layers, model.top_k)
+    assert torch.equal(torch.cat([prompt_rows, completion_rows]), got)
     trace = read_trace(path)
     for layer in range(model.num_moe_layers):
         assert torch.equal(trace.layers[layer][-rows:], got[:, layer]), layer

@@ -72,7 +72,8 @@ def test_bench_multirun_on_cpu_writes_real_measurements(tmp_path):
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
     for png in ("throughput.png", "tiny-single-natural_load.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| run | prefill tok/s |" in proc.stdout.strip().splitlines()[-4]  # the table is printed last
+    assert "| run | model | prefill tok/s |" in proc.stdout.strip().splitlines()[-4]  # the table is printed last
+    assert "| tiny-single-natural | tiny (4 layers) |" in proc.stdout  # the depth, since shapes may be cut short
 
 
 def test_bench_ep2_over_gloo(tmp_path):

@@ -39,6 +39,8 @@ class RebalanceReport:
     rank_max_over_mean_before: float  # expected on the window's loads, mean over layers
     rank_max_over_mean_after: float
     seconds: float
+    loads: tuple[tuple[int, ...], ...] = ()  # [layer][expert] the window it was computed from
+    slots: tuple[tuple[int, ...], ...] = ()  # [layer][physical slot] the placement served after it
 
 
 class ExpertRebalancer:
@@ -67,40 +69,58 @@ class ExpertRebalancer:
         else:  # the next live window starts here too
             self._since = self.model.load_counters.lifetime_expert_tokens().clone()
         model, old = self.model, self.model.placement
-        ep, rank = model.ep_size, model.ep_rank
-        proposed = self.settings.place(loads, old.num_experts, ep)
-        placement = old
+        proposed = self.settings.place(loads, old.num_experts, model.ep_size)
+        keep = []  # layers whose proposed placement is not worth the move
         before, after = [], []
-        changed = moved = local = 0
-        experts = model.moe_experts()
         for layer, row in enumerate(loads):
             old_mm = max_over_mean(old.rank_loads(layer, row))
             new_mm = max_over_mean(proposed.rank_loads(layer, row))
             before.append(old_mm)
-            if not sum(row) or new_mm > old_mm * (1 - MIN_GAIN) or proposed.slots[layer] == old.slots[layer]:
-                after.append(old_mm)
-                continue
-            moves = plan_layer_moves(old.slots[layer], proposed.slots[layer], ep)
-            move_layer_experts([experts[layer].gate_up_proj, experts[layer].down_proj], moves, rank, ep, group)
-            placement = placement.with_layer(layer, proposed.slots[layer])
-            after.append(new_mm)
-            changed += 1
-            moved += moves.num_transfers
-            local += moves.num_local_copies
-        if changed:
-            model.placement = placement
-            model.runtime.replicas.update(placement)
+            worth = sum(row) and new_mm <= old_mm * (1 - MIN_GAIN) and proposed.slots[layer] != old.slots[layer]
+            after.append(new_mm if worth else old_mm)
+            if not worth:
+                keep.append(layer)
+        for layer in keep:
+            proposed = proposed.with_layer(layer, old.slots[layer])
+        changed, moved, local = self.apply(proposed, group)
+        experts = model.moe_experts()
         per_expert = sum(p[0].numel() * p.element_size() for p in (experts[0].gate_up_proj, experts[0].down_proj)) if experts else 0
         report = RebalanceReport(
             window_tokens=int(sum(map(sum, loads))), layers_changed=changed, experts_moved=moved, local_copies=local,
             bytes_moved=moved * per_expert, rank_max_over_mean_before=_mean(before), rank_max_over_mean_after=_mean(after),
             seconds=time.perf_counter() - start,
+            loads=tuple(tuple(int(x) for x in row) for row in loads), slots=model.placement.slots,
         )
-        if rank == 0:
+        if model.ep_rank == 0:
             log.info("EPLB rebalance: %d of %d layers re-placed, %d experts moved (%.1f MiB), expected rank max/mean "
                      "%.3f -> %.3f over %d assignments, %.3f s", changed, len(loads), moved, report.bytes_moved / 2**20,
                      report.rank_max_over_mean_before, report.rank_max_over_mean_after, report.window_tokens, report.seconds)
         return report
+
+    @torch.no_grad()
+    def apply(self, placement, group: dist.ProcessGroup | None = None) -> tuple[int, int, int]:
+        """Move expert weights so the model serves `placement` (every rank together, the same
+        placement on each) and point the replica map at it. -> (layers changed, copies that
+        crossed ranks, copies within a rank). Rebalances call it with what the window's loads
+        propose; tests and tools may force any valid placement."""
+        model, old = self.model, self.model.placement
+        ep, rank = model.ep_size, model.ep_rank
+        experts = model.moe_experts()
+        changed = moved = local = 0
+        current = old
+        for layer in range(len(old.slots)):
+            if placement.slots[layer] == old.slots[layer]:
+                continue
+            moves = plan_layer_moves(old.slots[layer], placement.slots[layer], ep)
+            move_layer_experts([experts[layer].gate_up_proj, experts[layer].down_proj], moves, rank, ep, group)
+            current = current.with_layer(layer, placement.slots[layer])
+            changed += 1
+            moved += moves.num_transfers
+            local += moves.num_local_copies
+        if changed:
+            model.placement = current
+            model.runtime.replicas.update(current)
+        return changed, moved, local
 
 
 def _mean(xs: list[float]) -> float:

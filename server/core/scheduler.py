@@ -45,12 +45,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_queue: int,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.num_ranks = num_ranks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue = max_queue
+        self.eos_token_ids = tuple(eos_token_ids)  # min_tokens holds these back too (plan_builder.py)
         self.blocks = [BlockManager(num_blocks, block_size) for _ in range(num_ranks)]
         self.free_slots: list[list[int]] = [list(range(max_num_seqs - 1, -1, -1)) for _ in range(num_ranks)]
         self._builders: list[RankBatchBuilder] = []
@@ -105,7 +107,7 @@ class Scheduler:
     def schedule(self) -> list[RankBatchBuilder]:
         """This step's work, per rank. Mutates block tables (allocation, preemption), slots and
         the sequences' computed / pending counts."""
-        self._builders = builders = [RankBatchBuilder() for _ in range(self.num_ranks)]
+        self._builders = builders = [RankBatchBuilder(self.eos_token_ids) for _ in range(self.num_ranks)]
         budget = [self.max_num_batched_tokens] * self.num_ranks
         preempted = False
         bs = self.block_size
@@ -143,7 +145,7 @@ class Scheduler:
     def plan(self, load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
         builders = self.schedule()
         return build_step_plan(self.step, [b.build() for b in builders], [b.sampling for b in builders],
-                               load_snapshot, stop, [b.routed for b in builders])
+                               load_snapshot, stop, [b.routed for b in builders], [b.prompt_lp for b in builders])
 
     def update(self, plan: StepPlan, results: list[RankResult]) -> list[tuple[Sequence, int, float | None]]:
         """Apply a finished step: append each sampled token to its sequence.
@@ -162,12 +164,16 @@ class Scheduler:
                 continue
             tokens = res.tokens.tolist()
             logprobs = res.logprobs.tolist() if res.logprobs is not None else None
+            top_ids, top_lps = res.top_ids, res.top_logprobs
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1
                 if seq.status is SeqStatus.FINISHED:
                     continue
                 token = tokens[i]
                 seq.token_ids.append(token)
+                n_top = seq.request.top_logprobs if top_ids is not None else 0
+                if n_top:
+                    seq.last_top = (top_ids[i, :n_top].tolist(), top_lps[i, :n_top].tolist())
                 out.append((seq, token, logprobs[i] if logprobs is not None and seq.request.logprobs else None))
         return out
 

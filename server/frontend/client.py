@@ -139,7 +139,8 @@ class EngineClient:
                            RequestStream(self.stream_interval))
         self._table.requests[req_id] = live
         self._batch.adds.append(AddRequest.of(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
-                                                            request.stops, request.logprobs, request.routed_experts)))
+                                                            request.stops, request.logprobs, request.routed_experts,
+                                                            request.top_logprobs, request.prompt_logprobs)))
         self._schedule_flush()
         try:
             while True:
@@ -220,14 +221,16 @@ class EngineClient:
     def _on_step(self, step: StepFrame) -> None:
         self._stats = step.stats
         now = time.monotonic()
-        requests, routed = self._table.requests, step.routed
+        requests, routed, tops, prompt_lps = self._table.requests, step.routed, step.top_logprobs, step.prompt_logprobs
         for i, req_id in enumerate(step.req_ids):
             live = requests.get(req_id)
             if live is None:  # cancelled meanwhile, or ended by a stop string
                 continue
             reason = step.finish_reason(req_id) if step.finished else None
             chunk = live.output.on_tokens(step.token_ids[i], step.logprobs[i], reason, now,
-                                          routed[i] if routed is not None else None)
+                                          routed[i] if routed is not None else None,
+                                          tops[i] if tops is not None else None,
+                                          prompt_lps[i] if prompt_lps is not None else None)
             live.stream.put(chunk)
             if chunk.finish_reason is not None:
                 del requests[req_id]

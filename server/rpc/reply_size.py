@@ -92,6 +92,8 @@ def merge_messages(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateRe
     for m in messages:
         out.token_ids.extend(m.token_ids)
         out.logprobs.extend(m.logprobs)
+        out.top_logprobs.extend(m.top_logprobs)
+        out.prompt_logprobs.extend(m.prompt_logprobs)
     if routed:
         out.routed_experts.num_layers, out.routed_experts.top_k = routed[0].num_layers, routed[0].top_k
         out.routed_experts.ids = b"".join(r.ids for r in routed)

@@ -96,7 +96,13 @@ class EngineCore:
             if req.req_id in self.scheduler.seqs:
                 raise ValueError(f"request id {req.req_id} is already in the engine")
             seq = Sequence.create(req.req_id, req, seed, max_total, time.monotonic())
-            self.scheduler.add(seq)
+            parent = self.scheduler.seqs.get(req.prefix_of) if req.prefix_of >= 0 else None
+            # n > 1: share the prompt's full blocks (at least one token is left to compute and sample from)
+            shared = (prompt_len - 1) // self.scheduler.block_size * self.scheduler.block_size
+            if parent is not None and shared > 0 and parent.request.prompt_token_ids == req.prompt_token_ids:
+                self.scheduler.add_fork(seq, parent, shared)
+            else:
+                self.scheduler.add(seq)
 
     def abort(self, req_ids: Iterable[int]) -> None:
         """Drop these requests now (unknown or finished ids are ignored): their KV blocks are

@@ -60,6 +60,7 @@ class AddRequest:
     min_tokens: int = 0
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    prefix_of: int = -1
 
     @classmethod
     def of(cls, req: EngineRequest) -> "AddRequest":
@@ -67,7 +68,7 @@ class AddRequest:
         return cls(req.req_id, list(req.prompt_token_ids), sp.temperature, sp.top_p, sp.top_k, sp.seed,
                    st.max_new_tokens, list(st.stop_token_ids), st.ignore_eos, req.logprobs, int(req.routed_experts),
                    sp.min_p, sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty, st.min_tokens,
-                   req.top_logprobs, req.prompt_logprobs)
+                   req.top_logprobs, req.prompt_logprobs, req.prefix_of)
 
     def request(self) -> EngineRequest:
         sampling = SamplingParams(self.temperature, self.top_p, self.top_k, self.seed, min_p=self.min_p,
@@ -77,7 +78,7 @@ class AddRequest:
                              StopParams(max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(self.stop_token_ids),
                                         ignore_eos=self.ignore_eos, min_tokens=self.min_tokens),
                              self.logprobs, RoutedExpertsMode(self.routed_experts), self.top_logprobs,
-                             self.prompt_logprobs)
+                             self.prompt_logprobs, self.prefix_of)
 
 
 @dataclass

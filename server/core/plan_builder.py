@@ -124,6 +124,7 @@ class RankBatchBuilder:
                 prompt_lens=np.array([s.num_prompt_tokens for s in self._fills], dtype=np.int64),
                 min_tokens=np.array([r.stops.min_tokens for r in reqs], dtype=np.int64),
                 top_logprobs=np.array([r.top_logprobs for r in reqs], dtype=np.int32),
+                prompt_from=np.array([s.forked_from_slot for s in self._fills], dtype=np.int32),
                 **self._banned(reqs),
             )
         appends = BlockAppends.empty()

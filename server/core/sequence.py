@@ -48,6 +48,12 @@ class Sequence:
     #: be computed (-1: not asked for); like routed_from, a recomputed prefix is not sent twice
     prompt_lp_from: int = -1
     prompt_lp_pending: list = field(default_factory=list)  # [P] float32 arrays not yet sent
+    #: n > 1: while waiting to fork, the sequence whose first `shared_len` prompt tokens' KV
+    #: blocks this one will share (None: an ordinary sequence)
+    parent: "Sequence | None" = None
+    shared_len: int = 0
+    #: the slot of the parent on this sequence's rank when it forked (its penalty prompt set is copied); -1: none
+    forked_from_slot: int = -1
     #: top_logprobs asked for: (ids, logprobs) of the newest token's position, set by Scheduler.update
     last_top: tuple[list[int], list[float]] | None = None
 

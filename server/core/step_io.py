@@ -27,6 +27,9 @@ class EngineRequest:
     routed_experts: RoutedExpertsMode = RoutedExpertsMode.NONE
     top_logprobs: int = 0  # GenerationRequest.top_logprobs
     prompt_logprobs: bool = False
+    #: >= 0: a request with the same prompt, added before this one, whose prompt KV blocks this
+    #: one shares (GenerationRequest.n); -1: none
+    prefix_of: int = -1
 
 
 @dataclass

@@ -58,6 +58,7 @@ MIN_TEMPERATURE = 1e-5
 # The most alternatives a request may ask for per position (OpenAI's top_logprobs limit). The
 # device computes this many for every row of a step that has a request asking: one fixed shape.
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # the most sequences one request may ask for (GenerationRequest.n)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ class GenerationRequest:
     logprobs: bool = False  # return the log-probability of each sampled token
     top_logprobs: int = 0  # also the N most likely tokens at each generated position (0..MAX_TOP_LOGPROBS)
     prompt_logprobs: bool = False  # the log-probability of each prompt token after the first, with the first chunk
+    #: independent sequences from the one prompt (GenerationChunk.index); they share the prompt's KV
+    #: blocks. With a seed, sequence i samples with seed + i (mod 2**64).
+    n: int = 1
     routed_experts: RoutedExpertsMode = RoutedExpertsMode.NONE
 
 
@@ -129,6 +133,7 @@ class GenerationChunk:
     usage: Usage | None = None
     #: uint16 little-endian [rows, MoE layers, top_k] logical expert ids (routed_experts asked for)
     routed_experts: bytes | None = None
+    index: int = 0  # which of the request's n sequences (each ends with its own finish_reason)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from .stop_strings import StopStringMatcher
 
 class RequestOutput:
     def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], arrival: float | None = None,
-                 routed_row_bytes: int = 0) -> None:
+                 routed_row_bytes: int = 0, index: int = 0) -> None:
         self.request = request
+        self.index = index  # which of the request's n sequences this is (GenerationChunk.index)
         self.routed_row_bytes = routed_row_bytes  # one routed-experts row: MoE layers x top_k x 2 bytes
         self.detok = IncrementalDetokenizer(decode, request.prompt_token_ids)
         self.matcher = StopStringMatcher(request.stops.stop)
@@ -70,6 +71,7 @@ class RequestOutput:
             finish_reason=reason,
             usage=self.usage() if reason is not None else None,
             routed_experts=routed,
+            index=self.index,
         )
 
     def _feed_watching_stops(self, token_ids: list[int]) -> tuple[str, int | None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ..engine.api import MAX_TOP_LOGPROBS, GenerationRequest, InvalidRequestError
+from ..engine.api import MAX_N, MAX_TOP_LOGPROBS, GenerationRequest, InvalidRequestError
 
 _INTS = {int}
 
@@ -69,3 +69,5 @@ def check_invariants(req: GenerationRequest, *, vocab_size: int, max_model_len: 
         raise InvalidRequestError("stops.stop_token_ids", "at most 64 ids with min_tokens (held back on the device)")
     if not (type(req.top_logprobs) is int and 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS):
         raise InvalidRequestError("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs!r}")
+    if not (type(req.n) is int and 1 <= req.n <= MAX_N):
+        raise InvalidRequestError("n", f"must be an int in [1, {MAX_N}], got {req.n!r}")

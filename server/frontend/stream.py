@@ -57,7 +57,8 @@ class RequestStream:
         if isinstance(first, BaseException):
             raise first
         parts = [first]
-        while self._items and not isinstance(self._items[0], BaseException) and parts[-1].finish_reason is None:
+        while (self._items and not isinstance(self._items[0], BaseException) and parts[-1].finish_reason is None
+               and self._items[0].index == first.index):  # n > 1: one sequence's chunks per message
             parts.append(self._items.popleft())
         self._started = True
         self._pending_tokens = sum(len(c.token_ids) for c in self._items if isinstance(c, GenerationChunk))
@@ -85,4 +86,5 @@ def merge_chunks(parts: list[GenerationChunk]) -> GenerationChunk:
         finish_reason=last.finish_reason,
         usage=last.usage,
         routed_experts=routed,
+        index=last.index,
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from clients.pb import generation_pb2 as gen_pb
-from server.engine.api import (MAX_TOP_LOGPROBS, GenerationRequest, InvalidRequestError, RoutedExpertsMode,
+from server.engine.api import (MAX_N, MAX_TOP_LOGPROBS, GenerationRequest, InvalidRequestError, RoutedExpertsMode,
                                SamplingParams, StopParams)
 
 from .received import ReceivedRequest
@@ -35,6 +35,7 @@ class RequestLimits:
     max_request_id_chars: int = 128
     max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenizing
     max_top_logprobs: int = MAX_TOP_LOGPROBS
+    max_n: int = MAX_N
     max_abs_penalty: float = 2.0  # presence / frequency penalties (OpenAI's range)
 
 
@@ -86,6 +87,8 @@ def validate_request(received: ReceivedRequest, limits: RequestLimits,
     stops = _stops(req, limits)
     _check(req.top_logprobs <= limits.max_top_logprobs, "top_logprobs",
            f"must be in [0, {limits.max_top_logprobs}], got {req.top_logprobs}")
+    n = req.n if req.HasField("n") and req.n else 1
+    _check(n <= limits.max_n, "n", f"must be in [1, {limits.max_n}] (unset: 1), got {n}")
     prompt_ids = _prompt(req, limits, encode)  # last: tokenizing costs more than the cheap checks
     return ValidRequest(
         GenerationRequest(
@@ -96,6 +99,7 @@ def validate_request(received: ReceivedRequest, limits: RequestLimits,
             logprobs=req.logprobs or req.top_logprobs > 0,
             top_logprobs=req.top_logprobs,
             prompt_logprobs=req.prompt_logprobs,
+            n=n,
             routed_experts=routed,
         ),
         text_output,

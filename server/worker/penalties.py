@@ -48,6 +48,11 @@ class PenaltyState:
         self.generated.index_fill_(0, slots, 0)
         self.in_prompt.index_fill_(0, slots, 0)
 
+    def copy_prompt(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slots dst [A] start with the prompt set of slots src [A] (n > 1: a sequence that shares
+        its parent's prompt blocks never runs those prompt tokens itself)."""
+        self.in_prompt.index_copy_(0, dst, self.in_prompt.index_select(0, src))
+
     def record(self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
                seq_slots: torch.Tensor, prompt_lens: torch.Tensor) -> None:
         """Add one step's input tokens to their slots' rows.

@@ -52,6 +52,10 @@ class SamplingExtras:
             self.penalties = PenaltyState(self.inputs.max_seqs, self.vocab_size, self.device)
         if self.penalties is not None:
             self.penalties.clear(torch.from_numpy(fills.slots.astype(np.int64)).to(self.device))
+            forked = fills.prompt_from >= 0 if len(fills.prompt_from) else np.zeros(len(fills), bool)
+            if forked.any():  # n > 1: the shared prompt ran in the parent's slot only
+                self.penalties.copy_prompt(torch.from_numpy(fills.prompt_from[forked].astype(np.int64)).to(self.device),
+                                           torch.from_numpy(fills.slots[forked].astype(np.int64)).to(self.device))
         if len(fills.ban_slots):  # rare (min_tokens requests): a small copy of their rows
             slots = torch.from_numpy(fills.ban_slots.astype(np.int64)).to(self.device)
             self.banned.index_copy_(0, slots, torch.from_numpy(fills.banned).to(self.device))
@@ -63,6 +67,8 @@ class SamplingExtras:
         sample_slots [R] their slots, context_lens [S] tokens in the KV after the step,
         hot_pick: the drawing rows among R (a slice or an index array), num_hot of them."""
         t = self.slots
+        if not t.any_extras:
+            return NO_EXTRAS
         record = bool(t.penalized[b.slots].any())
         if record:
             s = b.num_seqs

@@ -30,6 +30,9 @@ class SlotTable:
         self.min_tokens = np.zeros(max_seqs, dtype=np.int64)
         self.top_logprobs = np.zeros(max_seqs, dtype=np.int32)
         self.banned = np.zeros((max_seqs, MAX_BANNED_IDS), dtype=np.int64)  # ids min_tokens holds back
+        #: some slot (live, or left by a finished sequence) uses a feature of sampling_extras.py;
+        #: False lets a step skip their staging altogether
+        self.any_extras = False
 
     def apply(self, fills: SlotFill, appends: BlockAppends) -> None:
         if len(fills):
@@ -50,6 +53,8 @@ class SlotTable:
             self.top_logprobs[s] = fills.top_logprobs
             if len(fills.ban_slots):
                 self.banned[fills.ban_slots] = fills.banned
+            self.any_extras = bool(self.penalized.any() or self.min_p.any() or self.min_tokens.any()
+                                   or self.top_logprobs.any())
         if len(appends):
             if int(appends.cols.max()) >= self.width:
                 raise ValueError(f"a block table grew past {self.width} blocks (max_model_len / kv_block_size)")

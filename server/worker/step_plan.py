@@ -62,6 +62,9 @@ class SlotFill:
     prompt_lens: np.ndarray = field(default_factory=lambda: _i64([]))  # [A] int64 prompt tokens of the request
     min_tokens: np.ndarray = field(default_factory=lambda: _i64([]))  # [A] int64, 0 = off
     top_logprobs: np.ndarray = field(default_factory=lambda: _i32([]))  # [A] int32 alternatives asked for
+    #: [A] int32 the slot (same rank) of the sequence whose prompt blocks this one shares (n > 1;
+    #: its penalty prompt set is copied: the shared prompt tokens never run in this slot); -1: none
+    prompt_from: np.ndarray = field(default_factory=lambda: _i32([]))
     #: the fills with min_tokens > 0: their slots [M] int32 and the ids banned until then,
     #: [M, MAX_BANNED_IDS] int64 (EOS unless ignore_eos, and stop_token_ids; padded by repeating the first)
     ban_slots: np.ndarray = field(default_factory=lambda: _i32([]))

@@ -222,3 +222,51 @@ def test_penalties_survive_preemption(hf_and_folder) -> None:
         assert tokens == _greedy_with(model, prompt, 12, rule(len(prompt)))
         changed += tokens != _greedy_with(model, prompt, 12, lambda t, lg: lg)
     assert changed  # the penalties changed some output
+
+
+def _by_index(chunks) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for c in chunks:
+        out.setdefault(c.index, []).append(c)
+    return out
+
+
+def test_n_sequences_under_a_seed_are_reproducible_and_equal_single_runs(engine) -> None:
+    """n = 3 from a 13-token prompt (3 shared blocks of 4): each sequence is what a request of
+    its own with seed + i gives, so sharing the prompt's KV changes no token."""
+    prompt, seed = PROMPTS[2], 42
+    sampling = {"temperature": 0.9, "top_p": 0.95, "seed": seed}
+    forks = engine.core.scheduler.num_forks
+    runs = [_by_index(_chunks(engine, _req(0, prompt, sampling, n=3))) for _ in range(2)]
+    assert engine.core.scheduler.num_forks == forks + 4  # two runs, two sequences each on shared blocks
+    assert runs[0].keys() == {0, 1, 2}
+    seqs = {i: [t for c in chunks for t in c.token_ids] for i, chunks in runs[0].items()}
+    again = {i: [t for c in chunks for t in c.token_ids] for i, chunks in runs[1].items()}
+    assert seqs == again
+    for i, chunks in runs[0].items():
+        assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].usage.completion_tokens == MAX_NEW
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        (alone, _, _), = serve_all(engine, [_req(9, prompt, {**sampling, "seed": seed + i})])
+        assert seqs[i] == alone, i
+    assert len({tuple(s) for s in seqs.values()}) > 1
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_n_sequences_with_penalties_see_the_whole_prompt(engine, hf_and_folder) -> None:
+    """The later sequences never run the shared prompt tokens themselves: their repetition
+    penalty must still cover them (greedy: every sequence equals transformers' output)."""
+    model, _ = hf_and_folder
+    # a prompt made of the model's own continuation, so penalizing it changes what comes next
+    prompt = [20, 21, 22] + _greedy_with(model, [20, 21, 22], 10, lambda t, lg: lg)  # 13 tokens, 12 shared
+
+    def penalized(seen_from: int):
+        def rule(tokens, logits):
+            return RepetitionPenaltyLogitsProcessor(1.8)(torch.tensor([tokens[seen_from:]]), logits[None].clone())[0]
+        return rule
+
+    want = _greedy_with(model, prompt, MAX_NEW, penalized(0))
+    assert want != _greedy_with(model, prompt, MAX_NEW, penalized(12))  # the shared part of the prompt matters
+    seqs = _by_index(_chunks(engine, _req(0, prompt, {"repetition_penalty": 1.8}, n=2, prompt_logprobs=True)))
+    for i, chunks in seqs.items():
+        assert [t for c in chunks for t in c.token_ids] == want, i
+    assert seqs[0][0].prompt_logprobs is not None and seqs[1][0].prompt_logprobs is None  # the first one returns them

@@ -87,6 +87,7 @@ BAD_REQUESTS: list[BadRequest] = [
                "sampling.frequency_penalty"),
     BadRequest("min_tokens over max_new_tokens", _b(lambda l: good(max_new_tokens=4, min_tokens=5)), "min_tokens"),
     BadRequest("top_logprobs over 20", _b(lambda l: good(logprobs=True, top_logprobs=21)), "top_logprobs"),
+    BadRequest("n over 16", _b(lambda l: good(n=17)), "n"),
     BadRequest("too many stop strings", _b(lambda l: good(stop=[f"s{i}" for i in range(17)])), "stop"),
     BadRequest("stop string too long", _b(lambda l: good(stop=["ok", "x" * 257])), "stop[1]"),
     BadRequest("empty stop string", _b(lambda l: good(stop=[""])), "stop[0]"),

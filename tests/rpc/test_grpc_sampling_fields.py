@@ -76,3 +76,22 @@ def test_bad_values_are_invalid_argument_and_the_server_keeps_serving(stub, fiel
         stub.Generate(_request(sampling=sampling, **extra), timeout=60)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
     assert len(stub.Generate(_request(), timeout=60).token_ids) == 6
+
+
+def test_n_sequences_stream_interleaved_and_unary_choices(stub) -> None:
+    request = _request(sampling=dict(temperature=1.0, seed=5), n=3)
+    messages = list(stub.GenerateStream(request, timeout=60))
+    by_index: dict[int, list] = {}
+    for m in messages:
+        by_index.setdefault(m.index, []).append(m)
+    assert sorted(by_index) == [0, 1, 2]
+    for msgs in by_index.values():
+        assert msgs[-1].finish_reason == g.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == 6
+        assert all(m.finish_reason == g.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    streamed = [[t for m in by_index[i] for t in m.token_ids] for i in range(3)]
+    reply = stub.Generate(request, timeout=60)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and not reply.token_ids
+    assert [list(c.token_ids) for c in reply.choices] == streamed  # seeded: the same set again
+    for i in range(3):  # each sequence is the request alone under seed + i
+        alone = stub.Generate(_request(sampling=dict(temperature=1.0, seed=5 + i)), timeout=60)
+        assert list(alone.token_ids) == streamed[i]

@@ -17,6 +17,7 @@ import torch
 
 from ..model.forward_batch import ForwardBatch
 from .input_buffers import StepInputs
+from .pending_step import PendingStep, event_after, pending_step
 from .policy_switch import PolicySwitch
 from .routed_experts import RoutedExpertsRecorder
 from .sampler import SamplingBatch, SamplingFlags, sample, sample_keys
@@ -26,33 +27,6 @@ from .step_plan import RankBatch, RankPlan, RankResult
 
 DEFAULT_MAX_SEQS = 256
 DEFAULT_MAX_BATCHED_TOKENS = 4096
-
-
-class PendingStep:
-    """A launched step; `result()` gives its RankResult once the device has finished it."""
-
-    def __init__(self, result: RankResult, tokens: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
-                 event=None, routed: torch.Tensor | None = None, extras: dict | None = None) -> None:
-        self._result, self._tokens, self._logprobs, self._event = result, tokens, logprobs, event
-        self._routed = routed  # [R, MoE layers, k] int16 on the host (routed_experts.py)
-        self._extras = extras  # RankResult attribute -> host tensor (top-N, prompt logprobs)
-
-    def result(self) -> RankResult:
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
-        if self._tokens is not None:
-            self._result.tokens = self._tokens.numpy()
-            self._result.logprobs = self._logprobs.numpy() if self._logprobs is not None else None
-            self._tokens = self._logprobs = None
-        if self._routed is not None:
-            self._result.routed = self._routed.numpy()
-            self._routed = None
-        if self._extras:
-            for name, value in self._extras.items():
-                setattr(self._result, name, value.numpy())
-            self._extras = None
-        return self._result
 
 
 class ModelRunner:
@@ -216,8 +190,8 @@ class ModelRunner:
             logits = logits[:r]
         if staged.num_samples == 0:
             if extra_out:
-                return self._pending(result, None, None, routed, extra_out)
-            return PendingStep(result, routed=routed, event=_event_after(self.device) if routed is not None else None)
+                return pending_step(self.device, result, None, None, routed, extra_out)
+            return PendingStep(result, routed=routed, event=event_after(self.device) if routed is not None else None)
         params = SamplingBatch(temperature=d["temperature"][:n], top_p=d["top_p"][:n], top_k=d["top_k"][:n],
                                keys=d["keys"][:n], want_logprobs=staged.flags.want_logprobs,
                                all_greedy=staged.flags.all_greedy, any_cut=staged.flags.any_cut,
@@ -227,16 +201,7 @@ class ModelRunner:
         d["next_token"].index_copy_(0, d["sample_slots"][:r], tokens)  # the next decode step's inputs
         if extras.top:
             extra_out["top_ids"], extra_out["top_logprobs"] = top_logprobs(logits)  # [R, K] each
-        return self._pending(result, tokens, logprobs, routed, extra_out)
-
-    def _pending(self, result: RankResult, tokens, logprobs, routed, extra_out: dict) -> PendingStep:
-        """The step's outputs on their way to the host (copies queued, not waited for, on CUDA)."""
-        if self.device.type != "cuda":
-            return PendingStep(result, tokens, logprobs, routed=routed, extras=extra_out)
-        tokens_host = tokens.to("cpu", non_blocking=True) if tokens is not None else None  # pinned: no block
-        logprobs_host = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
-        extra_host = {k: v.to("cpu", non_blocking=True) for k, v in extra_out.items()}
-        return PendingStep(result, tokens_host, logprobs_host, _event_after(self.device), routed, extra_host)
+        return pending_step(self.device, result, tokens, logprobs, routed, extra_out)
 
     def _stage(self, b: RankBatch, token_offset: int, bucket: int | None) -> "Staged":
         """Fill the host views for this step (numpy, per batch) and upload them in one copy.
@@ -329,15 +294,6 @@ class Staged:
                             slot_mapping=d["slot_mapping"][:t], logits_indices=d["logits_indices"][:self.num_samples],
                             token_offset=self.token_offset, context_lens_dev=d["context_lens"][:s],
                             cu_seqlens_dev=d["cu_seqlens"][:s + 1])
-
-
-def _event_after(device: torch.device):
-    """A CUDA event after the work queued so far (None on CPU, where the step ran to the end)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning (and holding a core)
-    event.record()
-    return event
 
 
 def _empty(device: torch.device, token_offset: int) -> ForwardBatch:

@@ -194,8 +194,8 @@ class Scheduler:
                     continue
                 token = tokens[i]
                 seq.token_ids.append(token)
-                n_top = seq.request.top_logprobs if top_ids is not None else 0
-                if n_top:
+                if top_ids is not None and seq.request.top_logprobs:
+                    n_top = seq.request.top_logprobs
                     seq.last_top = (top_ids[i, :n_top].tolist(), top_lps[i, :n_top].tolist())
                 out.append((seq, token, logprobs[i] if logprobs is not None and seq.request.logprobs else None))
         return out

@@ -20,6 +20,9 @@ arithmetic.
 "decode/step" is wall time per step after the prefill step, in the fastest repeat. On CPU the
 forward is host work too: with overlap it runs on the step thread beside plan and apply.
 
+With --features, every request also asks for what the sampling features cost: repetition,
+presence and frequency penalties, min_p on the rows that draw, min_tokens and 5 top logprobs.
+
   python scripts/bench_engine_loop.py --batch 16 128 256                       # CPU, tiny model
   python scripts/bench_engine_loop.py --model qwen3_30b_a3b --batch 16 128 256  # one GPU
 """
@@ -99,10 +102,18 @@ def instrument(core, timer: PhaseTimer) -> None:
     core.executor.submit = timed_submit
 
 
-def requests(batch: int, prompt_len: int, new_tokens: int, vocab: int, first_id: int) -> list[EngineRequest]:
+FEATURES = dict(sampling=dict(repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.2, min_p=0.05),
+                stops=dict(min_tokens=4), request=dict(logprobs=True, top_logprobs=5))
+
+
+def requests(batch: int, prompt_len: int, new_tokens: int, vocab: int, first_id: int,
+             features: bool = False) -> list[EngineRequest]:
+    extra = FEATURES if features else dict(sampling={}, stops={}, request={})
     return [EngineRequest(first_id + i, tuple((i * 7919 + j * 31) % min(vocab, 250) for j in range(prompt_len)),
-                          SamplingParams(temperature=0.0 if i % 2 else 0.8, top_p=1.0 if i % 4 else 0.9, seed=i),
-                          StopParams(max_new_tokens=new_tokens, ignore_eos=True)) for i in range(batch)]
+                          SamplingParams(temperature=0.0 if i % 2 else 0.8, top_p=1.0 if i % 4 else 0.9, seed=i,
+                                         **extra["sampling"]),
+                          StopParams(max_new_tokens=new_tokens, ignore_eos=True, **extra["stops"]), **extra["request"])
+            for i in range(batch)]
 
 
 def run_once(core, reqs) -> tuple[dict[int, list[int]], int, float, float]:
@@ -134,14 +145,14 @@ def measure(args, batch: int, overlap: bool) -> dict:
     core = build_engine_core(app)
     try:
         vocab = core.spec.vocab_size
-        run_once(core, requests(batch, args.prompt_len, args.new_tokens, vocab, 0))  # warm-up
+        run_once(core, requests(batch, args.prompt_len, args.new_tokens, vocab, 0, args.features))  # warm-up
         timer = PhaseTimer()
         instrument(core, timer)
         runs, steps = [], 0
         cpu0 = time.process_time()
         for rep in range(args.repeats):
             tokens, n, wall, decode_s = run_once(core, requests(batch, args.prompt_len, args.new_tokens, vocab,
-                                                                (rep + 1) * batch))
+                                                                (rep + 1) * batch, args.features))
             assert all(len(t) == args.new_tokens for t in tokens.values()), "a request ended early"
             runs.append((decode_s, wall))
             steps += n
@@ -165,6 +176,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per setting (after one warm-up)")
+    parser.add_argument("--features", action="store_true",
+                        help="every request uses penalties, min_p, min_tokens and top logprobs")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:

@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65pserve/v1/generation.proto\x12\nepserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xfc\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x01\x88\x01\x01\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\routput_format\x18\n \x01(\x0e\x32\x18.epserve.v1.OutputFormat\x12\x1d\n\x15return_routed_experts\x18\x0b \x01(\x08\x12\x16\n\x0einclude_prompt\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x11\n\x0f_max_new_tokens\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\"?\n\rRoutedExperts\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\"\xdf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x31\n\x0erouted_experts\x18\x07 \x01(\x0b\x32\x19.epserve.v1.RoutedExperts*p\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12$\n OUTPUT_FORMAT_TEXT_AND_TOKEN_IDS\x10\x01\x12\x1b\n\x17OUTPUT_FORMAT_TOKEN_IDS\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65pserve/v1/generation.proto\x12\nepserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xea\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xd5\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x01\x88\x01\x01\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\routput_format\x18\n \x01(\x0e\x32\x18.epserve.v1.OutputFormat\x12\x1d\n\x15return_routed_experts\x18\x0b \x01(\x08\x12\x16\n\x0einclude_prompt\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x0f \x01(\x08\x12\x0e\n\x01n\x18\x10 \x01(\rH\x02\x88\x01\x01\x42\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x04\n\x02_n\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\"?\n\rRoutedExperts\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\"\xe5\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.epserve.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x31\n\x0erouted_experts\x18\x07 \x01(\x0b\x32\x19.epserve.v1.RoutedExperts\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.epserve.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\r\n\x05index\x18\n \x01(\r\x12-\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x1c.epserve.v1.GenerateResponse*p\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12$\n OUTPUT_FORMAT_TEXT_AND_TOKEN_IDS\x10\x01\x12\x1b\n\x17OUTPUT_FORMAT_TOKEN_IDS\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=966
-  _globals['_OUTPUTFORMAT']._serialized_end=1078
-  _globals['_FINISHREASON']._serialized_start=1080
-  _globals['_FINISHREASON']._serialized_end=1204
+  _globals['_OUTPUTFORMAT']._serialized_start=1366
+  _globals['_OUTPUTFORMAT']._serialized_end=1478
+  _globals['_FINISHREASON']._serialized_start=1480
+  _globals['_FINISHREASON']._serialized_end=1604
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
-  _globals['_SAMPLINGPARAMS']._serialized_start=68
-  _globals['_SAMPLINGPARAMS']._serialized_end=178
-  _globals['_GENERATEREQUEST']._serialized_start=181
-  _globals['_GENERATEREQUEST']._serialized_end=561
-  _globals['_USAGE']._serialized_start=563
-  _globals['_USAGE']._serialized_end=673
-  _globals['_ROUTEDEXPERTS']._serialized_start=675
-  _globals['_ROUTEDEXPERTS']._serialized_end=738
-  _globals['_GENERATERESPONSE']._serialized_start=741
-  _globals['_GENERATERESPONSE']._serialized_end=964
+  _globals['_SAMPLINGPARAMS']._serialized_start=69
+  _globals['_SAMPLINGPARAMS']._serialized_end=303
+  _globals['_GENERATEREQUEST']._serialized_start=306
+  _globals['_GENERATEREQUEST']._serialized_end=775
+  _globals['_TOPLOGPROBS']._serialized_start=777
+  _globals['_TOPLOGPROBS']._serialized_end=827
+  _globals['_USAGE']._serialized_start=829
+  _globals['_USAGE']._serialized_end=939
+  _globals['_ROUTEDEXPERTS']._serialized_start=941
+  _globals['_ROUTEDEXPERTS']._serialized_end=1004
+  _globals['_GENERATERESPONSE']._serialized_start=1007
+  _globals['_GENERATERESPONSE']._serialized_end=1364
 # @@protoc_insertion_point(module_scope)

@@ -10,8 +10,8 @@ Module guide (one job per file):
   startup.py        build_engine_core(AppConfig): the launch plan, spawn or join the EP ranks, load rank 0
   engine_core.py    EngineCore: add_request / abort / step() -> StepOutputs, synchronous, no text
   step_io.py        EngineRequest and StepOutputs (one batched object per step)
-  scheduler.py      the single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption
-  block_manager.py  paged KV-cache block ids of one rank
+  scheduler.py      the single scheduler: queue, rank choice, KV blocks, chunked prefill, preemption, n forks
+  block_manager.py  paged KV-cache block ids of one rank (reference-counted: n sequences share prompt blocks)
   sequence.py       one request as the scheduler sees it
   plan_builder.py   one rank's share of a step, packed into numpy arrays in one go
   executor.py       running a step plan: in this process (ep 1) or scatter/gather over a gloo group

@@ -3,6 +3,10 @@
 Rank 0 keeps one BlockManager per rank: the scheduler decides which blocks every rank's
 sequences use, and ships the block tables in the step plan. The cache tensors themselves
 live on each rank (model.allocate_kv_cache), `num_blocks` x `block_size` token slots.
+
+Blocks are reference-counted: the sequences of one request with n > 1 share the full blocks
+of their prompt (`share`), and a block returns to the free list when its last holder frees it.
+Shared blocks are full, so nobody writes into them after sharing.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # block in use -> sequences holding it
 
     @property
     def num_free(self) -> int:
@@ -29,7 +33,7 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return len(self._refs)
 
     @property
     def capacity_tokens(self) -> int:
@@ -43,12 +47,25 @@ class BlockManager:
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
         out = [self._free.popleft() for _ in range(n)]
-        self._used.update(out)
+        for b in out:
+            self._refs[b] = 1
         return out
 
-    def free(self, blocks: list[int]) -> None:
+    def share(self, blocks: list[int]) -> None:
+        """One more sequence holds these blocks (in use already)."""
         for b in blocks:
-            if b not in self._used:
+            if b not in self._refs:
+                raise RuntimeError(f"KV block {b} shared but not in use")
+            self._refs[b] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        """The caller no longer holds these blocks; those nobody holds become free."""
+        for b in blocks:
+            refs = self._refs.get(b)
+            if refs is None:
                 raise RuntimeError(f"KV block {b} freed twice or never allocated")
-            self._used.remove(b)
-            self._free.append(b)
+            if refs > 1:
+                self._refs[b] = refs - 1
+            else:
+                del self._refs[b]
+                self._free.append(b)

@@ -66,6 +66,7 @@ class EngineCore:
             max_num_seqs=eng.max_num_seqs,
             max_num_batched_tokens=eng.max_num_batched_tokens,
             max_queue=eng.max_queue,
+            eos_token_ids=tuple(plan.spec.eos_token_ids),
         )
         self._eos = frozenset(plan.spec.eos_token_ids)
         self._lock = threading.Lock()
@@ -96,7 +97,13 @@ class EngineCore:
             if req.req_id in self.scheduler.seqs:
                 raise ValueError(f"request id {req.req_id} is already in the engine")
             seq = Sequence.create(req.req_id, req, seed, max_total, time.monotonic())
-            self.scheduler.add(seq)
+            parent = self.scheduler.seqs.get(req.prefix_of) if req.prefix_of >= 0 else None
+            # n > 1: share the prompt's full blocks (at least one token is left to compute and sample from)
+            shared = (prompt_len - 1) // self.scheduler.block_size * self.scheduler.block_size
+            if parent is not None and shared > 0 and parent.request.prompt_token_ids == req.prompt_token_ids:
+                self.scheduler.add_fork(seq, parent, shared)
+            else:
+                self.scheduler.add(seq)
 
     def abort(self, req_ids: Iterable[int]) -> None:
         """Drop these requests now (unknown or finished ids are ignored): their KV blocks are
@@ -210,6 +217,9 @@ class EngineCore:
             routed = _collect_routed(plan, results)
             if routed:
                 out.routed = []
+            _collect_prompt_logprobs(plan, results)
+            tops = any(r.top_ids is not None for r in results)
+            out.top_logprobs = [] if tops else None
             for seq, token, logprob in self.scheduler.update(plan, results):
                 if seq.first_token_time is None:
                     seq.first_token_time = now
@@ -219,6 +229,15 @@ class EngineCore:
                 if routed:
                     out.routed.append(to_wire(seq.routed_pending) if seq.routed_pending else None)
                     seq.routed_pending = []
+                if tops:
+                    out.top_logprobs.append(list(seq.last_top) if seq.last_top is not None else None)
+                    seq.last_top = None
+                if seq.prompt_lp_pending:  # with the sequence's first token
+                    if out.prompt_logprobs is None:
+                        out.prompt_logprobs = [None] * (len(req_ids) - 1)
+                    out.prompt_logprobs.append(_take_prompt_logprobs(seq))
+                elif out.prompt_logprobs is not None:
+                    out.prompt_logprobs.append(None)
                 reason = token_stop_reason(seq, token, self._eos)
                 if reason is not None:
                     finished[seq.seq_id] = reason
@@ -331,6 +350,27 @@ def _collect_routed(plan, results) -> bool:
             at += n
         any_rows = True
     return any_rows
+
+
+def _collect_prompt_logprobs(plan, results) -> None:
+    """Hand each sequence its prompt logprobs from the ranks (kept until its first token goes out)."""
+    for rank, owners in enumerate(plan.prompt_lp):
+        if not owners:
+            continue
+        values, at = results[rank].prompt_logprobs, 0  # [P] float32
+        for seq, n in owners:
+            if not seq.is_finished:
+                seq.prompt_lp_pending.append(values[at:at + n])
+            at += n
+
+
+def _take_prompt_logprobs(seq) -> list[float] | None:
+    """The prompt logprobs `seq` has not sent yet, as a list (None: none waiting)."""
+    if not seq.prompt_lp_pending:
+        return None
+    values = [float(v) for part in seq.prompt_lp_pending for v in part.tolist()]
+    seq.prompt_lp_pending = []
+    return values
 
 
 def policy_state(policy, counters_reset_unix_s: float = 0.0, since_step: int = 0) -> RoutingPolicyState:

@@ -53,18 +53,32 @@ class AddRequest:
     ignore_eos: bool
     logprobs: bool
     routed_experts: int  # RoutedExpertsMode
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+    prefix_of: int = -1
 
     @classmethod
     def of(cls, req: EngineRequest) -> "AddRequest":
         sp, st = req.sampling, req.stops
         return cls(req.req_id, list(req.prompt_token_ids), sp.temperature, sp.top_p, sp.top_k, sp.seed,
-                   st.max_new_tokens, list(st.stop_token_ids), st.ignore_eos, req.logprobs, int(req.routed_experts))
+                   st.max_new_tokens, list(st.stop_token_ids), st.ignore_eos, req.logprobs, int(req.routed_experts),
+                   sp.min_p, sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty, st.min_tokens,
+                   req.top_logprobs, req.prompt_logprobs, req.prefix_of)
 
     def request(self) -> EngineRequest:
-        return EngineRequest(self.req_id, tuple(self.prompt), SamplingParams(self.temperature, self.top_p, self.top_k, self.seed),
+        sampling = SamplingParams(self.temperature, self.top_p, self.top_k, self.seed, min_p=self.min_p,
+                                  repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                                  frequency_penalty=self.frequency_penalty)
+        return EngineRequest(self.req_id, tuple(self.prompt), sampling,
                              StopParams(max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(self.stop_token_ids),
-                                        ignore_eos=self.ignore_eos),
-                             self.logprobs, RoutedExpertsMode(self.routed_experts))
+                                        ignore_eos=self.ignore_eos, min_tokens=self.min_tokens),
+                             self.logprobs, RoutedExpertsMode(self.routed_experts), self.top_logprobs,
+                             self.prompt_logprobs, self.prefix_of)
 
 
 @dataclass
@@ -130,12 +144,15 @@ class StepFrame:
     stats: EngineStats
     load: LoadReply | None
     routed: list[bytes | None] | None  # per request its routed experts (RoutedExpertsMode), None if nobody asked
+    top_logprobs: list[list | None] | None = None  # StepOutputs.top_logprobs
+    prompt_logprobs: list[list[float] | None] | None = None  # StepOutputs.prompt_logprobs
 
     @classmethod
     def of(cls, out: StepOutputs, stats: EngineStats, load_calls: list[int]) -> "StepFrame":
         load = LoadReply(load_calls, out.expert_load) if load_calls else None
         finished = {req_id: reason.value for req_id, reason in out.finished.items()}
-        return cls(out.req_ids, out.token_ids, out.logprobs, finished, stats, load, out.routed)
+        return cls(out.req_ids, out.token_ids, out.logprobs, finished, stats, load, out.routed, out.top_logprobs,
+                   out.prompt_logprobs)
 
     def finish_reason(self, req_id: int) -> FinishReason | None:
         value = self.finished.get(req_id)

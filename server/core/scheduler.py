@@ -17,6 +17,13 @@ result `update` drops because the sequence has finished by then.
 Each running sequence holds a slot on its rank (step_plan.py): admission fills it, block
 growth appends to its table, release frees it for the next admission.
 
+n > 1: the request's other sequences wait in `forking` until the first one (their parent) has
+planned its prompt up to the last full block. Then each takes a slot on the parent's rank and
+shares those blocks (reference-counted, block_manager.py), computes only the rest of the
+prompt in its own blocks, and from then on is an ordinary sequence. If the parent is
+preempted or ends first, a waiting sequence joins the queue as an ordinary one (it recomputes
+its whole prompt: same tokens, no sharing).
+
 KV memory policy: blocks are allocated lazily — the whole current prompt on admission, then
 one block whenever a decoding sequence crosses a block boundary. When a rank runs out, its
 newest running sequence is preempted: its blocks are freed and it goes back to the front of
@@ -45,20 +52,24 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_queue: int,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.num_ranks = num_ranks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue = max_queue
+        self.eos_token_ids = tuple(eos_token_ids)  # min_tokens holds these back too (plan_builder.py)
         self.blocks = [BlockManager(num_blocks, block_size) for _ in range(num_ranks)]
         self.free_slots: list[list[int]] = [list(range(max_num_seqs - 1, -1, -1)) for _ in range(num_ranks)]
         self._builders: list[RankBatchBuilder] = []
         self.running: list[list[Sequence]] = [[] for _ in range(num_ranks)]
         self.waiting: deque[Sequence] = deque()
+        self.forking: list[Sequence] = []  # n > 1: sequences waiting to share their parent's prompt blocks
         self.seqs: dict[int, Sequence] = {}
         self.step = 0
         self.num_preemptions = 0
+        self.num_forks = 0  # sequences started on a parent's shared prompt blocks (n > 1)
         self._admit_counter = 0
         # Keep a little headroom on admission so a fresh batch does not preempt at once.
         self._watermark = max(1, num_blocks // 100)
@@ -87,6 +98,17 @@ class Scheduler:
         self.waiting.append(seq)
         self.seqs[seq.seq_id] = seq
 
+    def add_fork(self, seq: Sequence, parent: Sequence, shared_len: int) -> None:
+        """Queue `seq` to share the first `shared_len` prompt tokens' blocks of `parent` (same
+        prompt, added before it; shared_len a multiple of the block size)."""
+        self.check_fits(seq.max_total_len)
+        if len(self.waiting) + len(self.forking) >= self.max_queue:
+            raise ResourceExhaustedError(f"request queue is full ({self.max_queue} waiting; engine.max_queue)")
+        seq.status = SeqStatus.WAITING
+        seq.parent, seq.shared_len = parent, shared_len
+        self.forking.append(seq)
+        self.seqs[seq.seq_id] = seq
+
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and return its KV blocks at once (idempotent)."""
         if self.seqs.pop(seq.seq_id, None) is None:
@@ -95,18 +117,21 @@ class Scheduler:
             self.running[seq.rank].remove(seq)
             self._release(seq)
         elif seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
+            (self.forking if seq.parent is not None else self.waiting).remove(seq)
+            seq.parent = None
         seq.status = SeqStatus.FINISHED
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(self.running)
+        return bool(self.waiting) or bool(self.forking) or any(self.running)
 
     # ---- one step ----
     def schedule(self) -> list[RankBatchBuilder]:
         """This step's work, per rank. Mutates block tables (allocation, preemption), slots and
         the sequences' computed / pending counts."""
-        self._builders = builders = [RankBatchBuilder() for _ in range(self.num_ranks)]
+        self._builders = builders = [RankBatchBuilder(self.eos_token_ids) for _ in range(self.num_ranks)]
         budget = [self.max_num_batched_tokens] * self.num_ranks
+        if self.forking:
+            self._fork()
         preempted = False
         bs = self.block_size
         for r in range(self.num_ranks):
@@ -143,7 +168,7 @@ class Scheduler:
     def plan(self, load_snapshot: bool | None = None, stop: bool = False) -> StepPlan:
         builders = self.schedule()
         return build_step_plan(self.step, [b.build() for b in builders], [b.sampling for b in builders],
-                               load_snapshot, stop, [b.routed for b in builders])
+                               load_snapshot, stop, [b.routed for b in builders], [b.prompt_lp for b in builders])
 
     def update(self, plan: StepPlan, results: list[RankResult]) -> list[tuple[Sequence, int, float | None]]:
         """Apply a finished step: append each sampled token to its sequence.
@@ -162,12 +187,16 @@ class Scheduler:
                 continue
             tokens = res.tokens.tolist()
             logprobs = res.logprobs.tolist() if res.logprobs is not None else None
+            top_ids, top_lps = res.top_ids, res.top_logprobs
             for i, seq in enumerate(seqs):
                 seq.num_pending -= 1
                 if seq.status is SeqStatus.FINISHED:
                     continue
                 token = tokens[i]
                 seq.token_ids.append(token)
+                if top_ids is not None and seq.request.top_logprobs:
+                    n_top = seq.request.top_logprobs
+                    seq.last_top = (top_ids[i, :n_top].tolist(), top_lps[i, :n_top].tolist())
                 out.append((seq, token, logprobs[i] if logprobs is not None and seq.request.logprobs else None))
         return out
 
@@ -216,19 +245,49 @@ class Scheduler:
             if rank is None:
                 break
             self.waiting.popleft()
-            seq.rank = rank
-            seq.slot = self.free_slots[rank].pop()
+            seq.forked_from_slot = -1
             seq.block_table = self.blocks[rank].allocate(need)
-            builder = self._builders[rank]
-            builder.fill(seq)
-            builder.append_blocks(seq.slot, 0, seq.block_table)
-            seq.num_computed = 0
-            seq.status = SeqStatus.RUNNING
-            seq.admit_order = self._admit_counter
-            self._admit_counter += 1
-            self.running[rank].append(seq)
+            self._start(seq, rank)
             admitted.append(seq)
         return admitted
+
+    def _fork(self) -> None:
+        """Start the forking sequences whose parent's shared prompt blocks are planned (in an
+        earlier step, so written before any step of theirs runs: a rank runs steps in order)."""
+        bs = self.block_size
+        for seq in list(self.forking):
+            parent = seq.parent
+            if parent.status is SeqStatus.RUNNING and parent.num_computed >= seq.shared_len:
+                rank, shared = parent.rank, parent.block_table[:seq.shared_len // bs]
+                bm = self.blocks[rank]
+                need = blocks_for(len(seq), bs) - len(shared)
+                if len(self.running[rank]) >= self.max_num_seqs or not bm.can_allocate(need):
+                    continue  # its turn comes when the rank has room
+                bm.share(shared)
+                seq.block_table = shared + bm.allocate(need)
+                seq.forked_from_slot = parent.slot
+                self.num_forks += 1
+                self.forking.remove(seq)
+                seq.parent = None
+                self._start(seq, rank)
+                seq.num_computed = seq.shared_len
+            elif parent.status is SeqStatus.FINISHED or parent.num_preemptions:
+                self.forking.remove(seq)  # nothing left to share: an ordinary sequence
+                seq.parent = None
+                self.waiting.append(seq)
+
+    def _start(self, seq: Sequence, rank: int) -> None:
+        """`seq` (its block table set) takes a slot on `rank` and joins the running batch."""
+        seq.rank = rank
+        seq.slot = self.free_slots[rank].pop()
+        builder = self._builders[rank]
+        builder.fill(seq)
+        builder.append_blocks(seq.slot, 0, seq.block_table)
+        seq.num_computed = 0
+        seq.status = SeqStatus.RUNNING
+        seq.admit_order = self._admit_counter
+        self._admit_counter += 1
+        self.running[rank].append(seq)
 
     def _pick_rank(self, need: int) -> int | None:
         best, best_key = None, None
@@ -251,7 +310,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.forking)
 
     @property
     def kv_blocks_used(self) -> int:

@@ -44,6 +44,18 @@ class Sequence:
     #: asked for). Advanced when a step is planned, so a recomputed (preempted) prefix is not sent twice.
     routed_from: int = -1
     routed_pending: list = field(default_factory=list)  # [rows, MoE layers, k] int16 arrays not yet sent
+    #: prompt logprobs asked for: the first prompt position whose next token's logprob is still to
+    #: be computed (-1: not asked for); like routed_from, a recomputed prefix is not sent twice
+    prompt_lp_from: int = -1
+    prompt_lp_pending: list = field(default_factory=list)  # [P] float32 arrays not yet sent
+    #: n > 1: while waiting to fork, the sequence whose first `shared_len` prompt tokens' KV
+    #: blocks this one will share (None: an ordinary sequence)
+    parent: "Sequence | None" = None
+    shared_len: int = 0
+    #: the slot of the parent on this sequence's rank when it forked (its penalty prompt set is copied); -1: none
+    forked_from_slot: int = -1
+    #: top_logprobs asked for: (ids, logprobs) of the newest token's position, set by Scheduler.update
+    last_top: tuple[list[int], list[float]] | None = None
 
     @classmethod
     def create(cls, seq_id: int, request: GenerationRequest, seed: int, max_total_len: int, now: float) -> "Sequence":
@@ -53,6 +65,7 @@ class Sequence:
                        RoutedExpertsMode.WITH_PROMPT: 0}[mode]
         return cls(
             routed_from=routed_from,
+            prompt_lp_from=0 if getattr(request, "prompt_logprobs", False) else -1,
             seq_id=seq_id,
             request=request,
             seed=seed,

@@ -25,6 +25,11 @@ class EngineRequest:
     stops: StopParams = field(default_factory=StopParams)
     logprobs: bool = False
     routed_experts: RoutedExpertsMode = RoutedExpertsMode.NONE
+    top_logprobs: int = 0  # GenerationRequest.top_logprobs
+    prompt_logprobs: bool = False
+    #: >= 0: a request with the same prompt, added before this one, whose prompt KV blocks this
+    #: one shares (GenerationRequest.n); -1: none
+    prefix_of: int = -1
 
 
 @dataclass
@@ -49,6 +54,12 @@ class StepOutputs:
     #: [R] per request, uint16 bytes [rows, MoE layers, k] of the positions behind its tokens
     #: (RoutedExpertsMode; None where not asked for); None when no request of the step asked
     routed: list[bytes | None] | None = None
+    #: [R] per request [ids, logprobs] of its top_logprobs most likely tokens (None where not asked
+    #: for); None when no request of the step asked
+    top_logprobs: list[list | None] | None = None
+    #: [R] per request the prompt logprobs not yet sent (sent with its first token; None where
+    #: not asked for); None when no request of the step asked
+    prompt_logprobs: list[list[float] | None] | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -55,6 +55,11 @@ class FinishReason(enum.Enum):
 # vLLM treats temperatures below the same 1e-5 as greedy.
 MIN_TEMPERATURE = 1e-5
 
+# The most alternatives a request may ask for per position (OpenAI's top_logprobs limit). The
+# device computes this many for every row of a step that has a request asking: one fixed shape.
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # the most sequences one request may ask for (GenerationRequest.n)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -62,6 +67,16 @@ class SamplingParams:
     top_p: float = 1.0  # in (0, 1]
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None  # None: the engine draws one; results are reproducible per seed
+    min_p: float = 0.0  # in [0, 1]: drop tokens less likely than min_p x the most likely one (0: no cut)
+    # Penalties on tokens already seen, applied to the logits before temperature (greedy too):
+    repetition_penalty: float = 1.0  # > 0: a seen token's logit is divided (> 0) or multiplied (< 0) by it; prompt too
+    presence_penalty: float = 0.0  # subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence of each token generated so far
+
+    @property
+    def penalized(self) -> bool:
+        """Some penalty is on: the engine keeps per-sequence token counts on the device."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,7 @@ class StopParams:
     stop: tuple[str, ...] = ()  # stop strings; the matched string is not included in the output text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be drawn (nor stop strings end it) before this many
 
 
 class RoutedExpertsMode(enum.IntEnum):
@@ -87,6 +103,11 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stops: StopParams = field(default_factory=StopParams)
     logprobs: bool = False  # return the log-probability of each sampled token
+    top_logprobs: int = 0  # also the N most likely tokens at each generated position (0..MAX_TOP_LOGPROBS)
+    prompt_logprobs: bool = False  # the log-probability of each prompt token after the first, with the first chunk
+    #: independent sequences from the one prompt (GenerationChunk.index); they share the prompt's KV
+    #: blocks. With a seed, sequence i samples with seed + i (mod 2**64).
+    n: int = 1
     routed_experts: RoutedExpertsMode = RoutedExpertsMode.NONE
 
 
@@ -104,10 +125,15 @@ class GenerationChunk:
     token_ids: tuple[int, ...]
     text: str  # text delta (may be empty while a multi-byte character or a possible stop string is held back)
     logprobs: tuple[float, ...] | None = None
+    #: per token the request's top_logprobs most likely (token id, logprob), best first
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    #: prompt_logprobs asked for: on the first chunk, one per prompt token after the first
+    prompt_logprobs: tuple[float, ...] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     #: uint16 little-endian [rows, MoE layers, top_k] logical expert ids (routed_experts asked for)
     routed_experts: bytes | None = None
+    index: int = 0  # which of the request's n sequences (each ends with its own finish_reason)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..config import AppConfig
 from ..moe.load_stats import ExpertLoadSnapshot
 from ..engine.api import (
     EngineStats, EngineUnavailableError, GenerationChunk, GenerationRequest, InvalidPolicyError, InvalidRequestError,
-    ModelInfo, ResourceExhaustedError, RoutingPolicyState,
+    ModelInfo, ResourceExhaustedError, RoutedExpertsMode, RoutingPolicyState,
 )
 from .core_link import CoreLink
 from ..core.step_io import EngineRequest
@@ -38,6 +38,20 @@ from .stream import RequestStream
 
 log = logging.getLogger(__name__)
 CONFIRM_TIMEOUT_S = 5.0  # a closed stream waits at most this long for the core to confirm its abort
+
+
+def sequence_requests(request: GenerationRequest) -> list[GenerationRequest]:
+    """The n sequences of a request: the first as asked; the others without prompt logprobs or
+    prompt routed-expert rows (the first one returns those) and, under a seed, with seed + i."""
+    if request.n <= 1:
+        return [request]
+    others = []
+    for i in range(1, request.n):
+        seed = None if request.sampling.seed is None else (request.sampling.seed + i) % (1 << 64)
+        routed = min(request.routed_experts, RoutedExpertsMode.GENERATED)
+        others.append(replace(request, sampling=replace(request.sampling, seed=seed), prompt_logprobs=False,
+                              routed_experts=RoutedExpertsMode(routed), n=1))
+    return [replace(request, n=1), *others]
 
 
 class EngineClient:
@@ -131,27 +145,37 @@ class EngineClient:
             raise EngineUnavailableError("engine is shutting down")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """One request's chunks; with n > 1 those of its n sequences, interleaved (chunk.index),
+        ending once every sequence has sent its finish reason."""
         check_invariants(request, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         self._attach()
         self._check_alive()
-        req_id = next(self._ids)
-        live = LiveRequest(RequestOutput(request, self._decode_text, routed_row_bytes=self._row_bytes),
-                           RequestStream(self.stream_interval))
-        self._table.requests[req_id] = live
-        self._batch.adds.append(AddRequest.of(EngineRequest(req_id, request.prompt_token_ids, request.sampling,
-                                                            request.stops, request.logprobs, request.routed_experts)))
+        stream = RequestStream(self.stream_interval)  # one for all n: chunks of one index merge, never two
+        lives = {}
+        for index, seq_request in enumerate(sequence_requests(request)):
+            req_id = next(self._ids)
+            lives[req_id] = live = LiveRequest(RequestOutput(seq_request, self._decode_text, routed_row_bytes=self._row_bytes,
+                                                             index=index), stream)
+            self._table.requests[req_id] = live
+            self._batch.adds.append(AddRequest.of(EngineRequest(
+                req_id, seq_request.prompt_token_ids, seq_request.sampling, seq_request.stops, seq_request.logprobs,
+                seq_request.routed_experts, seq_request.top_logprobs, seq_request.prompt_logprobs,
+                prefix_of=next(iter(lives)) if index else -1)))
         self._schedule_flush()
+        left = len(lives)
         try:
-            while True:
-                chunk = await live.stream.get()
+            while left:
+                chunk = await stream.get()
                 yield chunk
                 if chunk.finish_reason is not None:
-                    return
+                    left -= 1
         finally:
-            if self._table.requests.pop(req_id, None) is not None and self.is_alive:
-                self._abort(req_id, live)
-            if live.abort_frame is not None:
-                await self._confirmed(live.abort_frame)
+            for req_id, live in lives.items():
+                if self._table.requests.pop(req_id, None) is not None and self.is_alive:
+                    self._abort(req_id, live)
+            for live in lives.values():
+                if live.abort_frame is not None:
+                    await self._confirmed(live.abort_frame)
 
     def _abort(self, req_id: int, live: LiveRequest) -> None:
         self._batch.aborts.append(req_id)
@@ -220,14 +244,16 @@ class EngineClient:
     def _on_step(self, step: StepFrame) -> None:
         self._stats = step.stats
         now = time.monotonic()
-        requests, routed = self._table.requests, step.routed
+        requests, routed, tops, prompt_lps = self._table.requests, step.routed, step.top_logprobs, step.prompt_logprobs
         for i, req_id in enumerate(step.req_ids):
             live = requests.get(req_id)
             if live is None:  # cancelled meanwhile, or ended by a stop string
                 continue
             reason = step.finish_reason(req_id) if step.finished else None
             chunk = live.output.on_tokens(step.token_ids[i], step.logprobs[i], reason, now,
-                                          routed[i] if routed is not None else None)
+                                          routed[i] if routed is not None else None,
+                                          tops[i] if tops is not None else None,
+                                          prompt_lps[i] if prompt_lps is not None else None)
             live.stream.put(chunk)
             if chunk.finish_reason is not None:
                 del requests[req_id]

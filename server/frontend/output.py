@@ -18,8 +18,9 @@ from .stop_strings import StopStringMatcher
 
 class RequestOutput:
     def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], arrival: float | None = None,
-                 routed_row_bytes: int = 0) -> None:
+                 routed_row_bytes: int = 0, index: int = 0) -> None:
         self.request = request
+        self.index = index  # which of the request's n sequences this is (GenerationChunk.index)
         self.routed_row_bytes = routed_row_bytes  # one routed-experts row: MoE layers x top_k x 2 bytes
         self.detok = IncrementalDetokenizer(decode, request.prompt_token_ids)
         self.matcher = StopStringMatcher(request.stops.stop)
@@ -29,16 +30,28 @@ class RequestOutput:
         self.matched_stop = False  # a stop string ended the request (the caller aborts it in the core)
 
     def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, reason: FinishReason | None,
-                  now: float, routed: bytes | None = None) -> GenerationChunk:
+                  now: float, routed: bytes | None = None, top: list | None = None,
+                  prompt_logprobs: list[float] | None = None) -> GenerationChunk:
         """The chunk for newly sampled tokens. `reason` is the core's finish reason (STOP: the
         last token is a stop token or EOS, whose text is left out; LENGTH). A stop-string match
         ends the request here too: the chunk then has finish_reason STOP and holds the tokens up
-        to the one that completed the match (`matched_stop` tells the caller to abort it)."""
-        if self.first_token_time is None:
+        to the one that completed the match (`matched_stop` tells the caller to abort it).
+        `top`: [ids, logprobs] of the step's one token (top_logprobs); `prompt_logprobs` come
+        with the first token. Stop strings are not matched before min_tokens tokens."""
+        first = self.first_token_time is None
+        if first:
             self.first_token_time = now
         self.matched_stop = False
         text_ids = token_ids[:-1] if reason is FinishReason.STOP else token_ids
-        if self.matcher.stop:
+        tops = None
+        if self.request.top_logprobs and top is not None:
+            tops = (tuple(zip(top[0], top[1])),)
+        prompt_lps = None
+        if first and self.request.prompt_logprobs:
+            prompt_lps = tuple(prompt_logprobs or ())
+        if self.num_generated + len(token_ids) <= self.request.stops.min_tokens:
+            text = self.detok.add_many(text_ids)  # under min_tokens: no stop string can end it yet
+        elif self.matcher.stop:
             text, kept = self._feed_watching_stops(text_ids)
             if kept is not None:
                 routed = _keep_rows(routed, self.routed_row_bytes, len(token_ids), kept)
@@ -53,9 +66,12 @@ class RequestOutput:
             token_ids=tuple(token_ids),
             text=text,
             logprobs=tuple(logprobs) if self.request.logprobs and logprobs is not None else None,
+            top_logprobs=tops,
+            prompt_logprobs=prompt_lps,
             finish_reason=reason,
             usage=self.usage() if reason is not None else None,
             routed_experts=routed,
+            index=self.index,
         )
 
     def _feed_watching_stops(self, token_ids: list[int]) -> tuple[str, int | None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ..engine.api import GenerationRequest, InvalidRequestError
+from ..engine.api import MAX_N, MAX_TOP_LOGPROBS, GenerationRequest, InvalidRequestError
 
 _INTS = {int}
 
@@ -56,3 +56,18 @@ def check_invariants(req: GenerationRequest, *, vocab_size: int, max_model_len: 
     if not _ids_in_vocab(st.stop_token_ids, vocab_size):
         raise InvalidRequestError("stops.stop_token_ids", f"token id {_first_bad_id(st.stop_token_ids, vocab_size)!r} "
                                   f"is not an int in the vocabulary [0, {vocab_size})")
+    if not (_number(sp.min_p) and 0 <= sp.min_p <= 1):
+        raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {sp.min_p!r}")
+    if not (_number(sp.repetition_penalty) and sp.repetition_penalty > 0):
+        raise InvalidRequestError("sampling.repetition_penalty", f"must be a finite number > 0, got {sp.repetition_penalty!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not _number(getattr(sp, name)):
+            raise InvalidRequestError(f"sampling.{name}", f"must be a finite number, got {getattr(sp, name)!r}")
+    if not (type(st.min_tokens) is int and 0 <= st.min_tokens):
+        raise InvalidRequestError("stops.min_tokens", f"must be an int >= 0, got {st.min_tokens!r}")
+    if st.min_tokens and len(st.stop_token_ids) > 64:
+        raise InvalidRequestError("stops.stop_token_ids", "at most 64 ids with min_tokens (held back on the device)")
+    if not (type(req.top_logprobs) is int and 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS):
+        raise InvalidRequestError("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs!r}")
+    if not (type(req.n) is int and 1 <= req.n <= MAX_N):
+        raise InvalidRequestError("n", f"must be an int in [1, {MAX_N}], got {req.n!r}")

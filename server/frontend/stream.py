@@ -57,7 +57,8 @@ class RequestStream:
         if isinstance(first, BaseException):
             raise first
         parts = [first]
-        while self._items and not isinstance(self._items[0], BaseException) and parts[-1].finish_reason is None:
+        while (self._items and not isinstance(self._items[0], BaseException) and parts[-1].finish_reason is None
+               and self._items[0].index == first.index):  # n > 1: one sequence's chunks per message
             parts.append(self._items.popleft())
         self._started = True
         self._pending_tokens = sum(len(c.token_ids) for c in self._items if isinstance(c, GenerationChunk))
@@ -69,6 +70,9 @@ def merge_chunks(parts: list[GenerationChunk]) -> GenerationChunk:
     logprobs = None
     if any(c.logprobs is not None for c in parts):
         logprobs = tuple(chain.from_iterable(c.logprobs or () for c in parts))
+    tops = None
+    if any(c.top_logprobs is not None for c in parts):
+        tops = tuple(chain.from_iterable(c.top_logprobs or () for c in parts))
     routed = None
     if any(c.routed_experts is not None for c in parts):
         routed = b"".join(c.routed_experts or b"" for c in parts)
@@ -77,7 +81,10 @@ def merge_chunks(parts: list[GenerationChunk]) -> GenerationChunk:
         token_ids=tuple(chain.from_iterable(c.token_ids for c in parts)),
         text="".join(c.text for c in parts),
         logprobs=logprobs,
+        top_logprobs=tops,
+        prompt_logprobs=parts[0].prompt_logprobs,
         finish_reason=last.finish_reason,
         usage=last.usage,
         routed_experts=routed,
+        index=last.index,
     )

@@ -156,6 +156,7 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
     info = service.engine.model_info()
     routed_shape = (info.num_moe_layers, info.top_k)  # RoutedExperts.num_layers, top_k
     last_token_at: float | None = None
+    left = request.n  # sequences still running (each ends with its own finish reason)
     async with aclosing(service.engine.generate(request)) as chunks:
         async for chunk in chunks:
             now = time.perf_counter()
@@ -174,7 +175,10 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
             msg = _to_message(chunk, request.request_id, text_output, now - arrival, routed_shape)
             if chunk.finish_reason is not None:
                 await emit(msg)
-                return
+                left -= 1
+                if not left:
+                    return
+                continue
             if n or msg.text:
                 await emit(msg)
     raise RuntimeError("the engine's stream ended without a final chunk")
@@ -205,9 +209,14 @@ def stream_writer(service: "GenerationService", context: grpc.aio.ServicerContex
 
 def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elapsed: float,
                 routed_shape: tuple[int, int]) -> gen_pb.GenerateResponse:
-    msg = gen_pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text if text_output else "")
+    msg = gen_pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text if text_output else "", index=chunk.index)
     if chunk.logprobs is not None:
         msg.logprobs.extend(chunk.logprobs)
+    if chunk.top_logprobs is not None:
+        for position in chunk.top_logprobs:
+            msg.top_logprobs.add(token_ids=[t for t, _ in position], logprobs=[lp for _, lp in position])
+    if chunk.prompt_logprobs is not None:
+        msg.prompt_logprobs.extend(chunk.prompt_logprobs)
     if chunk.routed_experts is not None:
         r = msg.routed_experts
         r.num_layers, r.top_k, r.ids = routed_shape[0], routed_shape[1], chunk.routed_experts

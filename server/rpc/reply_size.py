@@ -86,12 +86,27 @@ class UnaryReply:
 
 
 def merge_messages(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateResponse:
-    """A whole stream -> the single reply of Generate."""
+    """A whole stream -> the single reply of Generate (n > 1: one choice per sequence)."""
+    if any(m.index for m in messages):
+        out = gen_pb.GenerateResponse()
+        indexes = sorted({m.index for m in messages})
+        for index in indexes:
+            out.choices.append(_merge_one([m for m in messages if m.index == index]))
+            out.choices[-1].index = index
+        out.request_id = next((m.request_id for m in messages if m.request_id), "")
+        return out
+    return _merge_one(messages)
+
+
+def _merge_one(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateResponse:
+    """One sequence's messages -> its reply."""
     out = gen_pb.GenerateResponse()
     routed = [m.routed_experts for m in messages if m.HasField("routed_experts")]
     for m in messages:
         out.token_ids.extend(m.token_ids)
         out.logprobs.extend(m.logprobs)
+        out.top_logprobs.extend(m.top_logprobs)
+        out.prompt_logprobs.extend(m.prompt_logprobs)
     if routed:
         out.routed_experts.num_layers, out.routed_experts.top_k = routed[0].num_layers, routed[0].top_k
         out.routed_experts.ids = b"".join(r.ids for r in routed)

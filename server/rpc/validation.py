@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from clients.pb import generation_pb2 as gen_pb
-from server.engine.api import GenerationRequest, InvalidRequestError, RoutedExpertsMode, SamplingParams, StopParams
+from server.engine.api import (MAX_N, MAX_TOP_LOGPROBS, GenerationRequest, InvalidRequestError, RoutedExpertsMode,
+                               SamplingParams, StopParams)
 
 from .received import ReceivedRequest
 
@@ -33,6 +34,9 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_request_id_chars: int = 128
     max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenizing
+    max_top_logprobs: int = MAX_TOP_LOGPROBS
+    max_n: int = MAX_N
+    max_abs_penalty: float = 2.0  # presence / frequency penalties (OpenAI's range)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ def validate_request(received: ReceivedRequest, limits: RequestLimits,
               RoutedExpertsMode.WITH_PROMPT if req.include_prompt else RoutedExpertsMode.GENERATED)
     sampling = _sampling(req, limits)
     stops = _stops(req, limits)
+    _check(req.top_logprobs <= limits.max_top_logprobs, "top_logprobs",
+           f"must be in [0, {limits.max_top_logprobs}], got {req.top_logprobs}")
+    n = req.n if req.HasField("n") and req.n else 1
+    _check(n <= limits.max_n, "n", f"must be in [1, {limits.max_n}] (unset: 1), got {n}")
     prompt_ids = _prompt(req, limits, encode)  # last: tokenizing costs more than the cheap checks
     return ValidRequest(
         GenerationRequest(
@@ -88,7 +96,10 @@ def validate_request(received: ReceivedRequest, limits: RequestLimits,
             prompt_token_ids=prompt_ids,
             sampling=sampling,
             stops=stops,
-            logprobs=req.logprobs,
+            logprobs=req.logprobs or req.top_logprobs > 0,
+            top_logprobs=req.top_logprobs,
+            prompt_logprobs=req.prompt_logprobs,
+            n=n,
             routed_experts=routed,
         ),
         text_output,
@@ -131,7 +142,17 @@ def _sampling(req: gen_pb.GenerateRequest, limits: RequestLimits) -> SamplingPar
     _check(s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 means no top-k cut), got {s.top_k}")
     top_k = 0 if s.top_k >= limits.vocab_size else s.top_k  # k >= vocab keeps every token: no cut
     seed = s.seed if s.HasField("seed") else None
-    return SamplingParams(temperature=float(s.temperature), top_p=float(top_p), top_k=top_k, seed=seed)
+    _check(_finite(s.min_p) and 0 <= s.min_p <= 1, "sampling.min_p", f"must be in [0, 1] (0: no cut), got {s.min_p}")
+    repetition = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    _check(_finite(repetition) and repetition > 0, "sampling.repetition_penalty",
+           f"must be a finite number > 0 (leave it unset for 1.0, no penalty), got {repetition}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        _check(_finite(value) and abs(value) <= limits.max_abs_penalty, f"sampling.{name}",
+               f"must be in [-{limits.max_abs_penalty:g}, {limits.max_abs_penalty:g}] (0: off), got {value}")
+    return SamplingParams(temperature=float(s.temperature), top_p=float(top_p), top_k=top_k, seed=seed,
+                          min_p=float(s.min_p), repetition_penalty=float(repetition),
+                          presence_penalty=float(s.presence_penalty), frequency_penalty=float(s.frequency_penalty))
 
 
 def _stops(req: gen_pb.GenerateRequest, limits: RequestLimits) -> StopParams:
@@ -150,5 +171,6 @@ def _stops(req: gen_pb.GenerateRequest, limits: RequestLimits) -> StopParams:
     _check(len(req.stop_token_ids) <= limits.max_stop_token_ids, "stop_token_ids",
            f"at most {limits.max_stop_token_ids} ids, got {len(req.stop_token_ids)}")
     _check_vocab(tuple(req.stop_token_ids), "stop_token_ids", limits.vocab_size)
+    _check(req.min_tokens <= n, "min_tokens", f"must be at most max_new_tokens ({n}), got {req.min_tokens}")
     return StopParams(max_new_tokens=n, stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
-                      ignore_eos=req.ignore_eos)
+                      ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)

@@ -1,7 +1,7 @@
 """One rank's persistent step inputs: pinned host staging, one device buffer, one copy per step.
 
 Every batch input of a step — token ids, positions, slot mapping, block tables, logits
-indices, attention lengths and sampling parameters — is a typed view at a fixed offset of
+indices, attention lengths and sampling parameters (penalties and min_tokens included) — is a typed view at a fixed offset of
 one byte buffer. The host fills numpy views of a pinned copy; a single host-to-device copy
 of the used span moves the whole step; the model, the sampler and the decode CUDA graphs read
 device views of the same sections (the graphs were captured against them, so nothing is
@@ -40,6 +40,14 @@ _SECTIONS = (  # name, dtype, rows: "S" = Smax, "T" = Tmax, "S1" = Smax + 1, "1"
     ("cu_seqlens", torch.int32, "S1"),
     ("temperature", torch.float32, "S"),
     ("top_p", torch.float32, "S"),
+    ("min_p", torch.float32, "S"),  # hot rows' order, like temperature
+    # penalties (penalties.py): per sampling row, and per sequence for recording input tokens
+    ("repetition", torch.float32, "S"),
+    ("presence", torch.float32, "S"),
+    ("frequency", torch.float32, "S"),
+    ("seq_slots", torch.int64, "S"),
+    ("prompt_lens", torch.int64, "S"),
+    ("ban_rows", torch.bool, "S"),  # sampling rows still under their min_tokens
     ("valid_rows", torch.bool, "S"),
     ("block_tables", torch.int32, "SW"),  # last: a step uploads only the rows it uses
 )

@@ -17,36 +17,16 @@ import torch
 
 from ..model.forward_batch import ForwardBatch
 from .input_buffers import StepInputs
+from .pending_step import PendingStep, event_after, pending_step
 from .policy_switch import PolicySwitch
 from .routed_experts import RoutedExpertsRecorder
 from .sampler import SamplingBatch, SamplingFlags, sample, sample_keys
+from .sampling_extras import NO_EXTRAS, SamplingExtras, prompt_logprobs, top_logprobs
 from .slot_table import SlotTable
 from .step_plan import RankBatch, RankPlan, RankResult
 
 DEFAULT_MAX_SEQS = 256
 DEFAULT_MAX_BATCHED_TOKENS = 4096
-
-
-class PendingStep:
-    """A launched step; `result()` gives its RankResult once the device has finished it."""
-
-    def __init__(self, result: RankResult, tokens: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
-                 event=None, routed: torch.Tensor | None = None) -> None:
-        self._result, self._tokens, self._logprobs, self._event = result, tokens, logprobs, event
-        self._routed = routed  # [R, MoE layers, k] int16 on the host (routed_experts.py)
-
-    def result(self) -> RankResult:
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
-        if self._tokens is not None:
-            self._result.tokens = self._tokens.numpy()
-            self._result.logprobs = self._logprobs.numpy() if self._logprobs is not None else None
-            self._tokens = self._logprobs = None
-        if self._routed is not None:
-            self._result.routed = self._routed.numpy()
-            self._routed = None
-        return self._result
 
 
 class ModelRunner:
@@ -68,6 +48,7 @@ class ModelRunner:
         self.slots = SlotTable(self.max_seqs, self.width)
         self.inputs = StepInputs(max_seqs=self.max_seqs, max_tokens=self.max_tokens, width=self.width, device=self.device)
         self.routed = RoutedExpertsRecorder(model, self.max_tokens, self.device)
+        self.extras = SamplingExtras(self.slots, self.inputs, model.spec.vocab_size, self.device)
         # ---- decode CUDA graphs (server/model/gpu/cuda_graphs.py): CUDA and a graph-safe
         # dispatcher, captured once here for batch buckets up to max_num_seqs over this rank's
         # step buffers (every EP rank captures the same ones); None keeps decode eager.
@@ -125,6 +106,7 @@ class ModelRunner:
             result.routing = repr(self.model.policy)
         batch = plan.batch
         self.slots.apply(batch.fills, batch.appends)
+        self.extras.on_fills(batch.fills)
         pending = PendingStep(result)
         if plan.run_forward:
             pending = self._forward_and_sample(batch, plan, result)
@@ -163,11 +145,13 @@ class ModelRunner:
         if record and graphs is not None and not graphs.lockstep:
             graphs = self.policies.recording_graphs()  # captured on first use, by this rank alone
         bucket, use_graph = self._bucket(batch, plan, graphs)
+        prompt_rows = len(batch.prompt_lp_rows)  # prompt logprobs: extra logits rows (prompt chunks: never a graph)
         if record and graphs is not None and graphs.lockstep:
             # graphs with collectives are captured by every rank at once: a recording set cannot
             # be captured by one rank on demand, so this rank runs the step eagerly, padded to
             # the bucket (its collectives still match the other ranks')
             use_graph = False
+        use_graph = use_graph and not prompt_rows
         ep_rows = bucket if bucket is not None else (plan.ep_rows or None)  # the common MoE row count
         if batch.num_seqs == 0 and not use_graph:
             empty = _empty(self.device, token_offset)
@@ -184,6 +168,9 @@ class ModelRunner:
             logits = graphs.replay(batch.num_seqs, bucket)  # [S, V]
         else:
             eager = staged.forward_batch(self.inputs)
+            if prompt_rows:  # rare: one more small copy for the prompt rows
+                extra = torch.from_numpy(batch.prompt_lp_rows).to(self.device)
+                eager.logits_indices = torch.cat([eager.logits_indices, extra])  # [R + P]
             eager.ep_rows = ep_rows
             if record:
                 self.routed.arm()
@@ -193,20 +180,28 @@ class ModelRunner:
                 self.routed.disarm()
         if record:
             routed = self.routed.gather(batch.routed_rows)  # [rows, L, k] int16
-        if staged.num_samples == 0:
-            return PendingStep(result, routed=routed, event=_event_after(self.device) if routed is not None else None)
         d, r, n = self.inputs.dev, staged.num_samples, staged.num_hot
+        extras, extra_out = staged.extras, {}
+        if extras.record:  # penalty counts take this step's input tokens before anything samples
+            self.extras.record(extras, staged.input_ids(self.inputs), staged.num_seqs)
+        if prompt_rows:
+            targets = torch.from_numpy(batch.prompt_lp_targets).to(self.device)  # [P]
+            extra_out["prompt_logprobs"] = prompt_logprobs(logits[r:], targets)
+            logits = logits[:r]
+        if staged.num_samples == 0:
+            if extra_out:
+                return pending_step(self.device, result, None, None, routed, extra_out)
+            return PendingStep(result, routed=routed, event=event_after(self.device) if routed is not None else None)
         params = SamplingBatch(temperature=d["temperature"][:n], top_p=d["top_p"][:n], top_k=d["top_k"][:n],
                                keys=d["keys"][:n], want_logprobs=staged.flags.want_logprobs,
                                all_greedy=staged.flags.all_greedy, any_cut=staged.flags.any_cut,
-                               hot_rows=d["hot_rows"][:n] if n < r else None)
+                               hot_rows=d["hot_rows"][:n] if n < r else None,
+                               **(self.extras.sampling_fields(extras, r, n) if extras is not NO_EXTRAS else {}))
         tokens, logprobs = sample(logits, params)  # [R] int64, [R] float32 | None
         d["next_token"].index_copy_(0, d["sample_slots"][:r], tokens)  # the next decode step's inputs
-        if self.device.type != "cuda":
-            return PendingStep(result, tokens, logprobs, routed=routed)
-        tokens_host = tokens.to("cpu", non_blocking=True)  # pinned: the copy does not block
-        logprobs_host = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
-        return PendingStep(result, tokens_host, logprobs_host, _event_after(self.device), routed)
+        if extras.top:
+            extra_out["top_ids"], extra_out["top_logprobs"] = top_logprobs(logits)  # [R, K] each
+        return pending_step(self.device, result, tokens, logprobs, routed, extra_out)
 
     def _stage(self, b: RankBatch, token_offset: int, bucket: int | None) -> "Staged":
         """Fill the host views for this step (numpy, per batch) and upload them in one copy.
@@ -260,6 +255,8 @@ class ModelRunner:
             h["temperature"][:num_hot], h["top_p"][:num_hot], h["top_k"][:num_hot] = temp[pick], top_p[pick], top_k[pick]
             keys = sample_keys(self.slots.seed_keys[sample_slots[pick]], ctx[rows[pick]])  # keyed by (seed, position)
             h["keys"][:num_hot] = keys
+        extras = self.extras.stage(h, b, rows, sample_slots, ctx, pick if not flags.all_greedy else slice(0, 0),
+                                   num_hot if not flags.all_greedy else 0, not flags.all_greedy)
         rows_up = s
         if bucket is not None:  # graph padding rows (cuda_graphs.py), then 0..bucket-1 as logits rows
             h["gather"][s:bucket] = 0
@@ -272,35 +269,31 @@ class ModelRunner:
             h["logits_indices"][:bucket] = np.arange(bucket)
             rows_up = bucket
         self.inputs.upload(rows_up)
-        return Staged(s, t, r, q, ctx, gathered, token_offset, flags, num_hot)
+        return Staged(s, t, r, q, ctx, gathered, token_offset, flags, num_hot, extras)
 
 
 class Staged:
     """What `_stage` put in the step buffers (sizes and the host-side lists attention needs)."""
 
     def __init__(self, num_seqs, num_tokens, num_samples, query_lens, context_lens, gathered, token_offset, flags,
-                 num_hot) -> None:
+                 num_hot, extras=NO_EXTRAS) -> None:
         self.num_seqs, self.num_tokens, self.num_samples, self.num_hot = num_seqs, num_tokens, num_samples, num_hot
         self.query_lens, self.context_lens = query_lens, context_lens
-        self.gathered, self.token_offset, self.flags = gathered, token_offset, flags
+        self.gathered, self.token_offset, self.flags, self.extras = gathered, token_offset, flags, extras
+
+    def input_ids(self, inputs: StepInputs) -> torch.Tensor:
+        """[T] int64 the step's input tokens on the device."""
+        d, t = inputs.dev, self.num_tokens
+        return inputs.pool.index_select(0, d["gather"][:t]) if self.gathered else d["explicit"][:t]
 
     def forward_batch(self, inputs: StepInputs) -> ForwardBatch:
         d, s, t = inputs.dev, self.num_seqs, self.num_tokens
-        input_ids = inputs.pool.index_select(0, d["gather"][:t]) if self.gathered else d["explicit"][:t]  # [T]
+        input_ids = self.input_ids(inputs)  # [T]
         return ForwardBatch(input_ids=input_ids, positions=d["positions"][:t], query_lens=self.query_lens.tolist(),
                             context_lens=self.context_lens.tolist(), block_tables=d["block_tables"][:s],
                             slot_mapping=d["slot_mapping"][:t], logits_indices=d["logits_indices"][:self.num_samples],
                             token_offset=self.token_offset, context_lens_dev=d["context_lens"][:s],
                             cu_seqlens_dev=d["cu_seqlens"][:s + 1])
-
-
-def _event_after(device: torch.device):
-    """A CUDA event after the work queued so far (None on CPU, where the step ran to the end)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning (and holding a core)
-    event.record()
-    return event
 
 
 def _empty(device: torch.device, token_offset: int) -> ForwardBatch:

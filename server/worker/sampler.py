@@ -11,8 +11,13 @@ on whichever rank it runs, and after a preemption recomputes it. (Results can st
 where the model's logits themselves differ across batch shapes, e.g. GPU GEMM tilings, and
 only at near-ties.)
 
+Before any of that, per row and only where asked: penalties on seen tokens (penalties.py) and
+the min_tokens ban (EOS and stop ids at -inf until a sequence has min_tokens); after the
+temperature, min_p drops tokens less likely than min_p x the best one. Each is a host-side
+flag of the step (no device sync) and fixed-shape tensor work.
+
 Logprobs are those of the model's raw distribution (log_softmax of the logits), before
-temperature, top-k and top-p.
+penalties, temperature, top-k, top-p and min_p.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 from ..moe.routing.hashing import MASK32, mix32, stream_key
 from ..engine.api import MIN_TEMPERATURE
+from .penalties import PenaltyParams, PenaltyState
 from .step_plan import SampleSpec
 
 _SAMPLER_STREAM = 0x53414D50  # "SAMP": keeps these draws apart from the routing policies'
@@ -44,6 +50,10 @@ class SamplingBatch:
     all_greedy: bool  # host-side flags: decide the path without a device sync
     any_cut: bool  # some row has top-k or top-p
     hot_rows: torch.Tensor | None = None  # [H] int64 rows with temperature > 0; None: the parameters cover every row
+    min_p: torch.Tensor | None = None  # [S] (or [H]) float32 in [0, 1]; None: no row cuts by min_p
+    penalties: tuple[PenaltyState, PenaltyParams] | None = None  # some row has a penalty
+    banned: torch.Tensor | None = None  # [S, B] int64 token ids to ban per row (repeats allowed); None: none
+    ban_rows: torch.Tensor | None = None  # [S] bool rows whose `banned` ids are at -inf this step (min_tokens)
 
     @classmethod
     def from_specs(cls, specs: list[SampleSpec], positions: list[int], device: torch.device | str) -> "SamplingBatch":
@@ -128,9 +138,30 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return torch.full_like(logits, float("-inf")).scatter(1, order, masked_sorted)
 
 
+def min_p_mask(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set tokens with prob < min_p * max prob to -inf. scaled [S, V] (temperature applied), min_p [S].
+    p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed; min_p 0 cuts nothing."""
+    threshold = scaled.max(dim=1, keepdim=True).values + torch.log(min_p)[:, None]  # [S, 1]
+    return scaled.masked_fill(scaled < threshold, float("-inf"))
+
+
+def ban_tokens(logits: torch.Tensor, banned: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """logits [S, V]; banned [S, B] int64 ids (a row's list padded by repeating its first id);
+    rows [S] bool. -> a copy with each chosen row's banned ids at -inf. Repeated ids write the
+    same value, so the scatter is deterministic."""
+    current = logits.gather(1, banned)  # [S, B]
+    value = current.masked_fill(rows[:, None], float("-inf"))
+    return logits.scatter(1, banned, value)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [S, V] float32 -> (tokens [S] int64, logprobs [S] float32 or None)."""
-    logits = logits.float()
+    raw = logits = logits.float()
+    if batch.penalties is not None:
+        state, params = batch.penalties
+        logits = state.apply(logits, params)
+    if batch.banned is not None:
+        logits = ban_tokens(logits, batch.banned, batch.ban_rows)
     tokens = logits.argmax(dim=1)  # [S]
     if not batch.all_greedy:
         rows = batch.hot_rows
@@ -138,6 +169,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         greedy = batch.temperature <= 0
         temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
         scaled = hot / temp[:, None]
+        if batch.min_p is not None:
+            scaled = min_p_mask(scaled, batch.min_p)
         if batch.any_cut:
             scaled = top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
         u = hashed_uniform(batch.keys, logits.shape[1])
@@ -149,5 +182,5 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
             tokens.index_copy_(0, rows, drawn)
     logprobs = None
     if batch.want_logprobs:
-        logprobs = logits.log_softmax(dim=1).gather(1, tokens[:, None])[:, 0]  # [S]
+        logprobs = raw.log_softmax(dim=1).gather(1, tokens[:, None])[:, 0]  # [S]
     return tokens, logprobs

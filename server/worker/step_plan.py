@@ -21,6 +21,10 @@ import numpy as np
 from ..moe.load_stats import ExpertLoadSnapshot
 
 
+#: the most token ids a request's min_tokens can hold back (EOS ids + stop_token_ids)
+MAX_BANNED_IDS = 80
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """How to draw the token that follows a sequence's last token."""
@@ -51,6 +55,20 @@ class SlotFill:
     top_k: np.ndarray  # [A] int32, 0 = no cut
     seed_keys: np.ndarray  # [A] int64: sampler key of the request's seed (sampler.seed_key)
     logprobs: np.ndarray  # [A] bool
+    min_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [A] float32, 0 = no cut
+    repetition: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [A] float32, 1 = off
+    presence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [A] float32, 0 = off
+    frequency: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [A] float32, 0 = off
+    prompt_lens: np.ndarray = field(default_factory=lambda: _i64([]))  # [A] int64 prompt tokens of the request
+    min_tokens: np.ndarray = field(default_factory=lambda: _i64([]))  # [A] int64, 0 = off
+    top_logprobs: np.ndarray = field(default_factory=lambda: _i32([]))  # [A] int32 alternatives asked for
+    #: [A] int32 the slot (same rank) of the sequence whose prompt blocks this one shares (n > 1;
+    #: its penalty prompt set is copied: the shared prompt tokens never run in this slot); -1: none
+    prompt_from: np.ndarray = field(default_factory=lambda: _i32([]))
+    #: the fills with min_tokens > 0: their slots [M] int32 and the ids banned until then,
+    #: [M, MAX_BANNED_IDS] int64 (EOS unless ignore_eos, and stop_token_ids; padded by repeating the first)
+    ban_slots: np.ndarray = field(default_factory=lambda: _i32([]))
+    banned: np.ndarray = field(default_factory=lambda: np.zeros((0, MAX_BANNED_IDS), np.int64))
 
     @classmethod
     def empty(cls) -> "SlotFill":
@@ -97,6 +115,10 @@ class RankBatch:
     #: [R] int64 token rows (into this step's T) whose routed experts the rank sends back
     #: (requests that asked for them); empty: the forward records nothing
     routed_rows: np.ndarray = field(default_factory=lambda: _i64([]))
+    #: prompt logprobs: [P] int64 token rows (into this step's T) whose next prompt token's
+    #: logprob comes back, and [P] int64 those next tokens; empty: nobody asked this step
+    prompt_lp_rows: np.ndarray = field(default_factory=lambda: _i64([]))
+    prompt_lp_targets: np.ndarray = field(default_factory=lambda: _i64([]))
 
     @classmethod
     def empty(cls) -> "RankBatch":
@@ -155,6 +177,11 @@ class RankResult:
     routing: str | None = None  # repr of the policy the rank runs, when the plan switched it
     routed: np.ndarray | None = None  # [R, MoE layers, k] int16 logical expert ids of batch.routed_rows
     warmup_s: float | None = None  # seconds the plan's warm-up took on this rank
+    #: [R, K] int64 / float32: the K most likely tokens of each sampled row's raw distribution
+    #: and their logprobs (K = min(MAX_TOP_LOGPROBS, V)), when some row asked for top_logprobs
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None  # [P] float32 for batch.prompt_lp_rows
 
 
 @dataclass
@@ -167,6 +194,8 @@ class StepPlan:
     sampling: list[list] = field(default_factory=list)  # [rank][row] Sequence
     #: [rank] (Sequence, rows) owning that rank's RankResult.routed rows, in order; stays on rank 0
     routed: list[list] = field(default_factory=list)
+    #: [rank] (Sequence, rows) owning that rank's RankResult.prompt_logprobs, in order; stays on rank 0
+    prompt_lp: list[list] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -179,15 +208,18 @@ class StepPlan:
 
     def with_rebalance(self) -> "StepPlan":
         """The same step with every rank also joining an EPLB rebalance after its forward."""
-        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks], self.sampling, self.routed)
+        return StepPlan(self.step, [replace(p, rebalance=True) for p in self.ranks], self.sampling, self.routed,
+                        self.prompt_lp)
 
     def with_routing(self, routing: dict[str, Any]) -> "StepPlan":
         """The same step with every rank first switching to the routing policy `routing` names."""
-        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks], self.sampling, self.routed)
+        return StepPlan(self.step, [replace(p, routing=dict(routing)) for p in self.ranks], self.sampling, self.routed,
+                        self.prompt_lp)
 
 
 def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | None = None,
-                    load_snapshot: bool | None = None, stop: bool = False, routed: list[list] | None = None) -> StepPlan:
+                    load_snapshot: bool | None = None, stop: bool = False, routed: list[list] | None = None,
+                    prompt_lp: list[list] | None = None) -> StepPlan:
     """Per-rank batches -> per-rank plans with token offsets (rank r starts after ranks < r)."""
     counts = [b.num_tokens for b in batches]
     run_forward = sum(counts) > 0
@@ -200,4 +232,5 @@ def build_step_plan(step: int, batches: list[RankBatch], sampling: list[list] | 
                               decode_batch=decode_batch))
         offset += n
     return StepPlan(step, plans, sampling if sampling is not None else [[] for _ in batches],
-                    routed if routed is not None else [[] for _ in batches])
+                    routed if routed is not None else [[] for _ in batches],
+                    prompt_lp if prompt_lp is not None else [[] for _ in batches])

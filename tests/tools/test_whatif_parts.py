@@ -138,3 +138,25 @@ def test_skewed_power_law_shape_is_used_as_given():
     assert all(len(set(r)) == 4 for r in ids.tolist())
     with pytest.raises(PolicyConfigError, match="routing.shape"):
         build_policy("skewed", mode="hot_ranks", shape=1.0)
+
+
+def test_engines_the_whatif_builds_size_their_own_kv_cache(monkeypatch):
+    """The what-if's probes and expert timers already hold the device when it records routing or
+    validates against the engine: an engine sized as a fraction of free memory would find none
+    (seen on an H100). Both engines it builds must size the cache from the workload."""
+    import server.core.startup as startup
+    from server.bench.whatif.recorded import record_routed_experts
+    from server.config import ModelConfig
+
+    built = []
+
+    def capture(app):
+        built.append(app)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(startup, "build_engine_core", capture)
+    requests = build_request_set("lightllm", batch=4, input_len=8, output_len=3, vocab_size=50, seed=1)
+    with pytest.raises(RuntimeError, match="captured"):
+        record_routed_experts(ModelConfig(), requests)
+    assert built[0].engine.gpu_memory_utilization == 0
+    assert built[0].engine.kv_cache_tokens >= 4 * (8 + 3)

@@ -47,6 +47,7 @@ def record_routed_experts(model: ModelConfig, requests: RequestSet, device: str 
         "parallel": {"ep_size": 1, "device": device}, "routing": {"name": "natural"},
         "engine": {"max_num_seqs": seqs, "max_num_batched_tokens": max(4096, requests.max_total_len),
                    "kv_block_size": 16, "kv_cache_tokens": 16 * (seqs * per_seq + 8), "max_queue": requests.batch,
+                   "gpu_memory_utilization": 0,  # the cache sized above: the what-if's probes share the device
                    "warmup": False, "overlap": False},
     })
     core = build_engine_core(app)

@@ -57,10 +57,10 @@ class HttpFrontEnd:
     async def start(self, service: "GenerationService") -> None:
         sock = self._bind()
         host, port = sock.getsockname()[:2]
+        # httptools: uvicorn's C parser (h11, the other choice, is pure Python and runs on this event loop)
         config = uvicorn.Config(build_app(service, resolve_token(self.app.server)), lifespan="off",
-                                log_level="warning", access_log=False, http="h11", loop="none",
-                                timeout_graceful_shutdown=1, limit_concurrency=None,
-                                h11_max_incomplete_event_size=16 * 1024)
+                                log_level="warning", access_log=False, http="httptools", loop="none",
+                                timeout_graceful_shutdown=1)
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started and not self._task.done():

@@ -35,6 +35,7 @@ class HttpGeneration:
     logprobs: bool = False  # the sampled token's log-probability
     echo: bool = False  # completions: the prompt's text before the completion
     routed_experts: bool = False  # epserve extension: return_routed_experts
+    token_ids: bool = False  # extension (vLLM's name): return_token_ids, each choice's (or chunk's) token ids
     chat_max_tokens_set: bool = True
 
 
@@ -66,7 +67,7 @@ def parse_request(body: dict[str, Any], endpoint: str, served_model: str, active
         messages = _messages(fields)
         base.request_id = request_id
         return HttpGeneration(CHAT, request_id, (base,), messages, stream, include_usage, logprobs,
-                              routed_experts=base.return_routed_experts,
+                              routed_experts=base.return_routed_experts, token_ids=bool(fields.bool("return_token_ids")),
                               chat_max_tokens_set=base.HasField("max_new_tokens"))
     logprobs = fields.int("logprobs") is not None  # 0: the sampled token's (more is refused above)
     echo = bool(fields.bool("echo"))
@@ -83,7 +84,7 @@ def parse_request(body: dict[str, Any], endpoint: str, served_model: str, active
             req.token_ids.SetInParent()
         requests.append(req)
     return HttpGeneration(COMPLETIONS, request_id, tuple(requests), (), stream, include_usage, logprobs, echo,
-                          base.return_routed_experts)
+                          base.return_routed_experts, bool(fields.bool("return_token_ids")))
 
 
 def _check_routing(fields: Fields, active: str) -> None:

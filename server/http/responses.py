@@ -3,7 +3,8 @@
 Shapes follow OpenAI's API reference (text_completion, chat.completion, chat.completion.chunk),
 with vLLM's "abort" finish reason for calls the server ended. epserve extensions ride as
 extra fields: `routing` (the active policy) on every response object and on the last chunk,
-and `routed_experts` on a choice when the request set return_routed_experts.
+`routed_experts` on a choice when the request set return_routed_experts, and `token_ids`
+with return_token_ids.
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ class ResponseFormat:
                 choice = {"index": i, "text": echo + text, "logprobs": logprobs, "finish_reason": finish}
             if self.gen.routed_experts:
                 choice["routed_experts"] = self.routed_experts(out.routed)
+            if self.gen.token_ids:
+                choice["token_ids"] = out.token_ids
             choices.append(choice)
         return {"id": self.gen.request_id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(tallies),
@@ -114,6 +117,8 @@ class ResponseFormat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if self.gen.token_ids:
+            choice["token_ids"] = ids
         if self.gen.routed_experts and chunk is not None and chunk.routed_experts is not None:
             choice["routed_experts"] = self.routed_experts([chunk.routed_experts])
         obj = {"id": self.gen.request_id, "object": "chat.completion.chunk" if self.chat else "text_completion",

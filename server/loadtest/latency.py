@@ -28,6 +28,11 @@ class TrafficSummary:
     tpot_s: dict[int, float | None]
     itl_s: dict[int, float | None]
     first_error: str | None = None
+    # CPU seconds over the run (user + system), when the server's pid is known: the front-end
+    # process (gRPC and HTTP serving), the engine core under it, and this load generator
+    frontend_cpu_s: float | None = None
+    core_cpu_s: float | None = None
+    client_cpu_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -36,11 +41,13 @@ class TrafficSummary:
     def to_json(self) -> dict[str, Any]:
         return {"front_end": self.front_end, "requests": self.requests, "errors": self.errors, "tokens": self.tokens,
                 "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s, "first_error": self.first_error,
+                "frontend_cpu_s": self.frontend_cpu_s, "core_cpu_s": self.core_cpu_s, "client_cpu_s": self.client_cpu_s,
                 **{f"{name}_p{p}_s": getattr(self, f"{name}_s")[p] for name in ("ttft", "tpot", "itl")
                    for p in PERCENTILES}}
 
 
-def summarize(front_end: str, traces: list[RequestTrace], wall_s: float) -> TrafficSummary:
+def summarize(front_end: str, traces: list[RequestTrace], wall_s: float,
+              cpu: tuple[float | None, float | None, float | None] = (None, None, None)) -> TrafficSummary:
     ok = [t for t in traces if t.error is None and t.events]
     ttft = [t.events[0][0] - t.sent for t in ok]
     tpot = [(t.events[-1][0] - t.events[0][0]) / (t.tokens - 1) for t in ok if t.tokens > 1]
@@ -51,7 +58,7 @@ def summarize(front_end: str, traces: list[RequestTrace], wall_s: float) -> Traf
     errors = [t for t in traces if t.error is not None]
     return TrafficSummary(front_end, len(traces), len(errors), sum(t.tokens for t in traces), wall_s,
                           {p: percentile(ttft, p) for p in PERCENTILES}, {p: percentile(tpot, p) for p in PERCENTILES},
-                          {p: percentile(itl, p) for p in PERCENTILES}, errors[0].error if errors else None)
+                          {p: percentile(itl, p) for p in PERCENTILES}, errors[0].error if errors else None, *cpu)
 
 
 def _ms(value: float | None) -> str:
@@ -61,9 +68,10 @@ def _ms(value: float | None) -> str:
 def traffic_table(summaries: list[TrafficSummary]) -> str:
     """A markdown table, one row per run, and the HTTP / gRPC throughput ratio when both ran."""
     head = ("| front end | requests | errors | tokens/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms "
-            "| ITL p50/p90/p99 ms |\n|---|---|---|---|---|---|---|")
+            "| ITL p50/p90/p99 ms | CPU s: front end / engine core / load tool |\n|---|---|---|---|---|---|---|---|")
     rows = [f"| {s.front_end} | {s.requests} | {s.errors} | {s.tokens_per_s:.1f} | "
             + " | ".join("/".join(_ms(getattr(s, f"{n}_s")[p]) for p in PERCENTILES) for n in ("ttft", "tpot", "itl"))
+            + " | " + " / ".join("-" if v is None else f"{v:.2f}" for v in (s.frontend_cpu_s, s.core_cpu_s, s.client_cpu_s))
             + " |" for s in summaries]
     lines = [head, *rows]
     ratio = served_ratio(summaries)

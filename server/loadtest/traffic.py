@@ -138,7 +138,9 @@ async def run_traffic(front_end: str, spec: TrafficSpec, *, grpc_target: str = "
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=600.0) as http:
-        models = (await http.get(f"{http_base_url}/models")).json()
-        model = models["data"][0]["id"]
+        reply = await http.get(f"{http_base_url}/models")
+        if reply.status_code != 200:
+            raise RuntimeError(f"GET {http_base_url}/models: HTTP {reply.status_code} {reply.text[:200]}")
+        model = reply.json()["data"][0]["id"]
         url = f"{http_base_url}/completions"
         return traces, await drive(lambda i, t: _http_request(http, url, model, spec, i, t))

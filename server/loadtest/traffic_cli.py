@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import sys
 from pathlib import Path
 
+from .memory import cpu_seconds, process_tree
 from .latency import served_ratio, summarize, traffic_table
 from .spawn import SpawnedServer
 from .traffic import TrafficSpec, default_prompts, read_prompts, run_traffic
@@ -54,11 +56,18 @@ def run_traffic_mode(args: argparse.Namespace) -> int:
     try:
         if spawned is not None:
             _wait_ready(grpc_target, args.token)
+        pid = spawned.pid if spawned else args.server_pid
         for front_end in front_ends:
+            before = _cpu(pid)
             traces, wall = asyncio.run(run_traffic(front_end, spec, grpc_target=grpc_target, http_base_url=http_url,
                                                    token=args.token))
-            summaries.append(summarize(front_end, traces, wall))
+            after = _cpu(pid)
+            summaries.append(summarize(front_end, traces, wall, tuple(b - a for a, b in zip(before, after))
+                                       if before and after else (None, None, None)))
             print(f"{front_end}: {summaries[-1].tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    except RuntimeError as exc:  # the HTTP front end refused the run (token, URL)
+        print(f"epserve-load: {exc}", file=sys.stderr)
+        return 1
     finally:
         if spawned is not None:
             spawned.stop()
@@ -69,6 +78,18 @@ def run_traffic_mode(args: argparse.Namespace) -> int:
                                 "prompts": len(spec.prompts)},
                        "runs": [s.to_json() for s in summaries], "http_over_grpc": served_ratio(summaries)}, f, indent=2)
     return 0 if all(s.errors == 0 for s in summaries) else 1
+
+
+def _cpu(pid: int | None) -> tuple[float, float, float] | None:
+    """CPU seconds so far: the server process, its descendants (engine core, ranks), this process."""
+    if pid is None:
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        tree = process_tree(pid)
+        return (cpu_seconds(pid), sum(cpu_seconds(p) for p in tree if p != pid), own.ru_utime + own.ru_stime)
+    except OSError:
+        return None
 
 
 def _wait_ready(target: str, token: str | None) -> None:

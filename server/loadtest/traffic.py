@@ -3,9 +3,9 @@ from a file, and each request's token arrival times (for TTFT, TPOT and ITL perc
 
 Both front ends are driven the same way: one streaming request per arrival, `ignore_eos`
 and greedy, so every request asks for exactly `new_tokens` tokens and the two front ends
-do the same engine work. gRPC goes through the epserve AsyncClient; HTTP through httpx
-against /v1/completions with server-sent events (the `return_token_ids` extension gives
-exact token counts per event).
+do the same engine work. gRPC goes through the epserve AsyncClient; HTTP through a lean
+client (sse_client.py) against /v1/completions with server-sent events (the
+`return_token_ids` extension gives exact token counts per event).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 from clients import AsyncClient, EpserveError
+
+from .sse_client import HttpStatusError, post_events
 
 FRONT_ENDS = ("grpc", "http")
 
@@ -86,26 +88,20 @@ async def _grpc_request(client: AsyncClient, spec: TrafficSpec, i: int, trace: R
         trace.error = f"{exc.code}: {exc}"
 
 
-async def _http_request(http, url: str, model: str, spec: TrafficSpec, i: int, trace: RequestTrace) -> None:
+async def _http_request(url: str, headers: dict[str, str], model: str, spec: TrafficSpec, i: int,
+                        trace: RequestTrace) -> None:
     body = {"model": model, "prompt": spec.prompt(i), "max_tokens": spec.new_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     try:
-        async with http.stream("POST", url, json=body) as reply:
-            if reply.status_code != 200:
-                trace.error = f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}"
+        async for event in post_events(url, body, headers):
+            if "error" in event:
+                trace.error = event["error"]["message"]
                 return
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    trace.error = event["error"]["message"]
-                    return
-                n = sum(len(c.get("token_ids") or ()) for c in event["choices"])
-                if n:
-                    trace.events.append((time.perf_counter(), n))
+            n = sum(len(c.get("token_ids") or ()) for c in event["choices"])
+            if n:
+                trace.events.append((time.perf_counter(), n))
     except Exception as exc:  # noqa: BLE001 - a load tool records every failure and goes on
-        trace.error = repr(exc)
+        trace.error = str(exc) if isinstance(exc, HttpStatusError) else repr(exc)
 
 
 async def run_traffic(front_end: str, spec: TrafficSpec, *, grpc_target: str = "", http_base_url: str = "",
@@ -136,11 +132,10 @@ async def run_traffic(front_end: str, spec: TrafficSpec, *, grpc_target: str = "
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=600.0) as http:
+    async with httpx.AsyncClient(headers=headers, timeout=60.0) as http:
         reply = await http.get(f"{http_base_url}/models")
-        if reply.status_code != 200:
-            raise RuntimeError(f"GET {http_base_url}/models: HTTP {reply.status_code} {reply.text[:200]}")
-        model = reply.json()["data"][0]["id"]
-        url = f"{http_base_url}/completions"
-        return traces, await drive(lambda i, t: _http_request(http, url, model, spec, i, t))
+    if reply.status_code != 200:
+        raise RuntimeError(f"GET {http_base_url}/models: HTTP {reply.status_code} {reply.text[:200]}")
+    model = reply.json()["data"][0]["id"]
+    url = f"{http_base_url}/completions"
+    return traces, await drive(lambda i, t: _http_request(url, headers, model, spec, i, t))

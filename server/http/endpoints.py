@@ -23,7 +23,7 @@ from .chat_template import chat_prompt_ids
 from .errors import HttpError, from_engine_error
 from .generation import Admission, CallEnded, Tally, chunks_of
 from .request_map import HttpGeneration, param_names, parse_request
-from .responses import SSE_DONE, ChoiceOutput, FINISH_REASONS, ResponseFormat, sse
+from .responses import FINISH_REASONS, SSE_DONE, ChoiceOutput, ResponseFormat, json_bytes, sse
 from .unsupported import CHAT
 
 if TYPE_CHECKING:
@@ -39,17 +39,23 @@ _ENGINE_ERRORS = (InvalidRequestError, ResourceExhaustedError, EngineUnavailable
 class ClientWatch:
     """Cancels the call's task when its client hangs up (uvicorn reports it to `receive`)."""
 
-    def __init__(self, receive, send) -> None:
+    def __init__(self, receive, send, writing: dict) -> None:
         self.task, self.gone, self.finished = asyncio.current_task(), False, False
-        self._send = send
+        self._send, self._writing = send, writing
         self._watch = asyncio.ensure_future(self._run(receive))
 
     async def send(self, message: dict) -> None:
         """`send`, noting the last body message first: after it uvicorn's `receive` answers
-        http.disconnect for a call that ended well, which is no hang-up."""
+        http.disconnect for a call that ended well, which is no hang-up. While a send waits
+        (the client stopped reading), ActiveCalls.writing has its start, so the stall
+        watchdog (server.stalled_stream_timeout_s) frees the slot as it does for gRPC."""
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.finished = True
-        await self._send(message)
+        self._writing[self.task] = asyncio.get_running_loop().time()
+        try:
+            await self._send(message)
+        finally:
+            self._writing.pop(self.task, None)
 
     async def _run(self, receive) -> None:
         while True:
@@ -86,14 +92,14 @@ class GenerationEndpoint:
                 service.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
                 fmt = ResponseFormat(gen, info.model_name, {"name": policy.name, "params": dict(policy.params)},
                                      (info.num_moe_layers, info.top_k), lambda t: service.engine.decode([t]))
-                watch = ClientWatch(receive, send)
+                watch = ClientWatch(receive, send, service.calls.writing)
                 try:
                     status = await self._serve(gen, requests, fmt, admission, arrival, watch.send)
                 except asyncio.CancelledError:
-                    if not watch.gone:
+                    if not (watch.gone or admission.task in service.calls.stalled):
                         raise
                     asyncio.current_task().uncancel()
-                    status = 499  # nobody to answer
+                    status = 499  # the client hung up or stopped reading: nobody to answer
                 finally:
                     watch.stop()
         except HttpError as exc:
@@ -211,9 +217,7 @@ async def _stream(gen: HttpGeneration, chunks, fmt: ResponseFormat, tallies: lis
 
 
 async def _send_json(send, status: int, obj: Any) -> None:
-    from .responses import _JSON
-
-    body = _JSON(obj).encode()
+    body = json_bytes(obj)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -24,6 +24,10 @@ FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", Fini
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def json_bytes(obj: Any) -> bytes:
+    return _JSON(obj).encode()
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + _JSON(obj).encode() + b"\n\n"
 

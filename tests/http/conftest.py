@@ -10,7 +10,7 @@ from tests.helpers.server_process import ServerProcess
 TOKEN = "http-front-end-token"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("http"), f"server.auth_token={TOKEN}", http=True,
                        wait_ready=False) as srv:
@@ -18,7 +18,7 @@ def server(tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def grpc_client(server):
     with Client(server.target, token=TOKEN, timeout=60) as c:
         yield c

@@ -13,8 +13,9 @@ Results are plain dataclasses (clients.types) and errors are EpserveError subcla
 from .async_client import AsyncClient, AsyncGenerationStream
 from .errors import (
     AuthenticationError, CancelledError, DeadlineExceededError, EpserveError, InvalidRequestError,
-    ResourceExhaustedError, ServerError, UnavailableError,
+    NotFoundError, ResourceExhaustedError, ServerError, UnavailableError,
 )
+from .options import GenerateOptions
 from .retry import NO_RETRY, RetryPolicy
 from .sync_client import Client, GenerationStream
 from .types import (
@@ -24,7 +25,7 @@ from .types import (
 
 __all__ = [
     "AsyncClient", "AsyncGenerationStream", "AuthenticationError", "CancelledError", "Chunk", "Client",
-    "Completion", "DeadlineExceededError", "EpserveError", "ExpertLoad", "FinishReason", "GenerationStream",
-    "InvalidRequestError", "LayerExpertLoad", "ModelInfo", "NO_RETRY", "ResourceExhaustedError", "RetryPolicy",
+    "Completion", "DeadlineExceededError", "EpserveError", "ExpertLoad", "FinishReason", "GenerateOptions", "GenerationStream",
+    "InvalidRequestError", "LayerExpertLoad", "ModelInfo", "NO_RETRY", "NotFoundError", "ResourceExhaustedError", "RetryPolicy",
     "RoutingPolicyInfo", "ServerError", "ServerInfo", "ServerStats", "ServingState", "UnavailableError", "Usage",
 ]

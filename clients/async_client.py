@@ -4,14 +4,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Unpack, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import convert
+from .options import GenerateOptions, request_from_options
 from .channel import DEFAULT_TARGET, ConnectionSettings
 from .errors import EpserveError, UnavailableError, from_rpc_error
+from .pb import abort_pb2
 from .pb import generation_pb2 as gen_pb
 from .pb import info_pb2 as info_pb
 from .pb import routing_pb2 as routing_pb
@@ -107,19 +109,26 @@ class AsyncClient:
             self._health = health_pb2_grpc.HealthStub(self._channel)
         return self._stub, self._health  # type: ignore[return-value]
 
-    async def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Any) -> Completion:
-        request = convert.build_request(prompt, **options)
+    async def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Unpack[GenerateOptions]) -> Completion:
+        request = request_from_options(prompt, options)
         reply = await self._unary(lambda: self._stubs()[0].Generate, request, timeout)
         state = StreamState(bool(options.get("logprobs")))
         state.add(reply)
         state.check_finished()
         return state.completion()
 
-    def stream(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Any) -> AsyncGenerationStream:
-        request = convert.build_request(prompt, **options)
+    def stream(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Unpack[GenerateOptions]) -> AsyncGenerationStream:
+        request = request_from_options(prompt, options)
         metadata = self.settings.metadata()
         return AsyncGenerationStream(lambda t: self._stubs()[0].GenerateStream(request, timeout=t, metadata=metadata),
                                      Deadline(self._timeout(timeout)), self.retry, bool(options.get("logprobs")))
+
+    async def abort(self, request_id: str, *, timeout: Any = _DEFAULT) -> int:
+        """End the generation call with this request id (any connection's; chunks carry it) at
+        once: its stream ends with finish_reason CANCELLED. Returns how many calls ended;
+        NotFoundError when none with that id is in progress."""
+        reply = await self._unary(lambda: self._stubs()[0].Abort, abort_pb2.AbortRequest(request_id=request_id), timeout)
+        return reply.aborted
 
     async def info(self, *, timeout: Any = _DEFAULT) -> ModelInfo:
         reply = await self._unary(lambda: self._stubs()[0].GetModelInfo, info_pb.GetModelInfoRequest(), timeout)

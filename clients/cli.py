@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", action="store_true")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    g.add_argument("--json", action="store_true", help="print the completion as JSON")
+    g.add_argument("--json", action="store_true",
+                   help="print the completion as JSON (with --stream: one JSON line per chunk as it arrives)")
     g.add_argument("--routed-experts", action="store_true",
                    help="return the experts each token was routed to ([rows][MoE layers][k], in --json output)")
     g.add_argument("--include-prompt", action="store_true", help="with --routed-experts: the prompt's rows too")
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="model and server information")
     i.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("abort", help="end a generation in progress by its request id")
+    a.add_argument("request_id")
 
     e = sub.add_parser("expert-load", help="per-layer, per-expert token counts")
     e.add_argument("--reset", action="store_true", help="zero the counters after reading")
@@ -106,7 +110,9 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
     if args.stream:
         with client.stream(prompt, **options) as stream:
             for chunk in stream:
-                if not args.json:
+                if args.json:  # one JSON object per line and per chunk, as it arrives
+                    print(json.dumps(_jsonable(chunk)), flush=True)
+                else:
                     print(chunk.text, end="", flush=True)
             completion = stream.completion
         if not args.json:
@@ -116,7 +122,8 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
         if not args.json:
             print(completion.text)
     if args.json:
-        _print_json(completion)
+        if not args.stream:  # streamed: the chunks were the output
+            _print_json(completion)
     else:
         u = completion.usage
         print(f"[{completion.finish_reason.value}: {u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, "
@@ -229,13 +236,17 @@ def _expert_load(client: Client, args: argparse.Namespace) -> None:
         _load_table(load)
 
 
+def _abort(client: Client, args: argparse.Namespace) -> None:
+    print(f"aborted {client.abort(args.request_id)} call(s) with request id {args.request_id!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with Client(args.target, token=args.token, tls=args.tls, root_certificates=args.ca,
                     server_hostname=args.server_name, timeout=args.timeout) as client:
             {"generate": _generate, "info": _info, "expert-load": _expert_load,
-             "routing": _routing}[args.command](client, args)
+             "routing": _routing, "abort": _abort}[args.command](client, args)
     except EpserveError as exc:
         print(f"epserve-client: {exc}", file=sys.stderr)
         return 1

@@ -53,6 +53,12 @@ class AuthenticationError(EpserveError):
     code = "UNAUTHENTICATED"
 
 
+class NotFoundError(EpserveError):
+    """NOT_FOUND: e.g. Abort named a request id that no call in progress has."""
+
+    code = "NOT_FOUND"
+
+
 class ServerError(EpserveError):
     """INTERNAL / UNKNOWN / DATA_LOSS / UNIMPLEMENTED / ...: a server-side bug (logged there)."""
 
@@ -69,6 +75,7 @@ _BY_CODE: dict[grpc.StatusCode, type[EpserveError]] = {
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
 }
 
 

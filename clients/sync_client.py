@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import convert
+from .options import GenerateOptions, request_from_options
 from .channel import DEFAULT_TARGET, ConnectionSettings
 from .errors import EpserveError, UnavailableError, from_rpc_error
+from .pb import abort_pb2
 from .pb import generation_pb2 as gen_pb
 from .pb import info_pb2 as info_pb
 from .pb import routing_pb2 as routing_pb
@@ -102,25 +104,32 @@ class Client:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- generation ---------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Any) -> Completion:
+    def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Unpack[GenerateOptions]) -> Completion:
         """Generate and return the whole completion. Options: max_new_tokens, temperature,
         top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, request_id, text_output,
         return_routed_experts (Completion.routed_experts: [rows][MoE layers][k]), include_prompt."""
-        request = convert.build_request(prompt, **options)
+        request = request_from_options(prompt, options)
         reply = self._unary(self._stub.Generate, request, timeout)
         state = StreamState(bool(options.get("logprobs")))
         state.add(reply)
         state.check_finished()
         return state.completion()
 
-    def stream(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Any) -> GenerationStream:
+    def stream(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Unpack[GenerateOptions]) -> GenerationStream:
         """Stream chunks as they are generated (same options as generate())."""
-        request = convert.build_request(prompt, **options)
+        request = request_from_options(prompt, options)
         metadata = self.settings.metadata()
         return GenerationStream(lambda t: self._stub.GenerateStream(request, timeout=t, metadata=metadata),
                                 Deadline(self._timeout(timeout)), self.retry, bool(options.get("logprobs")))
 
     # -- inspection ----------------------------------------------------------------------
+    def abort(self, request_id: str, *, timeout: Any = _DEFAULT) -> int:
+        """End the generation call with this request id (any connection's; chunks carry it) at
+        once: its stream ends with finish_reason CANCELLED. Returns how many calls ended;
+        NotFoundError when none with that id is in progress."""
+        reply = self._unary(self._stub.Abort, abort_pb2.AbortRequest(request_id=request_id), timeout)
+        return reply.aborted
+
     def info(self, *, timeout: Any = _DEFAULT) -> ModelInfo:
         return convert.model_info_from_pb(self._unary(self._stub.GetModelInfo, info_pb.GetModelInfoRequest(), timeout))
 

@@ -220,6 +220,8 @@ class ServerConfig:
     stalled_stream_timeout_s: float = 60.0  # a stream whose client read nothing this long is cancelled
     max_prompt_bytes: int = 1048576  # text prompts longer than this are refused before tokenizing
     allow_routing_switch: bool = False  # SetRoutingPolicy may switch the routing policy of the running server
+    http_port: int = 0  # the OpenAI-compatible HTTP front end's port; 0 turns it off
+    http_host: str = "127.0.0.1"  # its address (beyond loopback only with allow_remote)
 
     def validate(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port < 65536, f"server.port must be in [0, 65535], got {self.port!r}")
@@ -238,6 +240,11 @@ class ServerConfig:
                  and self.log_interval_s >= 0, f"server.log_interval_s must be seconds >= 0 (0: off), got {self.log_interval_s!r}")
         _require(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
                  and self.stream_interval >= 1, f"server.stream_interval must be an integer >= 1, got {self.stream_interval!r}")
+        _require(isinstance(self.http_port, int) and not isinstance(self.http_port, bool) and 0 <= self.http_port < 65536,
+                 f"server.http_port must be in [0, 65535] (0: no HTTP front end), got {self.http_port!r}")
+        _require(not self.http_port or is_loopback(self.http_host) or self.allow_remote,
+                 f"server.http_host={self.http_host!r} is not a loopback address; set server.allow_remote=true "
+                 "to serve HTTP beyond this machine")
         _require(is_loopback(self.host) or self.allow_remote,
                  f"server.host={self.host!r} is not a loopback address; set server.allow_remote=true to serve beyond this machine")
 

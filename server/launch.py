@@ -42,11 +42,12 @@ def launch(app: AppConfig) -> int:
     from .frontend.start import start_engine
     from .core.startup import run_worker_rank, torchrun_rank
     from .rpc.app import serve
+    from .http.front_end import http_front_ends
 
     try:
         if torchrun_rank() not in (None, 0):
             return run_worker_rank(app)
-        return asyncio.run(serve(app, start_engine))
+        return asyncio.run(serve(app, start_engine, http_front_ends(app)))
     except ConfigError as exc:
         print(f"epserve: configuration error: {exc}", file=sys.stderr)
         return 2

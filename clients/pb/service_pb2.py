@@ -22,18 +22,19 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import abort_pb2 as epserve_dot_v1_dot_abort__pb2
 from . import generation_pb2 as epserve_dot_v1_dot_generation__pb2
 from . import info_pb2 as epserve_dot_v1_dot_info__pb2
 from . import routing_pb2 as epserve_dot_v1_dot_routing__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pserve/v1/service.proto\x12\nepserve.v1\x1a\x1b\x65pserve/v1/generation.proto\x1a\x15\x65pserve/v1/info.proto\x1a\x18\x65pserve/v1/routing.proto2\xb7\x04\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfo\x12I\n\rGetExpertLoad\x12 .epserve.v1.GetExpertLoadRequest\x1a\x16.epserve.v1.ExpertLoad\x12I\n\rGetServerInfo\x12 .epserve.v1.GetServerInfoRequest\x1a\x16.epserve.v1.ServerInfo\x12V\n\x10GetRoutingPolicy\x12#.epserve.v1.GetRoutingPolicyRequest\x1a\x1d.epserve.v1.RoutingPolicyInfo\x12V\n\x10SetRoutingPolicy\x12#.epserve.v1.SetRoutingPolicyRequest\x1a\x1d.epserve.v1.RoutingPolicyInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65pserve/v1/service.proto\x12\nepserve.v1\x1a\x16\x65pserve/v1/abort.proto\x1a\x1b\x65pserve/v1/generation.proto\x1a\x15\x65pserve/v1/info.proto\x1a\x18\x65pserve/v1/routing.proto2\xf5\x04\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.epserve.v1.AbortRequest\x1a\x19.epserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.epserve.v1.GetModelInfoRequest\x1a\x15.epserve.v1.ModelInfo\x12I\n\rGetExpertLoad\x12 .epserve.v1.GetExpertLoadRequest\x1a\x16.epserve.v1.ExpertLoad\x12I\n\rGetServerInfo\x12 .epserve.v1.GetServerInfoRequest\x1a\x16.epserve.v1.ServerInfo\x12V\n\x10GetRoutingPolicy\x12#.epserve.v1.GetRoutingPolicyRequest\x1a\x1d.epserve.v1.RoutingPolicyInfo\x12V\n\x10SetRoutingPolicy\x12#.epserve.v1.SetRoutingPolicyRequest\x1a\x1d.epserve.v1.RoutingPolicyInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATIONSERVICE']._serialized_start=119
-  _globals['_GENERATIONSERVICE']._serialized_end=686
+  _globals['_GENERATIONSERVICE']._serialized_start=143
+  _globals['_GENERATIONSERVICE']._serialized_end=772
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from . import abort_pb2 as epserve_dot_v1_dot_abort__pb2
 from . import generation_pb2 as epserve_dot_v1_dot_generation__pb2
 from . import info_pb2 as epserve_dot_v1_dot_info__pb2
 from . import routing_pb2 as epserve_dot_v1_dot_routing__pb2
@@ -50,6 +51,11 @@ class GenerationServiceStub:
                 request_serializer=epserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=epserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/epserve.v1.GenerationService/Abort',
+                request_serializer=epserve_dot_v1_dot_abort__pb2.AbortRequest.SerializeToString,
+                response_deserializer=epserve_dot_v1_dot_abort__pb2.AbortResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/epserve.v1.GenerationService/GetModelInfo',
                 request_serializer=epserve_dot_v1_dot_info__pb2.GetModelInfoRequest.SerializeToString,
@@ -94,6 +100,16 @@ class GenerationServiceServicer:
     def GenerateStream(self, request, context):
         """Token chunks as they are produced; the last carries finish_reason and usage. Closing the
         stream cancels generation and frees its sequence at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """End the generation call with this request id at once and free its sequence. The call
+        itself then ends normally: its last message has finish_reason CANCELLED and usage (tokens
+        generated so far). NOT_FOUND when no call with that id is in progress (it may have just
+        finished). Calls of the HTTP front end are found by their ids too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +165,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=epserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=epserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=epserve_dot_v1_dot_abort__pb2.AbortRequest.FromString,
+                    response_serializer=epserve_dot_v1_dot_abort__pb2.AbortResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -234,6 +255,33 @@ class GenerationService:
             '/epserve.v1.GenerationService/GenerateStream',
             epserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             epserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.GenerationService/Abort',
+            epserve_dot_v1_dot_abort__pb2.AbortRequest.SerializeToString,
+            epserve_dot_v1_dot_abort__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+# The tiny model was trained on plain text, not chats: this template only gives the OpenAI
+# front end's /v1/chat/completions a checkpoint template to render (role-tagged lines).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def build_tokenizer(model_max_length: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -49,8 +55,10 @@ def build_tokenizer(model_max_length: int):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     assert [tok.token_to_id(s) for s in SPECIALS] == [256, 257, 258]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
                                    pad_token=SPECIALS[2], model_max_length=model_max_length)
+    fast.chat_template = CHAT_TEMPLATE  # saved as chat_template.jinja
+    return fast
 
 
 def build(out: Path, seed: int) -> None:

@@ -10,5 +10,9 @@ Module guide:
   spawn.py      start `python -m server` on a free port when no --target is given
   procs.py      one run from N client processes (--procs), released together
   in_process.py the same prompts on the engine alone, in this process (--compare-in-process)
+  traffic.py    open-loop traffic (Poisson arrivals, prompts from a file) to the gRPC or HTTP front end
+  sse_client.py a lean HTTP/1.1 client for one streaming POST of server-sent events
+  latency.py    TTFT / TPOT / ITL percentiles and the HTTP-vs-gRPC table
+  traffic_cli.py `--front-end grpc|http|both`: the traffic mode of the CLI
   cli.py        the `epserve-load` console entry (main)
 """

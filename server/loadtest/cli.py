@@ -6,6 +6,8 @@
     epserve-load --target 127.0.0.1:50051 --server-pid 1234   # an external server (memory needs the pid)
     epserve-load --server-arg routing=fake_balance --server-arg parallel=ep2
     epserve-load --streams 128 --tokens 16 --procs 4 --compare-in-process   # served vs the engine alone
+    epserve-load --front-end both --requests 128 --tokens 64   # HTTP vs gRPC: TTFT/TPOT/ITL, tokens/s
+    epserve-load --front-end http --rate 10 --prompts-file prompts.txt --http-url http://127.0.0.1:8000/v1
 
 Exit code 0 when every check passed, 1 when one failed (listed at the end), 2 on bad usage.
 """
@@ -24,6 +26,7 @@ from clients.channel import DEFAULT_TARGET
 from .report import to_json, to_text
 from .session import LoadReport, run_session
 from .spawn import SpawnedServer
+from .traffic_cli import add_traffic_arguments, run_traffic_mode
 from .workload import LoadSpec
 
 
@@ -53,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="first run the same prompts on the engine alone in this process (built from the same "
                         "--server-arg overrides), then print served / in-process tokens/s")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    add_traffic_arguments(p)
     return p
 
 
@@ -67,6 +71,8 @@ async def _session(args: argparse.Namespace, spec: LoadSpec, target: str, pid: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.front_end is not None:  # open-loop traffic with latency percentiles (traffic_cli.py)
+        return run_traffic_mode(args)
     try:
         spec = LoadSpec(streams=args.streams, new_tokens=args.tokens, prompt_tokens=args.prompt_tokens,
                         cancel_fraction=args.cancel_fraction, slow_readers=args.slow_readers,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,9 +17,18 @@ from pathlib import Path
 LISTENING = re.compile(r"epserve listening on (\S+):(\d+)")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class SpawnedServer:
-    def __init__(self, overrides: list[str], log_path: str | None = None) -> None:
+    def __init__(self, overrides: list[str], log_path: str | None = None, http: bool = False) -> None:
         self.overrides = ["server.port=0", *overrides]
+        self.http_port = _free_port() if http else 0  # the OpenAI-compatible front end has no port-0 mode
+        if http:
+            self.overrides.append(f"server.http_port={self.http_port}")
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="epserve-load-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.target = ""

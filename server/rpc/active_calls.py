@@ -36,6 +36,8 @@ class ActiveCalls:
         self.cut: dict[asyncio.Task, str] = {}  # calls cancelled by the server -> why (UNAVAILABLE)
         self.stalled: dict[asyncio.Task, str] = {}  # calls cancelled for not reading -> why (CANCELLED)
         self.writing: dict[asyncio.Task, float] = {}  # loop time a write began, while it is pending
+        self._request_ids: dict[asyncio.Task, str] = {}  # task -> request id, once validated
+        self.aborted: set[asyncio.Task] = set()  # calls ended by Abort(request_id): finish CANCELLED
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -75,9 +77,26 @@ class ActiveCalls:
                 del self._per_peer[peer]
         self.cut.pop(task, None)
         self.stalled.pop(task, None)
+        self._request_ids.pop(task, None)
+        self.aborted.discard(task)
         self.writing.pop(task, None)
         if not self._tasks:
             self._idle.set()
+
+    def name(self, task: asyncio.Task, request_id: str) -> None:
+        """Record the call's request id (the caller's or the server's), so Abort can find it."""
+        if task in self._tasks:
+            self._request_ids[task] = request_id
+
+    def abort(self, request_id: str) -> int:
+        """Cancel every call running with `request_id`; each ends with finish reason CANCELLED.
+        A linear scan: Abort is rare, and a second index would be one more thing to keep right."""
+        found = [t for t, rid in self._request_ids.items() if rid == request_id and not t.done()
+                 and t not in self.aborted and t not in self.cut and t not in self.stalled]
+        for task in found:
+            self.aborted.add(task)
+            task.cancel()
+        return len(found)
 
     async def wait_idle(self, timeout: float) -> bool:
         """True when every call finished within `timeout` seconds."""

@@ -16,7 +16,7 @@ import signal
 import time
 from contextlib import aclosing
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health as health_v1
@@ -58,12 +58,22 @@ def server_credentials(app: AppConfig) -> grpc.ServerCredentials | None:
 
 
 
+class ExtraFrontEnd(Protocol):
+    """Another front end in this process on the same engine (the HTTP one: server/http). It
+    listens from start() (before the engine loads), reads the service's state and shares its
+    call slots, so draining covers it; stop() runs once the calls have drained."""
+
+    async def start(self, service: GenerationService) -> None: ...
+    async def stop(self) -> None: ...
+
+
 class Server:
     """One serving process: gRPC server + engine + lifecycle."""
 
-    def __init__(self, app: AppConfig, start_engine: EngineFactory) -> None:
+    def __init__(self, app: AppConfig, start_engine: EngineFactory, front_ends: Sequence[ExtraFrontEnd] = ()) -> None:
         cfg = app.server
         self.app, self._start_engine = app, start_engine
+        self.front_ends = tuple(front_ends)
         token = resolve_token(cfg)
         self._credentials = server_credentials(app)
         if cfg.metrics_port and not (is_loopback(cfg.metrics_host) or cfg.allow_remote):
@@ -121,6 +131,13 @@ class Server:
                 raise ConfigError(f"server.metrics_host/server.metrics_port: cannot listen on "
                                   f"{cfg.metrics_host}:{cfg.metrics_port} ({exc.strerror or exc})") from None
         await self.grpc.start()
+        try:
+            for front_end in self.front_ends:
+                await front_end.start(self.service)
+        except BaseException:
+            await self._stop_front_ends()
+            await self.grpc.stop(None)
+            raise
         self.service.address = f"{host}:{bound}"
         log.info("epserve listening on %s:%d (tls=%s, auth=%s)", host, bound, self.service.tls, self.service.auth)
         loop = asyncio.get_running_loop()
@@ -138,6 +155,7 @@ class Server:
             await self._shut_down()
         except BaseException:
             await self.grpc.stop(None)
+            await self._stop_front_ends()
             if self._metrics_http is not None:
                 await self._metrics_http.stop()
             if self.engine is not None:  # e.g. the warm-up failed: stop the engine's processes too
@@ -229,6 +247,7 @@ class Server:
                 log.warning("grace period over: cancelled %d call(s)", n)
         await self.service.calls.wait_idle(5.0)
         await self.grpc.stop(1.0)  # ends health watches and anything left
+        await self._stop_front_ends()
         if self.engine is not None:
             try:
                 await asyncio.to_thread(self.engine.shutdown)  # joins the engine's threads and ranks
@@ -240,6 +259,11 @@ class Server:
         log.info("epserve stopped (exit code %d)", self.exit_code)
 
 
-async def serve(app: AppConfig, start_engine: EngineFactory) -> int:
+    async def _stop_front_ends(self) -> None:
+        for front_end in self.front_ends:
+            await front_end.stop()
+
+
+async def serve(app: AppConfig, start_engine: EngineFactory, front_ends: Sequence[ExtraFrontEnd] = ()) -> int:
     """Build the server inside the running loop (grpc.aio binds to it) and serve; exit code."""
-    return await Server(app, start_engine).run()
+    return await Server(app, start_engine, front_ends).run()

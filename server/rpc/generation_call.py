@@ -77,8 +77,16 @@ async def run_generation(service: "GenerationService", received: ReceivedRequest
             valid = await _validate(service, received)
             request = valid.engine_request
             request_id = request.request_id
+            service.calls.name(task, request_id)
             service.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-            await _stream_chunks(service, request, valid.text_output, arrival, emit)
+            progress = _Progress(len(request.prompt_token_ids))
+            try:
+                await _stream_chunks(service, request, valid.text_output, arrival, emit, progress)
+            except asyncio.CancelledError:
+                if task not in service.calls.aborted:
+                    raise
+                task.uncancel()  # ended by Abort(request_id): a normal end, finish reason CANCELLED
+                await emit(progress.final_message(request_id, time.perf_counter() - arrival))
         except CallAborted as exc:
             code, details = exc.code, exc.details
         except ReplyTooLarge as exc:  # what the client would have seen from grpc, without the traceback
@@ -151,7 +159,21 @@ async def _validate(service: "GenerationService", received: ReceivedRequest):
                                       service.engine.encode)
 
 
-async def _stream_chunks(service: "GenerationService", request: GenerationRequest, text_output: bool, arrival: float, emit: Emit) -> None:
+class _Progress:
+    """What a call has sent so far: the usage its last message reports if Abort ends it."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens, self.completion_tokens, self.first_token_s = prompt_tokens, 0, 0.0
+
+    def final_message(self, request_id: str, elapsed: float) -> gen_pb.GenerateResponse:
+        return gen_pb.GenerateResponse(
+            finish_reason=gen_pb.FINISH_REASON_CANCELLED, request_id=request_id,
+            usage=gen_pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                               time_to_first_token_s=self.first_token_s, total_time_s=elapsed))
+
+
+async def _stream_chunks(service: "GenerationService", request: GenerationRequest, text_output: bool, arrival: float,
+                         emit: Emit, progress: _Progress) -> None:
     metrics = service.metrics
     info = service.engine.model_info()
     routed_shape = (info.num_moe_layers, info.top_k)  # RoutedExperts.num_layers, top_k
@@ -164,6 +186,7 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
             if n:
                 if last_token_at is None:
                     metrics.ttft.observe(now - arrival)
+                    progress.first_token_s = now - arrival
                     observe_many(metrics.itl, 0.0, n - 1)
                 else:
                     observe_many(metrics.itl, (now - last_token_at) / n, n)
@@ -181,6 +204,7 @@ async def _stream_chunks(service: "GenerationService", request: GenerationReques
                 continue
             if n or msg.text:
                 await emit(msg)
+                progress.completion_tokens += n
     raise RuntimeError("the engine's stream ended without a final chunk")
 
 
@@ -209,7 +233,8 @@ def stream_writer(service: "GenerationService", context: grpc.aio.ServicerContex
 
 def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elapsed: float,
                 routed_shape: tuple[int, int]) -> gen_pb.GenerateResponse:
-    msg = gen_pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text if text_output else "", index=chunk.index)
+    msg = gen_pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text if text_output else "", index=chunk.index,
+                                  request_id=request_id)  # on every message: a caller can Abort it
     if chunk.logprobs is not None:
         msg.logprobs.extend(chunk.logprobs)
     if chunk.top_logprobs is not None:
@@ -222,7 +247,6 @@ def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elap
         r.num_layers, r.top_k, r.ids = routed_shape[0], routed_shape[1], chunk.routed_experts
     if chunk.finish_reason is not None:
         msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
-        msg.request_id = request_id
         if chunk.usage is not None:
             msg.usage.CopyFrom(usage_to_pb(chunk.usage, elapsed))
     return msg

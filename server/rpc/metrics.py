@@ -65,6 +65,7 @@ class ServerMetrics:
         self.duration = Histogram("epserve_request_duration_seconds", "Generation call duration.",
                                   ["method"], buckets=DURATION_BUCKETS, registry=r)
         self.active_calls = Gauge("epserve_active_calls", "Generation calls in progress.", registry=r)
+        self._render: Callable[[], Awaitable[bytes]] | None = None
 
     def requests_by_code(self) -> dict[str, int]:
         """Calls finished so far, by status code, over both generation methods."""
@@ -85,6 +86,16 @@ class ServerMetrics:
 
     def serve_http(self, host: str, port: int, sample: Callable[[], Awaitable[EngineSample]]) -> MetricsHttpServer:
         """Start the endpoint on the running event loop (OSError if it cannot listen)."""
+        server = MetricsHttpServer(host, port, self.renderer(sample))
+        server.start()
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+        return server
+
+    def renderer(self, sample: Callable[[], Awaitable[EngineSample]]) -> Callable[[], Awaitable[bytes]]:
+        """The Prometheus text of every metric, engine gauges included (the metrics endpoint
+        and the HTTP front end's /metrics share it; the engine collector registers once)."""
+        if self._render is not None:
+            return self._render
         engine = EngineCollector()
         self.registry.register(engine)
 
@@ -99,10 +110,8 @@ class ServerMetrics:
             finally:
                 engine.sample = None
 
-        server = MetricsHttpServer(host, port, render)
-        server.start()
-        log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
-        return server
+        self._render = render
+        return render
 
 
 class EngineCollector(Collector):

@@ -36,7 +36,7 @@ def split_to_fit(msg: gen_pb.GenerateResponse, limit: int) -> list[gen_pb.Genera
     rest.ClearField("routed_experts")
     routed = msg.routed_experts
     row = routed.num_layers * routed.top_k * ID_BYTES
-    per_message = (limit - ENVELOPE_BYTES) // row if row else 0
+    per_message = (limit - ENVELOPE_BYTES - len(msg.request_id)) // row if row else 0  # ids are ASCII
     if not msg.HasField("routed_experts") or per_message < 1 or rest.ByteSize() > limit:
         raise ReplyTooLarge(f"a stream message would be {size} bytes, over server.max_message_bytes={limit}, "
                             "and splitting its routed experts cannot bring it under")
@@ -45,7 +45,7 @@ def split_to_fit(msg: gen_pb.GenerateResponse, limit: int) -> list[gen_pb.Genera
     head = routed.ids[:(rows - in_last) * row]
     parts = []
     for start in range(0, len(head), per_message * row):
-        part = gen_pb.GenerateResponse()
+        part = gen_pb.GenerateResponse(request_id=msg.request_id)  # every message names its request
         part.routed_experts.num_layers, part.routed_experts.top_k = routed.num_layers, routed.top_k
         part.routed_experts.ids = head[start:start + per_message * row]
         parts.append(part)

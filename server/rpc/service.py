@@ -12,6 +12,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from clients.pb import abort_pb2
 from clients.pb import generation_pb2 as gen_pb
 from clients.pb import info_pb2 as info_pb
 from clients.pb import routing_pb2 as routing_pb
@@ -97,6 +98,16 @@ class GenerationService:
 
     async def GenerateStream(self, received: ReceivedRequest, context: grpc.aio.ServicerContext) -> None:
         await run_generation(self, received, context, "GenerateStream", stream_writer(self, context))
+
+    async def Abort(self, request: abort_pb2.AbortRequest, context) -> abort_pb2.AbortResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        aborted = self.calls.abort(request.request_id)
+        if not aborted:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"request_id: no generation call {request.request_id!r} is in progress")
+        log.info("Abort(%r) ended %d call(s)", request.request_id, aborted)
+        return abort_pb2.AbortResponse(aborted=aborted)
 
     # -- inspection ------------------------------------------------------------------------
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:
@@ -208,6 +219,7 @@ class GenerationService:
                 self.Generate, request_deserializer=parse_generate_request, response_serializer=serialize),
             "GenerateStream": grpc.unary_stream_rpc_method_handler(
                 self.GenerateStream, request_deserializer=parse_generate_request, response_serializer=serialize),
+            "Abort": unary(self.Abort, abort_pb2.AbortRequest),
             "GetModelInfo": unary(self.GetModelInfo, info_pb.GetModelInfoRequest),
             "GetExpertLoad": unary(self.GetExpertLoad, info_pb.GetExpertLoadRequest),
             "GetServerInfo": unary(self.GetServerInfo, info_pb.GetServerInfoRequest),

@@ -33,13 +33,16 @@ class ServerProcess:
     """`with ServerProcess(log_dir, "routing=fake_balance") as srv: Client(srv.target)...`"""
 
     def __init__(self, log_dir: Path, *overrides: str, env: dict[str, str] | None = None,
-                 metrics: bool = False, wait_ready: bool = True, own_group: bool = False) -> None:
+                 metrics: bool = False, wait_ready: bool = True, own_group: bool = False, http: bool = False) -> None:
         # EPSERVE_TEST_SERVER_OVERRIDES (space-separated) runs every server test on, e.g., another model.
         extra = os.environ.get("EPSERVE_TEST_SERVER_OVERRIDES", "").split()
         self.overrides = ["server.port=0", *extra, *overrides]
         self.metrics_port = free_port() if metrics else 0
         if metrics:
             self.overrides.append(f"server.metrics_port={self.metrics_port}")
+        self.http_port = free_port() if http else 0  # the OpenAI-compatible front end (server.http_port)
+        if http:
+            self.overrides.append(f"server.http_port={self.http_port}")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = Path(log_dir) / f"server-{time.monotonic_ns()}.log"
         self._wait_ready = wait_ready
@@ -50,6 +53,11 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_base_url(self) -> str:
+        """The OpenAI base URL of the HTTP front end (http=True)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "w")

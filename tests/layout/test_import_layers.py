@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine core", ("server.core",)),  # the engine-core process: CoreLoop, EngineCore, scheduler, executor
     ("front end", ("server.frontend",)),  # the front end's client of the core: requests, text, streams
     ("rpc", ("server.rpc",)),
+    ("http front end", ("server.http",)),  # the OpenAI-compatible HTTP front end, on the rpc service
     ("entry points and tools", ("server.__main__", "server.cli", "server.launch", "server.dry_run",
                                 "server.bench", "server.eval", "server.loadtest",
                                 "server.moe.eplb.build_stats")),  # build_stats: a CLI that loads model configs

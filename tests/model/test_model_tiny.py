@@ -75,7 +75,7 @@ def test_build_script_reproduces_the_shipped_shape_and_tokenizer(tmp_path):
     out = tmp_path / "tiny"
     subprocess.run([sys.executable, "-m", "scripts.tiny_model.build", "--out", str(out)], check=True,
                    cwd=TINY_MODEL_DIR.parents[2], capture_output=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (TINY_MODEL_DIR / name).read_bytes(), name
     built = json.loads((out / "config.json").read_text())
     shipped = json.loads((TINY_MODEL_DIR / "config.json").read_text())

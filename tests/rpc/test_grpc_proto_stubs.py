@@ -45,7 +45,7 @@ def test_api_names_other_tools_rely_on():
     service = service_pb2.DESCRIPTOR.services_by_name["GenerationService"]
     assert service.full_name == "epserve.v1.GenerationService"
     assert sorted(m.name for m in service.methods) == sorted(
-        ["Generate", "GenerateStream", "GetModelInfo", "GetExpertLoad", "GetServerInfo", "GetRoutingPolicy",
+        ["Abort", "Generate", "GenerateStream", "GetModelInfo", "GetExpertLoad", "GetServerInfo", "GetRoutingPolicy",
          "SetRoutingPolicy"])
     assert service.methods_by_name["GenerateStream"].server_streaming
 

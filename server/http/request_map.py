@@ -1,0 +1,181 @@
+"""An OpenAI request body -> the gRPC API's GenerateRequest, one per prompt.
+
+Mapping onto GenerateRequest means the HTTP front end takes the same road as gRPC calls from
+there on: server/rpc/validation.py checks every value once for both front ends (its field
+paths are renamed to this API's names in errors), and the engine sees identical requests,
+so greedy outputs match token for token. Only what the gRPC API lacks is checked here: JSON
+types, the model name, and fields the engine cannot serve yet (unsupported.py).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from clients.pb import generation_pb2 as gen_pb
+
+from .errors import HttpError, bad_request
+from .fields import Fields, is_token_id
+from .unsupported import CHAT, COMPLETIONS, refuse_unsupported
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_PROMPTS = 64  # a list of prompts in one /v1/completions body
+
+
+@dataclass(frozen=True)
+class HttpGeneration:
+    """What one HTTP request asks for: GenerateRequests (one per choice) and how to answer."""
+
+    endpoint: str  # COMPLETIONS or CHAT
+    request_id: str  # the response's id; choice i runs as request_id, or f"{request_id}-{i}" when several
+    requests: tuple[gen_pb.GenerateRequest, ...]  # chat requests get their token ids from the template
+    messages: tuple[dict[str, Any], ...] = ()  # chat only
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    logprobs: bool = False  # the sampled token's log-probability
+    echo: bool = False  # completions: the prompt's text before the completion
+    routed_experts: bool = False  # epserve extension: return_routed_experts
+    token_ids: bool = False  # extension (vLLM's name): return_token_ids, each choice's (or chunk's) token ids
+    chat_max_tokens_set: bool = True
+
+
+def param_names(endpoint: str) -> dict[str, str]:
+    """gRPC field paths (validation.py's error fields) -> this API's parameter names."""
+    prompt = "messages" if endpoint == CHAT else "prompt"
+    return {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+            "sampling.top_k": "top_k", "sampling.seed": "seed", "prompt": prompt, "prompt.text": prompt,
+            "prompt.token_ids": prompt, "prompt.token_ids.ids": prompt}
+
+
+def parse_request(body: dict[str, Any], endpoint: str, served_model: str, active_routing: str) -> HttpGeneration:
+    fields = Fields(body)
+    model = fields.str("model")
+    if model is not None and model != served_model:
+        raise HttpError(404, f"model {model!r} is not served here; this server serves {served_model!r}",
+                        param="model", code="model_not_found")
+    _check_routing(fields, active_routing)
+    refuse_unsupported(fields, endpoint)
+    stream = bool(fields.bool("stream"))
+    options = fields.dict("stream_options") or {}
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("stream_options.include_usage", "must be true or false")
+    base = _base_request(fields, endpoint)
+    request_id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + uuid.uuid4().hex
+    if endpoint == CHAT:
+        logprobs = bool(fields.bool("logprobs"))
+        messages = _messages(fields)
+        base.request_id = request_id
+        return HttpGeneration(CHAT, request_id, (base,), messages, stream, include_usage, logprobs,
+                              routed_experts=base.return_routed_experts, token_ids=bool(fields.bool("return_token_ids")),
+                              chat_max_tokens_set=base.HasField("max_new_tokens"))
+    logprobs = fields.int("logprobs") is not None  # 0: the sampled token's (more is refused above)
+    echo = bool(fields.bool("echo"))
+    prompts = _prompts(fields.get("prompt"))
+    requests = []
+    for i, prompt in enumerate(prompts):
+        req = gen_pb.GenerateRequest()
+        req.CopyFrom(base)
+        req.request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        if isinstance(prompt, str):
+            req.text = prompt
+        else:
+            req.token_ids.ids.extend(prompt)
+            req.token_ids.SetInParent()
+        requests.append(req)
+    return HttpGeneration(COMPLETIONS, request_id, tuple(requests), (), stream, include_usage, logprobs, echo,
+                          base.return_routed_experts, bool(fields.bool("return_token_ids")))
+
+
+def _check_routing(fields: Fields, active: str) -> None:
+    """`routing` is a read-only echo: a request may name the policy it expects, never switch it."""
+    value = fields.get("routing")
+    if value is None:
+        return
+    name = value.get("name") if isinstance(value, dict) else value
+    if not isinstance(name, str):
+        raise bad_request("routing", 'must be a policy name or {"name": ...}')
+    if name != active:
+        raise HttpError(400, f"routing: the server runs {active!r}, not {name!r}; this field is read-only "
+                             "(switch policies with the gRPC SetRoutingPolicy call)", param="routing")
+
+
+def _set(param: str, assign: Callable[[], None]) -> None:
+    try:
+        assign()
+    except (ValueError, TypeError) as exc:  # out of protobuf's range, e.g. a negative seed
+        raise bad_request(param, f"out of range ({exc})") from None
+
+
+def _base_request(fields: Fields, endpoint: str) -> gen_pb.GenerateRequest:
+    req = gen_pb.GenerateRequest()
+    if endpoint == CHAT:
+        newer, older = fields.int("max_completion_tokens"), fields.int("max_tokens")
+        max_tokens, param = (newer, "max_completion_tokens") if newer is not None else (older, "max_tokens")
+    else:
+        max_tokens, param = fields.int("max_tokens"), "max_tokens"
+        if max_tokens is None:
+            max_tokens = DEFAULT_COMPLETION_TOKENS
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise bad_request(param, f"must be at least 1, got {max_tokens}")
+        _set(param, lambda: setattr(req, "max_new_tokens", max_tokens))
+    temperature = fields.number("temperature")
+    _set("temperature", lambda: setattr(req.sampling, "temperature", 1.0 if temperature is None else temperature))
+    top_p = fields.number("top_p")
+    if top_p is not None:
+        _set("top_p", lambda: setattr(req.sampling, "top_p", top_p))
+    top_k = fields.int("top_k")
+    if top_k is not None and top_k != -1:  # -1: no cut, as vLLM spells it
+        _set("top_k", lambda: setattr(req.sampling, "top_k", top_k))
+    seed = fields.int("seed")
+    if seed is not None:
+        _set("seed", lambda: setattr(req.sampling, "seed", seed))
+    req.stop.extend(fields.strings("stop"))
+    _set("stop_token_ids", lambda: req.stop_token_ids.extend(fields.ints("stop_token_ids")))
+    req.ignore_eos = bool(fields.bool("ignore_eos"))
+    req.logprobs = (fields.bool("logprobs") if endpoint == CHAT else fields.int("logprobs") is not None) or False
+    req.return_routed_experts = bool(fields.bool("return_routed_experts"))
+    return req
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt forms: a string, token ids, a list of strings, a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(is_token_id(v) for v in value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        prompts: list = value
+    elif isinstance(value, list) and value and all(isinstance(v, list) and all(is_token_id(t) for t in v)
+                                                    for v in value):
+        prompts = value
+    else:
+        raise bad_request("prompt", "must be a string, a list of token ids, a list of strings or a list of "
+                                    "token-id lists (non-empty)")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompts)}")
+    return prompts
+
+
+def _messages(fields: Fields) -> tuple[dict[str, Any], ...]:
+    """Chat messages as the template expects them: role and text content (parts joined)."""
+    value = fields.get("messages")
+    if not isinstance(value, list) or not value:
+        raise bad_request("messages", "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise bad_request(f"messages[{i}]", "must be an object with a string role")
+        content = msg.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad_request(f"messages[{i}].content", "only text parts ({type: text, text}) are supported")
+            content = "".join(p["text"] for p in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content", "must be a string or a list of text parts")
+        out.append({"role": msg["role"], "content": content})
+    return tuple(out)

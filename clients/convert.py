@@ -43,6 +43,11 @@ def build_request(
     temperature: float = 0.0,
     top_p: float | None = None,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    min_tokens: int = 0,
     seed: int | None = None,
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
@@ -70,6 +75,12 @@ def build_request(
     if top_p is not None:
         _set("sampling.top_p", lambda: setattr(req.sampling, "top_p", top_p))
     _set("sampling.top_k", lambda: setattr(req.sampling, "top_k", top_k))
+    _set("sampling.min_p", lambda: setattr(req.sampling, "min_p", min_p))
+    if repetition_penalty is not None:
+        _set("sampling.repetition_penalty", lambda: setattr(req.sampling, "repetition_penalty", repetition_penalty))
+    _set("sampling.presence_penalty", lambda: setattr(req.sampling, "presence_penalty", presence_penalty))
+    _set("sampling.frequency_penalty", lambda: setattr(req.sampling, "frequency_penalty", frequency_penalty))
+    _set("min_tokens", lambda: setattr(req, "min_tokens", min_tokens))
     if seed is not None:
         _set("sampling.seed", lambda: setattr(req.sampling, "seed", seed))
     if isinstance(stop, str):
@@ -77,7 +88,9 @@ def build_request(
     _set("stop", lambda: req.stop.extend(stop))
     _set("stop_token_ids", lambda: req.stop_token_ids.extend(stop_token_ids))
     req.ignore_eos = bool(ignore_eos)
-    req.logprobs = bool(logprobs)
+    if not isinstance(logprobs, bool):  # logprobs=5 would read as True and return only the sampled token's
+        raise InvalidRequestError(f"logprobs: True or False (the sampled token's log-probability), got {logprobs!r}")
+    req.logprobs = logprobs
     _set("request_id", lambda: setattr(req, "request_id", request_id))
     req.output_format = gen_pb.OUTPUT_FORMAT_TEXT_AND_TOKEN_IDS if text_output else gen_pb.OUTPUT_FORMAT_TOKEN_IDS
     req.return_routed_experts = bool(return_routed_experts)

@@ -22,11 +22,16 @@ class GenerateOptions(TypedDict, total=False):
     temperature: float  # 0 is greedy
     top_p: float  # nucleus mass in (0, 1]
     top_k: int  # 0: no top-k cut
+    min_p: float  # drop tokens below min_p x the most likely one's probability; 0: off
+    repetition_penalty: float  # > 1 discourages tokens already in the prompt or output (1: off)
+    presence_penalty: float  # in [-2, 2]: minus this from every token already generated
+    frequency_penalty: float  # in [-2, 2]: minus this times each token's count so far
+    min_tokens: int  # EOS and stops cannot end the output before this many tokens
     seed: int  # reproducible sampling
     stop: str | Sequence[str]  # stop strings (not part of the text)
     stop_token_ids: Sequence[int]
     ignore_eos: bool
-    logprobs: bool  # the log-probability of each sampled token
+    logprobs: bool  # the log-probability of each sampled token (True or False, not a count)
     request_id: str  # at most 128 printable ASCII characters; the server picks one when empty
     text_output: bool  # False: token ids only (no detokenizing)
     return_routed_experts: bool  # Completion.routed_experts: [rows][MoE layers][k]

@@ -44,7 +44,9 @@ def param_names(endpoint: str) -> dict[str, str]:
     prompt = "messages" if endpoint == CHAT else "prompt"
     return {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
             "sampling.top_k": "top_k", "sampling.seed": "seed", "prompt": prompt, "prompt.text": prompt,
-            "prompt.token_ids": prompt, "prompt.token_ids.ids": prompt}
+            "prompt.token_ids": prompt, "prompt.token_ids.ids": prompt, "sampling.min_p": "min_p",
+            "sampling.repetition_penalty": "repetition_penalty", "sampling.presence_penalty": "presence_penalty",
+            "sampling.frequency_penalty": "frequency_penalty", "min_tokens": "min_tokens"}
 
 
 def parse_request(body: dict[str, Any], endpoint: str, served_model: str, active_routing: str) -> HttpGeneration:
@@ -128,6 +130,13 @@ def _base_request(fields: Fields, endpoint: str) -> gen_pb.GenerateRequest:
     top_k = fields.int("top_k")
     if top_k is not None and top_k != -1:  # -1: no cut, as vLLM spells it
         _set("top_k", lambda: setattr(req.sampling, "top_k", top_k))
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):  # validation.py checks ranges
+        value = fields.number(name)
+        if value is not None:
+            _set(name, lambda: setattr(req.sampling, name, value))
+    min_tokens = fields.int("min_tokens")
+    if min_tokens is not None:
+        _set("min_tokens", lambda: setattr(req, "min_tokens", min_tokens))
     seed = fields.int("seed")
     if seed is not None:
         _set("seed", lambda: setattr(req.sampling, "seed", seed))

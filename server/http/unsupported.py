@@ -35,11 +35,6 @@ def _positive(value: Any) -> bool:
 UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("n", _not(1), "several sequences per prompt (n > 1)"),
     Unsupported("best_of", _not(1), "several sequences per prompt (best_of > 1)", (COMPLETIONS,)),
-    Unsupported("presence_penalty", _not(0, 0.0), "presence penalties"),
-    Unsupported("frequency_penalty", _not(0, 0.0), "frequency penalties"),
-    Unsupported("repetition_penalty", _not(1, 1.0), "repetition penalties"),
-    Unsupported("min_p", _not(0, 0.0), "min_p sampling"),
-    Unsupported("min_tokens", _not(0), "min_tokens"),
     Unsupported("logprobs", _positive, "top-N log-probabilities (logprobs > 0; 0 gives the sampled token's)",
                 (COMPLETIONS,)),
     Unsupported("top_logprobs", _positive, "top-N log-probabilities (top_logprobs > 0)", (CHAT,)),

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from clients import Client, FinishReason, NotFoundError
+from clients.errors import InvalidRequestError
 from clients.cli import main as cli_main
 from clients.options import ACCEPTED, normalize
 from tests.http.conftest import TOKEN
@@ -94,6 +95,8 @@ def test_max_tokens_is_an_alias_and_unknown_keywords_name_the_accepted_ones(grpc
     with pytest.raises(TypeError, match="alias of max_new_tokens"):
         normalize({"max_tokens": 3, "max_new_tokens": 4})
     assert normalize({"max_tokens": 3}) == {"max_new_tokens": 3}
+    with pytest.raises(InvalidRequestError, match="logprobs"):  # a count is not read as True
+        grpc_client.generate("hello", logprobs=5)
 
 
 def test_cli_stream_json_prints_one_json_line_per_chunk(server):

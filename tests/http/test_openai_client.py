@@ -70,6 +70,20 @@ def test_seeded_sampling_equals_grpc_with_the_same_seed(oa, grpc_client):
     assert got.choices[0].text == want.text
 
 
+def test_penalties_min_p_and_min_tokens_equal_grpc(oa, grpc_client):
+    """The engine's sampling fields reach it from both front ends alike, and they change the output."""
+    fields = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3, "min_p": 0.05,
+              "min_tokens": 4}
+    plain = grpc_greedy(grpc_client, PROMPTS[2], n=16)
+    want = grpc_greedy(grpc_client, PROMPTS[2], n=16, **fields)
+    assert want.text != plain.text
+    got = oa.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0,
+                                frequency_penalty=1.5, presence_penalty=0.5,
+                                extra_body={"ignore_eos": True, "repetition_penalty": 1.3, "min_p": 0.05,
+                                            "min_tokens": 4})
+    assert got.choices[0].text == want.text
+
+
 def test_echo_and_stop(oa, grpc_client):
     want = grpc_greedy(grpc_client, PROMPTS[0])
     stop = want.text[3:5]

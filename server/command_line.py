@@ -39,16 +39,24 @@ def _flag(arg: str) -> str:
     return arg.split("=", 1)[0] if arg.startswith("-") else ""
 
 
-def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
-    """The error for the first `group=option` naming an option the group does not have, else None."""
+def _overrides(argv: list[str]) -> list | None:
+    """argv's `key=value` overrides as Hydra parses them; None where another config is named
+    (--config-name and the like: other keys apply) or Hydra's grammar refuses them (it says so)."""
     if any(_flag(a) in _OTHER_CONFIG_FLAGS for a in argv):
         return None
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     candidates = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
+        return OverridesParser.create().parse_overrides(candidates)
     except Exception:  # a grammar error: Hydra reports it itself
+        return None
+
+
+def unknown_group_option(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """The error for the first `group=option` naming an option the group does not have, else None."""
+    overrides = _overrides(argv)
+    if overrides is None:
         return None
     for o in overrides:
         folder = conf_dir / o.key_or_group
@@ -79,17 +87,12 @@ def unknown_flag(argv: list[str], extra_flags: tuple[str, ...] = ()) -> str | No
 def unknown_key(argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config") -> str | None:
     """The error for the first `key=value` override naming a key the composed config lacks
     (Hydra would refuse it too), with the nearest existing key, else None."""
-    if any(_flag(a) in _OTHER_CONFIG_FLAGS for a in argv):
+    overrides = _overrides(argv)
+    if overrides is None:
         return None
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
-    except Exception:  # a grammar error: Hydra reports it itself
-        return None
     plain = [o for o in overrides if not o.is_force_add() and not o.is_add() and not o.is_delete()
              and not o.key_or_group.startswith("hydra") and not _is_group(o.key_or_group, conf_dir)]
     if not plain:

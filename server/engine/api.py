@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:  # annotations only: the engine API does not import the MoE layer at run time
+    from ..moe.load_stats import ExpertLoadSnapshot
 
 
 class EngineError(Exception):

@@ -21,7 +21,7 @@ from server.rpc.validation import validate_request
 from .body import read_json_object
 from .chat_template import chat_prompt_ids
 from .errors import HttpError, from_engine_error
-from .generation import Admission, CallEnded, Tally, chunks_of
+from .generation import Admission, Tally, chunks_of
 from .request_map import HttpGeneration, param_names, parse_request
 from .responses import FINISH_REASONS, SSE_DONE, ChoiceOutput, ResponseFormat, json_bytes, sse
 from .unsupported import CHAT

@@ -5,8 +5,8 @@ Each ```bash block is parsed out of the Markdown. A block whose first line is `#
 (with its reason) needs a GPU or one's measurements and is only parsed; every other command is
 run in a cheap form that still composes, resolves and validates it: the server as `dry_run=true`
 (every start-up check, nothing loaded or bound), the benchmark as `--cfg job` (its config
-composed), a script under scripts/ with `--help` after its arguments (they parse), a shell
-script with `bash -n`. A checkpoint or trace path a command names as an example is replaced by
+composed), a script under scripts/ or the load tool with `--help` after its arguments (they
+parse), a shell script with `bash -n`. A checkpoint or trace path a command names as an example is replaced by
 the embedded tiny model or a routed-experts file of the tiny model's shape.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ DOCS = ("README.md", "BENCHMARKS.md")
 GPU_ONLY = "# GPU only"
 _BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 TINY = ROOT / "server" / "assets" / "tiny"
+LONG_RUNNING = {"epserve-load"}  # console scripts whose documented runs take minutes: checked as scripts/ are
 CONSOLE_SCRIPTS = dict(re.findall(r'^(epserve[\w-]*) = "([\w.:]+)"$', (ROOT / "pyproject.toml").read_text(), re.M))
 
 
@@ -61,8 +62,9 @@ def cheap_form(argv: list[str], scratch: Path) -> list[str]:
     program = args[0].removeprefix(".venv/bin/")
     if program in CONSOLE_SCRIPTS:  # the installed console script, run from this interpreter
         module, func = CONSOLE_SCRIPTS[program].split(":")
+        help_after = ["--help"] if program in LONG_RUNNING else []  # its arguments parse; nothing runs
         return [sys.executable, "-c", f"import sys; sys.argv[0] = {program!r}; from {module} import {func}; {func}()",
-                *args[1:]]
+                *args[1:], *help_after]
     raise ValueError(f"no cheap form for {shlex.join(argv)!r}: give it one here or mark its block '{GPU_ONLY}: why'")
 
 

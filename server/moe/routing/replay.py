@@ -34,7 +34,6 @@ a layer the trace does not have.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import torch

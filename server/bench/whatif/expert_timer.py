@@ -74,17 +74,22 @@ class ExpertKernelTimer:
             if self.cuda:
                 ids.copy_((torch.arange(rows * self.top_k, device=self.device) % self.experts.num_local)
                           .view(rows, self.top_k).to(torch.int32))
-                stream = torch.cuda.Stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    call()  # compiles, allocates
-                    call()
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    call()
+                graph = self._captured(call)
             self._inputs[key] = (ids, call, graph)
         return self._inputs[key]
+
+    def _captured(self, call: Callable[[], torch.Tensor]) -> torch.cuda.CUDAGraph:
+        """`call` warmed on a side stream (compiles, allocates), then captured in a graph."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            call()
+            call()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        return graph
 
     # ---- timing ----
     def _replay_ms(self, replay: Callable[[], None]) -> float:
@@ -154,13 +159,5 @@ class ExpertKernelTimer:
         w = torch.full(ids.shape, 1.0 / self.top_k, device=self.device)  # [T, k]
         fused = self.experts.path.fused_moe
         run = lambda: fused(x, self.experts.gate_up_proj, self.experts.down_proj, ids, w)  # noqa: E731
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        graphed = max(self._replay_ms(graph.replay) - self.floor_ms, 0.0)
+        graphed = max(self._replay_ms(self._captured(run).replay) - self.floor_ms, 0.0)
         return graphed, self._replay_ms(run)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("auto", "none", "dequantize")  # model.quantization: server/model/quantization.py
 
 
 class ConfigError(ValueError):
@@ -73,9 +74,11 @@ class ModelConfig:
     dtype: str = "auto"
     max_model_len: int = 2048
     seed: int = 0
+    quantization: str = "auto"  # FP8 block-quantised checkpoints: auto (config.json's) | none (refuse) | dequantize
 
     def validate(self) -> None:
         _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        _require(self.quantization in QUANTIZATIONS, f"model.quantization={self.quantization!r} is not one of {QUANTIZATIONS}")
         _require(isinstance(self.max_model_len, int) and self.max_model_len > 0,
                  f"model.max_model_len must be a positive integer, got {self.max_model_len!r}")
         _require(not (self.path and self.shape), "model.path and model.shape are exclusive: a checkpoint has its own shape")

@@ -96,6 +96,13 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._where[name]).get_slice(name).get_shape())
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype tag on disk, e.g. "BF16", "F8_E4M3" (from the header)."""
+        return self._open(self._where[name]).get_slice(name).get_dtype()
+
+    def file_of(self, name: str) -> str:
+        return self._where[name].name
+
     def find(self, candidates: list[str]) -> str:
         """The first candidate name present; a clear error naming them all otherwise."""
         for name in candidates:
@@ -124,9 +131,9 @@ class CheckpointReader:
 
     def check_dtype(self, name: str) -> None:
         """Quantised storage (FP8, int8 packs) holds codes, not values: copying it into a bf16/fp32
-        parameter would load garbage, so it is refused (config.json's quantization_config is
-        refused earlier, in families/base.py; this catches checkpoints that omit it)."""
-        dtype = self._open(self._where[name]).get_slice(name).get_dtype()
+        parameter would load garbage, so it is refused (FP8 block checkpoints are read by
+        fp8_reader.py when config.json says so; this catches checkpoints that omit it)."""
+        dtype = self.stored_dtype(name)
         if dtype not in _VALUE_DTYPES:
             raise ModelLoadError(f"tensor {name!r} in {self._where[name].name} is stored as {dtype}; only "
                                  f"{', '.join(sorted(_VALUE_DTYPES))} weights can be served (dequantise the checkpoint first)")

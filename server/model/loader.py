@@ -22,7 +22,8 @@ from ..moe.eplb.rebalance import ExpertRebalancer
 from ..moe.eplb.settings import EplbSettings
 from ..moe.routing import RoutingPolicy
 from .causal_lm import MoECausalLM
-from .checkpoint import CheckpointReader, weight_files
+from .checkpoint import weight_files
+from .fp8_reader import open_checkpoint
 from .families import get_family
 from .random_weights import init_random_weights
 from .spec import ModelLoadError, ModelSpec
@@ -77,12 +78,13 @@ def _generation_eos(folder: Path) -> tuple[int, ...]:
 
 
 def spec_from_config(cfg: Mapping[str, Any], *, dtype: str = "auto", source: str = "config.json",
-                     extra_eos: tuple[int, ...] = ()) -> ModelSpec:
+                     extra_eos: tuple[int, ...] = (), quantization: str = "auto") -> ModelSpec:
     archs = cfg.get("architectures")
     if not archs or not isinstance(archs, (list, tuple)) or not isinstance(archs[0], str):
         raise ModelLoadError(f"{source}: 'architectures' must name the model class, e.g. [\"Qwen3MoeForCausalLM\"]")
     family = get_family(archs[0])
-    return family.parse(cfg, architecture=archs[0], dtype=dtype, source=source, extra_eos=extra_eos)
+    return family.parse(cfg, architecture=archs[0], dtype=dtype, source=source, extra_eos=extra_eos,
+                        quantization=quantization)
 
 
 def read_model_spec(model_cfg: ModelConfig) -> ModelSpec:
@@ -95,10 +97,10 @@ def read_model_spec(model_cfg: ModelConfig) -> ModelSpec:
         dtype = model_cfg.dtype
         if dtype == "auto" and not (shape.get("dtype") or shape.get("torch_dtype")):
             dtype = "bfloat16"  # what real checkpoints of these families ship in
-        return spec_from_config(shape, dtype=dtype, source="model.shape")
+        return spec_from_config(shape, dtype=dtype, source="model.shape", quantization=model_cfg.quantization)
     cfg = _read_json(folder / "config.json", "model config")
     return spec_from_config(cfg, dtype=model_cfg.dtype, source=str(folder / "config.json"),
-                            extra_eos=_generation_eos(folder))
+                            extra_eos=_generation_eos(folder), quantization=model_cfg.quantization)
 
 
 def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 0, ep_size: int = 1,
@@ -126,7 +128,11 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
     if folder is None:
         init_random_weights(model, model_cfg.seed)
     else:
-        with CheckpointReader(folder) as reader:
+        if spec.quantization is not None and ep_rank == 0:
+            log.info("%s: FP8 block-quantised weights (%dx%d blocks) are dequantised to %s as they load "
+                     "(model.quantization=%s%s)", folder, *spec.quantization.block, spec.dtype, model_cfg.quantization,
+                     ": no FP8 kernels run them yet" if model_cfg.quantization == "auto" else "")
+        with open_checkpoint(folder, spec.quantization) as reader:
             load_checkpoint_weights(model, reader, progress=ep_rank == 0)
     if eplb is not None:
         model.eplb = ExpertRebalancer(model, eplb)
@@ -140,6 +146,10 @@ def check_model_files(model_cfg: ModelConfig) -> None:
     folder = model_folder(model_cfg)
     if folder is not None:
         weight_files(folder)
+        scheme = read_model_spec(model_cfg).quantization
+        if scheme is not None:  # every FP8 tensor's scales, from the headers
+            with open_checkpoint(folder, scheme) as reader:
+                reader.check_scales()
     _tokenizer_folder(model_cfg)
 
 

@@ -6,6 +6,7 @@ never the raw, family-specific config keys.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..layers.rotary_embedding import YarnScaling
@@ -38,6 +39,22 @@ class MLAShape:
     def latent_dim(self) -> int:
         """Values per token in the KV cache: the compressed KV, then the RoPE key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class Fp8BlockScheme:
+    """FP8 block quantisation as DeepSeek-V3/R1, Kimi-K2 and Qwen3-FP8 ship it: each quantised
+    weight W [out, in] is stored as e4m3 codes next to W_scale_inv [ceil(out/b0), ceil(in/b1)]
+    float32, one scale per b0 x b1 block, and W = codes * scale (what "scale_inv" multiplies back).
+    Kept in the spec so every rank reads the checkpoint with the same rule."""
+
+    block: tuple[int, int]  # weight_block_size (b0 over output rows, b1 over input columns)
+    modules_to_not_convert: tuple[str, ...] = ()  # module-name patterns stored unquantised
+
+    def keeps_unquantised(self, module: str) -> str | None:
+        """The modules_to_not_convert pattern that covers `module` (transformers' rule: a regex
+        matching its start, or a suffix), None if it is quantised."""
+        return next((p for p in self.modules_to_not_convert if re.match(p, module) or module.endswith(p)), None)
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ class ModelSpec:
     routed_scaling_factor: float = 1.0  # routed experts' weights are multiplied by this
     shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared; DeepSeek: no gate
     mla: MLAShape | None = None  # multi-head latent attention; None: standard (grouped-query) attention
+    quantization: Fp8BlockScheme | None = None  # how the checkpoint's weights are stored; None: as values
 
     @property
     def num_moe_layers(self) -> int:

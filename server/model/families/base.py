@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Mapping
 
 from ...layers.activation import ACTIVATIONS, unsupported_activation
 from ...layers.rotary_embedding import ROPE_TYPES, YarnScaling
+from ..quantization import quantization_scheme
 from ..spec import ModelLoadError, ModelSpec
 
 SERVING_DTYPES = ("float32", "bfloat16", "float16")
@@ -101,10 +102,11 @@ class MoEFamily:
 
     # ---- shared parser ----
     def parse(self, cfg: Mapping[str, Any], *, architecture: str, dtype: str, source: str,
-              extra_eos: tuple[int, ...] = ()) -> ModelSpec:
-        """config.json dict -> ModelSpec. `dtype` is the serving dtype ("auto": the config's)."""
+              extra_eos: tuple[int, ...] = (), quantization: str = "auto") -> ModelSpec:
+        """config.json dict -> ModelSpec. `dtype` is the serving dtype ("auto": the config's);
+        `quantization` is model.quantization (server/model/quantization.py)."""
         c = ConfigReader(cfg, self.defaults, source)
-        refuse_quantized(cfg, source)
+        scheme = quantization_scheme(cfg, quantization, source)
         hidden = c.positive_int("hidden_size")
         heads = c.positive_int("num_attention_heads")
         kv_heads = c.cfg.get("num_key_value_heads", self.defaults.get("num_key_value_heads"))
@@ -157,6 +159,7 @@ class MoEFamily:
             sliding_windows=self.sliding_windows(c, num_layers),
             initializer_range=float(c.get("initializer_range", 0.02)),
             rope_yarn=yarn,
+            quantization=scheme,
         )
         fields.update(self.extra_fields(c, fields))
         return ModelSpec(**fields)
@@ -208,22 +211,6 @@ def _yarn(params: Mapping[str, Any], c: ConfigReader, source: str) -> YarnScalin
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def refuse_quantized(cfg: Mapping[str, Any], source: str) -> None:
-    """Weights are read as bf16/fp16/fp32 values. A quantised checkpoint (FP8 blocks with their
-    weight_scale_inv tensors, int4 packs, ...) would load as garbage, so it stops here."""
-    quant = cfg.get("quantization_config")
-    if not quant:
-        return
-    method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else "?"
-    block = quant.get("weight_block_size") if isinstance(quant, Mapping) else None
-    what = f"FP8 block-quantised (weight_block_size={block})" if method == "fp8" and block else f"quant_method={method!r}"
-    raise ModelLoadError(
-        f"{source}: the checkpoint is quantised ({what}); epserve serves bf16/fp16/fp32 weights only. "
-        "Dequantise it to bf16 first (for DeepSeek-V3 FP8 checkpoints, DeepSeek's fp8_cast_bf16.py) and "
-        "drop quantization_config from config.json"
-    )
 
 
 def _eos_ids(value: Any, extra: tuple[int, ...]) -> tuple[int, ...]:

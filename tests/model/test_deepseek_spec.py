@@ -88,10 +88,11 @@ def test_config_errors_name_the_key(overrides, match):
         spec_from_config({**ARCH, **overrides})
 
 
-def test_fp8_block_quantised_config_is_refused():
+def test_fp8_block_quantised_config_is_refused_under_quantization_none():
     quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
     with pytest.raises(ModelLoadError, match=r"FP8 block-quantised \(weight_block_size=\[128, 128\]\).*bf16/fp16/fp32"):
-        spec_from_config({**ARCH, "quantization_config": quant})
+        spec_from_config({**ARCH, "quantization_config": quant}, quantization="none")
+    assert spec_from_config({**ARCH, "quantization_config": quant}).quantization.block == (128, 128)  # auto reads it
     with pytest.raises(ModelLoadError, match="quant_method='awq'"):  # any other quantisation too, any family
         spec_from_config({"architectures": ["Qwen3MoeForCausalLM"], "quantization_config": {"quant_method": "awq"}})
 

@@ -5,6 +5,9 @@ Module guide (public entry points in loader.py: load_model, load_tokenizer, read
   families/          architecture registry: config.json parsing, checkpoint names, router rule per family
   loader.py          ModelConfig -> folder / tiny assets / random shape -> MoECausalLM, tokenizer
   checkpoint.py      safetensors reader (single file or index + shards, row slices, byte accounting)
+  quantization.py    config.json's quantization_config vs model.quantization -> FP8 block scheme or refusal
+  fp8_blocks.py      block-wise FP8 dequantisation (e4m3 codes x weight_scale_inv per block)
+  fp8_reader.py      checkpoint reader that dequantises FP8 weights as they are read, checks their scales
   weights.py         checkpoint -> parameters (per-expert and fused expert layouts, this rank's experts only)
   random_weights.py  seeded random weights for `model.shape` benchmarks
   causal_lm.py       MoECausalLM: forward(ForwardBatch, kv_caches) -> [S, V] logits, allocate_kv_cache

@@ -48,6 +48,7 @@ def test_config_is_frozen() -> None:
     "overrides,expect",
     [
         (["model.dtype=float64"], "model.dtype"),
+        (["model.quantization=fp8"], "model.quantization"),
         (["parallel.ep_size=0"], "parallel.ep_size"),
         (["parallel.backend=mpi"], "parallel.backend"),
         (["server.host=0.0.0.0"], "server.allow_remote"),

@@ -57,8 +57,13 @@ def ep_runs(fp8_models):
     cache: dict[int, list[dict]] = {}
 
     def get(ep: int) -> list[dict]:
-        if ep == 1 and 1 not in cache:
-            cache[1] = [oracle_rank(0, 1, cases)]
+        if ep == 1 and 1 not in cache:  # in-process, on one thread like a spawned rank
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cache[1] = [oracle_rank(0, 1, cases)]
+            finally:
+                torch.set_num_threads(threads)
         if ep > 1 and ep not in cache:
             ranks = run_on_ranks(nested_ep_rank, 4, (2, 4), cases)
             cache.update({e: [r[e] for r in ranks if e in r] for e in (2, 4)})

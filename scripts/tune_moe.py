@@ -9,7 +9,9 @@ For each token bucket T (random top-k routing), for each BLOCK_M candidate: alig
 time every gate_up candidate and every down candidate on that alignment (the two GEMMs are
 independent given BLOCK_M), and keep the BLOCK_M whose align + best gate_up + best down is
 fastest. The chosen config's output is checked against the default config's, and the whole
-pipeline is timed with both. Candidates are ordered most-likely-first, so a budget cut keeps
+pipeline is timed with both: a bucket keeps the tuned config only where it measured faster,
+else it stores the default config (server/moe/kernels/tuned_table.py; meta.timings_us says
+which was kept). Candidates are ordered most-likely-first, so a budget cut keeps
 a sensible answer (marked partial in meta). Timings: triton.testing.do_bench median, L2
 flushed between runs. The JSON is written to the configs dir (unless --no-write) and to $OUT;
 copy the $OUT file into server/moe/kernels/configs/ to keep it.
@@ -40,6 +42,7 @@ from server.moe.kernels.moe_align import moe_align_block_size  # noqa: E402
 from server.moe.kernels.moe_config import (  # noqa: E402
     GemmConfig, MoEConfig, config_path, default_config, device_key)
 from server.moe.kernels.moe_gemm import down_scatter, gate_up_silu  # noqa: E402
+from server.moe.kernels.tuned_table import BucketResult, kept_config, tuned_table  # noqa: E402
 
 SMEM_LIMIT = 220 * 1024  # H100: 227 KB per block; keep a margin for Triton's own scratch
 
@@ -130,7 +133,7 @@ def best_of(name: str, candidates: list[GemmConfig], run, rep_ms: int, deadline:
     return best, best_us, tried
 
 
-def tune_bucket(tokens, args, w13, w2, deadline) -> dict:
+def tune_bucket(tokens, args, w13, w2, deadline) -> BucketResult:
     dtype = w13.dtype
     x, ids, w = moe_routing(tokens, args.hidden, args.experts, args.top_k, dtype, args.device, seed=tokens)
     wf = w.reshape(-1).float().contiguous()
@@ -161,8 +164,8 @@ def tune_bucket(tokens, args, w13, w2, deadline) -> dict:
         raise RuntimeError(f"T={tokens}: tuned config {cfg} disagrees with the default config (rel err {agreement:.2e})")
     tuned_us = bench(lambda: fused_moe_triton(x, w13, w2, ids, w, config=cfg), args.rep_ms * 2)
     default_us = bench(lambda: fused_moe_triton(x, w13, w2, ids, w, config=default), args.rep_ms * 2)
-    return {"config": cfg, "tuned_us": tuned_us, "default_us": default_us, "parts": parts,
-            "rel_err_vs_default": agreement}
+    return BucketResult(tuned=cfg, default=default, tuned_us=tuned_us, default_us=default_us,
+                        parts=parts)
 
 
 def main() -> int:
@@ -188,15 +191,12 @@ def main() -> int:
     name = device_key() if not SMOKE else "cpu_smoke"
     print(f"# tuning E={args.experts} H={args.hidden} I={args.inter} top_k={args.top_k} on {name}", flush=True)
     w13, w2 = moe_weights(args.experts, args.hidden, args.inter, torch.bfloat16, args.device)
-    table, report = {}, []
-    for t in args.tokens:
-        r = tune_bucket(t, args, w13, w2, deadline)
-        table[str(t)] = r["config"].to_json()
-        report.append((t, r))
+    results = {t: tune_bucket(t, args, w13, w2, deadline) for t in args.tokens}
+    table, timings = tuned_table(results)
     meta = {"top_k": args.top_k, "dtype": "bfloat16", "device": name, "torch": torch.__version__,
             "triton": triton.__version__, "tool": "scripts/tune_moe.py", "seconds": round(time.time() - start, 1),
             "partial": time.time() > deadline, "date": time.strftime("%Y-%m-%d"),
-            "timings_us": {str(t): {"tuned": r["tuned_us"], "default": r["default_us"], **r["parts"]} for t, r in report}}
+            "timings_us": timings}
     data = {"meta": meta, **table}
     fname = config_path(name, args.experts, args.hidden, args.inter).name
     out_dir = Path(os.environ.get("OUT", "./gpu_out"))
@@ -204,14 +204,14 @@ def main() -> int:
     (out_dir / fname).write_text(json.dumps(data, indent=1))
     if not args.no_write:
         config_path(name, args.experts, args.hidden, args.inter).write_text(json.dumps(data, indent=1))
-    print(f"\n{'T':>6} {'BM':>4} {'gate_up (N,K,w,s)':>18} {'down (N,K,w,s)':>16} {'tuned_us':>9} {'default_us':>10} "
-          f"{'speedup':>7}")
-    for t, r in report:
-        c = r["config"]
+    print(f"\n{'T':>6} {'kept':>7} {'BM':>4} {'gate_up (N,K,w,s)':>18} {'down (N,K,w,s)':>16} {'tuned_us':>9} "
+          f"{'default_us':>10} {'speedup':>7}")
+    for t, r in results.items():
+        c, kept = kept_config(r)
         g = f"{c.gate_up.BLOCK_N},{c.gate_up.BLOCK_K},{c.gate_up.num_warps},{c.gate_up.num_stages}"
         d = f"{c.down.BLOCK_N},{c.down.BLOCK_K},{c.down.num_warps},{c.down.num_stages}"
-        print(f"{t:>6} {c.BLOCK_M:>4} {g:>18} {d:>16} {r['tuned_us']:>9.1f} {r['default_us']:>10.1f} "
-              f"{r['default_us'] / r['tuned_us']:>7.2f}")
+        print(f"{t:>6} {kept:>7} {c.BLOCK_M:>4} {g:>18} {d:>16} {r.tuned_us:>9.1f} {r.default_us:>10.1f} "
+              f"{r.default_us / r.tuned_us:>7.2f}")
     print(f"# wrote {out_dir / fname}{'' if args.no_write else ' and ' + str(config_path(name, args.experts, args.hidden, args.inter))}"
           f"; {time.time() - start:.0f}s{' (budget hit: partial)' if meta['partial'] else ''}")
     return 0

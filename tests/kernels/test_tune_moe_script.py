@@ -29,6 +29,14 @@ def test_tune_moe_smoke(tmp_path: Path) -> None:
     assert data["meta"]["top_k"] == 2 and set(data) == {"meta", "3", "40"}
     from server.moe.kernels.moe_config import MoEConfig
 
+    import torch
+
+    from server.moe.kernels.moe_config import default_config
+
     for key in ("3", "40"):
-        MoEConfig.from_json(data[key])  # loadable by the runtime
+        stored = MoEConfig.from_json(data[key])  # loadable by the runtime
+        timing = data["meta"]["timings_us"][key]
+        if timing["tuned"] >= timing["default"]:  # not measured faster: the bucket holds the default
+            assert timing["kept"] == "default" and stored == default_config(int(key) * 2, 4, torch.bfloat16)
+        assert timing["kept"] in ("tuned", "default")
     assert not list((ROOT / "server/moe/kernels/configs").glob("cpu_smoke*"))  # smoke never writes the repo

@@ -21,7 +21,8 @@ from .fp8_blocks import dequantize_blocks, implied_block, scale_shape
 from .spec import Fp8BlockScheme, ModelLoadError
 
 FP8_DTYPE = "F8_E4M3"
-SCALE_SUFFIX = "_scale_inv"  # model.layers.0.self_attn.q_proj.weight -> ...q_proj.weight_scale_inv
+# ...self_attn.q_proj.weight -> ...q_proj.weight_scale_inv; fused ...experts.gate_up_proj -> ...gate_up_proj_scale_inv
+SCALE_SUFFIX = "_scale_inv"
 _SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
@@ -46,8 +47,6 @@ class Fp8BlockReader(CheckpointReader):
         if kept is not None:
             raise ModelLoadError(f"{where} is stored as {FP8_DTYPE}, but quantization_config.modules_to_not_convert "
                                  f"({kept!r}) says {module!r} is kept unquantised: store it as bf16/fp16/fp32")
-        if not name.endswith(".weight"):
-            raise ModelLoadError(f"{where} is stored as {FP8_DTYPE}; only .weight tensors can carry block scales")
         scale = name + SCALE_SUFFIX
         if not self.has(scale):
             raise ModelLoadError(f"{where} is stored as {FP8_DTYPE} but its block scales {scale!r} are missing "

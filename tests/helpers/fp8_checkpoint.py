@@ -47,11 +47,27 @@ def dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, block: tuple
 
 
 def is_quantised(name: str, tensor: torch.Tensor, keep: tuple[str, ...]) -> bool:
-    """Linear weights only: not norms, biases, embeddings, the head or the router gate, nor a
-    module modules_to_not_convert names (transformers' rule: regex at the start, or a suffix)."""
+    """Linear weights only (and fused [E, rows, cols] expert tensors): not norms, biases,
+    embeddings, the head or the router gate, nor a module modules_to_not_convert names
+    (transformers' rule: regex at the start, or a suffix)."""
     module = name.removesuffix(".weight")
-    return (tensor.dim() == 2 and name.endswith(".weight") and name not in _NEVER and not name.endswith(".mlp.gate.weight")
-            and not any(re.match(p, module) or module.endswith(p) for p in keep))
+    linear = tensor.dim() == 2 and name.endswith(".weight") and name not in _NEVER and not name.endswith(".mlp.gate.weight")
+    fused = tensor.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    return (linear or fused) and not any(re.match(p, module) or module.endswith(p) for p in keep)
+
+
+def _quantize_any(tensor: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, cols] or [E, rows, cols] (one scale grid per expert)."""
+    if tensor.dim() == 2:
+        return quantize_blocks(tensor, block)
+    pairs = [quantize_blocks(t, block) for t in tensor]
+    return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def _dequantize_any(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    if codes.dim() == 2:
+        return dequantize_reference(codes, scales, block)
+    return torch.stack([dequantize_reference(c, s, block) for c, s in zip(codes, scales)])
 
 
 def write_fp8_checkpoint(src: Path, dst: Path, keep: tuple[str, ...] = (), block: tuple[int, int] = BLOCK) -> dict:
@@ -68,9 +84,9 @@ def write_fp8_checkpoint(src: Path, dst: Path, keep: tuple[str, ...] = (), block
     tensors, out, values = load_file(str(src / "model.safetensors")), {}, {}
     for name, tensor in tensors.items():
         if is_quantised(name, tensor, keep):
-            codes, scales = quantize_blocks(tensor, block)
+            codes, scales = _quantize_any(tensor, block)
             out[name], out[name + "_scale_inv"] = codes, scales
-            values[name] = dequantize_reference(codes, scales, block)
+            values[name] = _dequantize_any(codes, scales, block)
         else:
             out[name] = tensor
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})

@@ -44,8 +44,10 @@ class LaunchPlan:
             every = f", rebalanced every {self.eplb.interval} steps" if self.eplb.interval else ""
             placed = (f", EPLB: {s.num_experts}+{self.eplb.redundant_experts} expert slots per layer placed {source} "
                       f"({self.eplb.policy}){every}")
+        fp8 = "" if s.quantization is None else (f", FP8 {s.quantization.block[0]}x{s.quantization.block[1]} "
+                                                 f"blocks dequantised to {s.dtype} on load")
         return (f"model={app.model.name} ({s.architecture}, {s.num_layers} layers, {s.num_experts} experts, "
-                f"top-{s.top_k}), routing policy {self.policy!r}, ep_size={self.ep_size}{placed}, "
+                f"top-{s.top_k}{fp8}), routing policy {self.policy!r}, ep_size={self.ep_size}{placed}, "
                 f"dispatch {self.dispatch.name}, kernels {self.kernels.backend}")
 
 

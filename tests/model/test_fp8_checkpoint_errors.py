@@ -123,3 +123,10 @@ def test_the_spec_carries_the_block_scheme():
     assert spec.quantization.keeps_unquantised("model.layers.3.mlp.gate") == "mlp.gate"
     assert spec.quantization.keeps_unquantised("model.layers.3.mlp.experts.1.gate_proj") is None
     assert spec_from_config(QWEN).quantization is None
+
+
+def test_the_launch_plan_says_the_weights_are_dequantised(fp8_folder):
+    from server.launch_plan import build_launch_plan
+
+    plan = build_launch_plan(AppConfig.from_dict({"model": {"path": str(fp8_folder)}}))
+    assert "top-2, FP8 128x128 blocks dequantised to float32 on load)" in plan.describe()

@@ -9,6 +9,8 @@ experts, from either expert layout transformers uses:
 the logical expert of each physical slot (copies of hot experts included).
 
 `{moe}` is the family's MoE module name (`mlp`; Mixtral checkpoints say `block_sparse_moe`).
+An FP8 block checkpoint reads the same way: its reader (fp8_reader.py) hands back each weight
+dequantised, so nothing here knows how a tensor was stored.
 """
 from __future__ import annotations
 

@@ -169,12 +169,9 @@ def measure(batch: int, context: int, heads: int, latent: int, rope: int, ceil: 
         row[f"{name}_GBps"] = nbytes / us / 1e3
         row[f"{name}_TFLOPs"] = flops / us / 1e6
         row[f"{name}_roofline"] = floor_us / us
-    row.update(bytes=nbytes, flops=flops, roofline_us=floor_us,
-               bound="memory" if nbytes / (ceil["copy_GBps"] * 1e3) >= flops / (ceil["matmul_TFLOPs"] * 1e6) else "compute")
-    del q, cache, tables, ref
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return row, swept
+    memory_bound = nbytes / (ceil["copy_GBps"] * 1e3) >= flops / (ceil["matmul_TFLOPs"] * 1e6)
+    row.update(bytes=nbytes, flops=flops, roofline_us=floor_us, bound="memory" if memory_bound else "compute")
+    return row, swept  # the case's tensors are freed here (the path closures hold them until then)
 
 
 def table(rows: list[dict], ceil: dict) -> str:
@@ -233,6 +230,8 @@ def main() -> None:
         row, times = measure(batch, context, args.heads, args.latent, args.rope, ceil, args)
         rows.append(row)
         swept.append(times)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         print(f"B={batch} L={context}: " + ", ".join(f"{p} {row[f'{p}_us']:.1f} us" for p in PATHS), file=sys.stderr)
     bad = [r for r in rows if max(r[f"{p}_rel_err"] for p in PATHS) > 1e-2]
     out = Path(args.out)

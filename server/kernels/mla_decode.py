@@ -194,8 +194,9 @@ def launch_plan(num_seqs: int, num_heads: int, v_dim: int, dk: int, page: int, w
                 num_splits: int | None = None) -> tuple[MLADecodeConfig, int, int]:
     """(config, num_splits, min_split_tokens) for a decode step, from static shapes only (`width`:
     the block-table width in pages). The warm-up asks this for every batch size it captures."""
+    if config is not None:
+        config.validate()  # stored configs are checked when their file is read, defaults are valid
     cfg = config or get_mla_decode_config(num_seqs, num_heads, v_dim, dk - v_dim, page, dtype, device)
-    cfg.validate()
     min_tokens = cfg.min_split_tokens or default_min_split_tokens(num_heads, v_dim, dk, dtype.itemsize)
     if num_splits is None:
         pairs = triton.cdiv(num_heads, cfg.BLOCK_H) * num_seqs

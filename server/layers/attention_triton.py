@@ -136,8 +136,9 @@ class KernelAttentionMetadata:
     def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor, v_dim: int, scale: float,
                       decode: Callable | None = None) -> torch.Tensor:
         """MLA: q [T, H, Dk] absorbed queries, latent [T, Dk] rows -> [T, H, v_dim]; writes the rows
-        first. Decode steps run `decode` (the layer's choice: the Triton kernel, or the batched
-        matmuls of mla_reference.mla_decode_dense), others the varlen kernel."""
+        first. Decode steps run `decode` (the layer's choice, kernels.mla_decode: the head-block
+        decode kernel, the varlen kernel, or the batched matmuls of mla_reference.mla_decode_dense),
+        others the varlen kernel."""
         write_latent_cache_triton(latent, cache, self.slot_mapping)
         if self.is_decode:
             return (decode or mla_decode_triton)(q, cache, self.block_tables, self.context_lens, v_dim, scale)

@@ -49,7 +49,8 @@ def test_random_batches_match_the_reference() -> None:
 
 
 FIXED_CASES = [
-    {"dtype": "float32"},  # the default config and split choice (4 interpreter "SMs": several splits)
+    {"dtype": "float32", "ctx_lens": [520, 3]},  # the default config and split choice: 2 splits
+    # (4 interpreter "SMs", 2 sequences, 520-token tables: test_mla_decode_config.py checks the plan)
     {"dtype": "bfloat16", "ctx_lens": [150, 1, 77], "heads": 8, "block_size": 16, "num_splits": 1,
      "config": {"BLOCK_H": 16, "BLOCK_N": 32}},  # one split: the kernel writes the output itself
     {"dtype": "bfloat16", "ctx_lens": [129, 128, 127], "heads": 4, "block_size": 64, "num_splits": 4,

@@ -90,6 +90,7 @@ def test_launch_plan_depends_on_static_shapes_only() -> None:
     assert (cfg.BLOCK_H, splits, min_tokens) == (16, 4, 256)
     assert launch_plan(4, 16, 32, 48, 16, 64, torch.float32, cpu)[1] == 1  # 4 programs fill the 4 SMs
     assert launch_plan(1, 16, 32, 48, 16, 8, torch.float32, cpu)[1] == 1  # 128-token tables: one split
+    assert launch_plan(2, 4, 32, 48, 8, 65, torch.float32, cpu)[1] == 2  # the interpreter test's default case
     assert launch_plan(1, 16, 32, 48, 16, 64, torch.float32, cpu, num_splits=7)[1] == 7
     with pytest.raises(ValueError, match="num_splits must be in"):
         launch_plan(1, 16, 32, 48, 16, 64, torch.float32, cpu, num_splits=0)

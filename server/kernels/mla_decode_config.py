@@ -68,16 +68,17 @@ class MLADecodeConfig:
 
 
 def default_config(heads: int, v_dim: int, dtype: torch.dtype) -> MLADecodeConfig:
-    """fp32 (tests, interpreter): small tiles. 16-bit: 64 heads per program where there are that
-    many (every latent tile feeds 64 query rows; with 128 heads two programs share it through L2),
-    8 warps so the [64, 512] fp32 accumulator takes 128 registers a thread, 32-row tiles double
-    buffered (2 x 36 KB of shared memory beside the 72 KB query block)."""
+    """fp32 (tests, interpreter): small tiles. 16-bit, more than 16 heads: 64 heads a program
+    (both products on Hopper's warpgroup MMA; every latent tile feeds 64 query rows, and with
+    128 heads two neighbouring programs share it through L2), 8 warps so the [64, 512] fp32
+    accumulator takes 128 registers a thread, 32-row tiles double buffered (2 x 36 KB of shared
+    memory beside the 72 KB query block). Between 17 and 63 heads the padded rows cost tensor
+    work only; 32-head blocks spill at 512 latent dims (compiled for sm_90). 16 heads or fewer:
+    16-head blocks, which fit with 8 warps."""
     if dtype == torch.float32:
         return MLADecodeConfig(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    block_h = min(64, max(16, triton_next_power_of_2(heads)))
-    wide = block_h * v_dim >= 64 * 256
-    return MLADecodeConfig(BLOCK_H=block_h, BLOCK_N=32 if v_dim >= 256 else 64, num_warps=8 if wide else 4,
-                           num_stages=2)
+    return MLADecodeConfig(BLOCK_H=16 if heads <= 16 else 64, BLOCK_N=32 if v_dim >= 256 else 64,
+                           num_warps=8 if v_dim >= 256 else 4, num_stages=2)
 
 
 def triton_next_power_of_2(n: int) -> int:

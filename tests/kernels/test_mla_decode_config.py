@@ -14,8 +14,9 @@ from server.kernels.mla_decode_config import MLADecodeConfig
 def test_defaults_put_64_heads_on_a_program_for_wide_models() -> None:
     ds = mdc.default_config(128, 512, torch.bfloat16)
     assert (ds.BLOCK_H, ds.BLOCK_N, ds.num_warps, ds.num_stages, ds.num_splits) == (64, 32, 8, 2, 0)
-    assert mdc.default_config(16, 512, torch.bfloat16).BLOCK_H == 16  # no padded rows for 16 heads
-    assert mdc.default_config(20, 512, torch.float16).BLOCK_H == 32
+    sixteen = mdc.default_config(16, 512, torch.bfloat16)  # no padded rows for 16 heads
+    assert (sixteen.BLOCK_H, sixteen.BLOCK_N, sixteen.num_warps) == (16, 32, 8)
+    assert mdc.default_config(20, 512, torch.float16).BLOCK_H == 64  # 32-head blocks spill
     small = mdc.default_config(128, 32, torch.float32)
     assert (small.BLOCK_H, small.BLOCK_N) == (16, 16)
     for heads in (1, 16, 64, 128):

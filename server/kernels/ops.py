@@ -13,9 +13,9 @@ The MoE ops (fused_moe, grouped_expert_mlp, expert_mlp_rows) register in the sam
 server/moe/kernels/ops.py. mla_decode also takes "triton_decode" (the decode-only head-block kernel
 of mla_decode.py; models built for CUDA pick it, server/kernels/backend.py) and "dense" (batched
 torch matmuls over the padded block tables: graph-safe, no kernel); its "triton" is the varlen
-kernel of mla_attention.py run with one token per sequence. `backend="auto"` picks "triton" for CUDA tensors when Triton
-imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces the twins everywhere
-(baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
+kernel of mla_attention.py run with one token per sequence. `backend="auto"` picks "triton" for
+CUDA tensors when Triton imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces
+the twins everywhere (baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
 modules are imported on first use, so a CPU install without triton never imports it.
 """
 from __future__ import annotations

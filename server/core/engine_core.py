@@ -235,9 +235,12 @@ class EngineCore:
                 if seq.prompt_lp_pending:  # with the sequence's first token
                     if out.prompt_logprobs is None:
                         out.prompt_logprobs = [None] * (len(req_ids) - 1)
+                        out.prompt_top_logprobs = [None] * (len(req_ids) - 1)
+                    out.prompt_top_logprobs.append(_take_prompt_tops(seq))
                     out.prompt_logprobs.append(_take_prompt_logprobs(seq))
                 elif out.prompt_logprobs is not None:
                     out.prompt_logprobs.append(None)
+                    out.prompt_top_logprobs.append(None)
                 reason = token_stop_reason(seq, token, self._eos)
                 if reason is not None:
                     finished[seq.seq_id] = reason
@@ -357,10 +360,14 @@ def _collect_prompt_logprobs(plan, results) -> None:
     for rank, owners in enumerate(plan.prompt_lp):
         if not owners:
             continue
-        values, at = results[rank].prompt_logprobs, 0  # [P] float32
+        res = results[rank]
+        values, top_ids, top_lps, at = res.prompt_logprobs, res.prompt_top_ids, res.prompt_top_logprobs, 0
         for seq, n in owners:
             if not seq.is_finished:
-                seq.prompt_lp_pending.append(values[at:at + n])
+                seq.prompt_lp_pending.append(values[at:at + n])  # [n] float32
+                if seq.request.top_logprobs and top_ids is not None:
+                    k = seq.request.top_logprobs
+                    seq.prompt_top_pending.append((top_ids[at:at + n, :k], top_lps[at:at + n, :k]))
             at += n
 
 
@@ -371,6 +378,16 @@ def _take_prompt_logprobs(seq) -> list[float] | None:
     values = [float(v) for part in seq.prompt_lp_pending for v in part.tolist()]
     seq.prompt_lp_pending = []
     return values
+
+
+def _take_prompt_tops(seq) -> list | None:
+    """[ids [P][N], logprobs [P][N]] of the prompt positions' top_logprobs not yet sent (None: none)."""
+    if not seq.prompt_top_pending:
+        return None
+    ids = [row for part, _ in seq.prompt_top_pending for row in part.tolist()]
+    lps = [row for _, part in seq.prompt_top_pending for row in part.tolist()]
+    seq.prompt_top_pending = []
+    return [ids, lps]
 
 
 def policy_state(policy, counters_reset_unix_s: float = 0.0, since_step: int = 0) -> RoutingPolicyState:

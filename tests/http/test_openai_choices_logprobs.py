@@ -70,11 +70,15 @@ def test_greedy_chat_choices_are_equal_streamed_or_not(oa):
     assert whole.choices[0].message.content == whole.choices[1].message.content
     assert whole.usage.completion_tokens == 12
     texts = {0: "", 1: ""}
-    for chunk in oa.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, n=2,
-                                            stream=True, extra_body=IGNORE_EOS):
+    chunks = list(oa.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, n=2,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body=IGNORE_EOS))
+    for chunk in chunks:
         for c in chunk.choices:
             texts[c.index] += c.delta.content or ""
     assert texts == {0: whole.choices[0].message.content, 1: whole.choices[1].message.content}
+    assert chunks[-1].usage.model_dump(include={"prompt_tokens", "completion_tokens"}) == \
+        whole.usage.model_dump(include={"prompt_tokens", "completion_tokens"})
 
 
 def test_top_n_logprobs_equal_grpc_in_both_shapes(oa, grpc_client, hf):

@@ -29,7 +29,7 @@ def hf():
     from server.model.loader import TINY_MODEL_DIR
 
     model = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL_DIR), attn_implementation="eager",
-                                                 torch_dtype=torch.float32).eval()
+                                                 dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR))
 
 

@@ -5,6 +5,7 @@
 #
 #   ./scripts/eval_lmeval.sh                    # natural and greedy_balanced, 48 documents
 #   EPSERVE_LMEVAL_POLICIES=natural ./scripts/eval_lmeval.sh
+#   EPSERVE_LMEVAL_SERVER_ARGS="parallel.ep_size=4" EPSERVE_LMEVAL_POLICIES="natural rank_balanced" ./scripts/eval_lmeval.sh
 #
 # Not part of CI (it installs lm-eval and its dependencies into a venv of its own, .venv-lmeval,
 # torch pinned first so lm-eval cannot replace the CPU build). Offline after the install: the
@@ -18,6 +19,7 @@ LMEVAL_VENV="${EPSERVE_LMEVAL_VENV:-$ROOT/.venv-lmeval}"
 PORT="${EPSERVE_LMEVAL_PORT:-8093}"
 POLICIES="${EPSERVE_LMEVAL_POLICIES:-natural greedy_balanced}"
 DOCS="${EPSERVE_LMEVAL_DOCS:-48}"
+read -r -a SERVER_ARGS <<< "${EPSERVE_LMEVAL_SERVER_ARGS:-}"  # extra server overrides, e.g. parallel.ep_size=4
 TORCH="torch==2.13.0"
 
 if [ -z "${EPSERVE_PYTHON:-}" ]; then  # the project's environment (set EPSERVE_PYTHON to bring another)
@@ -52,7 +54,7 @@ trap stop_server EXIT
 RUNS=()
 for policy in $POLICIES; do
   echo "eval_lmeval: epserve, routing=$policy" >&2
-  (cd "$ROOT" && exec "$EPSERVE_PYTHON" -m server server.port=0 "server.http_port=$PORT" "routing=$policy") \
+  (cd "$ROOT" && exec "$EPSERVE_PYTHON" -m server server.port=0 "server.http_port=$PORT" "routing=$policy" ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"}) \
     > "$OUT/server-$policy.log" 2>&1 &
   SERVER=$!
   "${EP[@]}" - "$PORT" "$SERVER" <<'PY'

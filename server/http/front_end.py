@@ -45,6 +45,9 @@ class HttpFrontEnd:
         family = socket.AF_INET6 if ":" in cfg.http_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            # A restart on the same port must not wait out the last run's TIME_WAIT connections;
+            # on Linux this still refuses a port another socket listens on.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((cfg.http_host.strip("[]"), cfg.http_port))
         except OSError as exc:
             sock.close()

@@ -62,3 +62,22 @@ def test_sigterm_drains_http_calls_and_cuts_them_after_the_grace_period(tmp_path
         finishes = [c.choices[0].finish_reason for c in stream if c.choices]
         assert finishes[-1] == "abort" and time.monotonic() - started < 15
         assert srv.wait_exit(60) == 0
+
+
+def test_http_port_with_time_wait_connections_binds_again():
+    """A restart right after a run that closed its connections first: the port holds TIME_WAIT
+    entries, not a listener, and the HTTP front end must bind it (as the metrics port does)."""
+    from server.config import AppConfig
+    from server.http.front_end import HttpFrontEnd
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+        client.close()
+    front_end = HttpFrontEnd(AppConfig.from_dict({"server": {"http_port": port}}))
+    front_end._bind().close()

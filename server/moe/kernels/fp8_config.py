@@ -34,9 +34,13 @@ def check_fp8_config(cfg: MoEConfig) -> MoEConfig:
 
 def default_fp8_config(num_rows: int, num_experts: int) -> MoEConfig:
     """The bf16 heuristic's tiles with BLOCK_K = 128: where bf16 trims K to 64 to fit shared
-    memory, e4m3 tiles of 128 take the same bytes, and one K step then covers one scale block."""
+    memory, e4m3 tiles of 128 take the same bytes, and one K step then covers one scale block.
+    gate_up keeps BLOCK_N <= 64 from BLOCK_M 64 up: its two fp32 accumulators, plus the dot
+    result each K step scales before adding, spill at 64x128 and above on sm_90 (the bf16
+    kernel accumulates in place and fits)."""
     cfg = default_config(num_rows, num_experts, torch.bfloat16)
-    return MoEConfig(cfg.BLOCK_M, dataclasses.replace(cfg.gate_up, BLOCK_K=GROUP),
+    gate_n = cfg.gate_up.BLOCK_N if cfg.BLOCK_M < 64 else min(cfg.gate_up.BLOCK_N, 64)
+    return MoEConfig(cfg.BLOCK_M, dataclasses.replace(cfg.gate_up, BLOCK_N=gate_n, BLOCK_K=GROUP),
                      dataclasses.replace(cfg.down, BLOCK_K=GROUP))
 
 

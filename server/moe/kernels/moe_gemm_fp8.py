@@ -69,8 +69,8 @@ def _gate_up_silu_fp8_kernel(
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
         kb = k0 // SCALE_BLOCK  # BLOCK_K divides SCALE_BLOCK: the whole step is in this block
         a_s = tl.load(as_ptrs + kb)  # [BM]
-        acc_g += tl.dot(a, g) * (a_s[:, None] * tl.load(gs_ptrs + kb)[None, :])
-        acc_u += tl.dot(a, u) * (a_s[:, None] * tl.load(us_ptrs + kb)[None, :])
+        acc_g += tl.dot(a, g) * a_s[:, None] * tl.load(gs_ptrs + kb)[None, :]
+        acc_u += tl.dot(a, u) * a_s[:, None] * tl.load(us_ptrs + kb)[None, :]
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -111,7 +111,7 @@ def _down_scatter_fp8_kernel(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         kb = k0 // SCALE_BLOCK
-        acc += tl.dot(a, b) * (tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + kb)[None, :])
+        acc += tl.dot(a, b) * tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + kb)[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if MUL_WEIGHT:

@@ -71,6 +71,7 @@ class Compiled:
     shared: int
     hgmma: bool
     hmma: bool
+    qgmma: bool = False  # FP8 operands on wgmma (SASS QGMMA)
 
 
 def specialization(launch: Launch) -> tuple:
@@ -112,7 +113,7 @@ def compile_launch(launch: Launch) -> Compiled:
                    if launch.kernel.params[i].is_constexpr and launch.kernel.params[i].name.isupper())
     key += "".join(f",{k}={v}" for k, v in launch.options.items())
     return Compiled(launch.kernel.fn.__name__, key, registers, spills, kernel.metadata.shared,
-                    "HGMMA" in sass, re.search(r"\bHMMA", sass) is not None)
+                    "HGMMA" in sass, re.search(r"\bHMMA", sass) is not None, "QGMMA" in sass)
 
 
 def _tool(name: str) -> str:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         seen.add((c.name, c.key))
         flag = c.spill_bytes > 0 or c.shared > SMEM_LIMIT
         bad += flag
-        mma = "wgmma" if c.hgmma else ("mma" if c.hmma else "-")
+        mma = "wgmma" if c.hgmma or c.qgmma else ("mma" if c.hmma else "-")
         print(f"{c.name:<24} {c.registers:>4} {c.spill_bytes:>5} {c.shared / 1024:>7.1f} {mma:>5}  {c.key}"
               f"{'  <-- SPILL/SMEM' if flag else ''}", flush=True)
     print(f"# {len(seen)} distinct kernels compiled for sm_90, {bad} problems")

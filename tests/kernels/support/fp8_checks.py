@@ -33,8 +33,11 @@ def fp8_weights(num_experts: int, hidden: int, inter: int, device, seed: int = 0
 
 
 def _cfg(block_m, block_n, block_k):
+    """The given tiles, or None (block_m=None): the pipeline's own config lookup."""
     from server.moe.kernels.moe_config import GemmConfig, MoEConfig
 
+    if block_m is None:
+        return None
     g = GemmConfig(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=2)
     return MoEConfig(block_m, g, g)
 

@@ -15,6 +15,9 @@ override), and kept as `experts.path`:
   triton_unsorted as triton, but dispatched rows go through expert_mlp_rows in the order they
                   arrive: no argsort and no two row copies. Not the default until a GPU
                   measurement of the EP step says it is faster (EPSERVE_EXPERT_PATH=triton_unsorted).
+Experts built with KernelBackend.expert_weights == "fp8" (the loader's choice for FP8 block
+checkpoints on CUDA, server/model/expert_format.py) hold e4m3 codes plus *_scale_inv block
+scales and run through Fp8ExpertPath (fp8_expert_path.py), whatever the path name says.
 Dispatchers (server/moe/dispatch/) call `experts.path.local_topk(experts, ...)` (every slot
 local), `.partial_topk(...)` (only slots with a local id >= 0) or `.rows(...)`.
 """

@@ -10,7 +10,9 @@ the logical expert of each physical slot (copies of hot experts included).
 
 `{moe}` is the family's MoE module name (`mlp`; Mixtral checkpoints say `block_sparse_moe`).
 An FP8 block checkpoint reads the same way: its reader (fp8_reader.py) hands back each weight
-dequantised, so nothing here knows how a tensor was stored.
+dequantised, so nothing here knows how a tensor was stored, except where the experts themselves
+are kept as FP8 blocks (LocalExperts.weight_format "fp8", server/model/expert_format.py): their
+codes and scales are then copied as stored (_load_fp8_experts).
 """
 from __future__ import annotations
 

@@ -17,19 +17,11 @@ from tests.kernels.support import compile_check  # noqa: E402
 GEMMS = ("_gate_up_silu_fp8_kernel", "_down_scatter_fp8_kernel")
 
 
-def meta_fp8_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
-    """Meta inputs of fused_moe_fp8_triton: x, w13, w13_s, w2, w2_s, ids, weights."""
-    x, w13, w2, ids, w = compile_check.meta_moe(tokens, experts, hidden, inter, top_k)
-    f8, f32 = dict(device="meta", dtype=torch.float8_e4m3fn), dict(device="meta", dtype=torch.float32)
-    return (x, torch.empty(w13.shape, **f8), torch.empty(experts, -(-2 * inter // 128), -(-hidden // 128), **f32),
-            torch.empty(w2.shape, **f8), torch.empty(experts, -(-hidden // 128), -(-inter // 128), **f32), ids, w)
-
-
 def compiled(tokens: int, names=None) -> list:
     from server.moe.kernels.fused_moe_fp8 import fused_moe_fp8_triton
 
     with compile_check.record_launches() as launches:
-        fused_moe_fp8_triton(*meta_fp8_moe(tokens))
+        fused_moe_fp8_triton(*compile_check.meta_fp8_moe(tokens))
     seen = {}
     for launch in launches:
         if names is None or launch.kernel.fn.__name__ in names:

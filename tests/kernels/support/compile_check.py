@@ -146,16 +146,27 @@ def meta_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
             torch.empty(tokens, top_k, device="meta", dtype=torch.float32))
 
 
+def meta_fp8_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
+    """Meta inputs of fused_moe_fp8_triton: x, w13, w13_s, w2, w2_s, ids, weights (e4m3 weights,
+    fp32 scales per 128x128 block)."""
+    x, w13, w2, ids, w = meta_moe(tokens, experts, hidden, inter, top_k)
+    f8, f32 = dict(device="meta", dtype=torch.float8_e4m3fn), dict(device="meta", dtype=torch.float32)
+    return (x, torch.empty(w13.shape, **f8), torch.empty(experts, -(-2 * inter // 128), -(-hidden // 128), **f32),
+            torch.empty(w2.shape, **f8), torch.empty(experts, -(-hidden // 128), -(-inter // 128), **f32), ids, w)
+
+
 def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
     from server.kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
     from server.kernels.attention_prefill import prefill_attention_triton
     from server.moe.kernels.fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton
+    from server.moe.kernels.fused_moe_fp8 import fused_moe_fp8_triton
 
     m = dict(device="meta", dtype=torch.bfloat16)
     i32 = dict(device="meta", dtype=torch.int32)
     with record_launches() as launches:
         for t in tokens:
             fused_moe_triton(*meta_moe(t))
+            fused_moe_fp8_triton(*meta_fp8_moe(t))
         _, w13, w2, _, _ = meta_moe(1, experts=32)
         grouped_expert_mlp_triton(torch.empty(4096, 2048, **m), torch.empty(33, **i32), w13, w2)
         expert_mlp_rows_triton(torch.empty(4096, 2048, **m), torch.empty(4096, **i32), w13, w2)

@@ -49,6 +49,8 @@ class LocalExperts(nn.Module):
         kernels = kernels or KernelBackend.for_device(device)
         #: "values" (dtype) or "fp8": e4m3 codes plus fp32 scales per 128x128 block (fp8_expert_path.py)
         self.weight_format = kernels.expert_weights
+        #: dtype of the rows these experts take and return (the weights' own, unless they are FP8)
+        self.act_dtype = dtype or torch.get_default_dtype()
         fp8 = self.weight_format == "fp8"
         w_dtype = torch.float8_e4m3fn if fp8 else dtype
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden, dtype=w_dtype, device=device),

@@ -63,6 +63,7 @@ def test_fp8_experts_hold_the_checkpoint_codes(fp8_folders, layout) -> None:
         assert a.weight_format == "fp8" and b.weight_format == "values"
         assert a.gate_up_proj.dtype == a.down_proj.dtype == torch.float8_e4m3fn
         assert a.path.name.endswith("_fp8")
+        assert a.act_dtype == b.act_dtype == b.gate_up_proj.dtype == torch.float32  # what warm-up rows are made of
         for codes, scales, values in ((a.gate_up_proj, a.gate_up_proj_scale_inv, b.gate_up_proj),
                                       (a.down_proj, a.down_proj_scale_inv, b.down_proj)):
             assert torch.equal(dequantize_blocks(codes, scales, (128, 128)), values)

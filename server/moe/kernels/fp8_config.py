@@ -1,8 +1,8 @@
 """Block sizes for the block-FP8 MoE GEMMs: the tuned-config files with an _fp8 suffix, else
 the bf16 heuristic with a 128-wide K step.
 
-configs/<device>_E<E>_H<H>_I<I>_fp8.json has the same layout as the bf16 files (moe_config.py)
-and is read by the same loader; the suffix keeps an FP8 tuning from being applied to the bf16
+configs/<device>_E<E>_H<H>_I<I>_fp8.json (scripts/tune_moe_fp8.py) has the same layout as the
+bf16 files (moe_config.py) and is read by the same loader; the suffix keeps an FP8 tuning from being applied to the bf16
 kernels or the reverse (their best tiles differ: FP8 tiles are half the bytes).
 
 One rule beyond MoEConfig.validate: BLOCK_K must divide 128, the K extent of one weight scale

@@ -31,9 +31,9 @@ class AsyncGenerationStream:
     `async with`) cancels the call, which frees the sequence on the server at once."""
 
     def __init__(self, start: Callable[[float | None], Any], deadline: Deadline, retry: RetryPolicy,
-                 logprobs: bool) -> None:
+                 state: StreamState) -> None:
         self._start, self._deadline, self._retry = start, deadline, retry
-        self._state = StreamState(logprobs)
+        self._state = state
         self._call: Any = start(deadline.remaining())  # sent now: the server admits it at once
         self._received = False
         self._closed = False
@@ -112,8 +112,8 @@ class AsyncClient:
     async def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Unpack[GenerateOptions]) -> Completion:
         request = request_from_options(prompt, options)
         reply = await self._unary(lambda: self._stubs()[0].Generate, request, timeout)
-        state = StreamState(bool(options.get("logprobs")))
-        state.add(reply)
+        state = StreamState.of(request)
+        state.add_reply(reply)
         state.check_finished()
         return state.completion()
 
@@ -121,7 +121,7 @@ class AsyncClient:
         request = request_from_options(prompt, options)
         metadata = self.settings.metadata()
         return AsyncGenerationStream(lambda t: self._stubs()[0].GenerateStream(request, timeout=t, metadata=metadata),
-                                     Deadline(self._timeout(timeout)), self.retry, bool(options.get("logprobs")))
+                                     Deadline(self._timeout(timeout)), self.retry, StreamState.of(request))
 
     async def abort(self, request_id: str, *, timeout: Any = _DEFAULT) -> int:
         """End the generation call with this request id (any connection's; chunks carry it) at

@@ -53,6 +53,9 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     logprobs: bool = False,
+    top_logprobs: int = 0,
+    prompt_logprobs: bool = False,
+    n: int = 1,
     request_id: str = "",
     text_output: bool = True,
     return_routed_experts: bool = False,
@@ -91,6 +94,10 @@ def build_request(
     if not isinstance(logprobs, bool):  # logprobs=5 would read as True and return only the sampled token's
         raise InvalidRequestError(f"logprobs: True or False (the sampled token's log-probability), got {logprobs!r}")
     req.logprobs = logprobs
+    req.top_logprobs = top_logprobs  # the types and ranges are checked in options.py
+    req.prompt_logprobs = prompt_logprobs
+    if n != 1:
+        req.n = n
     _set("request_id", lambda: setattr(req, "request_id", request_id))
     req.output_format = gen_pb.OUTPUT_FORMAT_TEXT_AND_TOKEN_IDS if text_output else gen_pb.OUTPUT_FORMAT_TOKEN_IDS
     req.return_routed_experts = bool(return_routed_experts)
@@ -116,8 +123,15 @@ def usage_from_pb(msg: gen_pb.Usage) -> Usage:
     return Usage(msg.prompt_tokens, msg.completion_tokens, msg.time_to_first_token_s, msg.total_time_s)
 
 
-def chunk_from_pb(msg: gen_pb.GenerateResponse, logprobs: bool) -> Chunk:
+def _tops(positions) -> tuple[tuple[tuple[int, float], ...], ...]:
+    return tuple(tuple(zip(p.token_ids, p.logprobs)) for p in positions)
+
+
+def chunk_from_pb(msg: gen_pb.GenerateResponse, logprobs: bool, top: bool = False, prompt: bool = False) -> Chunk:
+    """`logprobs`, `top`, `prompt`: what the request asked for (fields it did not ask for stay None;
+    prompt log-probabilities only in the message that carries them: a one-token prompt has none)."""
     last = msg.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED
+    has_prompt = prompt and len(msg.prompt_logprobs) > 0
     return Chunk(
         token_ids=tuple(msg.token_ids),
         text=msg.text,
@@ -126,6 +140,10 @@ def chunk_from_pb(msg: gen_pb.GenerateResponse, logprobs: bool) -> Chunk:
         usage=usage_from_pb(msg.usage) if msg.HasField("usage") else None,
         request_id=msg.request_id,
         routed_experts=routed_experts_from_pb(msg.routed_experts) if msg.HasField("routed_experts") else None,
+        top_logprobs=_tops(msg.top_logprobs) if top else None,
+        prompt_logprobs=tuple(msg.prompt_logprobs) if has_prompt else None,
+        prompt_top_logprobs=_tops(msg.prompt_top_logprobs) if has_prompt and top else None,
+        index=msg.index,
     )
 
 

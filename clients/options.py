@@ -4,7 +4,10 @@
 checkers every accepted keyword with its type, while the four methods that take them
 (Client and AsyncClient, generate and stream) share one definition. At run time
 `request_from_options` refuses a keyword it does not know with a TypeError that lists the
-accepted ones, instead of one that names an internal function.
+accepted ones, instead of one that names an internal function, and a keyword of the wrong
+type (TypeError) or out of its documented range (ValueError, ranges from generation.proto)
+with an error that names it: `logprobs=5` or `n=True` would otherwise reach the server as
+something else than was meant.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class GenerateOptions(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     logprobs: bool  # the log-probability of each sampled token (True or False, not a count)
+    top_logprobs: int  # in [0, 20]: also each position's N most likely tokens (Completion.top_logprobs)
+    prompt_logprobs: bool  # each prompt token's log-probability after the first (Completion.prompt_logprobs)
+    n: int  # in [1, 16]: independent sequences from the prompt (Completion.choices; Chunk.index)
     request_id: str  # at most 128 printable ASCII characters; the server picks one when empty
     text_output: bool  # False: token ids only (no detokenizing)
     return_routed_experts: bool  # Completion.routed_experts: [rows][MoE layers][k]
@@ -40,6 +46,25 @@ class GenerateOptions(TypedDict, total=False):
 
 ACCEPTED = tuple(GenerateOptions.__annotations__)
 _ALIASES = {"max_tokens": "max_new_tokens"}
+MAX_TOP_LOGPROBS = 20  # GenerateRequest.top_logprobs
+MAX_N = 16  # GenerateRequest.n
+_INT_RANGES = {"top_logprobs": (0, MAX_TOP_LOGPROBS), "n": (1, MAX_N)}
+_BOOLS = ("prompt_logprobs",)
+
+
+def _check_types(options: dict[str, Any]) -> None:
+    for name, (low, high) in _INT_RANGES.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
+    for name in _BOOLS:
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name}: must be True or False, got {type(value).__name__} {value!r}")
 
 
 def normalize(options: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +82,8 @@ def normalize(options: dict[str, Any]) -> dict[str, Any]:
             value = out.pop(alias)
             if out.get(name) is None:
                 out[name] = value
-    return out
+    _check_types(out)
+    return {k: v for k, v in out.items() if not (k in _INT_RANGES or k in _BOOLS) or v is not None}
 
 
 def request_from_options(prompt: str | Sequence[int], options: dict[str, Any]) -> gen_pb.GenerateRequest:

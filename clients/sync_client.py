@@ -31,9 +31,9 @@ class GenerationStream:
     `completion` holds the joined result."""
 
     def __init__(self, start: Callable[[float | None], Any], deadline: Deadline, retry: RetryPolicy,
-                 logprobs: bool) -> None:
+                 state: StreamState) -> None:
         self._start, self._deadline, self._retry = start, deadline, retry
-        self._state = StreamState(logprobs)
+        self._state = state
         self._call: Any = start(deadline.remaining())  # sent now: the server admits it at once
         self._received = False
         self._closed = False
@@ -106,12 +106,13 @@ class Client:
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], *, timeout: Any = _DEFAULT, **options: Unpack[GenerateOptions]) -> Completion:
         """Generate and return the whole completion. Options: max_new_tokens, temperature,
-        top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, request_id, text_output,
-        return_routed_experts (Completion.routed_experts: [rows][MoE layers][k]), include_prompt."""
+        top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, top_logprobs,
+        prompt_logprobs, n (Completion.choices), request_id, text_output, return_routed_experts
+        (Completion.routed_experts: [rows][MoE layers][k]), include_prompt."""
         request = request_from_options(prompt, options)
         reply = self._unary(self._stub.Generate, request, timeout)
-        state = StreamState(bool(options.get("logprobs")))
-        state.add(reply)
+        state = StreamState.of(request)
+        state.add_reply(reply)
         state.check_finished()
         return state.completion()
 
@@ -120,7 +121,7 @@ class Client:
         request = request_from_options(prompt, options)
         metadata = self.settings.metadata()
         return GenerationStream(lambda t: self._stub.GenerateStream(request, timeout=t, metadata=metadata),
-                                Deadline(self._timeout(timeout)), self.retry, bool(options.get("logprobs")))
+                                Deadline(self._timeout(timeout)), self.retry, StreamState.of(request))
 
     # -- inspection ----------------------------------------------------------------------
     def abort(self, request_id: str, *, timeout: Any = _DEFAULT) -> int:

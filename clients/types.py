@@ -42,6 +42,13 @@ class Chunk:
     #: [rows][MoE layers][top_k] logical expert ids, when the request asked for them (one row per
     #: token, the first message also the prompt's rows with include_prompt)
     routed_experts: list[list[list[int]]] | None = None
+    #: top_logprobs asked for: per token its top_logprobs most likely (token id, logprob), best first
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    #: prompt_logprobs asked for, in a sequence's first message: each prompt token's after the first
+    prompt_logprobs: tuple[float, ...] | None = None
+    #: prompt_logprobs with top_logprobs: those prompt positions' most likely (token id, logprob)
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    index: int = 0  # n > 1: which sequence this message belongs to
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,13 @@ class Completion:
     #: forward that produced token i, so it is one position behind: the first row is the prompt's
     #: last position. For vLLM's layout use prompt_routed_experts / completion_routed_experts.
     routed_experts: list[list[list[int]]] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None  # as Chunk.top_logprobs, every token
+    prompt_logprobs: tuple[float, ...] | None = None  # prompt_tokens - 1 values (prompt_logprobs; n > 1: sequence 0)
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None  # with top_logprobs too
+    index: int = 0  # which of the request's n sequences
+    #: n > 1: every sequence's Completion in index order (this object's own fields are sequence
+    #: 0's; usage.completion_tokens is its own too); empty for n = 1
+    choices: tuple["Completion", ...] = ()
 
     @property
     def prompt_routed_experts(self) -> list[list[list[int]]] | None:

@@ -3,12 +3,15 @@
 
     python scripts/bench_mla_decode.py --out gpu_out/mla_decode.json   # DeepSeek-V3: 128 heads, 512 + 64
     python scripts/bench_mla_decode.py --heads 64               # Kimi-K2's 64 heads
-    python scripts/bench_mla_decode.py --sweep                  # also every tile shape of the kernel
+    python scripts/bench_mla_decode.py --sweep                  # also the swept tiles of both kernels
+    python scripts/bench_mla_decode.py --sweep --write-config   # and store the head-block kernel's best
 
-Per case (B sequences of context L, page 16, bf16): the Triton kernel (server/moe/kernels/
-mla_attention.py, default tiles and, with --sweep, the best of the swept ones) and the batched-
-matmul alternative (mla_reference.mla_decode_dense, EPSERVE_MLA_DECODE=dense), each timed as
-CUDA-graph replays (triton.testing.do_bench_cudagraph, median), each checked against float32.
+Per case (B sequences of context L, page 16, bf16), three decode paths, each timed as CUDA-graph
+replays (triton.testing.do_bench_cudagraph, median) and checked against float32:
+  triton_decode  the head-block kernel (server/kernels/mla_decode.py; the serving default) with
+                 its stored config for this GPU and shape, else its defaults;
+  triton         the varlen MLA kernel run as decode (server/kernels/mla_attention.py);
+  dense          the batched matmuls (mla_reference.mla_decode_dense).
 The ceilings are measured in the same run: copy bandwidth (1 GiB device copy, read + write
 bytes) and the bf16 matmul rate (8192^3). Bytes moved are the ideal ones (every latent row
 read once, q read, output written); FLOPs are 2 * B * H * L * (Dk + Dv). With 128 heads a
@@ -16,11 +19,18 @@ latent row feeds 128 dot products each way, so the roofline time is max(bytes / 
 FLOPs / matmul rate), and `x roofline` = that time / measured time (1.0 = on the roofline).
 Replays are back to back with no cache flush, so a case whose latent fits in L2 (B=128, L=128
 reads 19 MB) can read faster than HBM; the long-context cases are the HBM figure.
-Writes the rows as JSON to --out; `--smoke-cpu` runs tiny shapes under Triton's interpreter.
+
+--sweep times every tile shape of both kernels; for the head-block kernel it then tries split
+counts around the heuristic's with the best tiles (reported only: the right count depends on
+the context, and a stored config keeps the heuristic's). --write-config stores, per batch size,
+the tiles with the least total time over that batch's cases in server/kernels/configs/ (the
+file mla_decode_config.py reads). Writes the rows as JSON to --out; `--smoke-cpu` runs tiny
+shapes under Triton's interpreter.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,14 +48,23 @@ if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
+from server.kernels import mla_decode_config as mdc  # noqa: E402
 from server.kernels.mla_attention import mla_decode_triton  # noqa: E402
+from server.kernels.mla_decode import launch_plan, mla_decode_headblock_triton  # noqa: E402
 from server.kernels.mla_reference import mla_decode_dense  # noqa: E402
 
 CASES = ((128, 128), (8, 128), (128, 1024), (64, 4096), (16, 16384), (1, 32768))  # (B, L): the bench's two, then long
 TILES = [(m, n, w, s) for m in (16, 32, 64) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+# (BLOCK_H, BLOCK_N, num_warps, num_stages) of the head-block kernel: at 512 latent dims only 8 warps
+# and 2+ stages avoid register spills, and 32-head blocks spill at every setting (compiled for sm_90:
+# python -m tests.kernels.support.compile_check --mla-space), so those are left out.
+HEADBLOCK_TILES = [(h, n, 8, s) for h in (64, 16) for n in (32, 64, 16) for s in (2, 3, 4)]
+SPLIT_FACTORS = (0.25, 0.5, 2, 4)  # split counts tried around the heuristic's, with the best tiles
+PATHS = ("triton_decode", "triton", "dense")
 DEVICE, DTYPE, PAGE = "cuda", torch.bfloat16, 16
 if SMOKE:
-    CASES, TILES, DEVICE, DTYPE, PAGE = ((3, 40),), [(16, 16, 4, 1)], "cpu", torch.float32, 8
+    CASES, DEVICE, DTYPE, PAGE = ((3, 40),), "cpu", torch.float32, 8
+    TILES, HEADBLOCK_TILES, SPLIT_FACTORS = [(16, 16, 4, 1)], [(16, 16, 4, 1), (16, 32, 4, 1)], (2,)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -89,61 +108,111 @@ def make_case(batch: int, context: int, heads: int, latent: int, rope: int, seed
     return q, cache, tables, ctx
 
 
-def measure(batch: int, context: int, heads: int, latent: int, rope: int, ceil: dict, sweep: bool) -> dict:
+def best_of(fn, candidates: list[dict], ref: torch.Tensor, label: str) -> tuple[float, dict, dict] | None:
+    """(us, kwargs) of the fastest candidate whose output checks, and every candidate's time."""
+    times, best = {}, None
+    for kw in candidates:
+        try:
+            err = rel_err(fn(**kw), ref)
+            us = timed(lambda: fn(**kw))  # noqa: B023
+        except Exception as exc:  # a shape the compiler rejects (shared memory, registers)
+            print(f"  {label} {kw}: skipped ({type(exc).__name__})", file=sys.stderr)
+            continue
+        times[json.dumps(kw, sort_keys=True, default=dataclasses.asdict)] = us
+        if err < 1e-2 and (best is None or us < best[0]):
+            best = (us, kw)
+    return None if best is None else (best[0], best[1], times)
+
+
+def sweep(row: dict, paths: dict, ref: torch.Tensor, plan: tuple) -> dict:
+    """Both kernels' tile sweeps (row keys <path>_swept_*); returns the head-block kernel's
+    {config json: us} for --write-config."""
+    old = best_of(paths["triton"], [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in TILES],
+                  ref, "triton tiles")
+    if old is not None:
+        row["triton_swept_us"], row["triton_swept_tiles"] = old[0], old[1]
+    cands = [{"config": mdc.MLADecodeConfig(h, n, w, s)} for h, n, w, s in HEADBLOCK_TILES]
+    new = best_of(paths["triton_decode"], cands, ref, "triton_decode tiles")
+    if new is None:
+        return {}
+    row["triton_decode_swept_us"], cfg = new[0], new[1]["config"]
+    row["triton_decode_swept_tiles"] = dataclasses.asdict(cfg)
+    heuristic = plan[1]
+    splits = sorted({max(1, min(mdc.MAX_SPLITS, round(heuristic * f))) for f in SPLIT_FACTORS} - {heuristic})
+    by_split = best_of(paths["triton_decode"], [{"config": cfg, "num_splits": n} for n in splits], ref, "splits")
+    row["triton_decode_splits"] = {"heuristic": heuristic, "heuristic_us": new[0],
+                                   **({} if by_split is None else {"best": by_split[1]["num_splits"],
+                                                                   "best_us": by_split[0]})}
+    return new[2]
+
+
+def measure(batch: int, context: int, heads: int, latent: int, rope: int, ceil: dict, args) -> tuple[dict, dict]:
     q, cache, tables, ctx = make_case(batch, context, heads, latent, rope)
     dk, scale = latent + rope, (latent + rope) ** -0.5
     ref = mla_decode_dense(q.float(), cache.float(), tables, ctx, latent, scale)
     out = torch.empty(batch, heads, latent, dtype=DTYPE, device=DEVICE)
-    paths = {"triton": lambda **kw: mla_decode_triton(q, cache, tables, ctx, latent, scale, out=out, **kw),
+    paths = {"triton_decode": lambda **kw: mla_decode_headblock_triton(q, cache, tables, ctx, latent, scale, out=out,
+                                                                       **kw),
+             "triton": lambda **kw: mla_decode_triton(q, cache, tables, ctx, latent, scale, out=out, **kw),
              "dense": lambda: mla_decode_dense(q, cache, tables, ctx, latent, scale)}
-    row = {"batch": batch, "context": context, "heads": heads, "latent": latent, "rope": rope}
-    row["triton_rel_err"] = rel_err(paths["triton"](), ref)
-    row["dense_rel_err"] = rel_err(paths["dense"](), ref)
-    row["triton_us"] = timed(paths["triton"])
-    row["dense_us"] = timed(paths["dense"])
-    if sweep:
-        best = None
-        for m, n, w, s in TILES:
-            try:
-                fn = lambda: paths["triton"](block_m=m, block_n=n, num_warps=w, num_stages=s)  # noqa: E731
-                err = rel_err(fn(), ref)
-                us = timed(fn)
-            except Exception as exc:  # a tile shape the compiler rejects (shared memory, registers)
-                print(f"  tiles {m}x{n} w{w} s{s}: skipped ({type(exc).__name__})", file=sys.stderr)
-                continue
-            if err < 1e-2 and (best is None or us < best[0]):
-                best = (us, {"block_m": m, "block_n": n, "num_warps": w, "num_stages": s})
-        if best is not None:
-            row["swept_best_us"], row["swept_best_tiles"] = best
+    plan = launch_plan(batch, heads, latent, dk, PAGE, tables.shape[1], DTYPE, q.device)
+    row = {"batch": batch, "context": context, "heads": heads, "latent": latent, "rope": rope,
+           "triton_decode_config": dataclasses.asdict(plan[0]), "triton_decode_num_splits": plan[1]}
+    for name in PATHS:
+        row[f"{name}_rel_err"] = rel_err(paths[name](), ref)
+        row[f"{name}_us"] = timed(paths[name])
+    swept = sweep(row, paths, ref, plan) if args.sweep else {}
     nbytes = batch * context * dk * 2 + batch * heads * (dk + latent) * 2  # latent rows once, q in, out
     flops = 2 * batch * heads * context * (dk + latent)
     floor_us = max(nbytes / (ceil["copy_GBps"] * 1e3), flops / (ceil["matmul_TFLOPs"] * 1e6))
-    for name in ("triton", "dense", "swept_best"):
+    for name in (*PATHS, "triton_swept", "triton_decode_swept"):
         us = row.get(f"{name}_us")
         if us is None:
             continue
         row[f"{name}_GBps"] = nbytes / us / 1e3
         row[f"{name}_TFLOPs"] = flops / us / 1e6
         row[f"{name}_roofline"] = floor_us / us
-    row.update(bytes=nbytes, flops=flops, roofline_us=floor_us,
-               bound="memory" if nbytes / (ceil["copy_GBps"] * 1e3) >= flops / (ceil["matmul_TFLOPs"] * 1e6) else "compute")
-    del q, cache, tables, ref
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    memory_bound = nbytes / (ceil["copy_GBps"] * 1e3) >= flops / (ceil["matmul_TFLOPs"] * 1e6)
+    row.update(bytes=nbytes, flops=flops, roofline_us=floor_us, bound="memory" if memory_bound else "compute")
+    return row, swept  # the case's tensors are freed here (the path closures hold them until then)
 
 
 def table(rows: list[dict], ceil: dict) -> str:
     lines = [f"copy {ceil['copy_GBps']:.0f} GB/s, matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s (same run)",
-             "| B | L | heads | MB read | bound | roofline us | triton us | GB/s | TFLOP/s | x roofline | dense us | "
-             "x roofline | dense us / triton us | best swept (tiles) |", "|" + "---|" * 14]
+             "| B | L | heads | MB read | bound | roofline us | head-block us | TFLOP/s | x roofline | splits | "
+             "varlen us | x roofline | dense us | x roofline | varlen / head-block | swept head-block us (tiles) | "
+             "swept varlen us |", "|" + "---|" * 17]
     for r in rows:
-        swept = (f"{r['swept_best_us']:.1f} ({r['swept_best_tiles']})" if "swept_best_us" in r else "-")
+        hb = (f"{r['triton_decode_swept_us']:.1f} ({tuple(r['triton_decode_swept_tiles'].values())[:4]})"
+              if "triton_decode_swept_us" in r else "-")
+        old = f"{r['triton_swept_us']:.1f}" if "triton_swept_us" in r else "-"
         lines.append(f"| {r['batch']} | {r['context']} | {r['heads']} | {r['bytes'] / 1e6:.1f} | {r['bound']} | "
-                     f"{r['roofline_us']:.1f} | {r['triton_us']:.1f} | {r['triton_GBps']:.0f} | {r['triton_TFLOPs']:.1f} | "
+                     f"{r['roofline_us']:.1f} | {r['triton_decode_us']:.1f} | {r['triton_decode_TFLOPs']:.1f} | "
+                     f"{r['triton_decode_roofline']:.2f} | {r['triton_decode_num_splits']} | {r['triton_us']:.1f} | "
                      f"{r['triton_roofline']:.2f} | {r['dense_us']:.1f} | {r['dense_roofline']:.2f} | "
-                     f"{r['dense_us'] / r['triton_us']:.2f} | {swept} |")
+                     f"{r['triton_us'] / r['triton_decode_us']:.2f} | {hb} | {old} |")
     return "\n".join(lines)
+
+
+def write_config(rows: list[dict], swept: list[dict], args, device: str) -> Path:
+    """Per batch size, the tiles with the least total time over that batch's cases (num_splits
+    left to the heuristic)."""
+    table_by_batch = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        runs = [s for r, s in zip(rows, swept) if r["batch"] == batch and s]
+        common = set.intersection(*(set(s) for s in runs)) if runs else set()
+        if common:
+            best = min(common, key=lambda k: sum(s[k] for s in runs))
+            table_by_batch[batch] = mdc.MLADecodeConfig(**json.loads(best)["config"])
+    path = mdc.config_path(device.replace(" ", "_").replace("/", "_"), args.heads, args.latent, args.rope, PAGE)
+    if args.config_dir:
+        path = Path(args.config_dir) / path.name
+    meta = {"dtype": str(DTYPE).split(".")[-1], "tool": "scripts/bench_mla_decode.py --sweep --write-config",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "timings_us": {f"B{r['batch']}_L{r['context']}": {"default": r["triton_decode_us"],
+                                                              "swept": r.get("triton_decode_swept_us")} for r in rows}}
+    mdc.save_table(path, table_by_batch, meta)
+    return path
 
 
 def main() -> None:
@@ -152,25 +221,33 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32 if SMOKE else 512, help="kv_lora_rank")
     ap.add_argument("--rope", type=int, default=16 if SMOKE else 64, help="qk_rope_head_dim")
     ap.add_argument("--sweep", action="store_true", help="time every tile shape too (minutes)")
+    ap.add_argument("--write-config", action="store_true", help="store the head-block kernel's swept tiles")
+    ap.add_argument("--config-dir", default="", help="where --write-config writes (default: server/kernels/configs)")
     ap.add_argument("--out", default="gpu_out/mla_decode.json", help="JSON results")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shapes under Triton's interpreter")
     args = ap.parse_args()
+    args.sweep = args.sweep or args.write_config or SMOKE
     ceil = ceilings()
-    rows = []
+    rows, swept = [], []
     for batch, context in CASES:
-        rows.append(measure(batch, context, args.heads, args.latent, args.rope, ceil, args.sweep or SMOKE))
-        print(f"B={batch} L={context}: triton {rows[-1]['triton_us']:.1f} us, dense {rows[-1]['dense_us']:.1f} us",
-              file=sys.stderr)
-    bad = [r for r in rows if max(r["triton_rel_err"], r["dense_rel_err"]) > 1e-2]
+        row, times = measure(batch, context, args.heads, args.latent, args.rope, ceil, args)
+        rows.append(row)
+        swept.append(times)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        print(f"B={batch} L={context}: " + ", ".join(f"{p} {row[f'{p}_us']:.1f} us" for p in PATHS), file=sys.stderr)
+    bad = [r for r in rows if max(r[f"{p}_rel_err"] for p in PATHS) > 1e-2]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)"
-    out.write_text(json.dumps({"device": device, "dtype": str(DTYPE), "page": PAGE,
-                                                           "ceilings": ceil, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"device": device, "dtype": str(DTYPE), "page": PAGE, "ceilings": ceil, "rows": rows},
+                              indent=1))
     print(f"{device}, {DTYPE}, page {PAGE}")
     print(table(rows, ceil))
-    faster = sum(r["triton_us"] <= r["dense_us"] for r in rows)
-    print(f"triton faster in {faster}/{len(rows)} cases; {len(bad)} failed checks")
+    if args.write_config and not bad:
+        print(f"stored the head-block kernel's tiles in {write_config(rows, swept, args, device.split(' (')[0])}")
+    faster = sum(r["triton_decode_us"] <= r["triton_us"] for r in rows)
+    print(f"head-block kernel faster than the varlen kernel in {faster}/{len(rows)} cases; {len(bad)} failed checks")
     if bad:
         sys.exit(1)
 

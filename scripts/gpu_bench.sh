@@ -18,12 +18,12 @@
 #   engine    scripts/bench_engine_loop.py: EngineCore's decode step at B=16, 128, 256 (L=64, O=64),
 #             engine.overlap false and true in the same process, with the host time per phase
 #   mla       scripts/bench_mla_decode.py: MLA decode over the latent cache (128 heads, 512 + 64),
-#             Triton kernel and batched matmuls, against copy bandwidth and matmul rate measured
-#             in the same run
+#             the head-block kernel, the varlen kernel and batched matmuls, against copy
+#             bandwidth and matmul rate measured in the same run
 #   deepseek  epserve-bench bench.mode=static on one GPU, DeepSeek-V3 shape cut to 4 layers (1 dense + 3 MoE, random
 #             bf16, ~74 GB), B=128 L=64 O=64, decode in CUDA graphs: natural and greedy_balanced
 #             with transformers on the same weights in the same process, then natural with
-#             EPSERVE_MLA_DECODE=dense (the batched-matmul decode instead of the Triton kernel)
+#             EPSERVE_MLA_DECODE=dense (the batched-matmul decode instead of the head-block kernel)
 #   ep        at each EP size (>= 3: one hot rank at 2.5x the mean needs 3 ranks): natural,
 #             skewed hot_ranks 1.5 and 2.5, greedy_balanced, round_robin_balanced, then
 #             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)

@@ -186,7 +186,8 @@ class KernelConfig:
 
     backend: str = "auto"  # auto (triton on CUDA when it imports, else torch) | torch | triton | grouped_mm
     expert_path: str = "auto"  # auto: the backend's own; else a name of server/moe/experts.py EXPERT_PATHS
-    mla_decode: str = "triton"  # MLA decode on the Triton backend: triton (the kernel) | dense (batched matmuls)
+    mla_decode: str = "triton_decode"  # MLA decode on the Triton backend: triton_decode (head-block kernel) |
+    #                                    triton (the varlen MLA kernel) | dense (batched matmuls)
     cuda_graphs: bool = True  # decode as CUDA graphs where they apply (false: eager, on every EP rank)
 
     def validate(self) -> None:

@@ -16,6 +16,7 @@ Module guide (one job per file):
   plan_builder.py   one rank's share of a step, packed into numpy arrays in one go
   executor.py       running a step plan: in this process (ep 1) or scatter/gather over a gloo group
   stops.py          the token-level stop rule applied to every sampled token
+  prompt_lp_outputs.py  prompt logprobs (and their top-N) from the ranks to the first token's outputs
   step_watchdog.py  a step far longer than recent steps means a hung rank (engine.step_timeout_s)
   slow_steps.py     one WARNING for a step far slower than the recent ones, with what it held
 """

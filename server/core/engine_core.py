@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping
 
 from ..engine.api import EngineStats, ModelInfo, RoutingPolicyState
 from .step_io import EngineRequest, StepOutputs
+from . import prompt_lp_outputs
 from .executor import Executor
 from ..worker.routed_experts import to_wire
 from .scheduler import Scheduler
@@ -217,7 +218,7 @@ class EngineCore:
             routed = _collect_routed(plan, results)
             if routed:
                 out.routed = []
-            _collect_prompt_logprobs(plan, results)
+            prompt_lp_outputs.collect(plan, results)
             tops = any(r.top_ids is not None for r in results)
             out.top_logprobs = [] if tops else None
             for seq, token, logprob in self.scheduler.update(plan, results):
@@ -232,12 +233,7 @@ class EngineCore:
                 if tops:
                     out.top_logprobs.append(list(seq.last_top) if seq.last_top is not None else None)
                     seq.last_top = None
-                if seq.prompt_lp_pending:  # with the sequence's first token
-                    if out.prompt_logprobs is None:
-                        out.prompt_logprobs = [None] * (len(req_ids) - 1)
-                    out.prompt_logprobs.append(_take_prompt_logprobs(seq))
-                elif out.prompt_logprobs is not None:
-                    out.prompt_logprobs.append(None)
+                prompt_lp_outputs.add(out, seq)  # with the sequence's first token
                 reason = token_stop_reason(seq, token, self._eos)
                 if reason is not None:
                     finished[seq.seq_id] = reason
@@ -350,27 +346,6 @@ def _collect_routed(plan, results) -> bool:
             at += n
         any_rows = True
     return any_rows
-
-
-def _collect_prompt_logprobs(plan, results) -> None:
-    """Hand each sequence its prompt logprobs from the ranks (kept until its first token goes out)."""
-    for rank, owners in enumerate(plan.prompt_lp):
-        if not owners:
-            continue
-        values, at = results[rank].prompt_logprobs, 0  # [P] float32
-        for seq, n in owners:
-            if not seq.is_finished:
-                seq.prompt_lp_pending.append(values[at:at + n])
-            at += n
-
-
-def _take_prompt_logprobs(seq) -> list[float] | None:
-    """The prompt logprobs `seq` has not sent yet, as a list (None: none waiting)."""
-    if not seq.prompt_lp_pending:
-        return None
-    values = [float(v) for part in seq.prompt_lp_pending for v in part.tolist()]
-    seq.prompt_lp_pending = []
-    return values
 
 
 def policy_state(policy, counters_reset_unix_s: float = 0.0, since_step: int = 0) -> RoutingPolicyState:

@@ -146,13 +146,14 @@ class StepFrame:
     routed: list[bytes | None] | None  # per request its routed experts (RoutedExpertsMode), None if nobody asked
     top_logprobs: list[list | None] | None = None  # StepOutputs.top_logprobs
     prompt_logprobs: list[list[float] | None] | None = None  # StepOutputs.prompt_logprobs
+    prompt_top_logprobs: list[list | None] | None = None  # StepOutputs.prompt_top_logprobs
 
     @classmethod
     def of(cls, out: StepOutputs, stats: EngineStats, load_calls: list[int]) -> "StepFrame":
         load = LoadReply(load_calls, out.expert_load) if load_calls else None
         finished = {req_id: reason.value for req_id, reason in out.finished.items()}
         return cls(out.req_ids, out.token_ids, out.logprobs, finished, stats, load, out.routed, out.top_logprobs,
-                   out.prompt_logprobs)
+                   out.prompt_logprobs, out.prompt_top_logprobs)
 
     def finish_reason(self, req_id: int) -> FinishReason | None:
         value = self.finished.get(req_id)

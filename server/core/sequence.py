@@ -48,6 +48,8 @@ class Sequence:
     #: be computed (-1: not asked for); like routed_from, a recomputed prefix is not sent twice
     prompt_lp_from: int = -1
     prompt_lp_pending: list = field(default_factory=list)  # [P] float32 arrays not yet sent
+    #: with top_logprobs too: ([P, N] ids, [P, N] logprobs) of the prompt positions, not yet sent
+    prompt_top_pending: list = field(default_factory=list)
     #: n > 1: while waiting to fork, the sequence whose first `shared_len` prompt tokens' KV
     #: blocks this one will share (None: an ordinary sequence)
     parent: "Sequence | None" = None

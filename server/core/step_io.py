@@ -60,6 +60,9 @@ class StepOutputs:
     #: [R] per request the prompt logprobs not yet sent (sent with its first token; None where
     #: not asked for); None when no request of the step asked
     prompt_logprobs: list[list[float] | None] | None = None
+    #: aligned with prompt_logprobs: [ids [P][N], logprobs [P][N]] of each prompt position's
+    #: top_logprobs most likely next tokens (None where the request asked for no top_logprobs)
+    prompt_top_logprobs: list[list | None] | None = None
 
     @property
     def is_empty(self) -> bool:

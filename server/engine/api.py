@@ -132,6 +132,9 @@ class GenerationChunk:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
     #: prompt_logprobs asked for: on the first chunk, one per prompt token after the first
     prompt_logprobs: tuple[float, ...] | None = None
+    #: prompt_logprobs with top_logprobs: per prompt position after the first, its top_logprobs
+    #: most likely (token id, logprob), best first, aligned with prompt_logprobs
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     #: uint16 little-endian [rows, MoE layers, top_k] logical expert ids (routed_experts asked for)

@@ -245,6 +245,7 @@ class EngineClient:
         self._stats = step.stats
         now = time.monotonic()
         requests, routed, tops, prompt_lps = self._table.requests, step.routed, step.top_logprobs, step.prompt_logprobs
+        prompt_tops = step.prompt_top_logprobs
         for i, req_id in enumerate(step.req_ids):
             live = requests.get(req_id)
             if live is None:  # cancelled meanwhile, or ended by a stop string
@@ -253,7 +254,8 @@ class EngineClient:
             chunk = live.output.on_tokens(step.token_ids[i], step.logprobs[i], reason, now,
                                           routed[i] if routed is not None else None,
                                           tops[i] if tops is not None else None,
-                                          prompt_lps[i] if prompt_lps is not None else None)
+                                          prompt_lps[i] if prompt_lps is not None else None,
+                                          prompt_tops[i] if prompt_tops is not None else None)
             live.stream.put(chunk)
             if chunk.finish_reason is not None:
                 del requests[req_id]

@@ -31,13 +31,13 @@ class RequestOutput:
 
     def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, reason: FinishReason | None,
                   now: float, routed: bytes | None = None, top: list | None = None,
-                  prompt_logprobs: list[float] | None = None) -> GenerationChunk:
+                  prompt_logprobs: list[float] | None = None, prompt_top: list | None = None) -> GenerationChunk:
         """The chunk for newly sampled tokens. `reason` is the core's finish reason (STOP: the
         last token is a stop token or EOS, whose text is left out; LENGTH). A stop-string match
         ends the request here too: the chunk then has finish_reason STOP and holds the tokens up
         to the one that completed the match (`matched_stop` tells the caller to abort it).
-        `top`: [ids, logprobs] of the step's one token (top_logprobs); `prompt_logprobs` come
-        with the first token. Stop strings are not matched before min_tokens tokens."""
+        `top`: [ids, logprobs] of the step's one token (top_logprobs); `prompt_logprobs` (and
+        `prompt_top`, [ids, logprobs] per prompt position, with top_logprobs) come with the first token. Stop strings are not matched before min_tokens tokens."""
         first = self.first_token_time is None
         if first:
             self.first_token_time = now
@@ -46,9 +46,12 @@ class RequestOutput:
         tops = None
         if self.request.top_logprobs and top is not None:
             tops = (tuple(zip(top[0], top[1])),)
-        prompt_lps = None
+        prompt_lps = prompt_tops = None
         if first and self.request.prompt_logprobs:
             prompt_lps = tuple(prompt_logprobs or ())
+            if self.request.top_logprobs:
+                ids, lps = prompt_top if prompt_top is not None else ([], [])
+                prompt_tops = tuple(tuple(zip(i, lp)) for i, lp in zip(ids, lps))
         if self.num_generated + len(token_ids) <= self.request.stops.min_tokens:
             text = self.detok.add_many(text_ids)  # under min_tokens: no stop string can end it yet
         elif self.matcher.stop:
@@ -68,6 +71,7 @@ class RequestOutput:
             logprobs=tuple(logprobs) if self.request.logprobs and logprobs is not None else None,
             top_logprobs=tops,
             prompt_logprobs=prompt_lps,
+            prompt_top_logprobs=prompt_tops,
             finish_reason=reason,
             usage=self.usage() if reason is not None else None,
             routed_experts=routed,

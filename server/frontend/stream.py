@@ -83,6 +83,7 @@ def merge_chunks(parts: list[GenerationChunk]) -> GenerationChunk:
         logprobs=logprobs,
         top_logprobs=tops,
         prompt_logprobs=parts[0].prompt_logprobs,
+        prompt_top_logprobs=parts[0].prompt_top_logprobs,
         finish_reason=last.finish_reason,
         usage=last.usage,
         routed_experts=routed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from server.engine.api import (
@@ -90,8 +91,11 @@ class GenerationEndpoint:
             async with Admission(service, f"http:{client[0]}:{client[1]}", gen.request_id) as admission:
                 requests = await self._validate(gen, info.max_model_len)
                 service.metrics.prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
+                prompt_ids = [requests[r].prompt_token_ids for r in gen.layout.request_of]
+                texts = [self._prompt_text(gen, r, requests) for r in gen.layout.request_of]
                 fmt = ResponseFormat(gen, info.model_name, {"name": policy.name, "params": dict(policy.params)},
-                                     (info.num_moe_layers, info.top_k), lambda t: service.engine.decode([t]))
+                                     (info.num_moe_layers, info.top_k), lambda t: service.engine.decode([t]),
+                                     prompt_ids, texts)
                 watch = ClientWatch(receive, send, service.calls.writing)
                 try:
                     status = await self._serve(gen, requests, fmt, admission, arrival, watch.send)
@@ -133,19 +137,25 @@ class GenerationEndpoint:
         except InvalidRequestError as exc:
             raise from_engine_error(exc, param_names(gen.endpoint)) from None
 
+    def _prompt_text(self, gen: HttpGeneration, r: int, requests) -> str:
+        """Request r's prompt as echo shows it: as sent, or decoded when sent as token ids."""
+        if not gen.echo:
+            return ""
+        sent = gen.requests[r]
+        return sent.text if sent.HasField("text") else self.service.engine.decode(list(requests[r].prompt_token_ids))
+
     async def _serve(self, gen: HttpGeneration, requests, fmt: ResponseFormat, admission: Admission,
                      arrival: float, send) -> int:
-        tallies = [Tally(len(r.prompt_token_ids)) for r in requests]
-        prompts_text = [self.service.engine.decode(list(r.prompt_token_ids)) if gen.echo and not m.HasField("text")
-                        else m.text for r, m in zip(requests, gen.requests)]
-        chunks = chunks_of(self.service, requests, arrival, tallies)
+        layout = gen.layout
+        tallies = [Tally(len(fmt.prompt_ids[c]) if layout.counts_prompt(c) else 0) for c in range(layout.total)]
+        chunks = chunks_of(self.service, requests, arrival, tallies, layout)
         if gen.stream:
-            return await _stream(gen, chunks, fmt, tallies, prompts_text, admission, send)
-        outputs = [ChoiceOutput() for _ in requests]
+            return await _stream(gen, chunks, fmt, tallies, admission, send)
+        outputs = [ChoiceOutput() for _ in range(layout.total)]
         try:
             async for i, chunk in chunks:
                 _check_error(chunk, gen.request_id)
-                outputs[i].add(chunk)
+                outputs[i].add(_shown(chunk, gen))
         except _ENGINE_ERRORS as exc:
             raise from_engine_error(exc, param_names(gen.endpoint)) from None
         except asyncio.CancelledError:
@@ -155,8 +165,16 @@ class GenerationEndpoint:
             asyncio.current_task().uncancel()  # answer with what was generated, finish "abort"
         finally:
             await chunks.aclose()
-        await _send_json(send, 200, fmt.whole(outputs, tallies, prompts_text))
+        await _send_json(send, 200, fmt.whole(outputs, tallies))
         return 200
+
+
+def _shown(chunk, gen: HttpGeneration):
+    """The chunk as the answer shows it: with max_tokens 0 and echo, the one token the engine
+    had to generate is left out (its prompt logprobs stay)."""
+    if not gen.echo_only:
+        return chunk
+    return replace(chunk, token_ids=(), text="", logprobs=None, top_logprobs=None)
 
 
 def _check_error(chunk, request_id: str) -> None:
@@ -165,8 +183,8 @@ def _check_error(chunk, request_id: str) -> None:
         raise HttpError(500, f"generation failed for request {request_id}; see the server log")
 
 
-async def _stream(gen: HttpGeneration, chunks, fmt: ResponseFormat, tallies: list[Tally], prompts_text: list[str],
-                  admission: Admission, send) -> int:
+async def _stream(gen: HttpGeneration, chunks, fmt: ResponseFormat, tallies: list[Tally], admission: Admission,
+                  send) -> int:
     """Server-sent events: the first chunk is awaited before the headers go out, so a refusal
     by the engine (queue full, unavailable) is still an HTTP status, not an event."""
     started, first = False, [True] * len(tallies)
@@ -186,10 +204,10 @@ async def _stream(gen: HttpGeneration, chunks, fmt: ResponseFormat, tallies: lis
             _check_error(chunk, gen.request_id)
             if not started:
                 await start()
+            chunk = _shown(chunk, gen)
             finish = FINISH_REASONS.get(chunk.finish_reason) if chunk.finish_reason is not None else None
             if chunk.token_ids or chunk.text or finish is not None or first[i]:
-                prefix = prompts_text[i] if gen.echo and first[i] else ""
-                await event(fmt.chunk(i, chunk, finish, first[i], prefix))
+                await event(fmt.chunk(i, chunk, finish, first[i]))
                 first[i] = False
     except (HttpError, *_ENGINE_ERRORS) as exc:
         err = exc if isinstance(exc, HttpError) else from_engine_error(exc, param_names(gen.endpoint))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from server.engine.api import FinishReason, GenerationChunk, GenerationRequest
 from server.rpc.metrics import observe_many
 
+from .choices import ChoiceLayout
 from .errors import HttpError
 
 if TYPE_CHECKING:
@@ -81,14 +82,16 @@ class Admission:
 
 
 async def chunks_of(service: "GenerationService", requests: list[GenerationRequest], arrival: float,
-                    tallies: list[Tally]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """(choice index, chunk) of every request as they come. One request is iterated directly
-    (the common case costs no task or queue); several run as tasks feeding one queue."""
+                    tallies: list[Tally], layout: ChoiceLayout) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """(choice index, chunk) of every request as they come (`tallies`: one per choice). One
+    request is iterated directly (the common case costs no task or queue); several run as
+    tasks feeding one queue."""
     if len(requests) == 1:
         async with aclosing(service.engine.generate(requests[0])) as chunks:
             async for chunk in chunks:
-                _count(service, tallies[0], chunk, arrival)
-                yield 0, chunk
+                choice = layout.choice(0, chunk.index)
+                _count(service, tallies[choice], chunk, arrival)
+                yield choice, chunk
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -102,14 +105,15 @@ async def chunks_of(service: "GenerationService", requests: list[GenerationReque
 
     tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
     try:
-        left = len(tasks)
+        left = layout.total  # every choice ends with its own finish reason
         while left:
             i, chunk, exc = await queue.get()
             if exc is not None:
                 raise exc
-            _count(service, tallies[i], chunk, arrival)
+            choice = layout.choice(i, chunk.index)
+            _count(service, tallies[choice], chunk, arrival)
             left -= chunk.finish_reason is not None
-            yield i, chunk
+            yield choice, chunk
     finally:
         for task in tasks:
             task.cancel()

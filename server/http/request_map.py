@@ -4,7 +4,8 @@ Mapping onto GenerateRequest means the HTTP front end takes the same road as gRP
 there on: server/rpc/validation.py checks every value once for both front ends (its field
 paths are renamed to this API's names in errors), and the engine sees identical requests,
 so greedy outputs match token for token. Only what the gRPC API lacks is checked here: JSON
-types, the model name, and fields the engine cannot serve yet (unsupported.py).
+types, the model name, the ranges of fields that take another shape there (n, logprobs,
+max_tokens 0 with echo), and fields the engine cannot serve yet (unsupported.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from clients.pb import generation_pb2 as gen_pb
+from server.engine.api import MAX_N, MAX_TOP_LOGPROBS
 
+from .choices import ChoiceLayout, fan_out
 from .errors import HttpError, bad_request
 from .fields import Fields, is_token_id
 from .unsupported import CHAT, COMPLETIONS, refuse_unsupported
@@ -24,16 +27,19 @@ MAX_PROMPTS = 64  # a list of prompts in one /v1/completions body
 
 @dataclass(frozen=True)
 class HttpGeneration:
-    """What one HTTP request asks for: GenerateRequests (one per choice) and how to answer."""
+    """What one HTTP request asks for: the engine's GenerateRequests and how to answer."""
 
     endpoint: str  # COMPLETIONS or CHAT
-    request_id: str  # the response's id; choice i runs as request_id, or f"{request_id}-{i}" when several
+    request_id: str  # the response's id; requests run as request_id, or f"{request_id}-{i}" when several
     requests: tuple[gen_pb.GenerateRequest, ...]  # chat requests get their token ids from the template
+    layout: ChoiceLayout  # which request (and sequence of it) each choice is
     messages: tuple[dict[str, Any], ...] = ()  # chat only
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     logprobs: bool = False  # the sampled token's log-probability
-    echo: bool = False  # completions: the prompt's text before the completion
+    top_logprobs: int = 0  # and the N most likely tokens at each position
+    echo: bool = False  # completions: the prompt's text before the completion (and its logprobs, with logprobs)
+    echo_only: bool = False  # completions: max_tokens 0 with echo, the prompt alone (its logprobs scored)
     routed_experts: bool = False  # epserve extension: return_routed_experts
     token_ids: bool = False  # extension (vLLM's name): return_token_ids, each choice's (or chunk's) token ids
     chat_max_tokens_set: bool = True
@@ -42,7 +48,9 @@ class HttpGeneration:
 def param_names(endpoint: str) -> dict[str, str]:
     """gRPC field paths (validation.py's error fields) -> this API's parameter names."""
     prompt = "messages" if endpoint == CHAT else "prompt"
+    top = "top_logprobs" if endpoint == CHAT else "logprobs"
     return {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+            "top_logprobs": top, "n": "n",
             "sampling.top_k": "top_k", "sampling.seed": "seed", "prompt": prompt, "prompt.text": prompt,
             "prompt.token_ids": prompt, "prompt.token_ids.ids": prompt, "sampling.min_p": "min_p",
             "sampling.repetition_penalty": "repetition_penalty", "sampling.presence_penalty": "presence_penalty",
@@ -62,17 +70,19 @@ def parse_request(body: dict[str, Any], endpoint: str, served_model: str, active
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad_request("stream_options.include_usage", "must be true or false")
-    base = _base_request(fields, endpoint)
+    echo = endpoint == COMPLETIONS and bool(fields.bool("echo"))
+    base, echo_only = _base_request(fields, endpoint, echo)
+    n = _n(fields)
     request_id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + uuid.uuid4().hex
+    token_ids = bool(fields.bool("return_token_ids"))
     if endpoint == CHAT:
-        logprobs = bool(fields.bool("logprobs"))
         messages = _messages(fields)
         base.request_id = request_id
-        return HttpGeneration(CHAT, request_id, (base,), messages, stream, include_usage, logprobs,
-                              routed_experts=base.return_routed_experts, token_ids=bool(fields.bool("return_token_ids")),
+        requests, layout = fan_out([base], n, False)
+        return HttpGeneration(CHAT, request_id, requests, layout, messages, stream, include_usage, base.logprobs,
+                              base.top_logprobs, routed_experts=base.return_routed_experts, token_ids=token_ids,
                               chat_max_tokens_set=base.HasField("max_new_tokens"))
-    logprobs = fields.int("logprobs") is not None  # 0: the sampled token's (more is refused above)
-    echo = bool(fields.bool("echo"))
+    base.prompt_logprobs = echo and base.logprobs  # echo with logprobs scores the prompt too
     prompts = _prompts(fields.get("prompt"))
     requests = []
     for i, prompt in enumerate(prompts):
@@ -85,8 +95,32 @@ def parse_request(body: dict[str, Any], endpoint: str, served_model: str, active
             req.token_ids.ids.extend(prompt)
             req.token_ids.SetInParent()
         requests.append(req)
-    return HttpGeneration(COMPLETIONS, request_id, tuple(requests), (), stream, include_usage, logprobs, echo,
-                          base.return_routed_experts, bool(fields.bool("return_token_ids")))
+    engine_requests, layout = fan_out(requests, n, base.prompt_logprobs)
+    return HttpGeneration(COMPLETIONS, request_id, engine_requests, layout, (), stream, include_usage, base.logprobs,
+                          base.top_logprobs, echo, echo_only, base.return_routed_experts, token_ids)
+
+
+def _n(fields: Fields) -> int:
+    n = fields.int("n")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise bad_request("n", f"must be in [1, {MAX_N}], got {n}")
+    return 1 if n is None else n
+
+
+def _logprobs(fields: Fields, endpoint: str) -> tuple[bool, int]:
+    """(the sampled token's logprob, top N). Completions: `logprobs: N` asks both (0: the sampled
+    token's alone); chat: `logprobs: true` and `top_logprobs: N`, which needs logprobs."""
+    if endpoint == CHAT:
+        wanted, top, param = bool(fields.bool("logprobs")), fields.int("top_logprobs"), "top_logprobs"
+        if top is not None and top > 0 and not wanted:
+            raise bad_request("top_logprobs", "needs logprobs: true")
+    else:
+        top, param = fields.int("logprobs"), "logprobs"
+        wanted = top is not None
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(param, f"must be in [0, {MAX_TOP_LOGPROBS}] (the server's cap on alternatives per "
+                                 f"token), got {top}")
+    return wanted, top or 0
 
 
 def _check_routing(fields: Fields, active: str) -> None:
@@ -109,8 +143,10 @@ def _set(param: str, assign: Callable[[], None]) -> None:
         raise bad_request(param, f"out of range ({exc})") from None
 
 
-def _base_request(fields: Fields, endpoint: str) -> gen_pb.GenerateRequest:
-    req = gen_pb.GenerateRequest()
+def _base_request(fields: Fields, endpoint: str, echo: bool) -> tuple[gen_pb.GenerateRequest, bool]:
+    """The fields every choice shares -> (request, echo_only). max_tokens 0 is allowed with echo
+    (lm-eval's and vLLM's way to score a prompt): the engine generates one token, left out."""
+    req, echo_only = gen_pb.GenerateRequest(), False
     if endpoint == CHAT:
         newer, older = fields.int("max_completion_tokens"), fields.int("max_tokens")
         max_tokens, param = (newer, "max_completion_tokens") if newer is not None else (older, "max_tokens")
@@ -118,9 +154,11 @@ def _base_request(fields: Fields, endpoint: str) -> gen_pb.GenerateRequest:
         max_tokens, param = fields.int("max_tokens"), "max_tokens"
         if max_tokens is None:
             max_tokens = DEFAULT_COMPLETION_TOKENS
+    if max_tokens == 0 and echo:
+        max_tokens, echo_only = 1, True
     if max_tokens is not None:
         if max_tokens < 1:
-            raise bad_request(param, f"must be at least 1, got {max_tokens}")
+            raise bad_request(param, f"must be at least 1 (0 only with echo), got {max_tokens}")
         _set(param, lambda: setattr(req, "max_new_tokens", max_tokens))
     temperature = fields.number("temperature")
     _set("temperature", lambda: setattr(req.sampling, "temperature", 1.0 if temperature is None else temperature))
@@ -143,9 +181,9 @@ def _base_request(fields: Fields, endpoint: str) -> gen_pb.GenerateRequest:
     req.stop.extend(fields.strings("stop"))
     _set("stop_token_ids", lambda: req.stop_token_ids.extend(fields.ints("stop_token_ids")))
     req.ignore_eos = bool(fields.bool("ignore_eos"))
-    req.logprobs = (fields.bool("logprobs") if endpoint == CHAT else fields.int("logprobs") is not None) or False
+    req.logprobs, req.top_logprobs = _logprobs(fields, endpoint)
     req.return_routed_experts = bool(fields.bool("return_routed_experts"))
-    return req
+    return req, echo_only
 
 
 def _prompts(value: Any) -> list[str | list[int]]:

@@ -33,12 +33,10 @@ def _positive(value: Any) -> bool:
 
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("n", _not(1), "several sequences per prompt (n > 1)"),
-    Unsupported("best_of", _not(1), "several sequences per prompt (best_of > 1)", (COMPLETIONS,)),
-    Unsupported("logprobs", _positive, "top-N log-probabilities (logprobs > 0; 0 gives the sampled token's)",
+    Unsupported("best_of", _not(1), "ranking several sequences by likelihood (best_of > 1; n > 1 works)",
                 (COMPLETIONS,)),
-    Unsupported("top_logprobs", _positive, "top-N log-probabilities (top_logprobs > 0)", (CHAT,)),
-    Unsupported("prompt_logprobs", _positive, "prompt log-probabilities"),
+    # vLLM's extension, in its own shape; OpenAI's way, echo with logprobs, works on /v1/completions
+    Unsupported("prompt_logprobs", _positive, "vLLM's prompt_logprobs field (use echo with logprobs)"),
     Unsupported("logit_bias", lambda v: bool(v), "logit_bias"),
     Unsupported("suffix", lambda v: bool(v), "suffix (insertion)", (COMPLETIONS,)),
     Unsupported("skip_special_tokens", _not(True), "keeping special tokens in the text"),
@@ -58,6 +56,3 @@ def refuse_unsupported(fields: Fields, endpoint: str) -> None:
             if value is not None and entry.needs(value):
                 raise HttpError(400, f"{entry.field}={value!r}: epserve does not support {entry.feature} yet",
                                 param=entry.field, code="unsupported_parameter")
-    if endpoint == COMPLETIONS and fields.get("echo") is True and fields.get("logprobs") is not None:
-        raise HttpError(400, "echo with logprobs: epserve does not support prompt log-probabilities yet",
-                        param="echo", code="unsupported_parameter")

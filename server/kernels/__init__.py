@@ -4,7 +4,8 @@ shares; each kernel has a torch twin, used on CPU and as the oracle in tests.
 Module guide (call through `ops`, which picks Triton on CUDA and the torch twin elsewhere):
   ops.py                 front door and op table: paged_decode_attention, prefill_attention,
                          write_kv_cache, write_latent_cache, mla_decode, mla_prefill, rms_norm,
-                         rope (backend="auto"|"triton"|"torch"; mla_decode also "dense");
+                         rope (backend="auto"|"triton"|"torch"; mla_decode also
+                         "triton_decode" and "dense");
                          server/moe/kernels/ops.py adds the MoE ops to the same table
   availability.py        is Triton importable, is the interpreter on, which backend for a tensor
   attention_reference.py torch twins of paged decode / varlen prefill / KV write
@@ -12,6 +13,8 @@ Module guide (call through `ops`, which picks Triton on CUDA and the torch twin 
   attention_prefill.py   Triton varlen causal prefill over the paged cache (cached prefix ok)
   mla_reference.py       MLA over the paged latent cache: torch twins (loop, and batched "dense" decode)
   mla_attention.py       Triton MLA: split-KV decode and varlen prefill, latent-row write
+  mla_decode.py          Triton MLA decode only: 64-head blocks x KV splits, fp32 merge (the default)
+  mla_decode_config.py   its launch parameters: stored per device and shape (configs/), else defaults
   norm_rope.py           one-pass Triton RMSNorm and RoPE, with their torch twins
   triton_helpers.py      @triton.jit helpers (interpreter-exact bf16 dots and rounding)
   workspace.py           kernel buffer allocation, with a poison mode for checks

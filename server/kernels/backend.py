@@ -10,8 +10,10 @@ variables at that moment (never per call):
                           Unset: "triton" on CUDA when Triton imports, else "torch".
   EPSERVE_EXPERT_PATH     how routed experts run (server/moe/experts.py EXPERT_PATHS); unset:
                           the path of the kernel backend's name.
-  EPSERVE_MLA_DECODE      MLA decode on the Triton backend: "triton" (the kernel, default) or
-                          "dense" (batched torch matmuls).
+  EPSERVE_MLA_DECODE      MLA decode on the Triton backend: "triton_decode" (the decode-only
+                          head-block kernel, mla_decode.py; default), "triton" (the varlen MLA
+                          kernel of mla_attention.py, kept for comparison) or "dense" (batched
+                          torch matmuls).
 Modules keep the callables `op()` returns, so a forward step resolves nothing, reads no
 environment and imports nothing. An op without an implementation for the chosen backend
 (grouped_mm has only the MoE ops) runs its torch twin.
@@ -31,7 +33,8 @@ from .ops import KERNEL_OPS
 EXPERT_PATH_ENV = "EPSERVE_EXPERT_PATH"
 MLA_DECODE_ENV = "EPSERVE_MLA_DECODE"
 KERNEL_BACKENDS = ("torch", "triton", "grouped_mm")
-MLA_DECODE_BACKENDS = ("triton", "dense")
+MLA_DECODE_BACKENDS = ("triton_decode", "triton", "dense")
+DEFAULT_MLA_DECODE = MLA_DECODE_BACKENDS[0]
 EXPERT_WEIGHTS = ("values", "fp8")
 
 
@@ -39,7 +42,7 @@ EXPERT_WEIGHTS = ("values", "fp8")
 class KernelBackend:
     name: str  # one of KERNEL_BACKENDS
     expert_path: str = ""  # EXPERT_PATHS name; "": the one named like the backend
-    mla_decode: str = "triton"  # one of MLA_DECODE_BACKENDS (MLA decode on the Triton backend)
+    mla_decode: str = DEFAULT_MLA_DECODE  # one of MLA_DECODE_BACKENDS (MLA decode on the Triton backend)
     #: routed experts' weights: "values" (serving dtype) or "fp8" (e4m3 + block scales; the loader
     #: sets it, server/model/expert_format.py)
     expert_weights: str = "values"
@@ -62,7 +65,7 @@ class KernelBackend:
             name = default_backend(device) if config.backend == "auto" else config.backend
             return cls(name, "" if config.expert_path == "auto" else config.expert_path, config.mla_decode)
         return cls(default_backend(device), os.environ.get(EXPERT_PATH_ENV, "").strip(),
-                   os.environ.get(MLA_DECODE_ENV, "").strip() or "triton")
+                   os.environ.get(MLA_DECODE_ENV, "").strip() or DEFAULT_MLA_DECODE)
 
     def op(self, name: str) -> Callable:
         """The implementation of kernel op `name` for this backend (its torch twin where it has none)."""

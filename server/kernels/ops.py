@@ -10,10 +10,12 @@
     rope(x [T,heads,D], cos [T,D], sin [T,D]) -> [T,heads,D]  (rotary embedding, one pass)
 
 The MoE ops (fused_moe, grouped_expert_mlp, expert_mlp_rows) register in the same table from
-server/moe/kernels/ops.py. mla_decode also takes "dense" (batched torch matmuls over the padded
-block tables: graph-safe, no kernel). `backend="auto"` picks "triton" for CUDA tensors when Triton
-imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces the twins everywhere
-(baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
+server/moe/kernels/ops.py. mla_decode also takes "triton_decode" (the decode-only head-block kernel
+of mla_decode.py; models built for CUDA pick it, server/kernels/backend.py) and "dense" (batched
+torch matmuls over the padded block tables: graph-safe, no kernel); its "triton" is the varlen
+kernel of mla_attention.py run with one token per sequence. `backend="auto"` picks "triton" for
+CUDA tensors when Triton imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces
+the twins everywhere (baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
 modules are imported on first use, so a CPU install without triton never imports it.
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ register_op("write_latent_cache",
             triton="server.kernels.mla_attention:write_latent_cache_triton",
             torch="server.kernels.mla_reference:write_latent_cache")
 register_op("mla_decode",
+            triton_decode="server.kernels.mla_decode:mla_decode_headblock_triton",
             triton="server.kernels.mla_attention:mla_decode_triton",
             torch="server.kernels.mla_reference:mla_decode_reference",
             dense="server.kernels.mla_reference:mla_decode_dense")

@@ -14,7 +14,7 @@ kernels (hence triton): the attention registry imports it only for a model that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
@@ -97,12 +97,20 @@ class KernelAttentionMetadata:
                    cu_seqlens_q=None, max_query_len=1)
 
     @staticmethod
-    def decode_variant(model, num_seqs: int, max_context: int) -> int:
-        """The NUM_SPLITS an eager decode step of num_seqs sequences launches with (chosen from
-        static shapes: batch, block-table width). The start-up warm-up runs one step per value."""
+    def decode_variant(model, num_seqs: int, max_context: int, block_size: int) -> Hashable:
+        """What an eager decode step of num_seqs sequences compiles for, chosen from static shapes
+        (batch, block-table width = max_context / block_size): NUM_SPLITS, or for the MLA
+        head-block kernel its config and whether it splits. The warm-up runs one step per value."""
         from ..kernels import attention_decode, mla_attention
 
         spec = model.spec
+        if spec.mla is not None and getattr(model.kernels, "mla_decode", "") == "triton_decode":
+            from ..kernels.mla_decode import launch_plan
+
+            mla = spec.mla
+            cfg, splits, _ = launch_plan(num_seqs, spec.num_heads, mla.kv_lora_rank, mla.latent_dim, block_size,
+                                         max_context // block_size, model.dtype, model.device)
+            return cfg, splits > 1
         if spec.mla is not None:  # one token per sequence: ceil(heads / BLOCK_M) row blocks each
             block_m = mla_attention.default_blocks(model.dtype, spec.mla.kv_lora_rank)[0]
             programs = -(-spec.num_heads // block_m) * num_seqs
@@ -128,8 +136,9 @@ class KernelAttentionMetadata:
     def attend_latent(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor, v_dim: int, scale: float,
                       decode: Callable | None = None) -> torch.Tensor:
         """MLA: q [T, H, Dk] absorbed queries, latent [T, Dk] rows -> [T, H, v_dim]; writes the rows
-        first. Decode steps run `decode` (the layer's choice: the Triton kernel, or the batched
-        matmuls of mla_reference.mla_decode_dense), others the varlen kernel."""
+        first. Decode steps run `decode` (the layer's choice, kernels.mla_decode: the head-block
+        decode kernel, the varlen kernel, or the batched matmuls of mla_reference.mla_decode_dense),
+        others the varlen kernel."""
         write_latent_cache_triton(latent, cache, self.slot_mapping)
         if self.is_decode:
             return (decode or mla_decode_triton)(q, cache, self.block_tables, self.context_lens, v_dim, scale)

@@ -17,8 +17,9 @@ weight (nothing copied: checkpoints and the transformers baseline see kv_b_proj 
 The attention itself is the step metadata's `attend_latent` (server/layers/attention.py: the
 torch loop; server/layers/attention_triton.py: the Triton kernels). Decode on the Triton
 backend runs the kernel backend's `mla_decode` (kernels.mla_decode, or EPSERVE_MLA_DECODE:
-server/kernels/backend.py), fixed when the layer is built: "triton" (the kernel, default) or
-"dense" (batched torch matmuls; scripts/bench_mla_decode.py times both).
+server/kernels/backend.py), fixed when the layer is built: "triton_decode" (the decode-only
+head-block kernel, default), "triton" (the varlen MLA kernel) or "dense" (batched torch
+matmuls); scripts/bench_mla_decode.py times all three.
 """
 from __future__ import annotations
 

@@ -242,6 +242,9 @@ def _to_message(chunk: GenerationChunk, request_id: str, text_output: bool, elap
             msg.top_logprobs.add(token_ids=[t for t, _ in position], logprobs=[lp for _, lp in position])
     if chunk.prompt_logprobs is not None:
         msg.prompt_logprobs.extend(chunk.prompt_logprobs)
+    if chunk.prompt_top_logprobs is not None:
+        for position in chunk.prompt_top_logprobs:
+            msg.prompt_top_logprobs.add(token_ids=[t for t, _ in position], logprobs=[lp for _, lp in position])
     if chunk.routed_experts is not None:
         r = msg.routed_experts
         r.num_layers, r.top_k, r.ids = routed_shape[0], routed_shape[1], chunk.routed_experts

@@ -107,6 +107,7 @@ def _merge_one(messages: list[gen_pb.GenerateResponse]) -> gen_pb.GenerateRespon
         out.logprobs.extend(m.logprobs)
         out.top_logprobs.extend(m.top_logprobs)
         out.prompt_logprobs.extend(m.prompt_logprobs)
+        out.prompt_top_logprobs.extend(m.prompt_top_logprobs)
     if routed:
         out.routed_experts.num_layers, out.routed_experts.top_k = routed[0].num_layers, routed[0].top_k
         out.routed_experts.ids = b"".join(r.ids for r in routed)

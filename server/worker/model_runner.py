@@ -186,7 +186,8 @@ class ModelRunner:
             self.extras.record(extras, staged.input_ids(self.inputs), staged.num_seqs)
         if prompt_rows:
             targets = torch.from_numpy(batch.prompt_lp_targets).to(self.device)  # [P]
-            extra_out["prompt_logprobs"] = prompt_logprobs(logits[r:], targets)
+            extra_out["prompt_logprobs"], extra_out["prompt_top_ids"], extra_out["prompt_top_logprobs"] = \
+                prompt_logprobs(logits[r:], targets)
             logits = logits[:r]
         if staged.num_samples == 0:
             if extra_out:

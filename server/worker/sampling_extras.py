@@ -131,6 +131,12 @@ def top_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, values
 
 
-def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [P, V] at prompt positions, targets [P] the next prompt token -> [P] float32 logprobs."""
-    return logits.float().log_softmax(dim=1).gather(1, targets[:, None])[:, 0]
+def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [P, V] at prompt positions, targets [P] the next prompt token -> ([P] float32 logprobs,
+    [P, K] int64 ids, [P, K] float32 logprobs of the K most likely tokens, K as top_logprobs). The
+    top K come with every prompt row: echo with top-N logprobs needs them, and the rows are few
+    (only requests asking for prompt logprobs have any), so one shape serves all."""
+    lps = logits.float().log_softmax(dim=1)
+    k = min(MAX_TOP_LOGPROBS, logits.shape[1])
+    values, ids = lps.topk(k, dim=1)
+    return lps.gather(1, targets[:, None])[:, 0], ids, values

@@ -182,6 +182,8 @@ class RankResult:
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # [P] float32 for batch.prompt_lp_rows
+    prompt_top_ids: np.ndarray | None = None  # [P, K] int64: each prompt row's K most likely next tokens
+    prompt_top_logprobs: np.ndarray | None = None  # [P, K] float32: their logprobs
 
 
 @dataclass

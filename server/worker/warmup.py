@@ -71,7 +71,7 @@ def plan_warmup(model, *, max_tokens: int, max_seqs: int, width: int, block_size
             most = model.ep_size * max_tokens * model.spec.top_k  # every pair of every rank to this one
             expert_rows = tuple(distinct_runs(lambda n: path.rows_variant(experts, n), most))
     decode_variant = getattr(model.attention_backend, "decode_variant", None)
-    decode = (tuple(distinct_runs(lambda s: decode_variant(model, s, max_prompt), max_seqs))
+    decode = (tuple(distinct_runs(lambda s: decode_variant(model, s, max_prompt, block_size), max_seqs))
               if decode_variant is not None else (1, max_seqs))
     rows = max(1, min(max_seqs // 2, max_tokens - 1))
     mixed = (rows, max(1, min(MIXED_PROMPT_TOKENS, max_tokens - rows, max_prompt)))

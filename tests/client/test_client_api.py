@@ -60,6 +60,37 @@ def test_async_client_matches_sync(server):
     assert load.num_experts == info.num_experts and sinfo.state.value == "serving"
 
 
+def test_n_top_and_prompt_logprobs_sync_stream_and_async_agree(server):
+    """One seeded n=3 call, three ways: the same sequences, each with its own top-N logprobs,
+    the prompt's logprobs on sequence 0; a greedy n=2 call gives two equal sequences."""
+    opts = dict(max_new_tokens=5, ignore_eos=True, temperature=1.0, seed=7, n=3, top_logprobs=2,
+                prompt_logprobs=True)
+    with Client(server.target) as c:
+        out = c.generate("Hello there", **opts)
+        with c.stream("Hello there", **opts) as s:
+            chunks = list(s)
+        greedy = c.generate("Hello there", max_new_tokens=5, ignore_eos=True, n=2)
+    assert [ch.index for ch in out.choices] == [0, 1, 2] and out.token_ids == out.choices[0].token_ids
+    assert len({ch.token_ids for ch in out.choices}) > 1  # sampled: the sequences differ
+    for ch in out.choices:
+        assert len(ch.top_logprobs) == len(ch.token_ids) == len(ch.logprobs) == 5
+        assert all(len(top) == 2 and top[0][1] >= top[1][1] for top in ch.top_logprobs)
+        assert all(lp <= top[0][1] + 1e-6 for lp, top in zip(ch.logprobs, ch.top_logprobs))
+    prompt_len = out.usage.prompt_tokens
+    assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == prompt_len - 1
+    assert all(ch.prompt_logprobs is None for ch in out.choices[1:])
+    assert {ch.index for ch in chunks} == {0, 1, 2}
+    assert [ch.token_ids for ch in s.completion.choices] == [ch.token_ids for ch in out.choices]
+    assert s.completion.prompt_logprobs == pytest.approx(out.prompt_logprobs, abs=1e-6)
+
+    async def run():
+        async with AsyncClient(server.target) as c:
+            return await c.generate("Hello there", **opts)
+
+    assert [ch.token_ids for ch in asyncio.run(run()).choices] == [ch.token_ids for ch in out.choices]
+    assert len(greedy.choices) == 2 and greedy.choices[0].token_ids == greedy.choices[1].token_ids
+
+
 def test_async_stream_close_cancels_on_the_server(server):
     async def run():
         async with AsyncClient(server.target) as c:

@@ -28,3 +28,25 @@ def test_max_tokens_sets_max_new_tokens_on_the_wire():
     with pytest.raises(TypeError, match="accepted: max_new_tokens, max_tokens, temperature"):
         request_from_options("x", {"temprature": 0.5})
     assert "max_tokens" in GenerateOptions.__annotations__
+
+
+def test_n_top_and_prompt_logprobs_reach_the_request():
+    req = request_from_options("x", {"n": 3, "top_logprobs": 5, "prompt_logprobs": True})
+    assert (req.n, req.top_logprobs, req.prompt_logprobs) == (3, 5, True)
+    plain = request_from_options("x", {"n": 1, "top_logprobs": None})
+    assert not plain.HasField("n") and plain.top_logprobs == 0 and not plain.prompt_logprobs
+
+
+@pytest.mark.parametrize("options, error, words", [
+    ({"n": 0}, ValueError, r"n: must be in \[1, 16\], got 0"),
+    ({"n": 17}, ValueError, r"n: must be in \[1, 16\], got 17"),
+    ({"n": True}, TypeError, "n: must be an int, got bool"),
+    ({"n": 2.0}, TypeError, "n: must be an int, got float"),
+    ({"top_logprobs": 21}, ValueError, r"top_logprobs: must be in \[0, 20\], got 21"),
+    ({"top_logprobs": -1}, ValueError, r"top_logprobs: must be in \[0, 20\]"),
+    ({"top_logprobs": "5"}, TypeError, "top_logprobs: must be an int, got str"),
+    ({"prompt_logprobs": 1}, TypeError, "prompt_logprobs: must be True or False, got int"),
+])
+def test_bad_n_top_and_prompt_logprobs_name_the_keyword(options, error, words):
+    with pytest.raises(error, match=words):
+        request_from_options("x", options)

@@ -168,17 +168,27 @@ def test_top_logprobs_equal_the_reference_top_k(engine, hf_and_folder) -> None:
 def test_prompt_logprobs_equal_the_reference(engine, hf_and_folder) -> None:
     model, _ = hf_and_folder
     prompts = [PROMPTS[2], PROMPTS[4], PROMPTS[3]]  # 13 tokens (two prefill chunks), 1 token, 8 tokens
-    reqs = [_req(i, p, prompt_logprobs=True, max_new=3) for i, p in enumerate(prompts)]
+    tops = [4, 0, 2]  # prompt positions' top-N too where the request asks top_logprobs
+    reqs = [_req(i, p, prompt_logprobs=True, max_new=3, top_logprobs=k) for i, (p, k) in enumerate(zip(prompts, tops))]
 
     async def run():
         return await asyncio.gather(*[_collect_chunks(engine, r) for r in reqs])
 
-    for prompt, chunks in zip(prompts, asyncio.run(run())):
+    for prompt, k, chunks in zip(prompts, tops, asyncio.run(run())):
         got = chunks[0].prompt_logprobs
-        assert all(c.prompt_logprobs is None for c in chunks[1:])
-        ref = _logits(model, prompt)[:-1].log_softmax(-1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        assert all(c.prompt_logprobs is None and c.prompt_top_logprobs is None for c in chunks[1:])
+        ref_all = _logits(model, prompt)[:-1].log_softmax(-1)
+        ref = ref_all.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
         assert len(got) == len(prompt) - 1
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float32), ref, rtol=0, atol=1e-4)
+        if not k:
+            assert chunks[0].prompt_top_logprobs is None
+            continue
+        got_top = chunks[0].prompt_top_logprobs
+        assert len(got_top) == len(prompt) - 1 and all(len(p) == k for p in got_top)
+        want_lp, want_ids = ref_all.topk(k, dim=-1)
+        assert [[t for t, _ in p] for p in got_top] == want_ids.tolist()
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in p] for p in got_top]), want_lp, rtol=0, atol=1e-4)
 
 
 async def _collect_chunks(engine, req):

@@ -140,3 +140,24 @@ def test_warmup_setting_is_validated() -> None:
         app(warmup="yes")
     with pytest.raises(ConfigError, match="engine.slow_step_factor"):
         app(slow_step_factor=0.5)
+
+
+@pytest.mark.parametrize("mla_decode", ["triton_decode", "triton"])
+def test_decode_warm_up_covers_every_mla_decode_variant(mla_decode, monkeypatch) -> None:
+    """DeepSeek-V3's attention shape on a 132-SM GPU (no GPU needed: only the host-side choice):
+    the batch sizes the warm-up runs reach every (config, splits) launch variant of 1..256."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from server.kernels import mla_attention, mla_decode
+    from server.layers.attention_triton import KernelAttentionMetadata
+    from server.moe.kernels.variants import distinct_runs
+
+    monkeypatch.setattr(mla_decode, "num_sms", lambda device: 132)
+    monkeypatch.setattr(mla_attention, "_num_sms", lambda device: 132)
+    mla = SimpleNamespace(kv_lora_rank=512, latent_dim=576)
+    model = SimpleNamespace(spec=SimpleNamespace(mla=mla, num_heads=128), kernels=SimpleNamespace(mla_decode=mla_decode),
+                            dtype=torch.bfloat16, device=torch.device("cpu"))
+    variant = lambda s: KernelAttentionMetadata.decode_variant(model, s, 16384, 16)  # noqa: E731
+    every = brute_force(variant, 256)
+    assert {variant(s) for s in distinct_runs(variant, 256)} == every and len(every) > 1

@@ -46,15 +46,18 @@ CASES = [  # (name, body bytes, status, param named, words in the message)
     ("prompt past max_model_len", json.dumps({**GOOD, "prompt": [1] * 5000}).encode(), 400, "prompt", "limit"),
     ("stop a number", json.dumps({**GOOD, "stop": 3}).encode(), 400, "stop", "string"),
     ("unknown model", json.dumps({**GOOD, "model": "gpt-4"}).encode(), 404, "model", "not served"),
-    ("n > 1 (not yet)", json.dumps({**GOOD, "n": 2}).encode(), 400, "n", "does not support"),
-    ("top-N logprobs (not yet)", json.dumps({**GOOD, "logprobs": 5}).encode(), 400, "logprobs", "top-N"),
+    ("n above the cap", json.dumps({**GOOD, "n": 17}).encode(), 400, "n", "[1, 16]"),
+    ("n zero", json.dumps({**GOOD, "n": 0}).encode(), 400, "n", "[1, 16]"),
+    ("logprobs above the cap", json.dumps({**GOOD, "logprobs": 21}).encode(), 400, "logprobs", "[0, 20]"),
+    ("negative logprobs", json.dumps({**GOOD, "logprobs": -1}).encode(), 400, "logprobs", "[0, 20]"),
+    ("max_tokens zero without echo", json.dumps({**GOOD, "max_tokens": 0, "logprobs": 1}).encode(), 400,
+     "max_tokens", "0 only with echo"),
+    ("best_of (not yet)", json.dumps({**GOOD, "best_of": 2}).encode(), 400, "best_of", "does not support"),
     ("presence_penalty out of range", json.dumps({**GOOD, "presence_penalty": 5}).encode(), 400, "presence_penalty",
      "[-2, 2]"),
     ("min_p a string", json.dumps({**GOOD, "min_p": "high"}).encode(), 400, "min_p", "number"),
     ("min_tokens past max_tokens", json.dumps({**GOOD, "min_tokens": 50}).encode(), 400, "min_tokens",
      "max_new_tokens"),
-    ("echo with logprobs (not yet)", json.dumps({**GOOD, "echo": True, "logprobs": 0}).encode(), 400, "echo",
-     "prompt log-probabilities"),
     ("routing is read-only", json.dumps({**GOOD, "routing": "greedy_balanced"}).encode(), 400, "routing",
      "read-only"),
     ("huge body", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413, None, "max_message_bytes"),
@@ -101,5 +104,8 @@ def test_the_openai_client_raises_its_own_error_classes(server):
     c = openai.OpenAI(base_url=server.http_base_url, api_key=TOKEN, max_retries=0)
     with pytest.raises(openai.NotFoundError, match="not served"):
         c.completions.create(model="nope", prompt="x")
-    with pytest.raises(openai.BadRequestError, match="n=3"):
-        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=3)
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs: must be in \[0, 20\]"):
+        c.chat.completions.create(model="tiny", messages=messages, logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs: true"):
+        c.chat.completions.create(model="tiny", messages=messages, top_logprobs=2)

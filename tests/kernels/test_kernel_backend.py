@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.config import ModelConfig
+from server.config import KernelConfig, ModelConfig
 from server.kernels.backend import KernelBackend
+from server.kernels.ops import KERNEL_OPS
 from server.kernels.norm_rope import rms_norm_reference, rope_reference
 from server.layers.attention import PagedAttentionMetadata
 from server.model.loader import load_model
@@ -86,3 +87,18 @@ print("ok", err)
 """
     out = run_source_in_interpreter(source, timeout_s=300)
     assert out.strip().splitlines()[-1].startswith("ok")
+
+
+def test_mla_decode_defaults_to_the_head_block_kernel(monkeypatch) -> None:
+    """Models built for CUDA run the decode-only head-block kernel; the varlen kernel and the
+    batched matmuls stay selectable (EPSERVE_MLA_DECODE) for comparison."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("EPSERVE_MLA_DECODE", raising=False)
+    assert KernelBackend.for_device("cpu").mla_decode == "triton_decode" == KernelConfig().mla_decode
+    ops = KERNEL_OPS["mla_decode"]
+    assert ops["triton_decode"].__name__ == "mla_decode_headblock_triton"
+    assert ops["triton"].__name__ == "mla_decode_triton" and ops["dense"].__name__ == "mla_decode_dense"
+    monkeypatch.setenv("EPSERVE_MLA_DECODE", "triton")
+    assert KernelBackend.for_device("cpu").mla_decode == "triton"
+    with pytest.raises(UnknownNameError, match="triton_decode"):
+        KernelBackend("triton", mla_decode="flash")

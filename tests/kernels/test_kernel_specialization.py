@@ -105,3 +105,23 @@ def test_attention_kernels_do_not_specialise_on_batch_shape() -> None:
                                                                     torch.empty(s, 64, **I32), torch.empty(s, **I32),
                                                                     num_splits=4), [1, 3, 16, 17, 256])
     assert len(decode["_decode_split_kernel"]) == 1
+
+
+def test_mla_decode_kernel_compiles_once_per_config_and_split_mode() -> None:
+    """num_splits is a launch argument, so batch sizes that choose 2, 16 or 33 splits share one
+    compile; only the config (per batch bucket) and whether the step splits at all select one."""
+    from server.kernels.mla_decode import launch_plan, mla_decode_headblock_triton
+
+    cache = torch.empty(4096, 16, 576, **META)
+    batches = [1, 2, 3, 4, 5, 8, 16, 17, 33, 64, 65, 128, 256]
+
+    def decode(s: int, splits: int | None = None) -> None:
+        mla_decode_headblock_triton(torch.empty(s, 128, 576, **META), cache, torch.empty(s, 512, **I32),
+                                    torch.empty(s, **I32), 512, 0.07, num_splits=splits)
+
+    keys = keys_by_kernel(decode, batches)
+    plans = [launch_plan(s, 128, 512, 576, 16, 512, torch.bfloat16, torch.device("meta")) for s in batches]
+    assert len(keys["_mla_decode_kernel"]) == len({(cfg, splits > 1) for cfg, splits, _ in plans})
+    assert len(keys["_merge_kernel"]) == len({cfg for cfg, splits, _ in plans if splits > 1}) == 1
+    forced = keys_by_kernel(lambda n: decode(2, n), [2, 3, 16, 33, 128])
+    assert len(forced["_mla_decode_kernel"]) == len(forced["_merge_kernel"]) == 1

@@ -66,3 +66,25 @@ def test_attention_kernels_compile() -> None:
                                          "_write_kv_kernel"}
     for c in kernels:
         assert c.spill_bytes == 0 and c.shared <= SMEM, c
+
+
+def test_mla_decode_kernel_compiles_to_wgmma_without_spills() -> None:
+    """DeepSeek-V3 widths (512 + 64, bf16), the default configs: with 128 heads, 64 heads a program
+    is what puts both products on wgmma, and its [64, 512] fp32 accumulator must fit in registers
+    (split launch + merge); with 16 heads, 16-head blocks must fit too (one split, direct store)."""
+    from server.kernels.mla_decode import mla_decode_headblock_triton
+
+    m = dict(device="meta", dtype=torch.bfloat16)
+    i32 = dict(device="meta", dtype=torch.int32)
+    cache = torch.empty(4096, 16, 576, **m)
+    with compile_check.record_launches() as launches:
+        for seqs, heads, splits in ((2, 128, 16), (128, 16, 1)):
+            mla_decode_headblock_triton(torch.empty(seqs, heads, 576, **m), cache, torch.empty(seqs, 256, **i32),
+                                        torch.empty(seqs, **i32), 512, 0.07, num_splits=splits)
+    kernels = compile_all(launches)
+    assert sorted(c.name for c in kernels) == ["_merge_kernel", "_mla_decode_kernel", "_mla_decode_kernel"]
+    for c in kernels:
+        assert c.spill_bytes == 0 and c.shared <= SMEM, c
+        if c.name == "_mla_decode_kernel" and "BLOCK_H=64" in c.key:
+            assert c.hgmma and not c.hmma, f"{c.key} is not on the wgmma path"
+    assert sum("BLOCK_H=64" in c.key for c in kernels) == 1

@@ -3,8 +3,8 @@ latent cache with the real latent widths (kv_lora_rank 512 + rope 64), the group
 shared expert and a dense first layer, at reduced hidden/expert sizes so the test stays small.
 
   * an eager decode step makes no host sync (what the decode graphs capture);
-  * decode through CUDA graphs is bitwise the eager step at a bucket size, with the Triton MLA
-    decode kernel and with the batched-matmul alternative (EPSERVE_MLA_DECODE=dense); padded
+  * decode through CUDA graphs is bitwise the eager step at a bucket size, with each MLA decode
+    path (EPSERVE_MLA_DECODE: the head-block kernel, the varlen kernel, batched matmuls); padded
     buckets give the same greedy tokens and count no padding;
   * the Triton path tracks the torch path (a model built under EPSERVE_KERNEL_BACKEND=torch).
 """
@@ -54,7 +54,7 @@ def test_eager_decode_step_makes_no_host_sync(policy):
     assert logits.shape == (16, model.spec.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("decode", ["triton", "dense"])
+@pytest.mark.parametrize("decode", ["triton_decode", "triton", "dense"])
 @pytest.mark.parametrize("policy", ["natural", "greedy_balanced"])
 def test_graph_decode_is_bitwise_eager_at_a_bucket_size(policy, decode, monkeypatch):
     monkeypatch.setenv("EPSERVE_MLA_DECODE", decode)

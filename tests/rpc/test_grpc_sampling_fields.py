@@ -50,6 +50,11 @@ def test_penalties_top_and_prompt_logprobs_over_grpc(stub, hf) -> None:
         torch.testing.assert_close(torch.tensor(list(top.logprobs)), ref_lp[i], rtol=0, atol=1e-4)
     prompt_ref = logits[:len(PROMPT) - 1].gather(1, torch.tensor(PROMPT[1:])[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(list(reply.prompt_logprobs)), prompt_ref, rtol=0, atol=1e-4)
+    assert len(reply.prompt_top_logprobs) == len(PROMPT) - 1  # with top_logprobs: the prompt positions' top 3
+    ref_lp, ref_ids = logits[:len(PROMPT) - 1].topk(3, dim=-1)
+    assert [list(top.token_ids) for top in reply.prompt_top_logprobs] == ref_ids.tolist()
+    got = torch.tensor([list(top.logprobs) for top in reply.prompt_top_logprobs])
+    torch.testing.assert_close(got, ref_lp, rtol=0, atol=1e-4)
 
 
 def test_stream_sends_prompt_logprobs_once_and_min_tokens(stub) -> None:

@@ -13,6 +13,7 @@ time is spent. It says nothing about speed.
 
     python -m tests.kernels.support.compile_check                 # default configs, key shapes
     python -m tests.kernels.support.compile_check --tune-space    # every tune_moe.py candidate
+    python -m tests.kernels.support.compile_check --mla-space     # every MLA decode tile the bench sweeps
 """
 from __future__ import annotations
 
@@ -178,6 +179,33 @@ def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
                                  torch.empty(129, **i32), torch.empty(128, **i32), max_query_len=64)
         write_kv_cache_triton(torch.empty(64, 4, 128, **m), torch.empty(64, 4, 128, **m), kc, kc,
                               torch.empty(64, device="meta", dtype=torch.int64))
+        launches_for_mla_decode(((128, 1), (2, 16)))  # DeepSeek-V3 decode: one split; split-KV + merge
+    return launches
+
+
+def launches_for_mla_decode(batches_splits, configs=(None,)) -> None:
+    """Head-block MLA decode launches at DeepSeek-V3 widths (128 heads, 512 + 64, page 16), into
+    the enclosing record_launches()."""
+    from server.kernels.mla_decode import mla_decode_headblock_triton
+
+    m = dict(device="meta", dtype=torch.bfloat16)
+    i32 = dict(device="meta", dtype=torch.int32)
+    cache = torch.empty(4096, 16, 576, **m)
+    for cfg in configs:
+        for seqs, splits in batches_splits:
+            mla_decode_headblock_triton(torch.empty(seqs, 128, 576, **m), cache, torch.empty(seqs, 256, **i32),
+                                        torch.empty(seqs, **i32), 512, 0.07, config=cfg, num_splits=splits)
+
+
+def launches_for_mla_space() -> list[Launch]:
+    """Every head-block tile candidate scripts/bench_mla_decode.py --sweep tries (split launches)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts"))
+    import bench_mla_decode  # noqa: E402  (the bench's candidate list is the single source of truth)
+
+    from server.kernels.mla_decode_config import MLADecodeConfig
+
+    with record_launches() as launches:
+        launches_for_mla_decode(((2, 16),), [MLADecodeConfig(*t) for t in bench_mla_decode.HEADBLOCK_TILES])
     return launches
 
 
@@ -206,8 +234,10 @@ def launches_for_tune_space(tokens=(1, 64, 512, 8192)) -> list[Launch]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune-space", action="store_true")
+    ap.add_argument("--mla-space", action="store_true")
     args = ap.parse_args(argv)
-    launches = launches_for_tune_space() if args.tune_space else launches_for_defaults()
+    launches = (launches_for_tune_space() if args.tune_space else launches_for_mla_space() if args.mla_space
+                else launches_for_defaults())
     seen, bad = set(), 0
     print(f"{'kernel':<24} {'regs':>4} {'spill':>5} {'smem_KB':>7} {'mma':>5}  constexprs/options")
     for launch in launches:

@@ -29,24 +29,52 @@ def make_latent_inputs(q_lens, ctx_lens, heads, v_dim, rope_dim, block_size, dty
     return tuple(t.to(device) for t in (q, cache, tables, cu, ctx))
 
 
+def poison_unused_rows(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> int:
+    """NaN into every cache row no sequence's context covers (the tails of last pages, spare
+    blocks): a kernel that lets one of them into its sums returns NaN. Returns the rows poisoned."""
+    page = cache.shape[1]
+    used = torch.zeros(cache.shape[0] * page, dtype=torch.bool)
+    for s, n in enumerate(context_lens.tolist()):
+        pos = torch.arange(n)
+        used[block_tables[s].cpu().long()[pos // page] * page + pos % page] = True
+    cache.view(-1, cache.shape[2])[(~used).to(cache.device)] = float("nan")
+    return int((~used).sum())
+
+
 def check_mla_decode(ctx_lens=(1, 17, 70, 33), heads=4, v_dim=32, rope_dim=16, block_size=8, dtype="float32",
-                     num_splits=None, block_m=None, block_n=None, seed=0, device="cpu") -> dict:
+                     num_splits=None, block_m=None, block_n=None, seed=0, device="cpu", kernel="triton",
+                     config=None, poison_rows=False) -> dict:
+    """kernel "triton": mla_attention.mla_decode_triton (block_m / block_n); "triton_decode":
+    mla_decode.mla_decode_headblock_triton (config: MLADecodeConfig fields). poison_rows: NaN in
+    every cache row outside the contexts (the dense twin, which reads them, is then skipped)."""
     from server.kernels import workspace
     from server.kernels.mla_attention import mla_decode_triton
+    from server.kernels.mla_decode import mla_decode_headblock_triton
+    from server.kernels.mla_decode_config import MLADecodeConfig
     from server.kernels.mla_reference import mla_decode_dense, mla_decode_reference
 
     dt, dev = DTYPES[dtype], torch.device(device)
     workspace.set_poison(True)
     q, cache, bt, _, ctx = make_latent_inputs([1] * len(ctx_lens), list(ctx_lens), heads, v_dim, rope_dim,
                                               block_size, dt, dev, seed)
+    poisoned = poison_unused_rows(cache, bt, ctx) if poison_rows else 0
     scale = (v_dim + rope_dim) ** -0.5
     out = torch.full((q.shape[0], heads, v_dim), float("nan"), dtype=dt, device=dev)
-    mla_decode_triton(q, cache, bt, ctx, v_dim, scale, num_splits=num_splits, block_m=block_m, block_n=block_n, out=out)
+    if kernel == "triton":
+        mla_decode_triton(q, cache, bt, ctx, v_dim, scale, num_splits=num_splits, block_m=block_m, block_n=block_n,
+                          out=out)
+    elif kernel == "triton_decode":
+        cfg = MLADecodeConfig(**config) if config is not None else None
+        mla_decode_headblock_triton(q, cache, bt, ctx, v_dim, scale, config=cfg, num_splits=num_splits, out=out)
+    else:
+        raise ValueError(f"unknown MLA decode kernel {kernel!r}")
     rd = ref_dtype_for(dev)
     ref = mla_decode_reference(q.to(rd), cache.to(rd), bt, ctx, v_dim, scale)
-    dense = mla_decode_dense(q.to(rd), cache.to(rd), bt, ctx, v_dim, scale)
+    extra = {"num_splits": num_splits, "kernel": kernel, "poisoned_rows": poisoned}
+    if not poison_rows:
+        extra["dense_rel_err"] = rel_err(mla_decode_dense(q.to(rd), cache.to(rd), bt, ctx, v_dim, scale), ref)
     workspace.set_poison(False)
-    return _result("mla_decode", rel_err(out, ref), dt, num_splits=num_splits, dense_rel_err=rel_err(dense, ref))
+    return _result("mla_decode", rel_err(out, ref), dt, **extra)
 
 
 def check_mla_prefill(q_lens=(5, 1, 19, 0), prefix_lens=(0, 9, 13, 4), heads=4, v_dim=32, rope_dim=16, block_size=8,

@@ -20,6 +20,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -153,18 +154,18 @@ def moe_block_rows(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weig
     w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, 2I, H]
     w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, H, I]
     gates = weights.to(torch.bfloat16)
-    fn = lambda: fused_moe_triton(x, w13, w2, ids, gates)  # noqa: E731
     floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 2, BF16_FLOP_PER_S)
+    fn = functools.partial(fused_moe_triton, x, w13, w2, ids, gates)
     rows = [{**comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, bf16; floor {floor:,.0f} µs)", n, fn,
                               "cuda", iters), "floor_us": floor}]
     q13, q2 = quantize_experts(w13), quantize_experts(w2)  # e4m3 [E, N, K] + fp32 [E, N/128, K/128]
-    del w13, w2
+    fn = functools.partial(fused_moe_fp8_triton, x, *q13, *q2, ids, gates)
+    del w13, w2, q13, q2  # the bf16 weights go; fn holds the FP8 ones
     torch.cuda.empty_cache()
-    fn = lambda: fused_moe_fp8_triton(x, *q13, *q2, ids, gates)  # noqa: E731
     floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 1 + 4 / 128 ** 2, FP8_FLOP_PER_S)
     rows.append({**comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, FP8 W8A8; floor {floor:,.0f} µs)", n,
                                   fn, "cuda", iters), "floor_us": floor})
-    del q13, q2
+    del fn
     torch.cuda.empty_cache()
     return rows
 

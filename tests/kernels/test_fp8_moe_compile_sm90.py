@@ -8,7 +8,6 @@ prefill sizes the GEMMs must multiply e4m3 on wgmma (SASS QGMMA); decode-size ti
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 

@@ -13,6 +13,7 @@ from server.kernels.backend import KernelBackend
 from server.model.expert_format import expert_weight_format
 from server.model.fp8_blocks import dequantize_blocks
 from server.model.loader import load_model, read_model_spec
+from server.model.spec import ModelLoadError
 from server.moe.routing import build_policy
 from tests.helpers.fp8_checkpoint import write_fp8_checkpoint
 from tests.helpers.hf_models import build_hf_model, save_fused_layout, save_hf_model
@@ -80,3 +81,15 @@ def test_fp8_experts_refuse_the_torch_forward(fp8_folders) -> None:
     experts = model.moe_experts()[0]
     with pytest.raises(RuntimeError, match="FP8 experts run through their path"):
         experts(torch.zeros(2, experts.hidden, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long))
+
+
+def test_fp8_experts_need_fp8_expert_tensors(fp8_folders, tmp_path) -> None:
+    """Experts the checkpoint keeps as values (modules_to_not_convert) cannot be held as FP8
+    blocks: the load names the tensor and the setting that loads it; a values checkpoint too."""
+    write_fp8_checkpoint(fp8_folders["fused"].parent / "fused_values", tmp_path / "kept", keep=("model.layers.0.mlp.experts",))
+    fp8 = KernelBackend("torch", expert_weights="fp8")
+    with pytest.raises(ModelLoadError, match=r"experts.gate_up_proj' .* not F8_E4M3.*model.quantization=dequantize"):
+        load_model(ModelConfig(path=str(tmp_path / "kept")), policy=build_policy("natural"), kernels=fp8)
+    with pytest.raises(ModelLoadError, match="need an FP8 block-quantised checkpoint"):
+        load_model(ModelConfig(path=str(fp8_folders["fused"].parent / "fused_values")), policy=build_policy("natural"),
+                   kernels=fp8)

@@ -33,4 +33,7 @@ def test_auto_keeps_experts_fp8_on_cuda_and_stays_close_to_dequantised(tmp_path)
               for q, m in models.items()}
     a, b = logits["dequantize"].float(), logits["auto"].float()
     assert torch.isfinite(b).all()
-    assert ((a - b).norm() / a.norm()).item() < 5e-2  # e4m3 activations: ~2-3% per GEMM, not compounding to more
+    # Both models hold the same FP8 weight values; only the e4m3 activations differ: ~2-3% per expert
+    # GEMM by estimate (not yet measured on a GPU), damped by the residual stream. A wrong scale or
+    # block index lands at O(1).
+    assert ((a - b).norm() / a.norm()).item() < 0.1

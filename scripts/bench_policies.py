@@ -11,14 +11,16 @@ LAYER_CALLS calls (what a policy costs each MoE layer of a captured forward, whe
 launch is paid once per step). LightLLM's generator (server/moe/routing/lightllm_rule.py) is
 timed once per N as the baseline of the speed-up column. On CUDA the greedy kernels and the
 torch paths are timed beside the policies, and so is the MoE block a policy precedes (the
-fused Triton MoE on random bf16 weights: Qwen3-30B-A3B's experts at E=128, DeepSeek-V3's at
-E=256), so the last column reads as "policy cost / MoE block cost" in a graph. The routing
+fused Triton MoE on random bf16 weights, then the block-FP8 one on the same weights in e4m3,
+each labelled with its roofline: Qwen3-30B-A3B's experts at E=128, DeepSeek-V3's at E=256), so
+the last column reads as "policy cost / bf16 MoE block cost" in a graph. The routing
 context has --ep-size ranks (rank_balanced balances them). Prints a markdown table; --out
 writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -114,20 +116,58 @@ def comparison_row(label: str, n: int, fn, device: str, iters: int) -> dict:
             "graph_us": time_graph(fn, iters) * 1e6, "speedup_vs_lightllm": None}
 
 
-def moe_block_row(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weights: torch.Tensor, iters: int) -> dict:
-    """The fused MoE block (Triton, bf16 random weights) on the router's own ids: what a policy precedes."""
+HBM_BYTES_PER_S = 3.0e12  # H100 80GB HBM3, a measured 1 GiB device copy (server/moe/kernels/NOTES.md)
+BF16_FLOP_PER_S = 730e12  # the same H100, a measured 8192^3 bf16 matmul
+FP8_FLOP_PER_S = 2 * BF16_FLOP_PER_S  # e4m3 tensor-core rate, assumed twice bf16 (not measured here)
+
+
+def moe_floor_us(n: int, num_experts: int, top_k: int, hidden: int, inter: int, weight_bytes: float,
+                 flop_per_s: float) -> float:
+    """Roofline of one MoE block call: the larger of the expected active experts' weight bytes
+    over HBM bandwidth and the routed rows' FLOPs over the tensor-core rate (activations ignored)."""
+    active = num_experts * (1 - (1 - top_k / num_experts) ** n)
+    memory = active * 3 * hidden * inter * weight_bytes / HBM_BYTES_PER_S
+    compute = n * top_k * 2 * 3 * hidden * inter / flop_per_s
+    return max(memory, compute) * 1e6
+
+
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> e4m3 codes and 128x128 block scales, one expert at a time (the fp32 copy of
+    all of DeepSeek-V3's experts at once would not fit)."""
+    from server.moe.kernels.moe_reference_fp8 import quantize_weight_blocks
+
+    parts = [quantize_weight_blocks(w[e]) for e in range(w.shape[0])]
+    return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+
+def moe_block_rows(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weights: torch.Tensor,
+                   iters: int) -> list[dict]:
+    """The MoE block a policy precedes, on the router's own ids, with random weights: the fused
+    Triton MoE in bf16, then the block-FP8 (W8A8) one on the same weights quantised to e4m3 with
+    128x128 block scales, each with its roofline (floor_us). The bf16 row comes first."""
     from server.moe.kernels.fused_moe import fused_moe_triton
+    from server.moe.kernels.fused_moe_fp8 import fused_moe_fp8_triton
 
     hidden, inter = MOE_BLOCKS[num_experts]
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, hidden, device="cuda", generator=g, dtype=torch.bfloat16)  # [N, H]
     w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, 2I, H]
     w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, H, I]
-    fn = lambda: fused_moe_triton(x, w13, w2, ids, weights.to(torch.bfloat16))  # noqa: E731
-    row = comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, bf16)", n, fn, "cuda", iters)
-    del w13, w2
+    gates = weights.to(torch.bfloat16)
+    floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 2, BF16_FLOP_PER_S)
+    fn = functools.partial(fused_moe_triton, x, w13, w2, ids, gates)
+    rows = [{**comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, bf16; floor {floor:,.0f} µs)", n, fn,
+                              "cuda", iters), "floor_us": floor}]
+    q13, q2 = quantize_experts(w13), quantize_experts(w2)  # e4m3 [E, N, K] + fp32 [E, N/128, K/128]
+    fn = functools.partial(fused_moe_fp8_triton, x, *q13, *q2, ids, gates)
+    del w13, w2, q13, q2  # the bf16 weights go; fn holds the FP8 ones
     torch.cuda.empty_cache()
-    return row
+    floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 1 + 4 / 128 ** 2, FP8_FLOP_PER_S)
+    rows.append({**comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, FP8 W8A8; floor {floor:,.0f} µs)", n,
+                                  fn, "cuda", iters), "floor_us": floor})
+    del fn
+    torch.cuda.empty_cache()
+    return rows
 
 
 def bench(device: str, ns: list[int], experts: list[int], top_k: int, lightllm_max_n: int, iters: int,
@@ -149,8 +189,9 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
         ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k, ep_size=ep_size)
         moe = None
         if device.startswith("cuda") and num_experts in MOE_BLOCKS:
-            moe = moe_block_row(n, num_experts, top_k, ids, weights, iters)
-            rows.append(moe)
+            moe_rows = moe_block_rows(n, num_experts, top_k, ids, weights, iters)
+            rows.extend(moe_rows)
+            moe = moe_rows[0]  # the bf16 block: what "graph vs MoE block" divides by
         lightllm_s = None
         if n <= lightllm_max_n:
             sync(device)

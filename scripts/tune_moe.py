@@ -85,18 +85,20 @@ def block_m_candidates(rows_per_expert: float) -> list[int]:
     return [64, 128]
 
 
-def gemm_candidates(block_m: int, accumulators: int, elem_bytes: int = 2) -> list[GemmConfig]:
+def gemm_candidates(block_m: int, accumulators: int, elem_bytes: int = 2, reg_factor: int = 1) -> list[GemmConfig]:
     """Candidates that fit shared memory and leave registers for operands.
 
     Accumulator budget per thread: 128 fp32 on the wgmma path (BLOCK_M >= 64, operands from
     shared memory), 64 on the mma.sync path (operands in registers too). Checked without a GPU
     by `python -m tests.kernels.support.compile_check --tune-space` (sm_90: no spills).
+    reg_factor 2: each accumulator has a same-sized partner (the FP8 GEMMs scale each dot's
+    result before adding it).
     """
     out = []
     acc_budget = 64 if block_m <= 32 else 128
     for bn, bk, warps, stages in (SMALL_M if block_m <= 32 else LARGE_M):
         smem = stages * (block_m * bk + accumulators * bk * bn) * elem_bytes
-        regs = accumulators * block_m * bn / (32 * warps)
+        regs = reg_factor * accumulators * block_m * bn / (32 * warps)
         if smem <= SMEM_LIMIT and regs <= acc_budget:
             out.append(GemmConfig(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1 if block_m <= 32 else 8, num_warps=warps,
                                   num_stages=stages))
@@ -168,8 +170,8 @@ def tune_bucket(tokens, args, w13, w2, deadline) -> BucketResult:
                         parts=parts)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=128, help="local experts on one EP rank")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=768, help="moe_intermediate_size")
@@ -179,31 +181,33 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=360.0, help="stop trying new candidates after this long")
     ap.add_argument("--no-write", action="store_true", help="write only to $OUT, not the configs dir")
     ap.add_argument("--smoke-cpu", action="store_true", help="CPU interpreter dry run at tiny shapes")
-    args = ap.parse_args()
+    return ap
+
+
+def setup(args) -> str:
+    """Device and smoke-mode shapes into args; the device name the config file is keyed by."""
     args.device = "cpu" if SMOKE else "cuda"
     if SMOKE:
         global SMALL_M, LARGE_M
         args.experts, args.hidden, args.inter, args.top_k, args.tokens = 4, 64, 32, 2, [3, 40]
         SMALL_M, LARGE_M = [(32, 32, 4, 2), (16, 64, 4, 2)], [(32, 32, 4, 2)]
         args.no_write = True
-    start = time.time()
-    deadline = start + args.budget_s
-    name = device_key() if not SMOKE else "cpu_smoke"
-    print(f"# tuning E={args.experts} H={args.hidden} I={args.inter} top_k={args.top_k} on {name}", flush=True)
-    w13, w2 = moe_weights(args.experts, args.hidden, args.inter, torch.bfloat16, args.device)
-    results = {t: tune_bucket(t, args, w13, w2, deadline) for t in args.tokens}
+    return device_key() if not SMOKE else "cpu_smoke"
+
+
+def write_results(results: dict, args, name: str, dtype: str, path: Path, start: float, deadline: float) -> None:
+    """The table (meta + buckets) to $OUT and, unless --no-write, to `path`; a summary on stdout."""
     table, timings = tuned_table(results)
-    meta = {"top_k": args.top_k, "dtype": "bfloat16", "device": name, "torch": torch.__version__,
-            "triton": triton.__version__, "tool": "scripts/tune_moe.py", "seconds": round(time.time() - start, 1),
-            "partial": time.time() > deadline, "date": time.strftime("%Y-%m-%d"),
-            "timings_us": timings}
+    meta = {"top_k": args.top_k, "dtype": dtype, "device": name, "torch": torch.__version__,
+            "triton": triton.__version__, "tool": f"scripts/{Path(sys.argv[0]).name}",
+            "seconds": round(time.time() - start, 1), "partial": time.time() > deadline,
+            "date": time.strftime("%Y-%m-%d"), "timings_us": timings}
     data = {"meta": meta, **table}
-    fname = config_path(name, args.experts, args.hidden, args.inter).name
     out_dir = Path(os.environ.get("OUT", "./gpu_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / fname).write_text(json.dumps(data, indent=1))
+    (out_dir / path.name).write_text(json.dumps(data, indent=1))
     if not args.no_write:
-        config_path(name, args.experts, args.hidden, args.inter).write_text(json.dumps(data, indent=1))
+        path.write_text(json.dumps(data, indent=1))
     print(f"\n{'T':>6} {'kept':>7} {'BM':>4} {'gate_up (N,K,w,s)':>18} {'down (N,K,w,s)':>16} {'tuned_us':>9} "
           f"{'default_us':>10} {'speedup':>7}")
     for t, r in results.items():
@@ -212,8 +216,20 @@ def main() -> int:
         d = f"{c.down.BLOCK_N},{c.down.BLOCK_K},{c.down.num_warps},{c.down.num_stages}"
         print(f"{t:>6} {kept:>7} {c.BLOCK_M:>4} {g:>18} {d:>16} {r.tuned_us:>9.1f} {r.default_us:>10.1f} "
               f"{r.default_us / r.tuned_us:>7.2f}")
-    print(f"# wrote {out_dir / fname}{'' if args.no_write else ' and ' + str(config_path(name, args.experts, args.hidden, args.inter))}"
+    print(f"# wrote {out_dir / path.name}{'' if args.no_write else ' and ' + str(path)}"
           f"; {time.time() - start:.0f}s{' (budget hit: partial)' if meta['partial'] else ''}")
+
+
+def main() -> int:
+    args = make_parser(__doc__).parse_args()
+    name = setup(args)
+    start = time.time()
+    deadline = start + args.budget_s
+    print(f"# tuning E={args.experts} H={args.hidden} I={args.inter} top_k={args.top_k} on {name}", flush=True)
+    w13, w2 = moe_weights(args.experts, args.hidden, args.inter, torch.bfloat16, args.device)
+    results = {t: tune_bucket(t, args, w13, w2, deadline) for t in args.tokens}
+    write_results(results, args, name, "bfloat16", config_path(name, args.experts, args.hidden, args.inter), start,
+                  deadline)
     return 0
 
 

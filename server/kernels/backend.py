@@ -35,6 +35,7 @@ MLA_DECODE_ENV = "EPSERVE_MLA_DECODE"
 KERNEL_BACKENDS = ("torch", "triton", "grouped_mm")
 MLA_DECODE_BACKENDS = ("triton_decode", "triton", "dense")
 DEFAULT_MLA_DECODE = MLA_DECODE_BACKENDS[0]
+EXPERT_WEIGHTS = ("values", "fp8")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,17 @@ class KernelBackend:
     name: str  # one of KERNEL_BACKENDS
     expert_path: str = ""  # EXPERT_PATHS name; "": the one named like the backend
     mla_decode: str = DEFAULT_MLA_DECODE  # one of MLA_DECODE_BACKENDS (MLA decode on the Triton backend)
+    #: routed experts' weights: "values" (serving dtype) or "fp8" (e4m3 + block scales; the loader
+    #: sets it, server/model/expert_format.py)
+    expert_weights: str = "values"
 
     def __post_init__(self) -> None:
         if self.name not in KERNEL_BACKENDS:
             raise UnknownNameError("kernel backend", self.name, KERNEL_BACKENDS, scope=BACKEND_ENV)
         if self.mla_decode not in MLA_DECODE_BACKENDS:
             raise UnknownNameError("MLA decode backend", self.mla_decode, MLA_DECODE_BACKENDS, scope=MLA_DECODE_ENV)
+        if self.expert_weights not in EXPERT_WEIGHTS:
+            raise UnknownNameError("expert weight format", self.expert_weights, EXPERT_WEIGHTS)
         if not self.expert_path:
             object.__setattr__(self, "expert_path", self.name)
 

@@ -37,3 +37,19 @@ def check_kernel_layout(q, k_cache, v_cache) -> int:
     if page & (page - 1):
         raise ValueError(f"block_size must be a power of two, got {page}")
     return page
+
+
+@triton.jit
+def cast_e4m3_rtne(x, INTERPRETED: tl.constexpr):
+    """x (fp32, |x| <= 448) -> float8e4nv with round-to-nearest-even, also under the interpreter.
+
+    The interpreter's fp32 -> e4m3 cast drops the carry when rounding crosses a power of two
+    (31.3 -> 16 instead of 32), so there x is first rounded to an e4m3 value in fp32 by hand
+    (3 mantissa bits for normals; multiples of 2^-9 below 2^-6, the subnormal range), which
+    the cast then keeps exactly (a zero may lose its sign). On the GPU the flag is False: one cvt.rn.satfinite."""
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        subnormal = (x + 24576.0) - 24576.0  # 24576 = 1.5 * 2^14: its fp32 ulp is 2^-9
+        x = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+    return x.to(tl.float8e4nv)

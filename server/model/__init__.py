@@ -8,6 +8,7 @@ Module guide (public entry points in loader.py: load_model, load_tokenizer, read
   quantization.py    config.json's quantization_config vs model.quantization -> FP8 block scheme or refusal
   fp8_blocks.py      block-wise FP8 dequantisation (e4m3 codes x weight_scale_inv per block)
   fp8_reader.py      checkpoint reader that dequantises FP8 weights as they are read, checks their scales
+  expert_format.py   whether routed experts keep FP8 codes + block scales (CUDA, auto) or load as values
   weights.py         checkpoint -> parameters (per-expert and fused expert layouts, this rank's experts only)
   random_weights.py  seeded random weights for `model.shape` benchmarks
   causal_lm.py       MoECausalLM: forward(ForwardBatch, kv_caches) -> [S, V] logits, allocate_kv_cache

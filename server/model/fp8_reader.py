@@ -97,3 +97,32 @@ class Fp8BlockReader(CheckpointReader):
         self._count(name, codes, category)
         self._count(scale, scales, category)
         return dequantize_blocks(codes, scales, self.scheme.block)
+
+    # ---- reads that keep the codes: experts stored as FP8 blocks (server/model/expert_format.py) ----
+    def read_codes(self, name: str, expected: tuple[int, int], category: str = "expert") -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 tensor `name` [rows, cols] as (e4m3 codes, float32 scales [ceil(rows/b0), ceil(cols/b1)])."""
+        scale = self._fp8_scale(name)
+        self.check_shape(name, expected)
+        codes = self._open(self._where[name]).get_tensor(name)
+        scales = self._open(self._where[scale]).get_tensor(scale)
+        self._count(name, codes, category)
+        self._count(scale, scales, category)
+        return codes, scales.to(torch.float32)
+
+    def read_rows_codes(self, name: str, start: int, stop: int, expected_row: tuple[int, ...], total_rows: int,
+                        category: str = "expert") -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts [start, stop) of a fused FP8 tensor as (codes [n, rows, cols], float32 scales [n, ...])."""
+        scale = self._fp8_scale(name)
+        self.check_shape(name, (total_rows, *expected_row))
+        codes = self._open(self._where[name]).get_slice(name)[start:stop]
+        scales = self._open(self._where[scale]).get_slice(scale)[start:stop]
+        self._count(name, codes, category)
+        self._count(scale, scales, category)
+        return codes, scales.to(torch.float32)
+
+    def _fp8_scale(self, name: str) -> str:
+        if not self.is_fp8(name):
+            raise ModelLoadError(f"tensor {name!r} in {self.file_of(name)} is stored as {self.stored_dtype(name)}, not "
+                                 f"{FP8_DTYPE}, but this model keeps its experts as FP8 blocks; set "
+                                 "model.quantization=dequantize to load them as values")
+        return self.scale_of(name)

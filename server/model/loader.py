@@ -23,6 +23,7 @@ from ..moe.eplb.settings import EplbSettings
 from ..moe.routing import RoutingPolicy
 from .causal_lm import MoECausalLM
 from .checkpoint import weight_files
+from .expert_format import expert_weight_format
 from .fp8_reader import open_checkpoint
 from .families import get_family
 from .random_weights import init_random_weights
@@ -121,6 +122,13 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
         spec = replace(spec, dtype=_DTYPE_NAMES[dtype])
     spec.check_ep_size(ep_size)
     torch_dtype = getattr(torch, spec.dtype)
+    kernels = kernels or KernelBackend.for_device(device)
+    why = f"expert weights {kernels.expert_weights}, as the caller chose"
+    if kernels.expert_weights == "values":  # a caller's explicit "fp8" (tests, tools) is kept
+        fmt, why = expert_weight_format(spec, model_cfg.quantization, kernels, device, eplb is not None)
+        kernels = replace(kernels, expert_weights=fmt)
+    elif spec.quantization is None:
+        raise ModelLoadError("FP8 expert weights need an FP8 block-quantised checkpoint")
     placement = None if eplb is None else eplb.initial_placement(spec.num_moe_layers, spec.num_experts, ep_size)
     model = MoECausalLM(spec, policy=policy, ep_rank=ep_rank, ep_size=ep_size, ep_group=ep_group,
                         dtype=torch_dtype, device=device, placement=placement, dispatch=dispatch, kernels=kernels)
@@ -128,10 +136,14 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
     if folder is None:
         init_random_weights(model, model_cfg.seed)
     else:
-        if spec.quantization is not None and ep_rank == 0:
+        if spec.quantization is not None and ep_rank == 0 and kernels.expert_weights == "fp8":
+            log.info("%s: FP8 block-quantised weights (%dx%d blocks): routed experts stay e4m3 with their block "
+                     "scales (%s); the other weights are dequantised to %s as they load (model.quantization=%s)",
+                     folder, *spec.quantization.block, why, spec.dtype, model_cfg.quantization)
+        elif spec.quantization is not None and ep_rank == 0:
             log.info("%s: FP8 block-quantised weights (%dx%d blocks) are dequantised to %s as they load "
                      "(model.quantization=%s%s)", folder, *spec.quantization.block, spec.dtype, model_cfg.quantization,
-                     ": no FP8 kernels run them yet" if model_cfg.quantization == "auto" else "")
+                     f": {why}" if model_cfg.quantization == "auto" else "")
         with open_checkpoint(folder, spec.quantization) as reader:
             load_checkpoint_weights(model, reader, progress=ep_rank == 0)
     if eplb is not None:

@@ -2,12 +2,15 @@
 
 Weights are served as bf16/fp16/fp32 values. FP8 block-quantised checkpoints (DeepSeek-V3/R1,
 Kimi-K2, Qwen3-FP8: e4m3 codes plus a float32 weight_scale_inv per 128x128 block) are the one
-quantised format epserve reads; with no FP8 kernels yet, reading them means dequantising each
-weight to the serving dtype as it is loaded (server/model/fp8_reader.py). Every other
+quantised format epserve reads. Non-expert weights are dequantised to the serving dtype as they
+load (server/model/fp8_reader.py); routed experts too, except on CUDA under auto, where they
+keep their e4m3 codes and block scales for the block-FP8 MoE kernels (server/model/expert_format.py
+says exactly when). Every other
 quantisation (AWQ, GPTQ, per-tensor FP8, ...) stores something a value read would turn into
 garbage, so it stops here, as does FP8 under model.quantization=none.
 
-  auto        follow config.json: an FP8 block checkpoint is dequantised on load
+  auto        follow config.json: an FP8 block checkpoint is dequantised on load, its routed
+              experts excepted where the FP8 MoE kernels run them (expert_format.py)
   none        refuse any quantised checkpoint (the behaviour before FP8 support)
   dequantize  dequantise FP8 block checkpoints on load, whatever the device could run
 """

@@ -10,7 +10,9 @@ the logical expert of each physical slot (copies of hot experts included).
 
 `{moe}` is the family's MoE module name (`mlp`; Mixtral checkpoints say `block_sparse_moe`).
 An FP8 block checkpoint reads the same way: its reader (fp8_reader.py) hands back each weight
-dequantised, so nothing here knows how a tensor was stored.
+dequantised, so nothing here knows how a tensor was stored, except where the experts themselves
+are kept as FP8 blocks (LocalExperts.weight_format "fp8", server/model/expert_format.py): their
+codes and scales are then copied as stored (_load_fp8_experts).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from .families import get_family
 from .spec import ModelLoadError
 
 log = logging.getLogger(__name__)
-_EXPERT_PARAMS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+_EXPERT_PARAMS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj",  # + block scales of FP8 experts:
+                  ".mlp.experts.gate_up_proj_scale_inv", ".mlp.experts.down_proj_scale_inv")
 
 
 def checkpoint_candidates(name: str, moe_module_names: tuple[str, ...]) -> list[str]:
@@ -89,6 +92,9 @@ def _load_experts(reader: CheckpointReader, experts: LocalExperts, ids: tuple[in
     hidden, inter = experts.hidden, experts.intermediate
     prefixes = [f"model.layers.{layer}.{m}.experts" for m in moe_names]
     fused = next((p for p in prefixes if reader.has(f"{p}.gate_up_proj")), None)
+    if experts.weight_format == "fp8":
+        _load_fp8_experts(reader, experts, ids, fused, prefixes, proj_names, num_experts, layer)
+        return
     if fused is not None:
         down = reader.find([f"{fused}.down_proj"])
         for slot, e0, n in _runs(ids):
@@ -110,6 +116,41 @@ def _load_experts(reader: CheckpointReader, experts: LocalExperts, ids: tuple[in
         experts.gate_up_proj[local, :inter].copy_(reader.read(gate, (inter, hidden), category="expert"))
         experts.gate_up_proj[local, inter:].copy_(reader.read(up, (inter, hidden), category="expert"))
         experts.down_proj[local].copy_(reader.read(down, (hidden, inter), category="expert"))
+
+
+def _load_fp8_experts(reader, experts: LocalExperts, ids: tuple[int, ...], fused: str | None, prefixes: list[str],
+                      proj_names: tuple[str, str, str], num_experts: int, layer: int) -> None:
+    """_load_experts for experts kept as FP8 blocks: codes and scales copied as stored. Separate
+    gate and up weights stack into gate_up_proj, their scale rows too (whole 128-row blocks:
+    expert_format.py takes fp8 only when I % 128 == 0)."""
+    hidden, inter = experts.hidden, experts.intermediate
+    w13, w13_s, w2, w2_s = experts.gate_up_proj, experts.gate_up_proj_scale_inv, experts.down_proj, experts.down_proj_scale_inv
+    if fused is not None:
+        down = reader.find([f"{fused}.down_proj"])
+        for slot, e0, n in _runs(ids):
+            codes, scales = reader.read_rows_codes(f"{fused}.gate_up_proj", e0, e0 + n, (2 * inter, hidden), num_experts)
+            w13[slot:slot + n].copy_(codes)
+            w13_s[slot:slot + n].copy_(scales)
+            codes, scales = reader.read_rows_codes(down, e0, e0 + n, (hidden, inter), num_experts)
+            w2[slot:slot + n].copy_(codes)
+            w2_s[slot:slot + n].copy_(scales)
+        return
+    prefix = next((p for p in prefixes if reader.has(f"{p}.{ids[0]}.{proj_names[0]}.weight")), None)
+    if prefix is None:
+        raise ModelLoadError(f"checkpoint {reader.folder} has no experts for layer {layer} under {prefixes[0]}")
+    if inter % 128:
+        raise ModelLoadError(f"layer {layer}: FP8 experts stored as separate gate and up weights need an intermediate "
+                             f"size that is a multiple of 128, got {inter}; set model.quantization=dequantize")
+    split = inter // 128  # scale rows of the gate half
+    for local, e in enumerate(ids):
+        gate, up, down = (reader.find([f"{prefix}.{e}.{p}.weight"]) for p in proj_names)
+        for rows, srows, name in ((slice(0, inter), slice(0, split), gate), (slice(inter, None), slice(split, None), up)):
+            codes, scales = reader.read_codes(name, (inter, hidden))
+            w13[local, rows].copy_(codes)
+            w13_s[local, srows].copy_(scales)
+        codes, scales = reader.read_codes(down, (hidden, inter))
+        w2[local].copy_(codes)
+        w2_s[local].copy_(scales)
 
 
 def _beyond_last_layer(name: str, num_layers: int) -> bool:

@@ -11,6 +11,7 @@ Module guide (one MoE block: gate -> router -> policy -> counters -> dispatch ->
   dispatch/      dispatch/combine: local, fixed-capacity all-gather (graph-safe), variable-split
                  all-to-all, and auto (by step size); registry in dispatch/__init__.py
   experts.py     LocalExperts and the expert paths (torch loop, fused Triton kernels)
+  fp8_expert_path.py  the path of experts kept as FP8 blocks (block-FP8 Triton kernels)
   kernels/       MoE and routing kernels (kernels/__init__.py)
   eplb/          expert placement, replicas and rebalancing (eplb/__init__.py)
 Building blocks shared with the decoder (gated MLP, activations) come from server/layers.

@@ -15,6 +15,9 @@ override), and kept as `experts.path`:
   triton_unsorted as triton, but dispatched rows go through expert_mlp_rows in the order they
                   arrive: no argsort and no two row copies. Not the default until a GPU
                   measurement of the EP step says it is faster (EPSERVE_EXPERT_PATH=triton_unsorted).
+Experts built with KernelBackend.expert_weights == "fp8" (the loader's choice for FP8 block
+checkpoints on CUDA, server/model/expert_format.py) hold e4m3 codes plus *_scale_inv block
+scales and run through Fp8ExpertPath (fp8_expert_path.py), whatever the path name says.
 Dispatchers (server/moe/dispatch/) call `experts.path.local_topk(experts, ...)` (every slot
 local), `.partial_topk(...)` (only slots with a local id >= 0) or `.rows(...)`.
 """
@@ -43,18 +46,35 @@ class LocalExperts(nn.Module):
         super().__init__()
         self.num_local, self.hidden, self.intermediate = num_local, hidden, intermediate
         self.first_expert = first_expert  # global id of local expert 0
-        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden, dtype=dtype, device=device))
-        self.down_proj = nn.Parameter(torch.empty(num_local, hidden, intermediate, dtype=dtype, device=device))
+        kernels = kernels or KernelBackend.for_device(device)
+        #: "values" (dtype) or "fp8": e4m3 codes plus fp32 scales per 128x128 block (fp8_expert_path.py)
+        self.weight_format = kernels.expert_weights
+        #: dtype of the rows these experts take and return (the weights' own, unless they are FP8)
+        self.act_dtype = dtype or torch.get_default_dtype()
+        fp8 = self.weight_format == "fp8"
+        w_dtype = torch.float8_e4m3fn if fp8 else dtype
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden, dtype=w_dtype, device=device),
+                                         requires_grad=not fp8)
+        self.down_proj = nn.Parameter(torch.empty(num_local, hidden, intermediate, dtype=w_dtype, device=device),
+                                      requires_grad=not fp8)
+        if fp8:  # the checkpoint's weight_scale_inv, one per 128x128 block: [E, ceil(rows/128), ceil(cols/128)]
+            blocks = lambda n: -(-n // 128)  # noqa: E731
+            self.gate_up_proj_scale_inv = nn.Parameter(torch.empty(
+                num_local, blocks(2 * intermediate), blocks(hidden), dtype=torch.float32, device=device), requires_grad=False)
+            self.down_proj_scale_inv = nn.Parameter(torch.empty(
+                num_local, blocks(hidden), blocks(intermediate), dtype=torch.float32, device=device), requires_grad=False)
         self.act = activation(act)
         #: how these experts run (kernels: the model's choice; None: by `device`)
-        self.path = expert_path(kernels or KernelBackend.for_device(device))
+        self.path = expert_path(kernels)
 
     @property
     def num_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in (self.gate_up_proj, self.down_proj))
+        return sum(p.numel() * p.element_size() for p in self.parameters())  # codes and scales when fp8
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x [R, H], local_ids [R] int in [0, E_local) -> [R, H]: row r through expert local_ids[r]."""
+        if self.weight_format != "values":
+            raise RuntimeError("LocalExperts.forward multiplies value weights; FP8 experts run through their path")
         if x.shape[0] == 0:
             return torch.empty_like(x)
         order = torch.argsort(local_ids, stable=True)  # [R] rows grouped by expert
@@ -184,5 +204,10 @@ EXPERT_PATHS.register("triton_unsorted", UnsortedRowsExpertPath)
 
 
 def expert_path(kernels: KernelBackend) -> ExpertPath:
-    """How experts run under `kernels` (its expert_path name, by default its backend's)."""
+    """How experts run under `kernels` (its expert_path name, by default its backend's; experts
+    stored as FP8 blocks take that path's FP8 kernels)."""
+    if kernels.expert_weights == "fp8":
+        from .fp8_expert_path import Fp8ExpertPath
+
+        return Fp8ExpertPath(kernels)
     return EXPERT_PATHS[kernels.expert_path](kernels)

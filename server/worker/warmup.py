@@ -115,7 +115,7 @@ def run_warmup(runner, plan: WarmupPlan) -> float:
                                  valid_rows=torch.zeros(batch.num_tokens, dtype=torch.bool, device=device), ep_rows=rows)
         experts = first_experts(model)
         for rows in plan.expert_rows:
-            x = torch.zeros(rows, experts.hidden, dtype=experts.gate_up_proj.dtype, device=device)  # [R, H]
+            x = torch.zeros(rows, experts.hidden, dtype=experts.act_dtype, device=device)  # [R, H]
             ids = torch.arange(rows, device=device) % experts.num_local  # [R] spread over local experts
             experts.path.rows(experts, x, ids)
     if device.type == "cuda":

@@ -12,6 +12,11 @@ Module guide (the model calls the MoE ops through `ops`):
                          and the deterministic k-way combine
   fused_moe.py           the pipelines: fused_moe_triton, grouped_expert_mlp_triton, expert_mlp_rows_triton
   moe_config.py          block sizes: configs/<device>_E_H_I.json (scripts/tune_moe.py) or defaults
+  fp8_quant.py           per-row, per-128-channel e4m3 activation quantisation (+ torch twin)
+  moe_gemm_fp8.py        block-FP8 (W8A8) grouped GEMMs: e4m3 codes, fp32 scales per 128-wide K block
+  fused_moe_fp8.py       the FP8 pipelines (same alignment and combine as fused_moe.py)
+  fp8_config.py          FP8 block sizes: configs/<device>_E_H_I_fp8.json or defaults; BLOCK_K divides 128
+  moe_reference_fp8.py   fp32 twins of the FP8 pipelines; block quantiser for tests and benchmarks
   greedy_route.py        Triton greedy_balanced routing (routing policy)
   greedy_route_cuda.py   CUDA greedy_balanced kernel (greedy_route.cu), built on first use
   uniform_random_route.py Triton uniform_random routing (routing policy)

@@ -72,6 +72,7 @@ class Compiled:
     shared: int
     hgmma: bool
     hmma: bool
+    qgmma: bool = False  # FP8 operands on wgmma (SASS QGMMA)
 
 
 def specialization(launch: Launch) -> tuple:
@@ -113,7 +114,7 @@ def compile_launch(launch: Launch) -> Compiled:
                    if launch.kernel.params[i].is_constexpr and launch.kernel.params[i].name.isupper())
     key += "".join(f",{k}={v}" for k, v in launch.options.items())
     return Compiled(launch.kernel.fn.__name__, key, registers, spills, kernel.metadata.shared,
-                    "HGMMA" in sass, re.search(r"\bHMMA", sass) is not None)
+                    "HGMMA" in sass, re.search(r"\bHMMA", sass) is not None, "QGMMA" in sass)
 
 
 def _tool(name: str) -> str:
@@ -146,16 +147,27 @@ def meta_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
             torch.empty(tokens, top_k, device="meta", dtype=torch.float32))
 
 
+def meta_fp8_moe(tokens: int, experts=128, hidden=2048, inter=768, top_k=8):
+    """Meta inputs of fused_moe_fp8_triton: x, w13, w13_s, w2, w2_s, ids, weights (e4m3 weights,
+    fp32 scales per 128x128 block)."""
+    x, w13, w2, ids, w = meta_moe(tokens, experts, hidden, inter, top_k)
+    f8, f32 = dict(device="meta", dtype=torch.float8_e4m3fn), dict(device="meta", dtype=torch.float32)
+    return (x, torch.empty(w13.shape, **f8), torch.empty(experts, -(-2 * inter // 128), -(-hidden // 128), **f32),
+            torch.empty(w2.shape, **f8), torch.empty(experts, -(-hidden // 128), -(-inter // 128), **f32), ids, w)
+
+
 def launches_for_defaults(tokens=(1, 128, 8192)) -> list[Launch]:
     from server.kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
     from server.kernels.attention_prefill import prefill_attention_triton
     from server.moe.kernels.fused_moe import expert_mlp_rows_triton, fused_moe_triton, grouped_expert_mlp_triton
+    from server.moe.kernels.fused_moe_fp8 import fused_moe_fp8_triton
 
     m = dict(device="meta", dtype=torch.bfloat16)
     i32 = dict(device="meta", dtype=torch.int32)
     with record_launches() as launches:
         for t in tokens:
             fused_moe_triton(*meta_moe(t))
+            fused_moe_fp8_triton(*meta_fp8_moe(t))
         _, w13, w2, _, _ = meta_moe(1, experts=32)
         grouped_expert_mlp_triton(torch.empty(4096, 2048, **m), torch.empty(33, **i32), w13, w2)
         expert_mlp_rows_triton(torch.empty(4096, 2048, **m), torch.empty(4096, **i32), w13, w2)
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         seen.add((c.name, c.key))
         flag = c.spill_bytes > 0 or c.shared > SMEM_LIMIT
         bad += flag
-        mma = "wgmma" if c.hgmma else ("mma" if c.hmma else "-")
+        mma = "wgmma" if c.hgmma or c.qgmma else ("mma" if c.hmma else "-")
         print(f"{c.name:<24} {c.registers:>4} {c.spill_bytes:>5} {c.shared / 1024:>7.1f} {mma:>5}  {c.key}"
               f"{'  <-- SPILL/SMEM' if flag else ''}", flush=True)
     print(f"# {len(seen)} distinct kernels compiled for sm_90, {bad} problems")

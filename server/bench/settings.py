@@ -11,6 +11,7 @@ from ..config import AppConfig, ConfigError, ModelConfig, ParallelConfig, Routin
 HF_CACHES = ("static", "dynamic")
 MODES = ("engine", "static", "whatif")
 ROUTING_SOURCES = ("model", "trace", "profile")
+EXPERT_PRECISIONS = ("dtype", "fp8")  # bench.expert_precision: whatif/expert_precision.py
 DEFAULT_POLICIES = ({"name": "natural"}, {"name": "greedy_balanced"}, {"name": "round_robin_balanced"})
 DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -57,6 +58,7 @@ class BenchOptions:
     whatif_decode_steps: int = 8  # decode steps timed per request set, evenly spread (0: all)
     whatif_reps: int = 10  # graph replays per timed expert-kernel shape (median)
     whatif_validate: bool = False  # ep_size 1: then run the real engine on the same sets and compare step times
+    expert_precision: str = "dtype"  # dtype (model.dtype) | fp8 (e4m3, 128x128 block scales, the FP8 expert path)
     # ---- all modes ----
     block_size: int = 16
     seed: int = 0  # prompt tokens and lengths
@@ -86,6 +88,11 @@ class BenchOptions:
                 raise ConfigError(f"bench.{key} must be a positive integer, got {value!r}")
         if not isinstance(self.whatif_decode_steps, int) or self.whatif_decode_steps < 0:
             raise ConfigError(f"bench.whatif_decode_steps must be an integer >= 0 (0: all), got {self.whatif_decode_steps!r}")
+        if self.expert_precision not in EXPERT_PRECISIONS:
+            raise ConfigError(f"bench.expert_precision={self.expert_precision!r} is not one of {EXPERT_PRECISIONS}")
+        if self.expert_precision != "dtype" and self.mode != "whatif":
+            raise ConfigError(f"bench.expert_precision={self.expert_precision} is read by bench.mode=whatif only "
+                              f"(bench.mode={self.mode} runs the model's own expert weights)")
         if self.routing_source not in ROUTING_SOURCES:
             raise ConfigError(f"bench.routing_source={self.routing_source!r} is not one of {ROUTING_SOURCES}")
         if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in self.eplb_redundant_per_rank):

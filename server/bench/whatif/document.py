@@ -16,6 +16,7 @@ import torch
 
 from ..bound import linear_bound
 from ..settings import BenchSettings
+from .expert_precision import precision_note
 from .plans import plan_steps
 from .run import WhatIf, timed_steps
 from .sources import SOURCES, SourceRequest
@@ -102,7 +103,9 @@ def _document(settings: BenchSettings, w: WhatIf, source_note: str, results: dic
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu",
         "model": {"name": settings.model.name, "layers": spec.num_layers, "moe_layers": spec.num_moe_layers,
-                  "experts": spec.num_experts, "top_k": spec.top_k, "hidden": spec.hidden_size, "dtype": spec.dtype},
+                  "experts": spec.num_experts, "top_k": spec.top_k, "hidden": spec.hidden_size, "dtype": spec.dtype,
+                  "expert_precision": o.expert_precision,
+                  "expert_weights": precision_note(timers[0].experts) if timers else o.expert_precision},
         "ep_size": w.ep, "dispatch": w.kind, "decode_graphs": w.ranks.graphs,
         "interconnect": {"name": w.wire.name, "source": w.wire.source, "gpus_per_node": w.wire.gpus_per_node},
         "routing_source": source_note,

@@ -12,7 +12,9 @@ copied in and the graph replayed `reps` times, each replay after the L2 cache is
 (writing twice its size), timed with events; the median, less the replay floor of an empty
 graph measured the same way, is the kernel's time. On CPU the torch path runs under the
 host clock. A key (rows and each expert's row tiles, see `time`) is timed once.
-`standalone_ms` times the bare fused-MoE op on the same rows in a graph of its own (and
+Under bench.expert_precision=fp8 the experts hold e4m3 codes and 128x128 block scales
+(expert_precision.py) and `experts.path` is the engine's Fp8ExpertPath, so the same calls time
+the FP8 kernels. `standalone_ms` times the bare fused-MoE op (the FP8 one for FP8 experts) on the same rows in a graph of its own (and
 eagerly, to show what launches add) for the run's self-check.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from ...kernels.backend import KernelBackend
 from ...moe.dispatch.token_rows import TokenRows
 from ...moe.experts import LocalExperts
+from .expert_precision import fill_random_fp8
 from .layout import LayerLayout
 
 
@@ -37,9 +40,12 @@ class ExpertKernelTimer:
         self.experts = LocalExperts(slots_per_rank, spec.hidden_size, spec.moe_intermediate_size, spec.hidden_act,
                                     dtype=dtype, device=device, kernels=kernels or KernelBackend.for_device(device))
         gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            for p in (self.experts.gate_up_proj, self.experts.down_proj):
-                p.normal_(0.0, spec.initializer_range, generator=gen)
+        if self.experts.weight_format == "fp8":  # kernels.expert_weights from bench.expert_precision
+            fill_random_fp8(self.experts, spec.initializer_range, gen)
+        else:
+            with torch.no_grad():
+                for p in (self.experts.gate_up_proj, self.experts.down_proj):
+                    p.normal_(0.0, spec.initializer_range, generator=gen)
         self.cuda = device.type == "cuda"
         self.cache: dict[tuple, float] = {}
         self._tiles: dict[int, int] = {}  # rows -> BLOCK_M of the kernel at that row count
@@ -119,6 +125,10 @@ class ExpertKernelTimer:
         from ...moe.kernels.moe_config import get_moe_config
 
         e = self.experts
+        if e.weight_format == "fp8":
+            from ...moe.kernels.fp8_config import get_fp8_moe_config
+
+            return get_fp8_moe_config(e.num_local, e.hidden, e.intermediate, rows * self.top_k, self.device).BLOCK_M
         return get_moe_config(e.num_local, e.hidden, e.intermediate, rows * self.top_k, self.dtype, self.device).BLOCK_M
 
     def time(self, layout: LayerLayout, rank: int) -> float:
@@ -157,7 +167,13 @@ class ExpertKernelTimer:
         gen = torch.Generator(device=self.device).manual_seed(1)
         x = torch.randn(ids.shape[0], self.hidden, generator=gen, device=self.device).to(self.dtype)  # [T, H]
         w = torch.full(ids.shape, 1.0 / self.top_k, device=self.device)  # [T, k]
-        fused = self.experts.path.fused_moe
-        run = lambda: fused(x, self.experts.gate_up_proj, self.experts.down_proj, ids, w)  # noqa: E731
+        e = self.experts
+        if e.weight_format == "fp8":  # the op Fp8ExpertPath calls, on the e4m3 codes and block scales
+            from ...moe.kernels.fused_moe_fp8 import fused_moe_fp8_triton
+
+            weights = (e.gate_up_proj, e.gate_up_proj_scale_inv, e.down_proj, e.down_proj_scale_inv)
+            run = lambda: fused_moe_fp8_triton(x, *weights, ids, w)  # noqa: E731
+        else:
+            run = lambda: e.path.fused_moe(x, e.gate_up_proj, e.down_proj, ids, w)  # noqa: E731
         graphed = max(self._replay_ms(self._captured(run).replay) - self.floor_ms, 0.0)
         return graphed, self._replay_ms(run)

@@ -49,6 +49,7 @@ def markdown(doc: dict) -> str:
              f"top-{m['top_k']}) at EP{doc['ep_size']}, emulated on one {doc['device']}", "",
              f"Routing: {doc['routing_source']}. Dispatch: {doc['dispatch']} "
              f"(decode {'in CUDA graphs' if doc['decode_graphs'] else 'eager'}). "
+             f"Expert weights: {m.get('expert_weights', m['dtype'])}. "
              f"Wire: {doc['interconnect']['name']} ({doc['interconnect']['source'].rsplit('/', 1)[-1]}).",
              "", "Measured: " + "; ".join(doc["measured"]) + ".", "", "Modelled: " + "; ".join(doc["modelled"]) + ".",
              "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]

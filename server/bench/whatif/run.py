@@ -7,7 +7,8 @@ of bench.policies, and natural routing with EPLB at each bench.eplb_redundant_pe
 
   measured   each rank's local work per step (rank_timer.py: the real runner on probe models)
              each rank's expert kernel per layer (expert_timer.py: the production kernel on
-             the rows its layout gives it; layout.py runs the policy, EPLB and dispatch code)
+             the rows its layout gives it, its weights in bench.expert_precision; layout.py
+             runs the policy, EPLB and dispatch code)
   modelled   the all-gather and the all-to-all of every MoE layer (wire.py, the profile)
   composed   per step as the engine runs it (compose.py), summed per phase
 
@@ -34,6 +35,7 @@ from ...routing_setup import build_routing_policy
 from ..experiment import build_sets, engine_app
 from ..settings import BenchSettings
 from .compose import PhaseTime, compose_step
+from .expert_precision import expert_kernels
 from .expert_timer import ExpertKernelTimer
 from .layout import Layouter
 from .phase_stats import PhaseLoads
@@ -113,6 +115,9 @@ class WhatIf:
             if v.redundant is not None and (self.spec.num_experts + v.redundant) % self.ep:
                 raise ConfigError(f"EPLB with {v.redundant} redundant experts: {self.spec.num_experts + v.redundant} "
                                   f"slots do not split over ep_size={self.ep}")
+        # bench.expert_precision: the experts' weight format, as the engine would decide it (fails early)
+        self.expert_kernels = expert_kernels(self.o.expert_precision, self.spec, self.kernels, self.device,
+                                             eplb=any(v.redundant is not None for v in self.variants))
         self.progress = progress
         self.moe_layers = self.spec.num_moe_layers
         self.dense_layers = self.spec.num_layers - self.moe_layers
@@ -128,7 +133,7 @@ class WhatIf:
         if slots_per_rank not in self._expert_timers:
             self._expert_timers[slots_per_rank] = ExpertKernelTimer(self.spec, slots_per_rank, self.device, self.dtype,
                                                                     reps=self.o.whatif_reps, seed=self.settings.model.seed,
-                                                                    kernels=self.kernels)
+                                                                    kernels=self.expert_kernels)
         return self._expert_timers[slots_per_rank]
 
     def request_sets(self) -> list[tuple[str, object]]:

@@ -68,6 +68,7 @@ def test_whatif_writes_every_variant_and_phase_consistently(tmp_path, ep, extra)
     (["parallel.ep_size=16", "bench.interconnect=h200_nvswitch"], "ib400_h100"),
     (["parallel.ep_size=3"], "parallel.ep_size"),
     (["parallel.dispatch=alltoall"], "parallel.dispatch=alltoall"),
+    (["bench.expert_precision=fp8", "parallel.device=cpu"], r"bench.expert_precision=fp8: .*CUDA only"),
 ])
 def test_whatif_config_errors_name_the_key(overrides, message):
     from server.bench.settings import BenchSettings

@@ -1,7 +1,9 @@
 """The EP what-if on a GPU (run on the GPU machine; skipped without CUDA): decode steps replay
 CUDA graphs, the expert kernel agrees with the bare fused-MoE op on the same rows, and at
 ep_size 1 the composed step time stays near the real engine's measured one in the same
-process (the benchmark holds the 5% figure; a test allows noise on a small shape)."""
+process (the benchmark holds the 5% figure; a test allows noise on a small shape). Under
+bench.expert_precision=fp8 (compute capability 8.9+) the experts run the engine's FP8 path and
+agree with the bare FP8 op."""
 from __future__ import annotations
 
 import pytest
@@ -50,3 +52,18 @@ def test_whatif_at_ep4_kernels_agree_with_the_bare_op():
     decode = doc["phases"]["decode"]
     assert decode["round_robin_balanced"]["rank_max_over_mean"] < decode["natural"]["rank_max_over_mean"]
     assert all(s["breakdown_ms"]["experts"] > 0 and s["breakdown_ms"]["wire"] > 0 for s in decode.values())
+
+
+def test_whatif_fp8_experts_run_the_fp8_path_and_agree_with_the_bare_fp8_op():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 experts need compute capability 8.9+")
+    doc = run_whatif(_settings(4, expert_precision="fp8", eplb_redundant_per_rank=[], whatif_decode_steps=2,
+                               policies=["natural", "round_robin_balanced"]))
+    assert doc["model"]["expert_precision"] == "fp8"
+    assert doc["model"]["expert_weights"].startswith("fp8 (e4m3, 128x128 block scales")
+    assert doc["self_check"], "no self-check ran"
+    for check in doc["self_check"]:
+        assert 0.5 < check["standalone_ms"] / max(check["whatif_ms"], 1e-6) < 2.0, check
+    decode = doc["phases"]["decode"]
+    assert list(decode) == ["natural", "round_robin_balanced"]
+    assert all(s["breakdown_ms"]["experts"] > 0 for s in decode.values())

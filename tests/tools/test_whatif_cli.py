@@ -59,6 +59,7 @@ def test_whatif_writes_every_variant_and_phase_consistently(tmp_path, ep, extra)
     assert prefill["greedy_balanced"]["balancedness"]["expert"]["min"] >= mean / (mean + ep) - 1e-9
     text = next(f for f in files if f.suffix == ".md").read_text()
     assert "Measured:" in text and "Modelled:" in text and "| decode | greedy_balanced |" in text
+    assert doc["model"]["expert_precision"] == "dtype" and "Expert weights: float32 (torch expert path)." in text
     assert "| prefill | natural+eplb0 |" in res.stdout
 
 

@@ -34,7 +34,8 @@ out = {"path": e.path.name, "dtype": str(e.gate_up_proj.dtype)}
 for kind, local in (("allgather", [[0, 1], [2, -1], [-1, 3], [7, 5], [6, 6]]), ("local", [[4, 0], [1, 2], [3, 7]])):
     ids, call, graph = timer._prepared(kind, len(local))
     ids.copy_(torch.tensor(local, dtype=torch.int32))  # [T, k] as time() copies a layout's ids in
-    x = torch.randn(len(local), spec.hidden_size, generator=torch.Generator().manual_seed(len(local)))  # the timer's rows
+    gen = torch.Generator().manual_seed(len(local))  # the timer seeds its rows by their count
+    x = torch.randn(len(local), spec.hidden_size, generator=gen)  # [T, H]
     gates = torch.full(ids.shape, 1.0 / spec.top_k)
     out[kind] = rel_err(call(), fused_moe_fp8_reference(x, *w, ids, gates))
 print(json.dumps(out))

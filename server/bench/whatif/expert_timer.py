@@ -14,8 +14,9 @@ graph measured the same way, is the kernel's time. On CPU the torch path runs un
 host clock. A key (rows and each expert's row tiles, see `time`) is timed once.
 Under bench.expert_precision=fp8 the experts hold e4m3 codes and 128x128 block scales
 (expert_precision.py) and `experts.path` is the engine's Fp8ExpertPath, so the same calls time
-the FP8 kernels. `standalone_ms` times the bare fused-MoE op (the FP8 one for FP8 experts) on the same rows in a graph of its own (and
-eagerly, to show what launches add) for the run's self-check.
+the FP8 kernels. `standalone_ms` times the bare fused-MoE op (the FP8 one for FP8 experts)
+on the same rows in a graph of its own (and eagerly, to show what launches add) for the
+run's self-check.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ Module guide (entry: document.run_whatif, from server/bench/cli.py):
                   ids its expert kernel reads, and the loads behind them
   expert_timer.py a rank's expert kernel timed on its rows (production kernel, CUDA graphs,
                   L2 flushed; cached by the experts' row tiles)
+  expert_precision.py  bench.expert_precision: dtype or fp8 experts (the engine's FP8 rule
+                  decides where fp8 can run); random e4m3 experts with 128x128 block scales
   local_work.py   the dispatchers without their collectives and experts; probe model shapes
   rank_timer.py   each rank's own work per step through a real ModelRunner on probe models
   wire.py         alpha-beta collectives per interconnect profile, conf/interconnect/*.yaml

@@ -6,7 +6,6 @@ Module guide (public entry points in loader.py: load_model, load_tokenizer, read
   loader.py          ModelConfig -> folder / tiny assets / random shape -> MoECausalLM, tokenizer
   checkpoint.py      safetensors reader (single file or index + shards, row slices, byte accounting)
   quantization.py    config.json's quantization_config vs model.quantization -> FP8 block scheme or refusal
-  fp8_blocks.py      block-wise FP8 dequantisation (e4m3 codes x weight_scale_inv per block)
   fp8_reader.py      checkpoint reader that dequantises FP8 weights as they are read, checks their scales
   expert_format.py   whether routed experts keep FP8 codes + block scales (CUDA, auto) or load as values
   weights.py         checkpoint -> parameters (per-expert and fused expert layouts, this rank's experts only)

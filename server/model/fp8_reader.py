@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointReader
-from .fp8_blocks import dequantize_blocks, implied_block, scale_shape
+from ..kernels.fp8_blocks import dequantize_blocks, implied_block, scale_shape
 from .spec import Fp8BlockScheme, ModelLoadError
 
 FP8_DTYPE = "F8_E4M3"

@@ -1,11 +1,11 @@
-"""Block-wise FP8 dequantisation arithmetic (server/model/fp8_blocks.py) against a block-by-block
+"""Block-wise FP8 dequantisation arithmetic (server/kernels/fp8_blocks.py) against a block-by-block
 loop: partial edge blocks, fused expert tensors, and the block size a scale grid implies."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.model.fp8_blocks import dequantize_blocks, implied_block, scale_shape
+from server.kernels.fp8_blocks import dequantize_blocks, implied_block, scale_shape
 from tests.helpers.fp8_checkpoint import dequantize_reference
 
 

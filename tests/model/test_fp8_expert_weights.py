@@ -11,7 +11,7 @@ import torch
 from server.config import ModelConfig
 from server.kernels.backend import KernelBackend
 from server.model.expert_format import expert_weight_format
-from server.model.fp8_blocks import dequantize_blocks
+from server.kernels.fp8_blocks import dequantize_blocks
 from server.model.loader import load_model, read_model_spec
 from server.model.spec import ModelLoadError
 from server.moe.routing import build_policy

@@ -14,7 +14,7 @@ from server.bench.settings import BenchSettings
 from server.bench.whatif.expert_precision import expert_kernels, fill_random_fp8, precision_note
 from server.config import ConfigError
 from server.kernels.backend import KernelBackend
-from server.model.fp8_blocks import dequantize_blocks
+from server.kernels.fp8_blocks import dequantize_blocks
 from server.model.loader import read_model_spec
 from server.moe.experts import LocalExperts
 

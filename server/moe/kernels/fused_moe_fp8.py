@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels.workspace import workspace
-from ...model.fp8_blocks import scale_shape
+from ...kernels.fp8_blocks import scale_shape
 from .fp8_config import check_fp8_config, get_fp8_moe_config
 from .fp8_quant import GROUP, quantize_rows_fp8
 from .fused_moe import _check_out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...model.fp8_blocks import dequantize_blocks
+from ...kernels.fp8_blocks import dequantize_blocks
 from .fp8_quant import GROUP, dequantize_rows, quantize_rows_reference
 
 

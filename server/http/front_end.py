@@ -18,6 +18,7 @@ import uvicorn
 
 from server.config import AppConfig, ConfigError
 from server.rpc.auth import resolve_token
+from server.rpc.listening import listening_socket
 
 from .app import build_app
 
@@ -42,20 +43,11 @@ class HttpFrontEnd:
 
     def _bind(self) -> socket.socket:
         cfg = self.app.server
-        family = socket.AF_INET6 if ":" in cfg.http_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            # A restart on the same port must not wait out the last run's TIME_WAIT connections;
-            # on Linux this still refuses a port another socket listens on.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((cfg.http_host.strip("[]"), cfg.http_port))
+            return listening_socket(cfg.http_host, cfg.http_port)
         except OSError as exc:
-            sock.close()
             raise ConfigError(f"server.http_host/server.http_port: cannot listen on {cfg.http_host}:{cfg.http_port} "
                               f"({exc.strerror or exc})") from None
-        sock.listen(4096)
-        sock.setblocking(False)
-        return sock
 
     async def start(self, service: "GenerationService") -> None:
         sock = self._bind()

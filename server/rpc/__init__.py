@@ -12,6 +12,7 @@ Module guide:
   auth.py         bearer-token interceptor
   tls.py          start-up check of the TLS certificate and key (names a bad, mismatched or swapped file)
   metrics.py      Prometheus metrics and their HTTP endpoint
+  listening.py    the listening TCP socket of the metrics and HTTP ports (SO_REUSEADDR, IPv6)
   busy_log.py     while busy, one log line per server.log_interval_s (tok/s, queue, KV use, balancedness)
   app.py          builds the grpc.aio server, serves, drains on SIGTERM/SIGINT
 """

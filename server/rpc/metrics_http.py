@@ -6,7 +6,7 @@ slow connections were a few thousand threads fighting the gRPC event loop for th
 checks stalled for seconds. Here a connection costs a coroutine, never a thread, and what
 one can hold is bounded:
   * at most MAX_CONNECTIONS are served at once (fewer under a low descriptor limit: a quarter
-    of RLIMIT_NOFILE); the next wait in the kernel's accept queue (BACKLOG), holding no
+    of RLIMIT_NOFILE); the next wait in the kernel's accept queue (listening.BACKLOG), holding no
     descriptor and no memory of this process. So slow connections can delay scrapes, never
     gRPC;
   * a connection has HEAD_TIMEOUT_S to send its request head (at most MAX_HEAD_BYTES) and
@@ -25,9 +25,10 @@ import socket
 import struct
 from typing import Awaitable, Callable
 
+from .listening import listening_socket
+
 log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256
-BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 HEAD_TIMEOUT_S = 3.0  # a scraper sends its request head at once
 WRITE_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 8192
@@ -55,17 +56,7 @@ class MetricsHttpServer:
         self._serving: set[asyncio.Task] = set()
 
     def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host.strip("[]"), self.port))
-            sock.listen(BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self._sock = sock
+        self._sock = listening_socket(self.host, self.port)
         self._accepting = asyncio.ensure_future(self._accept())
 
     async def stop(self) -> None:

@@ -12,8 +12,9 @@ path that CPU runs, the tests' oracles and the torch baselines use:
     Hopper, Blackwell) with the Triton expert path (triton / triton_unsorted), the only place the
     FP8 kernels run at speed (the interpreter is for tests);
   - the expert intermediate size is a multiple of 128 (checkpoints that store gate and up
-    apart are fused here by stacking their scale rows; real ones are: 768, 1408, 2048);
-  - no EPLB: its weight moves and replicas copy value tensors only.
+    apart are fused here by stacking their scale rows; real ones are: 768, 1408, 2048).
+EPLB is no condition: its start-up placement loads every slot's codes and scales (weights.py)
+and its online moves carry every tensor of a slot, scales included (server/moe/eplb/transfer.py).
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ MIN_CAPABILITY = (8, 9)
 
 
 def expert_weight_format(spec: ModelSpec, quantization: str, kernels: KernelBackend,
-                         device: torch.device | str | None, eplb: bool,
-                         capability: tuple[int, int] | None = None) -> tuple[str, str]:
+                         device: torch.device | str | None, capability: tuple[int, int] | None = None) -> tuple[str, str]:
     """("fp8" | "values", why): the format of this model's expert weights and the reason, for
     the start-up log. `capability`: the CUDA device's (None: asked of torch when it matters)."""
     scheme = spec.quantization
@@ -49,6 +49,4 @@ def expert_weight_format(spec: ModelSpec, quantization: str, kernels: KernelBack
         return "values", f"expert path {kernels.expert_path!r} has no FP8 kernels (triton or triton_unsorted have)"
     if spec.moe_intermediate_size % FP8_BLOCK[0]:
         return "values", f"expert intermediate size {spec.moe_intermediate_size} is not a multiple of {FP8_BLOCK[0]}"
-    if eplb:
-        return "values", "EPLB moves and replicates expert value tensors only"
     return "fp8", "e4m3 expert weights with block scales, block-FP8 MoE kernels"

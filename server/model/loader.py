@@ -125,7 +125,7 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
     kernels = kernels or KernelBackend.for_device(device)
     why = f"expert weights {kernels.expert_weights}, as the caller chose"
     if kernels.expert_weights == "values":  # a caller's explicit "fp8" (tests, tools) is kept
-        fmt, why = expert_weight_format(spec, model_cfg.quantization, kernels, device, eplb is not None)
+        fmt, why = expert_weight_format(spec, model_cfg.quantization, kernels, device)
         kernels = replace(kernels, expert_weights=fmt)
     elif spec.quantization is None:
         raise ModelLoadError("FP8 expert weights need an FP8 block-quantised checkpoint")

@@ -71,6 +71,17 @@ class LocalExperts(nn.Module):
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())  # codes and scales when fp8
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every parameter indexed by slot ([E_local, ...]: first dim num_local), in registration
+        order: gate_up_proj, down_proj, and for fp8 also their *_scale_inv. What a slot holds, so
+        whatever copies a slot's expert (EPLB's weight moves) moves all of it, for any format."""
+        return [p for p in self.parameters() if p.dim() and p.shape[0] == self.num_local]
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes one slot's expert occupies (codes and scales when fp8): what moving it costs."""
+        return sum(p[0].numel() * p.element_size() for p in self.slot_tensors())
+
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x [R, H], local_ids [R] int in [0, E_local) -> [R, H]: row r through expert local_ids[r]."""
         if self.weight_format != "values":

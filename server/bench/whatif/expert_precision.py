@@ -9,7 +9,8 @@ bytes of bf16), and what balance buys depends on how long a rank's expert kernel
          (server/moe/fp8_expert_path.py): the engine's own decision (server/model/expert_format.py)
          is asked as if the shape were an FP8 block checkpoint under model.quantization=auto, and
          where it would keep values (CPU, compute capability below 8.9, a non-Triton expert path,
-         an intermediate size off the block, EPLB) the run stops with that reason, naming the key.
+         an intermediate size off the block) the run stops with that reason, naming the key.
+         EPLB variants run FP8 too: every slot, replicas included, holds e4m3 codes and scales.
 """
 from __future__ import annotations
 
@@ -23,21 +24,20 @@ from ...model.expert_format import FP8_BLOCK, expert_weight_format
 from ...model.spec import Fp8BlockScheme, ModelSpec
 
 
-def expert_kernels(precision: str, spec: ModelSpec, kernels: KernelBackend, device: torch.device | str, eplb: bool,
+def expert_kernels(precision: str, spec: ModelSpec, kernels: KernelBackend, device: torch.device | str,
                    capability: tuple[int, int] | None = None) -> KernelBackend:
     """The kernel backend the what-if's experts are built with: `kernels` with expert_weights
     "values" (dtype) or "fp8", or ConfigError naming bench.expert_precision where fp8 cannot run.
-    `eplb`: EPLB variants are compared; `capability`: the CUDA device's (None: asked of torch)."""
+    `capability`: the CUDA device's (None: asked of torch)."""
     if precision == "dtype":
         return replace(kernels, expert_weights="values")
     if precision != "fp8":
         raise ConfigError(f"bench.expert_precision={precision!r} is not one of ('dtype', 'fp8')")
     as_checkpoint = replace(spec, quantization=Fp8BlockScheme(block=FP8_BLOCK))
-    fmt, why = expert_weight_format(as_checkpoint, "auto", replace(kernels, expert_weights="values"), device, eplb,
+    fmt, why = expert_weight_format(as_checkpoint, "auto", replace(kernels, expert_weights="values"), device,
                                     capability)
     if fmt != "fp8":
-        hint = " (set bench.eplb_redundant_per_rank=[])" if eplb and why.startswith("EPLB") else ""
-        raise ConfigError(f"bench.expert_precision=fp8: the engine would not run FP8 experts here: {why}{hint}")
+        raise ConfigError(f"bench.expert_precision=fp8: the engine would not run FP8 experts here: {why}")
     return replace(kernels, expert_weights="fp8")
 
 

@@ -116,8 +116,7 @@ class WhatIf:
                 raise ConfigError(f"EPLB with {v.redundant} redundant experts: {self.spec.num_experts + v.redundant} "
                                   f"slots do not split over ep_size={self.ep}")
         # bench.expert_precision: the experts' weight format, as the engine would decide it (fails early)
-        self.expert_kernels = expert_kernels(self.o.expert_precision, self.spec, self.kernels, self.device,
-                                             eplb=any(v.redundant is not None for v in self.variants))
+        self.expert_kernels = expert_kernels(self.o.expert_precision, self.spec, self.kernels, self.device)
         self.progress = progress
         self.moe_layers = self.spec.num_moe_layers
         self.dense_layers = self.spec.num_layers - self.moe_layers

@@ -84,7 +84,7 @@ class ExpertRebalancer:
             proposed = proposed.with_layer(layer, old.slots[layer])
         changed, moved, local = self.apply(proposed, group)
         experts = model.moe_experts()
-        per_expert = sum(p[0].numel() * p.element_size() for p in (experts[0].gate_up_proj, experts[0].down_proj)) if experts else 0
+        per_expert = experts[0].bytes_per_slot if experts else 0  # codes and scales for FP8 experts
         report = RebalanceReport(
             window_tokens=int(sum(map(sum, loads))), layers_changed=changed, experts_moved=moved, local_copies=local,
             bytes_moved=moved * per_expert, rank_max_over_mean_before=_mean(before), rank_max_over_mean_after=_mean(after),
@@ -112,7 +112,7 @@ class ExpertRebalancer:
             if placement.slots[layer] == old.slots[layer]:
                 continue
             moves = plan_layer_moves(old.slots[layer], placement.slots[layer], ep)
-            move_layer_experts([experts[layer].gate_up_proj, experts[layer].down_proj], moves, rank, ep, group)
+            move_layer_experts(experts[layer].slot_tensors(), moves, rank, ep, group)  # every tensor of a slot
             current = current.with_layer(layer, placement.slots[layer])
             changed += 1
             moved += moves.num_transfers

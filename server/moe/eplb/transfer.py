@@ -8,8 +8,13 @@ Moving only the experts that change places keeps a rebalance to the bytes it mus
 Plan (identical on every rank, computed from the old and new placement alone, so nothing
 about it needs to be communicated): each new slot takes its expert from the rank's own old
 slots if it held it, else from the nearest rank after it (cyclically) that held it. Then one
-all_to_all_single per layer carries the expert rows (gate_up and down flattened into one
-row each), every rank joining even when it sends and receives nothing.
+all_to_all_single per layer carries the expert rows, every rank joining even when it sends
+and receives nothing.
+
+A row is every tensor of the slot (LocalExperts.slot_tensors: gate_up_proj and down_proj,
+plus their float32 *_scale_inv block scales for FP8 experts) viewed as bytes and concatenated,
+so one collective moves codes and scales together, and float8 tensors travel as uint8, which
+gloo and NCCL all support (not every backend takes float8 dtypes).
 """
 from __future__ import annotations
 
@@ -60,21 +65,28 @@ def plan_layer_moves(old: list[int] | tuple[int, ...], new: list[int] | tuple[in
     return LayerMoves(keep, send, recv)
 
 
+def _slot_bytes(p: torch.Tensor, slot: int) -> torch.Tensor:
+    """p[slot] ([...], contiguous) as a flat uint8 view of its storage: writes go through."""
+    return p[slot].view(torch.uint8).reshape(-1)
+
+
 @torch.no_grad()
 def move_layer_experts(params: list[torch.Tensor], moves: LayerMoves, rank: int, ep_size: int,
                        group: dist.ProcessGroup | None = None) -> None:
-    """Rewrite `params` (this rank's [S, ...] expert tensors: gate_up_proj, down_proj) in place
-    to the new placement; the tensors keep their storage, so captured CUDA graphs stay valid.
-    A collective whenever any rank sends anything: every rank must call it."""
-    sizes = [p[0].numel() for p in params]
+    """Rewrite `params` (this rank's [S, ...] expert tensors, LocalExperts.slot_tensors(): any
+    dtypes) in place to the new placement; the tensors keep their storage, so captured CUDA
+    graphs stay valid. A collective whenever any rank sends anything: every rank must call it."""
+    sizes = [_slot_bytes(p, 0).numel() for p in params]  # bytes of one slot, per tensor
     recv_buf = None
     if moves.num_transfers and ep_size > 1:
         send_counts = [len(moves.send[rank][d]) for d in range(ep_size)]
         recv_counts = [len(moves.recv[rank][src]) for src in range(ep_size)]
         width = sum(sizes)
-        rows = [torch.cat([p[i].reshape(-1) for p in params]) for d in range(ep_size) for i in moves.send[rank][d]]
-        send_buf = torch.stack(rows) if rows else params[0].new_empty(0, width)  # [n_send, D], before any write
-        recv_buf = params[0].new_empty(sum(recv_counts), width)  # [n_recv, D]
+        device = params[0].device
+        rows = [torch.cat([_slot_bytes(p, i) for p in params]) for d in range(ep_size) for i in moves.send[rank][d]]
+        empty = torch.empty(0, width, dtype=torch.uint8, device=device)
+        send_buf = torch.stack(rows) if rows else empty  # [n_send, D] bytes, read before any write
+        recv_buf = torch.empty(sum(recv_counts), width, dtype=torch.uint8, device=device)  # [n_recv, D] bytes
         dist.all_to_all_single(recv_buf, send_buf, recv_counts, send_counts, group=group)
     # Inside the rank: read every source slot before writing any (a move may be a cycle).
     copies = [(o, n) for o, n in moves.keep[rank] if o != n]
@@ -88,6 +100,6 @@ def move_layer_experts(params: list[torch.Tensor], moves: LayerMoves, rank: int,
             for local in moves.recv[rank][src]:
                 offset = 0
                 for p, n in zip(params, sizes):
-                    p[local].copy_(recv_buf[at, offset:offset + n].view_as(p[local]))
+                    _slot_bytes(p, local).copy_(recv_buf[at, offset:offset + n])
                     offset += n
                 at += 1

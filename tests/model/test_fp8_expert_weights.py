@@ -37,18 +37,17 @@ def fp8_folders(tmp_path_factory):
 def test_fp8_experts_only_where_every_condition_holds(fp8_folders) -> None:
     spec = read_model_spec(ModelConfig(path=str(fp8_folders["fused"])))
     triton, h100 = KernelBackend("triton"), (9, 0)
-    assert expert_weight_format(spec, "auto", triton, "cuda", False, h100)[0] == "fp8"
-    assert expert_weight_format(spec, "auto", KernelBackend("triton", "triton_unsorted"), "cuda:1", False, (8, 9))[0] == "fp8"
+    assert expert_weight_format(spec, "auto", triton, "cuda", h100)[0] == "fp8"
+    assert expert_weight_format(spec, "auto", KernelBackend("triton", "triton_unsorted"), "cuda:1", (8, 9))[0] == "fp8"
     values = [
-        (spec, "dequantize", triton, "cuda", False, h100),
-        (spec, "auto", triton, "cpu", False, None),
-        (spec, "auto", triton, "cuda", False, (8, 0)),  # A100: no e4m3 tensor cores
-        (spec, "auto", KernelBackend("torch"), "cuda", False, h100),
-        (spec, "auto", KernelBackend("grouped_mm"), "cuda", False, h100),
-        (spec, "auto", triton, "cuda", True, h100),  # EPLB
-        (replace(spec, moe_intermediate_size=136), "auto", triton, "cuda", False, h100),
-        (replace(spec, quantization=replace(spec.quantization, block=(64, 64))), "auto", triton, "cuda", False, h100),
-        (replace(spec, quantization=None), "auto", triton, "cuda", False, h100),
+        (spec, "dequantize", triton, "cuda", h100),
+        (spec, "auto", triton, "cpu", None),
+        (spec, "auto", triton, "cuda", (8, 0)),  # A100: no e4m3 tensor cores
+        (spec, "auto", KernelBackend("torch"), "cuda", h100),
+        (spec, "auto", KernelBackend("grouped_mm"), "cuda", h100),
+        (replace(spec, moe_intermediate_size=136), "auto", triton, "cuda", h100),
+        (replace(spec, quantization=replace(spec.quantization, block=(64, 64))), "auto", triton, "cuda", h100),
+        (replace(spec, quantization=None), "auto", triton, "cuda", h100),
     ]
     for args in values:
         fmt, why = expert_weight_format(*args)

@@ -37,21 +37,37 @@ def test_settings_refuse_bad_precisions_naming_the_key(bench, message):
 
 
 def test_fp8_where_the_engine_would_run_it_and_dtype_everywhere():
-    assert expert_kernels("fp8", _spec(), TRITON, "cuda", eplb=False, capability=HOPPER).expert_weights == "fp8"
-    assert expert_kernels("dtype", _spec(), replace(TRITON, expert_weights="fp8"), "cpu", eplb=True).expert_weights \
-        == "values"
+    assert expert_kernels("fp8", _spec(), TRITON, "cuda", capability=HOPPER).expert_weights == "fp8"
+    assert expert_kernels("dtype", _spec(), replace(TRITON, expert_weights="fp8"), "cpu").expert_weights == "values"
 
 
-@pytest.mark.parametrize("device,kernels,capability,eplb,intermediate,message", [
-    ("cpu", KernelBackend("torch"), None, False, 256, "CUDA only"),
-    ("cuda", TRITON, AMPERE, False, 256, "compute capability 8.0"),
-    ("cuda", KernelBackend("torch"), HOPPER, False, 256, "expert path 'torch'"),
-    ("cuda", TRITON, HOPPER, False, 200, "intermediate size 200"),
-    ("cuda", TRITON, HOPPER, True, 256, r"EPLB.*bench.eplb_redundant_per_rank=\[\]"),
+def test_fp8_with_eplb_variants_builds_fp8_experts_for_every_slot():
+    """EPLB variants no longer refuse fp8: a rank's timer experts (replica slots included) are
+    all e4m3 codes with their own block scales."""
+    settings = BenchSettings.from_dict({"model": {"name": "tiny"},
+                                        "bench": {"mode": "whatif", "expert_precision": "fp8",
+                                                  "eplb_redundant_per_rank": [0, 1]}})
+    assert settings.bench.expert_precision == "fp8" and list(settings.bench.eplb_redundant_per_rank) == [0, 1]
+    kernels = expert_kernels("fp8", _spec(), TRITON, "cuda", capability=HOPPER)
+    slots = 5  # e.g. 4 experts per rank plus one replica
+    experts = LocalExperts(slots, 384, 256, "silu", dtype=torch.bfloat16,
+                           kernels=replace(kernels, expert_weights="fp8"))
+    fill_random_fp8(experts, 0.02, torch.Generator().manual_seed(0))
+    for codes, scales in ((experts.gate_up_proj, experts.gate_up_proj_scale_inv),
+                          (experts.down_proj, experts.down_proj_scale_inv)):
+        assert codes.dtype == torch.float8_e4m3fn and codes.shape[0] == scales.shape[0] == slots
+        assert bool((scales > 0).all())
+
+
+@pytest.mark.parametrize("device,kernels,capability,intermediate,message", [
+    ("cpu", KernelBackend("torch"), None, 256, "CUDA only"),
+    ("cuda", TRITON, AMPERE, 256, "compute capability 8.0"),
+    ("cuda", KernelBackend("torch"), HOPPER, 256, "expert path 'torch'"),
+    ("cuda", TRITON, HOPPER, 200, "intermediate size 200"),
 ])
-def test_fp8_refusals_name_the_key_and_the_engine_reason(device, kernels, capability, eplb, intermediate, message):
+def test_fp8_refusals_name_the_key_and_the_engine_reason(device, kernels, capability, intermediate, message):
     with pytest.raises(ConfigError, match=r"bench.expert_precision=fp8: .*" + message):
-        expert_kernels("fp8", _spec(intermediate), kernels, device, eplb=eplb, capability=capability)
+        expert_kernels("fp8", _spec(intermediate), kernels, device, capability=capability)
 
 
 def test_random_fp8_experts_dequantise_to_the_asked_spread_in_half_the_bytes():

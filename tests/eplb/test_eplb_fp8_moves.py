@@ -36,9 +36,9 @@ def expert_bytes(e: int, j: int, shape: torch.Size, dtype: torch.dtype) -> torch
     return (e + j / 10 + torch.arange(n, dtype=torch.float32) / n).to(dtype).view(shape)
 
 
-def build_experts(fmt: str, slots: tuple[int, ...]) -> LocalExperts:
-    """LocalExperts on CPU in format `fmt` whose slot s holds logical expert slots[s]."""
-    experts = LocalExperts(len(slots), HIDDEN, INTER, "silu", dtype=torch.bfloat16,
+def build_experts(fmt: str, slots: tuple[int, ...], device: str = "cpu") -> LocalExperts:
+    """LocalExperts in format `fmt` whose slot s holds logical expert slots[s]."""
+    experts = LocalExperts(len(slots), HIDDEN, INTER, "silu", dtype=torch.bfloat16, device=device,
                            kernels=KernelBackend("torch", expert_weights=fmt))
     with torch.no_grad():
         for j, p in enumerate(experts.slot_tensors()):
@@ -52,21 +52,23 @@ def holds(experts: LocalExperts, slots: tuple[int, ...]) -> bool:
     for j, p in enumerate(experts.slot_tensors()):
         for s, e in enumerate(slots):
             want = expert_bytes(e, j, p.shape[1:], p.dtype)
-            if not torch.equal(p[s].view(torch.uint8), want.view(torch.uint8)):
+            if not torch.equal(p[s].cpu().view(torch.uint8), want.view(torch.uint8)):
                 return False
     return True
 
 
-def _move_rank(rank: int, ep_size: int, fmt: str) -> dict:
-    """One rank: its experts under the old placement, moved by the rebalancer to the new one."""
+def move_rank(rank: int, ep_size: int, fmt: str, device: str = "cpu") -> dict:
+    """One rank: its experts under the old placement, moved by the rebalancer to the new one
+    (device "cuda": rank r on cuda:r, the NCCL run of test_eplb_fp8_gpu.py)."""
     num_experts, old, new = CASES[ep_size]
     per = len(old) // ep_size
-    experts = build_experts(fmt, old[rank * per:(rank + 1) * per])
+    dev = f"cuda:{rank}" if device == "cuda" else device
+    experts = build_experts(fmt, old[rank * per:(rank + 1) * per], dev)
     placement = ExpertPlacement(num_experts, ep_size, (old,))
     ptrs = [p.data_ptr() for p in experts.slot_tensors()]
     model = SimpleNamespace(  # what ExpertRebalancer reads of a model
         placement=placement, ep_size=ep_size, ep_rank=rank, moe_experts=lambda: [experts],
-        runtime=SimpleNamespace(replicas=ReplicaMap(placement)),
+        runtime=SimpleNamespace(replicas=ReplicaMap(placement, dev)),
         load_counters=SimpleNamespace(lifetime_expert_tokens=lambda: torch.zeros(1, num_experts, dtype=torch.int64)))
     rebalancer = ExpertRebalancer(model, EplbSettings(len(old) - num_experts, None, 0, "auto", 1, 1))
     changed, moved, local = rebalancer.apply(ExpertPlacement(num_experts, ep_size, (new,)))
@@ -78,17 +80,21 @@ def _move_rank(rank: int, ep_size: int, fmt: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "values"])
-@pytest.mark.parametrize("ep_size", [2, 4])
-def test_rebalance_moves_codes_and_scales_to_every_slot(ep_size, fmt) -> None:
+def check_moves(ep_size: int, fmt: str, device: str = "cpu") -> None:
     num_experts, old, new = CASES[ep_size]
     moves = plan_layer_moves(old, new, ep_size)
     assert moves.num_transfers > 0 and moves.num_local_copies > 0 and len(set(new)) < len(new)
-    results = run_on_ranks(_move_rank, ep_size, fmt)
+    results = run_on_ranks(move_rank, ep_size, fmt, device, backend="nccl" if device == "cuda" else "gloo")
     for r in results:
         assert r["holds"] and r["in_place"]
         assert r["counts"] == (1, moves.num_transfers, moves.num_local_copies)
         assert r["placement"] == (new,)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "values"])
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_rebalance_moves_codes_and_scales_to_every_slot(ep_size, fmt) -> None:
+    check_moves(ep_size, fmt)
 
 
 def test_a_slot_is_every_per_expert_tensor_and_its_bytes() -> None:

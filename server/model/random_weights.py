@@ -4,7 +4,10 @@ Filled on the target device with seeded generators, one stream per tensor and, f
 one per (layer, logical expert id): expert e gets the same weights whatever ep_size, rank or
 EPLB slot holds it (copies included), so results are comparable across EP sizes and
 placements. Norm weights are 1 and biases 0, as
-transformers initialises them; everything else ~ N(0, initializer_range).
+transformers initialises them; everything else ~ N(0, initializer_range). Experts kept as FP8
+blocks (a shape whose quantization_config is FP8, on a GPU that runs them) draw the same way in
+float32 and store e4m3 codes with their block scales, both from that per-expert stream, so every
+copy of an expert holds the same codes and scales too.
 """
 from __future__ import annotations
 
@@ -26,14 +29,33 @@ def _generator(device: torch.device, *key: object) -> torch.Generator:
 def init_random_weights(model: MoECausalLM, seed: int) -> None:
     std = model.spec.initializer_range
     norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         if id(p) in norm_weights:
             p.fill_(1.0)
         elif name.endswith((".bias", ".e_score_correction_bias")):  # transformers zeroes the router bias too
             p.zero_()
+        elif name.endswith((".experts.gate_up_proj_scale_inv", ".experts.down_proj_scale_inv")):
+            continue  # drawn with their codes, below
         elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             layer = int(name.split(".")[2])  # model.layers.{i}.mlp.experts.*
+            scales = params.get(name + "_scale_inv")  # [S, rows/128, cols/128] when the experts are FP8
             for local, e in enumerate(model.local_expert_ids(model.spec.moe_index(layer))):
-                p[local].normal_(0.0, std, generator=_generator(p.device, seed, name, e))
+                gen = _generator(p.device, seed, name, e)
+                if scales is None:
+                    p[local].normal_(0.0, std, generator=gen)
+                else:
+                    _fp8_expert(p[local], scales[local], std, gen)
         else:
             p.normal_(0.0, std, generator=_generator(p.device, seed, name))
+
+
+def _fp8_expert(codes: torch.Tensor, scales: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """One slot's FP8 tensor: codes [rows, cols] e4m3 and scales [ceil(rows/128), ceil(cols/128)]
+    from a float32 N(0, std) draw, block-quantised as an FP8 checkpoint stores it."""
+    from ..moe.kernels.moe_reference_fp8 import quantize_weight_blocks  # FP8 experts only
+
+    w = torch.empty(codes.shape, dtype=torch.float32, device=codes.device).normal_(0.0, std, generator=gen)
+    q, s = quantize_weight_blocks(w)
+    codes.copy_(q)
+    scales.copy_(s)

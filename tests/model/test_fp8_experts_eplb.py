@@ -94,3 +94,20 @@ def test_eplb_is_not_an_input_of_the_expert_format_rule(fp8_folders) -> None:
 
     spec = read_model_spec(ModelConfig(path=str(fp8_folders / "fused")))
     assert expert_weight_format(spec, "auto", KernelBackend("triton"), "cuda", (9, 0))[0] == "fp8"
+
+
+def test_random_fp8_experts_give_every_copy_its_experts_codes_and_scales() -> None:
+    """A model.shape with an FP8 quantization_config (benchmarks at real sizes, no checkpoint):
+    each expert's codes and scales come from its own seeded stream, so copies match too."""
+    shape = {"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 300, "hidden_size": 160, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+             "moe_intermediate_size": 128, "shared_expert_intermediate_size": 24, "num_experts": EXPERTS,
+             "num_experts_per_tok": 2, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    cfg = ModelConfig(name="bench", shape=shape, dtype="float32")
+    ref = load_model(cfg, policy=build_policy("natural"), kernels=FP8)
+    eplb = resolve_eplb(ParallelConfig(redundant_experts=4), num_layers=2, num_experts=EXPERTS, ep_size=1)
+    placed = load_model(cfg, policy=build_policy("natural"), eplb=eplb, kernels=FP8)
+    assert all(len(set(s)) < len(s) for s in placed.placement.slots)
+    _assert_slots_hold(placed, ref)
+    scales = ref.moe_experts()[0].gate_up_proj_scale_inv  # [E, 2, 2]
+    assert bool((scales > 0).all()) and not torch.equal(scales[0], scales[1])

@@ -3,7 +3,7 @@ CUDA graphs, the expert kernel agrees with the bare fused-MoE op on the same row
 ep_size 1 the composed step time stays near the real engine's measured one in the same
 process (the benchmark holds the 5% figure; a test allows noise on a small shape). Under
 bench.expert_precision=fp8 (compute capability 8.9+) the experts run the engine's FP8 path and
-agree with the bare FP8 op."""
+agree with the bare FP8 op, with EPLB variants too."""
 from __future__ import annotations
 
 import pytest
@@ -66,4 +66,16 @@ def test_whatif_fp8_experts_run_the_fp8_path_and_agree_with_the_bare_fp8_op():
         assert 0.5 < check["standalone_ms"] / max(check["whatif_ms"], 1e-6) < 2.0, check
     decode = doc["phases"]["decode"]
     assert list(decode) == ["natural", "round_robin_balanced"]
+    assert all(s["breakdown_ms"]["experts"] > 0 for s in decode.values())
+
+
+def test_whatif_fp8_experts_with_eplb_variants():
+    """EPLB variants no longer refuse fp8: every rank's slots, redundant copies included, are FP8."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 experts need compute capability 8.9+")
+    doc = run_whatif(_settings(4, expert_precision="fp8", eplb_redundant_per_rank=[1], whatif_decode_steps=2,
+                               policies=["natural"]))
+    assert doc["model"]["expert_weights"].startswith("fp8 (e4m3, 128x128 block scales")
+    decode = doc["phases"]["decode"]
+    assert list(decode) == ["natural", "natural+eplb4"]
     assert all(s["breakdown_ms"]["experts"] > 0 for s in decode.values())

@@ -29,7 +29,8 @@ MIN_CAPABILITY = (8, 9)
 
 
 def expert_weight_format(spec: ModelSpec, quantization: str, kernels: KernelBackend,
-                         device: torch.device | str | None, capability: tuple[int, int] | None = None) -> tuple[str, str]:
+                         device: torch.device | str | None,
+                         capability: tuple[int, int] | None = None) -> tuple[str, str]:
     """("fp8" | "values", why): the format of this model's expert weights and the reason, for
     the start-up log. `capability`: the CUDA device's (None: asked of torch when it matters)."""
     scheme = spec.quantization

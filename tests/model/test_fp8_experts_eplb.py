@@ -63,8 +63,8 @@ def _assert_slots_hold(model, ref) -> None:
 def test_every_slot_and_replica_gets_its_experts_codes_and_scales(fp8_folders, layout, ep_size, rank) -> None:
     cfg = ModelConfig(path=str(fp8_folders / layout), dtype="float32")
     ref = load_model(cfg, policy=build_policy("natural"), kernels=FP8)  # ep 1, slot e = expert e
-    eplb = resolve_eplb(ParallelConfig(ep_size=ep_size, redundant_experts=4, eplb_stats=str(fp8_folders / "stats.json")),
-                        num_layers=LAYERS, num_experts=EXPERTS, ep_size=ep_size)
+    parallel = ParallelConfig(ep_size=ep_size, redundant_experts=4, eplb_stats=str(fp8_folders / "stats.json"))
+    eplb = resolve_eplb(parallel, num_layers=LAYERS, num_experts=EXPERTS, ep_size=ep_size)
     placed = load_model(cfg, policy=build_policy("natural"), ep_rank=rank, ep_size=ep_size, eplb=eplb, kernels=FP8)
     slots = placed.placement.slots
     assert all(len(s) == EXPERTS + 4 and len(set(s)) == EXPERTS for s in slots)  # replicas in every layer

@@ -66,8 +66,9 @@ def plan_layer_moves(old: list[int] | tuple[int, ...], new: list[int] | tuple[in
 
 
 def _slot_bytes(p: torch.Tensor, slot: int) -> torch.Tensor:
-    """p[slot] ([...], contiguous) as a flat uint8 view of its storage: writes go through."""
-    return p[slot].view(torch.uint8).reshape(-1)
+    """p[slot] ([...], contiguous) as a flat uint8 view of its storage: writes go through. Sliced
+    rather than indexed, so a per-slot scalar ([S] tensors) stays 1-D and can change dtype."""
+    return p[slot:slot + 1].view(torch.uint8).reshape(-1)
 
 
 @torch.no_grad()

@@ -1,0 +1,103 @@
+"""MLA prefill: which form runs (absorbed or expanded) and the expanded kernel's tiles.
+
+Two forms of the same attention (server/model/mla_attention.py has the algebra):
+  absorbed  every head attends over the shared latent rows [c | k_rope] (kv_lora_rank + rope
+            dims) with W_UK folded into the query: per (query, key, head) 2 * (512 + 64) + 2 * 512
+            FLOPs at DeepSeek-V3 widths, no per-sequence set-up. The decode form; cheap for
+            short prompts and short chunks over a long cached prefix.
+  expanded  the sequence's latent rows are decompressed once through kv_b_proj into per-head
+            K [Lk, H, nope + rope] and V [Lk, H, v] and ordinary causal flash attention runs
+            (mla_prefill_expanded.py): 2 * 192 + 2 * 128 FLOPs per (query, key, head), ~3.4x
+            fewer, plus the decompression, 2 * kv_lora_rank * H * (nope + v) FLOPs per key.
+The expanded form wins once each key is seen by enough queries to pay for its decompression:
+per key it saves ~q_len * 1536 * H FLOPs and costs 262144 * H, so at equal efficiency the
+break-even is ~170 queries per key (a whole prompt of L tokens: ~L/2 queries see a key on
+average, L ~ 340). `auto` compares the step's queries per key, sum(q_len * ctx) / sum(ctx) (for
+one whole prompt: its length), with EXPANDED_MIN_QUERIES_PER_KEY; scripts/bench_mla_prefill.py
+measures the crossover on a GPU (its `crossover_len`), which is what the constant should hold.
+
+Tiles: a program holds BLOCK_M query rows of one head, so the fp32 accumulator is [BLOCK_M, v]
+and the query [BLOCK_M, nope + rope]; K/V tiles of BLOCK_N keys stream through shared memory
+(num_stages deep). 128 x 64 with 8 warps is the Hopper flash-attention shape for 128-wide heads
+(two warpgroups of 64-row wgmma); files under configs/ (`<device>_MLA_PREFILL_H<heads>_QK<dqk>_V<dv>.json`,
+one config object, written by the bench's --sweep --write-config) override it per device.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+
+from ..registry import Registry
+from .mla_decode_config import CONFIG_DIR, device_key
+
+#: queries per key (sum(q_len * ctx) / sum(ctx) over the step's sequences) from which `auto`
+#: takes the expanded form; the estimate above rounded up for the absorbed kernel's lower
+#: FLOP cost at short lengths. Replace with the bench's measured `crossover_len`.
+EXPANDED_MIN_QUERIES_PER_KEY = 512
+
+
+@dataclass(frozen=True)
+class MLAPrefillConfig:
+    BLOCK_M: int  # query rows (tokens of one head) per program: the M of both tl.dots
+    BLOCK_N: int  # keys per K/V tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MLA prefill config {f.name} must be an int >= 1, got {value!r}")
+        for name in ("BLOCK_M", "BLOCK_N"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"MLA prefill config {name} must be a power of two >= 16 (tl.dot), got {value}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def default_config(dtype: torch.dtype) -> MLAPrefillConfig:
+    """fp32 (tests, interpreter): 16 x 16 tiles. 16-bit: 128 query rows x 64 keys, 8 warps, 3
+    stages (Q 48 KB in registers as operands, 3 x (24 + 16) KB of K/V tiles in shared memory)."""
+    if dtype == torch.float32:
+        return MLAPrefillConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return MLAPrefillConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def config_path(device_name: str, heads: int, dqk: int, dv: int) -> pathlib.Path:
+    return CONFIG_DIR / f"{device_name}_MLA_PREFILL_H{heads}_QK{dqk}_V{dv}.json"
+
+
+def save_config(path: pathlib.Path, cfg: MLAPrefillConfig, meta: dict) -> None:
+    cfg.validate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "config": cfg.to_json()}, indent=1) + "\n")
+    get_mla_prefill_config.cache_clear()
+
+
+@functools.lru_cache(maxsize=64)
+def get_mla_prefill_config(heads: int, dqk: int, dv: int, dtype: torch.dtype,
+                           device: torch.device | None = None) -> MLAPrefillConfig:
+    """The stored config for this device and shape (16-bit on CUDA), else default_config."""
+    if dtype in (torch.bfloat16, torch.float16) and device is not None and device.type == "cuda":
+        path = config_path(device_key(device), heads, dqk, dv)
+        if path.exists():
+            cfg = MLAPrefillConfig(**json.loads(path.read_text())["config"])
+            cfg.validate()
+            return cfg
+    return default_config(dtype)
+
+
+#: kernels.mla_prefill (EPSERVE_MLA_PREFILL) -> does a prefill step with this many queries per
+#: key run the expanded form? Read on the Triton backend only; the torch backend's loop is absorbed.
+MLA_PREFILL_MODES: Registry[Callable[[float], bool]] = Registry("MLA prefill mode")
+MLA_PREFILL_MODES.register("absorbed", lambda queries_per_key: False)
+MLA_PREFILL_MODES.register("expanded", lambda queries_per_key: True)
+MLA_PREFILL_MODES.register("auto", lambda queries_per_key: queries_per_key >= EXPANDED_MIN_QUERIES_PER_KEY)
+DEFAULT_MLA_PREFILL = "auto"

@@ -17,7 +17,7 @@ def _app(**sections) -> AppConfig:
 
 
 def test_the_plan_resolves_every_choice_once_and_pickles_whole(monkeypatch) -> None:
-    for env in ("EPSERVE_KERNEL_BACKEND", "EPSERVE_EXPERT_PATH", "EPSERVE_MLA_DECODE", "EPSERVE_CUDA_GRAPHS"):
+    for env in ("EPSERVE_KERNEL_BACKEND", "EPSERVE_EXPERT_PATH", "EPSERVE_MLA_DECODE", "EPSERVE_MLA_PREFILL", "EPSERVE_CUDA_GRAPHS"):
         monkeypatch.delenv(env, raising=False)
     plan = build_launch_plan(_app(model={"max_model_len": 10**6}))
     assert (plan.ep_size, plan.spec.num_experts, plan.policy.name, plan.eplb, plan.dispatch.name) == (2, 16, "skewed", None, "auto")

@@ -30,7 +30,7 @@ def test_real_widths(q_lens, prefix_lens, heads) -> None:
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
 ])
 def test_tile_configs(config) -> None:
     """Tile shapes the bench sweeps compute the same thing (per-head RoPE keys too)."""

@@ -80,7 +80,7 @@ def _key_tile(acc, l_i, m_i, q_n, q_r, kn_base, kr_base, v_base, s_kn, s_kr, s_v
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks"])  # changes with every step's longest prompt: one compile
 def _expanded_prefill_kernel(
     qn_ptr, qr_ptr, kn_ptr, kr_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, scale_log2, num_m_blocks,
     s_qn_t, s_qn_h, s_qr_t, s_qr_h, s_kn_t, s_kn_h, s_kr_t, s_kr_h, s_v_t, s_v_h, s_o_t, s_o_h,

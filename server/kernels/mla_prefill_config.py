@@ -15,6 +15,9 @@ break-even is ~170 queries per key (a whole prompt of L tokens: ~L/2 queries see
 average, L ~ 340). `auto` compares the step's queries per key, sum(q_len * ctx) / sum(ctx) (for
 one whole prompt: its length), with EXPANDED_MIN_QUERIES_PER_KEY; scripts/bench_mla_prefill.py
 measures the crossover on a GPU (its `crossover_len`), which is what the constant should hold.
+`auto` also stays absorbed when the step's contexts hold more than EXPANDED_MAX_KEYS keys: the
+decompressed K/V of one layer take keys * H * (nope + v) * 2 bytes (2 GiB at 32768 keys and
+DeepSeek-V3's 128 heads), memory the KV-cache sizing does not set aside.
 
 Tiles: a program holds BLOCK_M query rows of one head, so the fp32 accumulator is [BLOCK_M, v]
 and the query [BLOCK_M, nope + rope]; K/V tiles of BLOCK_N keys stream through shared memory
@@ -39,6 +42,8 @@ from .mla_decode_config import CONFIG_DIR, device_key
 #: takes the expanded form; the estimate above rounded up for the absorbed kernel's lower
 #: FLOP cost at short lengths. Replace with the bench's measured `crossover_len`.
 EXPANDED_MIN_QUERIES_PER_KEY = 512
+#: most context keys (summed over the step's sequences) `auto` decompresses at once
+EXPANDED_MAX_KEYS = 32768
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,15 @@ def get_mla_prefill_config(heads: int, dqk: int, dv: int, dtype: torch.dtype,
     return default_config(dtype)
 
 
-#: kernels.mla_prefill (EPSERVE_MLA_PREFILL) -> does a prefill step with this many queries per
-#: key run the expanded form? Read on the Triton backend only; the torch backend's loop is absorbed.
-MLA_PREFILL_MODES: Registry[Callable[[float], bool]] = Registry("MLA prefill mode")
-MLA_PREFILL_MODES.register("absorbed", lambda queries_per_key: False)
-MLA_PREFILL_MODES.register("expanded", lambda queries_per_key: True)
-MLA_PREFILL_MODES.register("auto", lambda queries_per_key: queries_per_key >= EXPANDED_MIN_QUERIES_PER_KEY)
+def _auto(queries_per_key: float, keys: int) -> bool:
+    return queries_per_key >= EXPANDED_MIN_QUERIES_PER_KEY and keys <= EXPANDED_MAX_KEYS
+
+
+#: kernels.mla_prefill (EPSERVE_MLA_PREFILL) -> does a prefill step with this many queries per key
+#: and context keys in all run the expanded form? Read on the Triton backend only; the torch
+#: backend's loop is absorbed.
+MLA_PREFILL_MODES: Registry[Callable[[float, int], bool]] = Registry("MLA prefill mode")
+MLA_PREFILL_MODES.register("absorbed", lambda queries_per_key, keys: False)
+MLA_PREFILL_MODES.register("expanded", lambda queries_per_key, keys: True)
+MLA_PREFILL_MODES.register("auto", _auto)
 DEFAULT_MLA_PREFILL = "auto"

@@ -83,8 +83,10 @@ class KernelAttentionMetadata:
     cu_seqlens_q: torch.Tensor | None  # [S+1] int32; None: a decode step (one new token per sequence)
     max_query_len: int
     batch: StepBatch | None = None  # kept for the sliding-window fallback (None under graphs)
-    #: prefill steps: sum(q_len * ctx) / sum(ctx), what kernels.mla_prefill=auto compares (None: decode)
+    #: prefill steps: sum(q_len * ctx) / sum(ctx) and sum(ctx), what kernels.mla_prefill=auto reads
+    #: (None: a decode step)
     prefill_queries_per_key: float | None = None
+    prefill_keys: int | None = None
     _fallback: PagedAttentionMetadata | None = field(default=None, repr=False)
     _latent_context: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -116,7 +118,8 @@ class KernelAttentionMetadata:
         return cls(slot_mapping=batch.slot_mapping, block_tables=batch.block_tables.to(torch.int32),
                    context_lens=ctx, cu_seqlens_q=cu,
                    max_query_len=max(batch.query_lens, default=0), batch=batch,
-                   prefill_queries_per_key=None if decode else queries_per_key(batch.query_lens, batch.context_lens))
+                   prefill_queries_per_key=None if decode else queries_per_key(batch.query_lens, batch.context_lens),
+                   prefill_keys=None if decode else sum(batch.context_lens))
 
     @classmethod
     def for_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,

@@ -26,7 +26,8 @@ key, head) it does 2 * (kv_lora_rank + rope) + 2 * kv_lora_rank FLOPs where the 
 K = [W_UK c | k_rope] and V = W_UV c decompressed once per context row, does 2 * (nope + rope)
 + 2 * v (~3.4x fewer at DeepSeek-V3 widths). So on the Triton backend a prefill step picks one
 of the two (kernels.mla_prefill, or EPSERVE_MLA_PREFILL: "absorbed", "expanded", "auto": expanded
-once the step's new tokens per cached key reach EXPANDED_MIN_QUERIES_PER_KEY, see
+once the step's new tokens per cached key reach EXPANDED_MIN_QUERIES_PER_KEY and its contexts
+fit EXPANDED_MAX_KEYS, see
 server/kernels/mla_prefill_config.py); the expanded form runs the metadata's
 `attend_latent_expanded` with `_decompress` below. The torch backend's loop stays absorbed.
 """
@@ -96,7 +97,8 @@ class MLAttention(nn.Module):
     def _expanded(self, meta: PagedAttentionMetadata) -> bool:
         """Does this step run the expanded prefill? Decode steps and the torch loop never do."""
         qpk = meta.prefill_queries_per_key
-        return self.prefill_expanded is not None and qpk is not None and self.prefill_expanded(qpk)
+        return (self.prefill_expanded is not None and qpk is not None
+                and self.prefill_expanded(qpk, meta.prefill_keys))
 
     def forward(
         self,

@@ -43,7 +43,8 @@ def test_bench_mla_prefill_smoke(tmp_path: Path) -> None:
 def test_crossover_interpolates_in_log_length() -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[2] / "scripts/bench_mla_prefill.py")
+    script = Path(__file__).resolve().parents[2] / "scripts/bench_mla_prefill.py"
+    spec = importlib.util.spec_from_file_location("bench", script)
     # importing the script needs triton only for do_bench; the crossover is plain arithmetic
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -106,7 +106,8 @@ def test_mla_decode_defaults_to_the_head_block_kernel(monkeypatch) -> None:
 
 def test_mla_prefill_form_is_chosen_when_the_model_is_built(monkeypatch) -> None:
     """kernels.mla_prefill / EPSERVE_MLA_PREFILL: absorbed, expanded or auto (default), which takes
-    the expanded form from EXPANDED_MIN_QUERIES_PER_KEY new tokens per cached key."""
+    the expanded form from EXPANDED_MIN_QUERIES_PER_KEY new tokens per cached key, up to
+    EXPANDED_MAX_KEYS context keys in the step."""
     from server.kernels import mla_prefill_config as mpc
 
     monkeypatch.delenv("EPSERVE_MLA_PREFILL", raising=False)
@@ -116,9 +117,9 @@ def test_mla_prefill_form_is_chosen_when_the_model_is_built(monkeypatch) -> None
     assert KernelBackend.for_device("cpu", KernelConfig(mla_prefill="absorbed")).mla_prefill == "absorbed"
     with pytest.raises(UnknownNameError, match="absorbed, auto, expanded"):
         KernelBackend("triton", mla_prefill="flash")
-    auto, limit = mpc.MLA_PREFILL_MODES["auto"], mpc.EXPANDED_MIN_QUERIES_PER_KEY
-    assert not auto(limit - 1) and auto(limit)
-    assert not mpc.MLA_PREFILL_MODES["absorbed"](1e9) and mpc.MLA_PREFILL_MODES["expanded"](1.0)
+    auto, limit, most = mpc.MLA_PREFILL_MODES["auto"], mpc.EXPANDED_MIN_QUERIES_PER_KEY, mpc.EXPANDED_MAX_KEYS
+    assert not auto(limit - 1, 4096) and auto(limit, 4096) and auto(limit, most) and not auto(limit, most + 1)
+    assert not mpc.MLA_PREFILL_MODES["absorbed"](1e9, 10) and mpc.MLA_PREFILL_MODES["expanded"](1.0, 10**6)
     assert KERNEL_OPS["mla_prefill_expanded"]["torch"].__name__ == "mla_prefill_expanded_reference"
     assert "triton" in KERNEL_OPS["mla_prefill_expanded"]
 

@@ -109,7 +109,8 @@ def test_expanded_mla_prefill_tiles_compile_to_wgmma_without_spills() -> None:
     m = dict(device="meta", dtype=torch.bfloat16)
     i32 = dict(device="meta", dtype=torch.int32)
     tokens, heads = 4096, 128
-    kv, latent, q = torch.empty(tokens, heads, 256, **m), torch.empty(tokens, 576, **m), torch.empty(tokens, heads, 192, **m)
+    kv, latent = torch.empty(tokens, heads, 256, **m), torch.empty(tokens, 576, **m)  # kv_b_proj output, rows
+    q = torch.empty(tokens, heads, 192, **m)
     configs = [default_config(torch.bfloat16)] + [MLAPrefillConfig(*t) for t in tiles]
     with compile_check.record_launches() as launches:
         for cfg in configs:

@@ -43,7 +43,8 @@ from server.kernels.mla_prefill_expanded import mla_prefill_expanded_triton
 from tests.kernels.support.mla_prefill_checks import make_expanded_inputs
 q_n, q_r, k_n, k_r, v, cu_q, cu_k = make_expanded_inputs([40], [3], 2, 16, 8, 16, torch.float32, "cpu")
 out = torch.full((40, 2, 16), float("nan"))
-mla_prefill_expanded_triton(q_n, q_r, k_n, k_r, v, cu_q, cu_k, 0.2, max_query_len=16, out=out)  # one 16-row block of 40 rows
+# a grid of one 16-row query block for 40 rows
+mla_prefill_expanded_triton(q_n, q_r, k_n, k_r, v, cu_q, cu_k, 0.2, max_query_len=16, out=out)
 print(json.dumps({"nan_rows": int(out.isnan().any(-1).any(-1).sum())}))
 """
 

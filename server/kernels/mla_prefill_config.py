@@ -10,11 +10,13 @@ Two forms of the same attention (server/model/mla_attention.py has the algebra):
             (mla_prefill_expanded.py): 2 * 192 + 2 * 128 FLOPs per (query, key, head), ~3.4x
             fewer, plus the decompression, 2 * kv_lora_rank * H * (nope + v) FLOPs per key.
 The expanded form wins once each key is seen by enough queries to pay for its decompression:
-per key it saves ~q_len * 1536 * H FLOPs and costs 262144 * H, so at equal efficiency the
-break-even is ~170 queries per key (a whole prompt of L tokens: ~L/2 queries see a key on
-average, L ~ 340). `auto` compares the step's queries per key, sum(q_len * ctx) / sum(ctx) (for
-one whole prompt: its length), with EXPANDED_MIN_QUERIES_PER_KEY; scripts/bench_mla_prefill.py
-measures the crossover on a GPU (its `crossover_len`), which is what the constant should hold.
+a key costs 262144 * H FLOPs to decompress and saves 1536 * H per query that sees it, so at
+equal efficiency ~170 queries must see it. In a whole prompt of L tokens a key is seen by
+(L + 1) / 2 queries on average (break-even L ~ 340); in a chunk of q tokens over a longer
+prefix, most keys by all q. `auto` compares the step's new tokens per key, sum(q_len * ctx) /
+sum(ctx) (one whole prompt: L; one chunk over a long prefix: ~q, where the estimate is 2x
+conservative), with EXPANDED_MIN_QUERIES_PER_KEY; scripts/bench_mla_prefill.py measures the
+crossover of whole prompts on a GPU (its `crossover_len`), which is what the constant should hold.
 `auto` also stays absorbed when the step's contexts hold more than EXPANDED_MAX_KEYS keys: the
 decompressed K/V of one layer take keys * H * (nope + v) * 2 bytes (2 GiB at 32768 keys and
 DeepSeek-V3's 128 heads), memory the KV-cache sizing does not set aside.
@@ -22,8 +24,9 @@ DeepSeek-V3's 128 heads), memory the KV-cache sizing does not set aside.
 Tiles: a program holds BLOCK_M query rows of one head, so the fp32 accumulator is [BLOCK_M, v]
 and the query [BLOCK_M, nope + rope]; K/V tiles of BLOCK_N keys stream through shared memory
 (num_stages deep). 128 x 64 with 8 warps is the Hopper flash-attention shape for 128-wide heads
-(two warpgroups of 64-row wgmma); files under configs/ (`<device>_MLA_PREFILL_H<heads>_QK<dqk>_V<dv>.json`,
-one config object, written by the bench's --sweep --write-config) override it per device.
+(two warpgroups of 64-row wgmma); files under configs/
+(`<device>_MLA_PREFILL_H<heads>_QK<dqk>_V<dv>.json`, one config object, written by the bench's
+--sweep --write-config) override it per device.
 """
 from __future__ import annotations
 
@@ -69,7 +72,9 @@ class MLAPrefillConfig:
 
 def default_config(dtype: torch.dtype) -> MLAPrefillConfig:
     """fp32 (tests, interpreter): 16 x 16 tiles. 16-bit: 128 query rows x 64 keys, 8 warps, 3
-    stages (Q 48 KB in registers as operands, 3 x (24 + 16) KB of K/V tiles in shared memory)."""
+    stages: compiled for sm_90 at DeepSeek-V3 widths, the query block (48 KB) and three K/V
+    stages (3 x (24 + 16) KB) take 168 KB of shared memory, 197 registers, no spills, every dot
+    on wgmma (tests/kernels/test_kernels_compile_sm90.py). 4 warps with 128 rows spill."""
     if dtype == torch.float32:
         return MLAPrefillConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     return MLAPrefillConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)

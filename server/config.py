@@ -188,10 +188,12 @@ class KernelConfig:
     expert_path: str = "auto"  # auto: the backend's own; else a name of server/moe/experts.py EXPERT_PATHS
     mla_decode: str = "triton_decode"  # MLA decode on the Triton backend: triton_decode (head-block kernel) |
     #                                    triton (the varlen MLA kernel) | dense (batched matmuls)
+    mla_prefill: str = "auto"  # MLA prefill on the Triton backend: absorbed (latent-cache kernel) | expanded
+    #                            (decompressed K/V, flash attention) | auto (expanded for long prompts)
     cuda_graphs: bool = True  # decode as CUDA graphs where they apply (false: eager, on every EP rank)
 
     def validate(self) -> None:
-        for key in ("backend", "expert_path", "mla_decode"):
+        for key in ("backend", "expert_path", "mla_decode", "mla_prefill"):
             value = getattr(self, key)
             _require(isinstance(value, str) and value != "", f"kernels.{key} must be a name, got {value!r}")
         _require(isinstance(self.cuda_graphs, bool), f"kernels.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
@@ -199,7 +201,8 @@ class KernelConfig:
 
 #: kernels.<key> -> the environment variable that overrides it
 KERNEL_ENV = {"backend": "EPSERVE_KERNEL_BACKEND", "expert_path": "EPSERVE_EXPERT_PATH",
-              "mla_decode": "EPSERVE_MLA_DECODE", "cuda_graphs": "EPSERVE_CUDA_GRAPHS"}
+              "mla_decode": "EPSERVE_MLA_DECODE", "mla_prefill": "EPSERVE_MLA_PREFILL",
+              "cuda_graphs": "EPSERVE_CUDA_GRAPHS"}
 
 
 @dataclass(frozen=True)

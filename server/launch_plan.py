@@ -82,6 +82,7 @@ def resolve_kernels(cfg: KernelConfig) -> tuple[KernelConfig, tuple[str, ...]]:
     """The kernels.* keys with their environment overrides applied (each logged), names checked
     against the kernel registries."""
     from .kernels.backend import KERNEL_BACKENDS, MLA_DECODE_BACKENDS
+    from .kernels.mla_prefill_config import MLA_PREFILL_MODES
     from .moe.experts import EXPERT_PATHS
 
     changes: dict[str, Any] = {}
@@ -98,7 +99,7 @@ def resolve_kernels(cfg: KernelConfig) -> tuple[KernelConfig, tuple[str, ...]]:
         log.warning("%s", note)
     cfg = replace(cfg, **changes)
     allowed = {"backend": ("auto", *KERNEL_BACKENDS), "expert_path": ("auto", *EXPERT_PATHS.names()),
-               "mla_decode": MLA_DECODE_BACKENDS}
+               "mla_decode": MLA_DECODE_BACKENDS, "mla_prefill": tuple(MLA_PREFILL_MODES)}
     for key, names in allowed.items():
         if getattr(cfg, key) not in names:
             raise ConfigError(f"kernels.{key}={getattr(cfg, key)!r} (or {KERNEL_ENV[key]}) is not one of {list(names)}")

@@ -15,6 +15,8 @@ Module guide (call through `ops`, which picks Triton on CUDA and the torch twin 
   mla_attention.py       Triton MLA: split-KV decode and varlen prefill, latent-row write
   mla_decode.py          Triton MLA decode only: 64-head blocks x KV splits, fp32 merge (the default)
   mla_decode_config.py   its launch parameters: stored per device and shape (configs/), else defaults
+  mla_prefill_expanded.py Triton MLA prefill over decompressed K/V: varlen causal flash attention
+  mla_prefill_config.py  which prefill form runs (absorbed | expanded | auto threshold), its tiles
   fp8_blocks.py          128x128 block FP8 arithmetic: scale shapes, e4m3 codes x scale_inv (torch)
   norm_rope.py           one-pass Triton RMSNorm and RoPE, with their torch twins
   triton_helpers.py      @triton.jit helpers (interpreter-exact bf16 dots and rounding)

@@ -117,3 +117,34 @@ def mla_decode_dense(
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [S, H, L]
     return torch.matmul(probs, rows[:, :, :v_dim])  # [S, H, v_dim]
+
+
+def mla_prefill_expanded_reference(
+    q_nope: torch.Tensor,  # [T, H, DN]
+    q_rope: torch.Tensor,  # [T, H, DR]
+    k_nope: torch.Tensor,  # [Lk, H, DN] decompressed keys (W_UK c)
+    k_rope: torch.Tensor,  # [Lk, H or 1, DR]
+    v: torch.Tensor,  # [Lk, H, DV] decompressed values (W_UV c)
+    cu_seqlens_q: torch.Tensor,  # [S+1]
+    cu_seqlens_k: torch.Tensor,  # [S+1]; sequence s's queries are the last q_len of its keys
+    scale: float,
+    **_,
+) -> torch.Tensor:  # [T, H, DV] in q's dtype
+    """Twin of mla_prefill_expanded.py: causal attention with per-head K/V, float32+ math."""
+    acc = torch.float64 if q_nope.dtype == torch.float64 else torch.float32
+    out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], v.shape[2])
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = (cq[s], cq[s + 1]), (ck[s], ck[s + 1])
+        if q1 == q0:
+            continue
+        if q1 - q0 > k1 - k0:
+            raise ValueError(f"sequence {s}: {q1 - q0} queries but {k1 - k0} keys")
+        q = torch.cat((q_nope[q0:q1], q_rope[q0:q1]), dim=-1).to(acc)  # [q, H, Dqk]
+        k = torch.cat((k_nope[k0:k1], k_rope[k0:k1].expand(-1, q.shape[1], -1)), dim=-1).to(acc)  # [ctx, H, Dqk]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = torch.arange(k1 - k0 - (q1 - q0), k1 - k0, device=q.device)
+        visible = torch.arange(k1 - k0, device=q.device)[None, :] <= q_pos[:, None]  # [q, ctx]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v[k0:k1].to(acc)).to(out.dtype)
+    return out

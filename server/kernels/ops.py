@@ -6,6 +6,8 @@
     write_latent_cache(latent [T,Dk], cache [NB,B,Dk], slot_mapping [T]) -> None (MLA, in place)
     mla_decode(q [S,H,Dk], cache, block_tables, context_lens, v_dim, scale) -> [S,H,v_dim]
     mla_prefill(q [T,H,Dk], cache, block_tables, cu_seqlens_q, context_lens, v_dim, scale) -> [T,H,v_dim]
+    mla_prefill_expanded(q_nope [T,H,DN], q_rope [T,H,DR], k_nope [Lk,H,DN], k_rope [Lk,H|1,DR], v [Lk,H,DV],
+                         cu_seqlens_q [S+1], cu_seqlens_k [S+1], scale) -> [T,H,DV]
     rms_norm(x [...,D], weight [D], eps) -> [...,D]          (transformers' RMSNorm, one pass)
     rope(x [T,heads,D], cos [T,D], sin [T,D]) -> [T,heads,D]  (rotary embedding, one pass)
 
@@ -13,10 +15,14 @@ The MoE ops (fused_moe, grouped_expert_mlp, expert_mlp_rows) register in the sam
 server/moe/kernels/ops.py. mla_decode also takes "triton_decode" (the decode-only head-block kernel
 of mla_decode.py; models built for CUDA pick it, server/kernels/backend.py) and "dense" (batched
 torch matmuls over the padded block tables: graph-safe, no kernel); its "triton" is the varlen
-kernel of mla_attention.py run with one token per sequence. `backend="auto"` picks "triton" for
-CUDA tensors when Triton imports, else "torch"; the env var EPSERVE_KERNEL_BACKEND=torch forces
-the twins everywhere (baselines). Each entry of KERNEL_OPS is the registry of implementations for one op; Triton
-modules are imported on first use, so a CPU install without triton never imports it.
+kernel of mla_attention.py run with one token per sequence. MLA prefill has two forms: mla_prefill
+(absorbed queries over the latent cache, as decode) and mla_prefill_expanded (flash attention
+over K/V decompressed through kv_b_proj, mla_prefill_expanded.py: fewer FLOPs for long prompts);
+kernels.mla_prefill (absorbed | expanded | auto, mla_prefill_config.py) picks per step.
+`backend="auto"` picks "triton" for CUDA tensors when Triton imports, else "torch"; the env var
+EPSERVE_KERNEL_BACKEND=torch forces the twins everywhere (baselines). Each entry of KERNEL_OPS is
+the registry of implementations for one op; Triton modules are imported on first use, so a CPU
+install without triton never imports it.
 """
 from __future__ import annotations
 
@@ -66,6 +72,9 @@ register_op("mla_decode",
 register_op("mla_prefill",
             triton="server.kernels.mla_attention:mla_prefill_triton",
             torch="server.kernels.mla_reference:mla_attention_reference")
+register_op("mla_prefill_expanded",
+            triton="server.kernels.mla_prefill_expanded:mla_prefill_expanded_triton",
+            torch="server.kernels.mla_reference:mla_prefill_expanded_reference")
 register_op("rms_norm",
             triton="server.kernels.norm_rope:rms_norm_triton",
             torch="server.kernels.norm_rope:rms_norm_reference")

@@ -52,6 +52,7 @@ class PagedAttentionMetadata:
     """Per-step bookkeeping shared by every layer (built once per forward): the "torch" backend."""
 
     name = "torch"
+    prefill_queries_per_key = prefill_keys = None  # MLA prefill always runs the loop below (no expanded form)
     seqs: list[SeqSlice]
     slot_mapping: torch.Tensor  # [T] int64
     _masks: dict = field(default_factory=dict)  # (seq index, window) -> [q_len, ctx_len] bool

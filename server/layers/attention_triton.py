@@ -7,12 +7,16 @@ tokens' K/V are written by the KV-write kernel. Nothing here waits for the GPU: 
 host lists (context lengths, query lengths) go up through pinned memory without a sync.
 
 Layers with a sliding window fall back to the torch loop (the kernels have no window); the
-graph runner refuses such models, so a captured graph never meets the fallback. KV pages that
+graph runner refuses such models, so a captured graph never meets the fallback. MLA prefill
+steps run either form (kernels.mla_prefill, chosen by the layer from `prefill_queries_per_key`):
+`attend_latent` (absorbed queries over the latent cache) or `attend_latent_expanded` (the
+context's latent rows gathered, decompressed by the layer, flash attention). KV pages that
 are not a power of two get the torch backend's metadata for the step. This module imports the
 kernels (hence triton): the attention registry imports it only for a model that chose it.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -21,6 +25,7 @@ import torch
 from ..kernels.attention_decode import paged_decode_attention_triton, write_kv_cache_triton
 from ..kernels.attention_prefill import prefill_attention_triton
 from ..kernels.mla_attention import mla_decode_triton, mla_prefill_triton, write_latent_cache_triton
+from ..kernels.mla_prefill_expanded import mla_prefill_expanded_triton
 from .attention import PagedAttentionMetadata, StepBatch, attend_cached
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -49,6 +54,26 @@ def check_batch_lengths(batch: StepBatch, block_size: int) -> None:
         raise ValueError(f"query_lens sum to {sum(batch.query_lens)} but the batch has {batch.num_tokens} tokens")
 
 
+def queries_per_key(query_lens: list[int], context_lens: list[int]) -> float:
+    """sum(q_len * ctx) / sum(ctx): how many new tokens a cached key serves on average, weighted
+    by context (one whole prompt: its length; a short chunk over a long prefix: the chunk)."""
+    keys = sum(context_lens)
+    return sum(q * c for q, c in zip(query_lens, context_lens)) / keys if keys else 0.0
+
+
+def context_slots(block_tables: torch.Tensor, context_lens: list[int], block_size: int) -> torch.Tensor:
+    """[sum(ctx)] int64 cache slots of every sequence's positions 0..ctx-1, sequence after sequence.
+    block_tables [S, W] on the device; the (sequence, position) lists go up from the host."""
+    lens = torch.tensor(context_lens, dtype=torch.int64)
+    seq = torch.repeat_interleave(torch.arange(len(context_lens)), lens)  # [Lk] host
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(int(lens.sum())) - starts[seq]  # [Lk] position within its sequence
+    device = block_tables.device
+    host = torch.stack((seq, pos)).to(torch.int32)  # [2, Lk]
+    seq_d, pos_d = (host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host).long()
+    return block_tables.long()[seq_d, pos_d // block_size] * block_size + pos_d % block_size
+
+
 @dataclass
 class KernelAttentionMetadata:
     name = "triton"
@@ -58,7 +83,12 @@ class KernelAttentionMetadata:
     cu_seqlens_q: torch.Tensor | None  # [S+1] int32; None: a decode step (one new token per sequence)
     max_query_len: int
     batch: StepBatch | None = None  # kept for the sliding-window fallback (None under graphs)
+    #: prefill steps: sum(q_len * ctx) / sum(ctx) and sum(ctx), what kernels.mla_prefill=auto reads
+    #: (None: a decode step)
+    prefill_queries_per_key: float | None = None
+    prefill_keys: int | None = None
     _fallback: PagedAttentionMetadata | None = field(default=None, repr=False)
+    _latent_context: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @staticmethod
     def supports(head_dim: int, block_size: int | None, dtype: torch.dtype) -> bool:
@@ -87,7 +117,9 @@ class KernelAttentionMetadata:
             ctx = to_device_int32(list(batch.context_lens), device)
         return cls(slot_mapping=batch.slot_mapping, block_tables=batch.block_tables.to(torch.int32),
                    context_lens=ctx, cu_seqlens_q=cu,
-                   max_query_len=max(batch.query_lens, default=0), batch=batch)
+                   max_query_len=max(batch.query_lens, default=0), batch=batch,
+                   prefill_queries_per_key=None if decode else queries_per_key(batch.query_lens, batch.context_lens),
+                   prefill_keys=None if decode else sum(batch.context_lens))
 
     @classmethod
     def for_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
@@ -144,6 +176,33 @@ class KernelAttentionMetadata:
             return (decode or mla_decode_triton)(q, cache, self.block_tables, self.context_lens, v_dim, scale)
         return mla_prefill_triton(q, cache, self.block_tables, self.cu_seqlens_q, self.context_lens, v_dim, scale,
                                   max_query_len=self.max_query_len)
+
+    def attend_latent_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
+                               cache: torch.Tensor, decompress: Callable, scale: float) -> torch.Tensor:
+        """MLA prefill in the expanded form: q_nope [T, H, DN], q_rope [T, H, DR] (not absorbed),
+        latent [T, Dk] rows -> [T, H, DV]. Writes the rows, gathers every sequence's context rows
+        [Lk, Dk] (the new rows themselves when no sequence has a cached prefix), and attends over
+        decompress(rows) = (k_nope [Lk, H, DN], k_rope [Lk, 1, DR], v [Lk, H, DV])."""
+        write_latent_cache_triton(latent, cache, self.slot_mapping)
+        rows, cu_k = self._context_rows(latent, cache)
+        k_nope, k_rope, v = decompress(rows)
+        return mla_prefill_expanded_triton(q_nope, q_rope, k_nope, k_rope, v, self.cu_seqlens_q, cu_k, scale,
+                                           max_query_len=self.max_query_len)
+
+    def _context_rows(self, latent: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [Lk, Dk], cu_seqlens_k [S+1]): each sequence's latent rows 0..ctx-1, packed. The
+        gather index is built once per step on the host (shared by every layer), no device sync."""
+        if self._latent_context is None:
+            q_lens, ctx_lens = self.batch.query_lens, self.batch.context_lens
+            if list(q_lens) == list(ctx_lens):  # no cached prefix: the context is this step's rows
+                self._latent_context = (None, self.cu_seqlens_q)
+            else:
+                self._latent_context = (context_slots(self.block_tables, ctx_lens, cache.shape[1]),
+                                        to_device_int32([0, *itertools.accumulate(ctx_lens)], cache.device))
+        slots, cu_k = self._latent_context
+        if slots is None:
+            return latent.to(cache.dtype), cu_k
+        return cache.view(-1, cache.shape[2])[slots], cu_k
 
     def _torch_metadata(self, block_size: int) -> PagedAttentionMetadata:
         if self.batch is None:

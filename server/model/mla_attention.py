@@ -20,6 +20,16 @@ backend runs the kernel backend's `mla_decode` (kernels.mla_decode, or EPSERVE_M
 server/kernels/backend.py), fixed when the layer is built: "triton_decode" (the decode-only
 head-block kernel, default), "triton" (the varlen MLA kernel) or "dense" (batched torch
 matmuls); scripts/bench_mla_decode.py times all three.
+
+Prefill of long prompts is compute-bound, and there the absorbed form wastes work: per (query,
+key, head) it does 2 * (kv_lora_rank + rope) + 2 * kv_lora_rank FLOPs where the expanded form,
+K = [W_UK c | k_rope] and V = W_UV c decompressed once per context row, does 2 * (nope + rope)
++ 2 * v (~3.4x fewer at DeepSeek-V3 widths). So on the Triton backend a prefill step picks one
+of the two (kernels.mla_prefill, or EPSERVE_MLA_PREFILL: "absorbed", "expanded", "auto": expanded
+once the step's new tokens per cached key reach EXPANDED_MIN_QUERIES_PER_KEY and its contexts
+fit EXPANDED_MAX_KEYS, see
+server/kernels/mla_prefill_config.py); the expanded form runs the metadata's
+`attend_latent_expanded` with `_decompress` below. The torch backend's loop stays absorbed.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import torch
 from torch import nn
 
 from ..kernels.backend import KernelBackend
+from ..kernels.mla_prefill_config import MLA_PREFILL_MODES
 from ..kernels.ops import KERNEL_OPS
 from ..layers.attention import PagedAttentionMetadata
 from ..layers.layernorm import RMSNorm
@@ -58,6 +69,8 @@ class MLAttention(nn.Module):
         self.decode_backend = kernels.mla_decode
         #: decode over the latent cache on the Triton backend (the torch backend loops over sequences)
         self.decode = KERNEL_OPS["mla_decode"][self.decode_backend] if kernels.name == "triton" else None
+        #: queries per key -> expanded prefill? (kernels.mla_prefill; None: always absorbed, the torch loop)
+        self.prefill_expanded = MLA_PREFILL_MODES[kernels.mla_prefill] if kernels.name == "triton" else None
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, H, qk_head_dim] (nope dims, then RoPE dims)."""
@@ -72,6 +85,20 @@ class MLAttention(nn.Module):
         m = self.mla
         w = self.kv_b_proj.weight.view(self.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
+
+    def _decompress(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context latent rows [Lk, R + r] -> k_nope [Lk, H, nope], k_rope [Lk, 1, r] (shared by the
+        heads), v [Lk, H, v]: one matmul through kv_b_proj (views of its output, nothing copied)."""
+        m = self.mla
+        kv = self.kv_b_proj(rows[:, :m.kv_lora_rank]).view(rows.shape[0], self.num_heads, -1)  # [Lk, H, nope + v]
+        k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        return k_nope, rows[:, None, m.kv_lora_rank:], v
+
+    def _expanded(self, meta: PagedAttentionMetadata) -> bool:
+        """Does this step run the expanded prefill? Decode steps and the torch loop never do."""
+        qpk = meta.prefill_queries_per_key
+        return (self.prefill_expanded is not None and qpk is not None
+                and self.prefill_expanded(qpk, meta.prefill_keys))
 
     def forward(
         self,
@@ -89,10 +116,15 @@ class MLAttention(nn.Module):
         cos, sin = cos_sin
         q_rope = self.rope(q_rope, cos, sin)  # [T, H, r]
         k_rope = self.rope(k_rope.reshape(t, 1, m.qk_rope_head_dim), cos, sin).view(t, m.qk_rope_head_dim)
-        w_uk, w_uv = self._absorbed()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
-        q = torch.cat((q_latent, q_rope), dim=-1)  # [T, H, R + r]
         latent = torch.cat((c, k_rope), dim=-1)  # [T, R + r]
-        o = meta.attend_latent(q, latent, kv_cache[0], m.kv_lora_rank, m.softmax_scale, decode=self.decode)  # [T, H, R]
-        o = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        if self._expanded(meta):
+            o = meta.attend_latent_expanded(q_nope, q_rope, latent, kv_cache[0], self._decompress,
+                                            m.softmax_scale)  # [T, H, v]
+        else:
+            w_uk, w_uv = self._absorbed()
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+            q = torch.cat((q_latent, q_rope), dim=-1)  # [T, H, R + r]
+            o = meta.attend_latent(q, latent, kv_cache[0], m.kv_lora_rank, m.softmax_scale,
+                                   decode=self.decode)  # [T, H, R]
+            o = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
         return self.o_proj(o.reshape(t, self.num_heads * m.v_head_dim))

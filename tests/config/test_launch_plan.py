@@ -17,7 +17,8 @@ def _app(**sections) -> AppConfig:
 
 
 def test_the_plan_resolves_every_choice_once_and_pickles_whole(monkeypatch) -> None:
-    for env in ("EPSERVE_KERNEL_BACKEND", "EPSERVE_EXPERT_PATH", "EPSERVE_MLA_DECODE", "EPSERVE_CUDA_GRAPHS"):
+    for env in ("EPSERVE_KERNEL_BACKEND", "EPSERVE_EXPERT_PATH", "EPSERVE_MLA_DECODE", "EPSERVE_MLA_PREFILL",
+                "EPSERVE_CUDA_GRAPHS"):
         monkeypatch.delenv(env, raising=False)
     plan = build_launch_plan(_app(model={"max_model_len": 10**6}))
     assert (plan.ep_size, plan.spec.num_experts, plan.policy.name, plan.eplb, plan.dispatch.name) == (2, 16, "skewed", None, "auto")
@@ -41,6 +42,7 @@ def test_an_environment_override_is_applied_and_logged(monkeypatch, caplog) -> N
     ({"backend": "cutlass"}, {}, "kernels.backend='cutlass'"),
     ({}, {"EPSERVE_EXPERT_PATH": "nope"}, "kernels.expert_path='nope' (or EPSERVE_EXPERT_PATH)"),
     ({"mla_decode": "flash"}, {}, "kernels.mla_decode='flash'"),
+    ({}, {"EPSERVE_MLA_PREFILL": "dense"}, "kernels.mla_prefill='dense' (or EPSERVE_MLA_PREFILL)"),
 ])
 def test_a_backend_that_does_not_exist_is_a_config_error(monkeypatch, kernels, env, key) -> None:
     for name, value in env.items():

@@ -102,3 +102,33 @@ def test_mla_decode_defaults_to_the_head_block_kernel(monkeypatch) -> None:
     assert KernelBackend.for_device("cpu").mla_decode == "triton"
     with pytest.raises(UnknownNameError, match="triton_decode"):
         KernelBackend("triton", mla_decode="flash")
+
+
+def test_mla_prefill_form_is_chosen_when_the_model_is_built(monkeypatch) -> None:
+    """kernels.mla_prefill / EPSERVE_MLA_PREFILL: absorbed, expanded or auto (default), which takes
+    the expanded form from EXPANDED_MIN_QUERIES_PER_KEY new tokens per cached key, up to
+    EXPANDED_MAX_KEYS context keys in the step."""
+    from server.kernels import mla_prefill_config as mpc
+
+    monkeypatch.delenv("EPSERVE_MLA_PREFILL", raising=False)
+    assert KernelBackend.for_device("cpu").mla_prefill == "auto" == KernelConfig().mla_prefill
+    monkeypatch.setenv("EPSERVE_MLA_PREFILL", "expanded")
+    assert KernelBackend.for_device("cpu").mla_prefill == "expanded"
+    assert KernelBackend.for_device("cpu", KernelConfig(mla_prefill="absorbed")).mla_prefill == "absorbed"
+    with pytest.raises(UnknownNameError, match="absorbed, auto, expanded"):
+        KernelBackend("triton", mla_prefill="flash")
+    auto, limit, most = mpc.MLA_PREFILL_MODES["auto"], mpc.EXPANDED_MIN_QUERIES_PER_KEY, mpc.EXPANDED_MAX_KEYS
+    assert not auto(limit - 1, 4096) and auto(limit, 4096) and auto(limit, most) and not auto(limit, most + 1)
+    assert not mpc.MLA_PREFILL_MODES["absorbed"](1e9, 10) and mpc.MLA_PREFILL_MODES["expanded"](1.0, 10**6)
+    assert KERNEL_OPS["mla_prefill_expanded"]["torch"].__name__ == "mla_prefill_expanded_reference"
+    assert "triton" in KERNEL_OPS["mla_prefill_expanded"]
+
+
+def test_queries_per_key_weights_sequences_by_context() -> None:
+    pytest.importorskip("triton")
+    from server.layers.attention_triton import queries_per_key
+
+    assert queries_per_key([4096], [4096]) == 4096  # one whole prompt: its length
+    assert queries_per_key([64], [8192]) == 64  # a short chunk over a long prefix
+    assert queries_per_key([1000, 1, 1], [1000, 3000, 4000]) == pytest.approx((1000 * 1000 + 7000) / 8000)
+    assert queries_per_key([], []) == 0.0

@@ -125,3 +125,18 @@ def test_mla_decode_kernel_compiles_once_per_config_and_split_mode() -> None:
     assert len(keys["_merge_kernel"]) == len({cfg for cfg, splits, _ in plans if splits > 1}) == 1
     forced = keys_by_kernel(lambda n: decode(2, n), [2, 3, 16, 33, 128])
     assert len(forced["_mla_decode_kernel"]) == len(forced["_merge_kernel"]) == 1
+
+
+def test_expanded_mla_prefill_compiles_once_for_every_prompt_shape() -> None:
+    """The expanded MLA prefill kernel as the model launches it (views of q, kv_b_proj's output and
+    the latent rows; whole prompts and chunks over a prefix): one compile for every token count."""
+    from server.kernels.mla_prefill_expanded import mla_prefill_expanded_triton
+
+    def prefill(t: int, prefix: int = 0) -> None:
+        q, kv = torch.empty(t, 128, 192, **META), torch.empty(t + prefix, 128, 256, **META)
+        rows = torch.empty(t + prefix, 576, **META)
+        mla_prefill_expanded_triton(q[..., :128], q[..., 128:], kv[..., :128], rows[:, None, 512:], kv[..., 128:],
+                                    torch.empty(2, **I32), torch.empty(2, **I32), 0.07, max_query_len=t)
+
+    keys = keys_by_kernel(lambda t: (prefill(t), prefill(t, 1000)), [1, 7, 16, 64, 65, 200, 1024, 4096, 8193])
+    assert len(keys["_expanded_prefill_kernel"]) == 1

@@ -88,3 +88,35 @@ def test_mla_decode_kernel_compiles_to_wgmma_without_spills() -> None:
         if c.name == "_mla_decode_kernel" and "BLOCK_H=64" in c.key:
             assert c.hgmma and not c.hmma, f"{c.key} is not on the wgmma path"
     assert sum("BLOCK_H=64" in c.key for c in kernels) == 1
+
+
+def test_expanded_mla_prefill_tiles_compile_to_wgmma_without_spills() -> None:
+    """The expanded MLA prefill kernel at DeepSeek-V3 widths (nope 128 + rope 64 scores, v 128,
+    128 heads, the RoPE key shared with head stride 0), with its 16-bit default tiles and every
+    tile shape scripts/bench_mla_prefill.py sweeps: both dots on wgmma, no spills, shared memory
+    within the limit."""
+    import importlib.util
+    from pathlib import Path
+
+    from server.kernels.mla_prefill_config import MLAPrefillConfig, default_config
+    from server.kernels.mla_prefill_expanded import mla_prefill_expanded_triton
+
+    spec = importlib.util.spec_from_file_location("bench_mla_prefill",
+                                                  Path(__file__).resolve().parents[2] / "scripts/bench_mla_prefill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # defines the sweep's TILES; main() does not run
+    tiles = bench.TILES
+    m = dict(device="meta", dtype=torch.bfloat16)
+    i32 = dict(device="meta", dtype=torch.int32)
+    tokens, heads = 4096, 128
+    kv, latent = torch.empty(tokens, heads, 256, **m), torch.empty(tokens, 576, **m)  # kv_b_proj output, rows
+    q = torch.empty(tokens, heads, 192, **m)
+    configs = [default_config(torch.bfloat16)] + [MLAPrefillConfig(*t) for t in tiles]
+    with compile_check.record_launches() as launches:
+        for cfg in configs:
+            mla_prefill_expanded_triton(q[..., :128], q[..., 128:], kv[..., :128], latent[:, None, 512:], kv[..., 128:],
+                                        torch.empty(2, **i32), torch.empty(2, **i32), 0.1, max_query_len=tokens,
+                                        config=cfg)
+    assert len(launches) == len(configs)
+    for c in compile_all(launches):
+        assert c.spill_bytes == 0 and c.shared <= SMEM and c.hgmma, c

@@ -95,6 +95,8 @@ class BenchOptions:
                               f"(bench.mode={self.mode} runs the model's own expert weights)")
         if self.routing_source not in ROUTING_SOURCES:
             raise ConfigError(f"bench.routing_source={self.routing_source!r} is not one of {ROUTING_SOURCES}")
+        if self.whatif_validate:
+            self._check_validation(ep_size)
         if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in self.eplb_redundant_per_rank):
             raise ConfigError(f"bench.eplb_redundant_per_rank must list integers >= 0, got {list(self.eplb_redundant_per_rank)}")
         if self.hf_cache not in HF_CACHES:
@@ -113,6 +115,17 @@ class BenchOptions:
             raise ConfigError(f"bench.policies must include natural (every ratio is to natural), got {names}")
         if len({json.dumps(p, sort_keys=True) for p in self.policies}) != len(self.policies):
             raise ConfigError(f"bench.policies lists a policy twice: {names}")
+
+    def _check_validation(self, ep_size: int) -> None:
+        """bench.whatif_validate compares the what-if with the real engine at one rank, which
+        routes the set's prompts with the model's own router: the what-if must route the same."""
+        if self.mode != "whatif" or ep_size != 1:
+            raise ConfigError(f"bench.whatif_validate runs the real engine beside the what-if at parallel.ep_size=1 in "
+                              f"bench.mode=whatif (got mode {self.mode}, ep_size {ep_size})")
+        if self.routing_source != "model" or self.routing_model not in (None, "", "same"):
+            raise ConfigError(f"bench.whatif_validate needs bench.routing_source=model with bench.routing_model=same "
+                              f"(got {self.routing_source}, {self.routing_model}): the engine it is checked against "
+                              "routes the set's prompts with the model's own router")
 
     @property
     def policy_labels(self) -> list[str]:

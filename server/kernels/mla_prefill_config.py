@@ -42,9 +42,10 @@ from ..registry import Registry
 from .mla_decode_config import CONFIG_DIR, device_key
 
 #: queries per key (sum(q_len * ctx) / sum(ctx) over the step's sequences) from which `auto`
-#: takes the expanded form; the estimate above rounded up for the absorbed kernel's lower
-#: FLOP cost at short lengths. Replace with the bench's measured `crossover_len`.
-EXPANDED_MIN_QUERIES_PER_KEY = 512
+#: takes the expanded form: the bench's shortest whole prompt, L=128, where the expanded path
+#: (decompression included) already ran 3.3x faster than the absorbed one on an H100 (at
+#: L=512 7.3x; BENCHMARKS.md section 8). Shorter prompts were not measured.
+EXPANDED_MIN_QUERIES_PER_KEY = 128
 #: most context keys (summed over the step's sequences) `auto` decompresses at once
 EXPANDED_MAX_KEYS = 32768
 

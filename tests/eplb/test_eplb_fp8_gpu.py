@@ -29,7 +29,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fp8_experts_with_eplb_stay_close_to_dequantised_before_and_after_a_move(tmp_path) -> None:
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 experts need compute capability 8.9+")
-    hf = build_hf_model("qwen3_moe", seed=6, hidden_size=256, intermediate_size=256, moe_intermediate_size=256)
+    hf = build_hf_model("qwen3_moe", seed=6, vocab_size=256, hidden_size=256, intermediate_size=256,
+                        moe_intermediate_size=256)  # vocab 256: the prompts are bytes
     hf.config.architectures = [type(hf).__name__]
     save_fused_layout(hf, tmp_path / "values")
     write_fp8_checkpoint(tmp_path / "values", tmp_path / "fp8")

@@ -18,7 +18,8 @@ PROMPTS = [(0, list(b"The quick brown fox")), (1, list(b"jumps")), (2, list(rang
 
 
 def test_auto_keeps_experts_fp8_on_cuda_and_stays_close_to_dequantised(tmp_path):
-    hf = build_hf_model("qwen3_moe", seed=6, hidden_size=256, intermediate_size=256, moe_intermediate_size=256)
+    hf = build_hf_model("qwen3_moe", seed=6, vocab_size=256, hidden_size=256, intermediate_size=256,
+                        moe_intermediate_size=256)  # vocab 256: the prompts are bytes
     hf.config.architectures = [type(hf).__name__]
     save_fused_layout(hf, tmp_path / "values")
     write_fp8_checkpoint(tmp_path / "values", tmp_path / "fp8")

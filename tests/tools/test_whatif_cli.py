@@ -85,3 +85,37 @@ def test_whatif_config_errors_name_the_key(overrides, message):
         data.setdefault(group, {})[name] = int(value) if value.isdigit() else value
     with pytest.raises(ConfigError, match=message):
         run_whatif(BenchSettings.from_dict(data))
+
+
+def _validation_settings(**bench):
+    from server.bench.settings import BenchSettings
+
+    return BenchSettings.from_dict({"model": {"name": "tiny"}, "parallel": {"ep_size": bench.pop("ep", 1)}, "bench": {
+        "mode": "whatif", "batch": 8, "input_len": 8, "output_len": 4, "small_batch": 2, "whatif_reps": 2,
+        "workload": "lightllm", "routing_source": "model", "whatif_validate": True, "repeats": 1, "sweep": [],
+        "policies": [{"name": "natural"}], "eplb_redundant_per_rank": [], **bench}})
+
+
+def test_whatif_validation_routes_the_prompts_the_engine_runs(tmp_path):
+    """At ep 1 the check against the real engine runs on CPU too; the what-if's routing is the
+    model's router on the set's own prompts (the engine's), not on the text prompts."""
+    from server.bench.whatif.document import run_whatif
+
+    doc = run_whatif(_validation_settings(out_dir=str(tmp_path)))
+    assert "the set's own prompts" in doc["routing_source"], doc["routing_source"]
+    for phase in ("prefill", "decode", "small_decode"):
+        check = doc["validation"][phase]
+        assert check["engine_step_ms"] > 0 and check["predicted_step_ms"] > 0
+        assert 0.2 < check["predicted_over_engine"] < 5.0, (phase, check)
+
+
+@pytest.mark.parametrize("bench,message", [
+    (dict(ep=2), "parallel.ep_size=1"),
+    (dict(routing_source="trace"), "routing_source=model"),
+    (dict(routing_model="tiny"), "routing_model=same"),
+])
+def test_whatif_validation_config_errors(bench, message):
+    from server.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _validation_settings(**bench)

@@ -36,7 +36,8 @@ def _needs_cuda():
 
 
 def test_whatif_at_ep1_tracks_the_real_engine():
-    doc = run_whatif(_settings(1, whatif_validate=True, repeats=3, policies=["natural"], eplb_redundant_per_rank=[]))
+    doc = run_whatif(_settings(1, whatif_validate=True, routing_source="model", repeats=3, policies=["natural"],
+                               eplb_redundant_per_rank=[]))
     assert doc["decode_graphs"] and doc["dispatch"] == "local"
     for phase in ("prefill", "decode", "small_decode"):
         ratio = doc["validation"][phase]["predicted_over_engine"]

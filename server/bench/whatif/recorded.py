@@ -9,7 +9,10 @@ position, the router's top-k at every MoE layer. Decoding is greedy, so the gene
 continuations. Each token of the what-if's steps then reads the row of its (request,
 position): under natural routing a token's choice does not depend on the batch it ran in.
 Sets larger than bench.routing_pool record that many requests of the set's longest length
-and request i reads recorded request i mod pool.
+and request i reads recorded request i mod pool. Under bench.whatif_validate the routing model
+runs the set's own prompts instead, every one of them: the real engine it is checked against
+runs those prompts, and the check compares step times only where both route the same tokens
+(text and random-token prompts decode to different tokens, so different experts are active).
 
 source=trace reads a routing=record trace (bench.routing_trace; the default is the trained
 tiny model's routing of held-out text shipped with epserve).
@@ -106,8 +109,11 @@ def text_prompts(model: ModelConfig, lengths: list[int], output_len: int, seed: 
 
 
 def _pool(req: SourceRequest, model: ModelConfig) -> RequestSet:
-    """The requests the routing model runs: the set's lengths, or `routing_pool` of its longest."""
+    """The requests the routing model runs: the set's lengths, or `routing_pool` of its longest;
+    under bench.whatif_validate the set itself (the prompts the engine reference runs)."""
     o, reqs = req.settings.bench, req.requests
+    if o.whatif_validate:
+        return reqs
     lengths = reqs.lengths if reqs.batch <= o.routing_pool else [max(reqs.lengths)] * o.routing_pool
     return text_prompts(model, lengths, reqs.output_len, o.seed)
 
@@ -124,7 +130,8 @@ def build_model_source(req: SourceRequest) -> TableSource:
     if pool.batch < req.requests.batch:  # request i reads recorded request i mod pool
         table = table[np.arange(req.requests.batch) % pool.batch]
     shape = _shape_map(src_spec.num_experts, src_spec.top_k, src_spec.num_moe_layers, req.spec)
-    note = (f"router of {model.name} (natural, greedy decode) on {pool.batch} prompts of Python source"
+    prompts = "the set's own prompts" if pool is req.requests else "prompts of Python source"
+    note = (f"router of {model.name} (natural, greedy decode) on {pool.batch} {prompts}"
             + ("" if shape.identity else f", carried from {src_spec.num_experts} experts top-{src_spec.top_k}"))
     return TableSource(torch.from_numpy(table).to(req.device), shape, note)
 

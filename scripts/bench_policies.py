@@ -179,6 +179,14 @@ def bench(device: str, ns: list[int], experts: list[int], top_k: int, lightllm_m
     return rows
 
 
+def emit(rows: list[dict], row: dict) -> None:
+    """Keep `row` and print it at once: a run stopped part-way still shows what it measured."""
+    rows.append(row)
+    us = lambda key: "-" if row.get(key) is None else f"{row[key]:,.1f}"  # noqa: E731
+    print(f"  {row['policy']} N={row['n']}: eager {us('eager_us')} µs, graph {us('graph_us')} µs, "
+          f"{LAYER_CALLS} per graph {us('graph_layers_us')} µs", flush=True)
+
+
 def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max_n: int, iters: int,
                   dtype: torch.dtype, ep_size: int) -> list[dict]:
     rows = []
@@ -190,7 +198,8 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
         moe = None
         if device.startswith("cuda") and num_experts in MOE_BLOCKS:
             moe_rows = moe_block_rows(n, num_experts, top_k, ids, weights, iters)
-            rows.extend(moe_rows)
+            for row in moe_rows:
+                emit(rows, row)
             moe = moe_rows[0]  # the bf16 block: what "graph vs MoE block" divides by
         lightllm_s = None
         if n <= lightllm_max_n:
@@ -199,7 +208,7 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
             lightllm_generator_torch(n, num_experts, top_k, device=device)
             sync(device)
             lightllm_s = time.perf_counter() - t0
-            rows.append({"policy": "LightLLM generator", "n": n, "eager_us": lightllm_s * 1e6, "graph_us": None, "speedup_vs_lightllm": 1.0})
+            emit(rows, {"policy": "LightLLM generator", "n": n, "eager_us": lightllm_s * 1e6, "graph_us": None, "speedup_vs_lightllm": 1.0})
         for spec in POLICIES:
             policy = build(spec)
             fn = lambda: policy(ids, weights, logits, ctx)  # noqa: E731
@@ -207,7 +216,7 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
             eager = time_eager(fn, device, calls)
             graph = time_graph(fn, calls) if device.startswith("cuda") else None
             layers = time_graph(fn, max(calls // 8, 3), LAYER_CALLS) if device.startswith("cuda") else None
-            rows.append({
+            emit(rows, {
                 "policy": spec, "n": n, "eager_us": eager * 1e6, "graph_us": None if graph is None else graph * 1e6,
                 "graph_layers_us": None if layers is None else layers * 1e6,
                 "speedup_vs_lightllm": None if lightllm_s is None else lightllm_s / min(x for x in (eager, graph) if x is not None),
@@ -216,16 +225,16 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
         if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
             from server.moe.routing.greedy import greedy_balanced_torch
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
-            rows.append({"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_lightllm": None})
+            emit(rows, {"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_lightllm": None})
             from server.moe.routing.uniform_random import uniform_random_torch  # the pre-kernel path, same ids
             f = lambda: uniform_random_torch(n, num_experts, top_k, 12345, 0, logits.device)  # noqa: E731
-            rows.append(comparison_row("uniform_random (torch path)", n, f, device, iters))
+            emit(rows, comparison_row("uniform_random (torch path)", n, f, device, iters))
             from server.moe.kernels.greedy_route import greedy_balanced_triton
             from server.moe.kernels.greedy_route_cuda import greedy_balanced_cuda
             for score_dtype in (torch.float32, torch.bfloat16):
                 scores = logits.to(score_dtype)
                 f = lambda: greedy_balanced_triton(scores, top_k)  # noqa: E731
-                rows.append(comparison_row(f"greedy Triton kernel {str(score_dtype)[6:]}", n, f, device, iters))
+                emit(rows, comparison_row(f"greedy Triton kernel {str(score_dtype)[6:]}", n, f, device, iters))
             # The CUDA kernel's ranked lists cover less of the round when scores spread wider than
             # 255 bf16 codes or share a per-expert bias; its exact fallback then costs more.
             variants = {"randn": logits, "randn x100": logits.float() * 100, "randn + expert bias": logits.float() + torch.linspace(-3, 3, num_experts, device=device)}
@@ -234,7 +243,7 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
                 if greedy_balanced_cuda(scores, top_k) is None:
                     continue
                 f = lambda: greedy_balanced_cuda(scores, top_k)  # noqa: E731
-                rows.append(comparison_row(f"greedy CUDA kernel bfloat16, {label} logits", n, f, device, iters))
+                emit(rows, comparison_row(f"greedy CUDA kernel bfloat16, {label} logits", n, f, device, iters))
     return rows
 
 

@@ -122,10 +122,15 @@ class BenchOptions:
         if self.mode != "whatif" or ep_size != 1:
             raise ConfigError(f"bench.whatif_validate runs the real engine beside the what-if at parallel.ep_size=1 in "
                               f"bench.mode=whatif (got mode {self.mode}, ep_size {ep_size})")
-        if self.routing_source != "model" or self.routing_model not in (None, "", "same"):
+        if self.routing_source != "model" or not self.routes_with_simulated_model:
             raise ConfigError(f"bench.whatif_validate needs bench.routing_source=model with bench.routing_model=same "
                               f"(got {self.routing_source}, {self.routing_model}): the engine it is checked against "
                               "routes the set's prompts with the model's own router")
+
+    @property
+    def routes_with_simulated_model(self) -> bool:
+        """bench.routing_model names the simulated model itself (same, or left empty)."""
+        return self.routing_model in (None, "", "same")
 
     @property
     def policy_labels(self) -> list[str]:

@@ -45,14 +45,15 @@ def init_random_weights(model: MoECausalLM, seed: int) -> None:
                 if scales is None:
                     p[local].normal_(0.0, std, generator=gen)
                 else:
-                    _fp8_expert(p[local], scales[local], std, gen)
+                    draw_fp8_blocks(p[local], scales[local], std, gen)
         else:
             p.normal_(0.0, std, generator=_generator(p.device, seed, name))
 
 
-def _fp8_expert(codes: torch.Tensor, scales: torch.Tensor, std: float, gen: torch.Generator) -> None:
+def draw_fp8_blocks(codes: torch.Tensor, scales: torch.Tensor, std: float, gen: torch.Generator) -> None:
     """One slot's FP8 tensor: codes [rows, cols] e4m3 and scales [ceil(rows/128), ceil(cols/128)]
-    from a float32 N(0, std) draw, block-quantised as an FP8 checkpoint stores it."""
+    from a float32 N(0, std) draw, block-quantised as an FP8 checkpoint stores it. One slot at a
+    time: a float copy of all of a rank's experts would be 4x their FP8 bytes."""
     from ..moe.kernels.moe_reference_fp8 import quantize_weight_blocks  # FP8 experts only
 
     w = torch.empty(codes.shape, dtype=torch.float32, device=codes.device).normal_(0.0, std, generator=gen)

@@ -21,6 +21,7 @@ import torch
 from ...config import ConfigError
 from ...kernels.backend import KernelBackend
 from ...model.expert_format import FP8_BLOCK, expert_weight_format
+from ...model.random_weights import draw_fp8_blocks
 from ...model.spec import Fp8BlockScheme, ModelSpec
 
 
@@ -44,18 +45,12 @@ def expert_kernels(precision: str, spec: ModelSpec, kernels: KernelBackend, devi
 @torch.no_grad()
 def fill_random_fp8(experts, std: float, gen: torch.Generator) -> None:
     """Random N(0, std) expert weights, quantised as an FP8 block checkpoint stores them, into
-    FP8 LocalExperts (codes in gate_up_proj / down_proj, scales in *_scale_inv). One expert at a
-    time in float32: the full float copy of a rank's experts would be 4x their FP8 bytes."""
-    from ...moe.kernels.moe_reference_fp8 import quantize_weight_blocks
-
+    FP8 LocalExperts (codes in gate_up_proj / down_proj, scales in *_scale_inv), slot after slot
+    from the one generator `gen`."""
     for codes, scales in ((experts.gate_up_proj, experts.gate_up_proj_scale_inv),
                           (experts.down_proj, experts.down_proj_scale_inv)):
         for e in range(codes.shape[0]):
-            w = torch.empty(codes.shape[1:], dtype=torch.float32, device=codes.device)  # [rows, cols]
-            w.normal_(0.0, std, generator=gen)
-            q, s = quantize_weight_blocks(w)  # [rows, cols] e4m3, [ceil(rows/128), ceil(cols/128)] fp32
-            codes[e].copy_(q)
-            scales[e].copy_(s)
+            draw_fp8_blocks(codes[e], scales[e], std, gen)  # [rows, cols] e4m3, [rows/128, cols/128] fp32
 
 
 def precision_note(experts) -> str:

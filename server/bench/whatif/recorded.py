@@ -76,7 +76,7 @@ def record_routed_experts(model: ModelConfig, requests: RequestSet, device: str 
 
 def _routing_model(req: SourceRequest) -> ModelConfig:
     name = req.settings.bench.routing_model
-    if name in (None, "", "same"):
+    if req.settings.bench.routes_with_simulated_model:
         return req.settings.model
     if name == "tiny":
         return ModelConfig(name="tiny")

@@ -5,8 +5,8 @@ scheduler's plans through real ModelRunners, the all-gather dispatch) records, p
 step and MoE layer, the router output its policy got and the local ids its expert kernel
 got. The what-if, given the same router outputs as its routing source, lays out the same
 steps with its own offsets, policy calls, EPLB replica choice and dispatch layout; the ids,
-row counts and per-expert counts must be identical, for natural, greedy_balanced and
-natural with EPLB.
+row counts and per-expert counts must be identical, for natural, greedy_balanced, natural
+with EPLB and rank_balanced (whose ranks the what-if solves as one batch).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _captured(recorded: list[dict], steps) -> CapturedSource:
 
 @pytest.mark.parametrize("ep,policy,redundant", [(2, "natural", None), (2, "greedy_balanced", None),
                                                  (2, "natural", 2), (4, "greedy_balanced", None),
-                                                 (4, "natural", 4)])
+                                                 (4, "natural", 4), (4, "rank_balanced", None)])
 def test_whatif_kernel_inputs_equal_a_real_gloo_ep_run(ep, policy, redundant):
     spec, steps = _steps(ep)
     assert any(s.is_decode for s in steps) and not steps[0].is_decode

@@ -3,7 +3,7 @@
 The engine's own code computes it, one rank after the other, in this process:
   1. rank r's slice of the router output (its token rows, from the step plan's offsets);
   2. the policy under test with rank r's RoutingContext (layer, ep_rank, ep_size, token_offset),
-     as MoELayer.forward calls it;
+     as MoELayer.forward calls it (all ranks' calls handed over at once: call_ranks);
   3. with EPLB, the replica map's physical slots (ReplicaMap, the token offset picks the copy);
   4. the dispatcher's rows. `allgather`: rank r sends its rows padded to the step's common row
      count R with -1 (token_rows.write_send_ids, as TokenRows.pack writes them), the all-gather
@@ -83,16 +83,20 @@ class Layouter:
         self.num_slots = num_experts if replicas is None else replicas.num_slots
 
     def rank_ids(self, step: PlannedStep, layer: int, router: RouterOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per rank: (logical ids [n_r, k] after the policy, physical slot ids [n_r, k])."""
-        out = []
+        """Per rank: (logical ids [n_r, k] after the policy, physical slot ids [n_r, k]). The
+        ranks' calls go to the policy together (RoutingPolicy.call_ranks: each the same as its
+        own call, a solver policy batches them)."""
+        calls = []
         for rank, (plan, tokens) in enumerate(zip(step.ranks, step.tokens)):
             lo, n = plan.token_offset, tokens.num_tokens
             ctx = RoutingContext(layer=layer, num_experts=self.num_experts, top_k=self.top_k, ep_rank=rank,
                                  ep_size=self.ep_size, token_offset=plan.token_offset, seed=self.seed,
                                  router_groups=self.groups[0], router_topk_groups=self.groups[1])
-            ids, _ = self.policy(router.ids[lo:lo + n], router.weights[lo:lo + n], router.scores[lo:lo + n], ctx)
+            calls.append((router.ids[lo:lo + n], router.weights[lo:lo + n], router.scores[lo:lo + n], ctx))
+        out = []
+        for (ids, _), (_, _, _, ctx) in zip(self.policy.call_ranks(calls), calls):
             ids = ids.to(torch.int32)
-            physical = ids if self.replicas is None else self.replicas(layer, ids, plan.token_offset)
+            physical = ids if self.replicas is None else self.replicas(layer, ids, ctx.token_offset)
             out.append((ids, physical.to(torch.int32)))
         return out
 

@@ -62,11 +62,23 @@ class RoutingPolicy:
         ctx: RoutingContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.route(topk_ids, topk_weights, router_logits, ctx)  # [N, k] int32
+        return ids, self.weigh(topk_weights, ctx)
+
+    def weigh(self, topk_weights: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """[N, k] the weights that go with the new ids: the router's by slot (`keep`) or 1/k."""
         if self.weights == "uniform":
-            weights = torch.full_like(topk_weights, 1.0 / ctx.top_k)
-        else:
-            weights = topk_weights
-        return ids, weights
+            return torch.full_like(topk_weights, 1.0 / ctx.top_k)
+        return topk_weights
+
+    def call_ranks(self, calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutingContext]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The policy on several independent calls at once: [(topk_ids, topk_weights,
+        router_logits, ctx)] -> [(ids, weights)], each exactly what `self(*call)` returns.
+
+        For callers that hold every EP rank's router output in one process (the EP what-if).
+        This default calls them one after the other; a policy whose call is many small device
+        ops (the capacity solvers) overrides it to run same-shaped calls as one batch."""
+        return [self(*call) for call in calls]
 
     def route(
         self,

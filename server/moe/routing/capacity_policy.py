@@ -17,7 +17,7 @@ more pairs at the same perplexity (docs/EVAL.md).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -86,11 +86,11 @@ class CapacityPolicy(RoutingPolicy):
         bonus = torch.full(topk_ids.shape, self.keep_bonus, device=router_logits.device)  # [n, k]
         return router_logits.float().scatter_add(1, topk_ids.long(), bonus)
 
-    def route(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext) -> torch.Tensor:
-        n, device = router_logits.shape[0], router_logits.device
-        if n == 0:
-            return torch.empty(0, ctx.top_k, dtype=torch.int32, device=device)
-        scores = self.objective_scores(topk_ids, router_logits)  # [n, E]
+    def solver(self, n: int, ctx: RoutingContext) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """scores [n, E] -> (ids [n, k] int64, ok 0-d bool) for a call of n tokens in `ctx`. It
+        reads only the shape of the call (n, E, k, ep_size, the router's group limit), never the
+        rank, layer or token offset: calls that agree on those may share one batched solve."""
+        capacities = self.capacities(n, ctx)
         allowed_fn = take_filter = swap_groups = None
         if self.keeps_groups() and ctx.router_groups > 1:
             groups, topk_groups, num_experts = ctx.router_groups, ctx.router_topk_groups, ctx.num_experts
@@ -101,15 +101,55 @@ class CapacityPolicy(RoutingPolicy):
             def take_filter(held, ids, giving):
                 return group_keeping_takes(ids, giving, num_experts, groups, topk_groups)
 
-            capacities = self.capacities(n, ctx)
             if capacities.width > 1 and groups_nest_in_bins(num_experts, groups, capacities.width):
                 swap_groups = groups
 
-        ids, ok = capacitated_topk(scores, ctx.top_k, self.capacities(n, ctx), allowed_fn, take_filter,
-                                   self.price_steps, self.repair_rounds, swap_groups)  # [n, k], 0-d bool
+        def solve(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return capacitated_topk(scores, ctx.top_k, capacities, allowed_fn, take_filter, self.price_steps,
+                                    self.repair_rounds, swap_groups)
+
+        return solve
+
+    def guarded(self, ids: torch.Tensor, ok: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """ids [..., n, k], ok [...] bool -> [..., n, k] int32: the solver's ids where every
+        capacity held, else the closed-form fallback; counts the fallbacks on the device."""
+        n, device = ids.shape[-2], ids.device
         fallback = cyclic_balanced_ids(n, ctx.num_experts, ctx.top_k, ctx.ep_size, device)  # [n, k]
         counter = self._fallbacks.get(device)
         if counter is None:
             counter = self._fallbacks[device] = torch.zeros(1, dtype=torch.int64, device=device)
-        counter += (~ok).to(torch.int64)
-        return torch.where(ok, ids, fallback).to(torch.int32)
+        counter += (~ok).to(torch.int64).sum()
+        return torch.where(ok[..., None, None], ids, fallback).to(torch.int32)
+
+    def route(self, topk_ids, topk_weights, router_logits, ctx: RoutingContext) -> torch.Tensor:
+        n, device = router_logits.shape[0], router_logits.device
+        if n == 0:
+            return torch.empty(0, ctx.top_k, dtype=torch.int32, device=device)
+        ids, ok = self.solver(n, ctx)(self.objective_scores(topk_ids, router_logits))  # [n, k], 0-d bool
+        return self.guarded(ids, ok, ctx)
+
+    def call_ranks(self, calls):
+        """Calls of the same shape (shape_key) run as one solve under torch.func.vmap: the same
+        ops on a leading batch dimension, so R ranks cost one call's kernel launches, not R
+        times as many. The ids equal the one-call path's (tests/routing/test_capacity_batched.py)."""
+        out: list = [None] * len(calls)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (_, _, logits, ctx) in enumerate(calls):
+            by_shape.setdefault(shape_key(logits.shape[0], ctx), []).append(i)
+        for members in by_shape.values():
+            first = calls[members[0]]
+            if len(members) == 1 or first[2].shape[0] == 0:
+                for i in members:
+                    out[i] = self(*calls[i])
+                continue
+            scores = torch.stack([self.objective_scores(calls[i][0], calls[i][2]) for i in members])  # [R, n, E]
+            ids, ok = torch.func.vmap(self.solver(first[2].shape[0], first[3]))(scores)  # [R, n, k], [R]
+            ids = self.guarded(ids, ok, first[3])
+            for row, i in enumerate(members):
+                out[i] = (ids[row], self.weigh(calls[i][1], calls[i][3]))
+        return out
+
+
+def shape_key(n: int, ctx: RoutingContext) -> tuple:
+    """What a capacity solve depends on besides the scores (CapacityPolicy.solver)."""
+    return (n, ctx.num_experts, ctx.top_k, ctx.ep_size, ctx.router_groups, ctx.router_topk_groups)

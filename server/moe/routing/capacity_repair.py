@@ -27,12 +27,12 @@ TakeFilter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def bin_loads(ids: torch.Tensor, width: int, bins: int) -> torch.Tensor:
     """ids [n, k] -> [bins] int64 pairs per bin (scatter_add: no host sync, unlike bincount)."""
     flat = (ids.reshape(-1) // width).long()  # [n*k]
-    return torch.zeros(bins, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return torch.zeros(bins, dtype=torch.int64, device=ids.device).scatter_add(0, flat, torch.ones_like(flat))
 
 
 def held_mask(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """ids [n, k] -> [n, E] bool."""
-    return torch.zeros(ids.shape[0], num_experts, dtype=torch.bool, device=ids.device).scatter_(1, ids.long(), True)
+    return torch.zeros(ids.shape[0], num_experts, dtype=torch.bool, device=ids.device).scatter(1, ids.long(), True)
 
 
 def accepted_within_quota(group: torch.Tensor, quota: torch.Tensor, gain: torch.Tensor, valid: torch.Tensor,
@@ -48,8 +48,7 @@ def accepted_within_quota(group: torch.Tensor, quota: torch.Tensor, gain: torch.
     first = torch.searchsorted(sorted_group, sorted_group)  # [n] start of each token's group
     size = torch.ones_like(order) if amount is None else amount[order].long()  # [n]
     total = size.cumsum(0)
-    used = torch.empty_like(order)
-    used[order] = total - (total - size)[first]  # [n] amount up to and including this proposal, in its group
+    used = torch.empty_like(order).scatter(0, order, total - (total - size)[first])  # [n] amount up to and including this proposal, in its group
     room = torch.cat([quota, quota.new_zeros(1)])  # [G+1]
     return valid & (used <= room[g])
 
@@ -83,7 +82,7 @@ def repair_round(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: torch
     possible = torch.isfinite(bin_gain)
     bin_gain = torch.where(possible, bin_gain, torch.full_like(bin_gain, -float("inf")))
     order = torch.argsort(bin_gain, dim=0, descending=True, stable=True)  # [n, B] tokens by loss, per bin
-    place = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=scores.device)[:, None].expand(n, bins))
+    place = torch.empty_like(order).scatter(0, order, torch.arange(n, device=scores.device)[:, None].expand(n, bins))
     offered = possible & (place < (cap - load).clamp(min=0)[None, :])  # [n, B]
     gain, take_bin = torch.where(offered, bin_gain, torch.full_like(bin_gain, -float("inf"))).max(dim=1)  # [n]
     take = take_bin * width + local.gather(1, take_bin[:, None]).squeeze(1)  # [n] expert taken

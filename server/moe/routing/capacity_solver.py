@@ -45,7 +45,7 @@ class Capacities:
 def exact_caps(load: torch.Tensor, floor_share: int, extra: int) -> torch.Tensor:
     """load [B] -> cap [B] int64: floor_share each, plus one for the `extra` most loaded bins."""
     order = torch.argsort(load, descending=True, stable=True)  # [B]
-    bonus = torch.zeros_like(load).index_fill_(0, order[:extra], 1)  # not `bonus[...] = 1`: a host scalar, no graph capture
+    bonus = torch.zeros_like(load).index_fill(0, order[:extra], 1)  # not `bonus[...] = 1`: a host scalar, no graph capture
     return floor_share + bonus
 
 

@@ -24,14 +24,14 @@ def allowed_by_group_rule(adjusted: torch.Tensor, groups: int, topk_groups: int)
     grouped = adjusted.view(n, groups, per_group)  # [n, G, E/G]
     group_score = grouped.topk(min(2, per_group), dim=2).values.sum(dim=2)  # [n, G]
     best = group_score.topk(topk_groups, dim=1).indices  # [n, G']
-    keep = torch.zeros(n, groups, dtype=torch.bool, device=adjusted.device).scatter_(1, best, True)  # [n, G]
+    keep = torch.zeros(n, groups, dtype=torch.bool, device=adjusted.device).scatter(1, best, True)  # [n, G]
     return keep[:, :, None].expand(n, groups, per_group).reshape(n, num_experts)
 
 
 def groups_used(ids: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
     """ids [n, k] -> [n, G] int64 experts the token holds in each group."""
     group_of = (ids // per_group).long()  # [n, k]
-    return torch.zeros(ids.shape[0], groups, dtype=torch.int64, device=ids.device).scatter_add_(
+    return torch.zeros(ids.shape[0], groups, dtype=torch.int64, device=ids.device).scatter_add(
         1, group_of, torch.ones_like(group_of))
 
 

@@ -34,7 +34,7 @@ def group_swap_round(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: t
     load = bin_loads(ids, width, bins)  # [B]
     group_bin = torch.arange(groups, device=scores.device) // per_bin  # [G]
     count = groups_used(ids, groups, per_group)  # [n, G] experts held per group
-    held_sum = torch.zeros(n, groups, dtype=scores.dtype, device=scores.device).scatter_add_(
+    held_sum = torch.zeros(n, groups, dtype=scores.dtype, device=scores.device).scatter_add(
         1, (ids // per_group).long(), scores.gather(1, ids.long()))  # [n, G] summed score held per group
     inf = torch.full_like(held_sum, float("inf"))
     giving = (count > 0) & (load > cap)[group_bin][None, :]  # [n, G]
@@ -50,7 +50,7 @@ def group_swap_round(scores: torch.Tensor, ids: torch.Tensor, width: int, cap: t
     room = (cap - load).clamp(min=0)  # [B]
     order = torch.argsort(bin_gain, dim=0, descending=True, stable=True)  # [n, B]
     moved = c[order].cumsum(dim=0)  # [n, B] pairs offered so far, per bin, in gain order
-    offered = torch.empty_like(possible).scatter_(0, order, moved <= room[None, :]) & possible  # [n, B]
+    offered = torch.empty_like(possible).scatter(0, order, moved <= room[None, :]) & possible  # [n, B]
     gain_taken, take_bin = torch.where(offered, bin_gain, torch.full_like(bin_gain, -float("inf"))).max(dim=1)  # [n]
     valid = offered.any(dim=1) & torch.isfinite(give_sum)
     accept = accepted_within_quota(group_bin[give], (load - cap).clamp(min=0), gain_taken, valid, amount=c)

@@ -43,6 +43,7 @@ def test_whatif_writes_every_variant_and_phase_consistently(tmp_path, ep, extra)
         assert list(doc["phases"][phase]) == variants, phase
         for label, s in doc["phases"][phase].items():
             b = s["breakdown_ms"]
+            assert b["host_excess"] == 0.0  # CPU: the host clock times everything, no separate host chain
             assert math.isclose(b["local"] + b["experts"] + b["wire"], s["time_ms"], rel_tol=1e-9)
             assert s["tok_s"] > 0 and s["step_ms"] > 0 and b["wire"] > 0
             assert len(s["pairs_per_rank"]) == ep and len(s["critical_path"]) == LAYERS

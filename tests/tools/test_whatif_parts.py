@@ -116,6 +116,28 @@ def test_compose_takes_the_slowest_rank_of_every_segment():
     assert s["step_ms"] == pytest.approx(st.total_ms) and s["tok_s"] == pytest.approx(100 / (2 * st.total_ms / 1e3))
 
 
+def test_eager_step_takes_the_longer_of_the_host_and_device_chains():
+    """A launch-bound eager step: the host issues slower than the GPUs run, so the step is the
+    host chain and the wait for the slowest rank's experts hides behind it; a GPU-bound one
+    is the device chain as before."""
+    experts = np.array([[2.0, 1.0], [0.5, 3.0]])  # [2 MoE layers, 2 ranks]
+    slow_host = [RankStepTimes(1.0, 0.5, 0.0, host_edge_ms=2.0, host_moe_layer_ms=4.0),
+                 RankStepTimes(1.0, 0.5, 0.0, host_edge_ms=1.0, host_moe_layer_ms=3.0)]
+    st = compose_step(slow_host, experts, wire_per_layer_ms=0.0, dense_layers=0, expert_host_ms=0.5)
+    assert st.device_ms == pytest.approx(1.0 + 2 * 0.5 + 5.0)
+    assert st.host_ms == pytest.approx(2.0 + 2 * (4.0 + 0.5)) and st.host_local_ms == pytest.approx(10.0)
+    assert st.total_ms == pytest.approx(11.0) and st.host_excess_ms == pytest.approx(4.0)
+    assert st.ceiling_ms == pytest.approx(11.0) and st.straggler_ms == 0.0  # balance buys nothing here
+    assert st.local_alone_ms == pytest.approx(10.0)
+    fast_host = [RankStepTimes(1.0, 0.5, 0.0, host_edge_ms=0.2, host_moe_layer_ms=0.3)] * 2
+    st = compose_step(fast_host, experts, wire_per_layer_ms=0.0, dense_layers=0, expert_host_ms=0.1)
+    assert st.total_ms == pytest.approx(st.device_ms) and st.host_excess_ms == 0.0
+    assert st.ceiling_ms == pytest.approx(st.device_ms - (5.0 - 3.25)) and st.local_alone_ms == pytest.approx(2.0)
+    summary = PhaseTime(steps=[(st, 1.0)]).summary(tokens=10)
+    b = summary["breakdown_ms"]
+    assert b["local"] + b["experts"] + b["wire"] + b["host_excess"] == pytest.approx(summary["time_ms"])
+
+
 def test_profiles_ship_with_sources_and_bad_names_list_them():
     names = available_profiles()
     assert {"trtllm_r1_ep32_decode", "aic_qwen3_power_law", "aic_dsv3_power_law"} <= set(names)

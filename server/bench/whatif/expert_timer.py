@@ -51,6 +51,7 @@ class ExpertKernelTimer:
         self.cache: dict[tuple, float] = {}
         self._tiles: dict[int, int] = {}  # rows -> BLOCK_M of the kernel at that row count
         self._inputs: dict[tuple, tuple] = {}  # (kind, rows) -> (ids buffer, call, graph or None)
+        self._host: dict[tuple, float] = {}  # (kind, rows) -> host ms to issue one eager call
         self.floor_ms = 0.0
         if self.cuda:
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
@@ -157,6 +158,25 @@ class ExpertKernelTimer:
             ms = statistics.median(samples)
         self.cache[key] = ms
         return ms
+
+    def host_ms(self, kind: str, rows: int) -> float:
+        """Host ms to issue one eager call of the kernel path at this row count (CUDA; 0 on
+        CPU, where `time` is all host). An eager step pays it per MoE layer beside the GPU's
+        time (compose.py takes the larger chain)."""
+        if not self.cuda:
+            return 0.0
+        key = (kind, rows)
+        if key not in self._host:
+            _, call, _ = self._prepared(kind, rows)
+            torch.cuda.synchronize(self.device)
+            samples = []
+            for _ in range(max(self.reps, 5)):
+                t0 = time.perf_counter()
+                call()  # queued behind the previous ones: the host never waits for the GPU here
+                samples.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize(self.device)
+            self._host[key] = statistics.median(samples)
+        return self._host[key]
 
     def standalone_ms(self, layout: LayerLayout, rank: int) -> tuple[float, float]:
         """The bare fused-MoE op on contiguous copies of the same rows (CUDA) -> (ms in its own

@@ -21,7 +21,7 @@ counts as 0.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
@@ -36,12 +36,21 @@ from .local_work import NoExpertsLocalDispatcher, NoWireGatherDispatcher, has_de
 
 class StepClock:
     """start() / stop() around each step's device work (ModelRunner.clock): CUDA events, or the
-    host clock on CPU. Keeps every interval until `take_ms`."""
+    host clock on CPU. Keeps every interval until `take_ms`.
+
+    `hold_ms` > 0 (CUDA): start() first queues a sleep kernel of that length, so the host issues
+    the whole step while the GPU is still asleep and the events bracket only the GPU's own work
+    (busy time, no launch gaps); the host's issue time is kept beside it (`take_host_ms`). An
+    eager step's time is then max(host, GPU) in the composition, where the host and the
+    kernels of other layers overlap as they do in the engine."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.hold_ms = 0.0
+        self._cycles_per_ms = 0.0
         self._open = None
         self._intervals: list[tuple] = []
+        self._host: list[float] = []
 
     def _mark(self):
         if self.cuda:
@@ -50,11 +59,27 @@ class StepClock:
             return event
         return time.perf_counter()
 
+    def _sleep_cycles(self, ms: float) -> int:
+        if not self._cycles_per_ms:  # calibrated once: GPU clock cycles per ms of the sleep kernel
+            probe = 2_000_000
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(probe // 10)  # warm
+            a.record()
+            torch.cuda._sleep(probe)
+            b.record()
+            b.synchronize()
+            self._cycles_per_ms = probe / max(a.elapsed_time(b), 1e-3)
+        return int(ms * self._cycles_per_ms)
+
     def start(self) -> None:
+        if self.cuda and self.hold_ms > 0:
+            torch.cuda._sleep(self._sleep_cycles(self.hold_ms))
+        self._host_start = time.perf_counter()
         self._open = self._mark()
 
     def stop(self) -> None:
         self._intervals.append((self._open, self._mark()))
+        self._host.append((time.perf_counter() - self._host_start) * 1e3)
 
     def take_ms(self) -> list[float]:
         """ms of every step since the last take (synchronises), oldest first."""
@@ -62,16 +87,26 @@ class StepClock:
             self._intervals[-1][1].synchronize()
         out = [a.elapsed_time(b) if self.cuda else (b - a) * 1e3 for a, b in self._intervals]
         self._intervals.clear()
+        self._host.clear()
         return out
+
+    def take_host_ms(self) -> list[float]:
+        """Host ms from start() to stop() of every step since the last take; call before take_ms."""
+        return list(self._host)
 
 
 @dataclass(frozen=True)
 class RankStepTimes:
-    """One rank's measured local work in one step (ms)."""
+    """One rank's measured local work in one step (ms). Eager steps on CUDA: the GPU's busy
+    time, and the host's issue time in the host_ fields; graph replays and CPU: the step's
+    time, host_ fields 0."""
 
     edge_ms: float  # embedding, final norm, head, sampler
     moe_layer_ms: float  # one MoE layer without its experts and collectives
     dense_layer_ms: float  # one dense decoder layer (0 where the model has none)
+    host_edge_ms: float = 0.0
+    host_moe_layer_ms: float = 0.0
+    host_dense_layer_ms: float = 0.0
 
 
 def shape_key(plan: RankPlan) -> tuple:
@@ -117,7 +152,8 @@ class RankWorkTimer:
                 max_model_len=max_model_len, max_num_batched_tokens=engine.max_num_batched_tokens,
                 cuda_graphs=cuda_graphs)
             self.runners[name].clock = StepClock(device)
-        self._cache: dict[tuple, dict[str, float]] = {}
+        self._cache: dict[tuple, dict[str, tuple[float, float]]] = {}
+        self._eager_off = False  # set when a step synchronised inside: host and GPU not separable
 
     @property
     def graphs(self) -> bool:
@@ -144,20 +180,41 @@ class RankWorkTimer:
         for runner in self.runners.values():
             runner.slots.apply(plan.batch.fills, plan.batch.appends)
 
-    def _measure(self, plan: RankPlan) -> dict[str, float]:
+    def eager(self, plan: RankPlan) -> bool:
+        """Whether the runner runs this step eagerly on CUDA (not a decode-graph replay): its host
+        issue time then matters beside the GPU's (StepClock.hold_ms)."""
+        if self.device.type != "cuda" or self._eager_off:
+            return False
+        graphs = self.runners["base"].decode_graphs
+        return graphs is None or plan.decode_batch is None or graphs.bucket_for(plan.decode_batch) is None
+
+    def _measure(self, plan: RankPlan) -> dict[str, tuple[float, float]]:
         """Every probe on `plan`: one warm run each, then `reps` rounds, the probes interleaved
-        in each (drift in clocks or load touches them alike); the median per probe. A layer's
-        time is a difference of two probes multiplied by the layer count, so a single noisy
-        run would be magnified that many times."""
-        for runner in self.runners.values():
+        in each (drift in clocks or load touches them alike); the median per probe of (device
+        ms, host ms). A layer's time is a difference of two probes multiplied by the layer
+        count, so a single noisy run would be magnified that many times. Eager CUDA steps run
+        behind a sleep (StepClock.hold_ms) a little longer than the warm run took, so the
+        device figure is busy time and the host figure issue time."""
+        eager = self.eager(plan)
+        hold = {}
+        for name, runner in self.runners.items():
             runner.run(plan)  # compiles and warms; the slot updates it repeats are idempotent
-            runner.clock.take_ms()
-        samples: dict[str, list[float]] = {name: [] for name in self.runners}
+            hold[name] = 1.5 * runner.clock.take_ms()[-1] + 0.5 if eager else 0.0
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in self.runners}
         for _ in range(self.reps):
             for name, runner in self.runners.items():
+                runner.clock.hold_ms = hold[name]
                 runner.run(plan)
-                samples[name].append(runner.clock.take_ms()[-1])
-        return {name: float(np.median(v)) for name, v in samples.items()}
+                host = runner.clock.take_host_ms()[-1] if eager else 0.0
+                samples[name].append((runner.clock.take_ms()[-1], host))
+                runner.clock.hold_ms = 0.0
+        if eager and any(h >= 0.8 * hold[name] for name, v in samples.items() for _, h in v):
+            # the host waited for the GPU inside the step (a sync): the sleep was in its issue
+            # time too, so issue and busy time cannot be told apart; time the step as a whole
+            self._eager_off = True
+            return self._measure(plan)
+        return {name: (float(np.median([d for d, _ in v])), float(np.median([h for _, h in v])))
+                for name, v in samples.items()}
 
     def time_rank(self, plans: list[RankPlan], timed: set[int]) -> dict[int, RankStepTimes]:
         """One rank's plans in step order -> its local work at the positions in `timed` (the
@@ -174,13 +231,21 @@ class RankWorkTimer:
                 self._cache[key] = ms
             else:
                 self._apply(plan)
-            layer = max(ms["moe"] - ms["base"], 0.0)
-            dense = max(ms["dense"] - ms["base"], 0.0) if "dense" in ms else 0.0
-            out[i] = RankStepTimes(edge_ms=max(ms["base"] - layer, 0.0), moe_layer_ms=layer, dense_layer_ms=dense)
+            parts = [_split(ms, k) for k in (0, 1)]  # (edge, layer, dense) on the device, then on the host
+            out[i] = RankStepTimes(*parts[0], *parts[1])
         return out
+
+
+def _split(ms: dict[str, tuple[float, float]], k: int) -> tuple[float, float, float]:
+    """Probe times (field k: device or host) -> (edge, MoE layer, dense layer) ms."""
+    layer = max(ms["moe"][k] - ms["base"][k], 0.0)
+    dense = max(ms["dense"][k] - ms["base"][k], 0.0) if "dense" in ms else 0.0
+    return max(ms["base"][k] - layer, 0.0), layer, dense
 
 
 def mean_times(times: list[RankStepTimes]) -> RankStepTimes:
     """Field-wise mean (for reports)."""
-    arr = np.array([[t.edge_ms, t.moe_layer_ms, t.dense_layer_ms] for t in times]) if times else np.zeros((1, 3))
+    if not times:
+        return RankStepTimes(0.0, 0.0, 0.0)
+    arr = np.array([astuple(t) for t in times])
     return RankStepTimes(*arr.mean(0).tolist())

@@ -32,15 +32,16 @@ def _phases(doc: dict) -> list[str]:
 
 
 def step_parts(s: dict) -> dict[str, float]:
-    """A phase summary's mean step (ms) in four parts that add up: local work and experts at
-    the mean rank, the waits for the slowest ranks of each, and the wire."""
+    """A phase summary's mean step (ms) in parts that add up: local work and experts at the
+    mean rank, the waits for the slowest ranks of each, the wire, and what a launch-bound host
+    adds beyond the GPUs' chain (eager steps)."""
     steps = max(s["time_ms"] / max(s["step_ms"], 1e-12), 1e-12)
     b = s["breakdown_ms"]
     expert_wait = s["time_ms"] - s["time_ms"] / s["ceiling_speedup"]
     local_wait = s["straggler_ms"] - expert_wait
     return {"local": (b["local"] - local_wait) / steps, "local_wait": local_wait / steps,
             "experts": (b["experts"] - expert_wait) / steps, "expert_wait": expert_wait / steps,
-            "wire": b["wire"] / steps}
+            "wire": b["wire"] / steps, "host_excess": b.get("host_excess", 0.0) / steps}
 
 
 def markdown(doc: dict) -> str:
@@ -60,7 +61,7 @@ def markdown(doc: dict) -> str:
             lines.append(" | ".join([
                 f"| {phase}", label, f"{s['tok_s']:,.0f}", _f(s.get("x_natural"), 3), _f(s["step_ms"], 3),
                 f"{part['local'] + part['local_wait']:.2f} / {part['experts'] + part['expert_wait']:.2f} / "
-                f"{part['wire']:.2f}",
+                f"{part['wire']:.2f}" + (f" (+{part['host_excess']:.2f} host)" if part["host_excess"] > 0.005 else ""),
                 f"{s['straggler_share'] * 100:.1f}%", _f(s["rank_max_over_mean"]), _f(s["in_rank_expert_max_over_mean"]),
                 f"{min(active):.1f}-{max(active):.1f}" if active else "-", _f(s["ceiling_speedup"], 3),
                 _f(s["linear_bound"], 3) + " |"]))

@@ -209,5 +209,7 @@ class WhatIf:
                                             "standalone_ms": graphed, "standalone_eager_ms": eager})
             phase_loads.end_step(weight)
             phase = phases.setdefault(name, PhaseTime())
+            # eager steps: the host's time to issue one layer's expert call (its rows are the layout's)
+            host = timer.host_ms(layout.kind, layout.kernel_rows()) if self.ranks.eager(step.ranks[0]) else 0.0
             phase.add(compose_step([local[r][step.index] for r in range(self.ep)], experts, self.wire_ms(rows),
-                                   dense_layers=self.dense_layers), weight)
+                                   dense_layers=self.dense_layers, expert_host_ms=host), weight)

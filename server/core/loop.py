@@ -187,7 +187,11 @@ class CoreLoop:
     # ---- output thread ----------------------------------------------------------------------------
     def _send_outputs(self) -> None:
         while (frame := self.out.get()) is not None:
-            self.outputs.send(frame, copy=False)
+            try:
+                self.outputs.send(frame, copy=False)
+            except zmq.ZMQError as exc:  # the front end closed its end (context terminated at shutdown)
+                log.warning("engine output socket closed (%s): %d frame(s) not delivered", exc, 1 + self.out.qsize())
+                return
 
     def drain_outputs(self, timeout: float = 5.0) -> bool:
         """Send what is queued, then stop the output thread. -> whether it finished in time."""

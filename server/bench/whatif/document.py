@@ -114,7 +114,7 @@ def _document(settings: BenchSettings, w: WhatIf, source_note: str, results: dic
                      "small_batch": o.small_batch, "sweep": list(o.sweep), "decode_steps_timed": o.whatif_decode_steps},
         "engine": {"max_num_seqs": w.app.engine.max_num_seqs,
                    "max_num_batched_tokens": w.app.engine.max_num_batched_tokens},
-        "measured": list(MEASURED), "modelled": list(MODELLED),
+        "measured": list(MEASURED) + [w.ranks.eager_note()], "modelled": list(MODELLED),
         "phases": phases, "self_check": w.self_check,
         "expert_replay_floor_ms": timers[0].floor_ms if timers else 0.0,
         "cost": {"wall_s": wall_s, "expert_shapes_timed": sum(len(t.cache) for t in timers)},

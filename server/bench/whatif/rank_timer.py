@@ -188,6 +188,15 @@ class RankWorkTimer:
         graphs = self.runners["base"].decode_graphs
         return graphs is None or plan.decode_batch is None or graphs.bucket_for(plan.decode_batch) is None
 
+    def eager_note(self) -> str:
+        """How eager steps' local work was timed (for the document's `measured` list)."""
+        if self.device.type != "cuda":
+            return "eager steps on the host clock (CPU: host and device are one)"
+        if self._eager_off:
+            return ("eager steps as a whole on an idle GPU: a step synchronised inside, so the GPU's busy time "
+                    "and the host's issue time could not be told apart (the host's launch gaps are counted)")
+        return "eager steps' GPU busy time and host issue time apart (the step takes the longer chain)"
+
     def _measure(self, plan: RankPlan) -> dict[str, tuple[float, float]]:
         """Every probe on `plan`: one warm run each, then `reps` rounds, the probes interleaved
         in each (drift in clocks or load touches them alike); the median per probe of (device

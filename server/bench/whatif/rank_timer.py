@@ -51,6 +51,7 @@ class StepClock:
         self._open = None
         self._intervals: list[tuple] = []
         self._host: list[float] = []
+        self._host_start = 0.0
 
     def _mark(self):
         if self.cuda:

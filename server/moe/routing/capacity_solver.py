@@ -13,6 +13,10 @@ the device, the same fixed work in every call (no host sync, CUDA-graph safe):
   5. a device flag saying whether every capacity holds; the policy falls back on it.
 Ids come back ordered by the router's score, best first, so that `weights=keep` gives the
 router's largest weight to the best expert the token kept.
+
+Tensors made inside the solve are written out of place (`scatter`, not `scatter_`): the what-if
+runs every rank's call as one solve under torch.func.vmap (CapacityPolicy.call_ranks), which
+cannot write a batched value into a fresh unbatched tensor.
 """
 from __future__ import annotations
 

@@ -116,17 +116,44 @@ def comparison_row(label: str, n: int, fn, device: str, iters: int) -> dict:
             "graph_us": time_graph(fn, iters) * 1e6, "speedup_vs_lightllm": None}
 
 
-HBM_BYTES_PER_S = 3.0e12  # H100 80GB HBM3, a measured 1 GiB device copy (server/moe/kernels/NOTES.md)
-BF16_FLOP_PER_S = 730e12  # the same H100, a measured 8192^3 bf16 matmul
-FP8_FLOP_PER_S = 2 * BF16_FLOP_PER_S  # e4m3 tensor-core rate, assumed twice bf16 (not measured here)
+#: the ceilings a MoE block's floor divides by; on CUDA, measure_ceilings() replaces them with
+#: this GPU's own rates, measured in the same run (these are an H100's, for CPU runs' labels)
+CEILINGS = {"copy_bytes_per_s": 3.0e12, "bf16_flop_per_s": 730e12, "fp8_flop_per_s": 1460e12}
+
+
+def measure_ceilings() -> dict:
+    """This GPU's copy bandwidth (1 GiB device copy, read + write bytes), bf16 matmul rate
+    (8192^3) and e4m3 matmul rate (8192^3 through torch._scaled_mm, unit scales; the bf16 rate
+    x 2 where that op is missing), each a do_bench median."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_s = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median") / 1e3
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192 ** 3
+    bf16 = flops / (do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median") / 1e3)
+    fp8 = 2 * bf16
+    try:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # [M, K] row-major, [K, N] column-major
+        one = torch.ones((), device="cuda")
+        fp8 = flops / (do_bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), warmup=25,
+                                rep=100, return_mode="median") / 1e3)
+    except (RuntimeError, AttributeError) as e:  # no FP8 tensor cores (cc < 8.9) or no _scaled_mm
+        print(f"e4m3 matmul not timed ({e}); its rate is taken as twice bf16's", flush=True)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": 2 * (1 << 30) / copy_s, "bf16_flop_per_s": bf16, "fp8_flop_per_s": fp8}
 
 
 def moe_floor_us(n: int, num_experts: int, top_k: int, hidden: int, inter: int, weight_bytes: float,
-                 flop_per_s: float) -> float:
+                 flop_per_s: float, copy_bytes_per_s: float) -> float:
     """Roofline of one MoE block call: the larger of the expected active experts' weight bytes
-    over HBM bandwidth and the routed rows' FLOPs over the tensor-core rate (activations ignored)."""
+    over copy bandwidth and the routed rows' FLOPs over the tensor-core rate (activations ignored)."""
     active = num_experts * (1 - (1 - top_k / num_experts) ** n)
-    memory = active * 3 * hidden * inter * weight_bytes / HBM_BYTES_PER_S
+    memory = active * 3 * hidden * inter * weight_bytes / copy_bytes_per_s
     compute = n * top_k * 2 * 3 * hidden * inter / flop_per_s
     return max(memory, compute) * 1e6
 
@@ -138,6 +165,11 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     parts = [quantize_weight_blocks(w[e]) for e in range(w.shape[0])]
     return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+
+def floor_row(row: dict, floor_us: float) -> dict:
+    """A MoE block row with its roofline and the share of it reached in a graph (1.0 = on it)."""
+    return {**row, "floor_us": floor_us, "of_floor": floor_us / row["graph_us"]}
 
 
 def moe_block_rows(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weights: torch.Tensor,
@@ -154,27 +186,28 @@ def moe_block_rows(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weig
     w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, 2I, H]
     w2 = torch.randn(num_experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [E, H, I]
     gates = weights.to(torch.bfloat16)
-    floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 2, BF16_FLOP_PER_S)
+    floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 2, CEILINGS["bf16_flop_per_s"], CEILINGS["copy_bytes_per_s"])
     fn = functools.partial(fused_moe_triton, x, w13, w2, ids, gates)
-    rows = [{**comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, bf16; floor {floor:,.0f} µs)", n, fn,
-                              "cuda", iters), "floor_us": floor}]
+    rows = [floor_row(comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, bf16; floor {floor:,.0f} µs)", n, fn,
+                                     "cuda", iters), floor)]
     q13, q2 = quantize_experts(w13), quantize_experts(w2)  # e4m3 [E, N, K] + fp32 [E, N/128, K/128]
     fn = functools.partial(fused_moe_fp8_triton, x, *q13, *q2, ids, gates)
     del w13, w2, q13, q2  # the bf16 weights go; fn holds the FP8 ones
     torch.cuda.empty_cache()
-    floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 1 + 4 / 128 ** 2, FP8_FLOP_PER_S)
-    rows.append({**comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, FP8 W8A8; floor {floor:,.0f} µs)", n,
-                                  fn, "cuda", iters), "floor_us": floor})
+    floor = moe_floor_us(n, num_experts, top_k, hidden, inter, 1 + 4 / 128 ** 2, CEILINGS["fp8_flop_per_s"],
+                         CEILINGS["copy_bytes_per_s"])
+    rows.append(floor_row(comparison_row(f"MoE block (fused MoE, H={hidden}, I={inter}, FP8 W8A8; floor {floor:,.0f} µs)",
+                                         n, fn, "cuda", iters), floor))
     del fn
     torch.cuda.empty_cache()
     return rows
 
 
 def bench(device: str, ns: list[int], experts: list[int], top_k: int, lightllm_max_n: int, iters: int,
-          dtype: torch.dtype, ep_size: int) -> list[dict]:
+          dtype: torch.dtype, ep_size: int, policies: list[str] = POLICIES) -> list[dict]:
     rows = []
     for num_experts in experts:
-        for row in bench_experts(device, ns, num_experts, top_k, lightllm_max_n, iters, dtype, ep_size):
+        for row in bench_experts(device, ns, num_experts, top_k, lightllm_max_n, iters, dtype, ep_size, policies):
             rows.append({"experts": num_experts, **row})
     return rows
 
@@ -188,7 +221,7 @@ def emit(rows: list[dict], row: dict) -> None:
 
 
 def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max_n: int, iters: int,
-                  dtype: torch.dtype, ep_size: int) -> list[dict]:
+                  dtype: torch.dtype, ep_size: int, policies: list[str] = POLICIES) -> list[dict]:
     rows = []
     for n in ns:
         logits = torch.randn(n, num_experts, device=device).to(dtype)  # [N, E] router logits
@@ -209,7 +242,7 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
             sync(device)
             lightllm_s = time.perf_counter() - t0
             emit(rows, {"policy": "LightLLM generator", "n": n, "eager_us": lightllm_s * 1e6, "graph_us": None, "speedup_vs_lightllm": 1.0})
-        for spec in POLICIES:
+        for spec in policies:
             policy = build(spec)
             fn = lambda: policy(ids, weights, logits, ctx)  # noqa: E731
             calls = calls_per_batch(fn, device, iters)
@@ -256,6 +289,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         sp = "-" if r["speedup_vs_lightllm"] is None else f"{r['speedup_vs_lightllm']:,.0f}x"
         share = "-" if r.get("vs_moe_block") is None else f"{r['vs_moe_block']:.1%}"
+        if r.get("of_floor") is not None:
+            share = f"{r['of_floor']:.0%} of floor"
         lines.append(f"| {r['policy']} | {r['experts']} | {r['n']} | {fmt(r['eager_us'])} | {fmt(r['graph_us'])} | "
                      f"{fmt(r.get('graph_layers_us'))} | {sp} | {share} |")
     return "\n".join(lines)
@@ -271,11 +306,15 @@ def main() -> None:
     ap.add_argument("--lightllm-max-n", type=int, default=8192, help="time LightLLM's generator only up to this N")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="router logits dtype")
+    ap.add_argument("--policies", nargs="+", default=POLICIES, help="policy specs (name or name:key=value,...)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        CEILINGS.update(measure_ceilings())
+        print("ceilings (same run): " + ", ".join(f"{k} {v:.3g}" for k, v in CEILINGS.items()), flush=True)
     rows = bench(args.device, args.n, args.experts, args.top_k, args.lightllm_max_n, args.iters, getattr(torch, args.dtype),
-                 args.ep_size)
+                 args.ep_size, args.policies)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     header = (f"device: {name}; torch {torch.__version__}; E={args.experts}, k={args.top_k}, ep_size {args.ep_size}; "
               f"router logits {args.dtype}")
@@ -283,7 +322,7 @@ def main() -> None:
     print(table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "experts": args.experts, "top_k": args.top_k, "ep_size": args.ep_size, "logits_dtype": args.dtype, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"device": name, "ceilings": CEILINGS, "torch": torch.__version__, "experts": args.experts, "top_k": args.top_k, "ep_size": args.ep_size, "logits_dtype": args.dtype, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -255,6 +255,17 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
                 "speedup_vs_lightllm": None if lightllm_s is None else lightllm_s / min(x for x in (eager, graph) if x is not None),
                 "vs_moe_block": None if moe is None or graph is None else graph * 1e6 / moe["graph_us"],
             })
+        if device.startswith("cuda"):  # the capacity solvers' torch path, where their kernel takes the call
+            from server.moe.routing.capacity_solver import capacitated_topk
+
+            for spec in (s for s in policies if s.split(":")[0] in ("optimal_balanced", "rank_balanced")):
+                policy = build(spec)
+                if policy.fused_batch(n, ctx) is None:
+                    continue
+                caps = policy.capacities(n, ctx)
+                f = lambda: capacitated_topk(logits.float(), top_k, caps, price_steps=policy.price_steps,  # noqa: E731
+                                             repair_rounds=policy.repair_rounds)
+                emit(rows, comparison_row(f"{spec} (torch path)", n, f, device, iters))
         if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
             from server.moe.routing.greedy import greedy_balanced_torch
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))

@@ -8,6 +8,11 @@ chosen on the device with torch.where: no host sync. `fallback_calls()` counts s
 (a device counter per device, read only when someone asks), so an evaluation can say how often
 it happened.
 
+On CUDA, calls without a group limit or expert cap, of up to capacity_route.MAX_TOKENS tokens,
+run as one Triton program each (server/moe/kernels/capacity_route.py: the same prices, the last
+pairs moved one least-loss move at a time until balanced, so `repair_rounds` does not apply
+there); the others run the torch path.
+
 `keep_bonus` adds that much to the score of each pair the router itself chose, so the objective
 becomes (sum of selection scores) + keep_bonus x (router pairs kept). 0 (the default) is the
 router's own objective; a bonus above the scores' spread keeps as many router pairs as balance
@@ -21,7 +26,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..kernels.capacity_route import capacitated_topk_fused, fused_capacity_applies
 from .base import PolicyConfigError, RoutingPolicy
+from .capacity_prices import BIG, DAMPING
 from .capacity_solver import PRICE_STEPS, REPAIR_ROUNDS, Capacities, capacitated_topk
 from .context import RoutingContext
 from .group_limit import allowed_by_group_rule, group_keeping_takes
@@ -104,11 +111,32 @@ class CapacityPolicy(RoutingPolicy):
             if capacities.width > 1 and groups_nest_in_bins(num_experts, groups, capacities.width):
                 swap_groups = groups
 
+        fused = self.fused_batch(n, ctx)
+
         def solve(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if fused is not None and scores.is_cuda:
+                ids, ok = fused(scores[None])  # [1, n, k], [1]
+                return ids[0], ok[0]
             return capacitated_topk(scores, ctx.top_k, capacities, allowed_fn, take_filter, self.price_steps,
                                     self.repair_rounds, swap_groups)
 
         return solve
+
+    def fused_batch(self, n: int, ctx: RoutingContext) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """scores [R, n, E] -> (ids [R, n, k] int32, ok [R] bool) through the one-program
+        kernel, or None where that kernel does not take the call (a group limit kept, an
+        expert cap, a shape it does not cover)."""
+        capacities = self.capacities(n, ctx)
+        if (self.keeps_groups() and ctx.router_groups > 1) or capacities.expert_ceiling is not None \
+                or not fused_capacity_applies(n, ctx.num_experts, ctx.top_k, capacities.width):
+            return None
+
+        def solve_batch(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            clean = scores.float().nan_to_num(nan=-BIG / 4).clamp(-BIG / 4, BIG / 4)  # as capacitated_topk
+            return capacitated_topk_fused(clean, ctx.top_k, capacities.width, capacities.exact, capacities.ceiling,
+                                          self.price_steps, DAMPING)
+
+        return solve_batch
 
     def guarded(self, ids: torch.Tensor, ok: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """ids [..., n, k], ok [...] bool -> [..., n, k] int32: the solver's ids where every
@@ -129,8 +157,9 @@ class CapacityPolicy(RoutingPolicy):
         return self.guarded(ids, ok, ctx)
 
     def call_ranks(self, calls):
-        """Calls of the same shape (shape_key) run as one solve under torch.func.vmap: the same
-        ops on a leading batch dimension, so R ranks cost one call's kernel launches, not R
+        """Calls of the same shape (shape_key) run as one solve: on CUDA where the fused kernel
+        takes the shape, one launch with a program per call; else under torch.func.vmap, the
+        same ops on a leading batch dimension, so R ranks cost one call's kernel launches, not R
         times as many. The ids equal the one-call path's (tests/routing/test_capacity_batched.py)."""
         out: list = [None] * len(calls)
         by_shape: dict[tuple, list[int]] = {}
@@ -143,7 +172,12 @@ class CapacityPolicy(RoutingPolicy):
                     out[i] = self(*calls[i])
                 continue
             scores = torch.stack([self.objective_scores(calls[i][0], calls[i][2]) for i in members])  # [R, n, E]
-            ids, ok = torch.func.vmap(self.solver(first[2].shape[0], first[3]))(scores)  # [R, n, k], [R]
+            n, ctx = first[2].shape[0], first[3]
+            fused = self.fused_batch(n, ctx) if scores.is_cuda else None
+            if fused is not None:
+                ids, ok = fused(scores)  # one launch, a program per rank
+            else:
+                ids, ok = torch.func.vmap(self.solver(n, ctx))(scores)  # [R, n, k], [R]
             ids = self.guarded(ids, ok, first[3])
             for row, i in enumerate(members):
                 out[i] = (ids[row], self.weigh(calls[i][1], calls[i][3]))

@@ -8,6 +8,9 @@ time, in one run (server/bench/dispatch_paths.py):
            alltoall (the variable-split path, eager: a host sync per layer)
   prefill  --prefill-tokens T per rank in prompts of L, eager: allgather vs alltoall, the
            choice parallel.dispatch=auto makes by size (server/moe/dispatch/size_routed.py)
+With --fp8-wire both phases also time allgather_fp8: the fixed-capacity path with FP8 rows on
+the all-gather (parallel.dispatch_wire=fp8: e4m3 codes and a float32 scale per 128 channels),
+reported against allgather's bf16 rows in the same run, with each wire's bytes per token row.
 Each figure is the median over --repeats of a timed block of --steps steps; ratios are taken
 per repeat (paths alternate inside a repeat), then their median; spread = (max - min) / median
 of the repeats. Ranks report the slowest rank. With several --ep sizes a last table puts the
@@ -16,6 +19,7 @@ the targets. NVLink multicast stays off.
 
   python scripts/bench_ep_dispatch.py --batch 128 8                 # one GPU: allgather vs local
   python scripts/bench_ep_dispatch.py --ep 1 2 4 8 --batch 128 8    # every size this machine has
+  python scripts/bench_ep_dispatch.py --ep 2 4 8 --batch 128 8 --fp8-wire  # fp8 vs bf16 rows on the wire
   python scripts/bench_ep_dispatch.py --device cpu --model tiny --ep 1 2 --batch 4 --steps 2 \
       --repeats 2 --prefill-tokens 32 --input-len 8                  # CPU smoke (no graphs)
 """
@@ -45,7 +49,10 @@ def report(args, ranks: list[dict], world: int) -> dict:
     doc = {"command": " ".join(sys.argv), "ep": world, "model": args.model, "layers": args.layers,
            "routing": args.routing, "steps": args.steps, "repeats": args.repeats, "device": device_name(args),
            "date": time.strftime("%Y-%m-%d"), "decode": {}, "prefill": None}
+    doc["wire_bytes"] = ranks[0]["wire_bytes"]
+    wires = ", ".join(f"{w} {b} B" for w, b in doc["wire_bytes"].items())
     lines = [f"## EP dispatch, ep {world}, {doc['device']}, {args.model} ({args.layers} layers), routing={args.routing}",
+             f"all-gather bytes per token row: {wires}",
              "", "| phase | batch | path | graphs | ms / step | tok/s | spread | vs baseline (median of per-repeat ratios) |",
              "|---|---|---|---|---|---|---|---|"]
     for batch, entry in ranks[0]["decode"].items():
@@ -60,8 +67,12 @@ def report(args, ranks: list[dict], world: int) -> dict:
             spread = (max(slowest[n]) - min(slowest[n])) / med(slowest[n])
             rows[n] = {"step_ms": step_ms, "tok_s": batch / (step_ms / 1e3), "time_vs_" + base: ratio,
                        "spread": spread, "graphs": entry["graphs"][n], "repeats_s": slowest[n]}
+            vs_bf16 = ""
+            if n == "allgather_fp8":
+                rows[n]["time_vs_allgather"] = med([t / b for t, b in zip(slowest[n], slowest["allgather"])])
+                vs_bf16 = f"; x{rows[n]['time_vs_allgather']:.3f} of allgather (bf16 wire)"
             lines.append(f"| decode | {batch} | {n} | {rows[n]['graphs']} | {step_ms:.3f} | {rows[n]['tok_s']:.0f} | "
-                         f"{spread:.1%} | time x{ratio:.3f} of {base} (tok/s x{1 / ratio:.2f}) |")
+                         f"{spread:.1%} | time x{ratio:.3f} of {base} (tok/s x{1 / ratio:.2f}){vs_bf16} |")
         doc["decode"][batch] = rows
     if ranks[0]["prefill"]:
         secs = {n: [max(r["prefill"]["seconds"][n][i] for r in ranks) for i in range(args.repeats)]
@@ -73,8 +84,12 @@ def report(args, ranks: list[dict], world: int) -> dict:
             doc["prefill"][n] = {"step_ms": med(xs) * 1e3, "tok_s": tokens / med(xs), "time_vs_alltoall": ratio,
                                  "repeats_s": xs}
             spread = (max(xs) - min(xs)) / med(xs)
+            vs_bf16 = ""
+            if n == "allgather_fp8":
+                doc["prefill"][n]["time_vs_allgather"] = med([t / b for t, b in zip(xs, secs["allgather"])])
+                vs_bf16 = f"; x{doc['prefill'][n]['time_vs_allgather']:.3f} of allgather (bf16 wire)"
             lines.append(f"| prefill | {tokens} tok | {n} | False | {med(xs) * 1e3:.3f} | {tokens / med(xs):.0f} | "
-                         f"{spread:.1%} | time x{ratio:.3f} of alltoall |")
+                         f"{spread:.1%} | time x{ratio:.3f} of alltoall{vs_bf16} |")
     print("\n".join(lines))
     return doc
 
@@ -168,6 +183,8 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=4096, help="per rank (0: skip prefill)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--fp8-wire", action="store_true",
+                   help="also time allgather_fp8: FP8 rows on the all-gather (parallel.dispatch_wire=fp8) vs the bf16 wire")
     p.add_argument("--json", type=Path, help="write the results here (one document per EP size)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

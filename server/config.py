@@ -118,6 +118,8 @@ class ParallelConfig:
     dispatch: str = "auto"
     dispatch_fixed_max_rows: int = 0  # auto: steps up to this many rows per rank take the fixed-capacity
     # path, larger ones the variable splits (0: every step the scheduler can plan)
+    dispatch_wire: str = "bf16"  # bf16 | fp8: hidden rows on the fixed-capacity path's all-gather
+    # (fp8: e4m3 codes and a float32 scale per 128 channels, about half the bytes)
 
     @property
     def eplb_enabled(self) -> bool:
@@ -131,6 +133,8 @@ class ParallelConfig:
         _require(not (self.backend == "nccl" and self.device == "cpu"), "parallel.backend=nccl needs parallel.device=cuda (or auto)")
         _require(isinstance(self.dispatch, str) and self.dispatch != "",
                  f"parallel.dispatch must name a dispatcher (auto, local, allgather, alltoall), got {self.dispatch!r}")
+        wires = ("bf16", "fp8")  # server/moe/dispatch/wire.py WIRES
+        _require(self.dispatch_wire in wires, f"parallel.dispatch_wire={self.dispatch_wire!r} is not one of {wires}")
         for key in ("redundant_experts", "eplb_interval", "eplb_num_groups", "eplb_num_nodes", "dispatch_fixed_max_rows"):
             value = getattr(self, key)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,

@@ -46,11 +46,12 @@ class LaunchPlan:
                       f"({self.eplb.policy}){every}")
         fp8 = "" if s.quantization is None else (f", FP8 {s.quantization.block[0]}x{s.quantization.block[1]} "
                                                  f"blocks dequantised to {s.dtype} on load")
+        wire = " (fp8 rows on the all-gather)" if self.dispatch.wire == "fp8" else ""
         if fp8 and app.model.quantization == "auto":  # server/model/expert_format.py decides per device
             fp8 += ", routed experts kept FP8 where the FP8 MoE kernels run (CUDA, Triton experts)"
         return (f"model={app.model.name} ({s.architecture}, {s.num_layers} layers, {s.num_experts} experts, "
                 f"top-{s.top_k}{fp8}), routing policy {self.policy!r}, ep_size={self.ep_size}{placed}, "
-                f"dispatch {self.dispatch.name}, kernels {self.kernels.backend}")
+                f"dispatch {self.dispatch.name}{wire}, kernels {self.kernels.backend}")
 
 
 def read_spec(app: AppConfig):
@@ -72,7 +73,7 @@ def build_launch_plan(app: AppConfig, ep_size: int | None = None, spec=None) -> 
     policy = build_routing_policy(app.routing, num_experts=spec.num_experts, top_k=spec.top_k, ep_size=ep,
                                   num_layers=spec.num_moe_layers)
     eplb = build_eplb_settings(app.parallel, spec, ep)
-    dispatch = build_dispatch_settings(app.parallel, app.engine, ep)
+    dispatch = build_dispatch_settings(app.parallel, app.engine, ep, hidden_size=spec.hidden_size)
     kernels, overrides = resolve_kernels(app.kernels)
     return LaunchPlan(app=app, spec=spec, ep_size=ep, policy=policy, eplb=eplb, dispatch=dispatch, kernels=kernels,
                       max_model_len=_max_model_len(app, spec), overrides=overrides)

@@ -24,7 +24,7 @@ Module guide (entry: cli.py, `python -m server.bench` / console script `epserve-
   measure.py        one rank's whole measurement: model, graphs, timings, MoE times, loads, policy cost
   hf_baseline.py    the same weights in transformers, timed with its own generate()
   report.py         run JSON, summary markdown table, PNGs (load heatmap, throughput per run)
-  dispatch_paths.py the EP dispatch paths (local, allgather, alltoall, one GPU) timed in one run,
+  dispatch_paths.py the EP dispatch paths (local, allgather with bf16 or fp8 rows, alltoall, one GPU) timed in one run,
                     per rank (scripts/bench_ep_dispatch.py)
   moe_timer.py      CUDA events (host clock on CPU) around every MoE block (both modes)
 """

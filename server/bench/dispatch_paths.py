@@ -4,7 +4,9 @@ One model per rank; its dispatcher is swapped between paths (same weights, input
 cache) and each path's decode graphs are captured with its own dispatcher inside, so the
 paths differ only in how tokens reach their experts:
   local      the ep_size 1 path (ep 1 only): fused MoE, no communication
-  allgather  the fixed-capacity EP path (graph-safe; at ep 1 over a size-1 group)
+  allgather  the fixed-capacity EP path (graph-safe; at ep 1 over a size-1 group), bf16 rows
+  allgather_fp8  the same with FP8 rows on the all-gather (parallel.dispatch_wire=fp8; with
+             --fp8-wire): e4m3 codes and group scales, about half the bytes
   alltoall   the variable-split path (a host sync per layer: eager only)
   1gpu       (ep > 1) rank 0 alone, the whole model, local path at the global batch
 Repeats are interleaved (A B C A B C ...) so drift hits every path alike; each timed block
@@ -48,11 +50,20 @@ class Rank:
         from server.moe.routing import build_policy
 
         self.args, self.rank, self.world, self.device = args, rank, world, device
-        names = ["allgather", "alltoall"] + (["local"] if world == 1 else [])
+        names = ["allgather"] + (["allgather_fp8"] if args.fp8_wire else []) + ["alltoall"] + \
+            (["local"] if world == 1 else [])
         self.model = load_model(model_config(args), policy=build_policy(args.routing), ep_rank=rank, ep_size=world,
                                 device=device, dispatch=DispatchSettings("allgather"))
         slots = self.model.spec.num_experts
-        self.dispatchers = {n: build_dispatcher(DispatchSettings(n), rank, world, slots) for n in names}
+        self.dispatchers = {n: build_dispatcher(path_settings(n), rank, world, slots) for n in names}
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Bytes of one token's row on the all-gather, per wire timed (wire.py)."""
+        from server.moe.dispatch import wire_row_bytes
+
+        s = self.model.spec
+        wires = ["bf16"] + (["fp8"] if self.args.fp8_wire else [])
+        return {w: wire_row_bytes(w, s.hidden_size, s.top_k, getattr(torch, s.dtype)) for w in wires}
 
     def use(self, name: str) -> None:
         """Benchmark-only: swap the dispatcher every MoE layer reads (the model was built with one)."""
@@ -121,7 +132,14 @@ class Rank:
                 return time.perf_counter() - t0
             run.graphs = False
             return run
-        return {n: make(n) for n in ("allgather", "alltoall")}
+        return {n: make(n) for n in self.dispatchers if n != "local"}
+
+
+def path_settings(name: str):
+    """A timed path's dispatch settings: allgather_fp8 is allgather with FP8 rows on the wire."""
+    from server.moe.dispatch import DispatchSettings
+
+    return DispatchSettings("allgather", wire="fp8") if name == "allgather_fp8" else DispatchSettings(name)
 
 
 def one_gpu_decode(args, device: torch.device, batch: int):
@@ -172,7 +190,7 @@ def timed(paths: dict, repeats: int, barrier) -> dict:
 def measure(args, rank: int, world: int, device: torch.device, ctrl) -> dict:
     barrier = (lambda: dist.barrier(group=ctrl)) if world > 1 else (lambda: None)
     me = Rank(args, rank, world, device)
-    results = {"decode": {}, "prefill": {}}
+    results = {"decode": {}, "prefill": {}, "wire_bytes": me.wire_bytes()}
     for batch in args.batch:
         per_rank = batch // world
         paths = me.decode_paths(per_rank)

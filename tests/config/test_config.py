@@ -94,6 +94,27 @@ def test_dispatch_settings_are_checked_at_start_up() -> None:
         AppConfig.from_dict(composed("parallel.dispatch_fixed_max_rows=-1"))
 
 
+def test_dispatch_wire_is_checked_at_start_up() -> None:
+    """parallel.dispatch_wire: bf16 (default) | fp8; fp8 needs the fixed-capacity path and a
+    hidden size made of whole 128-channel scale groups. Each error names the key and the value."""
+    from server.dispatch_setup import build_dispatch_settings
+    from server.moe.dispatch import WIRES
+
+    default = AppConfig.from_dict(composed("parallel=ep2"))
+    assert build_dispatch_settings(default.parallel, default.engine, 2, hidden_size=96).wire == "bf16"
+    for wire in WIRES:  # the config's list and the dispatcher's agree
+        assert AppConfig.from_dict(composed(f"parallel.dispatch_wire={wire}")).parallel.dispatch_wire == wire
+    with pytest.raises(ConfigError, match=r"parallel\.dispatch_wire='fp16' is not one of \('bf16', 'fp8'\)"):
+        AppConfig.from_dict(composed("parallel.dispatch_wire=fp16"))
+    fp8 = AppConfig.from_dict(composed("parallel=ep2", "parallel.dispatch_wire=fp8"))
+    assert build_dispatch_settings(fp8.parallel, fp8.engine, 2, hidden_size=7168).wire == "fp8"
+    with pytest.raises(ConfigError, match="parallel.dispatch_wire=fp8 .* hidden_size 96 is not a multiple of 128"):
+        build_dispatch_settings(fp8.parallel, fp8.engine, 2, hidden_size=96)
+    alltoall = AppConfig.from_dict(composed("parallel=ep2", "parallel.dispatch=alltoall", "parallel.dispatch_wire=fp8"))
+    with pytest.raises(ConfigError, match="parallel.dispatch=alltoall never sends FP8 rows"):
+        build_dispatch_settings(alltoall.parallel, alltoall.engine, 2, hidden_size=7168)
+
+
 def test_cfg_job_prints_greedy_for_fake_balance(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "server", "--cfg", "job", "routing=fake_balance"],

@@ -51,6 +51,19 @@ def test_a_backend_that_does_not_exist_is_a_config_error(monkeypatch, kernels, e
         build_launch_plan(_app(kernels=kernels))
 
 
+def test_the_fp8_wire_is_checked_against_the_models_hidden_size() -> None:
+    """The plan reads the spec, so a hidden size the fp8 wire cannot group stops start-up."""
+    import json
+    from pathlib import Path
+
+    plan = build_launch_plan(_app(parallel={"ep_size": 2, "dispatch_wire": "fp8"}))  # the tiny model: H=128
+    assert plan.dispatch.wire == "fp8" and "dispatch auto (fp8 rows on the all-gather)" in plan.describe()
+    shape = json.loads((Path(__file__).resolve().parents[2] / "server/assets/tiny/config.json").read_text())
+    shape["hidden_size"] = 192
+    with pytest.raises(ConfigError, match="parallel.dispatch_wire=fp8 .* hidden_size 192 is not a multiple of 128"):
+        build_launch_plan(_app(model={"shape": shape}, parallel={"ep_size": 2, "dispatch_wire": "fp8"}))
+
+
 def test_impossible_parallel_settings_fail_in_the_plan() -> None:
     with pytest.raises(ConfigError, match="ep_size=3 does not divide"):
         build_launch_plan(_app(), ep_size=3)

@@ -1,5 +1,6 @@
 """scripts/bench_ep_dispatch.py runs end to end on CPU (gloo, the tiny model, no graphs), every
-path and the EP-size sweep included, so a bug in the script shows up before GPU time is spent."""
+path (the fp8 wire too) and the EP-size sweep included, so a bug in the script shows up before
+GPU time is spent."""
 from __future__ import annotations
 
 import json
@@ -17,18 +18,22 @@ def test_bench_ep_dispatch_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "dispatch.json"
     cmd = [sys.executable, "scripts/bench_ep_dispatch.py", "--device", "cpu", "--model", "tiny", "--ep", "1", "2",
            "--batch", "4", "--steps", "1", "--repeats", "2", "--prefill-tokens", "16", "--input-len", "8",
-           "--json", str(out)]
+           "--fp8-wire", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "## Decode tok/s by EP size" in proc.stdout
     docs = json.loads(out.read_text())
     assert set(docs) == {"1", "2"}
-    assert set(docs["1"]["decode"]["4"]) == {"local", "allgather", "alltoall"}
-    assert set(docs["2"]["decode"]["4"]) == {"1gpu", "allgather", "alltoall"}
+    assert set(docs["1"]["decode"]["4"]) == {"local", "allgather", "allgather_fp8", "alltoall"}
+    assert set(docs["2"]["decode"]["4"]) == {"1gpu", "allgather", "allgather_fp8", "alltoall"}
+    assert "all-gather bytes per token row: bf16 528 B, fp8 160 B" in proc.stdout  # tiny: H=128, fp32, top-2
     for doc in docs.values():
         for row in doc["decode"]["4"].values():
             assert row["tok_s"] > 0 and len(row["repeats_s"]) == 2 and row["graphs"] is False
-        assert set(doc["prefill"]) == {"allgather", "alltoall"}
+        assert set(doc["prefill"]) == {"allgather", "allgather_fp8", "alltoall"}
+        assert doc["wire_bytes"] == {"bf16": 528, "fp8": 160}
+        assert doc["decode"]["4"]["allgather_fp8"]["time_vs_allgather"] > 0
+        assert doc["prefill"]["allgather_fp8"]["time_vs_allgather"] > 0
 
 
 def test_bench_ep_dispatch_refuses_a_batch_that_does_not_split() -> None:

@@ -10,8 +10,10 @@ weighted results back. Chosen once when the model is built (`parallel.dispatch`)
   auto        local at ep_size 1; else allgather up to the prefill chunk, size_routed.py
               alltoall beyond
 
-token_rows.py packs a token's hidden row, ids and weights into one byte row; base.py says
-what every dispatcher offers (Dispatcher, DispatchSettings). `register_dispatcher` adds one to
+token_rows.py packs a token's hidden row, ids and weights into one byte row; fp8_rows.py packs
+the hidden row as e4m3 codes and group scales instead (allgather's `parallel.dispatch_wire=fp8`);
+wire.py picks the row per wire and counts its bytes per token. base.py says what every
+dispatcher offers (Dispatcher, DispatchSettings). `register_dispatcher` adds one to
 DISPATCHERS (a server/registry.Registry: an unknown name is a DispatchConfigError listing the
 names that exist).
 """
@@ -28,6 +30,7 @@ from .all_to_all import AllToAllDispatcher
 from .base import Dispatcher, DispatchSettings
 from .local import LocalDispatcher
 from .size_routed import SizeRoutedDispatcher
+from .wire import WIRES, wire_row_bytes
 
 Builder = Callable[[DispatchSettings, int, int, int, "dist.ProcessGroup | None"], Dispatcher]
 
@@ -64,7 +67,7 @@ def _local(settings: DispatchSettings, ep_rank: int, ep_size: int, num_experts: 
 @register_dispatcher("allgather")
 def _allgather(settings: DispatchSettings, ep_rank: int, ep_size: int, num_experts: int, group) -> Dispatcher:
     _needs_group("allgather", ep_size, group)
-    return GatherDispatcher(ep_rank, ep_size, num_experts, group)
+    return GatherDispatcher(ep_rank, ep_size, num_experts, group, wire=settings.wire)
 
 
 @register_dispatcher("alltoall")
@@ -77,7 +80,7 @@ def _alltoall(settings: DispatchSettings, ep_rank: int, ep_size: int, num_expert
 def _auto(settings: DispatchSettings, ep_rank: int, ep_size: int, num_experts: int, group) -> Dispatcher:
     if ep_size == 1:
         return LocalDispatcher()
-    return SizeRoutedDispatcher(GatherDispatcher(ep_rank, ep_size, num_experts, group),
+    return SizeRoutedDispatcher(GatherDispatcher(ep_rank, ep_size, num_experts, group, wire=settings.wire),
                                 AllToAllDispatcher(ep_rank, ep_size, num_experts, group), settings.fixed_max_rows)
 
 
@@ -89,5 +92,5 @@ def build_dispatcher(settings: DispatchSettings | None, ep_rank: int, ep_size: i
 
 
 __all__ = ["AllToAllDispatcher", "DISPATCHERS", "Dispatcher", "DispatchConfigError", "DispatchSettings",
-           "GatherDispatcher", "LocalDispatcher", "SizeRoutedDispatcher", "build_dispatcher", "combine",
-           "register_dispatcher"]
+           "GatherDispatcher", "LocalDispatcher", "SizeRoutedDispatcher", "WIRES", "build_dispatcher", "combine",
+           "register_dispatcher", "wire_row_bytes"]

@@ -21,6 +21,14 @@ inference all-gather dispatcher makes the same all-gather / reduce-scatter choic
 same reason (graphs need fixed shapes).
 
 gloo and NCCL both run it; at ep_size 1 it runs over a size-1 group (the EP path on one GPU).
+
+FP8 wire (parallel.dispatch_wire=fp8, wire.py): step 1 packs each hidden row as e4m3 codes plus
+a float32 scale per 128 channels (fp8_rows.py), about half the bytes of a bf16 row; after step
+2 every rank dequantises the gathered rows to the activation dtype before its experts. The
+scheme is the FP8 expert path's own activation quantisation, so the next step is to feed the
+received codes and scales straight to the FP8 GEMM and skip both the dequantisation and the
+GEMM's requantisation. The combine leg (step 4) stays in the activation dtype: the ep partial
+sums of a token are added on its rank, and their rounding would add up across ranks.
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from ..experts import LocalExperts
-from .token_rows import TokenRows, local_slots
+from .token_rows import local_slots
+from .wire import RowLayout, row_layout
 
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there; the GPU
 # image's torch 2.11 has only the old name). Same signature, same collective.
@@ -48,10 +57,12 @@ class GatherDispatcher:
     name = "allgather"
     collective = True
 
-    def __init__(self, ep_rank: int, ep_size: int, num_experts: int, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, ep_rank: int, ep_size: int, num_experts: int, group: dist.ProcessGroup | None = None,
+                 wire: str = "bf16") -> None:
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts (or slots) do not split over ep_size={ep_size}")
         self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.wire = wire  # bf16 | fp8: how hidden rows travel on the all-gather (wire.py)
         self.experts_per_rank = num_experts // ep_size
         self.group = group  # None: the default group
 
@@ -75,7 +86,7 @@ class GatherDispatcher:
             raise ValueError(f"rows={rows} < this rank's {n} tokens")
         if rows == 0:  # every rank is empty (rows is common): nothing to exchange
             return torch.empty_like(x)
-        layout = TokenRows(x.shape[1], x.dtype, k)
+        layout = row_layout(self.wire, x.shape[1], x.dtype, k)
         send = layout.pack(x, ids, weights, rows, valid)  # [R, B] uint8
         gathered = self.gather_rows(send, layout)  # [ep*R, B]: rank s's rows at s*R
         hidden, local, all_weights = self.expert_inputs(gathered, layout, experts)  # [ep*R, H], [ep*R, k] x2
@@ -86,17 +97,18 @@ class GatherDispatcher:
     # ---- the stages of one call: collectives (gather_rows, return_partials) and this rank's
     # local work around them. The EP what-if (server/bench/whatif) runs the local stages of
     # every rank in one process and models the two collectives instead of running them.
-    def gather_rows(self, send: torch.Tensor, layout: TokenRows) -> torch.Tensor:
+    def gather_rows(self, send: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         """send [R, B] uint8 -> [ep*R, B]: every rank's packed rows, rank order (one collective)."""
         gathered = layout.empty(self.ep_size * send.shape[0], send.device)
         _all_gather(gathered, send, group=self.group)
         return gathered
 
-    def expert_inputs(self, gathered: torch.Tensor, layout: TokenRows,
+    def expert_inputs(self, gathered: torch.Tensor, layout: RowLayout,
                       experts: LocalExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gathered rows as this rank's expert kernel reads them: hidden [T, H] (a strided
-        view), local ids [T, k] (-1 for every slot another rank owns) and weights [T, k]."""
-        hidden, all_ids, all_weights = layout.fields(gathered)
+        view; on the fp8 wire a dequantised copy), local ids [T, k] (-1 for every slot another
+        rank owns) and weights [T, k]."""
+        hidden, all_ids, all_weights = layout.unpack(gathered)
         return hidden, self.local_ids(all_ids, experts.first_expert, experts.num_local), all_weights
 
     @staticmethod

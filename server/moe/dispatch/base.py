@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from ..experts import LocalExperts
+from .wire import WIRES
 
 
 class Dispatcher(Protocol):
@@ -43,11 +44,17 @@ class DispatchSettings:
           (variable splits: a host sync per layer, eager only).
     fixed_max_rows: the engine's prefill chunk (engine.max_num_batched_tokens) bounds every
           step it plans, so by default every engine step takes the fixed-capacity path.
+    wire: how the fixed-capacity path (allgather, and auto's steps up to fixed_max_rows) sends
+          hidden rows: bf16 (the activation dtype as is) or fp8 (e4m3 codes and a scale per 128
+          channels, about half the bytes; wire.py). alltoall always sends the activation dtype.
     """
 
     name: str = "auto"
     fixed_max_rows: int = 4096
+    wire: str = "bf16"
 
     def __post_init__(self) -> None:
+        if self.wire not in WIRES:
+            raise ValueError(f"dispatch wire must be one of {WIRES}, got {self.wire!r}")
         if not isinstance(self.fixed_max_rows, int) or self.fixed_max_rows < 1:
             raise ValueError(f"dispatch fixed_max_rows must be a positive integer, got {self.fixed_max_rows!r}")

@@ -63,6 +63,10 @@ class TokenRows:
         weights_v[n:].zero_()
         return buf
 
+    def unpack(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the receiver's experts read: `fields` (the hidden rows travel as they are)."""
+        return self.fields(buf)
+
 
 def write_send_ids(out: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The ids a rank sends, written into out [R, k] int32 (R >= N): ids [N, k] of its real

@@ -1,0 +1,118 @@
+"""The fixed-capacity dispatch's row with the hidden state as FP8: e4m3 codes plus one float32
+scale per 128-channel group, in the same byte row as the token's ids and weights.
+
+Row layout (bytes, padded to a multiple of 16; H a multiple of 128, G = H / 128):
+
+    [ codes: H * e4m3 | scales: G * float32 | ids: k * int32 | weights: k * float32 | pad ]
+
+About half the bytes of a bf16 row (H + H/32 against 2H, plus the same 8k of ids and weights).
+The scheme is the block-FP8 expert path's activation quantisation (kernels/fp8_quant.py): per
+token, per 128 channels, scale = max|x| / 448, code = e4m3(x / scale), rounded to nearest even.
+So the codes and scales a rank receives are exactly what the FP8 expert GEMM would compute from
+the same row, and that GEMM could later read them straight off the buffer instead of
+requantising. For now the receiver dequantises to the activation dtype (`unpack`) and hands
+the experts an ordinary hidden row: simple, and correct for every expert path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...kernels.availability import default_backend
+from .token_rows import ALIGN, write_send_ids
+
+GROUP = 128  # channels per scale == fp8_quant.GROUP (the FP8 weights' K block)
+E4M3_MAX = 448.0  # == fp8_quant.E4M3_MAX
+MIN_AMAX = 1e-10  # == fp8_quant.MIN_AMAX: an all-zero group gets a tiny scale, never 0 (no 0/0)
+
+
+def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] (H % 128 == 0) -> (codes [N, H] float8_e4m3fn, scales [N, H/128] float32).
+
+    On CUDA with Triton: the FP8 expert path's own quantiser (one launch, graph-safe). Elsewhere
+    a torch copy of its twin, fp8_quant.quantize_rows_reference, op for op (the codes match bit
+    for bit; tests check it): that module imports Triton, which CPU-only installs may lack."""
+    if x.is_cuda and default_backend(x.device) == "triton":
+        from ..kernels.fp8_quant import quantize_rows_fp8
+
+        return quantize_rows_fp8(x.contiguous())
+    g = x.to(torch.float32).unflatten(1, (-1, GROUP))  # [N, G, 128]
+    scales = g.abs().amax(dim=2).clamp_min(MIN_AMAX) / E4M3_MAX  # [N, G]
+    codes = (g / scales[:, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # [N, G, 128]
+    return codes.flatten(1), scales
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes [R, H] e4m3 (rows may be strided), scales [R, H/128] -> [R, H] dtype, a new tensor.
+    Elementwise only: no host sync, fixed shapes."""
+    g = codes.unflatten(1, (-1, GROUP)).to(torch.float32) * scales[:, :, None]  # [R, G, 128]
+    return g.flatten(1).to(dtype)
+
+
+@dataclass(frozen=True)
+class Fp8TokenRows:
+    """The byte layout of one FP8 row for hidden size H, activation dtype (what `unpack`
+    returns) and top-k. Same interface as token_rows.TokenRows."""
+
+    hidden: int
+    dtype: torch.dtype
+    top_k: int
+
+    def __post_init__(self) -> None:
+        if self.hidden % GROUP:
+            raise ValueError(f"FP8 rows need a hidden size that is a multiple of {GROUP}, got {self.hidden}")
+
+    @property
+    def groups(self) -> int:
+        return self.hidden // GROUP
+
+    @property
+    def hidden_bytes(self) -> int:
+        return self.hidden + 4 * self.groups  # e4m3 codes + float32 scales
+
+    @property
+    def row_bytes(self) -> int:
+        raw = self.hidden_bytes + 8 * self.top_k  # int32 ids + float32 weights
+        return -(-raw // ALIGN) * ALIGN
+
+    def empty(self, rows: int, device: torch.device) -> torch.Tensor:
+        """[rows, row_bytes] uint8, uninitialised."""
+        return torch.empty(rows, self.row_bytes, dtype=torch.uint8, device=device)
+
+    def fields(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """buf [R, row_bytes] uint8 -> views codes [R, H] e4m3, scales [R, G] float32, ids [R, k]
+        int32, weights [R, k] float32. H % 128 == 0 keeps the scales 4-byte aligned."""
+        h, hb, k = self.hidden, self.hidden_bytes, self.top_k
+        codes = buf[:, :h].view(torch.float8_e4m3fn)  # [R, H], row stride row_bytes
+        scales = buf[:, h:hb].view(torch.float32)  # [R, G]
+        ids = buf[:, hb:hb + 4 * k].view(torch.int32)  # [R, k]
+        weights = buf[:, hb + 4 * k:hb + 8 * k].view(torch.float32)  # [R, k]
+        return codes, scales, ids, weights
+
+    def pack(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, rows: int,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H], ids/weights [N, k], N <= rows -> [rows, row_bytes] uint8.
+
+        As TokenRows.pack: rows N..rows-1 and rows with valid[i] False carry id -1 in every slot.
+        Rows N.. also get zero codes and scales, so their dequantised hidden state is zero,
+        never a NaN read off uninitialised bytes (nobody computes them either way)."""
+        n = x.shape[0]
+        if n > rows:
+            raise ValueError(f"{n} rows do not fit a packed buffer of {rows}")
+        buf = self.empty(rows, x.device)
+        codes_v, scales_v, ids_v, weights_v = self.fields(buf)
+        codes, scales = quantize_groups(x)  # [N, H] e4m3, [N, G]
+        codes_v[:n].copy_(codes)
+        scales_v[:n].copy_(scales)
+        buf[n:, :self.hidden_bytes].zero_()  # e4m3 code 0x00 is +0.0
+        write_send_ids(ids_v, ids, valid)
+        weights_v[:n].copy_(weights)
+        weights_v[n:].zero_()
+        return buf
+
+    def unpack(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """buf [R, row_bytes] -> hidden [R, H] activation dtype (dequantised, a new tensor), ids
+        and weights [R, k] (views)."""
+        codes, scales, ids, weights = self.fields(buf)
+        return dequantize_groups(codes, scales, self.dtype), ids, weights

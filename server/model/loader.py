@@ -137,15 +137,15 @@ def load_model(model_cfg: ModelConfig, *, policy: RoutingPolicy, ep_rank: int = 
         init_random_weights(model, model_cfg.seed)
     else:
         if spec.quantization is not None and ep_rank == 0 and kernels.expert_weights == "fp8":
-            log.info("%s: FP8 block-quantised weights (%dx%d blocks): routed experts stay e4m3 with their block "
-                     "scales (%s); the other weights are dequantised to %s as they load (model.quantization=%s)",
-                     folder, *spec.quantization.block, why, spec.dtype, model_cfg.quantization)
+            log.info("%s: FP8 block-quantised weights (%dx%d blocks): routed experts and the FP8-stored dense linears "
+                     "stay e4m3 with their block scales (%s); the rest is dequantised to %s as it loads "
+                     "(model.quantization=%s)", folder, *spec.quantization.block, why, spec.dtype, model_cfg.quantization)
         elif spec.quantization is not None and ep_rank == 0:
             log.info("%s: FP8 block-quantised weights (%dx%d blocks) are dequantised to %s as they load "
                      "(model.quantization=%s%s)", folder, *spec.quantization.block, spec.dtype, model_cfg.quantization,
                      f": {why}" if model_cfg.quantization == "auto" else "")
         with open_checkpoint(folder, spec.quantization) as reader:
-            load_checkpoint_weights(model, reader, progress=ep_rank == 0)
+            load_checkpoint_weights(model, reader, progress=ep_rank == 0, dense_fp8=kernels.expert_weights == "fp8")
     if eplb is not None:
         model.eplb = ExpertRebalancer(model, eplb)
     return model.eval()

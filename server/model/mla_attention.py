@@ -48,6 +48,10 @@ LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm wit
 
 
 class MLAttention(nn.Module):
+    #: children whose weight this module reads itself (absorbed decode's W_UK / W_UV): an FP8
+    #: checkpoint's copy of them is dequantised on load, not kept as e4m3 (server/model/fp8_dense.py)
+    keeps_dense_values = ("kv_b_proj",)
+
     def __init__(self, spec: ModelSpec, layer: int, dtype=None, device=None, kernels: KernelBackend | None = None) -> None:
         super().__init__()
         mla = spec.mla

@@ -26,6 +26,8 @@ from ..moe.experts import LocalExperts
 from .causal_lm import MoECausalLM
 from .checkpoint import CheckpointReader
 from .families import get_family
+from .fp8_dense import swap_fp8_linears
+from .fp8_reader import Fp8BlockReader
 from .spec import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,15 @@ def progress_options(progress: bool) -> dict:
     return {"disable": None if progress else True}
 
 
-def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, progress: bool = True) -> None:
+def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, progress: bool = True,
+                            dense_fp8: bool = False) -> None:
+    """dense_fp8: keep the checkpoint's FP8 dense linears as e4m3 blocks (fp8_dense.py)."""
     family = get_family(model.spec.architecture)
+    if dense_fp8 and isinstance(reader, Fp8BlockReader):
+        count = swap_fp8_linears(model, reader, lambda n: checkpoint_candidates(n, family.moe_module_names),
+                                 use_kernel=model.kernels.name == "triton")
+        if progress:
+            log.info("%d dense linears kept as FP8 blocks", count)
     params = dict(model.named_parameters())
     plain = [n for n in params if not n.endswith(_EXPERT_PARAMS)]
     moe_layers = [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers) if layer.is_moe]

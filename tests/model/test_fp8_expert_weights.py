@@ -12,6 +12,7 @@ from server.config import ModelConfig
 from server.kernels.backend import KernelBackend
 from server.model.expert_format import expert_weight_format
 from server.kernels.fp8_blocks import dequantize_blocks
+from server.layers.fp8_linear import Fp8Linear
 from server.model.loader import load_model, read_model_spec
 from server.model.spec import ModelLoadError
 from server.moe.routing import build_policy
@@ -70,8 +71,11 @@ def test_fp8_experts_hold_the_checkpoint_codes(fp8_folders, layout) -> None:
         assert a.num_bytes < b.num_bytes / 3  # 1-byte codes (+ scales) against float32 values
     fp8_plain = {n: p for n, p in fp8.named_parameters() if ".experts." not in n}
     ref_plain = {n: p for n, p in ref.named_parameters() if ".experts." not in n}
-    assert fp8_plain.keys() == ref_plain.keys()
+    dense = {n: m for n, m in fp8.named_modules() if isinstance(m, Fp8Linear)}  # FP8-stored dense linears stay e4m3 too
+    assert dense and fp8_plain.keys() == ref_plain.keys() - {f"{n}.weight" for n in dense}
     assert all(torch.equal(fp8_plain[n], ref_plain[n]) for n in fp8_plain)
+    for n, layer in dense.items():
+        assert torch.equal(dequantize_blocks(layer.weight_codes, layer.weight_scale_inv, (128, 128)), ref_plain[f"{n}.weight"])
 
 
 def test_fp8_experts_refuse_the_torch_forward(fp8_folders) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.config import ModelConfig
+from server.layers.fp8_linear import Fp8Linear
 from server.model.loader import load_model
 from server.moe.routing import build_policy
 from tests.helpers.fp8_checkpoint import write_fp8_checkpoint
@@ -30,11 +31,15 @@ def test_auto_keeps_experts_fp8_on_cuda_and_stays_close_to_dequantised(tmp_path)
     assert all(e.weight_format == "fp8" and e.gate_up_proj.dtype == torch.float8_e4m3fn for e in fp8)
     assert all(e.weight_format == "values" for e in ref)
     assert sum(e.num_bytes for e in fp8) < 0.6 * sum(e.num_bytes for e in ref)
+    dense = [m for m in models["auto"].modules() if isinstance(m, Fp8Linear)]  # attention projections
+    assert dense and all(m.use_kernel for m in dense)
+    assert not any(isinstance(m, Fp8Linear) for m in models["dequantize"].modules())
     logits = {q: torch.stack(list(PagedDriver(m, num_blocks=64, block_size=16).step(PROMPTS).values()))
               for q, m in models.items()}
     a, b = logits["dequantize"].float(), logits["auto"].float()
     assert torch.isfinite(b).all()
-    # Both models hold the same FP8 weight values; only the e4m3 activations differ: ~2-3% per expert
-    # GEMM by estimate (not yet measured on a GPU), damped by the residual stream. A wrong scale or
-    # block index lands at O(1).
-    assert ((a - b).norm() / a.norm()).item() < 0.1
+    # Both models hold the same FP8 weight values; only the e4m3 activations differ: ~2-3% per
+    # GEMM, compounded through the experts and the FP8 dense projections (0.11 measured on CPU
+    # for the dense ones alone, tests/model/test_fp8_dense_linears.py). A wrong scale or block
+    # index lands at O(1).
+    assert ((a - b).norm() / a.norm()).item() < 0.3

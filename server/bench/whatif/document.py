@@ -106,7 +106,7 @@ def _document(settings: BenchSettings, w: WhatIf, source_note: str, results: dic
                   "experts": spec.num_experts, "top_k": spec.top_k, "hidden": spec.hidden_size, "dtype": spec.dtype,
                   "expert_precision": o.expert_precision,
                   "expert_weights": precision_note(timers[0].experts) if timers else o.expert_precision},
-        "ep_size": w.ep, "dispatch": w.kind, "decode_graphs": w.ranks.graphs,
+        "ep_size": w.ep, "dispatch": w.kind, "dispatch_wire": w.plan.dispatch.wire, "decode_graphs": w.ranks.graphs,
         "interconnect": {"name": w.wire.name, "source": w.wire.source, "gpus_per_node": w.wire.gpus_per_node},
         "routing_source": source_note,
         "workload": {"name": o.workload, "batch": o.batch, "input_len": o.input_len, "output_len": o.output_len,

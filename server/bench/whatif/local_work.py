@@ -48,8 +48,8 @@ class _ZeroRows:
 class NoWireGatherDispatcher(GatherDispatcher):
     """GatherDispatcher's local stages at the simulated ep_size; no collective, no experts."""
 
-    def __init__(self, ep_size: int, num_slots: int) -> None:
-        super().__init__(0, ep_size, num_slots, group=None)
+    def __init__(self, ep_size: int, num_slots: int, wire: str = "bf16") -> None:
+        super().__init__(0, ep_size, num_slots, group=None, wire=wire)  # fp8 wire: its pack and unpack are local work
         self._zeros = _ZeroRows()
 
     def gather_rows(self, send: torch.Tensor, layout: TokenRows) -> torch.Tensor:

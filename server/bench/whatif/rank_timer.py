@@ -124,8 +124,9 @@ class RankWorkTimer:
 
     def __init__(self, spec, *, engine, ep_size: int, kind: str, num_slots: int, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, seed: int = 0, kernels=None,
-                 cuda_graphs: bool | None = None, reps: int = 5) -> None:
+                 cuda_graphs: bool | None = None, reps: int = 5, wire: str = "bf16") -> None:
         """`kernels` (KernelBackend) and `cuda_graphs`: the launch plan's choices, as the engine's;
+        `wire`: parallel.dispatch_wire (fp8: the rows' quantise and dequantise are local work);
         `reps`: timed runs per step shape and probe (the median counts)."""
         self.device = device
         self.reps = max(1, reps)
@@ -140,7 +141,7 @@ class RankWorkTimer:
             model = MoECausalLM(cut, policy=build_policy("natural"), ep_rank=0, ep_size=cut.num_experts,
                                 dtype=dtype, device=device, kernels=kernels)
             model.runtime.dispatcher = (NoExpertsLocalDispatcher() if kind == "local"
-                                        else NoWireGatherDispatcher(ep_size, num_slots))
+                                        else NoWireGatherDispatcher(ep_size, num_slots, wire))
             init_random_weights(model, seed)
             if shared is None:
                 shared = model

@@ -51,7 +51,8 @@ def markdown(doc: dict) -> str:
              f"Routing: {doc['routing_source']}. Dispatch: {doc['dispatch']} "
              f"(decode {'in CUDA graphs' if doc['decode_graphs'] else 'eager'}). "
              f"Expert weights: {m.get('expert_weights', m['dtype'])}. "
-             f"Wire: {doc['interconnect']['name']} ({doc['interconnect']['source'].rsplit('/', 1)[-1]}).",
+             f"Wire: {doc['interconnect']['name']} ({doc['interconnect']['source'].rsplit('/', 1)[-1]}), "
+             f"hidden rows as {doc.get('dispatch_wire', 'bf16')} on the all-gather.",
              "", "Measured: " + "; ".join(doc["measured"]) + ".", "", "Modelled: " + "; ".join(doc["modelled"]) + ".",
              "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for phase in _phases(doc):

@@ -41,7 +41,7 @@ from .layout import Layouter
 from .phase_stats import PhaseLoads
 from .plans import PlannedStep
 from .rank_timer import RankWorkTimer
-from .wire import load_interconnect
+from .wire import layer_wire_seconds, load_interconnect
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class WhatIf:
                                    num_slots=self.spec.num_experts, device=self.device, dtype=self.dtype,
                                    max_model_len=self.plan.max_model_len, seed=settings.model.seed,
                                    kernels=self.kernels, cuda_graphs=self.plan.kernels.cuda_graphs,
-                                   reps=max(3, self.o.whatif_reps // 2))
+                                   reps=max(3, self.o.whatif_reps // 2), wire=self.plan.dispatch.wire)
         self._expert_timers: dict[int, ExpertKernelTimer] = {}
         self.self_check: list = []
 
@@ -146,11 +146,8 @@ class WhatIf:
         """One MoE layer's two collectives at `rows` rows per rank (ms)."""
         if self.kind == "local":
             return 0.0
-        h, k, item = self.spec.hidden_size, self.spec.top_k, torch.empty(0, dtype=self.dtype).element_size()
-        row_bytes = -(-(h * item + 8 * k) // 16) * 16  # token_rows.TokenRows.row_bytes
-        gathered = self.ep * rows * row_bytes
-        returned = self.ep * rows * h * item
-        return 1e3 * (self.wire.seconds("all_gather", self.ep, gathered) + self.wire.seconds("all_to_all", self.ep, returned))
+        return 1e3 * layer_wire_seconds(self.wire, self.ep, rows, self.spec.hidden_size, self.spec.top_k, self.dtype,
+                                        self.plan.dispatch.wire)
 
     def placements(self, source, steps: list[PlannedStep]) -> dict[int, ExpertPlacement]:
         """EPLB placements for every redundant count asked for, from the natural loads of `steps`."""

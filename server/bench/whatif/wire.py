@@ -11,6 +11,12 @@ scripts/calibrate_interconnect.py wrote from NCCL on the machine at hand):
 
 with nccl-tests' conventions: `bytes` is the all-gather's output per rank, or the all-to-all's
 buffer per rank, and bus_bw is what nccl-tests prints as busbw. At N = 1 nothing travels.
+
+The fixed-capacity dispatch's all-gather carries each token's packed row: its hidden state in
+the activation dtype, or on parallel.dispatch_wire=fp8 as e4m3 codes plus a scale per 128
+channels (about half the bytes; server/moe/dispatch/wire.py); the all-to-all returns partial
+sums in the activation dtype on either wire. The fp8 wire's quantise and dequantise run on each
+rank, so the what-if measures them with the rest of a rank's local work, not here.
 """
 from __future__ import annotations
 
@@ -18,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 import conf
 
 from ...config import ConfigError
+from ...moe.dispatch.wire import wire_row_bytes
 from .named_yaml import read_named_yaml, shipped
 
 INTERCONNECT_DIR = Path(conf.__file__).resolve().parent / "interconnect"
@@ -60,6 +69,15 @@ class Interconnect:
         over_nvlink = (g - 1) / ep_size * nbytes / (intra.bus_bw_gbps * 1e9)
         over_nic = (ep_size - g) / ep_size * nbytes / (inter.bus_bw_gbps * 1e9)
         return inter.latency_us * 1e-6 + max(over_nvlink, over_nic)
+
+
+def layer_wire_seconds(link: Interconnect, ep_size: int, rows: int, hidden: int, top_k: int, dtype: torch.dtype,
+                       wire: str = "bf16") -> float:
+    """One MoE layer's all-gather of `rows` packed rows per rank (`wire`'s row bytes) and the
+    all-to-all of the partial sums back, over `ep_size` ranks (seconds)."""
+    gathered = ep_size * rows * wire_row_bytes(wire, hidden, top_k, dtype)
+    returned = ep_size * rows * hidden * torch.empty(0, dtype=dtype).element_size()
+    return link.seconds("all_gather", ep_size, gathered) + link.seconds("all_to_all", ep_size, returned)
 
 
 def _links(data: Any, where: str) -> dict[str, LinkCost]:

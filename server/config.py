@@ -14,7 +14,7 @@ from typing import Any, Mapping
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("auto", "none", "dequantize")  # model.quantization: server/model/quantization.py
+QUANTIZATIONS = ("auto", "none", "dequantize", "fp8")  # model.quantization: server/model/quantization.py
 
 
 class ConfigError(ValueError):
@@ -74,7 +74,7 @@ class ModelConfig:
     dtype: str = "auto"
     max_model_len: int = 2048
     seed: int = 0
-    quantization: str = "auto"  # FP8 block-quantised checkpoints: auto (config.json's) | none (refuse) | dequantize
+    quantization: str = "auto"  # FP8 block-quantised checkpoints: auto (config.json's) | none (refuse) | dequantize | fp8 (model.shape: random FP8 weights)
 
     def validate(self) -> None:
         _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
@@ -82,6 +82,9 @@ class ModelConfig:
         _require(isinstance(self.max_model_len, int) and self.max_model_len > 0,
                  f"model.max_model_len must be a positive integer, got {self.max_model_len!r}")
         _require(not (self.path and self.shape), "model.path and model.shape are exclusive: a checkpoint has its own shape")
+        _require(self.quantization != "fp8" or (self.shape and not self.path),
+                 "model.quantization=fp8 draws random FP8 block weights for a model.shape; a checkpoint says its own "
+                 "format (model.quantization=auto serves an FP8 checkpoint as shipped)")
 
 
 @dataclass(frozen=True)

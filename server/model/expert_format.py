@@ -7,7 +7,8 @@
 fp8 is taken only where every condition for it holds, so anything else keeps the dequantised
 path that CPU runs, the tests' oracles and the torch baselines use:
   - the checkpoint is FP8 block-quantised with 128x128 blocks (the kernels' scale block) and
-    model.quantization is auto ("dequantize" asks for values explicitly);
+    model.quantization is auto ("dequantize" asks for values explicitly), or a random-weight
+    model.shape is drawn as one (model.quantization=fp8);
   - the model runs on a CUDA GPU with e4m3 tensor cores (compute capability 8.9 or above: Ada,
     Hopper, Blackwell) with the Triton expert path (triton / triton_unsorted), the only place the
     FP8 kernels run at speed (the interpreter is for tests);
@@ -36,7 +37,7 @@ def expert_weight_format(spec: ModelSpec, quantization: str, kernels: KernelBack
     scheme = spec.quantization
     if scheme is None:
         return "values", "the checkpoint stores values"
-    if quantization != "auto":
+    if quantization not in ("auto", "fp8"):  # fp8: a random-weight shape drawn as an FP8 checkpoint
         return "values", f"model.quantization={quantization}"
     if scheme.block != FP8_BLOCK:
         return "values", f"the FP8 kernels take {list(FP8_BLOCK)} blocks, the checkpoint has {list(scheme.block)}"

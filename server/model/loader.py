@@ -26,7 +26,7 @@ from .checkpoint import weight_files
 from .expert_format import expert_weight_format
 from .fp8_reader import open_checkpoint
 from .families import get_family
-from .random_weights import init_random_weights
+from .random_weights import RANDOM_FP8_CONFIG, init_random_weights
 from .spec import ModelLoadError, ModelSpec
 from .weights import load_checkpoint_weights
 
@@ -98,7 +98,11 @@ def read_model_spec(model_cfg: ModelConfig) -> ModelSpec:
         dtype = model_cfg.dtype
         if dtype == "auto" and not (shape.get("dtype") or shape.get("torch_dtype")):
             dtype = "bfloat16"  # what real checkpoints of these families ship in
-        return spec_from_config(shape, dtype=dtype, source="model.shape", quantization=model_cfg.quantization)
+        quantization = model_cfg.quantization
+        if quantization == "fp8":  # random weights drawn as an FP8 block checkpoint stores them
+            shape = {**shape, "quantization_config": RANDOM_FP8_CONFIG}
+            quantization = "auto"
+        return spec_from_config(shape, dtype=dtype, source="model.shape", quantization=quantization)
     cfg = _read_json(folder / "config.json", "model config")
     return spec_from_config(cfg, dtype=model_cfg.dtype, source=str(folder / "config.json"),
                             extra_eos=_generation_eos(folder), quantization=model_cfg.quantization)

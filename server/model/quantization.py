@@ -13,6 +13,9 @@ garbage, so it stops here, as does FP8 under model.quantization=none.
               experts excepted where the FP8 MoE kernels run them (expert_format.py)
   none        refuse any quantised checkpoint (the behaviour before FP8 support)
   dequantize  dequantise FP8 block checkpoints on load, whatever the device could run
+  fp8         model.shape only (random weights): draw them as an FP8 block checkpoint stores
+              them (128x128 blocks), then serve them as auto serves such a checkpoint
+              (server/model/random_weights.py), so a benchmark runs the precision users deploy
 """
 from __future__ import annotations
 

@@ -7,7 +7,10 @@ placements. Norm weights are 1 and biases 0, as
 transformers initialises them; everything else ~ N(0, initializer_range). Experts kept as FP8
 blocks (a shape whose quantization_config is FP8, on a GPU that runs them) draw the same way in
 float32 and store e4m3 codes with their block scales, both from that per-expert stream, so every
-copy of an expert holds the same codes and scales too.
+copy of an expert holds the same codes and scales too. Where the experts are FP8, so are the dense
+linears an FP8 checkpoint quantises (attention and MLA projections, shared experts, dense MLPs;
+not the embedding, head or router gate): Fp8Linear layers with codes and scales drawn the same way
+(model.quantization=fp8 gives a shape that quantization_config, RANDOM_FP8_CONFIG).
 """
 from __future__ import annotations
 
@@ -15,8 +18,17 @@ import zlib
 
 import torch
 
+from torch import nn
+
+from ..layers.fp8_linear import Fp8Linear
 from ..layers.layernorm import RMSNorm
 from .causal_lm import MoECausalLM
+
+#: the quantization_config a model.shape takes under model.quantization=fp8 (DeepSeek-V3's scheme)
+RANDOM_FP8_CONFIG = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic",
+                     "fmt": "e4m3"}
+#: linears an FP8 block checkpoint keeps as values: the output head and the MoE routers' gates
+_NEVER_FP8 = ("lm_head", ".mlp.gate", ".mlp.shared_expert_gate")
 
 
 def _generator(device: torch.device, *key: object) -> torch.Generator:
@@ -48,6 +60,25 @@ def init_random_weights(model: MoECausalLM, seed: int) -> None:
                     draw_fp8_blocks(p[local], scales[local], std, gen)
         else:
             p.normal_(0.0, std, generator=_generator(p.device, seed, name))
+    if model.spec.quantization is not None and model.kernels.expert_weights == "fp8":
+        _random_fp8_linears(model, seed, std)
+
+
+def _random_fp8_linears(model: MoECausalLM, seed: int, std: float) -> None:
+    """Every dense nn.Linear an FP8 checkpoint would store as e4m3 becomes an Fp8Linear with codes
+    and block scales from its own seeded stream (modules that read a child's weight themselves
+    name it in keeps_dense_values, as for checkpoints: server/model/fp8_dense.py)."""
+    for prefix, module in list(model.named_modules()):
+        kept = getattr(module, "keeps_dense_values", ())
+        for child_name, child in list(module.named_children()):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if type(child) is not nn.Linear or child_name in kept or name.endswith(_NEVER_FP8):
+                continue
+            w = child.weight  # [out, in]
+            codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+            scales = torch.empty(-(-w.shape[0] // 128), -(-w.shape[1] // 128), dtype=torch.float32, device=w.device)
+            draw_fp8_blocks(codes, scales, std, _generator(w.device, seed, name + ".weight"))
+            setattr(module, child_name, Fp8Linear(codes, scales, child.bias, use_kernel=model.kernels.name == "triton"))
 
 
 def draw_fp8_blocks(codes: torch.Tensor, scales: torch.Tensor, std: float, gen: torch.Generator) -> None:

@@ -26,19 +26,20 @@ from ...model.spec import Fp8BlockScheme, ModelSpec
 
 
 def expert_kernels(precision: str, spec: ModelSpec, kernels: KernelBackend, device: torch.device | str,
-                   capability: tuple[int, int] | None = None) -> KernelBackend:
+                   capability: tuple[int, int] | None = None, key: str = "bench.expert_precision") -> KernelBackend:
     """The kernel backend the what-if's experts are built with: `kernels` with expert_weights
-    "values" (dtype) or "fp8", or ConfigError naming bench.expert_precision where fp8 cannot run.
-    `capability`: the CUDA device's (None: asked of torch)."""
+    "values" (dtype) or "fp8", or ConfigError naming `key` (the setting that asked for fp8:
+    bench.expert_precision or model.quantization) where fp8 cannot run. `capability`: the CUDA
+    device's (None: asked of torch)."""
     if precision == "dtype":
         return replace(kernels, expert_weights="values")
     if precision != "fp8":
-        raise ConfigError(f"bench.expert_precision={precision!r} is not one of ('dtype', 'fp8')")
+        raise ConfigError(f"{key}={precision!r} is not one of ('dtype', 'fp8')")
     as_checkpoint = replace(spec, quantization=Fp8BlockScheme(block=FP8_BLOCK))
     fmt, why = expert_weight_format(as_checkpoint, "auto", replace(kernels, expert_weights="values"), device,
                                     capability)
     if fmt != "fp8":
-        raise ConfigError(f"bench.expert_precision=fp8: the engine would not run FP8 experts here: {why}")
+        raise ConfigError(f"{key}=fp8: the engine would not run FP8 experts here: {why}")
     return replace(kernels, expert_weights="fp8")
 
 

@@ -116,14 +116,17 @@ class WhatIf:
                 raise ConfigError(f"EPLB with {v.redundant} redundant experts: {self.spec.num_experts + v.redundant} "
                                   f"slots do not split over ep_size={self.ep}")
         # bench.expert_precision: the experts' weight format, as the engine would decide it (fails early)
-        self.expert_kernels = expert_kernels(self.o.expert_precision, self.spec, self.kernels, self.device)
+        # model.quantization=fp8 (random weights drawn as FP8 blocks) runs the experts as bench.expert_precision=fp8
+        precision = "fp8" if settings.model.quantization == "fp8" else self.o.expert_precision
+        key = "model.quantization" if settings.model.quantization == "fp8" else "bench.expert_precision"
+        self.expert_kernels = expert_kernels(precision, self.spec, self.kernels, self.device, key=key)
         self.progress = progress
         self.moe_layers = self.spec.num_moe_layers
         self.dense_layers = self.spec.num_layers - self.moe_layers
         self.ranks = RankWorkTimer(self.spec, engine=self.app.engine, ep_size=self.ep, kind=self.kind,
                                    num_slots=self.spec.num_experts, device=self.device, dtype=self.dtype,
                                    max_model_len=self.plan.max_model_len, seed=settings.model.seed,
-                                   kernels=self.kernels, cuda_graphs=self.plan.kernels.cuda_graphs,
+                                   kernels=self.expert_kernels, cuda_graphs=self.plan.kernels.cuda_graphs,
                                    reps=max(3, self.o.whatif_reps // 2), wire=self.plan.dispatch.wire)
         self._expert_timers: dict[int, ExpertKernelTimer] = {}
         self.self_check: list = []

@@ -1,4 +1,5 @@
-"""Block-wise FP8 dequantisation: the arithmetic of weight_scale_inv, apart from any file.
+"""Block-wise FP8 arithmetic in torch, apart from any file or kernel: the weights' 128x128 blocks
+(weight_scale_inv) and the activations' per-row 128-channel groups.
 
 One scale covers a b0 x b1 block of a weight; the last block row and column are partial when
 the weight's sizes are not multiples of the block (DeepSeek-V3's kv_a_proj_with_mqa is
@@ -10,6 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+GROUP = 128  # activation channels per scale == the weights' K block
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+MIN_AMAX = 1e-10  # an all-zero group gets a tiny scale instead of a division by zero
 
 
 def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
@@ -38,3 +43,25 @@ def dequantize_blocks(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple
     scale = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]  # [..., rows, ceil(cols/b1)]
     scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]  # [..., rows, cols]
     return codes.to(torch.float32) * scale
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] -> (codes [M, K] e4m3, scales [M, ceil(K/128)] fp32), per row and
+    128-channel group: scale = max|x| / 448, codes rounded to nearest even. The torch twin of
+    every FP8 activation quantisation here (moe/kernels/fp8_quant.py's kernel, the dense
+    linear's in-GEMM one, the FP8 dispatch rows); their codes match it bit for bit."""
+    num_rows, k = x.shape
+    groups = -(-k // GROUP)
+    padded = torch.zeros(num_rows, groups * GROUP, dtype=torch.float32, device=x.device)
+    padded[:, :k] = x.to(torch.float32)
+    g = padded.view(num_rows, groups, GROUP)  # [M, G, 128]
+    scale = g.abs().amax(dim=2).clamp_min(MIN_AMAX) / E4M3_MAX  # [M, G]
+    y = (g / scale[:, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    q = y.to(torch.float8_e4m3fn).view(num_rows, groups * GROUP)[:, :k]
+    return q.contiguous(), scale
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(q [M, K] e4m3, s [M, ceil(K/128)]) -> fp32 [M, K] = q * s of each element's group."""
+    k = q.shape[1]
+    return q.to(torch.float32) * s.repeat_interleave(GROUP, dim=1)[:, :k]

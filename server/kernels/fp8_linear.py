@@ -8,7 +8,8 @@ cost twice what the checkpoint's authors meant. This kernel reads the codes as s
 
     out [M, N] = x [M, K] @ W^T,  W [N, K] ~= codes [N, K] * scale[n // 128, k // 128]
 
-Activations are quantised the way fp8_quant.py does for the expert GEMMs (per row, per
+Activations are quantised the way fp8_quant.py does for the expert GEMMs
+(fp8_blocks.quantize_rows_reference is the torch twin of both) (per row, per
 128-channel group: scale = max|x| / 448, codes rounded to nearest even), but inside the GEMM:
 BLOCK_K is the whole 128-channel group, so each program loads its rows' group in the input dtype,
 takes the group's max, scales and rounds in registers, and feeds e4m3 to the tensor cores:
@@ -33,11 +34,7 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None
 
-from .fp8_blocks import dequantize_blocks
-
-GROUP = 128  # activation group == the weights' K block
-E4M3_MAX = 448.0
-MIN_AMAX = 1e-10
+from .fp8_blocks import GROUP, dequantize_blocks, dequantize_rows, quantize_rows_reference
 
 
 if triton is not None:
@@ -110,26 +107,12 @@ def fp8_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale_inv: torch.Ten
     return out.view(*lead, n)
 
 
-def quantize_groups_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes [M, K] e4m3, scales [M, ceil(K/128)] fp32): the kernel's activation
-    quantisation in torch (fp8_quant.quantize_rows_reference's arithmetic)."""
-    m, k = x.shape
-    groups = -(-k // GROUP)
-    padded = torch.zeros(m, groups * GROUP, dtype=torch.float32, device=x.device)
-    padded[:, :k] = x.to(torch.float32)
-    g = padded.view(m, groups, GROUP)  # [M, G, 128]
-    scale = g.abs().amax(dim=2).clamp_min(MIN_AMAX) / E4M3_MAX  # [M, G]
-    codes = (g / scale[:, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes.view(m, groups * GROUP)[:, :k], scale
-
-
 def fp8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scale_inv: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's arithmetic in fp32: quantised activations and block-scaled weights, both
     dequantised, one matmul. x [..., K] -> [..., N] float32."""
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = quantize_groups_reference(x.reshape(-1, k))
-    xd = q.to(torch.float32) * s.repeat_interleave(GROUP, dim=1)[:, :k]  # [M, K]
+    xd = dequantize_rows(*quantize_rows_reference(x.reshape(-1, k)))  # [M, K]
     out = xd @ dequantize_blocks(codes, scale_inv, (GROUP, GROUP)).T  # [M, N]
     if bias is not None:
         out = out + bias.to(torch.float32)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.kernels.fp8_blocks import E4M3_MAX
 from server.moe.dispatch import DispatchSettings, build_dispatcher, wire_row_bytes
-from server.moe.dispatch.fp8_rows import E4M3_MAX, Fp8TokenRows, quantize_groups
+from server.moe.dispatch.fp8_rows import Fp8TokenRows, quantize_groups
 from tests.helpers.ep_ranks import run_on_ranks
 from tests.helpers.wire_worker import HIDDEN, ROWS, TOP_K, wire_rank
 

@@ -20,27 +20,20 @@ from dataclasses import dataclass
 import torch
 
 from ...kernels.availability import default_backend
-from .token_rows import ALIGN, write_send_ids
-
-GROUP = 128  # channels per scale == fp8_quant.GROUP (the FP8 weights' K block)
-E4M3_MAX = 448.0  # == fp8_quant.E4M3_MAX
-MIN_AMAX = 1e-10  # == fp8_quant.MIN_AMAX: an all-zero group gets a tiny scale, never 0 (no 0/0)
+from ...kernels.fp8_blocks import GROUP, quantize_rows_reference
+from .token_rows import PackedRow, write_send_ids
 
 
 def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] (H % 128 == 0) -> (codes [N, H] float8_e4m3fn, scales [N, H/128] float32).
 
     On CUDA with Triton: the FP8 expert path's own quantiser (one launch, graph-safe). Elsewhere
-    a torch copy of its twin, fp8_quant.quantize_rows_reference, op for op (the codes match bit
-    for bit; tests check it): that module imports Triton, which CPU-only installs may lack."""
+    its torch twin (kernels/fp8_blocks.quantize_rows_reference); the codes match bit for bit."""
     if x.is_cuda and default_backend(x.device) == "triton":
         from ..kernels.fp8_quant import quantize_rows_fp8
 
         return quantize_rows_fp8(x.contiguous())
-    g = x.to(torch.float32).unflatten(1, (-1, GROUP))  # [N, G, 128]
-    scales = g.abs().amax(dim=2).clamp_min(MIN_AMAX) / E4M3_MAX  # [N, G]
-    codes = (g / scales[:, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # [N, G, 128]
-    return codes.flatten(1), scales
+    return quantize_rows_reference(x)
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -51,7 +44,7 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 
 @dataclass(frozen=True)
-class Fp8TokenRows:
+class Fp8TokenRows(PackedRow):
     """The byte layout of one FP8 row for hidden size H, activation dtype (what `unpack`
     returns) and top-k. Same interface as token_rows.TokenRows."""
 
@@ -70,15 +63,6 @@ class Fp8TokenRows:
     @property
     def hidden_bytes(self) -> int:
         return self.hidden + 4 * self.groups  # e4m3 codes + float32 scales
-
-    @property
-    def row_bytes(self) -> int:
-        raw = self.hidden_bytes + 8 * self.top_k  # int32 ids + float32 weights
-        return -(-raw // ALIGN) * ALIGN
-
-    def empty(self, rows: int, device: torch.device) -> torch.Tensor:
-        """[rows, row_bytes] uint8, uninitialised."""
-        return torch.empty(rows, self.row_bytes, dtype=torch.uint8, device=device)
 
     def fields(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """buf [R, row_bytes] uint8 -> views codes [R, H] e4m3, scales [R, G] float32, ids [R, k]

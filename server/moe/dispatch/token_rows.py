@@ -17,17 +17,12 @@ import torch
 ALIGN = 16  # bytes: keeps int32/float32 fields and vectorised row loads aligned
 
 
-@dataclass(frozen=True)
-class TokenRows:
-    """The byte layout of one packed row for hidden size H, activation dtype and top-k."""
+class PackedRow:
+    """What every packed row layout shares: `hidden_bytes` of hidden state, then k int32 ids and
+    k float32 weights, padded to ALIGN (this layout's, and fp8_rows.Fp8TokenRows')."""
 
-    hidden: int
-    dtype: torch.dtype
+    hidden_bytes: int
     top_k: int
-
-    @property
-    def hidden_bytes(self) -> int:
-        return self.hidden * self.dtype.itemsize
 
     @property
     def row_bytes(self) -> int:
@@ -37,6 +32,19 @@ class TokenRows:
     def empty(self, rows: int, device: torch.device) -> torch.Tensor:
         """[rows, row_bytes] uint8, uninitialised."""
         return torch.empty(rows, self.row_bytes, dtype=torch.uint8, device=device)
+
+
+@dataclass(frozen=True)
+class TokenRows(PackedRow):
+    """The byte layout of one packed row for hidden size H, activation dtype and top-k."""
+
+    hidden: int
+    dtype: torch.dtype
+    top_k: int
+
+    @property
+    def hidden_bytes(self) -> int:
+        return self.hidden * self.dtype.itemsize
 
     def fields(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """buf [R, row_bytes] uint8 -> views hidden [R, H] dtype, ids [R, k] int32, weights [R, k] float32."""

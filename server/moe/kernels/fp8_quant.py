@@ -21,12 +21,11 @@ import triton
 import triton.language as tl
 
 from ...kernels.availability import interpreter_enabled
+# the torch twin and the constants live with the rest of the block-FP8 arithmetic (re-exported here)
+from ...kernels.fp8_blocks import E4M3_MAX, GROUP, MIN_AMAX, dequantize_rows, quantize_rows_reference  # noqa: F401
 from ...kernels.triton_helpers import cast_e4m3_rtne
 from ...kernels.workspace import workspace
 
-GROUP = 128  # channels per activation scale == the weights' K block
-E4M3_MAX = 448.0
-MIN_AMAX = 1e-10  # an all-zero group gets a tiny scale instead of a division by zero
 ROWS_PER_PROGRAM = 16
 
 
@@ -67,22 +66,3 @@ def quantize_rows_fp8(x: torch.Tensor, num_valid: torch.Tensor | None = None) ->
         x, q, s, x if num_valid is None else num_valid, num_rows, k, x.stride(0), q.stride(0), s.stride(0),
         HAS_VALID=num_valid is not None, INTERPRETED=interpreter_enabled(), ROWS=ROWS_PER_PROGRAM, GROUP=GROUP)
     return q, s
-
-
-def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of quantize_rows_fp8: x [M, K] -> (q [M, K] e4m3, s [M, ceil(K/128)] fp32)."""
-    num_rows, k = x.shape
-    groups = -(-k // GROUP)
-    padded = torch.zeros(num_rows, groups * GROUP, dtype=torch.float32, device=x.device)
-    padded[:, :k] = x.to(torch.float32)
-    g = padded.view(num_rows, groups, GROUP)  # [M, G, 128]
-    scale = g.abs().amax(dim=2).clamp_min(MIN_AMAX) / E4M3_MAX  # [M, G]
-    y = (g / scale[:, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
-    q = y.to(torch.float8_e4m3fn).view(num_rows, groups * GROUP)[:, :k]
-    return q.contiguous(), scale
-
-
-def dequantize_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(q [M, K] e4m3, s [M, ceil(K/128)]) -> fp32 [M, K] = q * s of each element's group."""
-    k = q.shape[1]
-    return q.to(torch.float32) * s.repeat_interleave(GROUP, dim=1)[:, :k]

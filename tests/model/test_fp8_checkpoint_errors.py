@@ -99,7 +99,10 @@ def test_auto_and_dequantize_load_it_none_refuses_it(fp8_folder, caplog):
 
 
 def test_a_bad_quantization_setting_names_the_key():
-    with pytest.raises(ConfigError, match=r"model.quantization='fp8' is not one of \('auto', 'none', 'dequantize'\)"):
+    with pytest.raises(ConfigError, match=r"model.quantization='int4' is not one of \('auto', 'none', 'dequantize', 'fp8'\)"):
+        AppConfig.from_dict({"model": {"quantization": "int4"}})
+    # fp8 draws random FP8 weights for a model.shape; the embedded model has a checkpoint
+    with pytest.raises(ConfigError, match=r"model.quantization=fp8 draws random FP8 block weights for a model.shape"):
         AppConfig.from_dict({"model": {"quantization": "fp8"}})
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import zlib
 
 import torch
-
 from torch import nn
 
-from ..layers.fp8_linear import Fp8Linear
 from ..layers.layernorm import RMSNorm
 from .causal_lm import MoECausalLM
+from .fp8_dense import swap_fp8_linears
 
 #: the quantization_config a model.shape takes under model.quantization=fp8 (DeepSeek-V3's scheme)
 RANDOM_FP8_CONFIG = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic",
@@ -66,19 +65,18 @@ def init_random_weights(model: MoECausalLM, seed: int) -> None:
 
 def _random_fp8_linears(model: MoECausalLM, seed: int, std: float) -> None:
     """Every dense nn.Linear an FP8 checkpoint would store as e4m3 becomes an Fp8Linear with codes
-    and block scales from its own seeded stream (modules that read a child's weight themselves
-    name it in keeps_dense_values, as for checkpoints: server/model/fp8_dense.py)."""
-    for prefix, module in list(model.named_modules()):
-        kept = getattr(module, "keeps_dense_values", ())
-        for child_name, child in list(module.named_children()):
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            if type(child) is not nn.Linear or child_name in kept or name.endswith(_NEVER_FP8):
-                continue
-            w = child.weight  # [out, in]
-            codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-            scales = torch.empty(-(-w.shape[0] // 128), -(-w.shape[1] // 128), dtype=torch.float32, device=w.device)
-            draw_fp8_blocks(codes, scales, std, _generator(w.device, seed, name + ".weight"))
-            setattr(module, child_name, Fp8Linear(codes, scales, child.bias, use_kernel=model.kernels.name == "triton"))
+    and block scales from its own seeded stream (fp8_dense.swap_fp8_linears, as for checkpoints)."""
+
+    def blocks(name: str, linear: nn.Linear):
+        if name.removesuffix(".weight").endswith(_NEVER_FP8):
+            return None
+        w = linear.weight  # [out, in]
+        codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+        scales = torch.empty(-(-w.shape[0] // 128), -(-w.shape[1] // 128), dtype=torch.float32, device=w.device)
+        draw_fp8_blocks(codes, scales, std, _generator(w.device, seed, name))
+        return codes, scales
+
+    swap_fp8_linears(model, blocks, use_kernel=model.kernels.name == "triton")
 
 
 def draw_fp8_blocks(codes: torch.Tensor, scales: torch.Tensor, std: float, gen: torch.Generator) -> None:

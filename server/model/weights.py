@@ -26,7 +26,7 @@ from ..moe.experts import LocalExperts
 from .causal_lm import MoECausalLM
 from .checkpoint import CheckpointReader
 from .families import get_family
-from .fp8_dense import swap_fp8_linears
+from .fp8_dense import checkpoint_blocks, swap_fp8_linears
 from .fp8_reader import Fp8BlockReader
 from .spec import ModelLoadError
 
@@ -54,8 +54,8 @@ def load_checkpoint_weights(model: MoECausalLM, reader: CheckpointReader, *, pro
     """dense_fp8: keep the checkpoint's FP8 dense linears as e4m3 blocks (fp8_dense.py)."""
     family = get_family(model.spec.architecture)
     if dense_fp8 and isinstance(reader, Fp8BlockReader):
-        count = swap_fp8_linears(model, reader, lambda n: checkpoint_candidates(n, family.moe_module_names),
-                                 use_kernel=model.kernels.name == "triton")
+        blocks = checkpoint_blocks(reader, lambda n: checkpoint_candidates(n, family.moe_module_names))
+        count = swap_fp8_linears(model, blocks, use_kernel=model.kernels.name == "triton")
         if progress:
             log.info("%d dense linears kept as FP8 blocks", count)
     params = dict(model.named_parameters())

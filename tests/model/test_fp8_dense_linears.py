@@ -14,7 +14,7 @@ from server.config import ModelConfig
 from server.kernels.fp8_blocks import dequantize_blocks
 from server.layers.fp8_linear import Fp8Linear
 from server.model.families import get_family
-from server.model.fp8_dense import swap_fp8_linears
+from server.model.fp8_dense import checkpoint_blocks, swap_fp8_linears
 from server.model.fp8_reader import open_checkpoint
 from server.model.loader import load_model, read_model_spec
 from server.model.weights import checkpoint_candidates
@@ -40,7 +40,8 @@ def test_dense_linears_stay_fp8_and_close_to_dequantised(family: str, tmp_path) 
     names = get_family(spec.architecture).moe_module_names
     before = sum(m.weight.numel() * m.weight.element_size() for m in fp8.modules() if type(m) is nn.Linear)
     with open_checkpoint(tmp_path / "fp8", spec.quantization) as reader:
-        swapped = swap_fp8_linears(fp8, reader, lambda n: checkpoint_candidates(n, names), use_kernel=False)
+        blocks = checkpoint_blocks(reader, lambda n: checkpoint_candidates(n, names))
+        swapped = swap_fp8_linears(fp8, blocks, use_kernel=False)
     kept = {n for n, m in fp8.named_modules() if type(m) is nn.Linear}
     layers = {n for n, m in fp8.named_modules() if isinstance(m, Fp8Linear)}
     assert swapped == len(layers) > 0

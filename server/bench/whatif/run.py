@@ -117,8 +117,9 @@ class WhatIf:
                                   f"slots do not split over ep_size={self.ep}")
         # bench.expert_precision: the experts' weight format, as the engine would decide it (fails early)
         # model.quantization=fp8 (random weights drawn as FP8 blocks) runs the experts as bench.expert_precision=fp8
-        precision = "fp8" if settings.model.quantization == "fp8" else self.o.expert_precision
-        key = "model.quantization" if settings.model.quantization == "fp8" else "bench.expert_precision"
+        precision, key = self.o.expert_precision, "bench.expert_precision"
+        if settings.model.quantization == "fp8":
+            precision, key = "fp8", "model.quantization"
         self.expert_kernels = expert_kernels(precision, self.spec, self.kernels, self.device, key=key)
         self.progress = progress
         self.moe_layers = self.spec.num_moe_layers

@@ -76,7 +76,7 @@ def layer_wire_seconds(link: Interconnect, ep_size: int, rows: int, hidden: int,
     """One MoE layer's all-gather of `rows` packed rows per rank (`wire`'s row bytes) and the
     all-to-all of the partial sums back, over `ep_size` ranks (seconds)."""
     gathered = ep_size * rows * wire_row_bytes(wire, hidden, top_k, dtype)
-    returned = ep_size * rows * hidden * torch.empty(0, dtype=dtype).element_size()
+    returned = ep_size * rows * hidden * dtype.itemsize
     return link.seconds("all_gather", ep_size, gathered) + link.seconds("all_to_all", ep_size, returned)
 
 

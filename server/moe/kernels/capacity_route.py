@@ -183,8 +183,9 @@ if triton is not None:
         excess = tl.sum(tl.maximum(load - cap, 0), axis=0)
         moves = 0
         while (excess > 0) & (moves < max_moves):
-            over = tl.load(l_base + e // W, cache_modifier=".cg") > tl.load(c_base + e // W, cache_modifier=".cg")  # [E]
-            under = tl.load(l_base + e // W, cache_modifier=".cg") < tl.load(c_base + e // W, cache_modifier=".cg")
+            load_e = tl.load(l_base + e // W, cache_modifier=".cg")  # [E] load of each expert's bin
+            cap_e = tl.load(c_base + e // W, cache_modifier=".cg")
+            over, under = load_e > cap_e, load_e < cap_e
             best_gain = -float("inf")
             best_tok = 0
             best_give = 0

@@ -47,8 +47,8 @@ class LaunchPlan:
         fp8 = "" if s.quantization is None else (f", FP8 {s.quantization.block[0]}x{s.quantization.block[1]} "
                                                  f"blocks dequantised to {s.dtype} on load")
         wire = " (fp8 rows on the all-gather)" if self.dispatch.wire == "fp8" else ""
-        if fp8 and app.model.quantization == "auto":  # server/model/expert_format.py decides per device
-            fp8 += ", routed experts kept FP8 where the FP8 MoE kernels run (CUDA, Triton experts)"
+        if fp8 and app.model.quantization in ("auto", "fp8"):  # server/model/expert_format.py decides per device
+            fp8 += ", routed experts and FP8-stored dense linears kept FP8 where the FP8 kernels run (CUDA, Triton experts)"
         return (f"model={app.model.name} ({s.architecture}, {s.num_layers} layers, {s.num_experts} experts, "
                 f"top-{s.top_k}{fp8}), routing policy {self.policy!r}, ep_size={self.ep_size}{placed}, "
                 f"dispatch {self.dispatch.name}{wire}, kernels {self.kernels.backend}")

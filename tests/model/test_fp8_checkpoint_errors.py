@@ -132,7 +132,7 @@ def test_the_launch_plan_says_the_weights_are_dequantised(fp8_folder):
     from server.launch_plan import build_launch_plan
 
     plan = build_launch_plan(AppConfig.from_dict({"model": {"path": str(fp8_folder)}}))
-    assert ("top-2, FP8 128x128 blocks dequantised to float32 on load, routed experts kept FP8 where the FP8 MoE "
-            "kernels run (CUDA, Triton experts))") in plan.describe()
+    assert ("top-2, FP8 128x128 blocks dequantised to float32 on load, routed experts and FP8-stored dense linears "
+            "kept FP8 where the FP8 kernels run (CUDA, Triton experts))") in plan.describe()
     plan = build_launch_plan(AppConfig.from_dict({"model": {"path": str(fp8_folder), "quantization": "dequantize"}}))
     assert "top-2, FP8 128x128 blocks dequantised to float32 on load)" in plan.describe()

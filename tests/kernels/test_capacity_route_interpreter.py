@@ -1,4 +1,4 @@
-"""The one-program capacity kernel (server/moe/kernels/capacity_route.py) against the torch path
+"""The fused capacity solver (server/moe/kernels/capacity_route.py) against the torch path
 under TRITON_INTERPRET=1 on CPU, in one fresh subprocess (support/interpret.py says why). Each
 call must keep its balance guarantee, k distinct ids ordered by score, and, where the price
 steps leave little to move, return exactly the torch path's ids. With one price step many pairs
@@ -20,6 +20,9 @@ CASES = [
     {"n": 24, "E": 16, "k": 2, "W": 1, "exact": True, "skew": 2.0},  # one expert per bin (optimal_balanced)
     {"n": 20, "E": 16, "k": 4, "W": 4, "exact": False, "skew": 3.0, "ceiling": 22},  # a tolerance ceiling
     {"n": 13, "E": 16, "k": 3, "W": 4, "exact": True, "skew": 1.0},  # k not a power of two, a partial token block
+    # a bin's thresholds bisected in chunks (large calls): the same prices, so the same ids
+    {"n": 24, "E": 16, "k": 2, "W": 4, "exact": True, "skew": 2.0, "price_chunk": 16},
+    {"n": 20, "E": 16, "k": 4, "W": 1, "exact": False, "skew": 3.0, "ceiling": 8, "price_chunk": 16},
     {"n": 24, "E": 16, "k": 2, "W": 1, "exact": True, "skew": 4.0, "steps": 1},  # most pairs left to the moves
 ]
 RUN = """
@@ -27,7 +30,7 @@ import json, torch
 from tests.kernels.support.capacity_checks import check_batch_independent, check_call, skewed_scores
 for c in json.loads({cases!r}):
     r = check_call(skewed_scores(c["n"], c["E"], c["skew"], 1), c["k"], c["W"], c["exact"], c.get("ceiling", 0),
-                   c.get("steps", 20))
+                   c.get("steps", 20), c.get("price_chunk"))
     print(json.dumps({{**c, **r}}))
 print(json.dumps({{"batch_independent": check_batch_independent(
     torch.stack([skewed_scores(10, 16, 2.0, s) for s in range(2)]), 2, 4)}}))

@@ -75,10 +75,12 @@ def test_cuda_graph_replay_follows_new_router_outputs(name: str, params: dict) -
 
 
 @pytest.mark.parametrize("n,num_experts,width,exact", [(128, 128, 16, True), (256, 256, 1, True), (512, 128, 4, False),
-                                                       (1024, 256, 32, True)])
+                                                       (1024, 256, 32, True), (8192, 128, 16, True),
+                                                       (8192, 256, 1, True)])
 def test_fused_kernel_against_the_torch_path(n: int, num_experts: int, width: int, exact: bool) -> None:
-    """Decode-sized calls run as one program (capacity_route.py): balance, distinct ids and order
-    are asserted inside check_call; the objective must match the torch path's on the GPU, or beat
+    """Decode- and prefill-sized calls through the fused chain (capacity_route.py; at 8192 tokens
+    each bin's thresholds are bisected in chunks): balance, distinct ids and order are asserted
+    inside check_call; the objective must match the torch path's on the GPU, or beat
     it where the last pairs were moved differently."""
     from tests.kernels.support.capacity_checks import check_call, skewed_scores
 

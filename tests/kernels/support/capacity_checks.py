@@ -1,4 +1,4 @@
-"""The one-program capacity kernel (server/moe/kernels/capacity_route.py) against the torch
+"""The fused capacity solver (server/moe/kernels/capacity_route.py) against the torch
 path (server/moe/routing/capacity_solver.py) on one call: run under Triton's interpreter by
 tests/kernels/test_capacity_route_interpreter.py, on CUDA by tests/routing/test_capacity_gpu.py."""
 from __future__ import annotations
@@ -17,11 +17,14 @@ def skewed_scores(n: int, num_experts: int, skew: float, seed: int, device: str 
     return (torch.randn(n, num_experts, generator=g) * 1.5 + popularity).log_softmax(-1).to(device)
 
 
-def check_call(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceiling: int = 0, steps: int = 20) -> dict:
-    """Fused vs torch on scores [n, E]: the guarantees asserted here, the figures returned."""
+def check_call(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceiling: int = 0, steps: int = 20,
+               price_chunk: int | None = None) -> dict:
+    """Fused vs torch on scores [n, E]: the guarantees asserted here, the figures returned.
+    price_chunk: bisect each bin's thresholds in chunks of this many (the large-call path)."""
     n, num_experts = scores.shape
     bins = num_experts // width
-    ids, ok = capacitated_topk_fused(scores[None].float(), top_k, width, exact, ceiling, steps, DAMPING)
+    chunk = {} if price_chunk is None else {"price_chunk": price_chunk}
+    ids, ok = capacitated_topk_fused(scores[None].float(), top_k, width, exact, ceiling, steps, DAMPING, **chunk)
     ids, ok = ids[0].long(), bool(ok[0])
     ref, ref_ok = capacitated_topk(scores.float(), top_k, Capacities(width=width, exact=exact, ceiling=ceiling),
                                    price_steps=steps)

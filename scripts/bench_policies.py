@@ -204,10 +204,11 @@ def moe_block_rows(n: int, num_experts: int, top_k: int, ids: torch.Tensor, weig
 
 
 def bench(device: str, ns: list[int], experts: list[int], top_k: int, lightllm_max_n: int, iters: int,
-          dtype: torch.dtype, ep_size: int, policies: list[str] = POLICIES) -> list[dict]:
+          dtype: torch.dtype, ep_size: int, policies: list[str] = POLICIES, torch_paths: bool = True) -> list[dict]:
     rows = []
     for num_experts in experts:
-        for row in bench_experts(device, ns, num_experts, top_k, lightllm_max_n, iters, dtype, ep_size, policies):
+        for row in bench_experts(device, ns, num_experts, top_k, lightllm_max_n, iters, dtype, ep_size, policies,
+                                 torch_paths):
             rows.append({"experts": num_experts, **row})
     return rows
 
@@ -221,7 +222,7 @@ def emit(rows: list[dict], row: dict) -> None:
 
 
 def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, lightllm_max_n: int, iters: int,
-                  dtype: torch.dtype, ep_size: int, policies: list[str] = POLICIES) -> list[dict]:
+                  dtype: torch.dtype, ep_size: int, policies: list[str] = POLICIES, torch_paths: bool = True) -> list[dict]:
     rows = []
     for n in ns:
         logits = torch.randn(n, num_experts, device=device).to(dtype)  # [N, E] router logits
@@ -255,7 +256,7 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
                 "speedup_vs_lightllm": None if lightllm_s is None else lightllm_s / min(x for x in (eager, graph) if x is not None),
                 "vs_moe_block": None if moe is None or graph is None else graph * 1e6 / moe["graph_us"],
             })
-        if device.startswith("cuda"):  # the capacity solvers' torch path, where their kernel takes the call
+        if device.startswith("cuda") and torch_paths:  # the capacity solvers' torch path, where their kernels take the call
             from server.moe.routing.capacity_solver import capacitated_topk
 
             for spec in (s for s in policies if s.split(":")[0] in ("optimal_balanced", "rank_balanced")):
@@ -266,7 +267,7 @@ def bench_experts(device: str, ns: list[int], num_experts: int, top_k: int, ligh
                 f = lambda: capacitated_topk(logits.float(), top_k, caps, price_steps=policy.price_steps,  # noqa: E731
                                              repair_rounds=policy.repair_rounds)
                 emit(rows, comparison_row(f"{spec} (torch path)", n, f, device, iters))
-        if device.startswith("cuda"):  # greedy's torch path on the GPU, for comparison with the kernel
+        if device.startswith("cuda") and torch_paths:  # greedy's torch path on the GPU, for comparison with the kernel
             from server.moe.routing.greedy import greedy_balanced_torch
             eager = time_eager(lambda: greedy_balanced_torch(logits, top_k), device, max(iters // 10, 5))
             emit(rows, {"policy": "greedy_balanced (torch path)", "n": n, "eager_us": eager * 1e6, "graph_us": None, "speedup_vs_lightllm": None})
@@ -318,6 +319,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="router logits dtype")
     ap.add_argument("--policies", nargs="+", default=POLICIES, help="policy specs (name or name:key=value,...)")
+    ap.add_argument("--no-torch-paths", dest="torch_paths", action="store_false",
+                    help="on CUDA, time only the policies and the MoE block, not the kernels' torch paths and variants")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -325,7 +328,7 @@ def main() -> None:
         CEILINGS.update(measure_ceilings())
         print("ceilings (same run): " + ", ".join(f"{k} {v:.3g}" for k, v in CEILINGS.items()), flush=True)
     rows = bench(args.device, args.n, args.experts, args.top_k, args.lightllm_max_n, args.iters, getattr(torch, args.dtype),
-                 args.ep_size, args.policies)
+                 args.ep_size, args.policies, args.torch_paths)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     header = (f"device: {name}; torch {torch.__version__}; E={args.experts}, k={args.top_k}, ep_size {args.ep_size}; "
               f"router logits {args.dtype}")

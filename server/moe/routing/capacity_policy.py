@@ -9,9 +9,9 @@ chosen on the device with torch.where: no host sync. `fallback_calls()` counts s
 it happened.
 
 On CUDA, calls without a group limit or expert cap, of up to capacity_route.MAX_TOKENS tokens,
-run as one Triton program each (server/moe/kernels/capacity_route.py: the same prices, the last
-pairs moved one least-loss move at a time until balanced, so `repair_rounds` does not apply
-there); the others run the torch path.
+run as a fixed chain of Triton launches (server/moe/kernels/capacity_route.py: the same prices,
+the last pairs moved one least-loss move at a time until balanced, so `repair_rounds` does not
+apply there); the others run the torch path.
 
 `keep_bonus` adds that much to the score of each pair the router itself chose, so the objective
 becomes (sum of selection scores) + keep_bonus x (router pairs kept). 0 (the default) is the
@@ -123,8 +123,8 @@ class CapacityPolicy(RoutingPolicy):
         return solve
 
     def fused_batch(self, n: int, ctx: RoutingContext) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
-        """scores [R, n, E] -> (ids [R, n, k] int32, ok [R] bool) through the one-program
-        kernel, or None where that kernel does not take the call (a group limit kept, an
+        """scores [R, n, E] -> (ids [R, n, k] int32, ok [R] bool) through the fused Triton
+        chain, or None where that chain does not take the call (a group limit kept, an
         expert cap, a shape it does not cover)."""
         capacities = self.capacities(n, ctx)
         if (self.keeps_groups() and ctx.router_groups > 1) or capacities.expert_ceiling is not None \

@@ -20,18 +20,17 @@ CASES = [
     {"n": 24, "E": 16, "k": 2, "W": 1, "exact": True, "skew": 2.0},  # one expert per bin (optimal_balanced)
     {"n": 20, "E": 16, "k": 4, "W": 4, "exact": False, "skew": 3.0, "ceiling": 22},  # a tolerance ceiling
     {"n": 13, "E": 16, "k": 3, "W": 4, "exact": True, "skew": 1.0},  # k not a power of two, a partial token block
-    # a bin's thresholds bisected in chunks (large calls): the same prices, so the same ids
-    {"n": 24, "E": 16, "k": 2, "W": 4, "exact": True, "skew": 2.0, "price_chunk": 16},
-    {"n": 20, "E": 16, "k": 4, "W": 1, "exact": False, "skew": 3.0, "ceiling": 8, "price_chunk": 16},
     {"n": 24, "E": 16, "k": 2, "W": 1, "exact": True, "skew": 4.0, "steps": 1},  # most pairs left to the moves
 ]
 RUN = """
 import json, torch
-from tests.kernels.support.capacity_checks import check_batch_independent, check_call, skewed_scores
+from tests.kernels.support.capacity_checks import check_batch_independent, check_call, check_chunked_bisection, skewed_scores
 for c in json.loads({cases!r}):
     r = check_call(skewed_scores(c["n"], c["E"], c["skew"], 1), c["k"], c["W"], c["exact"], c.get("ceiling", 0),
-                   c.get("steps", 20), c.get("price_chunk"))
+                   c.get("steps", 20))
     print(json.dumps({{**c, **r}}))
+print(json.dumps({{"chunked": [check_chunked_bisection(skewed_scores(24, 16, 2.0, 1), 2, 4, True, 0, 3, 16),
+                              check_chunked_bisection(skewed_scores(12, 8, 3.0, 2), 2, 1, False, 4, 2, 8)]}}))
 print(json.dumps({{"batch_independent": check_batch_independent(
     torch.stack([skewed_scores(10, 16, 2.0, s) for s in range(2)]), 2, 4)}}))
 """
@@ -57,6 +56,10 @@ def test_least_loss_moves_lose_no_more_than_parallel_rounds(results) -> None:
     r = results[len(CASES) - 1]
     assert r["torch_ok"]
     assert r["objective"] >= r["torch_objective"] - 1e-4, r
+
+
+def test_chunked_bisection_gives_the_in_register_prices(results) -> None:
+    assert results[-2] == {"chunked": [True, True]}
 
 
 def test_programs_of_one_launch_are_independent(results) -> None:

@@ -17,14 +17,11 @@ def skewed_scores(n: int, num_experts: int, skew: float, seed: int, device: str 
     return (torch.randn(n, num_experts, generator=g) * 1.5 + popularity).log_softmax(-1).to(device)
 
 
-def check_call(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceiling: int = 0, steps: int = 20,
-               price_chunk: int | None = None) -> dict:
-    """Fused vs torch on scores [n, E]: the guarantees asserted here, the figures returned.
-    price_chunk: bisect each bin's thresholds in chunks of this many (the large-call path)."""
+def check_call(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceiling: int = 0, steps: int = 20) -> dict:
+    """Fused vs torch on scores [n, E]: the guarantees asserted here, the figures returned."""
     n, num_experts = scores.shape
     bins = num_experts // width
-    chunk = {} if price_chunk is None else {"price_chunk": price_chunk}
-    ids, ok = capacitated_topk_fused(scores[None].float(), top_k, width, exact, ceiling, steps, DAMPING, **chunk)
+    ids, ok = capacitated_topk_fused(scores[None].float(), top_k, width, exact, ceiling, steps, DAMPING)
     ids, ok = ids[0].long(), bool(ok[0])
     ref, ref_ok = capacitated_topk(scores.float(), top_k, Capacities(width=width, exact=exact, ceiling=ceiling),
                                    price_steps=steps)
@@ -43,6 +40,14 @@ def check_call(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceilin
     return {"equal": bool(torch.equal(ids, ref.long())), "objective": objective,
             "torch_objective": float(scores.float().gather(1, ref.long()).sum()), "torch_ok": bool(ref_ok),
             "natural_objective": float(scores.float().topk(top_k, dim=1).values.sum())}
+
+
+def check_chunked_bisection(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceiling: int, steps: int,
+                            price_chunk: int) -> bool:
+    """Prefill-sized bins bisect their thresholds in chunks (price_kernel's loop); the prices,
+    so the ids, must be exactly those of the in-register bisection."""
+    args = (scores[None].float(), top_k, width, exact, ceiling, steps, DAMPING)
+    return torch.equal(capacitated_topk_fused(*args, price_chunk=price_chunk)[0], capacitated_topk_fused(*args)[0])
 
 
 def check_batch_independent(scores: torch.Tensor, top_k: int, width: int) -> bool:

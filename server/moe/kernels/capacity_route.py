@@ -10,8 +10,9 @@ whose programs each take one block of one call (capacity_route_kernels.py):
 
   1. per step: `tau_kernel`, one program per block of tokens, writes the step's thresholds to a
      scratch buffer; `price_kernel`, one program per block of bins, moves those bins' prices
-     (the cap-th largest threshold of a bin by bisection on order-preserving integer keys,
-     the same value as the torch path's top-k);
+     (the cap-th largest threshold of a bin on order-preserving integer keys, the same value as
+     the torch path's top-k: by bisection in registers, or by radix select over chunks where a
+     bin holds more than PRICE_CHUNK thresholds);
   2. `assign_kernel`, per block of tokens: the priced top-k and the bin loads;
   3. the exact shares, then exact greedy moves one at a time, always the one that loses least
      (the torch path runs parallel rounds instead), found by a lazy search over each token's

@@ -92,9 +92,10 @@ def _tau_keys(tau_base, bb, q, n, M: tl.constexpr, MP: tl.constexpr, L: tl.const
 def price_kernel(tau_ptr, price_ptr, spread_ptr, n, price_cap, B: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
                  N_PAD: tl.constexpr, BB: tl.constexpr, CH: tl.constexpr, DAMPING: tl.constexpr, EXACT: tl.constexpr):
     """BB bins' prices move DAMPING of the way to the midpoint of the c-th and (c+1)-th largest
-    tau of the bin (capacity_prices.price_for_capacity), c = its capacity. The c-th largest is
-    found by bisection on order keys: in registers when a bin's n*MP slots fit CH, else (BB = 1)
-    by passes over the slots in chunks of CH."""
+    tau of the bin (capacity_prices.price_for_capacity), c = its capacity. The c-th largest of
+    the order keys is found in registers by bisection when a bin's n*MP slots fit CH, else
+    (BB = 1, a prefill-sized call) by radix select over chunks of CH: 4 passes of 256-way
+    histograms instead of 32 bisection passes, then one pass for its neighbours."""
     L: tl.constexpr = N_PAD * MP
     r = tl.program_id(0).to(tl.int64)
     bb = tl.program_id(1) * BB + tl.arange(0, BB)  # [BB]
@@ -102,9 +103,9 @@ def price_kernel(tau_ptr, price_ptr, spread_ptr, n, price_cap, B: tl.constexpr, 
     nm = n * M
     c = tl.minimum(price_cap, nm)  # the threshold rank each bin's price sits at
     cc = tl.maximum(c, 1)
-    kl = tl.full([BB], KEY_MIN, tl.int64)
-    kh = tl.full([BB], KEY_MAX, tl.int64)
     if L <= CH:
+        kl = tl.full([BB], KEY_MIN, tl.int64)
+        kh = tl.full([BB], KEY_MAX, tl.int64)
         key, valid = _tau_keys(tau_base, bb, tl.arange(0, L), n, M, MP, L)  # [BB, L]
         for _bit in range(32):  # largest key with >= cc keys at or above it: the cc-th largest
             mid = (kl + kh + 1) >> 1
@@ -114,16 +115,22 @@ def price_kernel(tau_ptr, price_ptr, spread_ptr, n, price_cap, B: tl.constexpr, 
         top_key = tl.max(key, axis=1)
         at_or_above = tl.sum((valid[None, :] & (key >= kl[:, None])).to(tl.int32), axis=1)
         below_key = tl.max(tl.where(valid[None, :] & (key < kl[:, None]), key, KEY_MIN), axis=1)
-    else:
-        for _bit in range(32):
-            mid = (kl + kh + 1) >> 1
-            count = tl.zeros([BB], tl.int32)
+    else:  # BB = 1: radix select over the chunks, 8 bits of the key a pass, most significant first
+        digits = tl.arange(0, 256)
+        prefix = tl.sum(tl.zeros([BB], tl.int64), axis=0)  # the key's high bits chosen so far (offset by 2^31)
+        rank = cc  # the rank-th largest among the keys that share the prefix
+        for shift in tl.static_range(24, -1, -8):
+            hist = tl.zeros([256], tl.int32)
             for q0 in range(0, n * MP, CH):
-                key, valid = _tau_keys(tau_base, bb, q0 + tl.arange(0, CH), n, M, MP, L)  # [BB, CH]
-                count += tl.sum((valid[None, :] & (key >= mid[:, None])).to(tl.int32), axis=1)
-            ge = count >= cc
-            kl = tl.where(ge, mid, kl)
-            kh = tl.where(ge, kh, mid - 1)
+                key, valid = _tau_keys(tau_base, bb, q0 + tl.arange(0, CH), n, M, MP, L)  # [1, CH]
+                unsigned = tl.reshape(key, (CH,)) + 2147483648  # [CH] in [0, 2^32), the same order
+                hit = valid & ((unsigned >> (shift + 8)) == prefix)
+                hist += tl.histogram(((unsigned >> shift) & 255).to(tl.int32), 256, mask=hit)
+            at_least = tl.cumsum(hist, axis=0, reverse=True)  # [256] keys whose digit is >= d
+            d = tl.max(tl.where(at_least >= rank, digits, -1), axis=0)
+            rank -= tl.sum(tl.where(digits > d, hist, 0), axis=0)
+            prefix = (prefix << 8) | d.to(tl.int64)
+        kl = tl.zeros([BB], tl.int64) + (prefix - 2147483648)
         top_key = tl.full([BB], KEY_MIN, tl.int64)
         at_or_above = tl.zeros([BB], tl.int32)
         below_key = tl.full([BB], KEY_MIN, tl.int64)

@@ -50,6 +50,27 @@ def check_chunked_bisection(scores: torch.Tensor, top_k: int, width: int, exact:
     return torch.equal(capacitated_topk_fused(*args, price_chunk=price_chunk)[0], capacitated_topk_fused(*args)[0])
 
 
+def check_price_step_chunked(n: int, bins: int, m: int, price_cap: int, seed: int) -> bool:
+    """One price step on thresholds with ties, negatives and +/-BIG: the radix select over
+    chunks must move every bin's price exactly as the in-register bisection does."""
+    from server.moe.kernels.capacity_route_kernels import BIG, price_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    mp, n_pad = 1 << max(0, (m - 1).bit_length()), max(16, 1 << (n - 1).bit_length())
+    tau = (torch.randn(1, bins, n_pad, mp, generator=g) * 3).round(decimals=1)  # ties
+    tau[torch.rand(tau.shape, generator=g) < 0.05] = BIG
+    tau[torch.rand(tau.shape, generator=g) < 0.05] = -BIG
+    spread = torch.tensor([20.0])
+    prices = []
+    for chunk in (n_pad * mp, 8):
+        price = torch.randn(1, bins, generator=torch.Generator().manual_seed(seed + 1))
+        bb = 1 if chunk < n_pad * mp else bins
+        price_kernel[(1, bins // bb)](tau, price, spread, n, price_cap, B=bins, M=m, MP=mp, N_PAD=n_pad, BB=bb,
+                                      CH=chunk, DAMPING=0.85, EXACT=True)
+        prices.append(price)
+    return torch.equal(prices[0], prices[1])
+
+
 def check_batch_independent(scores: torch.Tensor, top_k: int, width: int) -> bool:
     """scores [R, n, E]: a launch of R programs gives each call what a launch of one gives it."""
     together, _ = capacitated_topk_fused(scores.float(), top_k, width, True, 0, 20, DAMPING)

@@ -16,6 +16,9 @@ from ..kernels.backend import KernelBackend
 
 class Fp8ExpertPath:
     compiles = True
+    #: partial_topk_quantized reads rows already quantised as its own first step would (the FP8
+    #: EP wire's codes and scales, dispatch/fp8_rows.py), skipping a dequantise and a requantise
+    takes_quantized_rows = True
 
     def __init__(self, kernels: KernelBackend) -> None:
         from .kernels import fused_moe_fp8  # imports triton: built only where the FP8 kernels run
@@ -55,6 +58,12 @@ class Fp8ExpertPath:
     def partial_topk(self, experts, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], local_ids [T, k] (-1: another rank's slot, skipped) -> [T, H]."""
         return self._fused(x, *self._weights(experts), local_ids, weights)
+
+    def partial_topk_quantized(self, experts, codes: torch.Tensor, scales: torch.Tensor, local_ids: torch.Tensor,
+                               weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """codes [T, H] e4m3 + scales [T, H/128] fp32 (rows may be strided), local_ids [T, k]
+        (-1: another rank's slot) -> [T, H] dtype."""
+        return self._fused(codes, *self._weights(experts), local_ids, weights, hidden_scales=scales, out_dtype=dtype)
 
     def rows(self, experts, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x [R, H], local_ids [R] -> [R, H], no routing weight (the EP combine applies it)."""

@@ -5,7 +5,8 @@ kernel backend): `partial_topk` on the gathered rows for the all-gather dispatch
 -1 skipped), `local_topk` at ep_size 1. Its experts are one LocalExperts of the rank's slot
 count with random weights (one layer's weights serve every layer and every rank: a kernel's
 time does not depend on the values), its hidden rows random, laid out as the dispatcher lays
-them out (TokenRows: a strided view of the packed buffer).
+them out on parallel.dispatch_wire (a strided view of the packed buffer; on the fp8 wire, FP8
+experts read its codes and scales as they are, dispatch/all_gather.experts_on_rows).
 
 On CUDA each row count gets one captured graph over static buffers; a layout's ids are
 copied in and the graph replayed `reps` times, each replay after the L2 cache is flushed
@@ -27,7 +28,8 @@ from typing import Callable
 import torch
 
 from ...kernels.backend import KernelBackend
-from ...moe.dispatch.token_rows import TokenRows
+from ...moe.dispatch.all_gather import experts_on_rows
+from ...moe.dispatch.wire import row_layout
 from ...moe.experts import LocalExperts
 from .expert_precision import fill_random_fp8
 from .layout import LayerLayout
@@ -35,8 +37,11 @@ from .layout import LayerLayout
 
 class ExpertKernelTimer:
     def __init__(self, spec, slots_per_rank: int, device: torch.device, dtype: torch.dtype, reps: int = 10,
-                 seed: int = 0, kernels: KernelBackend | None = None) -> None:
+                 seed: int = 0, kernels: KernelBackend | None = None, wire: str = "bf16") -> None:
+        """`wire`: parallel.dispatch_wire; the gathered rows are laid out as it sends them, and
+        FP8 experts on the fp8 wire read its codes and scales as they are, as the engine's do."""
         self.device, self.dtype, self.reps, self.top_k = device, dtype, reps, spec.top_k
+        self.wire = wire
         self.hidden = spec.hidden_size
         self.experts = LocalExperts(slots_per_rank, spec.hidden_size, spec.moe_intermediate_size, spec.hidden_act,
                                     dtype=dtype, device=device, kernels=kernels or KernelBackend.for_device(device))
@@ -67,12 +72,12 @@ class ExpertKernelTimer:
             x = torch.randn(rows, self.hidden, generator=gen, device=self.device).to(self.dtype)  # [T, H]
             w = torch.full((rows, self.top_k), 1.0 / self.top_k, device=self.device)
             return ids, lambda: path.local_topk(experts, x, ids, w)
-        layout = TokenRows(self.hidden, self.dtype, self.top_k)
-        packed = layout.empty(rows, self.device)  # [T, B] as the all-gather leaves it
-        hidden, _, weights = layout.fields(packed)
-        hidden.copy_(torch.randn(rows, self.hidden, generator=gen, device=self.device).to(self.dtype))
-        weights.fill_(1.0 / self.top_k)
-        return ids, lambda: path.partial_topk(experts, hidden, ids, weights)
+        layout = row_layout(self.wire, self.hidden, self.dtype, self.top_k)
+        x = torch.randn(rows, self.hidden, generator=gen, device=self.device).to(self.dtype)  # [T, H]
+        w = torch.full((rows, self.top_k), 1.0 / self.top_k, device=self.device)
+        packed = layout.pack(x, ids, w, rows)  # [T, B] as the all-gather leaves it
+        hidden, _, weights = layout.expert_rows(packed, getattr(path, "takes_quantized_rows", False))
+        return ids, lambda: experts_on_rows(experts, hidden, ids, weights)
 
     def _prepared(self, kind: str, rows: int) -> tuple:
         key = (kind, rows)

@@ -126,7 +126,8 @@ class RankWorkTimer:
                  dtype: torch.dtype, max_model_len: int, seed: int = 0, kernels=None,
                  cuda_graphs: bool | None = None, reps: int = 5, wire: str = "bf16") -> None:
         """`kernels` (KernelBackend) and `cuda_graphs`: the launch plan's choices, as the engine's;
-        `wire`: parallel.dispatch_wire (fp8: the rows' quantise and dequantise are local work);
+        `wire`: parallel.dispatch_wire (fp8: the rows' quantise, and their dequantise unless the
+        experts are FP8, are local work);
         `reps`: timed runs per step shape and probe (the median counts)."""
         self.device = device
         self.reps = max(1, reps)

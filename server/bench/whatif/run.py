@@ -136,7 +136,8 @@ class WhatIf:
         if slots_per_rank not in self._expert_timers:
             self._expert_timers[slots_per_rank] = ExpertKernelTimer(self.spec, slots_per_rank, self.device, self.dtype,
                                                                     reps=self.o.whatif_reps, seed=self.settings.model.seed,
-                                                                    kernels=self.expert_kernels)
+                                                                    kernels=self.expert_kernels,
+                                                                    wire=self.plan.dispatch.wire)
         return self._expert_timers[slots_per_rank]
 
     def request_sets(self) -> list[tuple[str, object]]:

@@ -15,8 +15,9 @@ buffer per rank, and bus_bw is what nccl-tests prints as busbw. At N = 1 nothing
 The fixed-capacity dispatch's all-gather carries each token's packed row: its hidden state in
 the activation dtype, or on parallel.dispatch_wire=fp8 as e4m3 codes plus a scale per 128
 channels (about half the bytes; server/moe/dispatch/wire.py); the all-to-all returns partial
-sums in the activation dtype on either wire. The fp8 wire's quantise and dequantise run on each
-rank, so the what-if measures them with the rest of a rank's local work, not here.
+sums in the activation dtype on either wire. The fp8 wire's quantise (and, for experts that are
+not FP8, dequantise) run on each rank, so the what-if measures them with the rest of a rank's
+local work, not here.
 """
 from __future__ import annotations
 

@@ -23,12 +23,12 @@ same reason (graphs need fixed shapes).
 gloo and NCCL both run it; at ep_size 1 it runs over a size-1 group (the EP path on one GPU).
 
 FP8 wire (parallel.dispatch_wire=fp8, wire.py): step 1 packs each hidden row as e4m3 codes plus
-a float32 scale per 128 channels (fp8_rows.py), about half the bytes of a bf16 row; after step
-2 every rank dequantises the gathered rows to the activation dtype before its experts. The
-scheme is the FP8 expert path's own activation quantisation, so the next step is to feed the
-received codes and scales straight to the FP8 GEMM and skip both the dequantisation and the
-GEMM's requantisation. The combine leg (step 4) stays in the activation dtype: the ep partial
-sums of a token are added on its rank, and their rounding would add up across ranks.
+a float32 scale per 128 channels (fp8_rows.py), about half the bytes of a bf16 row. The scheme
+is the FP8 expert path's own activation quantisation, so where a rank's experts are FP8 blocks
+its GEMM reads the received codes and scales as they are (no dequantise, no requantise); other
+expert paths get the rows dequantised to the activation dtype. The combine leg (step 4) stays
+in the activation dtype: the ep partial sums of a token are added on its rank, and their
+rounding would add up across ranks.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..experts import LocalExperts
+from .fp8_rows import QuantizedRows
 from .token_rows import local_slots
 from .wire import RowLayout, row_layout
 
@@ -49,6 +50,15 @@ def agree_rows(num_tokens: int, group: dist.ProcessGroup | None, device: torch.d
     n = torch.tensor([num_tokens], dtype=torch.int64, device=device)
     dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
     return int(n.item())
+
+
+def experts_on_rows(experts: LocalExperts, hidden, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """hidden [T, H] or fp8_rows.QuantizedRows (what `expert_inputs` gives), local ids and
+    weights [T, k] -> [T, H]: the expert path's entry for that form of the rows. The EP
+    what-if times its expert kernels through this too."""
+    if isinstance(hidden, QuantizedRows):
+        return experts.path.partial_topk_quantized(experts, hidden.codes, hidden.scales, local, weights, hidden.dtype)
+    return experts.path.partial_topk(experts, hidden, local, weights)
 
 
 class GatherDispatcher:
@@ -106,9 +116,10 @@ class GatherDispatcher:
     def expert_inputs(self, gathered: torch.Tensor, layout: RowLayout,
                       experts: LocalExperts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gathered rows as this rank's expert kernel reads them: hidden [T, H] (a strided
-        view; on the fp8 wire a dequantised copy), local ids [T, k] (-1 for every slot another
-        rank owns) and weights [T, k]."""
-        hidden, all_ids, all_weights = layout.unpack(gathered)
+        view; on the fp8 wire a dequantised copy, or fp8_rows.QuantizedRows for FP8 experts),
+        local ids [T, k] (-1 for every slot another rank owns) and weights [T, k]."""
+        takes_quantized = getattr(experts.path, "takes_quantized_rows", False)
+        hidden, all_ids, all_weights = layout.expert_rows(gathered, takes_quantized)
         return hidden, self.local_ids(all_ids, experts.first_expert, experts.num_local), all_weights
 
     @staticmethod
@@ -118,8 +129,9 @@ class GatherDispatcher:
 
     def run_experts(self, experts: LocalExperts, hidden: torch.Tensor, local: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
-        """[T, H], [T, k] local ids and weights -> [T, H]: this rank's experts on the gathered rows."""
-        return experts.path.partial_topk(experts, hidden, local, weights)
+        """[T, H] (or QuantizedRows), [T, k] local ids and weights -> [T, H]: this rank's experts
+        on the gathered rows."""
+        return experts_on_rows(experts, hidden, local, weights)
 
     def return_partials(self, partial: torch.Tensor) -> torch.Tensor:
         """partial [ep*R, H] -> [ep*R, H]: block s of the result is rank s's partial sums of this

@@ -9,9 +9,9 @@ About half the bytes of a bf16 row (H + H/32 against 2H, plus the same 8k of ids
 The scheme is the block-FP8 expert path's activation quantisation (kernels/fp8_quant.py): per
 token, per 128 channels, scale = max|x| / 448, code = e4m3(x / scale), rounded to nearest even.
 So the codes and scales a rank receives are exactly what the FP8 expert GEMM would compute from
-the same row, and that GEMM could later read them straight off the buffer instead of
-requantising. For now the receiver dequantises to the activation dtype (`unpack`) and hands
-the experts an ordinary hidden row: simple, and correct for every expert path.
+the same row: where the rank's experts are FP8 blocks (fp8_expert_path.Fp8ExpertPath), the GEMM
+reads them straight off the buffer (`expert_rows` gives QuantizedRows), with no dequantise and
+no requantise. Any other expert path gets the rows dequantised to the activation dtype.
 """
 from __future__ import annotations
 
@@ -41,6 +41,26 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     Elementwise only: no host sync, fixed shapes."""
     g = codes.unflatten(1, (-1, GROUP)).to(torch.float32) * scales[:, :, None]  # [R, G, 128]
     return g.flatten(1).to(dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Gathered rows as e4m3 codes [T, H] and scales [T, H/128] (views of the wire buffer) for an
+    expert path that reads them as they are; dtype is the activation dtype of its result. shape,
+    dtype and device read like the dequantised rows' would (the what-if's stand-in experts size
+    their zero output from them)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
 
 
 @dataclass(frozen=True)
@@ -100,3 +120,11 @@ class Fp8TokenRows(PackedRow):
         and weights [R, k] (views)."""
         codes, scales, ids, weights = self.fields(buf)
         return dequantize_groups(codes, scales, self.dtype), ids, weights
+
+    def expert_rows(self, buf: torch.Tensor, takes_quantized: bool):
+        """buf [R, row_bytes] -> (hidden, ids [R, k], weights [R, k]): hidden as QuantizedRows
+        (views, nothing computed) for an expert path that takes_quantized, else dequantised."""
+        if not takes_quantized:
+            return self.unpack(buf)
+        codes, scales, ids, weights = self.fields(buf)
+        return QuantizedRows(codes, scales, self.dtype), ids, weights

@@ -75,6 +75,10 @@ class TokenRows(PackedRow):
         """What the receiver's experts read: `fields` (the hidden rows travel as they are)."""
         return self.fields(buf)
 
+    def expert_rows(self, buf: torch.Tensor, takes_quantized: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`unpack`: these rows carry no quantised form to take (fp8_rows.Fp8TokenRows does)."""
+        return self.unpack(buf)
+
 
 def write_send_ids(out: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The ids a rank sends, written into out [R, k] int32 (R >= N): ids [N, k] of its real

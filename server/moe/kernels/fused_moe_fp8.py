@@ -45,11 +45,16 @@ def check_fp8_experts(x: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor, w
 
 
 def _expert_mlp_fp8(x, w13, w13_s, w2, w2_s, al: Alignment, cfg: MoEConfig, row_div: int, out: torch.Tensor,
-                    weights: torch.Tensor | None = None) -> torch.Tensor:
-    """x [*, H] rows (via al) -> out rows: both quantisations and both GEMMs."""
+                    weights: torch.Tensor | None = None, x_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [*, H] rows (via al) -> out rows: both quantisations and both GEMMs. With x_scales
+    [*, H/128], x already holds e4m3 codes quantised the same way and the first quantisation
+    is skipped; the activations then take out's dtype."""
     inter = w13.shape[1] // 2
-    xq, xs = quantize_rows_fp8(x)  # [*, H] e4m3, [*, ceil(H/128)]
-    act = workspace((al.sorted_ids.numel(), inter), x.dtype, x.device)  # [max_padded, I]
+    if x_scales is None:
+        xq, xs = quantize_rows_fp8(x)  # [*, H] e4m3, [*, ceil(H/128)]
+    else:
+        xq, xs = x, x_scales
+    act = workspace((al.sorted_ids.numel(), inter), out.dtype, x.device)  # [max_padded, I]
     gate_up_silu_fp8(xq, xs, w13.contiguous(), w13_s.contiguous(), al, cfg.gate_up, row_div, act)
     aq, a_s = quantize_rows_fp8(act, al.num_padded)  # rows past num_padded are never read
     return down_scatter_fp8(aq, a_s, w2.contiguous(), w2_s.contiguous(), al, cfg.down, out, weights)
@@ -67,22 +72,41 @@ def fused_moe_fp8_triton(
     topk_weights: torch.Tensor,  # [T, k]
     config: MoEConfig | None = None,
     out: torch.Tensor | None = None,  # [T, H]
+    hidden_scales: torch.Tensor | None = None,  # [T, H/128] fp32: hidden holds e4m3 codes already
+    out_dtype: torch.dtype | None = None,  # with hidden_scales: the activation dtype of the result
 ) -> torch.Tensor:  # [T, H]
-    check_routing(hidden, topk_ids, topk_weights)
-    num_experts, inter = check_fp8_experts(hidden, w13, w13_s, w2, w2_s)
+    """With hidden_scales, `hidden` is rows already quantised as fp8_quant.quantize_rows_fp8 does
+    (e4m3 codes, one float32 scale per token and 128 channels; rows may be strided, e.g. views
+    of the FP8 EP wire's buffer, dispatch/fp8_rows.py): the first quantisation is skipped."""
+    act_like = hidden if hidden_scales is None else _check_quantized(hidden, hidden_scales, out_dtype)
+    check_routing(act_like, topk_ids, topk_weights)
+    num_experts, inter = check_fp8_experts(act_like, w13, w13_s, w2, w2_s)
     num_tokens, top_k = topk_ids.shape
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     cfg = _config(config, num_experts, hidden.shape[1], inter, num_tokens * top_k, hidden.device)
     if out is not None:
-        _check_out(out, hidden)
+        _check_out(out, act_like)
     if num_tokens == 0:
-        return torch.empty_like(hidden) if out is None else out
+        return torch.empty_like(act_like) if out is None else out
     al = moe_align_block_size(topk_ids, num_experts, cfg.BLOCK_M)
-    slots = workspace((num_tokens * top_k, hidden.shape[1]), hidden.dtype, hidden.device)  # [T*k, H]
+    slots = workspace((num_tokens * top_k, hidden.shape[1]), act_like.dtype, hidden.device)  # [T*k, H]
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [T*k]
-    _expert_mlp_fp8(hidden, w13, w13_s, w2, w2_s, al, cfg, top_k, slots, weights)
+    _expert_mlp_fp8(hidden, w13, w13_s, w2, w2_s, al, cfg, top_k, slots, weights, hidden_scales)
     return combine_slots(slots, topk_ids, num_experts, out)
+
+
+def _check_quantized(codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """Pre-quantised rows: e4m3 codes [T, H], scales [T, H/128] fp32 -> an empty [T, H] out_dtype
+    tensor standing in for the activations in the shape and dtype checks."""
+    if codes.dtype != torch.float8_e4m3fn or scales.dtype != torch.float32 or out_dtype is None:
+        raise ValueError(f"quantised rows need e4m3 codes, float32 scales and an out_dtype, got {codes.dtype}, "
+                         f"{scales.dtype}, {out_dtype}")
+    want = (codes.shape[0], -(-codes.shape[1] // GROUP))
+    if codes.dim() != 2 or tuple(scales.shape) != want or scales.stride(1) != 1:
+        raise ValueError(f"scales must be {want} with unit inner stride for codes {tuple(codes.shape)}, "
+                         f"got {tuple(scales.shape)}")
+    return torch.empty(1, codes.shape[1], dtype=out_dtype, device=codes.device).expand(codes.shape[0], -1)
 
 
 def grouped_expert_mlp_fp8_triton(

@@ -25,7 +25,7 @@ CASES = [
 RUN = """
 import json, torch
 from tests.kernels.support.capacity_checks import (check_batch_independent, check_call, check_chunked_bisection,
-                                                  check_price_step_chunked, skewed_scores)
+                                                  check_gain_chunks, check_price_step_chunked, skewed_scores)
 for c in json.loads({cases!r}):
     r = check_call(skewed_scores(c["n"], c["E"], c["skew"], 1), c["k"], c["W"], c["exact"], c.get("ceiling", 0),
                    c.get("steps", 20))
@@ -33,7 +33,8 @@ for c in json.loads({cases!r}):
 print(json.dumps({{"chunked": [check_chunked_bisection(skewed_scores(24, 16, 2.0, 1), 2, 4, True, 0, 3, 16),
                               check_chunked_bisection(skewed_scores(12, 8, 3.0, 2), 2, 1, False, 4, 2, 8),
                               *(check_price_step_chunked(n, 4, m, cap, s) for s, (n, m, cap) in
-                                enumerate([(30, 2, 17), (20, 1, 1), (13, 4, 40), (30, 2, 60)]))]}}))
+                                enumerate([(30, 2, 17), (20, 1, 1), (13, 4, 40), (30, 2, 60)])),
+                              check_gain_chunks(skewed_scores(60, 16, 4.0, 3), 2, 1)]}}))
 print(json.dumps({{"batch_independent": check_batch_independent(
     torch.stack([skewed_scores(10, 16, 2.0, s) for s in range(2)]), 2, 4)}}))
 """
@@ -62,7 +63,7 @@ def test_least_loss_moves_lose_no_more_than_parallel_rounds(results) -> None:
 
 
 def test_chunked_bisection_gives_the_in_register_prices(results) -> None:
-    assert results[-2] == {"chunked": [True] * 6}
+    assert results[-2] == {"chunked": [True] * 7}
 
 
 def test_programs_of_one_launch_are_independent(results) -> None:

@@ -45,6 +45,7 @@ BIG = 1.0e9  # capacity_prices.BIG
 MAX_TOKENS = 16384  # the thresholds scratch is bins x tokens x min(k, width) floats per call
 TILE_ELEMENTS = 16384  # register tile budget per program (elements of the largest temporary)
 PRICE_CHUNK = 4096  # a bin's thresholds up to this many are bisected in registers, more in chunks
+GAIN_CHUNK = 1024  # tokens per chunk of the moves' search: the best stored gain of each is kept
 PRICE_TILE = 1024  # thresholds per price program when several bins share one (small programs, many SMs)
 
 
@@ -63,11 +64,13 @@ def fused_capacity_applies(n: int, num_experts: int, top_k: int, width: int) -> 
 
 
 def capacitated_topk_fused(scores: torch.Tensor, top_k: int, width: int, exact: bool, ceiling: int, steps: int,
-                           damping: float, price_chunk: int = PRICE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                           damping: float, price_chunk: int = PRICE_CHUNK,
+                           gain_chunk: int = GAIN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [R, n, E] float32 (finite, clamped as capacity_solver does) -> (ids [R, n, k]
     int32 by score, ok [R] bool: every bin within its capacity). Bins: `width` consecutive
     experts; exact shares (floor or ceil of n*k/bins) or `ceiling` pairs each. price_chunk (a
-    power of two): a bin with more thresholds is bisected in chunks of it (tests lower it)."""
+    power of two): a bin with more thresholds is searched in chunks of it; gain_chunk (a power of
+    two): tokens per chunk of the moves' two-level search (tests lower both)."""
     calls, n, num_experts = scores.shape
     bins = num_experts // width
     m = min(top_k, width)
@@ -105,7 +108,8 @@ def capacitated_topk_fused(scores: torch.Tensor, top_k: int, width: int, exact: 
     tile_c = 1 << (max(1, min(16, TILE_ELEMENTS // (kp * num_experts))).bit_length() - 1)  # the held mask [T, KP, E]
     moves.candidates_kernel[(calls, triton.cdiv(n, tile_c))](scores, ids, load, cap, gain, n, **shape, KP=kp, T=tile_c,
                                                             num_warps=4)
-    moves.moves_kernel[(calls,)](scores, ids, ok, load, cap, gain, n, 4 * n * top_k, **shape, KP=kp,
-                                 TG=min(1024, max(16, _pow2(n))), num_warps=8)
+    gain_chunk = min(gain_chunk, max(16, _pow2(n)))
+    moves.moves_kernel[(calls,)](scores, ids, ok, load, cap, gain, n, 4 * n * top_k, **shape, KP=kp, TG=gain_chunk,
+                                 NC=_pow2(triton.cdiv(n, gain_chunk)), num_warps=8)
     moves.order_kernel[tokens](scores, ids, n, E=num_experts, K=top_k, KP=kp, T=tile_t, num_warps=4)
     return ids, ok.bool()

@@ -50,6 +50,13 @@ def check_chunked_bisection(scores: torch.Tensor, top_k: int, width: int, exact:
     return torch.equal(capacitated_topk_fused(*args, price_chunk=price_chunk)[0], capacitated_topk_fused(*args)[0])
 
 
+def check_gain_chunks(scores: torch.Tensor, top_k: int, width: int) -> bool:
+    """One price step leaves many pairs to move: the moves' two-level search over chunks of 16
+    tokens must make exactly the moves of a search over one chunk."""
+    args = (scores[None].float(), top_k, width, True, 0, 1, DAMPING)
+    return torch.equal(capacitated_topk_fused(*args, gain_chunk=16)[0], capacitated_topk_fused(*args, gain_chunk=64)[0])
+
+
 def check_price_step_chunked(n: int, bins: int, m: int, price_cap: int, seed: int) -> bool:
     """One price step on thresholds with ties, negatives and +/-BIG: the radix select over
     chunks must move every bin's price exactly as the in-register bisection does."""

@@ -106,6 +106,8 @@ def test_cli_stream_json_prints_one_json_line_per_chunk(server):
                          "--max-new-tokens", "5", "--ignore-eos", "--stream", "--json"])
     assert code == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert len(lines) >= 5 and all(line["request_id"] for line in lines)
+    # one line per message; a reader that falls behind gets ready tokens merged into one message
+    # (frontend/stream.py), so on a busy machine 5 tokens may come as fewer than 5 lines
+    assert lines and all(line["request_id"] for line in lines)
     assert [line["finish_reason"] for line in lines][-1] == "length"
     assert sum(len(line["token_ids"]) for line in lines) == 5

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ...kernels.backend import KernelBackend
-from ...moe.dispatch.all_gather import experts_on_rows
+from ...moe.dispatch.all_gather import expert_rows, experts_on_rows
 from ...moe.dispatch.wire import row_layout
 from ...moe.experts import LocalExperts
 from .expert_precision import fill_random_fp8
@@ -76,7 +76,7 @@ class ExpertKernelTimer:
         x = torch.randn(rows, self.hidden, generator=gen, device=self.device).to(self.dtype)  # [T, H]
         w = torch.full((rows, self.top_k), 1.0 / self.top_k, device=self.device)
         packed = layout.pack(x, ids, w, rows)  # [T, B] as the all-gather leaves it
-        hidden, _, weights = layout.expert_rows(packed, getattr(path, "takes_quantized_rows", False))
+        hidden, _, weights = expert_rows(layout, packed, experts)
         return ids, lambda: experts_on_rows(experts, hidden, ids, weights)
 
     def _prepared(self, kind: str, rows: int) -> tuple:

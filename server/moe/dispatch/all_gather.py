@@ -52,6 +52,14 @@ def agree_rows(num_tokens: int, group: dist.ProcessGroup | None, device: torch.d
     return int(n.item())
 
 
+def expert_rows(layout: RowLayout, buf: torch.Tensor, experts: LocalExperts):
+    """Packed rows buf [T, B] -> (hidden, ids [T, k], weights [T, k]) in the form this rank's
+    expert path reads: fp8_rows.QuantizedRows where it takes the FP8 wire's codes as they are
+    (`takes_quantized_rows`), else [T, H] in the activation dtype. The EP what-if lays out the
+    rows it times through this too."""
+    return layout.expert_rows(buf, getattr(experts.path, "takes_quantized_rows", False))
+
+
 def experts_on_rows(experts: LocalExperts, hidden, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """hidden [T, H] or fp8_rows.QuantizedRows (what `expert_inputs` gives), local ids and
     weights [T, k] -> [T, H]: the expert path's entry for that form of the rows. The EP
@@ -118,8 +126,7 @@ class GatherDispatcher:
         """The gathered rows as this rank's expert kernel reads them: hidden [T, H] (a strided
         view; on the fp8 wire a dequantised copy, or fp8_rows.QuantizedRows for FP8 experts),
         local ids [T, k] (-1 for every slot another rank owns) and weights [T, k]."""
-        takes_quantized = getattr(experts.path, "takes_quantized_rows", False)
-        hidden, all_ids, all_weights = layout.expert_rows(gathered, takes_quantized)
+        hidden, all_ids, all_weights = expert_rows(layout, gathered, experts)
         return hidden, self.local_ids(all_ids, experts.first_expert, experts.num_local), all_weights
 
     @staticmethod

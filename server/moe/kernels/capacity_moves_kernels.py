@@ -7,10 +7,10 @@ lower token, then lower expert). Finding it by a pass over every token per move 
 call's moves serial passes over thousands of tokens, so the search is lazy instead:
 `candidates_kernel` stores each token's best move in parallel, and `moves_kernel` (one program
 per call) repeatedly takes the token with the best stored gain and recomputes that token's
-move against the current loads (and, after a move, the token's next one). A move only ever takes a bin out of the over or under set,
-never into one, so a token's true best gain can only fall below its stored one: a recomputed
-gain equal to the stored one is the best of all tokens, and the move is made; a lower one is
-stored and the search goes on. Same moves as the eager search. The stored gains are searched
+move against the current loads (and, after a move, the token's next one). A move only ever
+takes a bin out of the over or under set, never into one, so a token's true best gain can only
+fall below its stored one: a recomputed gain equal to the stored one is the best of all
+tokens, and the move is made; a lower one is stored and the search goes on. Same moves as the eager search. The stored gains are searched
 in two levels (the best of each chunk of tokens kept in registers), so a pick reads one chunk
 of gains, not all n. With a pass over all n gains per pick, optimal_balanced at 8192 tokens and
 E=256 took 12 ms per call on an H100 with 5 price steps against 6.7 ms with 20: the moves that

@@ -41,7 +41,6 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton use the torch path
     triton = None
 
-BIG = 1.0e9  # capacity_prices.BIG
 MAX_TOKENS = 16384  # the thresholds scratch is bins x tokens x min(k, width) floats per call
 TILE_ELEMENTS = 16384  # register tile budget per program (elements of the largest temporary)
 PRICE_CHUNK = 4096  # a bin's thresholds up to this many are bisected in registers, more in chunks
@@ -92,7 +91,7 @@ def capacitated_topk_fused(scores: torch.Tensor, top_k: int, width: int, exact: 
     load = torch.zeros(calls, bins, dtype=torch.int32, device=dev)
     cap = torch.empty(calls, bins, dtype=torch.int32, device=dev)
     # prices never go past the spread of the call's scores (capacity_prices.solve_bin_prices)
-    spread = ((scores.amax(dim=(1, 2)) - scores.amin(dim=(1, 2))).clamp(max=BIG / 4) + 1.0).contiguous()  # [R]
+    spread = ((scores.amax(dim=(1, 2)) - scores.amin(dim=(1, 2))).clamp(max=kernels.BIG / 4) + 1.0).contiguous()  # [R]
     tokens = (calls, triton.cdiv(n, tile_t))
     shape = dict(E=num_experts, W=width, K=top_k)
     for _ in range(steps):

@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.in_process = in_process
     print(to_text(report))
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(to_json(report), f, indent=2)
     return 0 if report.ok else 1

@@ -4,14 +4,19 @@ with the same checkpoint dequantised to bf16 on the same GPU as the baseline of 
 (run on the GPU machine: pytest -m gpu tests/model/test_fp8_greedy_gpu.py -s).
 
 The model is the embedded tiny one, its experts zero-padded to the kernels' 128 channels
-(tests/helpers/greedy_twin.py). Its greedy decisions mostly have margins, but not all: on CPU,
-bf16 arithmetic alone (no FP8) follows the twin for all 32 steps on 77.5% of 40 prompts, and
-every token it changes was a near-tie (the twin's top two within 0.05 logits). So a fixed
-share of whole continuations measures the model's near-ties, not the kernels. What is held:
+(tests/helpers/greedy_twin.py). Its greedy decisions mostly have margins, but not all, so a
+fixed share of whole continuations measures the model's near-ties more than the kernels.
+Measured on CPU (the prompts Python 3.11's sources give; the GPU image's 3.12 gives others): bf16 arithmetic alone (the dequantised path) follows the
+twin for all 32 steps on 77.5% of them; the same FP8 arithmetic as the GPU's (the FP8 kernels
+under Triton's interpreter, bf16 activations) on 67.5%, with 1.4% relative logit error, and
+every token it changed was one where the twin's top two were within 0.23 logits. So the 90%
+of prompts a demanding target would ask for is out of reach for this model even without FP8.
+What is held:
   * no flip where the twin's top-1 leads by 0.5 logits or more (a wrong scale, block index or
     dropped expert flips those: O(1) errors);
-  * logits within 5% relative L2 of the twin's (bf16 alone: ~1%, FP8 activations ~1%);
-  * whole continuations equal about as often as the bf16 baseline's (within 15 points).
+  * logits within 5% relative L2 of the twin's;
+  * whole continuations equal about as often as the bf16 baseline's (within 20 points, 8
+    prompts of 40: the CPU run above differs by 4).
 The figures are printed as one JSON line for BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 PROMPTS, LENGTH, STEPS = 40, 64, 32
 MARGIN = 0.5  # logits: a flip at a lead this large is an error, not a near-tie
 REL_ERR = 0.05
-SHARE_SLACK = 0.15
+SHARE_SLACK = 0.2
 
 
 def test_fp8_kernels_follow_the_fp32_twin(tmp_path) -> None:

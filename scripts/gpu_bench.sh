@@ -24,6 +24,11 @@
 #             bf16, ~74 GB), B=128 L=64 O=64, decode in CUDA graphs: natural and greedy_balanced
 #             with transformers on the same weights in the same process, then natural with
 #             EPSERVE_MLA_DECODE=dense (the batched-matmul decode instead of the head-block kernel)
+#   fp8       the DeepSeek-V3 shape of `deepseek` (DS_LAYERS layers, default 4; 3 fit an 80 GB card),
+#             random weights drawn as an FP8 block checkpoint stores them (model.quantization=fp8:
+#             e4m3 experts and dense linears on the block-FP8 kernels) beside the same shape in bf16,
+#             natural routing, B=128 and bench.small_batch=8, no transformers run. Results:
+#             DIR/bench_fp8/{summary.md,...}
 #   ep        at each EP size (>= 3: one hot rank at 2.5x the mean needs 3 ranks): natural,
 #             skewed hot_ranks 1.5 and 2.5, greedy_balanced, round_robin_balanced, then
 #             hot_ranks 2.5 with EPLB (REDUNDANT experts placed from that routing's statistics)
@@ -45,7 +50,7 @@
 #                benchmark DIR/<bench_...>/{summary.md,summary.json,throughput.png,runs/*.json}
 #   -n EP_SIZES  EP sizes for ep/eplb, e.g. "2,4" (default: every GPU of the machine)
 #
-# Environment: MODEL (conf/model/<MODEL>.yaml, default qwen3_30b_a3b), REDUNDANT (default 16,
+# Environment: MODEL (conf/model/<MODEL>.yaml, default qwen3_30b_a3b), DS_LAYERS (fp8), REDUNDANT (default 16,
 # a multiple of every EP size), BENCH_EXTRA (Hydra overrides added to every bench run), PYTHON
 # (default python3). NVLink multicast is off unless the caller sets NCCL_NVLS_ENABLE,
 # TORCH_SYMM_MEM_DISABLE_MULTICAST and NVSHMEM_DISABLE_NVLS otherwise.
@@ -60,11 +65,11 @@ while getopts "o:n:h" opt; do
   case $opt in
     o) DIR=$OPTARG ;;
     n) SIZES=${OPTARG//,/ } ;;
-    *) sed -n '2,53p' "$0"; exit 2 ;;
+    *) sed -n '2,58p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -gt 0 ] || { sed -n '2,53p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,58p' "$0"; exit 2; }
 
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-qwen3_30b_a3b}
@@ -136,6 +141,12 @@ for what in "$@"; do
       EPSERVE_MLA_DECODE=dense logged deepseek.log "$PY" -m server.bench routing=natural "${ds[@]}" \
           bench.tag=deepseek_v3-single-natural-dense_mla "${EXTRA[@]}"
       "$PY" -m server.bench.report "$DIR/bench_deepseek" ;;
+    fp8)
+      f8=(bench.mode=static model=deepseek_v3 "model.shape.num_hidden_layers=${DS_LAYERS:-4}"
+          model.shape.first_k_dense_replace=1 parallel=single routing=natural bench.hf_baseline=false
+          "bench.out_dir=$DIR/bench_fp8")
+      logged fp8.log "$PY" -m server.bench -m model.quantization=fp8,auto "${f8[@]}" "${EXTRA[@]}"
+      "$PY" -m server.bench.report "$DIR/bench_fp8" ;;
     ep)
       for ep in $(ep_sizes); do
         common=("parallel=ep$ep" bench.hf_baseline=false)

@@ -204,6 +204,8 @@ class BenchSettings:
         par = "single" if self.ep_size == 1 else f"ep{self.ep_size}"
         if self.parallel.eplb_enabled:  # EPLB runs must not overwrite the plain run of the same policy
             par += f"-eplb{self.parallel.redundant_experts}"
+        if self.model.quantization == "fp8":  # nor random FP8 weights the same shape's bf16 run
+            par += "-fp8"
         if self.bench.mode == "engine":  # every policy in one run: named by its workload
             return f"{self.model.name}-{par}-{self.bench.workload}".replace("/", "_")
         if self.bench.mode == "whatif":

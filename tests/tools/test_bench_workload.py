@@ -58,6 +58,15 @@ def test_settings_tag_and_round_trip():
     assert BenchSettings.from_dict(s.to_dict()) == s
 
 
+def test_random_fp8_weights_do_not_share_the_bf16_runs_tag():
+    """gpu_bench.sh fp8 runs one shape with model.quantization=fp8 and auto into one folder."""
+    shape = {"num_hidden_layers": 2}
+    tags = [BenchSettings.from_dict({"model": {"name": "deepseek_v3", "shape": shape, "quantization": q},
+                                     "routing": {"name": "natural"}, "bench": {"mode": "static"}}).tag()
+            for q in ("fp8", "auto")]
+    assert tags == ["deepseek_v3-single-fp8-natural", "deepseek_v3-single-natural"]
+
+
 @pytest.mark.parametrize("bench,key", [({"batch": 3}, "bench.batch"), ({"small_batch": 3}, "bench.small_batch"),
                                        ({"hf_cache": "paged"}, "bench.hf_cache"), ({"output_len": 1}, "bench.output_len"),
                                        ({"bogus": 1}, "bench.bogus")])

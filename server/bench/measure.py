@@ -23,6 +23,8 @@ from ..launch_plan import build_launch_plan
 from ..model.loader import load_model
 from ..moe.router import ROUTER_RULES
 from ..moe.routing import RoutingContext
+from .decode_roofline import (ActiveExpertCounter, copy_rate_gb_s, dense_weight_bytes, expert_bytes_each,
+                              kv_bytes_per_token, roofline_report)
 from .generate import generate, synchronize
 from .moe_timer import MoETimer
 from .settings import BenchSettings
@@ -62,19 +64,22 @@ def policy_cost_us(policy, spec, rows: int, env: RankEnv, repeats: int, dtype: t
 
 
 @torch.inference_mode()
-def _moe_times(model, kv, work: StaticWorkload, steps: int) -> tuple[list[float], list[float], list[int]]:
-    """(prefill ms per MoE layer, decode ms per MoE layer, eager tokens [B*(1+steps)] flat) from eager steps."""
+def _moe_times(model, kv, work: StaticWorkload, steps: int) -> tuple[list[float], list[float], torch.Tensor, float]:
+    """(prefill ms per MoE layer, decode ms per MoE layer, eager tokens [B, 1+steps], routed experts
+    active per decode step summed over layers) from eager steps."""
     timer = MoETimer(model)
     with timer.recording():
         tok = model(work.prefill_batch(), kv).argmax(-1)
         prefill_ms = timer.take_ms()
         decode = work.decode_batches()
         tokens = [tok]
+        active = ActiveExpertCounter(model)
         for i in range(min(steps, len(decode))):
             tok = model(decode.batch(i, tok), kv).argmax(-1)
+            active.step_done()
             tokens.append(tok)
         decode_ms = timer.take_ms() if steps else []
-    return prefill_ms, decode_ms, torch.stack(tokens, dim=1).cpu()
+    return prefill_ms, decode_ms, torch.stack(tokens, dim=1).cpu(), active.mean()
 
 
 def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
@@ -135,7 +140,12 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
             small_decode_s.append(run(small_work).decode_s)
         tick(1)
 
-    prefill_ms, decode_ms, eager_tokens = _moe_times(model, kv, work, opts.moe_timing_steps)
+    prefill_ms, decode_ms, eager_tokens, active_experts = _moe_times(model, kv, work, opts.moe_timing_steps)
+    roofline = None
+    if env.world == 1 and not settings.parallel.eplb_enabled and opts.moe_timing_steps:  # one rank: its reads are the step's
+        roofline = {"weight_bytes": dense_weight_bytes(model, per_rank), "expert_bytes_each": expert_bytes_each(model),
+                    "active_experts_per_step": active_experts, "kv_bytes_per_token": kv_bytes_per_token(kv),
+                    "copy_gb_s": copy_rate_gb_s(env.device)}
     tick(1)
     cost = {
         "decode": {"rows": per_rank, "us": policy_cost_us(plan.policy, spec, per_rank, env, opts.policy_cost_repeats, model.dtype)},
@@ -156,6 +166,7 @@ def measure_rank(settings: BenchSettings, env: RankEnv, progress=None) -> dict:
         "policy_cost_us": cost,
         "graphs": graph_note,
         "eager_vs_timed_token_agreement": float((eager_tokens == graph_tokens).float().mean()),
+        "decode_roofline_inputs": roofline,
         "expert_bytes_per_layer": model.expert_bytes_loaded // max(spec.num_moe_layers, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "tokens": runs[-1].tokens,
@@ -281,6 +292,8 @@ def summarize(settings: BenchSettings, ranks: list[dict], device: dict) -> dict:
                  "expert_tokens": load.expert_tokens, "rank_tokens": load.rank_tokens(),
                  "counted": "timed generations (prefill + decode), padding rows excluded"},
         "policy_cost_us": r0["policy_cost_us"],
+        "decode_roofline": roofline_report(r0.get("decode_roofline_inputs"), opts.batch, opts.input_len, steps,
+                                           ours["decode_step_ms"]),
         "hf": None,
         "hf_error": r0.get("hf_error"),
         "speedup_vs_hf": None,

@@ -31,6 +31,7 @@ COLUMNS = [  # (header, getter)
     ("small-batch decode tok/s", lambda d: _small(d)),
     ("MoE ms/layer prefill", lambda d: _num(d["moe_ms_per_layer"]["prefill_mean"], 3)),
     ("MoE ms/layer decode", lambda d: _num(d["moe_ms_per_layer"]["decode_mean"], 3)),
+    ("decode x roofline", lambda d: _num((d.get("decode_roofline") or {}).get("x_roofline"), 2)),
     ("expert max/mean", lambda d: _num(d["load"]["expert_max_over_mean"], 2)),
     ("rank max/mean", lambda d: _num(d["load"]["rank_max_over_mean"], 2)),
     ("ranks/token", lambda d: _num(d["load"]["mean_ranks_per_token"], 2)),
@@ -40,7 +41,8 @@ COLUMNS = [  # (header, getter)
     ("x HF (prefill/decode)", lambda d: (f'{d["speedup_vs_hf"]["prefill"]:.2f} / {d["speedup_vs_hf"]["decode"]:.2f}'
                                           if d.get("speedup_vs_hf") else "-")),
 ]
-SHORT = ["run", "model", "prefill tok/s", "decode tok/s", "small-batch decode tok/s", "MoE ms/layer decode", "expert max/mean",
+SHORT = ["run", "model", "prefill tok/s", "decode tok/s", "small-batch decode tok/s", "MoE ms/layer decode",
+         "decode x roofline", "expert max/mean",
          "rank max/mean", "x HF (prefill/decode)"]
 
 

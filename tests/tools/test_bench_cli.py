@@ -72,8 +72,29 @@ def test_bench_multirun_on_cpu_writes_real_measurements(tmp_path):
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
     for png in ("throughput.png", "tiny-single-natural_load.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_roofline(runs)
     assert "| run | model | prefill tok/s |" in proc.stdout.strip().splitlines()[-4]  # the table is printed last
     assert "| tiny-single-natural | tiny (4 layers) |" in proc.stdout  # the depth, since shapes may be cut short
+
+
+def _check_roofline(runs: dict) -> None:
+    """The decode step's memory roofline, against figures worked out here from the checkpoint and
+    config (float32 tiny model: 4 layers, GQA 2 x 32 KV dims, experts 3 x 128 x 64)."""
+    from safetensors import safe_open
+
+    with safe_open(str(ROOT / "server/assets/tiny/model.safetensors"), "pt") as f:
+        dense = sum(f.get_tensor(k).numel() * 4 for k in f.keys() if ".mlp.experts." not in k and "embed_tokens" not in k)
+    hidden, kv_per_token, expert = 128, LAYERS * 2 * 2 * 32 * 4, 3 * 128 * 64 * 4
+    for tag, doc in runs.items():
+        r = doc["decode_roofline"]
+        assert r["weight_bytes"] == dense + B * hidden * 4, tag  # the embedding: the step's B rows only
+        assert r["kv_bytes"] == kv_per_token * B * (L + O / 2), tag  # mean context over the O - 1 steps
+        assert LAYERS * K <= r["active_experts_per_step"] <= LAYERS * min(E, B * K), tag
+        assert r["expert_bytes"] == pytest.approx(r["active_experts_per_step"] * expert), tag
+        assert r["roofline_ms"] == pytest.approx(r["bytes_per_step"] / r["copy_gb_s"] / 1e6) and _positive(r["copy_gb_s"])
+        assert r["x_roofline"] == pytest.approx(r["roofline_ms"] / doc["epserve"]["decode_step_ms"])
+    # greedy_balanced gives each of the B*K = 8 pairs of a layer its own expert: 8 active per layer
+    assert runs["tiny-single-greedy_balanced"]["decode_roofline"]["active_experts_per_step"] == LAYERS * B * K
 
 
 def test_bench_ep2_over_gloo(tmp_path):
@@ -82,6 +103,7 @@ def test_bench_ep2_over_gloo(tmp_path):
     doc = json.loads((tmp_path / "runs" / "tiny-ep2-round_robin_balanced.json").read_text())
     _check_run(doc, ep=2)
     assert doc["hf"] is None and doc["device"]["count"] == 2
+    assert doc["decode_roofline"] is None  # one rank's reads are not the step's past ep_size 1
     assert "eager" in doc["epserve"]["graphs"]
 
 

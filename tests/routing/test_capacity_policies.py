@@ -164,6 +164,23 @@ def test_registered_and_parameters_checked() -> None:
             build_policy(name, **params)
 
 
+def test_rank_balanced_price_steps_by_kind_of_call() -> None:
+    """Auto: 5 steps for exact shares without a group limit or expert cap (measured as cheap and
+    as good there), 20 for the rest; an explicit count applies to every call."""
+    from server.moe.routing.rank_balanced import FREE_PRICE_STEPS
+
+    plain = RoutingContext(layer=0, num_experts=16, top_k=2, ep_size=4)
+    grouped = RoutingContext(layer=0, num_experts=16, top_k=2, ep_size=4, router_groups=4, router_topk_groups=2)
+    auto = build_policy("rank_balanced")
+    assert auto.params()["price_steps"] is None
+    assert (auto.steps(plain), auto.steps(grouped)) == (FREE_PRICE_STEPS, 20) and FREE_PRICE_STEPS == 5
+    assert build_policy("rank_balanced", tolerance=0.1).steps(plain) == 20
+    assert build_policy("rank_balanced", expert_cap=1.5).steps(plain) == 20
+    fixed = build_policy("rank_balanced", price_steps=12)
+    assert (fixed.steps(plain), fixed.steps(grouped), fixed.params()["price_steps"]) == (12, 12, 12)
+    assert build_policy("optimal_balanced").steps(plain) == 20
+
+
 @st.composite
 def grouped_calls(draw):
     """A call after a group-limited router: E = groups x group size, ranks dividing E."""

@@ -77,6 +77,10 @@ class CapacityPolicy(RoutingPolicy):
     def capacities(self, n: int, ctx: RoutingContext) -> Capacities:
         raise NotImplementedError
 
+    def steps(self, ctx: RoutingContext) -> int:
+        """Price steps of a call in `ctx` (a subclass may choose by the call's kind)."""
+        return self.price_steps
+
     def keeps_groups(self) -> bool:
         """Whether this policy keeps the router's group limit (when the router has one)."""
         return False
@@ -117,7 +121,7 @@ class CapacityPolicy(RoutingPolicy):
             if fused is not None and scores.is_cuda:
                 ids, ok = fused(scores[None])  # [1, n, k], [1]
                 return ids[0], ok[0]
-            return capacitated_topk(scores, ctx.top_k, capacities, allowed_fn, take_filter, self.price_steps,
+            return capacitated_topk(scores, ctx.top_k, capacities, allowed_fn, take_filter, self.steps(ctx),
                                     self.repair_rounds, swap_groups)
 
         return solve
@@ -134,7 +138,7 @@ class CapacityPolicy(RoutingPolicy):
         def solve_batch(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             clean = scores.float().nan_to_num(nan=-BIG / 4).clamp(-BIG / 4, BIG / 4)  # as capacitated_topk
             return capacitated_topk_fused(clean, ctx.top_k, capacities.width, capacities.exact, capacities.ceiling,
-                                          self.price_steps, DAMPING)
+                                          self.steps(ctx), DAMPING)
 
         return solve_batch
 

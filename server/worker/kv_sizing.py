@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
+from ..kernels.mla_prefill_config import EXPANDED_MAX_KEYS
 
 log = logging.getLogger(__name__)
 GRAPH_RESERVE_BYTES = 512 << 20  # decode graph pools, cuBLAS/Triton workspaces, allocator slack
@@ -52,12 +53,27 @@ def block_bytes(spec, block_size: int, dtype: torch.dtype) -> int:
     return spec.num_layers * block_size * per_token * elem
 
 
-def activation_headroom(spec, engine: EngineConfig) -> int:
+def activation_headroom(spec, engine: EngineConfig, elem: int = 4) -> int:
     """A bound on one step's transient memory: hidden states, attention and expert
-    intermediates for the step's tokens, float32 logits of the sampled rows, plus graph pools."""
+    intermediates for the step's tokens, float32 logits of the sampled rows, graph pools, and
+    with MLA the expanded prefill's decompressed context (`elem`: the serving dtype's bytes)."""
     tokens = engine.max_num_batched_tokens + engine.max_num_seqs
     per_token = 4 * (8 * spec.hidden_size + 3 * spec.top_k * spec.moe_intermediate_size)
-    return tokens * per_token + engine.max_num_seqs * spec.vocab_size * 4 * 2 + GRAPH_RESERVE_BYTES
+    return (tokens * per_token + engine.max_num_seqs * spec.vocab_size * 4 * 2 + GRAPH_RESERVE_BYTES
+            + expanded_prefill_bytes(spec, elem))
+
+
+def expanded_prefill_bytes(spec, elem: int) -> int:
+    """MLA's expanded prefill (kernels.mla_prefill=auto, the default) gathers a step's context
+    latent rows and decompresses them through kv_b_proj into per-head keys and values: at most
+    EXPANDED_MAX_KEYS rows a step, each latent_dim + heads x (nope + v) elements. DeepSeek-V3 in
+    bf16: 2.2 GB, not in the token-proportional bound above, since it follows the cached
+    context, not the step's new tokens. 0 without MLA. (kernels.mla_prefill=expanded, forced,
+    decompresses every step's whole context; that benchmark setting is not bounded here.)"""
+    mla = spec.mla
+    if mla is None:
+        return 0
+    return EXPANDED_MAX_KEYS * (mla.latent_dim + spec.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim)) * elem
 
 
 def blocks_from_memory(free: int, total: int, utilization: float, block_bytes: int, headroom: int) -> int:
@@ -74,7 +90,7 @@ def kv_cache_size(model, engine: EngineConfig, device: torch.device) -> KvCacheS
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     blocks = blocks_from_memory(free, total, engine.gpu_memory_utilization, size,
-                                activation_headroom(model.spec, engine))
+                                activation_headroom(model.spec, engine, torch.empty((), dtype=model.dtype).element_size()))
     if blocks == 0:
         raise RuntimeError(
             f"no room for a KV cache on {device}: engine.gpu_memory_utilization={engine.gpu_memory_utilization} of "

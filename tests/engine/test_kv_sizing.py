@@ -8,6 +8,7 @@ import torch
 
 from server.config import AppConfig, ConfigError, EngineConfig
 from server.launch_plan import build_launch_plan
+from server.kernels.mla_prefill_config import EXPANDED_MAX_KEYS
 from server.worker.kv_sizing import activation_headroom, block_bytes, blocks_from_memory, kv_cache_size
 from server.worker.rank import build_runner
 
@@ -28,6 +29,25 @@ def test_block_bytes_match_the_cache_the_model_allocates():
     allocated = sum(t.numel() * t.element_size() for layer in cache for t in layer)
     assert block_bytes(runner.model.spec, 16, runner.model.dtype) * 3 == allocated
     assert activation_headroom(runner.model.spec, plan.app.engine) > 0
+
+
+def test_headroom_holds_mla_expanded_prefill_context():
+    """DeepSeek-V3's shape: the expanded prefill decompresses up to EXPANDED_MAX_KEYS context rows
+    a step into 128 heads x (128 + 128) values beside the 576-wide latent rows: 2.2 GB in bf16."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import yaml
+
+    from server.config import ModelConfig
+    from server.model.loader import read_model_spec
+
+    shape = yaml.safe_load((Path(__file__).parents[2] / "conf/model/deepseek_v3.yaml").read_text())["shape"]
+    spec, engine = read_model_spec(ModelConfig(name="deepseek_v3", shape=shape)), EngineConfig()
+    assert spec.mla is not None and spec.num_heads == 128
+    extra = activation_headroom(spec, engine, 2) - activation_headroom(replace(spec, mla=None), engine, 2)
+    assert extra == EXPANDED_MAX_KEYS * (512 + 64 + 128 * (128 + 128)) * 2
+    assert 2.1e9 < extra < 2.3e9
 
 
 def test_cpu_keeps_the_fixed_cache_and_reports_concurrency():

@@ -18,8 +18,8 @@ on the tiny eval model at EP4 it keeps about 0.69 of the router's pairs against 
   group over two ranks, in small synthetic layouts) the call may fall back;
   tests/routing/test_capacity_groups.py lists both kinds of layout.
 * `price_steps` (default: auto): 5 for exact shares (tolerance 0) without a group limit or
-  expert cap, 20 for the others. Measured with the same run's MoE block on one H100 (BENCHMARKS.md section 2), 5 steps
-  cost 2.4-3.5x less than 20 on the GPU chain at 128 and 8,192 tokens and E = 128 and 256, and
+  expert cap, 20 for the others. Measured on one H100 (BENCHMARKS.md section 2), 5 steps cost
+  2.4-3.5x less than 20 on the GPU chain at 128 and 8,192 tokens and E = 128 and 256, and
   on the tiny eval model (docs/EVAL.md) they keep the same pairs (fidelity 0.695, 0.00% gap to
   the exact optimum, perplexity 3.990 against 3.988). With a group limit the steps settle the
   groups as well, and fewer left calls no single move could finish (capacity_prices.py); with
@@ -39,10 +39,10 @@ from typing import Any
 
 from .capacity_policy import CapacityPolicy, finite_number
 from .capacity_solver import PRICE_STEPS, REPAIR_ROUNDS, Capacities
-
-FREE_PRICE_STEPS = 5  # price_steps=None: exact shares without a group limit or expert cap
 from .context import RoutingContext
 from .registry import register_policy
+
+FREE_PRICE_STEPS = 5  # price_steps=None: exact shares without a group limit or expert cap
 
 
 @register_policy("rank_balanced")

@@ -32,7 +32,8 @@ from .teacher_forcing import heldout_nll
 
 DEFAULT_POLICIES = ["natural", "greedy_balanced", "round_robin_balanced", "uniform_random", "skewed", "optimal_balanced",
                     "rank_balanced", "rank_balanced:tolerance=0.05", "rank_balanced:tolerance=0.1",
-                    "rank_balanced:tolerance=0.25", "rank_balanced:tolerance=0.5", "rank_balanced:keep_bonus=1"]
+                    "rank_balanced:tolerance=0.25", "rank_balanced:tolerance=0.5", "rank_balanced:keep_bonus=1",
+                    "rank_balanced:expert_cap=2", "rank_balanced:expert_cap=1.5", "rank_balanced:expert_cap=1.25"]
 log = logging.getLogger("epserve.eval")
 
 

@@ -60,6 +60,25 @@ def test_rank_balanced_gap_to_exact(case, tolerance: float) -> None:
     assert gap(objective(ids, scores), best, natural) < 0.01, (objective(ids, scores), best, natural)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"E{e}-k{k}-ep{ep}-n{n}" for e, k, ep, n, _ in CASES])
+@pytest.mark.parametrize("expert_cap", [2.0, 1.5, 1.25])
+def test_rank_balanced_with_expert_cap_gap_to_exact(case, expert_cap: float) -> None:
+    """Expert prices beside the rank prices (capacity_prices.py): within 8% of what balance costs
+    the objective (0-7% measured; with the ceiling left to the repair rounds alone, 10-140%)."""
+    num_experts, top_k, ep, n, skew = case
+    ids_in, w_in, scores = router_like(n, num_experts, top_k, skew, seed=n + 2)
+    policy = build_policy("rank_balanced", expert_cap=expert_cap)
+    ctx = RoutingContext(layer=0, num_experts=num_experts, top_k=top_k, ep_size=ep)
+    ids, _ = policy(ids_in, w_in, scores, ctx)
+    high = policy.capacities(n, ctx).expert_ceiling
+    assert int(torch.bincount(ids.long().flatten(), minlength=num_experts).max()) <= high
+    best = float(scores[exact_balanced_ranks(scores, top_k, ep, None, high)].sum())
+    natural = objective(ids_in, scores)
+    assert objective(ids, scores) <= best + 1e-3
+    assert gap(objective(ids, scores), best, natural) < 0.08, (objective(ids, scores), best, natural)
+    assert policy.fallback_calls() == 0
+
+
 def test_large_keep_bonus_reaches_the_most_router_pairs() -> None:
     """keep_bonus above the scores' spread makes the objective 'most router pairs kept first':
     the count then equals the exact maximum of kept pairs under the same balance."""

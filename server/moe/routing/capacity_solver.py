@@ -5,8 +5,9 @@ One function serves both policies: `optimal_balanced` (bins = single experts, ex
 `rank_balanced` (bins = the experts of one EP rank, exact shares or a tolerance). Steps, all on
 the device, the same fixed work in every call (no host sync, CUDA-graph safe):
 
-  1. bin prices by damped Jacobi steps (capacity_prices.py);
-  2. each token's top-k of (score - price of the expert's bin), within its allowed experts
+  1. bin prices by damped Jacobi steps (capacity_prices.py), and expert prices too under an
+     expert ceiling;
+  2. each token's top-k of (score - price of the expert's bin [- its own]), within its allowed experts
      (under a group limit: the groups it picked while the prices settled);
   3. exact shares: the bins with the most pairs get the ceil share, the rest the floor share;
   4. repair rounds: single-pair moves that lose least (capacity_repair.py);
@@ -77,9 +78,12 @@ def capacitated_topk(scores: torch.Tensor, top_k: int, capacities: Capacities,
     else:
         price_cap = torch.full((bins,), capacities.ceiling, dtype=torch.int64, device=scores.device)
         max_cap = capacities.ceiling
-    price, allowed = solve_bin_prices(scores, top_k, width, price_cap, max_cap, price_steps,
-                                      upper_only=not capacities.exact, allowed_fn=allowed_fn)  # [B], [n, E] | None
+    price, expert_price, allowed = solve_bin_prices(
+        scores, top_k, width, price_cap, max_cap, price_steps, upper_only=not capacities.exact, allowed_fn=allowed_fn,
+        expert_cap=capacities.expert_ceiling)  # [B], [E] | None, [n, E] | None
     adjusted = scores - price[expert_bins(num_experts, width, scores.device)]  # [n, E]
+    if expert_price is not None:
+        adjusted = adjusted - expert_price
     if allowed is not None:
         adjusted = torch.where(allowed, adjusted, torch.full_like(adjusted, -BIG))
     ids = adjusted.topk(top_k, dim=1).indices  # [n, k]

@@ -15,9 +15,13 @@ from typing import Any
 CURVE = ("natural", "rank_balanced")
 
 
+#: parameters that move a rank_balanced point off the tolerance curve (drawn as points instead)
+OFF_CURVE = ("keep_bonus", "expert_cap")
+
+
 def curve_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """natural and rank_balanced rows without keep_bonus, from most to least balanced."""
-    points = [r for r in rows if r["policy"].split("(")[0] in CURVE and "keep_bonus" not in r["policy"]]
+    """natural and rank_balanced rows that differ in tolerance only, from most to least balanced."""
+    points = [r for r in rows if r["policy"].split("(")[0] in CURVE and not any(k in r["policy"] for k in OFF_CURVE)]
     return sorted(points, key=lambda r: r["rank_max_over_mean"])
 
 

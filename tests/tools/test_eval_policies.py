@@ -110,3 +110,14 @@ def test_policy_specs_and_errors():
         main([*ARGS, "--policies", "skewed:target=50"])
     with pytest.raises(SystemExit, match="--ep-size 1"):
         main([*ARGS, "--policies", "record:path=/tmp/x{rank}.eptrace"])
+
+
+def test_tradeoff_curve_holds_the_tolerance_steps_only() -> None:
+    """The curve joins natural and rank_balanced at its tolerances; a bonus or an expert cap is
+    another kind of point (drawn apart, not joined into the curve)."""
+    from server.eval.tradeoff import curve_points
+
+    rows = [{"policy": p, "rank_max_over_mean": x} for p, x in [
+        ("natural", 1.9), ("greedy_balanced", 1.0), ("rank_balanced", 1.0), ("rank_balanced(tolerance=0.1)", 1.1),
+        ("rank_balanced(expert_cap=1.5)", 1.0), ("rank_balanced(keep_bonus=1)", 1.0)]]
+    assert [r["policy"] for r in curve_points(rows)] == ["rank_balanced", "rank_balanced(tolerance=0.1)", "natural"]

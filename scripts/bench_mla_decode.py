@@ -48,6 +48,7 @@ if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
+from server.bench.decode_roofline import copy_rate_gb_s  # noqa: E402
 from server.kernels import mla_decode_config as mdc  # noqa: E402
 from server.kernels.mla_attention import mla_decode_triton  # noqa: E402
 from server.kernels.mla_decode import launch_plan, mla_decode_headblock_triton  # noqa: E402
@@ -85,14 +86,11 @@ def timed(fn) -> float:
 def ceilings() -> dict:
     if SMOKE:
         return {"copy_GBps": float("nan"), "matmul_TFLOPs": float("nan")}
-    n = 1 << 30
-    src = torch.empty(n // 2, device=DEVICE, dtype=torch.bfloat16).normal_()
-    dst = torch.empty_like(src)
-    copy_us = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median") * 1e3
+    copy_gb_s = copy_rate_gb_s(torch.device(DEVICE), 1 << 30)
     a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
     mm_us = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median") * 1e3
-    return {"copy_GBps": 2 * n / copy_us / 1e3, "matmul_TFLOPs": 2 * 8192 ** 3 / mm_us / 1e6}
+    return {"copy_GBps": copy_gb_s, "matmul_TFLOPs": 2 * 8192 ** 3 / mm_us / 1e6}
 
 
 def make_case(batch: int, context: int, heads: int, latent: int, rope: int, seed: int = 0):

@@ -127,10 +127,9 @@ def measure_ceilings() -> dict:
     x 2 where that op is missing), each a do_bench median."""
     from triton.testing import do_bench
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_s = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median") / 1e3
-    del src, dst
+    from server.bench.decode_roofline import copy_rate_gb_s
+
+    copy_bytes_per_s = copy_rate_gb_s(torch.device("cuda"), 1 << 30) * 1e9
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     flops = 2 * 8192 ** 3
@@ -145,7 +144,7 @@ def measure_ceilings() -> dict:
         print(f"e4m3 matmul not timed ({e}); its rate is taken as twice bf16's", flush=True)
     del a, b
     torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": 2 * (1 << 30) / copy_s, "bf16_flop_per_s": bf16, "fp8_flop_per_s": fp8}
+    return {"copy_bytes_per_s": copy_bytes_per_s, "bf16_flop_per_s": bf16, "fp8_flop_per_s": fp8}
 
 
 def moe_floor_us(n: int, num_experts: int, top_k: int, hidden: int, inter: int, weight_bytes: float,

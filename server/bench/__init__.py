@@ -22,6 +22,7 @@ Module guide (entry: cli.py, `python -m server.bench` / console script `epserve-
   workload.py       StaticWorkload: B prompts of L random tokens, block tables, prefill/decode batches
   generate.py       greedy generation loop (prefill, then decode eager or through CUDA graphs), timed
   measure.py        one rank's whole measurement: model, graphs, timings, MoE times, loads, policy cost
+  decode_roofline.py the decode step against the bytes it must read over the measured copy rate
   hf_baseline.py    the same weights in transformers, timed with its own generate()
   report.py         run JSON, summary markdown table, PNGs (load heatmap, throughput per run)
   dispatch_paths.py the EP dispatch paths (local, allgather with bf16 or fp8 rows, alltoall, one GPU) timed in one run,

@@ -100,21 +100,22 @@ def copy_rate_gb_s(device: torch.device, nbytes: int = COPY_BYTES) -> float:
 
 
 class ActiveExpertCounter:
-    """Routed experts with >= 1 token per step, summed over layers, from the model's load counters
-    (read between eager steps: a host sync each, fine outside the timed run)."""
+    """Routed experts with >= 1 token per step, summed over layers, from the model's load counters:
+    each step's count stays on the device (the eager pass also times the MoE blocks, so no host
+    sync between its steps) and `mean` reads them all once."""
 
     def __init__(self, model) -> None:
         self.counters = model.load_counters
         self.before = self.counters.expert_tokens.clone()  # [L, E]
-        self.per_step: list[int] = []
+        self.per_step: list[torch.Tensor] = []  # 0-d int64 each
 
     def step_done(self) -> None:
         now = self.counters.expert_tokens.clone()
-        self.per_step.append(int(((now - self.before) > 0).sum()))
+        self.per_step.append(((now - self.before) > 0).sum())
         self.before = now
 
     def mean(self) -> float:
-        return sum(self.per_step) / len(self.per_step) if self.per_step else float("nan")
+        return float(torch.stack(self.per_step).double().mean()) if self.per_step else float("nan")
 
 
 def mean_context(input_len: int, steps: int) -> float:

@@ -90,7 +90,7 @@ def kv_cache_size(model, engine: EngineConfig, device: torch.device) -> KvCacheS
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     blocks = blocks_from_memory(free, total, engine.gpu_memory_utilization, size,
-                                activation_headroom(model.spec, engine, torch.empty((), dtype=model.dtype).element_size()))
+                                activation_headroom(model.spec, engine, model.dtype.itemsize))
     if blocks == 0:
         raise RuntimeError(
             f"no room for a KV cache on {device}: engine.gpu_memory_utilization={engine.gpu_memory_utilization} of "

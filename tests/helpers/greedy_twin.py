@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import server
+from tests.helpers.fp8_checkpoint import dequantized_hf_model, write_fp8_checkpoint
+from tests.helpers.hf_models import hf_sequence_logits
 from tests.helpers.paged_driver import PagedDriver
 
 TINY = Path(server.__file__).parent / "assets" / "tiny"
@@ -69,7 +71,14 @@ def stdlib_prompts(count: int, length: int) -> list[list[int]]:
     return [list(text[i * stride:i * stride + length]) for i in range(count)]
 
 
-@torch.no_grad()
+def padded_fp8_checkpoint(root: Path) -> tuple[Path, Path, object]:
+    """(the padded values folder, its FP8 block checkpoint, the float32 twin on the checkpoint's
+    dequantised values), all under root."""
+    values = pad_expert_intermediate(TINY, root / "values")
+    dequantised = write_fp8_checkpoint(values, root / "fp8")
+    return values, root / "fp8", dequantized_hf_model(values, dequantised, root / "dequantised")
+
+
 def twin_continuations(twin, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
     """(each prompt's `steps` greedy tokens, the twin's logits [P, steps, V] float32 that chose them),
     by full recompute (the plainest form)."""
@@ -77,7 +86,7 @@ def twin_continuations(twin, prompts: list[list[int]], steps: int) -> tuple[list
     for prompt in prompts:
         ids, rows = list(prompt), []
         for _ in range(steps):
-            row = twin(torch.tensor([ids])).logits[0, -1].float()
+            row = hf_sequence_logits(twin, ids)[-1]
             rows.append(row)
             ids.append(int(row.argmax()))
         conts.append(ids[len(prompt):])

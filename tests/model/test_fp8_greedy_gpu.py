@@ -29,9 +29,7 @@ import torch
 from server.config import ModelConfig
 from server.model.loader import load_model
 from server.moe.routing import build_policy
-from tests.helpers.fp8_checkpoint import dequantized_hf_model, write_fp8_checkpoint
-from tests.helpers.greedy_twin import (TINY, agreement, forced_logits, pad_expert_intermediate, stdlib_prompts,
-                                       twin_continuations)
+from tests.helpers.greedy_twin import agreement, forced_logits, padded_fp8_checkpoint, stdlib_prompts, twin_continuations
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 PROMPTS, LENGTH, STEPS = 40, 64, 32
@@ -41,13 +39,12 @@ SHARE_SLACK = 0.2
 
 
 def test_fp8_kernels_follow_the_fp32_twin(tmp_path) -> None:
-    values = pad_expert_intermediate(TINY, tmp_path / "values")
-    twin = dequantized_hf_model(values, write_fp8_checkpoint(values, tmp_path / "fp8"), tmp_path / "dequantised")
+    _, fp8_dir, twin = padded_fp8_checkpoint(tmp_path)
     prompts = stdlib_prompts(PROMPTS, LENGTH)
     conts, twin_logits = twin_continuations(twin, prompts, STEPS)
     reports = {}
     for quantization in ("auto", "dequantize"):
-        model = load_model(ModelConfig(path=str(tmp_path / "fp8"), dtype="bfloat16", quantization=quantization),
+        model = load_model(ModelConfig(path=str(fp8_dir), dtype="bfloat16", quantization=quantization),
                            policy=build_policy("natural"), device="cuda")
         formats = {e.weight_format for e in model.moe_experts()}
         assert formats == ({"fp8"} if quantization == "auto" else {"values"}), formats

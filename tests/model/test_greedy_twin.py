@@ -9,8 +9,7 @@ import torch
 from server.config import ModelConfig
 from server.model.loader import load_model
 from server.moe.routing import build_policy
-from tests.helpers.fp8_checkpoint import dequantized_hf_model, write_fp8_checkpoint
-from tests.helpers.greedy_twin import (PADDED_INTER, TINY, agreement, forced_logits, pad_expert_intermediate,
+from tests.helpers.greedy_twin import (PADDED_INTER, TINY, agreement, forced_logits, padded_fp8_checkpoint,
                                        stdlib_prompts, twin_continuations)
 
 PROMPTS, LENGTH, STEPS = 8, 48, 24
@@ -19,10 +18,7 @@ PROMPTS, LENGTH, STEPS = 8, 48, 24
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory):
     """(padded values folder, its FP8 checkpoint, the dequantised float32 twin)."""
-    root = tmp_path_factory.mktemp("greedy_twin")
-    values = pad_expert_intermediate(TINY, root / "values")
-    dequantised = write_fp8_checkpoint(values, root / "fp8")
-    return values, root / "fp8", dequantized_hf_model(values, dequantised, root / "dequantised")
+    return padded_fp8_checkpoint(tmp_path_factory.mktemp("greedy_twin"))
 
 
 def test_padding_keeps_the_function(padded) -> None:
